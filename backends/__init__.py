@@ -1,0 +1,1 @@
+"""Backends that execute einpar programs: reference (whole arrays, the oracle)."""

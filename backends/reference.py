@@ -1,0 +1,244 @@
+"""The reference backend: evaluate a Program on whole NumPy arrays.
+
+This is the oracle every other backend is tested against, so it favours
+plain, obviously-right NumPy over speed: each op is computed on whole
+(unsharded) arrays, in float32 for f16/bf16 values and in the value's own
+type otherwise, and every result is rounded to its declared dtype.
+
+Values live in an environment keyed by SSA name, each array in its value's
+own index order; ops align operands to their indices by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand,
+                       Program, Reduce, Repeat, Route, Scalar, TensorType)
+
+_NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
+                 "bf16": ml_dtypes.bfloat16, "i32": np.int32, "bool": np.bool_}
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    return np.dtype(_NUMPY_DTYPES[dtype])
+
+
+def compute_dtype(dtype: str) -> np.dtype:
+    """Half-precision values are computed in float32 and rounded on storing."""
+    return np.dtype(np.float32) if dtype in ("f16", "bf16") else numpy_dtype(dtype)
+
+
+def widen(array: np.ndarray) -> np.ndarray:
+    """Half-precision arrays as float32; others unchanged."""
+    if array.dtype in (np.float16, ml_dtypes.bfloat16):
+        return array.astype(np.float32)
+    return array
+
+
+def aligned(array: np.ndarray, have: tuple[str, ...], want: tuple[str, ...]) -> np.ndarray:
+    """`array` (indexed by `have`) transposed to the order of `want`, with size-1 axes
+    for the indices of `want` it lacks, so it broadcasts against `want`."""
+    order = [have.index(index) for index in want if index in have]
+    array = np.transpose(array, order)
+    shape = []
+    present = iter(array.shape)
+    for index in want:
+        shape.append(next(present) if index in have else 1)
+    return array.reshape(shape)
+
+
+# ---- elementwise primitives (LANGUAGE.md, "Precise meanings")
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # the stable form of 1 / (1 + exp(-x))
+
+
+def gelu(x):
+    """The tanh approximation (GPT-2's, jax.nn.gelu's default)."""
+    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+
+
+ELEMENTWISE_NUMPY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.true_divide,
+    "gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
+    "eq": np.equal, "ne": np.not_equal,
+    "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "tanh": np.tanh, "sigmoid": sigmoid, "relu": lambda x: np.maximum(x, 0),
+    "gelu": gelu, "silu": lambda x: x * sigmoid(x), "abs": np.abs, "square": np.square,
+    "neg": np.negative, "where": lambda c, a, b: np.where(c, a, b),
+    "max2": np.maximum, "min2": np.minimum,
+}
+
+
+def evaluate_scalar(expr: Scalar, args: list[np.ndarray]):
+    if isinstance(expr, Arg):
+        return args[expr.index]
+    if isinstance(expr, Const):
+        return expr.value
+    if isinstance(expr, Cast):
+        value = np.asarray(evaluate_scalar(expr.arg, args))
+        return value.astype(numpy_dtype(expr.dtype)).astype(compute_dtype(expr.dtype))
+    return ELEMENTWISE_NUMPY[expr.fn](*(evaluate_scalar(arg, args) for arg in expr.args))
+
+
+# ---- library functions over one axis
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+
+
+def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    peak = np.max(x, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0)
+    return np.squeeze(peak, axis) + np.log(np.sum(np.exp(x - peak), axis=axis))
+
+
+def rmsnorm(x: np.ndarray, axis: int) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=axis, keepdims=True) + NORM_EPSILON)
+
+
+def layernorm(x: np.ndarray, axis: int) -> np.ndarray:
+    centered = x - np.mean(x, axis=axis, keepdims=True)
+    return centered / np.sqrt(np.mean(centered * centered, axis=axis, keepdims=True) + NORM_EPSILON)
+
+
+def cumsum(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.cumsum(x, axis=axis)
+
+
+LIBRARY_NUMPY = {"softmax": softmax, "rmsnorm": rmsnorm, "layernorm": layernorm, "cumsum": cumsum}
+
+
+def route_top_k(gates: np.ndarray, k: int, capacity: int) -> np.ndarray:
+    """GShard routing for gates [groups, tokens, experts] -> combine [groups, tokens, experts, capacity].
+
+    Each token's top-k experts (ties to the lower expert number) take the next
+    free slot of that expert within the token's group, every token's first
+    choice before any token's second; an assignment past capacity is dropped.
+    A kept assignment weighs the gate probability over the sum of the token's
+    top-k probabilities.
+    """
+    groups, tokens, experts = gates.shape
+    combine = np.zeros((groups, tokens, experts, capacity), dtype=gates.dtype)
+    # Stable sort of -gates keeps lower expert numbers first among ties.
+    choices = np.argsort(-gates, axis=-1, kind="stable")[..., :k]
+    chosen = np.take_along_axis(gates, choices, axis=-1)
+    norm = chosen.sum(axis=-1)
+    for group in range(groups):
+        filled = np.zeros(experts, dtype=np.int64)
+        for rank in range(k):
+            for token in range(tokens):
+                expert = choices[group, token, rank]
+                slot = filled[expert]
+                if slot < capacity:
+                    combine[group, token, expert, slot] = chosen[group, token, rank] / norm[group, token]
+                    filled[expert] += 1
+    return combine
+
+
+def evaluate_route(op: Route, gates: np.ndarray) -> np.ndarray:
+    """Bring g to [groups..., tokens, E], route, and put the result in op's index order."""
+    indices = op.operand.indices
+    token = op.token
+    groups = tuple(i for i in indices if i not in (op.expert, token))
+    arranged = aligned(gates, indices, groups + (token, op.expert))
+    group_shape = arranged.shape[:len(groups)]
+    flat = arranged.reshape((-1,) + arranged.shape[len(groups):])
+    capacity = op.result.type.shape[op.result.type.indices.index(op.capacity)]
+    combine = route_top_k(flat, op.k, capacity)
+    combine = combine.reshape(group_shape + combine.shape[1:])
+    return aligned(combine, groups + (token, op.expert, op.capacity), op.result.type.indices)
+
+
+# ---- the evaluator
+
+
+def _einsum_subscripts(operands: tuple[Operand, ...], out: tuple[str, ...]) -> str:
+    letters: dict[str, str] = {}
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def word(indices):
+        for index in indices:
+            if index not in letters:
+                letters[index] = alphabet[len(letters)]
+        return "".join(letters[i] for i in indices)
+
+    inputs = ",".join(word(operand.indices) for operand in operands)
+    return f"{inputs}->{word(out)}"
+
+
+class _Evaluator:
+    def read(self, env: dict, operand: Operand, dtype: np.dtype) -> np.ndarray:
+        return np.asarray(env[operand.value]).astype(dtype, copy=False)
+
+    def store(self, env: dict, result_type: TensorType, name: str, array) -> None:
+        array = np.broadcast_to(np.asarray(array), result_type.shape)
+        env[name] = np.ascontiguousarray(array.astype(numpy_dtype(result_type.dtype)))
+
+    def run(self, ops, env: dict) -> None:
+        for op in ops:
+            if isinstance(op, Repeat):
+                self.repeat(op, env)
+                continue
+            rtype = op.result.type
+            work = compute_dtype(rtype.dtype)
+            if isinstance(op, Einsum):
+                arrays = [self.read(env, o, work) for o in op.operands]
+                value = np.einsum(_einsum_subscripts(op.operands, rtype.indices), *arrays,
+                                  optimize=len(arrays) > 2)
+            elif isinstance(op, Map):
+                args = []
+                for operand in op.operands:
+                    array = widen(np.asarray(env[operand.value]))
+                    args.append(aligned(array, operand.indices, rtype.indices))
+                value = evaluate_scalar(op.expr, args)
+            elif isinstance(op, Reduce):
+                array = self.read(env, op.operand, work)
+                axes = tuple(op.operand.indices.index(i) for i in op.over)
+                reducer = {"sum": np.sum, "max": np.max, "min": np.min, "mean": np.mean}[op.kind]
+                kept = tuple(i for i in op.operand.indices if i not in op.over)
+                value = aligned(reducer(array, axis=axes), kept, rtype.indices)
+            elif isinstance(op, Library):
+                array = self.read(env, op.operand, work)
+                axis = op.operand.indices.index(op.index)
+                if op.kind == "logsumexp":
+                    kept = tuple(i for i in op.operand.indices if i != op.index)
+                    value = aligned(logsumexp(array, axis), kept, rtype.indices)
+                else:
+                    value = aligned(LIBRARY_NUMPY[op.kind](array, axis), op.operand.indices,
+                                    rtype.indices)
+            else:
+                assert isinstance(op, Route)
+                value = evaluate_route(op, self.read(env, op.operand, work))
+            self.store(env, rtype, op.result.name, value)
+
+    def repeat(self, op: Repeat, env: dict) -> None:
+        carried = {c.value: env[c.value] for c in op.carried}
+        stacked = {value.name: env[value.name] for value in op.stacked}
+        for trip in range(op.count):
+            inner = dict(env)
+            inner.update(carried)
+            inner.update((name, array[trip]) for name, array in stacked.items())
+            self.run(op.body, inner)
+            carried = {c.value: inner[c.body_result] for c in op.carried}
+        for c in op.carried:
+            env[c.result.name] = carried[c.value]
+
+
+def evaluate(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run `program` on whole arrays; returns its outputs by the program's names."""
+    env: dict[str, np.ndarray] = {}
+    for value in program.inputs:
+        env[value.name] = np.asarray(inputs[value.name]).astype(numpy_dtype(value.type.dtype))
+    with np.errstate(all="ignore"):
+        _Evaluator().run(program.ops, env)
+    return {output.name: env[output.value] for output in program.outputs}

@@ -1,0 +1,1 @@
+"""The cost model: FLOPs, communication, time and memory on a modeled cluster."""

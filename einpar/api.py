@@ -1,0 +1,64 @@
+"""The Python API: the pipeline's stages as plain functions.
+
+    import einpar.api as ein
+    program = ein.load("examples/attention/tensor_parallel.ein", overrides={"tp": 8})
+    outputs = ein.run_reference(program, seed=0)
+
+Every function raises `einpar.errors.EinparError` (with diagnostics) for a
+problem in the user's program or inputs; nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .check import check, parse_overrides
+from .errors import Diagnostic, EinparError
+from .inputs import check_inputs, load_inputs, random_inputs
+from .ir import Program
+from .syntax import Module, parse
+
+__all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
+           "parse_overrides", "random_inputs", "load_inputs"]
+
+
+def read_source(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EinparError(Diagnostic("E302", f"{path} does not exist"), usage=True) from None
+    except IsADirectoryError:
+        raise EinparError(Diagnostic("E302", f"{path} is a directory, not a .ein file"),
+                          usage=True) from None
+    except UnicodeDecodeError as error:
+        raise EinparError(Diagnostic("E302", f"{path} is not UTF-8 text ({error.reason} at byte "
+                                             f"{error.start})")) from None
+    except OSError as error:
+        raise EinparError(Diagnostic("E302", f"cannot read {path}: {error.strerror}"),
+                          usage=True) from None
+
+
+def parse_file(path: str | Path) -> Module:
+    return parse(read_source(path), str(path))
+
+
+def compile_source(text: str, file: str = "<string>",
+                   overrides: dict[str, int] | None = None) -> Program:
+    """Parse and check `.ein` text into a Program."""
+    return check(parse(text, file), overrides, source=text)
+
+
+def load(path: str | Path, overrides: dict[str, int] | None = None) -> Program:
+    """Parse and check a `.ein` file into a Program."""
+    return compile_source(read_source(path), str(path), overrides)
+
+
+def run_reference(program: Program, inputs: dict[str, np.ndarray] | None = None,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Evaluate on whole arrays; random inputs from `seed` when none are given."""
+    from .backends.reference import evaluate
+
+    arrays = random_inputs(program, seed) if inputs is None else check_inputs(program, inputs, "inputs")
+    return evaluate(program, arrays)

@@ -1,0 +1,964 @@
+"""Check a syntax tree and build the Program IR (the second stage).
+
+The checker resolves names (dims, mesh axes, tensors), binds indices by
+position and checks their sizes, infers dtypes, validates layouts against the
+mesh, applies `--set` overrides, and turns each statement into SSA ops:
+
+1. `_type_expr` builds a typed tree of the right-hand side, with the free
+   indices of every node.
+2. `place_implicit_sums` applies the summation rule: an index used on the
+   right but absent on the left is summed at the smallest subexpression that
+   contains all of its uses.
+3. `_StatementLowering` turns the typed tree into ops: products under a sum
+   become one n-ary `Einsum`, elementwise subtrees fuse into one `Map`.
+
+Errors become diagnostics; the checker reports every independent error it
+finds (a statement with an error is skipped and its name poisoned, so one
+mistake does not cascade into many).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+from . import ir
+from .errors import Diagnostic, EinparError, Label, Span
+from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTIONS, REDUCTIONS,
+                 UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
+                 Output, Program, Reduce, Repeat, Route, TensorType, Value)
+from .layout import Layout, Mesh
+from .syntax import (Binary, Call, DimDecl, DtypeDecl, IndexSpec, MeshDecl, Module, Negate,
+                     Number, OutputDecl, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
+from .syntax import Repeat as RepeatItem
+
+ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2}
+ALL_FUNCTIONS = tuple(ELEMENTWISE_FUNCTIONS) + REDUCTIONS + LIBRARY_FUNCTIONS + ("route",)
+DEFAULT_TOP_K = 2  # route's k when not given: GShard's top-2
+
+
+class _Abort(Exception):
+    """Stop checking the current statement; its diagnostic is already recorded."""
+
+
+def _did_you_mean(name: str, candidates) -> str | None:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def parse_overrides(assignments: list[str] | None) -> dict[str, int]:
+    """`["D=4096", "tp=8"]` -> {"D": 4096, "tp": 8}; a malformed one is a usage error."""
+    overrides: dict[str, int] = {}
+    for text in assignments or ():
+        for part in text.split():
+            name, sep, value = part.partition("=")
+            if not sep or not name.isidentifier() or not value.strip().isdigit():
+                raise EinparError(Diagnostic(
+                    "E301", f"cannot read --set '{part}'",
+                    hint="write NAME=VALUE with a dim or mesh axis and a positive integer, e.g. --set D=4096 tp=8"),
+                    usage=True)
+            overrides[name] = int(value)
+    return overrides
+
+
+# ---------------------------------------------------------------- dtypes
+
+_WEAK_INT, _WEAK_FLOAT = "~int", "~float"  # untyped numbers and sizes: they adopt the other side's type
+_RANK = {"bool": 0, "i32": 1, "f16": 2, "bf16": 2, "f32": 3, "f64": 4}
+
+
+def _promote(a: str, b: str, default_float: str) -> str:
+    """The dtype of an arithmetic result, by JAX's rules for weak scalars."""
+    weak = (_WEAK_INT, _WEAK_FLOAT)
+    if a in weak and b in weak:
+        return _WEAK_FLOAT if _WEAK_FLOAT in (a, b) else _WEAK_INT
+    if a in weak or b in weak:
+        scalar, tensor = (a, b) if a in weak else (b, a)
+        if scalar == _WEAK_FLOAT and tensor in ("bool", "i32"):
+            return default_float
+        if tensor == "bool":
+            return "i32"
+        return tensor
+    if a == b:
+        return a
+    if {a, b} == {"f16", "bf16"}:
+        return "f32"
+    return a if _RANK[a] > _RANK[b] else b
+
+
+# ---------------------------------------------------------------- typed expression tree
+
+
+@dataclass(frozen=True)
+class _Node:
+    kind: str  # ref, const, apply, reduce, library, route
+    free: tuple[str, ...]  # free indices, in order of first appearance
+    dtype: str  # a dtype, or _WEAK_INT / _WEAK_FLOAT for constants
+    span: Span
+    children: tuple["_Node", ...] = ()
+    # kind-specific payload
+    operand: Operand | None = None  # ref
+    value: Union[int, float, None] = None  # const
+    label: str | None = None  # const: the dim whose size it is
+    fn: str | None = None  # apply: primitive; reduce/library: the kind
+    over: tuple[str, ...] = ()  # reduce/library indices; route: (E, C)
+    k: int = 0  # route
+    # How many times each index is used inside this node (summation rule).
+    uses: tuple[tuple[str, int], ...] = ()
+
+    def use_count(self, index: str) -> int:
+        return dict(self.uses).get(index, 0)
+
+    @property
+    def is_constant(self) -> bool:
+        return self.kind == "const" or (self.kind == "apply" and all(c.is_constant for c in self.children))
+
+
+def _merge_free(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for group in groups:
+        for index in group:
+            if index not in out:
+                out.append(index)
+    return tuple(out)
+
+
+def _merge_uses(*children: _Node, extra: tuple[str, ...] = (), remove: tuple[str, ...] = ()):
+    counts: dict[str, int] = {}
+    for child in children:
+        for index, n in child.uses:
+            counts[index] = counts.get(index, 0) + n
+    for index in extra:
+        counts[index] = counts.get(index, 0) + 1
+    for index in remove:
+        counts.pop(index, None)
+    return tuple(counts.items())
+
+
+def _sum_node(over: tuple[str, ...], child: _Node) -> _Node:
+    dtype = "i32" if child.dtype == "bool" else child.dtype
+    free = tuple(i for i in child.free if i not in over)
+    return _Node("reduce", free, dtype, child.span, (child,), fn="sum", over=over,
+                 uses=_merge_uses(child, remove=over))
+
+
+def _with_children(node: _Node, children: tuple[_Node, ...]) -> _Node:
+    """The node over new children, its free indices and use counts derived again."""
+    if node.kind == "apply":
+        free = _merge_free(*(child.free for child in children))
+        uses = _merge_uses(*children)
+    elif node.kind == "reduce":
+        free = tuple(i for i in children[0].free if i not in node.over)
+        uses = _merge_uses(*children, remove=node.over)
+    elif node.kind == "library":
+        free, uses = children[0].free, _merge_uses(*children, extra=node.over)
+    else:
+        assert node.kind == "route"
+        expert, capacity = node.over
+        free = _merge_free(*((i, capacity) if i == expert else (i,) for i in children[0].free))
+        uses = _merge_uses(*children, extra=node.over)
+    return replace(node, children=children, free=free, uses=uses)
+
+
+def place_implicit_sums(root: _Node, summed: tuple[str, ...]) -> _Node:
+    """The summation rule: sum each index at the smallest subexpression holding all its uses."""
+
+    def place(node: _Node, targets: tuple[str, ...]) -> _Node:
+        here: list[str] = []
+        per_child: list[list[str]] = [[] for _ in node.children]
+        for index in targets:
+            total = node.use_count(index)
+            for position, child in enumerate(node.children):
+                if child.use_count(index) == total:
+                    per_child[position].append(index)
+                    break
+            else:
+                here.append(index)
+        if any(per_child):
+            children = tuple(place(child, tuple(t)) if t else child
+                             for child, t in zip(node.children, per_child))
+            node = _with_children(node, children)
+        if here:
+            ordered = tuple(i for i in node.free if i in here)
+            node = _sum_node(ordered, node)
+        return node
+
+    return place(root, summed) if summed else root
+
+
+# ---------------------------------------------------------------- scopes
+
+
+@dataclass
+class _Binding:
+    value: Value | None  # None when poisoned by an earlier error
+    span: Span | None
+    repeat_depth: int = 0
+
+
+@dataclass
+class _Scope:
+    names: dict[str, _Binding] = field(default_factory=dict)
+    parent: "_Scope | None" = None
+    repeat_dim: str | None = None
+    stacked: list[Value] = field(default_factory=list)  # params declared in this block
+    carried: dict[str, str] = field(default_factory=dict)  # outer value name -> program name
+
+    def lookup(self, name: str) -> _Binding | None:
+        scope: _Scope | None = self
+        while scope is not None:
+            if name in scope.names:
+                return scope.names[name]
+            scope = scope.parent
+        return None
+
+    def owner_of(self, name: str) -> "_Scope | None":
+        scope: _Scope | None = self
+        while scope is not None:
+            if name in scope.names:
+                return scope
+            scope = scope.parent
+        return None
+
+
+# ---------------------------------------------------------------- the checker
+
+
+class _Checker:
+    def __init__(self, module: Module, overrides: dict[str, int], source: str):
+        self.module = module
+        self.file = module.file
+        self.overrides = dict(overrides)
+        self.source = source
+        self.diagnostics: list[Diagnostic] = []
+        self.mesh = Mesh()
+        self.dims: dict[str, int] = {}
+        self.dim_spans: dict[str, Span] = {}
+        self.dtype = "f32"
+        self.inputs: list[Value] = []
+        self.outputs: list[Output] = []
+        self.versions: dict[str, int] = {}
+        self.repeat_locals: dict[str, Span] = {}  # names that died with their repeat block
+        self.all_definitions = self._collect_definitions(module.items)
+
+    # ---- diagnostics
+
+    def error(self, code: str, message: str, span: Span | None, hint: str | None = None,
+              labels: tuple[Label, ...] = ()) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span, hint, labels))
+
+    def fail(self, *args, **kwargs):
+        self.error(*args, **kwargs)
+        raise _Abort()
+
+    def _collect_definitions(self, items) -> dict[str, Span]:
+        found: dict[str, Span] = {}
+        for item in items:
+            if isinstance(item, TensorDecl):
+                found.setdefault(item.spec.name.text, item.spec.name.span)
+            elif isinstance(item, Statement):
+                found.setdefault(item.lhs.name.text, item.lhs.name.span)
+            elif isinstance(item, RepeatItem):
+                for name, span in self._collect_definitions(item.body).items():
+                    found.setdefault(name, span)
+        return found
+
+    # ---- pass 1: mesh, dims, dtype
+
+    def declarations(self) -> None:
+        mesh_decl = dtype_decl = None
+        axes: list[tuple[str, int]] = []
+        pending_aliases: list = []
+        for item in self.module.items:
+            if isinstance(item, MeshDecl):
+                if mesh_decl is not None:
+                    self.error("E233", "a second mesh declaration", item.span,
+                               hint="a program has one mesh; list all its axes on one line",
+                               labels=(Label(mesh_decl.span, "first mesh here"),))
+                    continue
+                mesh_decl = item
+                seen: dict[str, Span] = {}
+                for axis in item.axes:
+                    if axis.name.text in seen:
+                        self.error("E233", f"mesh axis '{axis.name}' is declared twice", axis.name.span,
+                                   labels=(Label(seen[axis.name.text], "first declared here"),))
+                        continue
+                    seen[axis.name.text] = axis.name.span
+                    size = self.overrides.pop(axis.name.text, axis.size)
+                    if size <= 0:
+                        self.error("E222", f"mesh axis '{axis.name}' has size {size}", axis.span,
+                                   hint="mesh axes need at least one device")
+                        continue
+                    axes.append((axis.name.text, size))
+            elif isinstance(item, DimDecl):
+                for binding in item.bindings:
+                    name = binding.name.text
+                    if name in self.dim_spans:
+                        self.error("E233", f"dimension '{name}' is declared twice", binding.name.span,
+                                   labels=(Label(self.dim_spans[name], "first declared here"),))
+                        continue
+                    self.dim_spans[name] = binding.name.span
+                    if binding.size is not None:
+                        if binding.size <= 0 and name not in self.overrides:
+                            self.error("E222", f"dimension '{name}' has size {binding.size}", binding.span,
+                                       hint="dimensions need a positive size")
+                            continue
+                        self.dims[name] = binding.size
+                    else:
+                        pending_aliases.append(binding)
+            elif isinstance(item, DtypeDecl):
+                if dtype_decl is not None:
+                    self.error("E233", "a second dtype declaration", item.span,
+                               labels=(Label(dtype_decl.span, "first dtype here"),))
+                    continue
+                dtype_decl = item
+                if item.dtype.text not in DTYPES:
+                    self.error("E205", f"unknown dtype '{item.dtype}'", item.dtype.span,
+                               hint=f"dtypes are {', '.join(DTYPES)}")
+                else:
+                    self.dtype = item.dtype.text
+        # Aliases (`T=S`) follow their target, overrides included, unless set themselves.
+        for name, value in list(self.overrides.items()):
+            if name in self.dims:
+                self.dims[name] = self.overrides.pop(name)
+        resolved = True
+        while pending_aliases and resolved:
+            resolved = False
+            for binding in list(pending_aliases):
+                target = binding.alias.text
+                if target in self.dims:
+                    self.dims[binding.name.text] = self.overrides.pop(binding.name.text, self.dims[target])
+                    pending_aliases.remove(binding)
+                    resolved = True
+        for binding in pending_aliases:
+            target = binding.alias.text
+            if target in self.dim_spans:
+                message = f"dimension '{binding.name}' is an alias in a cycle through '{target}'"
+                hint = "give one dimension of the cycle a number"
+            else:
+                message = f"unknown dimension '{target}'"
+                hint = _did_you_mean(target, self.dim_spans) or "declare it with `dim`"
+            self.error("E203", message, binding.alias.span, hint=hint)
+        for name, size in self.dims.items():
+            if size <= 0:
+                self.error("E222", f"dimension '{name}' has size {size}", self.dim_spans[name],
+                           hint="dimensions need a positive size")
+        self.mesh = Mesh(tuple(axes))
+        self.dims = {name: self.dims[name] for name in self.dim_spans if name in self.dims}
+        if self.overrides:
+            unknown = ", ".join(sorted(self.overrides))
+            known = sorted(set(self.dim_spans) | set(self.mesh.names))
+            raise EinparError(Diagnostic(
+                "E301", f"--set names {unknown}, which is neither a dim nor a mesh axis of {self.file}",
+                hint=f"this program's dims and mesh axes are: {', '.join(known) or '(none)'}"),
+                usage=True)
+
+    # ---- names
+
+    def dim_size(self, name) -> int:
+        """The size of a dimension named in an index position; E200 if unknown."""
+        if name.text not in self.dims:
+            if name.text in self.dim_spans:
+                raise _Abort()  # its declaration already failed
+            self.fail("E200", f"unknown index '{name}'", name.span,
+                      hint=_did_you_mean(name.text, self.dims) or "declare it with `dim`")
+        return self.dims[name.text]
+
+    def check_layout(self, specs: tuple[IndexSpec, ...], shape: tuple[int, ...], what: str) -> Layout | None:
+        """Validate `D@tp`-style annotations: known axes, each once, dividing the size."""
+        if not any(spec.axes for spec in specs):
+            return None
+        used: dict[str, Span] = {}
+        dims = []
+        for spec, size in zip(specs, shape):
+            axes = []
+            for axis in spec.axes:
+                if axis.text not in self.mesh.names:
+                    if self.mesh.axes:
+                        hint = (_did_you_mean(axis.text, self.mesh.names)
+                                or f"the mesh has axes {', '.join(self.mesh.names)}")
+                    else:
+                        hint = f"declare the mesh first, e.g. `mesh {axis.text}=4`"
+                    self.fail("E202", f"unknown mesh axis '{axis}'", axis.span, hint=hint)
+                if axis.text in used:
+                    self.fail("E220", f"mesh axis '{axis}' is used twice in the layout of {what}",
+                              axis.span, hint="an axis can split only one dimension of a tensor",
+                              labels=(Label(used[axis.text], "first used here"),))
+                used[axis.text] = axis.span
+                axes.append(axis.text)
+            factor = 1
+            for axis in axes:
+                factor *= self.mesh.size(axis)
+            if size % factor:
+                named = "×".join(f"{a}={self.mesh.size(a)}" for a in axes)
+                self.fail("E221", f"dimension {spec.name} of size {size} is not divisible by "
+                                  f"{named}" + (f" = {factor}" if len(axes) > 1 else ""),
+                          spec.span, hint="pick sizes the axes divide (use --set to change them) "
+                                          "or leave this dimension unsplit")
+            dims.append(tuple(axes))
+        return Layout(tuple(dims))
+
+    def check_dtype(self, name) -> str | None:
+        if name is None:
+            return None
+        if name.text not in DTYPES:
+            self.fail("E205", f"unknown dtype '{name}'", name.span, hint=f"dtypes are {', '.join(DTYPES)}")
+        return name.text
+
+    def new_value_name(self, name: str) -> str:
+        version = self.versions.get(name, 0) + 1
+        self.versions[name] = version
+        return name if version == 1 else f"{name}#{version}"
+
+    def declare_check(self, name, scope: _Scope, allow_redefinition: bool) -> _Binding | None:
+        """E230 for a name defined twice (repeat bodies may redefine); returns the old binding."""
+        previous = scope.lookup(name.text)
+        if previous is not None and not allow_redefinition:
+            self.fail("E230", f"'{name}' is already defined", name.span,
+                      hint="each tensor is defined once; give this one a new name",
+                      labels=(Label(previous.span, "first defined here"),) if previous.span else ())
+        return previous
+
+    # ---- pass 2: tensors, statements, repeat, outputs
+
+    def body(self, items, scope: _Scope) -> list:
+        ops: list = []
+        for item in items:
+            try:
+                if isinstance(item, TensorDecl):
+                    self.tensor_decl(item, scope)
+                elif isinstance(item, Statement):
+                    ops.extend(self.statement(item, scope))
+                elif isinstance(item, RepeatItem):
+                    ops.extend(self.repeat(item, scope))
+                elif isinstance(item, OutputDecl):
+                    if scope.repeat_dim is not None:
+                        self.fail("E236", "an output cannot be declared inside repeat", item.span,
+                                  hint="declare outputs after the block")
+                elif scope.repeat_dim is not None:
+                    self.fail("E236", "mesh, dim and dtype are declared outside repeat blocks", item.span)
+            except _Abort:
+                if isinstance(item, Statement):
+                    self.poison(item.lhs.name, scope)
+                elif isinstance(item, TensorDecl):
+                    self.poison(item.spec.name, scope)
+        return ops
+
+    def poison(self, name, scope: _Scope) -> None:
+        if scope.lookup(name.text) is None:
+            scope.names[name.text] = _Binding(None, name.span)
+
+    def tensor_decl(self, item: TensorDecl, scope: _Scope) -> None:
+        spec = item.spec
+        self.declare_check(spec.name, scope, allow_redefinition=False)
+        if scope.repeat_dim is not None and item.kind == "input":
+            self.fail("E236", "inputs are declared outside repeat blocks", item.span,
+                      hint="a `param` inside repeat gets one copy per trip; an input does not")
+        shape = tuple(self.dim_size(index.name) for index in spec.indices)
+        layout = self.check_layout(spec.indices, shape, f"'{spec.name}'")
+        dtype = self.check_dtype(item.dtype) or self.dtype
+        indices = tuple(index.name.text for index in spec.indices)
+        per_trip = Value(spec.name.text, TensorType(dtype, indices, shape), item.kind, layout,
+                         spec.name.span)
+        self.versions[spec.name.text] = 1
+        scope.names[spec.name.text] = _Binding(per_trip, spec.name.span, self._depth(scope))
+        # Inside repeat blocks, the program takes the param stacked by every enclosing
+        # repeat dim; each block sees it stacked by the blocks nested inside it.
+        deeper: list[str] = []
+        enclosing: _Scope | None = scope
+        while enclosing is not None:
+            if enclosing.repeat_dim is not None:
+                enclosing.stacked.append(self._stacked_view(per_trip, deeper))
+                deeper.insert(0, enclosing.repeat_dim)
+            enclosing = enclosing.parent
+        self.inputs.append(self._stacked_view(per_trip, deeper))
+
+    def _stacked_view(self, value: Value, stack: list[str]) -> Value:
+        if not stack:
+            return value
+        vtype = value.type
+        stacked_type = TensorType(vtype.dtype, tuple(stack) + vtype.indices,
+                                  tuple(self.dims[d] for d in stack) + vtype.shape)
+        layout = Layout(((),) * len(stack) + value.layout.dims) if value.layout else None
+        return replace(value, type=stacked_type, layout=layout, stacked_by=tuple(stack))
+
+    def _depth(self, scope: _Scope) -> int:
+        depth, s = 0, scope
+        while s is not None:
+            depth += s.repeat_dim is not None
+            s = s.parent
+        return depth
+
+    def lookup_tensor(self, name, scope: _Scope) -> Value:
+        binding = scope.lookup(name.text)
+        if binding is None:
+            if name.text in self.repeat_locals:
+                self.fail("E234", f"'{name}' is defined inside a repeat block and cannot be used after it",
+                          name.span, hint="only names defined before the block and redefined in it "
+                                          "leave it (loop-carried values)",
+                          labels=(Label(self.repeat_locals[name.text], "defined here"),))
+            if name.text in self.all_definitions:
+                self.fail("E231", f"'{name}' is used before its definition", name.span,
+                          hint="move the definition above this use",
+                          labels=(Label(self.all_definitions[name.text], "defined here"),))
+            self.fail("E201", f"unknown tensor '{name}'", name.span,
+                      hint=_did_you_mean(name.text, self.all_definitions)
+                      or "declare it with `input` or `param`, or define it with a statement")
+        if binding.value is None:
+            raise _Abort()  # poisoned by an earlier error, already reported
+        return binding.value
+
+    # ---- expressions
+
+    def type_expr(self, expr, scope: _Scope) -> _Node:
+        if isinstance(expr, Number):
+            weak = _WEAK_INT if isinstance(expr.value, int) else _WEAK_FLOAT
+            return _Node("const", (), weak, expr.span, value=expr.value)
+        if isinstance(expr, SizeRef):
+            name = expr.name
+            if name.text not in self.dims:
+                if name.text in self.dim_spans:
+                    raise _Abort()
+                hint = _did_you_mean(name.text, self.dims)
+                if scope.lookup(name.text) is not None or name.text in self.all_definitions:
+                    hint = f"'{name}' is a tensor: index it, e.g. {name}[...]"
+                self.fail("E203", f"unknown dimension '{name}'", name.span,
+                          hint=hint or "a bare name in an expression is a dimension's size")
+            return _Node("const", (), _WEAK_INT, expr.span, value=self.dims[name.text], label=name.text)
+        if isinstance(expr, TensorRef):
+            return self.type_ref(expr.spec, scope)
+        if isinstance(expr, Negate):
+            child = self.type_expr(expr.operand, scope)
+            return self.apply("neg", (child,), expr.span)
+        if isinstance(expr, Binary):
+            left = self.type_expr(expr.left, scope)
+            right = self.type_expr(expr.right, scope)
+            return self.apply(BINARY_OPS[expr.op], (left, right), expr.span)
+        assert isinstance(expr, Call)
+        return self.type_call(expr, scope)
+
+    def type_ref(self, spec: TensorSpec, scope: _Scope) -> _Node:
+        value = self.lookup_tensor(spec.name, scope)
+        vtype = value.type
+        if len(spec.indices) != vtype.rank:
+            declared = ", ".join(vtype.indices)
+            self.fail("E210", f"'{spec.name}' has {vtype.rank} dimension{'s' * (vtype.rank != 1)} "
+                              f"[{declared}] but is indexed with {len(spec.indices)}",
+                      spec.indices_span, hint=f"write {spec.name}[{declared}] (indices bind by position)",
+                      labels=(Label(value.span, "declared here"),) if value.span else ())
+        seen: dict[str, Span] = {}
+        for position, index in enumerate(spec.indices):
+            if index.axes:
+                self.fail("E216", f"layout annotation in an expression: '{index.name}@...'",
+                          index.span, hint="layouts go on declarations and on the left of statements")
+            size = self.dim_size(index.name)
+            if index.name.text in seen:
+                self.fail("E212", f"index '{index.name}' appears twice in '{spec.name}'", index.name.span,
+                          hint=f"declare an alias (`dim {index.name}2={index.name}`) and use it for "
+                               "the second dimension",
+                          labels=(Label(seen[index.name.text], "first here"),))
+            seen[index.name.text] = index.name.span
+            if size != vtype.shape[position]:
+                self.fail("E211", f"index {index.name} has size {size} but dimension {position + 1} "
+                                  f"of '{spec.name}' ({vtype.indices[position]}) has size "
+                                  f"{vtype.shape[position]}", index.name.span,
+                          hint=f"use an index of size {vtype.shape[position]} here, "
+                               f"such as {vtype.indices[position]}",
+                          labels=(Label(value.span, "declared here"),) if value.span else ())
+        indices = tuple(index.name.text for index in spec.indices)
+        return _Node("ref", indices, vtype.dtype, spec.span, operand=Operand(value.name, indices),
+                     uses=tuple((i, 1) for i in indices))
+
+    @property
+    def default_float(self) -> str:
+        return self.dtype if self.dtype in FLOAT_DTYPES else "f32"
+
+    def apply(self, fn: str, children: tuple[_Node, ...], span: Span) -> _Node:
+        """An elementwise node; its dtype by promotion."""
+        dtypes = [child.dtype for child in children]
+        if fn in COMPARISONS:
+            dtype = "bool"
+        elif fn == "where":
+            dtype = _promote(dtypes[1], dtypes[2], self.default_float)
+        else:
+            dtype = dtypes[0]
+            for other in dtypes[1:]:
+                dtype = _promote(dtype, other, self.default_float)
+            float_result = fn == "div" or fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid",
+                                                  "gelu", "silu")
+            if float_result and dtype in ("bool", "i32", _WEAK_INT):
+                dtype = self.default_float if dtype != _WEAK_INT else _WEAK_FLOAT
+            elif dtype == "bool":
+                dtype = "i32"  # arithmetic on booleans counts them
+        free = _merge_free(*(child.free for child in children))
+        return _Node("apply", free, dtype, span, children, fn=fn, uses=_merge_uses(*children))
+
+    def type_call(self, call: Call, scope: _Scope) -> _Node:
+        name = call.func.text
+        if name not in ALL_FUNCTIONS:
+            self.fail("E204", f"unknown function '{name}'", call.func.span,
+                      hint=_did_you_mean(name, ALL_FUNCTIONS) or
+                      "see docs/language.md for the functions of the language")
+        indexed = name in REDUCTIONS or name in LIBRARY_FUNCTIONS or name == "route"
+        if indexed and call.indices is None:
+            example = "route[E,C](g, k=2)" if name == "route" else f"{name}[I](...)"
+            self.fail("E214", f"'{name}' needs the index it works over in brackets", call.func.span,
+                      hint=f"write {example}")
+        if not indexed and call.indices is not None:
+            self.fail("E214", f"'{name}' is elementwise and takes no indices", call.span,
+                      hint=f"write {name}(...)")
+        allowed_kwargs = ("k",) if name == "route" else ()
+        for kwarg in call.kwargs:
+            if kwarg.name.text not in allowed_kwargs:
+                self.fail("E214", f"'{name}' has no argument '{kwarg.name}'", kwarg.span,
+                          hint="route takes k=...; other functions take no named arguments"
+                          if name != "route" else "route takes only k=...")
+        arity = ELEMENTWISE_FUNCTIONS.get(name, 1)
+        if len(call.args) != arity:
+            self.fail("E214", f"'{name}' takes {arity} argument{'s' * (arity != 1)}, "
+                              f"got {len(call.args)}", call.span)
+        args = tuple(self.type_expr(arg, scope) for arg in call.args)
+        if not indexed:
+            return self.apply(name, args, call.span)
+        indices = []
+        seen: set[str] = set()
+        for spec in call.indices:
+            if spec.axes:
+                self.fail("E216", f"layout annotation in an expression: '{spec.name}@...'", spec.span,
+                          hint="layouts go on declarations and on the left of statements")
+            self.dim_size(spec.name)
+            if spec.name.text in seen:
+                self.fail("E212", f"index '{spec.name}' appears twice in {name}[...]", spec.name.span)
+            seen.add(spec.name.text)
+            indices.append(spec.name.text)
+        if name == "route":
+            return self.type_route(call, args[0], tuple(indices))
+        if name in LIBRARY_FUNCTIONS and len(indices) != 1:
+            self.fail("E214", f"'{name}' works over one index, got {len(indices)}", call.span,
+                      hint=f"write {name}[{indices[0]}](...)")
+        child = args[0]
+        for spec in call.indices:
+            if spec.name.text not in child.free:
+                have = ", ".join(child.free) or "none"
+                self.fail("E213", f"{name} over index {spec.name}, which its operand does not have",
+                          spec.name.span, hint=f"the operand's indices are: {have}")
+        if name in REDUCTIONS:
+            free = tuple(i for i in child.free if i not in indices)
+            dtype = child.dtype
+            if name == "mean" and dtype in ("bool", "i32"):
+                dtype = self.default_float
+            elif name == "sum" and dtype == "bool":
+                dtype = "i32"
+            return _Node("reduce", free, dtype, call.span, (child,), fn=name, over=tuple(indices),
+                         uses=_merge_uses(child, remove=tuple(indices)))
+        dtype = child.dtype
+        if name != "cumsum" and dtype in ("bool", "i32", _WEAK_INT, _WEAK_FLOAT):
+            dtype = self.default_float
+        elif name == "cumsum" and dtype == "bool":
+            dtype = "i32"
+        # A library op uses its index itself: sum over it happens outside the op.
+        return _Node("library", child.free, dtype, call.span, (child,), fn=name, over=tuple(indices),
+                     uses=_merge_uses(child, extra=tuple(indices)))
+
+    def type_route(self, call: Call, gate: _Node, indices: tuple[str, ...]) -> _Node:
+        if len(indices) != 2:
+            self.fail("E215", f"route takes two indices, the experts and their capacity slots "
+                              f"(route[E,C]), got {len(indices)}", call.span)
+        expert, capacity = indices
+        expert_span, capacity_span = call.indices[0].name.span, call.indices[1].name.span
+        if expert not in gate.free:
+            self.fail("E215", f"route over experts {expert}, which the gate does not have", expert_span,
+                      hint=f"the gate's indices are: {', '.join(gate.free) or 'none'}")
+        if capacity in gate.free:
+            self.fail("E215", f"capacity index {capacity} is already an index of the gate", capacity_span,
+                      hint="the capacity index is new: it numbers each expert's slots")
+        if len(gate.free) < 2:
+            self.fail("E215", "route needs a token index besides the experts", call.span,
+                      hint="the gate is g[..., S, E]: tokens along S, one probability per expert")
+        k = DEFAULT_TOP_K
+        for kwarg in call.kwargs:
+            if not isinstance(kwarg.value, Number) or not isinstance(kwarg.value.value, int):
+                self.fail("E215", "route's k must be a whole number", kwarg.value.span)
+            k = kwarg.value.value
+            if not 1 <= k <= self.dims[expert]:
+                self.fail("E215", f"route's k={k} must be between 1 and the number of experts "
+                                  f"({expert}={self.dims[expert]})", kwarg.value.span)
+        free = []
+        for index in gate.free:
+            free.append(index)
+            if index == expert:
+                free.append(capacity)
+        dtype = gate.dtype if gate.dtype in FLOAT_DTYPES else self.default_float
+        return _Node("route", tuple(free), dtype, call.span, (gate,), over=(expert, capacity), k=k,
+                     uses=_merge_uses(gate, extra=(expert, capacity)))
+
+    # ---- statements
+
+    def statement(self, item: Statement, scope: _Scope) -> list:
+        lhs = item.lhs
+        in_repeat = scope.repeat_dim is not None
+        previous = self.declare_check(lhs.name, scope, allow_redefinition=in_repeat)
+        if previous is not None and previous.value is not None and previous.value.kind == "param" \
+                and scope.owner_of(lhs.name.text) is scope:
+            self.fail("E230", f"'{lhs.name}' is a param of this block and cannot be redefined",
+                      lhs.name.span, labels=(Label(previous.span, "declared here"),))
+        seen: dict[str, Span] = {}
+        for index in lhs.indices:
+            if index.name.text in seen:
+                self.fail("E212", f"index '{index.name}' appears twice on the left of '{lhs.name}'",
+                          index.name.span, labels=(Label(seen[index.name.text], "first here"),))
+            seen[index.name.text] = index.name.span
+        shape = tuple(self.dim_size(index.name) for index in lhs.indices)
+        layout = self.check_layout(lhs.indices, shape, f"'{lhs.name}'")
+        cast = self.check_dtype(item.dtype)
+        rhs = self.type_expr(item.rhs, scope)
+        out_indices = tuple(index.name.text for index in lhs.indices)
+        summed = tuple(i for i in rhs.free if i not in out_indices)
+        rhs = place_implicit_sums(rhs, summed)
+        dtype = cast or (rhs.dtype if rhs.dtype not in (_WEAK_INT, _WEAK_FLOAT) else self.dtype)
+        result_type = TensorType(dtype, out_indices, shape)
+        if previous is not None and previous.value is not None:
+            old = previous.value.type
+            if (old.shape, old.dtype) != (result_type.shape, result_type.dtype):
+                self.fail("E235", f"'{lhs.name}' is redefined as {result_type} but was {old}",
+                          lhs.span, hint="a value redefined in a repeat block keeps its shape and dtype",
+                          labels=(Label(previous.span, "first defined here"),) if previous.span else ())
+        name = self.new_value_name(lhs.name.text)
+        result = Value(name, result_type, "def", layout, lhs.name.span)
+        lowering = _StatementLowering(self, lhs.name.text, item.span, name)
+        ops = lowering.lower_statement(rhs, result)
+        if previous is not None and scope.owner_of(lhs.name.text) is not scope:
+            scope.carried.setdefault(self._outer_value(scope, lhs.name.text), lhs.name.text)
+        scope.names[lhs.name.text] = _Binding(result, lhs.name.span, self._depth(scope))
+        return ops
+
+    def _outer_value(self, scope: _Scope, name: str) -> str:
+        return scope.parent.lookup(name).value.name
+
+    def repeat(self, item: RepeatItem, scope: _Scope) -> list:
+        dim = item.dim
+        if dim.text not in self.dims:
+            if dim.text in self.dim_spans:
+                raise _Abort()
+            self.fail("E203", f"unknown dimension '{dim}'", dim.span,
+                      hint=_did_you_mean(dim.text, self.dims) or "declare the trip count with `dim`")
+        inner = _Scope(parent=scope, repeat_dim=dim.text)
+        body = self.body(item.body, inner)
+        carried = []
+        for outer_value, program_name in inner.carried.items():
+            final = inner.names[program_name].value
+            if final is None:
+                continue
+            result = replace(final, name=self.new_value_name(program_name), layout=None)
+            carried.append(Carried(outer_value, final.name, result))
+            owner = scope.owner_of(program_name)
+            owner_binding = owner.names[program_name]
+            scope.names[program_name] = _Binding(result, owner_binding.span, self._depth(scope))
+            if owner is not scope:
+                scope.carried.setdefault(self._outer_value(scope, program_name), program_name)
+        for name, binding in inner.names.items():
+            if name not in inner.carried.values():
+                self.repeat_locals.setdefault(name, binding.span)
+        stacked = tuple(inner.stacked)
+        return [Repeat(dim.text, self.dims[dim.text], tuple(carried), stacked, tuple(body), item.span)]
+
+    def output(self, item: OutputDecl, scope: _Scope, seen: dict[str, Span]) -> None:
+        name = item.name
+        if name.text in seen:
+            self.fail("E233", f"'{name}' is declared as an output twice", name.span,
+                      labels=(Label(seen[name.text], "first declared here"),))
+        seen[name.text] = name.span
+        binding = scope.lookup(name.text)
+        if binding is None:
+            if name.text in self.repeat_locals:
+                self.fail("E234", f"output '{name}' is defined inside a repeat block", name.span,
+                          labels=(Label(self.repeat_locals[name.text], "defined here"),),
+                          hint="only names defined before the block and redefined in it leave it")
+            self.fail("E232", f"output '{name}' is never defined", name.span,
+                      hint=_did_you_mean(name.text, self.all_definitions)
+                      or "define it with a statement, e.g. " + f"{name}[...] = ...")
+        if binding.value is None:
+            raise _Abort()
+        value = binding.value
+        layout = None
+        if item.indices is not None:
+            if len(item.indices) != value.type.rank:
+                self.fail("E210", f"output '{name}' has {value.type.rank} dimensions "
+                                  f"[{', '.join(value.type.indices)}] but {len(item.indices)} are given",
+                          item.span, hint=f"write output {name}[{', '.join(value.type.indices)}]")
+            for position, spec in enumerate(item.indices):
+                size = self.dim_size(spec.name)
+                if size != value.type.shape[position]:
+                    self.fail("E211", f"index {spec.name} has size {size} but dimension {position + 1} "
+                                      f"of '{name}' ({value.type.indices[position]}) has size "
+                                      f"{value.type.shape[position]}", spec.name.span)
+            layout = self.check_layout(item.indices, value.type.shape, f"output '{name}'")
+        self.outputs.append(Output(name.text, value.name, layout, item.span))
+
+    def run(self) -> Program:
+        self.declarations()
+        top = _Scope()
+        ops = self.body(self.module.items, top)
+        seen: dict[str, Span] = {}
+        for item in self.module.items:
+            if isinstance(item, OutputDecl):
+                try:
+                    self.output(item, top, seen)
+                except _Abort:
+                    pass
+        if self.diagnostics:
+            self.diagnostics.sort(key=lambda d: (d.span.line, d.span.col) if d.span else (0, 0))
+            raise EinparError(self.diagnostics)
+        return Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype, tuple(self.inputs),
+                       tuple(ops), tuple(self.outputs), self.source)
+
+
+# ---------------------------------------------------------------- typed tree -> ops
+
+
+class _StatementLowering:
+    """Emit the ops of one statement: einsums for products under sums, fused maps."""
+
+    def __init__(self, checker: _Checker, stmt: str, span: Span, prefix: str):
+        self.checker = checker
+        self.stmt = stmt
+        self.prefix = prefix  # the statement's SSA name: temporaries are prefix.1, prefix.2, ...
+        self.span = span
+        self.ops: list = []
+        self.temps = 0
+
+    def temp_value(self, free: tuple[str, ...], dtype: str) -> Value:
+        self.temps += 1
+        shape = tuple(self.checker.dims[i] for i in free)
+        return Value(f"{self.prefix}.{self.temps}", TensorType(self.resolve(dtype), free, shape))
+
+    def resolve(self, dtype: str) -> str:
+        return self.checker.dtype if dtype in (_WEAK_INT, _WEAK_FLOAT) else dtype
+
+    def lower_statement(self, root: _Node, result: Value) -> list:
+        indices = result.type.indices
+        if root.kind in ("reduce", "library", "route") and set(root.free) == set(indices):
+            # The statement's own op produces the result directly, in the left-hand side's order.
+            scale = self.emit_structured(root, result)
+            if scale is not None:
+                # Constant factors of a product under a sum: scale the contraction after.
+                temp = replace(result, name=self.temp_value(indices, result.type.dtype).name,
+                               layout=None)
+                self.ops[-1] = replace(self.ops[-1], result=temp)
+                expr = Apply("mul", (Arg(0), scale))
+                self.ops.append(Map(result, (Operand(temp.name, indices),), expr, self.stmt, self.span))
+            return self.ops
+        operands: list[Operand] = []
+        expr = self.lower(root, operands)
+        if self.resolve(root.dtype) != result.type.dtype:
+            expr = Cast(result.type.dtype, expr)
+        self.ops.append(Map(result, tuple(operands), expr, self.stmt, self.span))
+        return self.ops
+
+    def lower(self, node: _Node, operands: list[Operand]):
+        """The node as a scalar expression over `operands` (the Map being built)."""
+        if node.kind == "ref":
+            return Arg(self.add_operand(operands, node.operand))
+        if node.kind == "const":
+            return Const(node.value, node.label)
+        if node.kind == "apply":
+            args = []
+            target = self.resolve(node.dtype) if node.dtype not in (_WEAK_INT, _WEAK_FLOAT) else None
+            for position, child in enumerate(node.children):
+                arg = self.lower(child, operands)
+                if node.fn in COMPARISONS:
+                    other = node.children[1 - position].dtype
+                    want = _promote(child.dtype, other, self.checker.default_float)
+                    want = want if want not in (_WEAK_INT, _WEAK_FLOAT) else None
+                elif node.fn == "where" and position == 0:
+                    want = None
+                else:
+                    want = target
+                if want and child.dtype not in (_WEAK_INT, _WEAK_FLOAT, want):
+                    arg = Cast(want, arg)
+                args.append(arg)
+            return Apply(node.fn, tuple(args))
+        # sums, reductions, library ops and routing are ops of their own
+        value = self.temp_value(node.free, node.dtype)
+        scale = self.emit_structured(node, value)
+        expr = Arg(self.add_operand(operands, Operand(self.ops[-1].result.name, node.free)))
+        return Apply("mul", (expr, scale)) if scale is not None else expr
+
+    @staticmethod
+    def add_operand(operands: list[Operand], operand: Operand) -> int:
+        if operand in operands:
+            return operands.index(operand)
+        operands.append(operand)
+        return len(operands) - 1
+
+    def materialize(self, node: _Node) -> Operand:
+        """The node as a value of its own (a plain reference needs no op)."""
+        if node.kind == "ref":
+            return node.operand
+        if node.kind != "apply":
+            value = self.temp_value(node.free, node.dtype)
+            scale = self.emit_structured(node, value)
+            operand = Operand(self.ops[-1].result.name, node.free)
+            if scale is None:
+                return operand
+            operands = [operand]
+            expr = Apply("mul", (Arg(0), scale))
+        else:
+            operands = []
+            expr = self.lower(node, operands)
+        value = self.temp_value(node.free, node.dtype)
+        self.ops.append(Map(value, tuple(operands), expr, self.stmt, node.span))
+        return Operand(value.name, node.free)
+
+    def emit_structured(self, node: _Node, result: Value):
+        """Emit the op for a reduce/library/route node into `result`.
+
+        Returns a constant factor the caller must still multiply the result by
+        (the constants of a product under a sum), or None.
+        """
+        child = node.children[0]
+        if node.kind == "library":
+            operand = self.materialize(child)
+            self.ops.append(Library(result, node.fn, operand, node.over[0], self.stmt, node.span))
+            return None
+        if node.kind == "route":
+            operand = self.materialize(child)
+            expert, capacity = node.over
+            self.ops.append(Route(result, operand, expert, capacity, node.k, self.stmt, node.span))
+            return None
+        if node.fn in ("sum", "mean") and child.kind == "apply" and child.fn == "mul":
+            factors = self.flatten_product(child)
+            constants = [f for f in factors if f.is_constant]
+            tensors = [f for f in factors if not f.is_constant]
+            scale = None
+            for factor in constants:
+                term = self.lower(factor, [])
+                scale = term if scale is None else Apply("mul", (scale, term))
+            if node.fn == "mean":
+                count = 1
+                for index in node.over:
+                    count *= self.checker.dims[index]
+                mean_scale = Apply("div", (Const(1.0), Const(count)))
+                scale = mean_scale if scale is None else Apply("mul", (scale, mean_scale))
+            if len(tensors) >= 2:
+                operands = tuple(self.materialize(f) for f in tensors)
+                self.ops.append(Einsum(result, operands, self.stmt, node.span))
+                return scale
+            if len(tensors) == 1:
+                operand = self.materialize(tensors[0])
+                self.ops.append(Reduce(result, "sum", operand, node.over, self.stmt, node.span))
+                return scale
+        operand = self.materialize(child)
+        self.ops.append(Reduce(result, node.fn, operand, node.over, self.stmt, node.span))
+        return None
+
+    def flatten_product(self, node: _Node) -> list[_Node]:
+        if node.kind == "apply" and node.fn == "mul":
+            return [f for child in node.children for f in self.flatten_product(child)]
+        return [node]
+
+
+def check(module: Module, overrides: dict[str, int] | None = None, source: str = "") -> Program:
+    """Check a parsed module and build its Program; raises EinparError with diagnostics."""
+    return _Checker(module, overrides or {}, source).run()

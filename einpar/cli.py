@@ -1,0 +1,228 @@
+"""The `einpar` command: a thin shell over einpar.api.
+
+    einpar check FILE [--set D=4096 tp=8] [--json]
+    einpar run FILE --backend reference [--inputs in.npz] [--seed N] [--save out.npz]
+    einpar compile FILE --emit ast|ir
+
+`main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
+problem in the user's program or inputs, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import api
+from .errors import EinparError, SourceMap, render_json, render_text
+from .flops import op_flops, program_flops
+from .ir import Program, format_program, walk_ops
+from .layout import DTYPE_BYTES, format_dims
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would exit; the caller decides the exit code
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="einpar", description="Compile, check, run and price sharded einsum programs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sub):
+        sub.add_argument("file", help="the .ein program")
+        sub.add_argument("--set", action="append", nargs="+", metavar="NAME=VALUE", default=[],
+                         help="override dims and mesh axis sizes, e.g. --set D=4096 tp=8")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+
+    check = commands.add_parser("check", help="check a program; print its tensors, shapes, layouts, FLOPs")
+    common(check)
+
+    run = commands.add_parser("run", help="run a program on a backend")
+    common(run)
+    run.add_argument("--backend", choices=["reference"], default="reference",
+                     help="reference: unsharded NumPy evaluation (the oracle)")
+    run.add_argument("--inputs", metavar="IN.npz", help="arrays keyed by tensor name (else random)")
+    run.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+    run.add_argument("--save", metavar="OUT.npz", help="write the outputs to an .npz file")
+    run.add_argument("--force", action="store_true", help="let --save overwrite an existing file")
+
+    comp = commands.add_parser("compile", help="print a stage of the compiler")
+    common(comp)
+    comp.add_argument("--emit", choices=["ast", "ir"], default="ir", help="which stage to print")
+    return parser
+
+
+def _consoles():
+    return Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, out: Console,
+                       err: Console) -> None:
+    if as_json:
+        out.print(render_json(error.diagnostics), markup=False)
+        return
+    for diagnostic in error.diagnostics:
+        for number, line in enumerate(render_text(diagnostic, sources).splitlines()):
+            if number == 0:
+                err.print(Text(line, style="bold red"))
+            elif set(line.split("|")[-1].strip()) <= {"^", "-"} and "|" in line and line.strip("| "):
+                err.print(Text(line, style="red"))
+            elif line.lstrip().startswith("= hint"):
+                err.print(Text(line, style="cyan"))
+            else:
+                err.print(Text(line))
+    if len(error.diagnostics) > 1:
+        err.print(Text(f"{len(error.diagnostics)} errors", style="bold red"))
+
+
+def _format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _summary(program: Program) -> dict:
+    tensors = []
+    for value in program.inputs:
+        tensors.append({"name": value.name, "kind": value.kind, "dtype": value.type.dtype,
+                        "indices": list(value.type.indices), "shape": list(value.type.shape),
+                        "layout": format_dims(value.type.indices, value.layout),
+                        "bytes": value.type.nbytes})
+    for op in walk_ops(program.ops):
+        if hasattr(op, "result") and op.result.name == op.stmt:
+            value = op.result
+            tensors.append({"name": value.name, "kind": "def", "dtype": value.type.dtype,
+                            "indices": list(value.type.indices), "shape": list(value.type.shape),
+                            "layout": format_dims(value.type.indices, value.layout),
+                            "bytes": value.type.nbytes})
+    counts: dict[str, int] = {}
+    for op in walk_ops(program.ops):
+        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
+    return {"file": program.file, "mesh": dict(program.mesh.axes), "devices": program.mesh.num_devices,
+            "dims": dict(program.dims), "dtype": program.dtype, "tensors": tensors,
+            "outputs": [o.name for o in program.outputs], "ops": counts,
+            "flops": program_flops(program)}
+
+
+def _print_check(program: Program, out: Console) -> None:
+    summary = _summary(program)
+    out.print(Text(f"{program.file}: ok", style="bold green"))
+    out.print(f"{program.mesh} ({program.mesh.num_devices} device"
+              f"{'s' * (program.mesh.num_devices != 1)}), dtype {program.dtype}")
+    out.print("dims " + " ".join(f"{k}={v}" for k, v in program.dims))
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("tensor", "kind", "shape", "layout", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for t in summary["tensors"]:
+        shape = t["dtype"] + "[" + ",".join(map(str, t["shape"])) + "]"
+        table.add_row(t["name"], t["kind"], shape, t["layout"], _format_bytes(t["bytes"]))
+    out.print(table)
+    ops = ", ".join(f"{n} {kind.lower()}" for kind, n in summary["ops"].items())
+    out.print(f"ops: {ops or 'none'}")
+    out.print(f"outputs: {', '.join(summary['outputs']) or 'none'}")
+    out.print(f"FLOPs: {_format_count(summary['flops'])} ({summary['flops']:,})")
+
+
+def _print_outputs(outputs: dict, out: Console) -> None:
+    import numpy as np
+
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("output", "shape", "mean", "std", "min", "max"):
+        table.add_column(column, justify="left" if column in ("output", "shape") else "right")
+    for name, array in outputs.items():
+        wide = np.asarray(array).astype(np.float64)
+        stats = [f"{f(wide):.6g}" if wide.size else "-" for f in (np.mean, np.std, np.min, np.max)]
+        shape = f"{array.dtype}[" + ",".join(map(str, array.shape)) + "]"
+        table.add_row(name, shape, *stats)
+    out.print(table)
+
+
+def _run(args, program: Program, out: Console, err: Console) -> int:
+    import numpy as np
+
+    from .backends.reference import evaluate
+
+    if args.save and Path(args.save).exists() and not args.force:
+        raise _UsageError(f"einpar run: error: {args.save} exists; pass --force to overwrite it")
+    if args.inputs:
+        arrays = api.load_inputs(program, args.inputs)
+    else:
+        arrays = api.random_inputs(program, args.seed)
+    outputs = evaluate(program, arrays)
+    if args.json:
+        out.print(json.dumps({"backend": args.backend, "outputs": {
+            name: {"dtype": str(a.dtype), "shape": list(a.shape),
+                   "mean": float(np.mean(a.astype(np.float64))) if a.size else None}
+            for name, a in outputs.items()}}, indent=2), markup=False)
+    else:
+        source = args.inputs or f"random inputs, seed {args.seed}"
+        out.print(f"{program.file} on backend {args.backend} ({source})")
+        _print_outputs(outputs, out)
+    if args.save:
+        np.savez(args.save, **outputs)
+        if not args.json:
+            out.print(f"saved {', '.join(outputs)} to {args.save}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    out, err = _consoles()
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as error:
+        err.print(parser.format_usage().rstrip(), markup=False)
+        err.print(str(error), markup=False)
+        return 2
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    sources = SourceMap()
+    try:
+        overrides = api.parse_overrides([item for group in args.set for item in group])
+        text = api.read_source(args.file)
+        sources.texts[args.file] = text
+        if args.command == "compile" and args.emit == "ast":
+            from .syntax import format_ast, parse
+
+            out.print(format_ast(parse(text, args.file)), markup=False)
+            return 0
+        program = api.compile_source(text, args.file, overrides)
+        if args.command == "check":
+            if args.json:
+                out.print(json.dumps(_summary(program), indent=2), markup=False)
+            else:
+                _print_check(program, out)
+            return 0
+        if args.command == "compile":
+            out.print(format_program(program), markup=False)
+            return 0
+        return _run(args, program, out, err)
+    except EinparError as error:
+        _print_diagnostics(error, sources, args.json, out, err)
+        return 2 if error.usage else 1
+    except _UsageError as error:
+        err.print(str(error), markup=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""The Program IR: what the checker produces and every later stage consumes.
+
+A Program is a mesh, dims, the tensors it takes (inputs and params), an
+ordered list of ops in SSA form (each op defines one new value), and its
+outputs. Ops are a handful of frozen dataclasses:
+
+- `Einsum`: an n-ary contraction; indices absent from the result are summed.
+- `Map`: an elementwise expression over operands broadcast by index name.
+- `Reduce`: sum / max / min / mean over named indices.
+- `Library`: softmax, logsumexp, rmsnorm, layernorm, cumsum over one index.
+- `Route`: GShard top-k routing with capacity.
+- `Repeat`: a block run L times, carrying values and slicing stacked params.
+
+Values are named after the statement that defines them: the statement's own
+result keeps the program's name (`h`), temporaries get `h.1`, `h.2`, and a
+redefinition inside `repeat` gets `x#2`. Each op records the statement
+(`stmt`) and span it came from, so later stages can speak in the program's
+terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterator, Union
+
+from .errors import Span
+from .layout import DTYPE_BYTES, Layout, Mesh, format_dims
+
+FLOAT_DTYPES = ("f64", "f32", "bf16", "f16")
+DTYPES = FLOAT_DTYPES + ("i32", "bool")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str
+    indices: tuple[str, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def num_elements(self) -> int:
+        total = 1
+        for size in self.shape:
+            total *= size
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_elements * DTYPE_BYTES[self.dtype]
+
+    def format(self, layout: Layout | None = None) -> str:
+        labels = tuple(f"{index}={size}" for index, size in zip(self.indices, self.shape))
+        return self.dtype + format_dims(labels, layout)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass(frozen=True)
+class Value:
+    """A named tensor: a program input or param, or the result of an op."""
+
+    name: str
+    type: TensorType
+    kind: str = "def"  # "input", "param" or "def"
+    layout: Layout | None = None  # the layout the user wrote, a constraint
+    span: Span | None = None
+    # For a param declared inside `repeat`, the repeat dims stacked in front.
+    stacked_by: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.type.format(self.layout)}"
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A value as an op reads it: `indices` name the value's dimensions in order."""
+
+    value: str
+    indices: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.value}[{','.join(self.indices)}]"
+
+
+# ---- the elementwise expression language of Map
+
+
+@dataclass(frozen=True)
+class Arg:
+    """The Map's operand number `index`, broadcast to the Map's indices."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Union[int, float, bool]
+    label: str | None = None  # the dim a size came from (`sqrt(K)`), for printing
+
+
+@dataclass(frozen=True)
+class Apply:
+    """A primitive elementwise function (see ELEMENTWISE) applied to scalars."""
+
+    fn: str
+    args: tuple["Scalar", ...]
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Convert to `dtype` (inserted by the checker where promotion needs it)."""
+
+    dtype: str
+    arg: "Scalar"
+
+
+Scalar = Union[Arg, Const, Apply, Cast]
+
+# Primitive elementwise functions and their arity.
+BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div",
+              ">": "gt", ">=": "ge", "<": "lt", "<=": "le", "==": "eq", "!=": "ne"}
+UNARY_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu",
+                   "abs", "square")
+ELEMENTWISE = {
+    **{name: 2 for name in BINARY_OPS.values()},
+    **{name: 1 for name in UNARY_FUNCTIONS},
+    "neg": 1, "where": 3, "max2": 2, "min2": 2,
+}
+COMPARISONS = ("gt", "ge", "lt", "le", "eq", "ne")
+REDUCTIONS = ("sum", "max", "min", "mean")
+LIBRARY_FUNCTIONS = ("softmax", "logsumexp", "rmsnorm", "layernorm", "cumsum")
+
+# Numerical constants of the library functions (LANGUAGE.md, "Precise meanings").
+NORM_EPSILON = 1e-6
+
+
+# ---- ops
+
+
+@dataclass(frozen=True)
+class Einsum:
+    result: Value
+    operands: tuple[Operand, ...]
+    stmt: str
+    span: Span | None = None
+
+    @property
+    def summed(self) -> tuple[str, ...]:
+        seen: list[str] = []
+        for operand in self.operands:
+            for index in operand.indices:
+                if index not in self.result.type.indices and index not in seen:
+                    seen.append(index)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Map:
+    result: Value
+    operands: tuple[Operand, ...]
+    expr: Scalar
+    stmt: str
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Reduce:
+    result: Value
+    kind: str  # sum, max, min, mean
+    operand: Operand
+    over: tuple[str, ...]
+    stmt: str
+    span: Span | None = None
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        return (self.operand,)
+
+
+@dataclass(frozen=True)
+class Library:
+    """softmax / logsumexp / rmsnorm / layernorm / cumsum over one index."""
+
+    result: Value
+    kind: str
+    operand: Operand
+    index: str
+    stmt: str
+    span: Span | None = None
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        return (self.operand,)
+
+
+@dataclass(frozen=True)
+class Route:
+    """GShard routing: gate probabilities [..., E] -> combine weights [..., E, C]."""
+
+    result: Value
+    operand: Operand
+    expert: str  # E
+    capacity: str  # C
+    k: int
+    stmt: str
+    span: Span | None = None
+
+    @property
+    def token(self) -> str:
+        """Tokens of a group are ordered along the last index of g other than E."""
+        return [index for index in self.operand.indices if index != self.expert][-1]
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        return (self.operand,)
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A value the repeat body reads and redefines.
+
+    In the body, `value` names the value carried in (the one from before the
+    loop on the first trip, `body_result` of the previous trip after). After
+    the loop, `result` holds the last trip's `body_result`.
+    """
+
+    value: str
+    body_result: str
+    result: Value
+
+
+@dataclass(frozen=True)
+class Repeat:
+    dim: str
+    count: int
+    carried: tuple[Carried, ...]
+    # Per-trip views of the params declared inside the block: inside the body,
+    # the name of a stacked param denotes this trip's slice.
+    stacked: tuple[Value, ...]
+    body: tuple["Op", ...]
+    span: Span | None = None
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        return ()
+
+
+Op = Union[Einsum, Map, Reduce, Library, Route, Repeat]
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str  # the program's name for it
+    value: str  # the SSA value it refers to
+    layout: Layout | None = None
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Program:
+    file: str
+    mesh: Mesh
+    dims: tuple[tuple[str, int], ...]
+    dtype: str
+    inputs: tuple[Value, ...]  # inputs and params, in declaration order
+    ops: tuple[Op, ...]
+    outputs: tuple[Output, ...]
+    source: str = field(default="", repr=False, compare=False)
+
+    @cached_property
+    def dim_sizes(self) -> dict[str, int]:
+        return dict(self.dims)
+
+    @cached_property
+    def values(self) -> dict[str, Value]:
+        """Every value of the program by name, those inside repeat bodies included."""
+        table = {value.name: value for value in self.inputs}
+        for op in walk_ops(self.ops):
+            if isinstance(op, Repeat):
+                table.update((c.result.name, c.result) for c in op.carried)
+            else:
+                table[op.result.name] = op.result
+        return table
+
+    @property
+    def params(self) -> tuple[Value, ...]:
+        return tuple(value for value in self.inputs if value.kind == "param")
+
+
+def walk_ops(ops: tuple[Op, ...]) -> Iterator[Op]:
+    """Every op, descending into repeat bodies (the Repeat itself comes first)."""
+    for op in ops:
+        yield op
+        if isinstance(op, Repeat):
+            yield from walk_ops(op.body)
+
+
+# ---- printing (`einpar compile --emit ir`)
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
+          "le": "<=", "eq": "==", "ne": "!="}
+
+
+def format_scalar(expr: Scalar, operands: tuple[Operand, ...]) -> str:
+    if isinstance(expr, Arg):
+        return str(operands[expr.index])
+    if isinstance(expr, Const):
+        text = repr(expr.value) if not isinstance(expr.value, float) else f"{expr.value:g}"
+        return f"{expr.label}" if expr.label else text
+    if isinstance(expr, Cast):
+        return f"{expr.dtype}({format_scalar(expr.arg, operands)})"
+    if expr.fn in _INFIX:
+        left, right = (format_scalar(a, operands) for a in expr.args)
+        return f"({left} {_INFIX[expr.fn]} {right})"
+    if expr.fn == "neg":
+        return f"-{format_scalar(expr.args[0], operands)}"
+    return f"{expr.fn}({', '.join(format_scalar(a, operands) for a in expr.args)})"
+
+
+def format_op(op: Op, indent: str = "") -> list[str]:
+    if isinstance(op, Repeat):
+        lines = [f"{indent}repeat {op.dim}={op.count} {{"]
+        for value in op.stacked:
+            lines.append(f"{indent}  stacked {value}")
+        for carried in op.carried:
+            lines.append(f"{indent}  carry {carried.value} <- {carried.body_result}")
+        for inner in op.body:
+            lines.extend(format_op(inner, indent + "  "))
+        lines.append(f"{indent}}} -> " + ", ".join(str(c.result) for c in op.carried))
+        return lines
+    head = f"{indent}{op.result}"
+    if isinstance(op, Einsum):
+        body = "einsum(" + ", ".join(map(str, op.operands)) + ")"
+    elif isinstance(op, Map):
+        body = "map " + format_scalar(op.expr, op.operands)
+    elif isinstance(op, Reduce):
+        body = f"{op.kind}[{','.join(op.over)}]({op.operand})"
+    elif isinstance(op, Library):
+        body = f"{op.kind}[{op.index}]({op.operand})"
+    else:
+        body = f"route[{op.expert},{op.capacity}]({op.operand}, k={op.k})"
+    where = f"  # line {op.span.line}" if op.span else ""
+    return [f"{head} = {body}{where}"]
+
+
+def format_program(program: Program) -> str:
+    lines = [f"program {program.file}", str(program.mesh),
+             "dims " + " ".join(f"{name}={size}" for name, size in program.dims),
+             f"dtype {program.dtype}"]
+    for value in program.inputs:
+        stacked = f"  (stacked by {','.join(value.stacked_by)})" if value.stacked_by else ""
+        lines.append(f"{value.kind:<6} {value}{stacked}")
+    for op in program.ops:
+        lines.extend(format_op(op))
+    for output in program.outputs:
+        shown = output.value if output.value == output.name else f"{output.name} = {output.value}"
+        layout = f"  layout {output.layout}" if output.layout else ""
+        lines.append(f"output {shown}{layout}")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Layouts: how a value is spread over the mesh.
+
+A Layout says, for each dimension of a value, which mesh axes split it (major
+first), and over which axes the value is partial (each device holds a summand
+or a candidate maximum, to be combined by the pending reduction). Local
+shapes, the block a device holds and bytes per device all derive from a
+Layout and a Mesh; nothing else stores them.
+
+Printed in the project's notation: `f32[8@dp,128,256@tp] {sum: tp}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bytes per element of each dtype of the language.
+DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "bool": 1}
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Named axes and their sizes, major to minor; devices in row-major order."""
+
+    axes: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.axes)
+
+    def size(self, axis: str) -> int:
+        for name, size in self.axes:
+            if name == axis:
+                return size
+        raise KeyError(axis)
+
+    @property
+    def num_devices(self) -> int:
+        total = 1
+        for _, size in self.axes:
+            total *= size
+        return total
+
+    def __str__(self) -> str:
+        if not self.axes:
+            return "mesh (one device)"
+        return "mesh " + " ".join(f"{name}={size}" for name, size in self.axes)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per dimension, the mesh axes that split it; plus pending partial reductions."""
+
+    dims: tuple[tuple[str, ...], ...]
+    # (axis, reduction) pairs: the value is a partial sum ("sum") or max ("max") over axis.
+    partial: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def replicated(rank: int) -> "Layout":
+        return Layout(((),) * rank)
+
+    @property
+    def is_replicated(self) -> bool:
+        return not self.partial and all(not axes for axes in self.dims)
+
+    def axes_used(self) -> tuple[str, ...]:
+        return tuple(axis for axes in self.dims for axis in axes)
+
+    def split_factor(self, dim: int, mesh: Mesh) -> int:
+        factor = 1
+        for axis in self.dims[dim]:
+            factor *= mesh.size(axis)
+        return factor
+
+    def local_shape(self, shape: tuple[int, ...], mesh: Mesh) -> tuple[int, ...]:
+        return tuple(size // self.split_factor(d, mesh) for d, size in enumerate(shape))
+
+    def __str__(self) -> str:
+        return format_dims(tuple("_" for _ in self.dims), self)
+
+
+def _format_axes(axes: tuple[str, ...]) -> str:
+    return axes[0] if len(axes) == 1 else "(" + ",".join(axes) + ")"
+
+
+def format_dims(labels: tuple[str, ...], layout: Layout | None) -> str:
+    """`[8@dp,128,256@tp] {sum: tp}` from per-dimension labels (sizes or index names)."""
+    if layout is None:
+        return "[" + ",".join(labels) + "]"
+    parts = [f"{label}@{_format_axes(axes)}" if axes else label
+             for label, axes in zip(labels, layout.dims)]
+    text = "[" + ",".join(parts) + "]"
+    if layout.partial:
+        by_kind: dict[str, list[str]] = {}
+        for axis, kind in layout.partial:
+            by_kind.setdefault(kind, []).append(axis)
+        text += " {" + "; ".join(f"{kind}: {','.join(axes)}" for kind, axes in by_kind.items()) + "}"
+    return text
+
+
+def format_type(dtype: str, shape: tuple[int, ...], layout: Layout | None = None) -> str:
+    """`f32[8@dp,128,256@tp] {sum: tp}`."""
+    return dtype + format_dims(tuple(str(size) for size in shape), layout)

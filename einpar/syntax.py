@@ -1,0 +1,488 @@
+"""Parse `.ein` text into a syntax tree (the first stage of the pipeline).
+
+The grammar lives in grammar/einpar.lark (installed as einpar.grammar). This
+module owns the syntax tree types, the lark parser built once per process,
+and the translation of lark's exceptions into E100 diagnostics. It knows
+nothing about names or sizes: that is the checker's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Union
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from .errors import Diagnostic, EinparError, Span
+
+# ---------------------------------------------------------------- syntax tree
+
+
+@dataclass(frozen=True)
+class Name:
+    text: str
+    span: Span
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """One dimension of a tensor as written: `D` or `D@tp` or `B@(dp,fsdp)`."""
+
+    name: Name
+    axes: tuple[Name, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """`x[B@dp, S, D]`: a tensor name with one spec per dimension."""
+
+    name: Name
+    indices: tuple[IndexSpec, ...]
+    span: Span
+    indices_span: Span
+
+
+@dataclass(frozen=True)
+class MeshAxis:
+    name: Name
+    size: int
+    span: Span
+
+
+@dataclass(frozen=True)
+class MeshDecl:
+    axes: tuple[MeshAxis, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class DimBinding:
+    """`B=8` (size set) or `T=S` (alias of another dimension's size)."""
+
+    name: Name
+    size: int | None
+    alias: Name | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class DimDecl:
+    bindings: tuple[DimBinding, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class DtypeDecl:
+    dtype: Name
+    span: Span
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    kind: str  # "input" or "param"
+    spec: TensorSpec
+    dtype: Name | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class OutputDecl:
+    name: Name
+    indices: tuple[IndexSpec, ...] | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class Number:
+    value: Union[int, float]
+    span: Span
+
+
+@dataclass(frozen=True)
+class SizeRef:
+    name: Name
+    span: Span
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    spec: TensorSpec
+    span: Span
+
+
+@dataclass(frozen=True)
+class KeywordArg:
+    name: Name
+    value: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Call:
+    """`exp(e)`, `where(c, a, b)`; `indices` is set for `sum[T](e)`, `route[E,C](g, k=2)`."""
+
+    func: Name
+    indices: tuple[IndexSpec, ...] | None
+    args: tuple["Expr", ...]
+    kwargs: tuple[KeywordArg, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # + - * / > >= < <= == !=
+    left: "Expr"
+    right: "Expr"
+    span: Span
+    op_span: Span
+
+
+@dataclass(frozen=True)
+class Negate:
+    operand: "Expr"
+    span: Span
+
+
+Expr = Union[Number, SizeRef, TensorRef, Call, Binary, Negate]
+
+
+@dataclass(frozen=True)
+class Statement:
+    lhs: TensorSpec
+    dtype: Name | None
+    rhs: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Repeat:
+    dim: Name
+    body: tuple["Item", ...]
+    span: Span
+
+
+Item = Union[MeshDecl, DimDecl, DtypeDecl, TensorDecl, OutputDecl, Statement, Repeat]
+
+
+@dataclass(frozen=True)
+class Module:
+    file: str
+    items: tuple[Item, ...]
+
+
+# ---------------------------------------------------------------- parser
+
+
+class _BracketNewlines:
+    """Post-lexer: a newline inside (...) or [...] does not end a statement."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth = 0
+        for token in stream:
+            if token.type in ("LPAR", "LSQB"):
+                depth += 1
+            elif token.type in ("RPAR", "RSQB"):
+                depth = max(0, depth - 1)
+            elif token.type == "_NL" and depth > 0:
+                continue
+            yield token
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("einpar.grammar").joinpath("einpar.lark").read_text()
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True,
+                maybe_placeholders=True, postlex=_BracketNewlines())
+
+
+def _span(file: str, meta) -> Span:
+    return Span(file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _token_span(file: str, token: Token) -> Span:
+    return Span(file, token.line, token.column, token.end_line, token.end_column)
+
+
+class _ToAst(Transformer):
+    """lark tree -> the frozen syntax tree above, with spans."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _name(self, token: Token) -> Name:
+        return Name(str(token), _token_span(self.file, token))
+
+    @v_args(meta=True)
+    def start(self, meta, items):
+        return Module(self.file, tuple(items))
+
+    @v_args(meta=True)
+    def mesh_decl(self, meta, axes):
+        return MeshDecl(tuple(axes), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def mesh_axis(self, meta, children):
+        name, size = children
+        return MeshAxis(self._name(name), int(size), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def dim_decl(self, meta, bindings):
+        return DimDecl(tuple(bindings), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def dim_binding(self, meta, children):
+        name, value = children
+        if value.type == "INT":
+            return DimBinding(self._name(name), int(value), None, _span(self.file, meta))
+        return DimBinding(self._name(name), None, self._name(value), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def dtype_decl(self, meta, children):
+        return DtypeDecl(self._name(children[0]), _span(self.file, meta))
+
+    def dtype_name(self, children):
+        return self._name(children[0])
+
+    @v_args(meta=True)
+    def tensor_decl(self, meta, children):
+        kind, spec, dtype = children
+        return TensorDecl(kind, spec, dtype, _span(self.file, meta))
+
+    def input_kind(self, _):
+        return "input"
+
+    def param_kind(self, _):
+        return "param"
+
+    @v_args(meta=True)
+    def output_decl(self, meta, children):
+        name, specs = children
+        indices = specs[0] if specs is not None else None
+        return OutputDecl(self._name(name), indices, _span(self.file, meta))
+
+    @v_args(meta=True)
+    def statement(self, meta, children):
+        lhs, dtype, rhs = children
+        return Statement(lhs, dtype, rhs, _span(self.file, meta))
+
+    @v_args(meta=True)
+    def repeat(self, meta, children):
+        dim, *body = children
+        return Repeat(self._name(dim), tuple(body), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def tensor_spec(self, meta, children):
+        name, (indices, indices_span) = children
+        return TensorSpec(self._name(name), indices, _span(self.file, meta), indices_span)
+
+    @v_args(meta=True)
+    def index_specs(self, meta, children):
+        specs = tuple(child for child in children if child is not None)
+        return specs, _span(self.file, meta)
+
+    @v_args(meta=True)
+    def index_spec(self, meta, children):
+        name, axes = children
+        return IndexSpec(self._name(name), axes or (), _span(self.file, meta))
+
+    def axes(self, names):
+        return tuple(self._name(name) for name in names)
+
+    # expressions
+
+    @v_args(meta=True)
+    def number(self, meta, children):
+        text = str(children[0])
+        is_int = all(c.isdigit() for c in text)
+        return Number(int(text) if is_int else float(text), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def size_ref(self, meta, children):
+        return SizeRef(self._name(children[0]), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def tensor_ref(self, meta, children):
+        return TensorRef(children[0], _span(self.file, meta))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func, (args, kwargs) = children
+        return Call(self._name(func), None, args, kwargs, _span(self.file, meta))
+
+    @v_args(meta=True)
+    def indexed_call(self, meta, children):
+        func, (indices, _), (args, kwargs) = children
+        return Call(self._name(func), indices, args, kwargs, _span(self.file, meta))
+
+    def args(self, children):
+        args = tuple(c for c in children if not isinstance(c, KeywordArg))
+        kwargs = tuple(c for c in children if isinstance(c, KeywordArg))
+        return args, kwargs
+
+    @v_args(meta=True)
+    def keyword_arg(self, meta, children):
+        name, value = children
+        return KeywordArg(self._name(name), value, _span(self.file, meta))
+
+    @v_args(meta=True)
+    def binary(self, meta, children):
+        left, op, right = children
+        return Binary(str(op), left, right, _span(self.file, meta), _token_span(self.file, op))
+
+    compare = binary
+
+    @v_args(meta=True)
+    def negate(self, meta, children):
+        return Negate(children[0], _span(self.file, meta))
+
+
+# Human names for the grammar's terminals, for "expected ..." messages.
+_TERMINAL_NAMES = {
+    "NAME": "a name", "INT": "an integer", "NUMBER": "a number", "_NL": "end of line",
+    "COMPARE": "a comparison", "ADD_OP": "'+' or '-'", "MUL_OP": "'*' or '/'",
+"$END": "end of file",
+}
+
+
+def _describe_terminal(parser: Lark, name: str) -> str:
+    if name in _TERMINAL_NAMES:
+        return _TERMINAL_NAMES[name]
+    try:
+        pattern = parser.get_terminal(name).pattern
+    except KeyError:
+        return name
+    if isinstance(pattern, lark.lexer.PatternStr):
+        return f"'{pattern.value}'"
+    return name.lower()
+
+
+def _describe_token(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    if token.type == "_NL":
+        return "end of line"
+    return f"'{token}'"
+
+
+def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lark) -> Diagnostic:
+    line, col = max(1, error.line if error.line != -1 else 1), max(1, error.column if error.column != -1 else 1)
+    if isinstance(error, UnexpectedCharacters):
+        char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
+        span = Span(file, line, col, line, col + 1)
+        return Diagnostic("E100", f"unexpected character {char!r}", span,
+                          hint="names are letters, digits and '_'; see docs/language.md for the operators")
+    token = getattr(error, "token", None)
+    expected = sorted({_describe_terminal(parser, name) for name in getattr(error, "expected", ())
+                       if not name.startswith("__")})
+    if isinstance(error, UnexpectedEOF) or token is None or token.type == "$END":
+        lines = text.splitlines() or [""]
+        span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        message = "unexpected end of file"
+    else:
+        line, col = token.line, token.column
+        if token.type == "_NL":
+            # Point at the end of the line the statement was on, not the next one.
+            end_col = col + 1
+        else:
+            end_col = token.end_column if token.end_line == line else col + 1
+        span = Span(file, line, col, line, end_col)
+        message = f"unexpected {_describe_token(token)}"
+    hint = None
+    if expected:
+        listed = ", ".join(expected[:-1]) + (" or " if len(expected) > 1 else "") + expected[-1]
+        hint = f"expected {listed}"
+    return Diagnostic("E100", message, span, hint=hint)
+
+
+def parse(text: str, file: str = "<string>") -> Module:
+    """Parse `.ein` source into a Module; raises EinparError with an E100 on bad syntax."""
+    parser = _parser()
+    try:
+        tree = parser.parse(text + "\n")
+    except UnexpectedInput as error:
+        raise EinparError(_syntax_diagnostic(error, file, text, parser)) from None
+    return _ToAst(file).transform(tree)
+
+
+# ---------------------------------------------------------------- printing
+
+
+def format_ast(module: Module) -> str:
+    """An indented rendering of the syntax tree, for `einpar compile --emit ast`."""
+    lines: list[str] = []
+
+    def spec(s: TensorSpec) -> str:
+        return f"{s.name}[{', '.join(index(i) for i in s.indices)}]"
+
+    def index(i: IndexSpec) -> str:
+        if not i.axes:
+            return str(i.name)
+        if len(i.axes) == 1:
+            return f"{i.name}@{i.axes[0]}"
+        return f"{i.name}@({','.join(map(str, i.axes))})"
+
+    def expr(e: Expr, depth: int) -> None:
+        pad = "  " * depth
+        where = f"  @{e.span.line}:{e.span.col}"
+        if isinstance(e, Number):
+            lines.append(f"{pad}Number {e.value}{where}")
+        elif isinstance(e, SizeRef):
+            lines.append(f"{pad}SizeRef {e.name}{where}")
+        elif isinstance(e, TensorRef):
+            lines.append(f"{pad}TensorRef {spec(e.spec)}{where}")
+        elif isinstance(e, Negate):
+            lines.append(f"{pad}Negate{where}")
+            expr(e.operand, depth + 1)
+        elif isinstance(e, Binary):
+            lines.append(f"{pad}Binary {e.op}{where}")
+            expr(e.left, depth + 1)
+            expr(e.right, depth + 1)
+        elif isinstance(e, Call):
+            bracket = f"[{', '.join(index(i) for i in e.indices)}]" if e.indices is not None else ""
+            lines.append(f"{pad}Call {e.func}{bracket}{where}")
+            for a in e.args:
+                expr(a, depth + 1)
+            for k in e.kwargs:
+                lines.append(f"{pad}  {k.name}=")
+                expr(k.value, depth + 2)
+
+    def item(it: Item, depth: int) -> None:
+        pad = "  " * depth
+        where = f"  @{it.span.line}:{it.span.col}"
+        if isinstance(it, MeshDecl):
+            lines.append(f"{pad}Mesh {' '.join(f'{a.name}={a.size}' for a in it.axes)}{where}")
+        elif isinstance(it, DimDecl):
+            parts = [f"{b.name}={b.size if b.size is not None else b.alias}" for b in it.bindings]
+            lines.append(f"{pad}Dim {' '.join(parts)}{where}")
+        elif isinstance(it, DtypeDecl):
+            lines.append(f"{pad}Dtype {it.dtype}{where}")
+        elif isinstance(it, TensorDecl):
+            dtype = f" : {it.dtype}" if it.dtype else ""
+            lines.append(f"{pad}{it.kind.capitalize()} {spec(it.spec)}{dtype}{where}")
+        elif isinstance(it, OutputDecl):
+            shown = f"[{', '.join(index(i) for i in it.indices)}]" if it.indices is not None else ""
+            lines.append(f"{pad}Output {it.name}{shown}{where}")
+        elif isinstance(it, Statement):
+            dtype = f" : {it.dtype}" if it.dtype else ""
+            lines.append(f"{pad}Statement {spec(it.lhs)}{dtype}{where}")
+            expr(it.rhs, depth + 1)
+        elif isinstance(it, Repeat):
+            lines.append(f"{pad}Repeat {it.dim}{where}")
+            for sub in it.body:
+                item(sub, depth + 1)
+
+    lines.append(f"Module {module.file}")
+    for it in module.items:
+        item(it, 1)
+    return "\n".join(lines)
