@@ -43,7 +43,7 @@ def aligned(array: np.ndarray, have: tuple[str, ...], want: tuple[str, ...]) -> 
     """`array` (indexed by `have`) transposed to the order of `want`, with size-1 axes
     for the indices of `want` it lacks, so it broadcasts against `want`."""
     order = [have.index(index) for index in want if index in have]
-    array = np.transpose(array, order)
+    array = np.transpose(np.asarray(array), order)
     shape = []
     present = iter(array.shape)
     for index in want:
@@ -182,7 +182,8 @@ class _Evaluator:
 
     def store(self, env: dict, result_type: TensorType, name: str, array) -> None:
         array = np.broadcast_to(np.asarray(array), result_type.shape)
-        env[name] = np.ascontiguousarray(array.astype(numpy_dtype(result_type.dtype)))
+        # astype copies: a fresh, contiguous array even from a broadcast view (and keeps rank 0).
+        env[name] = array.astype(numpy_dtype(result_type.dtype), copy=True)
 
     def run(self, ops, env: dict) -> None:
         for op in ops:

@@ -151,7 +151,13 @@ def _with_children(node: _Node, children: tuple[_Node, ...]) -> _Node:
     elif node.kind == "reduce":
         free = tuple(i for i in children[0].free if i not in node.over)
         uses = _merge_uses(*children, remove=node.over)
+    elif node.kind == "library" and node.fn == "logsumexp":
+        # logsumexp reduces its index: like sum[T], it binds the index locally.
+        free = tuple(i for i in children[0].free if i not in node.over)
+        uses = _merge_uses(*children, remove=node.over)
     elif node.kind == "library":
+        # The others keep their index, and use it themselves: a sum over it
+        # happens outside the op (sum[T] of softmax[T] is 1, not softmax of a sum).
         free, uses = children[0].free, _merge_uses(*children, extra=node.over)
     else:
         assert node.kind == "route"
@@ -591,6 +597,13 @@ class _Checker:
                 dtype = self.default_float if dtype != _WEAK_INT else _WEAK_FLOAT
             elif dtype == "bool":
                 dtype = "i32"  # arithmetic on booleans counts them
+        if fn == "mul":
+            # A product of several factors is one n-ary node: the summation rule
+            # sums an index over the whole product (one n-ary contraction), and
+            # since a product distributes over sums, that is the same value.
+            children = tuple(factor for child in children
+                             for factor in (child.children if child.kind == "apply" and child.fn == "mul"
+                                            else (child,)))
         free = _merge_free(*(child.free for child in children))
         return _Node("apply", free, dtype, span, children, fn=fn, uses=_merge_uses(*children))
 
@@ -657,9 +670,8 @@ class _Checker:
             dtype = self.default_float
         elif name == "cumsum" and dtype == "bool":
             dtype = "i32"
-        # A library op uses its index itself: sum over it happens outside the op.
-        return _Node("library", child.free, dtype, call.span, (child,), fn=name, over=tuple(indices),
-                     uses=_merge_uses(child, extra=tuple(indices)))
+        node = _Node("library", (), dtype, call.span, fn=name, over=tuple(indices))
+        return _with_children(node, (child,))
 
     def type_route(self, call: Call, gate: _Node, indices: tuple[str, ...]) -> _Node:
         if len(indices) != 2:
@@ -878,6 +890,11 @@ class _StatementLowering:
                 if want and child.dtype not in (_WEAK_INT, _WEAK_FLOAT, want):
                     arg = Cast(want, arg)
                 args.append(arg)
+            if node.fn == "mul":  # n-ary in the typed tree, binary in the IR
+                expr = args[0]
+                for arg in args[1:]:
+                    expr = Apply("mul", (expr, arg))
+                return expr
             return Apply(node.fn, tuple(args))
         # sums, reductions, library ops and routing are ops of their own
         value = self.temp_value(node.free, node.dtype)

@@ -5,13 +5,15 @@
     einpar compile FILE --emit ast|ir
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
-problem in the user's program or inputs, 2 bad usage.
+problem in the user's program or inputs, 2 bad usage, 3 an internal error
+(a bug in einpar; EINPAR_DEBUG=1 shows its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -222,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as error:
         err.print(str(error), markup=False)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a bug in einpar, not in the user's program
+        if os.environ.get("EINPAR_DEBUG"):
+            raise
+        err.print(Text(f"einpar: internal error: {type(error).__name__}: {error}", style="bold red"))
+        err.print("This is a bug in einpar, not in your program. Rerun with EINPAR_DEBUG=1 for "
+                  "the traceback and report it with the .ein file.", markup=False)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""The checker's IR: which ops a statement becomes, where sums go, sizes and dtypes."""
+
+import pytest
+
+from einpar.api import compile_source
+from einpar.errors import EinparError
+from einpar.ir import Apply, Einsum, Library, Map, Reduce, Repeat, Route, format_program
+
+HEADER = "dim I=4 J=3 K=5 L=2\n"
+
+
+def ops_of(body: str, header: str = HEADER):
+    return compile_source(header + body).ops
+
+
+def describe(op) -> str:
+    """A compact signature: kind, result, operands."""
+    if isinstance(op, Einsum):
+        return f"einsum {op.result.name}[{','.join(op.result.type.indices)}] <- " + \
+            " ".join(str(o) for o in op.operands)
+    if isinstance(op, Reduce):
+        return f"{op.kind}[{','.join(op.over)}] {op.result.name} <- {op.operand}"
+    if isinstance(op, Map):
+        return f"map {op.result.name}[{','.join(op.result.type.indices)}] <- " + \
+            " ".join(str(o) for o in op.operands)
+    if isinstance(op, Library):
+        return f"{op.kind}[{op.index}] {op.result.name} <- {op.operand}"
+    if isinstance(op, Route):
+        return f"route {op.result.name} <- {op.operand}"
+    return type(op).__name__
+
+
+class TestSummationRule:
+    def test_product_under_a_function_is_summed_inside_it(self):
+        ops = ops_of("input x[I,J]\ninput w[J,K]\nh[I,K] = gelu(x[I,J] * w[J,K])\n")
+        assert [describe(o) for o in ops] == [
+            "einsum h.1[I,K] <- x[I,J] w[J,K]",
+            "map h[I,K] <- h.1[I,K]",
+        ]
+        assert ops[1].expr == Apply("gelu", (ops[1].expr.args[0],))
+
+    def test_sum_covers_the_product_only(self):
+        # y[I] = a[I,J] * b[J] + c[I] sums J over the product, then adds c.
+        ops = ops_of("input a[I,J]\ninput b[J]\ninput c[I]\ny[I] = a[I,J] * b[J] + c[I]\n")
+        assert [describe(o) for o in ops] == [
+            "einsum y.1[I] <- a[I,J] b[J]",
+            "map y[I] <- y.1[I] c[I]",
+        ]
+
+    def test_single_use_is_summed_at_the_reference(self):
+        # exp(x[I,J]) with J absent on the left is exp of the sum over J.
+        ops = ops_of("input x[I,J]\ny[I] = exp(x[I,J])\n")
+        assert [describe(o) for o in ops] == ["sum[J] y.1 <- x[I,J]", "map y[I] <- y.1[I]"]
+
+    def test_uses_in_both_factors_of_a_sum_make_one_reduction(self):
+        ops = ops_of("input a[I,J]\ninput b[J]\ny[I] = a[I,J] + b[J]\n")
+        assert [describe(o) for o in ops] == ["map y.1[I,J] <- a[I,J] b[J]", "sum[J] y <- y.1[I,J]"]
+
+    def test_whole_statement_contraction_writes_the_result_directly(self):
+        ops = ops_of("input a[I,J]\ninput b[J,K]\nc[K,I] = a[I,J] * b[J,K]\n")
+        assert [describe(o) for o in ops] == ["einsum c[K,I] <- a[I,J] b[J,K]"]
+
+    def test_three_operand_product_is_one_contraction(self):
+        ops = ops_of("input a[I,J]\ninput b[J,K]\ninput c[K]\ny[I] = a[I,J] * b[J,K] * c[K]\n")
+        assert [describe(o) for o in ops] == ["einsum y[I] <- a[I,J] b[J,K] c[K]"]
+
+    def test_constant_factors_scale_the_contraction(self):
+        ops = ops_of("input a[I,J]\ninput b[J]\ny[I] = 2 * a[I,J] * b[J] / sqrt(J)\n")
+        assert [describe(o) for o in ops] == ["einsum y.1[I] <- a[I,J] b[J]", "map y[I] <- y.1[I]"]
+
+    def test_explicit_sum_binds_its_index(self):
+        # T inside sum[T] is bound there; the outer T stays free.
+        ops = ops_of("input e[I,J]\np[I,J] = e[I,J] / sum[J](e[I,J])\n")
+        assert [describe(o) for o in ops] == ["sum[J] p.1 <- e[I,J]", "map p[I,J] <- e[I,J] p.1[I]"]
+
+    def test_explicit_sum_of_a_product_is_a_contraction(self):
+        ops = ops_of("input a[I,J]\ninput b[J]\ny[I] = sum[J](a[I,J] * b[J])\n")
+        assert [describe(o) for o in ops] == ["einsum y[I] <- a[I,J] b[J]"]
+
+    def test_sum_over_a_softmax_index_is_outside_the_softmax(self):
+        ops = ops_of("input x[I,J]\ny[I] = softmax[J](x[I,J])\n")
+        assert [describe(o) for o in ops] == ["softmax[J] y.1 <- x[I,J]", "sum[J] y <- y.1[I,J]"]
+
+    def test_logsumexp_reduces_its_index(self):
+        ops = ops_of("input x[I,J]\ny[I] = logsumexp[J](x[I,J])\n")
+        assert [describe(o) for o in ops] == ["logsumexp[J] y <- x[I,J]"]
+
+    def test_summing_the_softmax_input_happens_inside(self):
+        ops = ops_of("input x[I,K]\ninput w[K,J]\ng[I,J] = softmax[J](x[I,K] * w[K,J])\n")
+        assert [describe(o) for o in ops] == ["einsum g.1[I,J] <- x[I,K] w[K,J]",
+                                              "softmax[J] g <- g.1[I,J]"]
+
+    def test_left_hand_side_index_absent_on_the_right_broadcasts(self):
+        ops = ops_of("input x[I]\ny[I,K] = x[I]\n")
+        assert [describe(o) for o in ops] == ["map y[I,K] <- x[I]"]
+        assert ops[0].result.type.shape == (4, 5)
+
+
+class TestTypes:
+    def test_alias_dims_follow_their_target_and_overrides(self):
+        program = compile_source("dim S=8 T=S\ninput x[S]\ny[T] = x[T]\noutput y\n", overrides={"S": 16})
+        assert program.dim_sizes == {"S": 16, "T": 16}
+        program = compile_source("dim S=8 T=S\ninput x[S]\noutput x\n", overrides={"S": 16, "T": 4})
+        assert program.dim_sizes == {"S": 16, "T": 4}
+
+    def test_mesh_overrides(self):
+        program = compile_source("mesh dp=2 tp=4\ndim B=16\ninput x[B@(dp,tp)]\noutput x\n",
+                                 overrides={"tp": 8})
+        assert program.mesh.axes == (("dp", 2), ("tp", 8))
+        assert program.inputs[0].layout.dims == (("dp", "tp"),)
+
+    def test_dtype_promotion(self):
+        program = compile_source(
+            "dtype bf16\ndim I=4\ninput a[I] : i32\ninput b[I] : bool\ninput c[I] : f16\ninput d[I]\n"
+            "p[I] = a[I] * 2\nq[I] = a[I] * 2.5\nr[I] = b[I] + b[I]\ns[I] = c[I] + d[I]\n"
+            "t[I] = a[I] > 1\nu[I] = exp(a[I])\nv[I] : f32 = d[I]\nw[I] = a[I] / 2\n")
+        dtypes = {op.result.name: op.result.type.dtype for op in program.ops}
+        assert dtypes == {"p": "i32", "q": "bf16", "r": "i32", "s": "f32", "t": "bool",
+                          "u": "bf16", "v": "f32", "w": "bf16"}
+
+    def test_reductions_of_booleans_count(self):
+        program = compile_source("dim I=4\ninput b[I] : bool\nn[] = sum[I](b[I])\nm[] = mean[I](b[I])\n")
+        assert [op.result.type.dtype for op in program.ops] == ["i32", "f32"]
+
+
+class TestRepeat:
+    PROGRAM = """\
+mesh tp=2
+dim B=4 D=8 F=16 L=3
+input x[B, D]
+repeat L {
+  param w1[D, F@tp]
+  param w2[F@tp, D]
+  h[B,F] = relu(x[B,D] * w1[D,F])
+  x[B,D] = x[B,D] + h[B,F] * w2[F,D]
+  x[B,D] = x[B,D] * 0.5
+}
+output x
+"""
+
+    def test_stacked_params_and_carried_values(self):
+        program = compile_source(self.PROGRAM)
+        params = {v.name: v for v in program.params}
+        assert params["w1"].type.shape == (3, 8, 16)
+        assert params["w1"].stacked_by == ("L",)
+        assert params["w1"].layout.dims == ((), (), ("tp",))
+        (loop,) = program.ops
+        assert isinstance(loop, Repeat) and loop.count == 3
+        assert [v.type.shape for v in loop.stacked] == [(8, 16), (16, 8)]
+        (carried,) = loop.carried
+        assert (carried.value, carried.body_result, carried.result.name) == ("x", "x#3", "x#4")
+        assert program.outputs[0].value == "x#4"
+        # Values are in SSA form: every name is defined once.
+        names = [op.result.name for op in loop.body]
+        assert len(names) == len(set(names))
+
+    def test_nested_repeat_stacks_params_by_both_dims(self):
+        program = compile_source("dim B=2 D=4 L=3 M=2\ninput x[B,D]\nrepeat L {\n repeat M {\n"
+                                 "  param w[D]\n  x[B,D] = x[B,D] * w[D]\n }\n}\noutput x\n")
+        (w,) = program.params
+        assert w.type.shape == (3, 2, 4) and w.stacked_by == ("L", "M")
+        (outer,) = program.ops
+        assert outer.stacked[0].type.shape == (2, 4)
+        assert outer.body[0].stacked[0].type.shape == (4,)
+
+    def test_printed_ir_is_readable(self):
+        text = format_program(compile_source(self.PROGRAM, file="block.ein"))
+        assert "param  w1: f32[L=3,D=8,F=16@tp]  (stacked by L)" in text
+        assert "carry x <- x#3" in text
+        assert "output x = x#4" in text
+
+
+def test_overrides_that_break_divisibility_are_reported_at_the_annotation():
+    with pytest.raises(EinparError) as error:
+        compile_source("mesh tp=4\ndim D=8\ninput x[D@tp]\noutput x\n", overrides={"D": 6})
+    (diagnostic,) = error.value.diagnostics
+    assert diagnostic.code == "E221"
+    assert (diagnostic.span.line, diagnostic.span.col) == (3, 9)
