@@ -29,6 +29,7 @@ from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTION
                  UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
                  Output, Program, Reduce, Repeat, Route, TensorType, Value)
 from .layout import Layout, Mesh
+from .syntax import gc_paused
 from .syntax import (Binary, Call, DimDecl, DtypeDecl, IndexSpec, MeshDecl, Module, Negate,
                      Number, OutputDecl, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
 from .syntax import Repeat as RepeatItem
@@ -978,4 +979,5 @@ class _StatementLowering:
 
 def check(module: Module, overrides: dict[str, int] | None = None, source: str = "") -> Program:
     """Check a parsed module and build its Program; raises EinparError with diagnostics."""
-    return _Checker(module, overrides or {}, source).run()
+    with gc_paused():
+        return _Checker(module, overrides or {}, source).run()
