@@ -851,7 +851,15 @@ class _StatementLowering:
 
     def lower_statement(self, root: _Node, result: Value) -> list:
         indices = result.type.indices
-        if root.kind in ("reduce", "library", "route") and set(root.free) == set(indices):
+        natural = self.resolve(root.dtype)
+        wanted = result.type.dtype
+        # A widening annotation (bf16 operands, `: f32` result) is computed in the wide type,
+        # as an accumulator would be; a narrowing one rounds the finished value once.
+        computes_in_wanted = natural == wanted or (
+            wanted in FLOAT_DTYPES and natural in FLOAT_DTYPES
+            and _promote(natural, wanted, self.checker.default_float) == wanted)
+        if root.kind in ("reduce", "library", "route") and set(root.free) == set(indices) \
+                and computes_in_wanted:
             # The statement's own op produces the result directly, in the left-hand side's order.
             scale = self.emit_structured(root, result)
             if scale is not None:

@@ -1,0 +1,448 @@
+"""The `einpar` command, called in-process as `main(argv)`.
+
+Exit codes: 0 success, 1 a problem in the user's program or its inputs, 2 bad
+usage of the command. A user's mistake is a diagnostic on stderr, never a
+Python traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from einpar.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(path.relative_to(REPO).as_posix() for path in (REPO / "examples").rglob("*.ein"))
+MLP = "examples/mlp/megatron.ein"
+
+# A tiny program whose result is easy to compute by hand: c = a @ b.
+MATVEC = """\
+dim I=2 J=3
+input a[I, J]
+input b[J]
+c[I] = a[I,J] * b[J]
+output c
+"""
+
+# Line 3 uses a tensor that does not exist.
+BAD = """\
+dim B=8
+input x[B]
+y[B] = z[B]
+output y
+"""
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A scratch directory holding prog.ein (MATVEC) and bad.ein (BAD), made current."""
+    (tmp_path / "prog.ein").write_text(MATVEC)
+    (tmp_path / "bad.ein").write_text(BAD)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def einpar(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """Rows of a printed table by their first cell."""
+    rows = {}
+    for line in output.splitlines():
+        if "│" in line:
+            cells = [cell.strip() for cell in line.split("│")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def assert_no_traceback(*texts: str) -> None:
+    for text in texts:
+        assert "Traceback" not in text
+        assert "internal error" not in text
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_prints_tensors_shapes_layouts_and_flops(capsys, in_repo):
+    code, out, err = einpar(capsys, "check", MLP)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"{MLP}: ok"
+    assert lines[1] == "mesh dp=2 tp=4 (8 devices), dtype f32"
+    assert lines[2] == "dims B=8 S=128 D=256 F=1024"
+    assert table_rows(out) == {
+        "x": ["input", "f32[8,128,256]", "[B@dp,S,D]", "1 MiB"],
+        "w1": ["param", "f32[256,1024]", "[D,F@tp]", "1 MiB"],
+        "w2": ["param", "f32[1024,256]", "[F@tp,D]", "1 MiB"],
+        "h": ["def", "f32[8,128,1024]", "[B,S,F]", "4 MiB"],
+        "y": ["def", "f32[8,128,256]", "[B@dp,S,D]", "1 MiB"],
+    }
+    assert "ops: 2 einsum, 1 map" in lines
+    assert "outputs: y" in lines
+    # Two contractions of 2·8·128·256·1024 FLOPs each, and one gelu per element of h.
+    assert lines[-1] == "FLOPs: 1.07G (1,074,790,400)"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_check_accepts_every_example(capsys, in_repo, example):
+    code, out, err = einpar(capsys, "check", example)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == f"{example}: ok"
+
+
+def test_check_json_summarises_the_program(capsys, in_repo):
+    code, out, err = einpar(capsys, "check", MLP, "--json")
+    assert (code, err) == (0, "")
+    summary = json.loads(out)
+    assert set(summary) == {"file", "mesh", "devices", "dims", "dtype", "tensors", "outputs", "ops", "flops"}
+    assert summary["file"] == MLP
+    assert summary["mesh"] == {"dp": 2, "tp": 4}
+    assert summary["devices"] == 8
+    assert summary["dims"] == {"B": 8, "S": 128, "D": 256, "F": 1024}
+    assert summary["dtype"] == "f32"
+    assert summary["outputs"] == ["y"]
+    assert summary["ops"] == {"Einsum": 2, "Map": 1}
+    assert summary["flops"] == 1_074_790_400
+    assert [t["name"] for t in summary["tensors"]] == ["x", "w1", "w2", "h", "y"]
+    assert summary["tensors"][0] == {"name": "x", "kind": "input", "dtype": "f32",
+                                     "indices": ["B", "S", "D"], "shape": [8, 128, 256],
+                                     "layout": "[B@dp,S,D]", "bytes": 8 * 128 * 256 * 4}
+
+
+def test_set_changes_dims_and_mesh_axes(capsys, in_repo):
+    code, out, err = einpar(capsys, "check", MLP, "--json", "--set", "D=512", "tp=8")
+    assert (code, err) == (0, "")
+    summary = json.loads(out)
+    assert summary["mesh"] == {"dp": 2, "tp": 8}
+    assert summary["devices"] == 16
+    assert summary["dims"]["D"] == 512
+    shapes = {t["name"]: t["shape"] for t in summary["tensors"]}
+    assert shapes == {"x": [8, 128, 512], "w1": [512, 1024], "w2": [1024, 512],
+                      "h": [8, 128, 1024], "y": [8, 128, 512]}
+
+
+def test_set_may_be_given_more_than_once(capsys, in_repo):
+    code, out, _ = einpar(capsys, "check", MLP, "--json", "--set", "D=512", "--set", "tp=8")
+    assert code == 0
+    assert json.loads(out)["mesh"] == {"dp": 2, "tp": 8}
+
+
+def test_set_of_an_alias_target_moves_the_alias(capsys, in_repo):
+    code, out, _ = einpar(capsys, "check", "examples/attention/data_parallel.ein", "--json",
+                          "--set", "S=64")
+    assert code == 0
+    assert json.loads(out)["dims"]["T"] == 64
+
+
+# ---------------------------------------------------------------- a problem in the program
+
+
+def test_bad_program_exits_1_with_the_diagnostic_on_stderr(capsys, workdir):
+    code, out, err = einpar(capsys, "check", "bad.ein")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "error[E201]: unknown tensor 'z'",
+        " --> bad.ein:3:8",
+        "  |",
+        "3 | y[B] = z[B]",
+        "  |        ^",
+        "  |",
+        "  = hint: declare it with `input` or `param`, or define it with a statement",
+    ]
+    assert_no_traceback(err)
+
+
+@pytest.mark.parametrize("command", [["run"], ["compile", "--emit", "ir"]])
+def test_bad_program_exits_1_from_every_command(capsys, workdir, command):
+    code, out, err = einpar(capsys, command[0], "bad.ein", *command[1:])
+    assert (code, out) == (1, "")
+    assert err.startswith("error[E201]: unknown tensor 'z'\n")
+    assert_no_traceback(err)
+
+
+def test_syntax_error_exits_1_even_for_emit_ast(capsys, workdir):
+    Path("bad.ein").write_text("dim B=8\ninput x[B, $]\n")
+    code, out, err = einpar(capsys, "compile", "bad.ein", "--emit", "ast")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[:2] == ["error[E100]: unexpected character '$'", " --> bad.ein:2:12"]
+
+
+def test_several_errors_are_all_printed_and_counted(capsys, workdir):
+    Path("bad.ein").write_text(BAD + "output q\n")
+    code, _, err = einpar(capsys, "check", "bad.ein")
+    assert code == 1
+    headers = [line for line in err.splitlines() if line.startswith("error[")]
+    assert headers == ["error[E201]: unknown tensor 'z'", "error[E232]: output 'q' is never defined"]
+    assert err.splitlines()[-1] == "2 errors"
+
+
+def test_bad_program_with_json_prints_the_diagnostics_as_json(capsys, workdir):
+    code, out, err = einpar(capsys, "check", "bad.ein", "--json")
+    assert (code, err) == (1, "")
+    assert json.loads(out) == {"diagnostics": [{
+        "code": "E201", "severity": "error", "message": "unknown tensor 'z'",
+        "file": "bad.ein", "line": 3, "col": 8, "end_line": 3, "end_col": 9,
+        "hint": "declare it with `input` or `param`, or define it with a statement"}]}
+
+
+def test_set_making_a_layout_indivisible_exits_1(capsys, in_repo):
+    code, _, err = einpar(capsys, "check", MLP, "--set", "tp=3")
+    assert code == 1
+    assert err.splitlines()[:2] == ["error[E221]: dimension F of size 1024 is not divisible by tp=3",
+                                    f" --> {MLP}:7:13"]
+    assert err.splitlines()[-1] == "2 errors"
+
+
+# ---------------------------------------------------------------- bad usage
+
+
+def test_unknown_subcommand_exits_2(capsys, workdir):
+    code, out, err = einpar(capsys, "frobnicate", "prog.ein")
+    assert (code, out) == (2, "")
+    assert "invalid choice: 'frobnicate'" in err
+    assert_no_traceback(err)
+
+
+def test_no_subcommand_exits_2(capsys, workdir):
+    code, out, err = einpar(capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith("usage: einpar")
+
+
+def test_missing_file_argument_exits_2(capsys, workdir):
+    code, _, err = einpar(capsys, "check")
+    assert code == 2
+    assert "the following arguments are required: file" in err
+
+
+def test_missing_program_file_exits_2(capsys, workdir):
+    code, out, err = einpar(capsys, "check", "missing.ein")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["error[E302]: missing.ein does not exist"]
+
+
+def test_malformed_set_exits_2(capsys, workdir):
+    code, _, err = einpar(capsys, "check", "prog.ein", "--set", "I")
+    assert code == 2
+    assert err.splitlines()[0] == "error[E301]: cannot read --set 'I'"
+
+
+def test_set_naming_something_the_program_lacks_exits_2(capsys, workdir):
+    code, _, err = einpar(capsys, "check", "prog.ein", "--set", "K=4")
+    assert code == 2
+    assert err.splitlines() == [
+        "error[E301]: --set names K, which is neither a dim nor a mesh axis of prog.ein",
+        "  = hint: this program's dims and mesh axes are: I, J",
+    ]
+
+
+@pytest.mark.parametrize("argv", [
+    ["compile", "prog.ein", "--emit", "nonsense"],
+    ["run", "prog.ein", "--backend", "nonsense"],
+    ["run", "prog.ein", "--seed", "one"],
+    ["check", "prog.ein", "--no-such-flag"],
+])
+def test_bad_options_exit_2(capsys, workdir, argv):
+    code, out, err = einpar(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert "error:" in err
+    assert_no_traceback(err)
+
+
+def test_help_exits_0(capsys):
+    code, out, _ = einpar(capsys, "--help")
+    assert code == 0
+    assert "check" in out and "run" in out and "compile" in out
+
+
+# ---------------------------------------------------------------- run
+
+
+def test_run_with_random_inputs_from_a_seed(capsys, workdir):
+    code, out, err = einpar(capsys, "run", "prog.ein", "--backend", "reference", "--seed", "3")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "prog.ein on backend reference (random inputs, seed 3)"
+    assert table_rows(out)["c"][0] == "float32[2]"
+
+
+def test_run_is_reproducible_from_its_seed(capsys, workdir):
+    def mean(seed: str) -> float:
+        code, out, _ = einpar(capsys, "run", "prog.ein", "--seed", seed, "--json")
+        assert code == 0
+        return json.loads(out)["outputs"]["c"]["mean"]
+
+    assert mean("3") == mean("3")
+    assert mean("3") != mean("4")
+
+
+def test_run_json_describes_each_output(capsys, workdir):
+    code, out, _ = einpar(capsys, "run", "prog.ein", "--json")
+    assert code == 0
+    document = json.loads(out)
+    assert document["backend"] == "reference"
+    assert set(document["outputs"]) == {"c"}
+    assert document["outputs"]["c"]["dtype"] == "float32"
+    assert document["outputs"]["c"]["shape"] == [2]
+
+
+def test_run_with_an_inputs_file_and_save(capsys, workdir):
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([1.0, -1.0, 2.0], dtype=np.float32)
+    np.savez("in.npz", a=a, b=b)
+    code, out, err = einpar(capsys, "run", "prog.ein", "--backend", "reference",
+                            "--inputs", "in.npz", "--save", "out.npz")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "prog.ein on backend reference (in.npz)"
+    assert out.splitlines()[-1] == "saved c to out.npz"
+    with np.load("out.npz") as saved:
+        assert saved.files == ["c"]
+        np.testing.assert_allclose(saved["c"], a @ b)
+        assert saved["c"].dtype == np.float32
+
+
+def test_run_with_an_inputs_file_missing_an_array_exits_1(capsys, workdir):
+    np.savez("in.npz", a=np.zeros((2, 3)))
+    code, out, err = einpar(capsys, "run", "prog.ein", "--inputs", "in.npz")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == ["error[E300]: in.npz has no array 'b'", "  = hint: 'b' is f32[3]"]
+
+
+def test_run_with_a_mis_shaped_input_exits_1(capsys, workdir):
+    np.savez("in.npz", a=np.zeros((3, 2)), b=np.zeros(3))
+    code, out, err = einpar(capsys, "run", "prog.ein", "--inputs", "in.npz")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "error[E300]: 'a' in in.npz has shape [3, 2], but prog.ein declares [2, 3]",
+        "  = hint: 'a' is f32[2, 3]",
+    ]
+
+
+def test_run_with_a_missing_inputs_file_exits_1(capsys, workdir):
+    code, _, err = einpar(capsys, "run", "prog.ein", "--inputs", "missing.npz")
+    assert code == 1
+    assert err.splitlines() == ["error[E300]: inputs file missing.npz does not exist"]
+
+
+def test_save_refuses_to_overwrite_without_force(capsys, workdir):
+    Path("out.npz").write_bytes(b"precious")
+    code, out, err = einpar(capsys, "run", "prog.ein", "--save", "out.npz")
+    assert (code, out) == (2, "")
+    assert err.strip() == "einpar run: error: out.npz exists; pass --force to overwrite it"
+    assert Path("out.npz").read_bytes() == b"precious"
+
+
+def test_save_overwrites_with_force(capsys, workdir):
+    Path("out.npz").write_bytes(b"precious")
+    code, _, _ = einpar(capsys, "run", "prog.ein", "--save", "out.npz", "--force")
+    assert code == 0
+    with np.load("out.npz") as saved:
+        assert saved["c"].shape == (2,)
+
+
+def test_save_without_the_npz_suffix_never_overwrites_silently(capsys, workdir):
+    # NumPy adds ".npz" to a name without it; an existing out.npz must survive `--save out`.
+    Path("out.npz").write_bytes(b"precious")
+    code, out, _ = einpar(capsys, "run", "prog.ein", "--save", "out")
+    assert Path("out.npz").read_bytes() == b"precious"
+    if code == 0:
+        saved_to = out.splitlines()[-1].removeprefix("saved c to ")
+        with np.load(saved_to) as saved:
+            assert saved["c"].shape == (2,)
+    else:
+        assert code == 2
+
+
+def test_save_into_a_missing_directory_is_a_usage_error(capsys, workdir):
+    code, _, err = einpar(capsys, "run", "prog.ein", "--save", "no/such/dir/out.npz")
+    assert code == 2
+    assert "no/such/dir" in err
+    assert_no_traceback(err)
+
+
+# ---------------------------------------------------------------- compile
+
+
+def test_compile_emit_ast_prints_the_syntax_tree(capsys, workdir):
+    code, out, err = einpar(capsys, "compile", "prog.ein", "--emit", "ast")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "Module prog.ein",
+        "  Dim I=2 J=3  @1:1",
+        "  Input a[I, J]  @2:1",
+        "  Input b[J]  @3:1",
+        "  Statement c[I]  @4:1",
+        "    Binary *  @4:8",
+        "      TensorRef a[I, J]  @4:8",
+        "      TensorRef b[J]  @4:17",
+        "  Output c  @5:1",
+    ]
+
+
+def test_compile_emit_ir_prints_the_checked_program(capsys, workdir):
+    code, out, err = einpar(capsys, "compile", "prog.ein", "--emit", "ir")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "program prog.ein",
+        "mesh (one device)",
+        "dims I=2 J=3",
+        "dtype f32",
+        "input  a: f32[I=2,J=3]",
+        "input  b: f32[J=3]",
+        "c: f32[I=2] = einsum(a[I,J], b[J])  # line 4",
+        "output c",
+    ]
+
+
+def test_compile_emit_ir_shows_layouts_and_overrides(capsys, in_repo):
+    code, out, _ = einpar(capsys, "compile", MLP, "--emit", "ir", "--set", "tp=8")
+    assert code == 0
+    assert "param  w1: f32[D=256,F=1024@tp]" in out.splitlines()
+    assert "mesh dp=2 tp=8" in out.splitlines()
+
+
+# ---------------------------------------------------------------- the installed command
+
+
+def installed_einpar() -> str:
+    beside_python = Path(sys.executable).parent / "einpar"
+    found = str(beside_python) if beside_python.exists() else shutil.which("einpar")
+    assert found, "the einpar console script is not installed"
+    return found
+
+
+def test_installed_command_reports_a_bad_program_without_a_traceback(tmp_path):
+    (tmp_path / "bad.ein").write_text(BAD)
+    result = subprocess.run([installed_einpar(), "check", "bad.ein"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "NO_COLOR": "1"})
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "error[E201]: unknown tensor 'z'" in result.stderr
+    assert " --> bad.ein:3:8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_does_not_import_jax(tmp_path):
+    (tmp_path / "prog.ein").write_text(MATVEC)
+    script = ("import sys; from einpar.cli import main; code = main(['check', 'prog.ein']); "
+              "sys.exit(code or (3 if 'jax' in sys.modules else 0))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

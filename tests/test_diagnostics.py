@@ -1,0 +1,1019 @@
+"""Every diagnostic einpar gives, and how it reads.
+
+Each test writes a small wrong program and states the diagnostic it must get:
+the code, the exact message, the 1-based line and column of the span, and the
+hint. Programs are written one source line per argument of `program(...)`, so
+line N of the file is the N-th argument.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from einpar.api import compile_source, read_source
+from einpar.check import parse_overrides
+from einpar.errors import CODES, Diagnostic, EinparError, SourceMap, Span, render_json, render_text
+from einpar.inputs import check_inputs, load_inputs
+
+FILE = "bad.ein"
+
+
+def program(*lines: str) -> str:
+    return "\n".join(lines) + "\n"
+
+
+def diagnostics_of(text: str, overrides: dict[str, int] | None = None) -> tuple[Diagnostic, ...]:
+    with pytest.raises(EinparError) as caught:
+        compile_source(text, file=FILE, overrides=overrides)
+    return caught.value.diagnostics
+
+
+def the_error(text: str, overrides: dict[str, int] | None = None) -> Diagnostic:
+    found = diagnostics_of(text, overrides)
+    assert len(found) == 1, [d.to_dict() for d in found]
+    return found[0]
+
+
+def expect(text: str, code: str, message: str, line: int, col: int, hint: str | None = None,
+           length: int | None = None, overrides: dict[str, int] | None = None) -> Diagnostic:
+    """The program has exactly this one error; `hint=None` means it has no hint."""
+    found = the_error(text, overrides)
+    assert (found.code, found.message) == (code, message)
+    assert found.span is not None
+    assert (found.span.file, found.span.line, found.span.col) == (FILE, line, col)
+    assert found.hint == hint
+    if length is not None:
+        assert found.span.end_line == line
+        assert found.span.end_col - found.span.col == length
+    return found
+
+
+def rendered(text: str, overrides: dict[str, int] | None = None) -> list[str]:
+    sources = SourceMap({FILE: text})
+    return [render_text(d, sources) for d in diagnostics_of(text, overrides)]
+
+
+def labels(found: Diagnostic) -> list[tuple[int, int, str]]:
+    return [(label.span.line, label.span.col, label.note) for label in found.labels]
+
+
+# ---------------------------------------------------------------- E100 syntax errors
+
+
+def test_E100_unexpected_character():
+    expect(program("mesh tp=2",
+                   "dim B=8",
+                   "input x[B, $]"),
+           "E100", "unexpected character '$'", 3, 12, length=1,
+           hint="names are letters, digits and '_'; see docs/language.md for the operators")
+
+
+def test_E100_unexpected_token_names_what_was_expected():
+    expect(program("mesh dp=x"),
+           "E100", "unexpected 'x'", 1, 9, length=1, hint="expected an integer")
+
+
+def test_E100_unexpected_token_inside_brackets_does_not_suggest_a_newline():
+    # A newline inside [...] does not end anything, so it cannot be what is expected.
+    found = expect(program("dim B=8 D=4",
+                           "input x[B,, D]"),
+                   "E100", "unexpected ','", 2, 11, length=1, hint="expected a name")
+    assert "end of line" not in found.hint
+
+
+def test_E100_missing_operator_between_two_operands():
+    found = the_error(program("dim B=8",
+                              "input x[B]",
+                              "y[B] = x[B] x[B]"))
+    assert (found.code, found.message) == ("E100", "unexpected 'x'")
+    assert (found.span.line, found.span.col) == (3, 13)
+    # After a complete operand only an operator or the end of the statement can follow;
+    # '=', ':', ',', ')' and '}' cannot.
+    for impossible in ("'='", "':'", "','", "')'", "'}'"):
+        assert impossible not in found.hint
+    assert "'*' or '/'" in found.hint and "'+' or '-'" in found.hint
+
+
+def test_E100_missing_operand_at_end_of_line():
+    expect(program("mesh tp=2",
+                   "dim B=8",
+                   "input x[B]",
+                   "y[B] = x[B] *",
+                   "output y"),
+           "E100", "unexpected end of line", 4, 14, length=1,
+           hint="expected '(', '-', a name or a number")
+
+
+def test_E100_missing_value_in_a_declaration():
+    expect(program("mesh dp=2 tp"),
+           "E100", "unexpected end of line", 1, 13, hint="expected '='")
+
+
+def test_E100_unexpected_end_of_file_in_open_parenthesis():
+    expect(program("mesh tp=2",
+                   "dim B=8",
+                   "input x[B]",
+                   "y[B] = (x[B]"),
+           "E100", "unexpected end of file", 4, 13, length=1, hint="expected ')'")
+
+
+def test_E100_unexpected_end_of_file_without_final_newline():
+    text = "dim B=8\ninput x[B]\ny[B] = x[B] * (x[B]"
+    expect(text, "E100", "unexpected end of file", 3, 20, hint="expected ')'")
+
+
+def test_E100_a_syntax_error_on_a_wrapped_line_points_at_that_line():
+    expect(program("dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B] = sum[T](",
+                   "    x[B,T] $ 2)"),
+           "E100", "unexpected character '$'", 4, 12,
+           hint="names are letters, digits and '_'; see docs/language.md for the operators")
+
+
+# ---------------------------------------------------------------- E2xx names
+
+
+def test_E200_unknown_index_in_a_declaration():
+    expect(program("mesh tp=2",
+                   "dim B=8",
+                   "input x[B, Q]"),
+           "E200", "unknown index 'Q'", 3, 12, length=1, hint="declare it with `dim`")
+
+
+def test_E200_unknown_index_in_an_expression_suggests_a_close_name():
+    expect(program("dim B=8 D=4",
+                   "input x[B, D]",
+                   "y[B] = x[B, Dd]"),
+           "E200", "unknown index 'Dd'", 3, 13, length=2, hint="did you mean 'D'?")
+
+
+def test_E200_unknown_index_on_the_left():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "y[B, Q] = x[B]"),
+           "E200", "unknown index 'Q'", 3, 6, hint="declare it with `dim`")
+
+
+def test_E201_unknown_tensor():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "y[B] = z[B]",
+                   "output y"),
+           "E201", "unknown tensor 'z'", 3, 8, length=1,
+           hint="declare it with `input` or `param`, or define it with a statement")
+
+
+def test_E201_unknown_tensor_suggests_a_close_name():
+    expect(program("dim B=8",
+                   "input xs[B]",
+                   "y[B] = x[B]"),
+           "E201", "unknown tensor 'x'", 3, 8, hint="did you mean 'xs'?")
+
+
+def test_E202_mesh_axis_not_in_the_mesh():
+    expect(program("mesh dp=2",
+                   "dim B=8",
+                   "input x[B@tp]"),
+           "E202", "unknown mesh axis 'tp'", 3, 11, length=2, hint="the mesh has axes dp")
+
+
+def test_E202_mesh_axis_without_a_mesh():
+    expect(program("dim B=8",
+                   "input x[B@tp]"),
+           "E202", "unknown mesh axis 'tp'", 2, 11, hint="declare the mesh first, e.g. `mesh tp=4`")
+
+
+def test_E202_mesh_axis_in_a_statement_layout():
+    expect(program("mesh dp=2 tp=2",
+                   "dim B=8",
+                   "input x[B]",
+                   "y[B@tpp] = x[B]"),
+           "E202", "unknown mesh axis 'tpp'", 4, 5, hint="did you mean 'tp'?")
+
+
+def test_E203_unknown_dimension_as_an_alias_target():
+    expect(program("dim B=8 T=Q"),
+           "E203", "unknown dimension 'Q'", 1, 11, length=1, hint="declare it with `dim`")
+
+
+def test_E203_aliases_in_a_cycle():
+    found = diagnostics_of(program("dim B=8 T=U U=T"))
+    assert [(d.code, d.message, d.span.line, d.span.col) for d in found] == [
+        ("E203", "dimension 'T' is an alias in a cycle through 'U'", 1, 11),
+        ("E203", "dimension 'U' is an alias in a cycle through 'T'", 1, 15),
+    ]
+    assert all(d.hint == "give one dimension of the cycle a number" for d in found)
+
+
+def test_E203_bare_name_in_an_expression_is_a_size():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "y[B] = x[B] / sqrt(K)"),
+           "E203", "unknown dimension 'K'", 3, 20,
+           hint="a bare name in an expression is a dimension's size")
+
+
+def test_E203_a_tensor_written_without_indices():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "y[B] = x[B] * x"),
+           "E203", "unknown dimension 'x'", 3, 15, hint="'x' is a tensor: index it, e.g. x[...]")
+
+
+def test_E203_unknown_repeat_count():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "repeat L {",
+                   "  x[B] = x[B] * 2",
+                   "}"),
+           "E203", "unknown dimension 'L'", 3, 8, hint="declare the trip count with `dim`")
+
+
+def test_E204_unknown_function():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "y[B] = gelo(x[B])"),
+           "E204", "unknown function 'gelo'", 3, 8, length=4, hint="did you mean 'gelu'?")
+
+
+def test_E205_unknown_default_dtype():
+    expect(program("dtype f8"),
+           "E205", "unknown dtype 'f8'", 1, 7, length=2,
+           hint="dtypes are f64, f32, bf16, f16, i32, bool")
+
+
+def test_E205_unknown_tensor_dtype():
+    expect(program("dim B=8",
+                   "input x[B] : int32"),
+           "E205", "unknown dtype 'int32'", 2, 14, length=5,
+           hint="dtypes are f64, f32, bf16, f16, i32, bool")
+
+
+def test_E205_unknown_cast_on_the_left():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "y[B] : float = x[B]"),
+           "E205", "unknown dtype 'float'", 3, 8, hint="dtypes are f64, f32, bf16, f16, i32, bool")
+
+
+# ---------------------------------------------------------------- E21x indices and arguments
+
+
+def test_E210_tensor_indexed_with_the_wrong_number_of_indices():
+    found = expect(program("dim B=8 S=4 D=2",
+                           "input x[B, S, D]",
+                           "y[B,S] = x[B,S]"),
+                   "E210", "'x' has 3 dimensions [B, S, D] but is indexed with 2", 3, 11, length=5,
+                   hint="write x[B, S, D] (indices bind by position)")
+    assert labels(found) == [(2, 7, "declared here")]
+
+
+def test_E210_output_layout_with_the_wrong_number_of_indices():
+    expect(program("dim B=8 S=4",
+                   "input x[B, S]",
+                   "y[B,S] = x[B,S]",
+                   "output y[B]"),
+           "E210", "output 'y' has 2 dimensions [B, S] but 1 are given", 4, 1,
+           hint="write output y[B, S]")
+
+
+def test_E211_sizes_disagree():
+    # x[B,T,D] reads x with its second dimension named T, but T and S differ.
+    found = expect(program("dim B=2 S=8 T=4 D=3",
+                           "input x[B, S, D]",
+                           "y[B,T,D] = x[B,T,D]"),
+                   "E211", "index T has size 4 but dimension 2 of 'x' (S) has size 8", 3, 16, length=1,
+                   hint="use an index of size 8 here, such as S")
+    assert labels(found) == [(2, 7, "declared here")]
+
+
+def test_E211_an_alias_of_the_same_size_is_not_an_error():
+    compile_source(program("dim B=2 S=8 T=S D=3",
+                           "input x[B, S, D]",
+                           "y[B,T,D] = x[B,T,D]",
+                           "output y"), file=FILE)
+
+
+def test_E211_an_alias_given_its_own_size_by_an_override():
+    expect(program("dim B=2 S=8 T=S D=3",
+                   "input x[B, S, D]",
+                   "y[B,T,D] = x[B,T,D]"),
+           "E211", "index T has size 4 but dimension 2 of 'x' (S) has size 8", 3, 16,
+           hint="use an index of size 8 here, such as S", overrides={"T": 4})
+
+
+def test_E211_output_layout_with_a_different_size():
+    expect(program("dim B=8 S=4 T=2",
+                   "input x[B, S]",
+                   "y[B,S] = x[B,S]",
+                   "output y[B, T]"),
+           "E211", "index T has size 2 but dimension 2 of 'y' (S) has size 4", 4, 13)
+
+
+def test_E212_index_repeated_in_a_reference():
+    found = expect(program("dim B=8",
+                           "input x[B, B]",
+                           "y[B] = x[B,B]"),
+                   "E212", "index 'B' appears twice in 'x'", 3, 12,
+                   hint="declare an alias (`dim B2=B`) and use it for the second dimension")
+    assert labels(found) == [(3, 10, "first here")]
+
+
+def test_E212_index_repeated_on_the_left():
+    found = expect(program("dim B=8",
+                           "input x[B]",
+                           "y[B,B] = x[B]"),
+                   "E212", "index 'B' appears twice on the left of 'y'", 3, 5)
+    assert labels(found) == [(3, 3, "first here")]
+
+
+def test_E213_reduction_over_an_index_the_operand_lacks():
+    expect(program("dim B=8 T=4",
+                   "input x[B]",
+                   "y[B] = sum[T](x[B])"),
+           "E213", "sum over index T, which its operand does not have", 3, 12, length=1,
+           hint="the operand's indices are: B")
+
+
+def test_E213_library_function_over_an_index_the_operand_lacks():
+    expect(program("dim B=8 T=4",
+                   "input x[B]",
+                   "y[B] = softmax[T](x[B])"),
+           "E213", "softmax over index T, which its operand does not have", 3, 16,
+           hint="the operand's indices are: B")
+
+
+def test_E214_reduction_without_its_index():
+    expect(program("dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B] = sum(x[B,T])"),
+           "E214", "'sum' needs the index it works over in brackets", 3, 8, length=3,
+           hint="write sum[I](...)")
+
+
+def test_E214_elementwise_function_with_an_index():
+    expect(program("dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B,T] = exp[T](x[B,T])"),
+           "E214", "'exp' is elementwise and takes no indices", 3, 10, hint="write exp(...)")
+
+
+def test_E214_wrong_number_of_arguments():
+    expect(program("dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B,T] = max2(x[B,T])"),
+           "E214", "'max2' takes 2 arguments, got 1", 3, 10, length=12)
+
+
+def test_E214_named_argument_to_a_function_without_any():
+    expect(program("dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B,T] = exp(x[B,T], k=2)"),
+           "E214", "'exp' has no argument 'k'", 3, 22, length=3,
+           hint="route takes k=...; other functions take no named arguments")
+
+
+def test_E214_library_function_over_two_indices():
+    expect(program("dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B,T] = softmax[B,T](x[B,T])"),
+           "E214", "'softmax' works over one index, got 2", 3, 10, hint="write softmax[B](...)")
+
+
+GATE = ("dim G=2 S=8 E=4 C=4",
+        "input g[G,S,E]")
+
+
+def test_E215_route_with_one_index():
+    expect(program(*GATE, "c[G,S,E,C] = route[E](g[G,S,E])"),
+           "E215", "route takes two indices, the experts and their capacity slots (route[E,C]), got 1",
+           3, 14)
+
+
+def test_E215_route_over_experts_the_gate_lacks():
+    expect(program(*GATE, "c[G,S,E,C] = route[C,E](g[G,S,E])"),
+           "E215", "route over experts C, which the gate does not have", 3, 20,
+           hint="the gate's indices are: G, S, E")
+
+
+def test_E215_route_capacity_index_already_on_the_gate():
+    expect(program(*GATE, "c[G,S,E,C] = route[E,S](g[G,S,E])"),
+           "E215", "capacity index S is already an index of the gate", 3, 22,
+           hint="the capacity index is new: it numbers each expert's slots")
+
+
+def test_E215_route_needs_a_token_index():
+    expect(program("dim E=4 C=4",
+                   "input g[E]",
+                   "c[E,C] = route[E,C](g[E])"),
+           "E215", "route needs a token index besides the experts", 3, 10,
+           hint="the gate is g[..., S, E]: tokens along S, one probability per expert")
+
+
+def test_E215_route_k_out_of_range():
+    expect(program(*GATE, "c[G,S,E,C] = route[E,C](g[G,S,E], k=5)"),
+           "E215", "route's k=5 must be between 1 and the number of experts (E=4)", 3, 37, length=1)
+
+
+def test_E215_route_k_not_a_whole_number():
+    expect(program(*GATE, "c[G,S,E,C] = route[E,C](g[G,S,E], k=1.5)"),
+           "E215", "route's k must be a whole number", 3, 37, length=3)
+
+
+def test_E216_layout_in_an_expression():
+    expect(program("mesh tp=2",
+                   "dim B=8",
+                   "input x[B]",
+                   "y[B] = x[B@tp]"),
+           "E216", "layout annotation in an expression: 'B@...'", 4, 10, length=4,
+           hint="layouts go on declarations and on the left of statements")
+
+
+def test_E216_layout_on_a_reduction_index():
+    expect(program("mesh tp=2",
+                   "dim B=8 T=4",
+                   "input x[B,T]",
+                   "y[B] = sum[T@tp](x[B,T])"),
+           "E216", "layout annotation in an expression: 'T@...'", 4, 12,
+           hint="layouts go on declarations and on the left of statements")
+
+
+# ---------------------------------------------------------------- E22x layouts and sizes
+
+
+def test_E220_axis_used_twice_in_one_layout():
+    found = expect(program("mesh tp=2",
+                           "dim B=8 D=4",
+                           "input x[B@tp, D@tp]"),
+                   "E220", "mesh axis 'tp' is used twice in the layout of 'x'", 3, 17, length=2,
+                   hint="an axis can split only one dimension of a tensor")
+    assert labels(found) == [(3, 11, "first used here")]
+
+
+def test_E220_axis_used_twice_on_the_left_of_a_statement():
+    expect(program("mesh dp=2 tp=2",
+                   "dim B=8 D=4",
+                   "input x[B, D]",
+                   "y[B@(dp,tp), D@tp] = x[B,D]"),
+           "E220", "mesh axis 'tp' is used twice in the layout of 'y'", 4, 16,
+           hint="an axis can split only one dimension of a tensor")
+
+
+def test_E221_dimension_not_divisible_by_its_axis():
+    expect(program("mesh tp=4",
+                   "dim B=6 D=4",
+                   "input x[B@tp, D]"),
+           "E221", "dimension B of size 6 is not divisible by tp=4", 3, 9, length=4,
+           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit")
+
+
+def test_E221_dimension_not_divisible_by_two_axes():
+    expect(program("mesh dp=2 tp=4",
+                   "dim B=12 D=4",
+                   "input x[B@(dp,tp), D]"),
+           "E221", "dimension B of size 12 is not divisible by dp=2×tp=4 = 8", 3, 9, length=9,
+           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit")
+
+
+def test_E221_made_indivisible_by_an_override():
+    expect(program("mesh tp=4",
+                   "dim B=8 F=1024",
+                   "param w[B, F@tp]"),
+           "E221", "dimension F of size 1024 is not divisible by tp=3", 3, 12,
+           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit",
+           overrides={"tp": 3})
+
+
+def test_E221_in_an_output_layout():
+    expect(program("mesh tp=4",
+                   "dim B=6",
+                   "input x[B]",
+                   "y[B] = x[B] * 2",
+                   "output y[B@tp]"),
+           "E221", "dimension B of size 6 is not divisible by tp=4", 5, 10,
+           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit")
+
+
+def test_E222_mesh_axis_of_size_zero():
+    expect(program("mesh tp=0"),
+           "E222", "mesh axis 'tp' has size 0", 1, 6, length=4, hint="mesh axes need at least one device")
+
+
+def test_E222_dimension_of_size_zero():
+    expect(program("dim B=0"),
+           "E222", "dimension 'B' has size 0", 1, 5, length=3, hint="dimensions need a positive size")
+
+
+# ---------------------------------------------------------------- E23x definitions
+
+
+def test_E230_duplicate_definition():
+    found = expect(program("dim B=8",
+                           "input x[B]",
+                           "y[B] = x[B]",
+                           "y[B] = 2 * x[B]",
+                           "output y"),
+                   "E230", "'y' is already defined", 4, 1, length=1,
+                   hint="each tensor is defined once; give this one a new name")
+    assert labels(found) == [(3, 1, "first defined here")]
+
+
+def test_E230_declaration_reusing_a_name():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "param x[B]"),
+           "E230", "'x' is already defined", 3, 7,
+           hint="each tensor is defined once; give this one a new name")
+
+
+def test_E230_repeat_param_redefined_in_its_block():
+    found = expect(program("dim B=8 L=2",
+                           "input x[B]",
+                           "repeat L {",
+                           "  param w[B]",
+                           "  w[B] = x[B]",
+                           "}"),
+                   "E230", "'w' is a param of this block and cannot be redefined", 5, 3)
+    assert labels(found) == [(4, 9, "declared here")]
+
+
+def test_E231_use_before_definition():
+    found = expect(program("dim B=8",
+                           "input x[B]",
+                           "y[B] = h[B] * 2",
+                           "h[B] = x[B]",
+                           "output y"),
+                   "E231", "'h' is used before its definition", 3, 8, length=1,
+                   hint="move the definition above this use")
+    assert labels(found) == [(4, 1, "defined here")]
+
+
+def test_E232_output_never_defined():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "h[B] = x[B]",
+                   "output y"),
+           "E232", "output 'y' is never defined", 4, 8, length=1,
+           hint="define it with a statement, e.g. y[...] = ...")
+
+
+def test_E232_output_never_defined_suggests_a_close_name():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "hidden[B] = x[B]",
+                   "output hiden"),
+           "E232", "output 'hiden' is never defined", 4, 8, length=5, hint="did you mean 'hidden'?")
+
+
+def test_E233_second_mesh():
+    found = expect(program("mesh dp=2",
+                           "mesh tp=2"),
+                   "E233", "a second mesh declaration", 2, 1,
+                   hint="a program has one mesh; list all its axes on one line")
+    assert labels(found) == [(1, 1, "first mesh here")]
+
+
+def test_E233_mesh_axis_declared_twice():
+    found = expect(program("mesh dp=2 dp=4"), "E233", "mesh axis 'dp' is declared twice", 1, 11)
+    assert labels(found) == [(1, 6, "first declared here")]
+
+
+def test_E233_dimension_declared_twice():
+    found = expect(program("dim B=8", "dim B=4"), "E233", "dimension 'B' is declared twice", 2, 5)
+    assert labels(found) == [(1, 5, "first declared here")]
+
+
+def test_E233_second_dtype():
+    expect(program("dtype f32", "dtype bf16"), "E233", "a second dtype declaration", 2, 1)
+
+
+def test_E233_output_declared_twice():
+    expect(program("dim B=8",
+                   "input x[B]",
+                   "output x",
+                   "output x"),
+           "E233", "'x' is declared as an output twice", 4, 8)
+
+
+def test_E234_value_used_after_its_repeat_block():
+    found = expect(program("dim B=8 L=2",
+                           "input x[B]",
+                           "repeat L {",
+                           "  h[B] = x[B] * 2",
+                           "  x[B] = h[B]",
+                           "}",
+                           "y[B] = h[B]",
+                           "output y"),
+                   "E234", "'h' is defined inside a repeat block and cannot be used after it", 7, 8,
+                   hint="only names defined before the block and redefined in it leave it "
+                        "(loop-carried values)")
+    assert labels(found) == [(4, 3, "defined here")]
+
+
+def test_E234_output_defined_inside_a_repeat_block():
+    expect(program("dim B=8 L=2",
+                   "input x[B]",
+                   "repeat L {",
+                   "  h[B] = x[B] * 2",
+                   "  x[B] = h[B]",
+                   "}",
+                   "output h"),
+           "E234", "output 'h' is defined inside a repeat block", 7, 8,
+           hint="only names defined before the block and redefined in it leave it")
+
+
+def test_E235_loop_carried_value_changes_shape():
+    found = expect(program("dim B=8 D=4 L=2",
+                           "input x[B]",
+                           "repeat L {",
+                           "  x[D] = sum[B](x[B]) + D",
+                           "}"),
+                   "E235", "'x' is redefined as f32[D=4] but was f32[B=8]", 4, 3, length=4,
+                   hint="a value redefined in a repeat block keeps its shape and dtype")
+    assert labels(found) == [(2, 7, "first defined here")]
+
+
+def test_E235_loop_carried_value_changes_dtype():
+    expect(program("dim B=8 L=2",
+                   "input x[B]",
+                   "repeat L {",
+                   "  x[B] : bf16 = x[B] * 2",
+                   "}"),
+           "E235", "'x' is redefined as bf16[B=8] but was f32[B=8]", 4, 3,
+           hint="a value redefined in a repeat block keeps its shape and dtype")
+
+
+def test_E236_input_inside_repeat():
+    expect(program("dim B=8 L=2",
+                   "repeat L {",
+                   "  input x[B]",
+                   "}"),
+           "E236", "inputs are declared outside repeat blocks", 3, 3, length=10,
+           hint="a `param` inside repeat gets one copy per trip; an input does not")
+
+
+def test_E236_output_inside_repeat():
+    expect(program("dim B=8 L=2",
+                   "input x[B]",
+                   "repeat L {",
+                   "  x[B] = x[B] * 2",
+                   "  output x",
+                   "}"),
+           "E236", "an output cannot be declared inside repeat", 5, 3,
+           hint="declare outputs after the block")
+
+
+def test_E236_dim_inside_repeat():
+    expect(program("dim B=8 L=2",
+                   "input x[B]",
+                   "repeat L {",
+                   "  dim D=4",
+                   "  x[B] = x[B] * 2",
+                   "}",
+                   "output x"),
+           "E236", "mesh, dim and dtype are declared outside repeat blocks", 4, 3)
+
+
+# ---------------------------------------------------------------- E3xx inputs, --set, files
+
+PROGRAM = program("dim B=8 D=4",
+                  "input x[B, D]",
+                  "param w[D]",
+                  "y[B] = x[B,D] * w[D]",
+                  "output y")
+
+
+def the_input_error(run) -> Diagnostic:
+    with pytest.raises(EinparError) as caught:
+        run()
+    assert not caught.value.usage
+    assert len(caught.value.diagnostics) == 1
+    found = caught.value.diagnostics[0]
+    assert found.code == "E300" and found.span is None
+    return found
+
+
+def test_E300_inputs_file_missing_an_array(tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.zeros((8, 4)))
+    found = the_input_error(lambda: load_inputs(compile_source(PROGRAM, FILE), str(path)))
+    assert found.message == f"{path} has no array 'w'"
+    assert found.hint == "'w' is f32[4]"
+
+
+def test_E300_inputs_file_with_a_wrong_shape(tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.zeros((8, 5)), w=np.zeros(4))
+    found = the_input_error(lambda: load_inputs(compile_source(PROGRAM, FILE), str(path)))
+    assert found.message == f"'x' in {path} has shape [8, 5], but {FILE} declares [8, 4]"
+    assert found.hint == "'x' is f32[8, 4]"
+
+
+def test_E300_inputs_file_with_an_extra_array(tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.zeros((8, 4)), w=np.zeros(4), z=np.zeros(3))
+    found = the_input_error(lambda: load_inputs(compile_source(PROGRAM, FILE), str(path)))
+    assert found.message == f"{path} has an array 'z' that {FILE} does not declare"
+    assert found.hint == "inputs and params are: x, w"
+
+
+def test_E300_inputs_file_that_does_not_exist(tmp_path):
+    path = tmp_path / "missing.npz"
+    found = the_input_error(lambda: load_inputs(compile_source(PROGRAM, FILE), str(path)))
+    assert found.message == f"inputs file {path} does not exist"
+
+
+def test_E300_inputs_file_that_is_not_an_npz(tmp_path):
+    path = tmp_path / "in.npz"
+    path.write_text("x = [1, 2, 3]\n")
+    found = the_input_error(lambda: load_inputs(compile_source(PROGRAM, FILE), str(path)))
+    assert found.message.startswith(f"cannot read inputs file {path}")
+    assert found.hint == "write it with numpy.savez(path, name=array, ...)"
+    # The file is simply not an .npz; nothing should invite loading it with pickle.
+    assert "pickle" not in found.message
+
+
+def test_E300_array_of_a_type_that_does_not_convert():
+    program_ = compile_source(PROGRAM, FILE)
+    found = the_input_error(lambda: check_inputs(
+        program_, {"x": np.zeros((8, 4)), "w": np.array(["a", "b", "c", "d"])}, "inputs"))
+    assert found.message == "'w' in inputs has dtype <U1, which does not convert to f32"
+
+
+def test_E300_every_problem_of_an_inputs_file_is_reported():
+    with pytest.raises(EinparError) as caught:
+        check_inputs(compile_source(PROGRAM, FILE), {"x": np.zeros((2, 2)), "v": np.zeros(1)}, "in.npz")
+    assert [d.message for d in caught.value.diagnostics] == [
+        f"'x' in in.npz has shape [2, 2], but {FILE} declares [8, 4]",
+        "in.npz has no array 'w'",
+        f"in.npz has an array 'v' that {FILE} does not declare",
+    ]
+
+
+@pytest.mark.parametrize("written", ["D=abc", "D", "tp=", "=4", "D=-3", "D=4.5"])
+def test_E301_malformed_set(written):
+    with pytest.raises(EinparError) as caught:
+        parse_overrides([written])
+    assert caught.value.usage
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message, found.span) == ("E301", f"cannot read --set '{written}'", None)
+    assert found.hint == ("write NAME=VALUE with a dim or mesh axis and a positive integer, "
+                          "e.g. --set D=4096 tp=8")
+
+
+def test_E301_set_reads_several_names_from_one_argument():
+    assert parse_overrides(["D=4096 tp=8", "B=2"]) == {"D": 4096, "tp": 8, "B": 2}
+
+
+def test_E301_set_to_zero_is_not_a_positive_integer():
+    with pytest.raises(EinparError) as caught:
+        parse_overrides(["B=0"])
+    assert caught.value.usage
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message) == ("E301", "cannot read --set 'B=0'")
+
+
+def test_E301_set_naming_neither_a_dim_nor_a_mesh_axis():
+    with pytest.raises(EinparError) as caught:
+        compile_source(program("mesh tp=2", "dim B=8 D=4"), file=FILE, overrides={"Q": 3})
+    assert caught.value.usage
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.span) == ("E301", None)
+    assert found.message == f"--set names Q, which is neither a dim nor a mesh axis of {FILE}"
+    assert found.hint == "this program's dims and mesh axes are: B, D, tp"
+
+
+def test_E302_program_file_that_does_not_exist(tmp_path):
+    path = tmp_path / "missing.ein"
+    with pytest.raises(EinparError) as caught:
+        read_source(path)
+    assert caught.value.usage
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message, found.span) == ("E302", f"{path} does not exist", None)
+
+
+def test_E302_program_file_that_is_a_directory(tmp_path):
+    with pytest.raises(EinparError) as caught:
+        read_source(tmp_path)
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message) == ("E302", f"{tmp_path} is a directory, not a .ein file")
+
+
+def test_E302_program_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.ein"
+    path.write_bytes("dim B=8  # café\n".encode("latin-1"))
+    with pytest.raises(EinparError) as caught:
+        read_source(path)
+    (found,) = caught.value.diagnostics
+    assert found.code == "E302"
+    assert found.message == f"{path} is not UTF-8 text (invalid continuation byte at byte 14)"
+
+
+def test_every_code_has_a_test_here():
+    tested = {match.group(0) for name in globals() if name.startswith("test_")
+              for match in [re.search(r"E\d{3}", name)] if match}
+    assert tested == set(CODES)
+
+
+# ---------------------------------------------------------------- several errors in one file
+
+
+def test_independent_errors_are_all_reported_in_source_order():
+    found = diagnostics_of(program("mesh tp=2",
+                                   "dim B=8 D=4",
+                                   "input x[B, D]",
+                                   "output zz",
+                                   "y[B] = x[B, Q] * 2",
+                                   "w[B] = q[B]",
+                                   "v[B@tp, D@tp] = x[B,D]"))
+    assert [(d.code, d.span.line, d.span.col) for d in found] == [
+        ("E232", 4, 8), ("E200", 5, 13), ("E201", 6, 8), ("E220", 7, 11)]
+
+
+def test_an_error_in_a_statement_does_not_cascade_into_later_uses():
+    found = diagnostics_of(program("dim B=8 D=4",
+                                   "input x[B, D]",
+                                   "h[B] = x[B, Q] * 2",
+                                   "y[B] = h[B] + 1",
+                                   "z[B] = sum[D](h[B] * x[B,D])",
+                                   "output y",
+                                   "output h"))
+    assert [(d.code, d.span.line) for d in found] == [("E200", 3)]
+
+
+def test_an_error_in_a_declaration_does_not_cascade_into_later_uses():
+    found = diagnostics_of(program("mesh tp=2",
+                                   "dim B=8 D=4",
+                                   "input x[B@dp, D]",
+                                   "y[B] = sum[D](x[B,D])",
+                                   "output y"))
+    assert [(d.code, d.span.line) for d in found] == [("E202", 3)]
+
+
+def test_a_bad_dimension_does_not_cascade_into_its_uses():
+    found = diagnostics_of(program("dim B=8 T=Q",
+                                   "input x[B, T]",
+                                   "y[B] = sum[T](x[B,T])",
+                                   "output y"))
+    assert [(d.code, d.span.line) for d in found] == [("E203", 1)]
+
+
+def test_a_bad_mesh_axis_does_not_cascade_into_its_uses():
+    found = diagnostics_of(program("mesh tp=0",
+                                   "dim B=8",
+                                   "input x[B@tp]",
+                                   "y[B@tp] = x[B] * 2",
+                                   "output y"))
+    assert [(d.code, d.span.line) for d in found] == [("E222", 1)]
+
+
+def test_a_duplicate_definition_is_reported_once():
+    found = diagnostics_of(program("dim B=8",
+                                   "input x[B]",
+                                   "y[B] = x[B]",
+                                   "y[B] = 2 * x[B]",
+                                   "z[B] = y[B] * 3",
+                                   "output z"))
+    assert [(d.code, d.span.line) for d in found] == [("E230", 4)]
+
+
+def test_every_indivisible_layout_is_reported():
+    found = diagnostics_of(program("mesh dp=2 tp=4",
+                                   "dim B=8 S=128 D=256 F=1024",
+                                   "input x[B@dp, S, D]",
+                                   "param w1[D, F@tp]",
+                                   "param w2[F@tp, D]"), overrides={"tp": 3})
+    assert [(d.code, d.span.line, d.span.col) for d in found] == [("E221", 4, 13), ("E221", 5, 10)]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_rendered_text_has_header_location_source_line_caret_and_hint():
+    text = program("mesh tp=2",
+                   "dim B=8",
+                   "input x[B, Q]")
+    assert rendered(text) == ["\n".join([
+        "error[E200]: unknown index 'Q'",
+        " --> bad.ein:3:12",
+        "  |",
+        "3 | input x[B, Q]",
+        "  |            ^",
+        "  |",
+        "  = hint: declare it with `dim`",
+    ])]
+
+
+def test_rendered_text_shows_labels_under_their_own_lines():
+    text = program("dim B=8",
+                   "input x[B]",
+                   "y[B] = x[B]",
+                   "y[B] = 2 * x[B]")
+    assert rendered(text) == ["\n".join([
+        "error[E230]: 'y' is already defined",
+        " --> bad.ein:4:1",
+        "  |",
+        "4 | y[B] = 2 * x[B]",
+        "  | ^",
+        "  |",
+        "3 | y[B] = x[B]",
+        "  | - first defined here",
+        "  |",
+        "  = hint: each tensor is defined once; give this one a new name",
+    ])]
+
+
+def test_rendered_text_widens_the_gutter_for_long_line_numbers():
+    text = program(*(["# a comment"] * 9), "dim B=8", "input x[B]", "y[B] = x[B] / sqrt(K)")
+    assert rendered(text) == ["\n".join([
+        "error[E203]: unknown dimension 'K'",
+        "  --> bad.ein:12:20",
+        "   |",
+        "12 | y[B] = x[B] / sqrt(K)",
+        "   |                    ^",
+        "   |",
+        "   = hint: a bare name in an expression is a dimension's size",
+    ])]
+
+
+def test_rendered_text_without_a_hint_ends_at_the_carets():
+    text = program("dim B=8 T=4", "input x[B,T]", "y[B,T] = max2(x[B,T])")
+    assert rendered(text) == ["\n".join([
+        "error[E214]: 'max2' takes 2 arguments, got 1",
+        " --> bad.ein:3:10",
+        "  |",
+        "3 | y[B,T] = max2(x[B,T])",
+        "  |          ^^^^^^^^^^^^",
+    ])]
+
+
+def under_the_source_line(rendering: str, span: Span) -> tuple[str, str]:
+    """The source line of the span as shown, and the marks printed under it."""
+    lines = rendering.splitlines()
+    at = next(i for i, line in enumerate(lines) if re.match(rf"\s*{span.line} \| ", line))
+    start = lines[at].index(" | ") + 3
+    return lines[at][start:], lines[at + 1][start:]
+
+
+@pytest.mark.parametrize("text", [
+    program("dim B=8 D=4", "input x[B, D]", "y[B] = x[B, Dd]"),
+    program("mesh dp=2 tp=4", "dim B=12 D=4", "input x[B@(dp,tp), D]"),
+    program("dim B=8", "input x[B]", "y[B] = gelo(x[B])"),
+    program("dim B=8 S=4 D=2", "input x[B, S, D]", "y[B,S] = x[B,S]"),
+    program("dim B=8", "input x[B]", "y[B] = x[B] *"),
+    program("dim B=8", "input x[B]", "y[B] = (x[B]"),
+    program("dim B=8", "\tinput x[B, $]"),
+    program("dim B=8", "input x[B]", "\ty[B] =\tgelo(x[B])"),
+])
+def test_carets_sit_exactly_under_the_span(text):
+    (found,) = diagnostics_of(text)
+    span = found.span
+    shown, marks = under_the_source_line(render_text(found, SourceMap({FILE: text})), span)
+    assert len(shown) == len(text.splitlines()[span.line - 1])
+    assert marks == " " * (span.col - 1) + "^" * max(1, span.end_col - span.col)
+    if span.end_col <= len(shown) + 1:
+        assert shown[span.col - 1:span.end_col - 1] == text.splitlines()[span.line - 1][
+            span.col - 1:span.end_col - 1].replace("\t", " ")
+
+
+def test_a_diagnostic_without_a_span_renders_its_hint():
+    found = Diagnostic("E300", "in.npz has no array 'w'", hint="'w' is f32[4]")
+    assert render_text(found, SourceMap()) == "\n".join([
+        "error[E300]: in.npz has no array 'w'",
+        "  = hint: 'w' is f32[4]",
+    ])
+
+
+def test_json_rendering_lists_every_diagnostic_with_its_span_hint_and_labels():
+    text = program("dim B=8 S=4 D=2",
+                   "input x[B, S, D]",
+                   "y[B,S] = x[B,S]",
+                   "output zz")
+    document = json.loads(render_json(diagnostics_of(text)))
+    assert document == {"diagnostics": [
+        {"code": "E210", "severity": "error",
+         "message": "'x' has 3 dimensions [B, S, D] but is indexed with 2",
+         "file": FILE, "line": 3, "col": 11, "end_line": 3, "end_col": 16,
+         "hint": "write x[B, S, D] (indices bind by position)",
+         "labels": [{"file": FILE, "line": 2, "col": 7, "note": "declared here"}]},
+        {"code": "E232", "severity": "error", "message": "output 'zz' is never defined",
+         "file": FILE, "line": 4, "col": 8, "end_line": 4, "end_col": 10,
+         "hint": "define it with a statement, e.g. zz[...] = ..."},
+    ]}
+
+
+def test_json_rendering_of_a_diagnostic_without_a_span():
+    document = json.loads(render_json([Diagnostic("E302", "missing.ein does not exist")]))
+    assert document == {"diagnostics": [
+        {"code": "E302", "severity": "error", "message": "missing.ein does not exist"}]}
+
+
+def test_error_text_names_every_code():
+    with pytest.raises(EinparError) as caught:
+        compile_source(program("dim B=8", "input x[B]", "y[B] = z[B]", "output q"), file=FILE)
+    assert str(caught.value) == "E201: unknown tensor 'z'\nE232: output 'q' is never defined"
