@@ -26,7 +26,7 @@ __all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference
 
 def read_source(path: str | Path) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not program text
     except FileNotFoundError:
         raise EinparError(Diagnostic("E302", f"{path} does not exist"), usage=True) from None
     except IsADirectoryError:

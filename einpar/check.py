@@ -54,7 +54,7 @@ def parse_overrides(assignments: list[str] | None) -> dict[str, int]:
     for text in assignments or ():
         for part in text.split():
             name, sep, value = part.partition("=")
-            if not sep or not name.isidentifier() or not value.strip().isdigit():
+            if not sep or not name.isidentifier() or not value.isdigit() or int(value) < 1:
                 raise EinparError(Diagnostic(
                     "E301", f"cannot read --set '{part}'",
                     hint="write NAME=VALUE with a dim or mesh axis and a positive integer, e.g. --set D=4096 tp=8"),
@@ -247,6 +247,8 @@ class _Checker:
         self.outputs: list[Output] = []
         self.versions: dict[str, int] = {}
         self.repeat_locals: dict[str, Span] = {}  # names that died with their repeat block
+        self.current_lhs: str | None = None  # the name the statement being checked defines
+        self.bad_axes: set[str] = set()  # mesh axes whose declaration failed (not reported again)
         self.all_definitions = self._collect_definitions(module.items)
 
     # ---- diagnostics
@@ -296,6 +298,7 @@ class _Checker:
                     if size <= 0:
                         self.error("E222", f"mesh axis '{axis.name}' has size {size}", axis.span,
                                    hint="mesh axes need at least one device")
+                        self.bad_axes.add(axis.name.text)
                         continue
                     axes.append((axis.name.text, size))
             elif isinstance(item, DimDecl):
@@ -356,8 +359,10 @@ class _Checker:
         if self.overrides:
             unknown = ", ".join(sorted(self.overrides))
             known = sorted(set(self.dim_spans) | set(self.mesh.names))
+            what = ("which is neither a dim nor a mesh axis" if len(self.overrides) == 1
+                    else "which are neither dims nor mesh axes")
             raise EinparError(Diagnostic(
-                "E301", f"--set names {unknown}, which is neither a dim nor a mesh axis of {self.file}",
+                "E301", f"--set names {unknown}, {what} of {self.file}",
                 hint=f"this program's dims and mesh axes are: {', '.join(known) or '(none)'}"),
                 usage=True)
 
@@ -381,6 +386,8 @@ class _Checker:
         for spec, size in zip(specs, shape):
             axes = []
             for axis in spec.axes:
+                if axis.text in self.bad_axes:
+                    raise _Abort()  # its declaration already failed
                 if axis.text not in self.mesh.names:
                     if self.mesh.axes:
                         hint = (_did_you_mean(axis.text, self.mesh.names)
@@ -506,8 +513,13 @@ class _Checker:
                                           "leave it (loop-carried values)",
                           labels=(Label(self.repeat_locals[name.text], "defined here"),))
             if name.text in self.all_definitions:
-                self.fail("E231", f"'{name}' is used before its definition", name.span,
-                          hint="move the definition above this use",
+                if name.text == self.current_lhs:
+                    hint = (f"a statement cannot read the value it defines; define '{name}' before "
+                            + ("the repeat block, so that the block carries it from trip to trip"
+                               if scope.repeat_dim is not None else "this statement"))
+                else:
+                    hint = "move the definition above this use"
+                self.fail("E231", f"'{name}' is used before its definition", name.span, hint=hint,
                           labels=(Label(self.all_definitions[name.text], "defined here"),))
             self.fail("E201", f"unknown tensor '{name}'", name.span,
                       hint=_did_you_mean(name.text, self.all_definitions)
@@ -576,6 +588,12 @@ class _Checker:
         indices = tuple(index.name.text for index in spec.indices)
         return _Node("ref", indices, vtype.dtype, spec.span, operand=Operand(value.name, indices),
                      uses=tuple((i, 1) for i in indices))
+
+    def resolve_weak(self, dtype: str) -> str:
+        """Numbers alone take the program's dtype; fractions never truncate to integers."""
+        if dtype == _WEAK_FLOAT:
+            return self.default_float
+        return self.dtype if dtype == _WEAK_INT else dtype
 
     @property
     def default_float(self) -> str:
@@ -650,7 +668,10 @@ class _Checker:
             return self.type_route(call, args[0], tuple(indices))
         if name in LIBRARY_FUNCTIONS and len(indices) != 1:
             self.fail("E214", f"'{name}' works over one index, got {len(indices)}", call.span,
-                      hint=f"write {name}[{indices[0]}](...)")
+                      hint=f"write {name}[{indices[0] if indices else 'I'}](...)")
+        if not indices:
+            self.fail("E214", f"'{name}' over no index", call.span,
+                      hint=f"write {name}[I](...) with the indices it reduces over")
         child = args[0]
         for spec in call.indices:
             if spec.name.text not in child.free:
@@ -710,6 +731,7 @@ class _Checker:
 
     def statement(self, item: Statement, scope: _Scope) -> list:
         lhs = item.lhs
+        self.current_lhs = lhs.name.text
         in_repeat = scope.repeat_dim is not None
         previous = self.declare_check(lhs.name, scope, allow_redefinition=in_repeat)
         if previous is not None and previous.value is not None and previous.value.kind == "param" \
@@ -729,7 +751,7 @@ class _Checker:
         out_indices = tuple(index.name.text for index in lhs.indices)
         summed = tuple(i for i in rhs.free if i not in out_indices)
         rhs = place_implicit_sums(rhs, summed)
-        dtype = cast or (rhs.dtype if rhs.dtype not in (_WEAK_INT, _WEAK_FLOAT) else self.dtype)
+        dtype = cast or self.resolve_weak(rhs.dtype)
         result_type = TensorType(dtype, out_indices, shape)
         if previous is not None and previous.value is not None:
             old = previous.value.type
@@ -847,7 +869,7 @@ class _StatementLowering:
         return Value(f"{self.prefix}.{self.temps}", TensorType(self.resolve(dtype), free, shape))
 
     def resolve(self, dtype: str) -> str:
-        return self.checker.dtype if dtype in (_WEAK_INT, _WEAK_FLOAT) else dtype
+        return self.checker.resolve_weak(dtype)
 
     def lower_statement(self, root: _Node, result: Value) -> list:
         indices = result.type.indices

@@ -29,12 +29,14 @@ from .layout import DTYPE_BYTES, format_dims
 
 
 class _UsageError(Exception):
-    pass
+    def __init__(self, message: str, usage: str = ""):
+        super().__init__(message)
+        self.usage = usage
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would exit; the caller decides the exit code
-        raise _UsageError(f"{self.prog}: error: {message}")
+        raise _UsageError(f"{self.prog}: error: {message}", self.format_usage().rstrip())
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -128,8 +130,9 @@ def _summary(program: Program) -> dict:
 def _print_check(program: Program, out: Console) -> None:
     summary = _summary(program)
     out.print(Text(f"{program.file}: ok", style="bold green"))
-    out.print(f"{program.mesh} ({program.mesh.num_devices} device"
-              f"{'s' * (program.mesh.num_devices != 1)}), dtype {program.dtype}")
+    devices = program.mesh.num_devices
+    mesh = f"{program.mesh} ({devices} devices)" if program.mesh.axes else "no mesh (one device)"
+    out.print(f"{mesh}, dtype {program.dtype}")
     out.print("dims " + " ".join(f"{k}={v}" for k, v in program.dims))
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("tensor", "kind", "shape", "layout", "size"):
@@ -163,8 +166,15 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
 
     from .backends.reference import evaluate
 
-    if args.save and Path(args.save).exists() and not args.force:
-        raise _UsageError(f"einpar run: error: {args.save} exists; pass --force to overwrite it")
+    save = None
+    if args.save:
+        # NumPy adds .npz to a name without it; check the file it will really write.
+        save = Path(args.save if args.save.endswith(".npz") else args.save + ".npz")
+        if save.exists() and not args.force:
+            raise _UsageError(f"einpar run: error: {save} exists; pass --force to overwrite it")
+        if not save.parent.is_dir():
+            raise _UsageError(f"einpar run: error: cannot save to {save}: folder {save.parent} "
+                              "does not exist")
     if args.inputs:
         arrays = api.load_inputs(program, args.inputs)
     else:
@@ -179,10 +189,13 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
         source = args.inputs or f"random inputs, seed {args.seed}"
         out.print(f"{program.file} on backend {args.backend} ({source})")
         _print_outputs(outputs, out)
-    if args.save:
-        np.savez(args.save, **outputs)
+    if save is not None:
+        try:
+            np.savez(save, **outputs)
+        except OSError as error:
+            raise _UsageError(f"einpar run: error: cannot save to {save}: {error.strerror}") from None
         if not args.json:
-            out.print(f"saved {', '.join(outputs)} to {args.save}")
+            out.print(f"saved {', '.join(outputs)} to {save}")
     return 0
 
 
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as error:
-        err.print(parser.format_usage().rstrip(), markup=False)
+        err.print(error.usage, markup=False)
         err.print(str(error), markup=False)
         return 2
     except SystemExit as exit_:  # --help

@@ -120,38 +120,53 @@ class SourceMap:
 
 
 def render_text(diagnostic: Diagnostic, sources: SourceMap) -> str:
-    """rustc-style rendering: header, location, source line, carets, hint."""
+    """rustc-style rendering: header, location, source lines with markers, hint.
+
+    The primary span is underlined with `^`, labels with `-` and their note;
+    spans on one line share that line's marker row.
+    """
     out = [f"{diagnostic.severity}[{diagnostic.code}]: {diagnostic.message}"]
-    spans = []
+    marks = []  # (span, marker, note), primary first
     if diagnostic.span is not None:
-        spans.append((diagnostic.span, ""))
-    spans.extend((label.span, label.note) for label in diagnostic.labels)
-    if spans:
-        width = max(len(str(span.line)) for span, _ in spans)
-        pad = " " * width
-        out.append(f"{pad}--> {diagnostic.span or spans[0][0]}")
-        for index, (span, note) in enumerate(spans):
-            source_line = sources.line(span.file, span.line)
-            if source_line is None:
-                if index > 0:
-                    out.append(f"{pad} = note: {note} ({span})")
-                continue
-            if index > 0 and span.file != spans[0][0].file:
-                out.append(f"{pad}::: {span}")
-            source_line = source_line.expandtabs(1)
+        marks.append((diagnostic.span, "^", ""))
+    marks.extend((label.span, "-", label.note) for label in diagnostic.labels)
+    if not marks:
+        if diagnostic.hint:
+            out.append(f"  = hint: {diagnostic.hint}")
+        return "\n".join(out)
+    width = max(len(str(span.line)) for span, _, _ in marks)
+    pad = " " * width
+    first = marks[0][0]
+    out.append(f"{pad}--> {first}")
+    groups: dict[tuple[str, int], list] = {}
+    for mark in marks:
+        groups.setdefault((mark[0].file, mark[0].line), []).append(mark)
+    for (file, line), group in groups.items():
+        source_line = sources.line(file, line)
+        if source_line is None:
+            out.extend(f"{pad} = note: {note} ({span})" for span, _, note in group if note)
+            continue
+        if file != first.file:
+            out.append(f"{pad}::: {group[0][0]}")
+        source_line = source_line.expandtabs(1)
+        row = [" "] * (len(source_line) + 2)
+        notes = []
+        for span, marker, note in sorted(group, key=lambda mark: mark[0].col):
             # A span that runs past its line is underlined to the end of it.
             end = span.end_col if span.end_line == span.line else len(source_line) + 1
-            carets = max(1, end - span.col)
-            mark = "^" if index == 0 else "-"
-            out.append(f"{pad} |")
-            out.append(f"{span.line:>{width}} | {source_line}")
-            tail = f" {note}" if note else ""
-            out.append(f"{pad} | {' ' * (span.col - 1)}{mark * carets}{tail}")
-        if diagnostic.hint:
-            out.append(f"{pad} |")
-            out.append(f"{pad} = hint: {diagnostic.hint}")
-    elif diagnostic.hint:
-        out.append(f"  = hint: {diagnostic.hint}")
+            start = span.col - 1
+            length = max(1, end - span.col)
+            row.extend(" " * max(0, start + length - len(row)))
+            row[start:start + length] = marker * length
+            if note:
+                notes.append(note)
+        out.append(f"{pad} |")
+        out.append(f"{line:>{width}} | {source_line}")
+        marked = "".join(row).rstrip()
+        out.append(f"{pad} | {marked}" + (f" {'; '.join(notes)}" if notes else ""))
+    if diagnostic.hint:
+        out.append(f"{pad} |")
+        out.append(f"{pad} = hint: {diagnostic.hint}")
     return "\n".join(out)
 
 

@@ -8,6 +8,7 @@ A missing, extra or mis-shaped array is an E300 diagnostic naming the file.
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +75,10 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
                         f"but {program.file} declares {_shape_text(value.type.shape)}",
                 hint=_expected_hint(value)))
             continue
+        if array.dtype.kind in "cOUSM":
+            problems.append(Diagnostic("E300", f"'{name}' in {source} has dtype {array.dtype}, "
+                                               f"which does not convert to {value.type.dtype}"))
+            continue
         if array.dtype.kind == "V" and array.dtype.itemsize == 2 and value.type.dtype == "bf16":
             array = array.view(numpy_dtype("bf16"))  # bf16 saved raw by np.savez
         try:
@@ -96,12 +101,16 @@ def _expected_hint(value: Value) -> str:
 
 
 def load_inputs(program: Program, path: str) -> dict[str, np.ndarray]:
+    hint = "write it with numpy.savez(path, name=array, ...)"
+    if not Path(path).exists():
+        raise EinparError(Diagnostic("E300", f"inputs file {path} does not exist")) from None
+    if not zipfile.is_zipfile(path):
+        raise EinparError(Diagnostic("E300", f"cannot read inputs file {path}: it is not an .npz "
+                                             "archive", hint=hint))
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except FileNotFoundError:
-        raise EinparError(Diagnostic("E300", f"inputs file {path} does not exist")) from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise EinparError(Diagnostic("E300", f"cannot read inputs file {path}: {error}",
-                                     hint="write it with numpy.savez(path, name=array, ...)")) from None
+                                     hint=hint)) from None
     return check_inputs(program, arrays, path)

@@ -188,14 +188,17 @@ class _BracketNewlines:
 
     always_accept = ("_NL",)
 
+    def __init__(self):
+        self.depth = 0  # bracket depth where lexing stopped, for syntax-error hints
+
     def process(self, stream):
-        depth = 0
+        self.depth = 0
         for token in stream:
             if token.type in ("LPAR", "LSQB"):
-                depth += 1
+                self.depth += 1
             elif token.type in ("RPAR", "RSQB"):
-                depth = max(0, depth - 1)
-            elif token.type == "_NL" and depth > 0:
+                self.depth = max(0, self.depth - 1)
+            elif token.type == "_NL" and self.depth > 0:
                 continue
             yield token
 
@@ -369,6 +372,25 @@ def _describe_token(token: Token) -> str:
     return f"'{token}'"
 
 
+def _expected_terminals(error: UnexpectedInput, parser: Lark) -> set[str]:
+    """What the parser would have accepted where it stopped.
+
+    lark's `expected` is a merged state's table; `accepts` tries each token,
+    so it names only what could really follow. Inside brackets a newline is
+    not a token at all, so it is never what was expected there.
+    """
+    expected: set[str] = set(getattr(error, "expected", None) or ())
+    interactive = getattr(error, "interactive_parser", None)
+    if interactive is not None:
+        try:
+            expected = set(interactive.accepts())
+        except Exception:  # accepts() replays the parser; keep lark's answer if it cannot
+            pass
+    if parser.options.postlex.depth > 0:
+        expected.discard("_NL")
+    return {name for name in expected if not name.startswith("__")}
+
+
 def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lark) -> Diagnostic:
     line, col = max(1, error.line if error.line != -1 else 1), max(1, error.column if error.column != -1 else 1)
     if isinstance(error, UnexpectedCharacters):
@@ -377,11 +399,15 @@ def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lar
         return Diagnostic("E100", f"unexpected character {char!r}", span,
                           hint="names are letters, digits and '_'; see docs/language.md for the operators")
     token = getattr(error, "token", None)
-    expected = sorted({_describe_terminal(parser, name) for name in getattr(error, "expected", ())
-                       if not name.startswith("__")})
+    expected = sorted({_describe_terminal(parser, name) for name in _expected_terminals(error, parser)})
     if isinstance(error, UnexpectedEOF) or token is None or token.type == "$END":
+        # Point just past the last line with text on it, where something is missing.
         lines = text.splitlines() or [""]
-        span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        last = len(lines)
+        while last > 1 and not lines[last - 1].strip():
+            last -= 1
+        end = len(lines[last - 1].rstrip()) + 1
+        span = Span(file, last, end, last, end + 1)
         message = "unexpected end of file"
     else:
         line, col = token.line, token.column
@@ -418,6 +444,8 @@ def gc_paused():
 
 def parse(text: str, file: str = "<string>") -> Module:
     """Parse `.ein` source into a Module; raises EinparError with an E100 on bad syntax."""
+    # Windows line ends and a byte-order mark change nothing about the program.
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     parser = _parser()
     with gc_paused():
         try:

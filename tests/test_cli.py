@@ -151,6 +151,13 @@ def test_set_of_an_alias_target_moves_the_alias(capsys, in_repo):
     assert json.loads(out)["dims"]["T"] == 64
 
 
+def test_program_saved_with_a_byte_order_mark_checks(capsys, workdir):
+    Path("bom.ein").write_bytes(b"\xef\xbb\xbf" + MATVEC.encode())
+    code, out, err = einpar(capsys, "check", "bom.ein")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "bom.ein: ok"
+
+
 # ---------------------------------------------------------------- a problem in the program
 
 

@@ -135,6 +135,22 @@ def test_E100_a_syntax_error_on_a_wrapped_line_points_at_that_line():
            hint="names are letters, digits and '_'; see docs/language.md for the operators")
 
 
+def test_E100_unexpected_end_of_file_points_at_the_last_line_with_text():
+    expect("dim B=8\ninput x[B]\ny[B] = (x[B]\n\n\n",
+           "E100", "unexpected end of file", 3, 13, hint="expected ')'")
+
+
+def test_E100_windows_line_ends_give_the_same_positions():
+    text = program("dim B=8",
+                   "input x[B]",
+                   "y[B] = x[B] *",
+                   "output y")
+    unix = the_error(text)
+    windows = the_error(text.replace("\n", "\r\n"))
+    assert (windows.code, windows.message) == (unix.code, unix.message)
+    assert (windows.span.line, windows.span.col) == (unix.span.line, unix.span.col) == (3, 14)
+
+
 # ---------------------------------------------------------------- E2xx names
 
 
@@ -385,6 +401,24 @@ def test_E214_library_function_over_two_indices():
            "E214", "'softmax' works over one index, got 2", 3, 10, hint="write softmax[B](...)")
 
 
+def test_E214_library_function_with_empty_brackets():
+    found = the_error(program("dim B=8 T=4",
+                              "input x[B,T]",
+                              "y[B,T] = softmax[](x[B,T])"))
+    assert (found.code, found.message) == ("E214", "'softmax' works over one index, got 0")
+    assert (found.span.line, found.span.col) == (3, 10)
+
+
+def test_E214_reduction_with_empty_brackets():
+    # sum[](e) reduces over nothing: almost certainly a forgotten index.
+    found = the_error(program("dim B=8 T=4",
+                              "input x[B,T]",
+                              "y[B,T] = sum[](x[B,T])",
+                              "output y"))
+    assert found.code == "E214"
+    assert (found.span.line, found.span.col) == (3, 10)
+
+
 GATE = ("dim G=2 S=8 E=4 C=4",
         "input g[G,S,E]")
 
@@ -551,6 +585,19 @@ def test_E231_use_before_definition():
                    "E231", "'h' is used before its definition", 3, 8, length=1,
                    hint="move the definition above this use")
     assert labels(found) == [(4, 1, "defined here")]
+
+
+def test_E231_a_tensor_used_in_its_own_definition_inside_repeat():
+    # The author wants a loop-carried value but did not define it before the block;
+    # moving "the definition above this use" is impossible, so the hint must say so.
+    found = the_error(program("dim B=8 L=2",
+                              "repeat L {",
+                              "  y[B] = y[B] + 1",
+                              "}"))
+    assert found.code == "E231"
+    assert (found.span.line, found.span.col) == (3, 10)
+    assert found.hint != "move the definition above this use"
+    assert "repeat" in found.hint
 
 
 def test_E232_output_never_defined():
