@@ -139,9 +139,7 @@ def _merge_uses(*children: _Node, extra: tuple[str, ...] = (), remove: tuple[str
 
 def _sum_node(over: tuple[str, ...], child: _Node) -> _Node:
     dtype = "i32" if child.dtype == "bool" else child.dtype
-    free = tuple(i for i in child.free if i not in over)
-    return _Node("reduce", free, dtype, child.span, (child,), fn="sum", over=over,
-                 uses=_merge_uses(child, remove=over))
+    return _with_children(_Node("reduce", (), dtype, child.span, fn="sum", over=over), (child,))
 
 
 def _with_children(node: _Node, children: tuple[_Node, ...]) -> _Node:
@@ -679,14 +677,13 @@ class _Checker:
                 self.fail("E213", f"{name} over index {spec.name}, which its operand does not have",
                           spec.name.span, hint=f"the operand's indices are: {have}")
         if name in REDUCTIONS:
-            free = tuple(i for i in child.free if i not in indices)
             dtype = child.dtype
             if name == "mean" and dtype in ("bool", "i32"):
                 dtype = self.default_float
             elif name == "sum" and dtype == "bool":
                 dtype = "i32"
-            return _Node("reduce", free, dtype, call.span, (child,), fn=name, over=tuple(indices),
-                         uses=_merge_uses(child, remove=tuple(indices)))
+            node = _Node("reduce", (), dtype, call.span, fn=name, over=tuple(indices))
+            return _with_children(node, (child,))
         dtype = child.dtype
         if name != "cumsum" and dtype in ("bool", "i32", _WEAK_INT, _WEAK_FLOAT):
             dtype = self.default_float
@@ -718,14 +715,9 @@ class _Checker:
             if not 1 <= k <= self.dims[expert]:
                 self.fail("E215", f"route's k={k} must be between 1 and the number of experts "
                                   f"({expert}={self.dims[expert]})", kwarg.value.span)
-        free = []
-        for index in gate.free:
-            free.append(index)
-            if index == expert:
-                free.append(capacity)
         dtype = gate.dtype if gate.dtype in FLOAT_DTYPES else self.default_float
-        return _Node("route", tuple(free), dtype, call.span, (gate,), over=(expert, capacity), k=k,
-                     uses=_merge_uses(gate, extra=(expert, capacity)))
+        node = _Node("route", (), dtype, call.span, over=(expert, capacity), k=k)
+        return _with_children(node, (gate,))
 
     # ---- statements
 
