@@ -16,6 +16,7 @@ import math
 import ml_dtypes
 import numpy as np
 
+from einpar.syntax import deep_recursion
 from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand,
                        Program, Reduce, Repeat, Route, Scalar, TensorType)
 
@@ -240,6 +241,6 @@ def evaluate(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
     env: dict[str, np.ndarray] = {}
     for value in program.inputs:
         env[value.name] = np.asarray(inputs[value.name]).astype(numpy_dtype(value.type.dtype))
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), deep_recursion():
         _Evaluator().run(program.ops, env)
     return {output.name: env[output.value] for output in program.outputs}

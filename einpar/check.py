@@ -29,7 +29,7 @@ from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTION
                  UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
                  Output, Program, Reduce, Repeat, Route, TensorType, Value)
 from .layout import Layout, Mesh
-from .syntax import gc_paused
+from .syntax import KEYWORDS, deep_recursion, gc_paused
 from .syntax import (Binary, Call, DimDecl, DtypeDecl, IndexSpec, MeshDecl, Module, Negate,
                      Number, OutputDecl, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
 from .syntax import Repeat as RepeatItem
@@ -274,6 +274,16 @@ class _Checker:
     # ---- pass 1: mesh, dims, dtype
 
     def declarations(self) -> None:
+        axis_names = {axis.name.text for item in self.module.items if isinstance(item, MeshDecl)
+                      for axis in item.axes}
+        dim_names = {binding.name.text for item in self.module.items if isinstance(item, DimDecl)
+                     for binding in item.bindings}
+        both = sorted(set(self.overrides) & axis_names & dim_names)
+        if both:
+            raise EinparError(Diagnostic(
+                "E301", f"--set {both[0]} is ambiguous: {self.file} has a dim and a mesh axis of "
+                        "that name", hint="rename one of them to set it from the command line"),
+                usage=True)
         mesh_decl = dtype_decl = None
         axes: list[tuple[str, int]] = []
         pending_aliases: list = []
@@ -450,6 +460,11 @@ class _Checker:
                                   hint="declare outputs after the block")
                 elif scope.repeat_dim is not None:
                     self.fail("E236", "mesh, dim and dtype are declared outside repeat blocks", item.span)
+            except RecursionError:
+                self.error("E101", "this statement is nested too deeply to follow", item.span,
+                           hint="split it into several statements")
+                if isinstance(item, Statement):
+                    self.poison(item.lhs.name, scope)
             except _Abort:
                 if isinstance(item, Statement):
                     self.poison(item.lhs.name, scope)
@@ -463,6 +478,9 @@ class _Checker:
 
     def tensor_decl(self, item: TensorDecl, scope: _Scope) -> None:
         spec = item.spec
+        if spec.name.text in KEYWORDS:
+            self.fail("E100", f"'{spec.name}' is a keyword and cannot name a tensor", spec.name.span,
+                      hint="keywords are " + ", ".join(KEYWORDS))
         self.declare_check(spec.name, scope, allow_redefinition=False)
         if scope.repeat_dim is not None and item.kind == "input":
             self.fail("E236", "inputs are declared outside repeat blocks", item.span,
@@ -707,14 +725,15 @@ class _Checker:
         if len(gate.free) < 2:
             self.fail("E215", "route needs a token index besides the experts", call.span,
                       hint="the gate is g[..., S, E]: tokens along S, one probability per expert")
-        k = DEFAULT_TOP_K
+        k, k_span = DEFAULT_TOP_K, call.span
         for kwarg in call.kwargs:
             if not isinstance(kwarg.value, Number) or not isinstance(kwarg.value.value, int):
                 self.fail("E215", "route's k must be a whole number", kwarg.value.span)
-            k = kwarg.value.value
-            if not 1 <= k <= self.dims[expert]:
-                self.fail("E215", f"route's k={k} must be between 1 and the number of experts "
-                                  f"({expert}={self.dims[expert]})", kwarg.value.span)
+            k, k_span = kwarg.value.value, kwarg.value.span
+        if not 1 <= k <= self.dims[expert]:
+            default = "" if call.kwargs else f" (the default, top-{DEFAULT_TOP_K})"
+            self.fail("E215", f"route's k={k}{default} must be between 1 and the number of experts "
+                              f"({expert}={self.dims[expert]})", k_span)
         dtype = gate.dtype if gate.dtype in FLOAT_DTYPES else self.default_float
         node = _Node("route", (), dtype, call.span, over=(expert, capacity), k=k)
         return _with_children(node, (gate,))
@@ -761,7 +780,10 @@ class _Checker:
         return ops
 
     def _outer_value(self, scope: _Scope, name: str) -> str:
-        return scope.parent.lookup(name).value.name
+        outer = scope.parent.lookup(name).value
+        if outer is None:
+            raise _Abort()  # the outer definition failed and was reported
+        return outer.name
 
     def repeat(self, item: RepeatItem, scope: _Scope) -> list:
         dim = item.dim
@@ -1001,5 +1023,5 @@ class _StatementLowering:
 
 def check(module: Module, overrides: dict[str, int] | None = None, source: str = "") -> Program:
     """Check a parsed module and build its Program; raises EinparError with diagnostics."""
-    with gc_paused():
+    with gc_paused(), deep_recursion():
         return _Checker(module, overrides or {}, source).run()

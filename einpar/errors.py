@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 # Stable diagnostic codes. Tests and docs refer to them; never renumber.
 CODES = {
     "E100": "syntax error",
+    "E101": "nested too deeply",
     "E200": "unknown index",
     "E201": "unknown tensor",
     "E202": "unknown mesh axis",
@@ -33,6 +34,7 @@ CODES = {
     "E220": "mesh axis used twice in a layout",
     "E221": "dimension not divisible by its mesh axes",
     "E222": "size must be positive",
+    "E223": "number too large",
     "E230": "duplicate definition",
     "E231": "use before definition",
     "E232": "output never defined",

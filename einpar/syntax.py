@@ -9,6 +9,8 @@ nothing about names or sizes: that is the checker's job.
 from __future__ import annotations
 
 import gc
+import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -182,6 +184,13 @@ class Module:
 
 # ---------------------------------------------------------------- parser
 
+# Words of the grammar; they cannot name a tensor.
+KEYWORDS = ("mesh", "dim", "dtype", "input", "param", "output", "repeat")
+
+# Sizes beyond 18 digits cannot be real (2**63 has 19); longer whole numbers in
+# expressions are read as floats.
+MAX_SIZE_DIGITS = 18
+
 
 class _BracketNewlines:
     """Post-lexer: a newline inside (...) or [...] does not end a statement."""
@@ -241,6 +250,13 @@ class _ToAst:
     def _name(self, token: Token) -> Name:
         return Name(str(token), _token_span(self.file, token))
 
+    def _size(self, token: Token) -> int:
+        if len(token) > MAX_SIZE_DIGITS:
+            raise EinparError(Diagnostic("E223", f"size {str(token)[:12]}... has {len(token)} digits",
+                                         _token_span(self.file, token),
+                                         hint=f"sizes have at most {MAX_SIZE_DIGITS} digits"))
+        return int(token)
+
     def start(self, meta, items):
         return Module(self.file, tuple(items))
 
@@ -249,7 +265,7 @@ class _ToAst:
 
     def mesh_axis(self, meta, children):
         name, size = children
-        return MeshAxis(self._name(name), int(size), _span(self.file, meta))
+        return MeshAxis(self._name(name), self._size(size), _span(self.file, meta))
 
     def dim_decl(self, meta, bindings):
         return DimDecl(tuple(bindings), _span(self.file, meta))
@@ -257,7 +273,7 @@ class _ToAst:
     def dim_binding(self, meta, children):
         name, value = children
         if value.type == "INT":
-            return DimBinding(self._name(name), int(value), None, _span(self.file, meta))
+            return DimBinding(self._name(name), self._size(value), None, _span(self.file, meta))
         return DimBinding(self._name(name), None, self._name(value), _span(self.file, meta))
 
     def dtype_decl(self, meta, children):
@@ -308,8 +324,13 @@ class _ToAst:
 
     def number(self, meta, children):
         text = str(children[0])
-        is_int = all(c.isdigit() for c in text)
-        return Number(int(text) if is_int else float(text), _span(self.file, meta))
+        # Whole numbers stay exact unless they are too long to be anything but a float.
+        is_int = all(c.isdigit() for c in text) and len(text) <= MAX_SIZE_DIGITS
+        value = int(text) if is_int else float(text)
+        if math.isinf(value):
+            raise EinparError(Diagnostic("E223", f"number {text[:12]}{'...' * (len(text) > 12)} is "
+                                                 "too large for a float", _span(self.file, meta)))
+        return Number(value, _span(self.file, meta))
 
     def size_ref(self, meta, children):
         return SizeRef(self._name(children[0]), _span(self.file, meta))
@@ -442,17 +463,37 @@ def gc_paused():
             gc.enable()
 
 
+@contextmanager
+def deep_recursion(limit: int = 20_000):
+    """Room for long expressions: a sum of 500 terms is a tree 500 deep, and each
+    stage walks trees recursively. Beyond this, E101 asks to split the statement."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
 def parse(text: str, file: str = "<string>") -> Module:
     """Parse `.ein` source into a Module; raises EinparError with an E100 on bad syntax."""
     # Windows line ends and a byte-order mark change nothing about the program.
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     parser = _parser()
-    with gc_paused():
+    with gc_paused(), deep_recursion():
         try:
             tree = parser.parse(text + "\n")
         except UnexpectedInput as error:
             raise EinparError(_syntax_diagnostic(error, file, text, parser)) from None
-        return _ToAst(file).transform(tree)
+        try:
+            return _ToAst(file).transform(tree)
+        except RecursionError:
+            raise EinparError(too_deep(file)) from None
+
+
+def too_deep(file: str, span: Span | None = None) -> Diagnostic:
+    return Diagnostic("E101", f"{file}: an expression is nested too deeply to follow", span,
+                      hint="split it into several statements")
 
 
 # ---------------------------------------------------------------- printing

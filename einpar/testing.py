@@ -72,6 +72,11 @@ SUMMED_SIZE_LIMIT = 64  # the product of the sizes summed at one place
 
 _DIM_MARK = "\x1d"  # brackets every dimension name in a template, so it can be renamed
 _MARKED = re.compile(_DIM_MARK + "([^" + _DIM_MARK + "]*)" + _DIM_MARK)
+# Where the summation rule puts an implicit sum, the template holds
+# OPEN indices MIDDLE expression CLOSE, rendered as just the expression, or as
+# `sum[indices](expression)` to write the sum out.
+_SUM_OPEN, _SUM_MIDDLE, _SUM_CLOSE = "\x02", "\x03", "\x04"
+_SUM_HEAD = re.compile(_SUM_OPEN + "([^" + _SUM_MIDDLE + "]*)" + _SUM_MIDDLE)
 
 # Precedence of an expression's outermost operator, for parenthesizing.
 _COMPARE, _SUM, _PRODUCT, _UNARY, _ATOM = range(5)
@@ -167,10 +172,13 @@ class Contraction:
 
 @dataclass(frozen=True)
 class StatementInfo:
-    """One statement: the tensor it defines, the kind of its outermost expression,
-    whether it sits in the repeat block, and its einsum if it is a pure contraction."""
+    """One statement: the tensor it defines (its indices and dtype), the kind of its
+    outermost expression, whether it sits in the repeat block, and its einsum if it is
+    a pure contraction."""
 
     name: str
+    indices: tuple[str, ...]
+    dtype: str
     kind: str
     in_repeat: bool
     contraction: Contraction | None = None
@@ -205,15 +213,22 @@ class GeneratedProgram:
     def text(self) -> str:
         return self.render()
 
-    def render(self, rename: Mapping[str, str] | None = None) -> str:
+    def render(self, rename: Mapping[str, str] | None = None, explicit_sums: bool = False) -> str:
         """The program text, with dimension names replaced per `rename` (a dim -> new name map).
 
         Only dimension names are renamed (in `dim` lines, index positions,
         reductions' brackets and bare sizes); tensor and mesh-axis names stay,
         even where they are spelled like a dim.
+
+        With `explicit_sums`, every sum the summation rule implies is written out as
+        `sum[...](...)` around the subexpression the rule puts it on: the program
+        means the same.
         """
         rename = rename or {}
-        return _MARKED.sub(lambda match: rename.get(match[1], match[1]), self.template)
+        text = _MARKED.sub(lambda match: rename.get(match[1], match[1]), self.template)
+        if explicit_sums:
+            return _SUM_HEAD.sub(r"sum[\1](", text).replace(_SUM_CLOSE, ")")
+        return _SUM_HEAD.sub("", text).replace(_SUM_CLOSE, "")
 
     @property
     def dims(self) -> tuple[str, ...]:
@@ -264,6 +279,10 @@ class GeneratedProgram:
 
     def __repr__(self) -> str:
         return f"GeneratedProgram(text=\n{self.text})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        """How hypothesis shows a falsifying example: the program text, not every field."""
+        printer.text(repr(self))
 
 
 # ---------------------------------------------------------------- small strategies
@@ -419,6 +438,12 @@ class _Builder:
 
     def dim(self, name: str) -> str:
         return f"{_DIM_MARK}{name}{_DIM_MARK}"
+
+    def implicit_sum(self, summed: tuple[str, ...], text: str) -> str:
+        """`text`, marked as where the summation rule sums `summed` (see `render`)."""
+        if not summed:
+            return text
+        return f"{_SUM_OPEN}{','.join(map(self.dim, summed))}{_SUM_MIDDLE}{text}{_SUM_CLOSE}"
 
     def fresh_name(self, prefix: str) -> str:
         if self.options.name_collisions and self.chance(6):
@@ -658,7 +683,7 @@ class _Builder:
                 scale = 1.0 / math.sqrt(size) if style == "sqrt" else 1.0 / size
                 suffix = f" / sqrt({self.dim(index)})" if style == "sqrt" else f" / {self.dim(index)}"
         texts = [_paren(factors[0], _PRODUCT)] + [_paren(f, _PRODUCT + 1) for f in factors[1:]]
-        text = prefix + " * ".join(texts) + suffix
+        text = prefix + self.implicit_sum(summed, " * ".join(texts)) + suffix
         dtype = factors[0].dtype
         for factor in factors[1:]:
             dtype = _promote(dtype, factor.dtype)
@@ -835,6 +860,8 @@ class _Builder:
                   "cumsum": child.bound * size}[fn]
         self.note(result)
         text = self.call(fn, child.text, indices=(index,))
+        if index not in free:
+            text = self.implicit_sum((index,), text)
         return _Expr(text, free, child.dtype, self.note(result * summed_outside), _ATOM,
                      kind="library")
 
@@ -915,7 +942,8 @@ class _Builder:
         contraction = None
         if root.product is not None and root.kind in ("contraction", "ref"):
             contraction = Contraction(name, lhs, root.product, root.scale)
-        self.statements.append(StatementInfo(name, root.kind, self.in_block, contraction))
+        self.statements.append(StatementInfo(name, lhs, result_dtype, root.kind, self.in_block,
+                                             contraction))
         info = TensorInfo(name, lhs, result_dtype, "def", layout)
         self.visible.pop(name, None)
         self.visible[name] = _Tensor(info, root.bound if bound is None else bound)
@@ -941,8 +969,7 @@ class _Builder:
         self.emit(f"repeat {self.dim(REPEAT_DIM)} {{")
         self.in_block, self.indent = True, "  "
         self.visible[carried_name] = _Tensor(carried.info, carry_bound)
-        # The block's own param, read by the update.
-        self.pending = []
+        # The block's own param (stacked by L), read by the update.
         own = tuple(i for i in free if not self.chance(3))
         extra = [d for d in self.pool if d not in free and self.sizes[d] <= 12]
         if extra and self.chance(2):
@@ -954,7 +981,7 @@ class _Builder:
         for _ in range(self.draw(st.integers(0, max(0, min(2, budget - 1))))):
             self.statement()
             written += 1
-        # The update: carried = wrap(x op param * rest)
+        # The update: x = wrap(x op param * rest), summing the param's other indices.
         self.begin_statement(free)
         summed = tuple(i for i in param.info.indices if i not in free)
         self.used.update(summed)
@@ -966,7 +993,8 @@ class _Builder:
             rest = self.node(rest_free, max(0, self.options.max_depth - 1))
             if INPUT_BOUND * rest.bound * self.size_product(summed) > MAGNITUDE_LIMIT:
                 rest = self.tame(rest)
-            term = _Expr(f"{term_text} * {_paren(rest, _PRODUCT + 1)}", free,
+            product_text = f"{term_text} * {_paren(rest, _PRODUCT + 1)}"
+            term = _Expr(self.implicit_sum(summed, product_text), free,
                          _promote(param.info.dtype, rest.dtype),
                          self.note(INPUT_BOUND * rest.bound * self.size_product(summed)), _PRODUCT)
         carried_ref = carried_name + self.index_list(free)

@@ -861,6 +861,61 @@ def test_E302_program_file_that_is_not_utf8(tmp_path):
     assert found.message == f"{path} is not UTF-8 text (invalid continuation byte at byte 14)"
 
 
+def test_E101_an_expression_nested_beyond_what_the_checker_can_follow():
+    depth = 30_000
+    found = the_error(program("dim B=4", "input x[B]",
+                              "y[B] = " + "tanh(" * depth + "x[B]" + ")" * depth))
+    assert (found.code, found.span) == ("E101", None)
+    assert found.message == "bad.ein: an expression is nested too deeply to follow"
+    assert found.hint == "split it into several statements"
+
+
+def test_long_expressions_are_not_too_deep():
+    # A sum of 2,000 terms is a tree 2,000 deep; it must check and run.
+    program_text = program("dim B=4", "input x[B]", "y[B] = " + " + ".join(["x[B]"] * 2000),
+                           "output y")
+    compiled = compile_source(program_text, file=FILE)
+    from einpar.api import run_reference
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_allclose(run_reference(compiled, {"x": x})["y"], 2000 * x)
+
+
+def test_E223_a_size_with_too_many_digits():
+    expect(program("dim B=" + "9" * 40), "E223", "size 999999999999... has 40 digits", 1, 7,
+           length=40, hint="sizes have at most 18 digits")
+
+
+def test_E223_a_number_too_large_for_a_float():
+    expect(program("dim B=4", "input x[B]", "y[B] = x[B] * 1e999"),
+           "E223", "number 1e999 is too large for a float", 3, 15)
+
+
+def test_E301_set_of_a_name_that_is_both_a_dim_and_a_mesh_axis():
+    with pytest.raises(EinparError) as caught:
+        compile_source(program("mesh B=2", "dim B=4", "input x[B@B]"), file=FILE, overrides={"B": 8})
+    assert caught.value.usage
+    (found,) = caught.value.diagnostics
+    assert found.message == "--set B is ambiguous: bad.ein has a dim and a mesh axis of that name"
+
+
+def test_E100_a_keyword_cannot_name_a_tensor():
+    expect(program("dim B=4", "input output[B]"), "E100",
+           "'output' is a keyword and cannot name a tensor", 2, 7,
+           hint="keywords are mesh, dim, dtype, input, param, output, repeat")
+
+
+def test_E215_default_top_k_needs_two_experts():
+    found = the_error(program("dim S=3 E=1 C=2", "input g[S,E]", "c[S,E,C] = route[E,C](g[S,E])"))
+    assert (found.code, found.message) == (
+        "E215", "route's k=2 (the default, top-2) must be between 1 and the number of experts (E=1)")
+
+
+def test_a_failed_outer_definition_redefined_in_repeat_is_not_reported_again():
+    found = diagnostics_of(program("dim B=2 L=2", "input x[B]", "h[B] = nothing[B]",
+                                   "repeat L {", "  h[B] = x[B]", "}", "output x"))
+    assert [d.code for d in found] == ["E201"]
+
+
 def test_every_code_has_a_test_here():
     tested = {match.group(0) for name in globals() if name.startswith("test_")
               for match in [re.search(r"E\d{3}", name)] if match}

@@ -25,11 +25,21 @@ def command_examples():
         for (program, _), (shown, line) in zip(blocks, blocks[1:]):
             first, _, expected = shown.partition("\n")
             if first.startswith("$ einpar check ") and not first.endswith("missing.ein"):
-                yield pytest.param(doc, program, first, expected, id=f"{doc.name}:{line}")
+                yield pytest.param(doc, line, program, first, expected, id=f"{doc.name}:{line}")
 
 
-@pytest.mark.parametrize("doc, program, command, expected", list(command_examples()))
-def test_documented_output_is_what_einpar_prints(doc, program, command, expected, tmp_path,
+def rewrite_block(doc: Path, line: int, body: str) -> None:
+    """Replace the body of the code block that starts at `line` of `doc`."""
+    text = doc.read_text()
+    for match in FENCE.finditer(text):
+        if text[:match.start()].count("\n") + 1 == line:
+            doc.write_text(text[:match.start(1)] + body + text[match.end(1):])
+            return
+    raise AssertionError(f"no code block at {doc.name}:{line}")
+
+
+@pytest.mark.parametrize("doc, line, program, command, expected", list(command_examples()))
+def test_documented_output_is_what_einpar_prints(doc, line, program, command, expected, tmp_path,
                                                  monkeypatch, capsys, update_goldens):
     argv = shlex.split(command)[2:]
     file = next(arg for arg in argv if arg.endswith(".ein"))
@@ -39,7 +49,7 @@ def test_documented_output_is_what_einpar_prints(doc, program, command, expected
     captured = capsys.readouterr()
     printed = (captured.out + captured.err).rstrip("\n") + "\n"
     if update_goldens and printed != expected:
-        doc.write_text(doc.read_text().replace(f"{command}\n{expected}", f"{command}\n{printed}", 1))
+        rewrite_block(doc, line, f"{command}\n{printed}")
         return
     assert printed.rstrip("\n") == expected.rstrip("\n")
 
