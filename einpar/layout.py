@@ -51,8 +51,36 @@ class Layout:
     """Per dimension, the mesh axes that split it; plus pending partial reductions."""
 
     dims: tuple[tuple[str, ...], ...]
-    # (axis, reduction) pairs: the value is a partial sum ("sum") or max ("max") over axis.
+    # (axis, reduction) pairs: the value is a partial sum ("sum"), max ("max") or min
+    # ("min") over axis. Kept sorted, so equal layouts compare equal.
     partial: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "partial", tuple(sorted(self.partial)))
+
+    def split(self, dim: int, axis: str) -> "Layout":
+        """This layout with `axis` splitting `dim` further (as its minor-most axis)."""
+        dims = list(self.dims)
+        dims[dim] = dims[dim] + (axis,)
+        return Layout(tuple(dims), self.partial)
+
+    def unsplit(self, dim: int) -> "Layout":
+        """This layout without the minor-most axis of `dim`."""
+        dims = list(self.dims)
+        dims[dim] = dims[dim][:-1]
+        return Layout(tuple(dims), self.partial)
+
+    def dim_of(self, axis: str) -> int | None:
+        for dim, axes in enumerate(self.dims):
+            if axis in axes:
+                return dim
+        return None
+
+    def partial_kind(self, axis: str) -> str | None:
+        return dict(self.partial).get(axis)
+
+    def without_partial(self, axes) -> "Layout":
+        return Layout(self.dims, tuple(p for p in self.partial if p[0] not in axes))
 
     @staticmethod
     def replicated(rank: int) -> "Layout":
@@ -100,3 +128,45 @@ def format_dims(labels: tuple[str, ...], layout: Layout | None) -> str:
 def format_type(dtype: str, shape: tuple[int, ...], layout: Layout | None = None) -> str:
     """`f32[8@dp,128,256@tp] {sum: tp}`."""
     return dtype + format_dims(tuple(str(size) for size in shape), layout)
+
+
+# ---- devices and blocks
+
+
+def device_coords(mesh: Mesh, device: int) -> dict[str, int]:
+    """Row-major position of `device`: the last mesh axis varies fastest."""
+    coords: dict[str, int] = {}
+    for name, size in reversed(mesh.axes):
+        coords[name] = device % size
+        device //= size
+    return {name: coords[name] for name in mesh.names}
+
+
+def device_at(mesh: Mesh, coords: dict[str, int]) -> int:
+    device = 0
+    for name, size in mesh.axes:
+        device = device * size + coords[name]
+    return device
+
+
+def block_index(layout: Layout, dim: int, mesh: Mesh, coords: dict[str, int]) -> int:
+    """Which block of dimension `dim` a device holds: axes are major first."""
+    index = 0
+    for axis in layout.dims[dim]:
+        index = index * mesh.size(axis) + coords[axis]
+    return index
+
+
+def block_slices(layout: Layout, shape: tuple[int, ...], mesh: Mesh, device: int) -> tuple[slice, ...]:
+    """The part of the global array that `device` holds under `layout`."""
+    coords = device_coords(mesh, device)
+    local = layout.local_shape(shape, mesh)
+    return tuple(slice(block_index(layout, d, mesh, coords) * n, (block_index(layout, d, mesh, coords) + 1) * n)
+                 for d, n in enumerate(local))
+
+
+def local_bytes(layout: Layout, shape: tuple[int, ...], dtype: str, mesh: Mesh) -> int:
+    total = DTYPE_BYTES[dtype]
+    for size in layout.local_shape(shape, mesh):
+        total *= size
+    return total

@@ -1,0 +1,158 @@
+"""The NumPy device simulator: every device of the mesh, simulated with NumPy.
+
+Each device holds its own local arrays. Collectives move data between the
+simulated devices exactly as real ones would: each device sends chunks to
+the others in its group, and every byte sent is counted per device, so tests
+can check that the bytes the planner declares are the bytes that move.
+
+Collective algorithms as simulated (and as counted):
+- all-gather: each device sends its block to the n-1 others;
+- reduce-scatter: each device sends chunk j of its (flattened, padded)
+  array to the device at position j, which combines what it receives;
+- all-reduce: a reduce-scatter, then an all-gather of the reduced chunks;
+- all-to-all: each device sends chunk j (along the destination dimension)
+  to the device at position j;
+- permute: each device sends its block to one other device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from einpar.layout import Layout, Mesh, block_slices, device_at, device_coords
+from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice, Step
+
+_COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+
+
+def group_of(mesh: Mesh, device: int, axes: tuple[str, ...]) -> list[int]:
+    """The devices that differ from `device` only along `axes`, in row-major order of `axes`."""
+    coords = device_coords(mesh, device)
+    members = [dict(coords)]
+    for axis in axes:
+        members = [dict(m, **{axis: k}) for m in members for k in range(mesh.size(axis))]
+    return [device_at(mesh, m) for m in members]
+
+
+class Traffic:
+    """Bytes sent by each device, as counted by the simulated collectives."""
+
+    def __init__(self, devices: int):
+        self.sent = [0] * devices
+
+    def send(self, device: int, array: np.ndarray) -> np.ndarray:
+        self.sent[device] += array.nbytes
+        return array
+
+
+def scatter(value: np.ndarray, layout: Layout, mesh: Mesh) -> list[np.ndarray]:
+    """Each device's block of a whole (not partial) value."""
+    assert not layout.partial
+    return [np.ascontiguousarray(value[block_slices(layout, value.shape, mesh, d)])
+            for d in range(mesh.num_devices)]
+
+
+def assemble(blocks: list[np.ndarray], layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> np.ndarray:
+    """The global value the devices hold together; partial values are combined.
+
+    Raises AssertionError if two replicas of one block disagree.
+    """
+    if layout.partial:
+        (op,) = {op for _, op in layout.partial}  # one kind of pending reduction at a time
+        axes = tuple(axis for axis, _ in layout.partial)
+        combined = []
+        for device in range(mesh.num_devices):
+            members = group_of(mesh, device, axes)
+            total = blocks[members[0]]
+            for other in members[1:]:
+                total = _COMBINE[op](total, blocks[other])
+            combined.append(total)
+        blocks = combined
+        layout = layout.without_partial(axes)
+    out = np.zeros(shape, dtype=blocks[0].dtype)
+    filled = np.zeros(shape, dtype=bool)
+    for device, block in enumerate(blocks):
+        where = block_slices(layout, shape, mesh, device)
+        if filled[where].all():
+            np.testing.assert_array_equal(out[where], block, err_msg="replicas disagree")
+        out[where] = block
+        filled[where] = True
+    assert filled.all()
+    return out
+
+
+def _chunks(array: np.ndarray, n: int) -> list[np.ndarray]:
+    flat = array.reshape(-1)
+    size = -(-flat.size // n)
+    padded = np.zeros(size * n, dtype=array.dtype)
+    padded[:flat.size] = flat
+    return [padded[k * size:(k + 1) * size] for k in range(n)]
+
+
+def _reduce_scatter_flat(blocks, mesh, axes, op, traffic) -> list[list[np.ndarray]]:
+    """Reduce-scatter of flattened arrays over `axes`: device at position j gets chunk j."""
+    reduced: dict[int, np.ndarray] = {}
+    for device in range(mesh.num_devices):
+        members = group_of(mesh, device, axes)
+        position = members.index(device)
+        total = None
+        for member in members:
+            chunk = _chunks(blocks[member], len(members))[position]
+            if member != device:
+                traffic.send(member, chunk)
+            total = chunk.copy() if total is None else _COMBINE[op](total, chunk)
+        reduced[device] = total
+    return reduced
+
+
+def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic) -> list[np.ndarray]:
+    """One reshard step on every device; returns the new local arrays."""
+    out: list[np.ndarray] = []
+    if isinstance(step, Slice):
+        n = mesh.size(step.axis)
+        for device, block in enumerate(blocks):
+            k = device_coords(mesh, device)[step.axis]
+            size = block.shape[step.dim] // n
+            out.append(np.take(block, range(k * size, (k + 1) * size), axis=step.dim))
+        return out
+    if isinstance(step, AllGather):
+        for device in range(mesh.num_devices):
+            members = group_of(mesh, device, (step.axis,))
+            parts = [blocks[m] if m == device else traffic.send(m, blocks[m]) for m in members]
+            out.append(np.concatenate(parts, axis=step.dim))
+        return out
+    if isinstance(step, AllToAll):
+        n = mesh.size(step.axis)
+        for device in range(mesh.num_devices):
+            members = group_of(mesh, device, (step.axis,))
+            position = members.index(device)
+            parts = []
+            for member in members:
+                chunk = np.split(blocks[member], n, axis=step.dst_dim)[position]
+                parts.append(chunk if member == device else traffic.send(member, chunk))
+            out.append(np.concatenate(parts, axis=step.src_dim))
+        return out
+    if isinstance(step, Permute):
+        for device in range(mesh.num_devices):
+            coords = device_coords(mesh, device)
+            source = device_at(mesh, dict(coords, **{step.src_axis: coords[step.dst_axis],
+                                                     step.dst_axis: coords[step.src_axis]}))
+            out.append(traffic.send(source, blocks[source]).copy())
+        return out
+    if isinstance(step, ReduceScatter):
+        n = mesh.size(step.axis)
+        # Bring dimension `dim` first so that flat chunk k is block k of it.
+        moved = [np.moveaxis(b, step.dim, 0) for b in blocks]
+        reduced = _reduce_scatter_flat(moved, mesh, (step.axis,), step.op, traffic)
+        for device, block in enumerate(moved):
+            shape = (block.shape[0] // n,) + block.shape[1:]
+            size = int(np.prod(shape))
+            out.append(np.moveaxis(reduced[device][:size].reshape(shape), 0, step.dim))
+        return out
+    assert isinstance(step, AllReduce)
+    reduced = _reduce_scatter_flat(blocks, mesh, step.axes, step.op, traffic)
+    for device, block in enumerate(blocks):
+        members = group_of(mesh, device, step.axes)
+        parts = [reduced[m] if m == device else traffic.send(m, reduced[m]) for m in members]
+        out.append(np.concatenate(parts)[:block.size].reshape(block.shape))
+    return out
