@@ -842,7 +842,9 @@ class _Checker:
                     self.fail("E211", f"index {spec.name} has size {size} but dimension {position + 1} "
                                       f"of '{name}' ({value.type.indices[position]}) has size "
                                       f"{value.type.shape[position]}", spec.name.span)
-            layout = self.check_layout(item.indices, value.type.shape, f"output '{name}'")
+            # Listed indices are a layout even without any `@`: a whole (replicated) output.
+            layout = (self.check_layout(item.indices, value.type.shape, f"output '{name}'")
+                      or Layout.replicated(value.type.rank))
         self.outputs.append(Output(name.text, value.name, layout, item.span))
 
     def run(self) -> Program:

@@ -1038,7 +1038,8 @@ class _Builder:
             layout = None
             if self.chance(2):
                 written = self.bind(self.visible[name], info.indices)
-                layout = self.draw_layout(info.indices)
+                # Indices written on an output are a layout even without `@`: whole.
+                layout = self.draw_layout(info.indices) or tuple(() for _ in info.indices)
                 self.lines.append(f"output {name}{self.index_list(written, layout)}")
             else:
                 self.lines.append(f"output {name}")

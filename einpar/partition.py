@@ -1,0 +1,384 @@
+"""The partitioner: a layout for every value and a strategy for every op.
+
+For each op (after library ops are expanded), a strategy assigns every mesh
+axis one role, in the op's index space (the shardy way of writing sharding
+rules as einsums over factors):
+
+- split an index: every operand and the result that have that index are
+  split along the axis (an operand without it holds copies);
+- split a reduced index (a contraction's summed index, a reduction's index):
+  each device reduces its block, and the result is partial over the axis;
+- keep a partial value partial (`PARTIAL`), where the op is linear in it: a
+  sum of partial sums, a partial sum times a whole value, a contraction or a
+  sum of one partial operand, a max of partial maxima;
+- nothing: the axis holds copies and repeats the work.
+
+Every candidate is priced: the bytes of the reshards its operands need (a
+layout a value was already moved into is free to reuse), plus the bytes to
+deliver the result in the layout the program asks for there, then the FLOPs
+per device, then fewer collectives, then a fixed order of candidates, so the
+choice is deterministic. Layouts the user wrote are constraints; partial
+results stay partial until a consumer needs them whole, so the consumer's
+reshard picks a reduce-scatter when it wants the result split.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Union
+
+from .expand import expand_library
+from .flops import op_flops
+from .ir import (Apply, Arg, Cast, Einsum, Library, Map, Op, Output, Program, Reduce, Repeat,
+                 Route, Scalar)
+from .layout import Layout, Mesh
+from .reshard import ReshardPlan, plan_reshard
+
+PARTIAL = "(partial)"
+
+
+@dataclass(frozen=True)
+class Move:
+    """A value moved from one layout to another, before an op reads it or after it is made."""
+
+    value: str
+    tensor: str  # the program's name for it
+    plan: ReshardPlan
+    reason: str
+
+    @property
+    def src(self) -> Layout:
+        return self.plan.src
+
+    @property
+    def dst(self) -> Layout:
+        return self.plan.dst
+
+
+@dataclass(frozen=True)
+class Decision:
+    op: Op
+    assignment: tuple[tuple[str, str | None], ...]  # mesh axis -> index, PARTIAL or None
+    moves: tuple[Move, ...]  # operands moved into the layouts the strategy needs
+    operand_layouts: tuple[Layout, ...]
+    result_layout: Layout  # as the op computes it
+    constraint: Move | None  # the result moved into the layout the program asks for
+    rule: str  # the strategy in words
+
+    @property
+    def final_layout(self) -> Layout:
+        return self.constraint.dst if self.constraint else self.result_layout
+
+
+@dataclass(frozen=True)
+class RepeatDecision:
+    op: Repeat
+    entry: tuple[Move, ...]  # carried values made whole before the loop
+    carried_layouts: tuple[Layout, ...]
+    stacked_layouts: tuple[Layout, ...]
+    body: tuple["Step", ...]
+    exit: tuple[Move, ...]  # each trip's results moved back to the carried layouts
+
+
+Step = Union[Decision, RepeatDecision]
+
+
+@dataclass(frozen=True)
+class PartitionedProgram:
+    program: Program  # with library ops expanded
+    inputs: tuple[Layout, ...]  # the layout of each input, as declared
+    steps: tuple[Step, ...]
+    outputs: tuple[tuple[Output, Layout, Move | None], ...]  # output, final layout, last move
+
+
+def _linear_in(expr: Scalar, partial: set[int]) -> str:
+    """'partial' if the expression of partial sums `partial` is itself a partial sum,
+    'whole' if it reads none of them, 'no' otherwise."""
+    if isinstance(expr, Arg):
+        return "partial" if expr.index in partial else "whole"
+    if isinstance(expr, Cast):
+        return _linear_in(expr.arg, partial)
+    if not isinstance(expr, Apply):
+        return "whole"
+    kinds = [_linear_in(arg, partial) for arg in expr.args]
+    if "no" in kinds:
+        return "no"
+    if all(kind == "whole" for kind in kinds):
+        return "whole"
+    if expr.fn in ("add", "sub"):
+        return "partial" if all(kind == "partial" for kind in kinds) else "no"
+    if expr.fn == "mul":
+        return "partial" if kinds.count("partial") == 1 else "no"
+    if expr.fn == "div":
+        return "partial" if kinds == ["partial", "whole"] else "no"
+    if expr.fn == "neg":
+        return "partial"
+    return "no"
+
+
+def _axis_order(mesh: Mesh, axes: list[str]) -> tuple[str, ...]:
+    return tuple(a for a in mesh.names if a in axes)
+
+
+class _Partitioner:
+    def __init__(self, program: Program):
+        self.program = program
+        self.mesh = program.mesh
+        self.sizes = program.dim_sizes
+        self.values = program.values
+        self.available: dict[str, list[Layout]] = {}  # value -> layouts it is held in
+        self.tensor_names = {value.name: value.name for value in program.inputs}
+        # Inside a repeat body a stacked param's name means one trip's slice of it.
+        self.types = {}
+        # Outputs' values and the layouts they leave in (None: whichever, but whole).
+        self.output_layouts = {output.value: output.layout for output in program.outputs}
+
+    # ---- bookkeeping
+
+    def hold(self, value: str, layout: Layout) -> None:
+        held = self.available.setdefault(value, [])
+        if layout not in held:
+            held.append(layout)
+
+    def current(self, value: str) -> Layout:
+        return self.available[value][0]
+
+    def tensor(self, value: str) -> str:
+        return self.tensor_names.get(value, value.split(".")[0].split("#")[0])
+
+    def cheapest_move(self, value: str, want: Layout, reason: str) -> Move | None:
+        """The cheapest way to have `value` in `want`; None when it already is."""
+        held = self.available[value]
+        if want in held:
+            return None
+        vtype = self.types.get(value) or self.values[value].type
+        best = None
+        for src in held:
+            try:
+                plan = plan_reshard(src, want, vtype.shape, vtype.dtype, self.mesh)
+            except ValueError:
+                continue
+            if best is None or (plan.bytes_per_device, len(plan.steps)) < \
+                    (best.bytes_per_device, len(best.steps)):
+                best = plan
+        assert best is not None, (value, held, want)
+        return Move(value, self.tensor(value), best, reason)
+
+    # ---- candidates
+
+    def op_indices(self, op: Op) -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
+        """(index space, reduced indices, indices that must stay whole)."""
+        result = op.result.type.indices
+        space: list[str] = []
+        for operand in op.operands:
+            space.extend(i for i in operand.indices if i not in space)
+        space.extend(i for i in result if i not in space)
+        reduced = tuple(i for i in space if i not in result)
+        whole: set[str] = set()
+        if isinstance(op, Library):  # cumsum
+            whole.add(op.index)
+        if isinstance(op, Route):
+            whole |= {op.expert, op.capacity, op.token}
+        return tuple(space), reduced, whole
+
+    def partial_choice(self, op: Op, axis: str) -> tuple[str, tuple[int, ...]] | None:
+        """(kind, operands that stay partial) if `op` can keep values partial over `axis`."""
+        kinds = [self.current(o.value).partial_kind(axis) for o in op.operands]
+        partial = tuple(k for k, kind in enumerate(kinds) if kind is not None)
+        if not partial:
+            return None
+        kind = kinds[partial[0]]
+        if any(kinds[k] != kind for k in partial):
+            return None
+        if isinstance(op, Einsum) and kind == "sum" and len(partial) == 1:
+            return kind, partial
+        if isinstance(op, Reduce) and op.kind == kind:
+            return kind, partial
+        if isinstance(op, Map) and kind == "sum" and _linear_in(op.expr, set(partial)) == "partial":
+            return kind, partial
+        return None
+
+    def candidates(self, op: Op):
+        space, reduced, whole = self.op_indices(op)
+        per_axis = []
+        for axis in self.mesh.names:
+            options: list = [None] + [i for i in space if i not in whole]
+            partial = self.partial_choice(op, axis)
+            if partial is not None:
+                options.append(PARTIAL)
+            per_axis.append(options)
+        for choice in itertools.product(*per_axis):
+            assignment = dict(zip(self.mesh.names, choice))
+            split: dict[str, list[str]] = {}
+            for axis, index in assignment.items():
+                if index not in (None, PARTIAL):
+                    split.setdefault(index, []).append(axis)
+            if any(self.sizes[i] % _product(self.mesh.size(a) for a in axes)
+                   for i, axes in split.items()):
+                continue
+            yield assignment, {i: _axis_order(self.mesh, axes) for i, axes in split.items()}
+
+    def strategy_layouts(self, op: Op, assignment, split):
+        reduce_kind = "sum" if isinstance(op, Einsum) else getattr(op, "kind", "sum")
+        operand_layouts = []
+        for position, operand in enumerate(op.operands):
+            partial = []
+            for axis, role in assignment.items():
+                if role == PARTIAL:
+                    kind, partial_operands = self.partial_choice(op, axis)
+                    if position in partial_operands:
+                        partial.append((axis, kind))
+            operand_layouts.append(Layout(tuple(split.get(i, ()) for i in operand.indices),
+                                          tuple(partial)))
+        result = op.result.type.indices
+        partial = []
+        space, reduced, _ = self.op_indices(op)
+        for axis, role in assignment.items():
+            if role in reduced:
+                partial.append((axis, reduce_kind))
+            elif role == PARTIAL:
+                partial.append((axis, self.partial_choice(op, axis)[0]))
+        return operand_layouts, Layout(tuple(split.get(i, ()) for i in result), tuple(partial))
+
+    def decide(self, op: Op) -> Decision:
+        best = None
+        total_flops = op_flops(op, self.sizes)
+        constraint = op.result.layout
+        for order, (assignment, split) in enumerate(self.candidates(op)):
+            operand_layouts, result_layout = self.strategy_layouts(op, assignment, split)
+            moves = []
+            for operand, want in zip(op.operands, operand_layouts):
+                move = self.cheapest_move(operand.value, want,
+                                          f"{op.stmt} reads {self.tensor(operand.value)}")
+                if move is not None:
+                    moves.append(move)
+            cost = sum(m.plan.bytes_per_device for m in moves)
+            after = None
+            vtype = op.result.type
+            if constraint is not None and constraint != result_layout:
+                plan = plan_reshard(result_layout, constraint, vtype.shape, vtype.dtype, self.mesh)
+                after = Move(op.result.name, op.stmt, plan, f"{op.stmt} is asked for in this layout")
+                cost += plan.bytes_per_device
+            elif constraint is None:
+                cost += self.finishing_cost(op.result.name, result_layout)
+            parallel = _product(self.mesh.size(a) for a, role in assignment.items()
+                                if role not in (None, PARTIAL))
+            steps = sum(len(m.plan.steps) for m in moves) + (len(after.plan.steps) if after else 0)
+            key = (cost, total_flops // parallel, steps, order)
+            if best is None or key < best[0]:
+                best = (key, Decision(op, tuple(assignment.items()), tuple(moves),
+                                      tuple(operand_layouts), result_layout, after,
+                                      self.describe(op, assignment)))
+        return best[1]
+
+    def finishing_cost(self, value: str, layout: Layout) -> int:
+        """What the result will still cost to deliver, priced now so that deferring it
+        is not mistaken for free: exactly, for an output (into its layout, or whole);
+        for a partial value, the cheapest way to make it whole (a reduce-scatter into
+        some dimension, or an all-reduce); otherwise nothing."""
+        vtype = self.values[value].type
+        whole = Layout(layout.dims)
+        if value in self.output_layouts:
+            targets = [self.output_layouts[value] or whole]
+        elif layout.partial:
+            targets = [whole]
+            axes = _axis_order(self.mesh, [axis for axis, _ in layout.partial])
+            for dim, size in enumerate(vtype.shape):
+                split = whole.dims[dim] + axes
+                if size % _product(self.mesh.size(a) for a in split) == 0:
+                    targets.append(Layout(whole.dims[:dim] + (split,) + whole.dims[dim + 1:]))
+        else:
+            return 0
+        return min(plan_reshard(layout, target, vtype.shape, vtype.dtype, self.mesh).bytes_per_device
+                   for target in targets)
+
+    def describe(self, op: Op, assignment) -> str:
+        space, reduced, _ = self.op_indices(op)
+        words = []
+        for axis, role in assignment.items():
+            if role is None:
+                words.append(f"{axis}: copies")
+            elif role == PARTIAL:
+                words.append(f"{axis}: stays partial (the op is linear in it)")
+            elif role in reduced:
+                words.append(f"{axis}: splits {role}, which is reduced, so each device computes a "
+                             "partial result")
+            else:
+                words.append(f"{axis}: splits {role}")
+        return "; ".join(words) or "one device"
+
+    # ---- the walk
+
+    def run_ops(self, ops) -> list[Step]:
+        steps: list[Step] = []
+        for op in ops:
+            if isinstance(op, Repeat):
+                steps.append(self.repeat(op))
+                continue
+            decision = self.decide(op)
+            for move in decision.moves:
+                self.hold(move.value, move.dst)
+            self.tensor_names[op.result.name] = op.stmt
+            self.available[op.result.name] = [decision.final_layout]
+            if decision.constraint is not None:
+                self.hold(op.result.name, decision.result_layout)
+            steps.append(decision)
+        return steps
+
+    def repeat(self, op: Repeat) -> RepeatDecision:
+        entry, carried_layouts = [], []
+        for carried in op.carried:
+            now = self.current(carried.value)
+            whole = Layout(now.dims)
+            if now.partial:
+                move = self.cheapest_move(carried.value, whole, "a loop carries whole values")
+                entry.append(move)
+            self.available[carried.value] = [whole]
+            carried_layouts.append(whole)
+        stacked_layouts = []
+        for view in op.stacked:
+            full = self.values[view.name].layout
+            depth = len(self.values[view.name].stacked_by) - len(view.stacked_by)
+            layout = Layout(full.dims[depth:]) if full else Layout.replicated(view.type.rank)
+            self.available[view.name] = [layout]
+            self.types[view.name] = view.type
+            stacked_layouts.append(layout)
+        body = self.run_ops(op.body)
+        exit_moves = []
+        for carried, layout in zip(op.carried, carried_layouts):
+            move = self.cheapest_move(carried.body_result, layout, "the next trip reads it")
+            if move is not None:
+                exit_moves.append(move)
+            self.available[carried.value] = [layout]
+            self.available[carried.result.name] = [layout]
+            self.tensor_names[carried.result.name] = self.tensor(carried.value)
+        return RepeatDecision(op, tuple(entry), tuple(carried_layouts), tuple(stacked_layouts),
+                              tuple(body), tuple(exit_moves))
+
+    def run(self) -> PartitionedProgram:
+        inputs = []
+        for value in self.program.inputs:
+            layout = value.layout or Layout.replicated(value.type.rank)
+            self.available[value.name] = [layout]
+            inputs.append(layout)
+        steps = self.run_ops(self.program.ops)
+        outputs = []
+        for output in self.program.outputs:
+            now = self.current(output.value)
+            want = output.layout or Layout(now.dims)
+            move = self.cheapest_move(output.value, want, f"output {output.name}")
+            outputs.append((output, want, move))
+        return PartitionedProgram(self.program, tuple(inputs), tuple(steps), tuple(outputs))
+
+
+def _product(values) -> int:
+    total = 1
+    for value in values:
+        total *= value
+    return total
+
+
+def partition(program: Program) -> PartitionedProgram:
+    """Expand library ops, then choose a strategy for every op of `program`."""
+    return _Partitioner(expand_library(program)).run()
