@@ -156,3 +156,60 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
         parts = [reduced[m] if m == device else traffic.send(m, reduced[m]) for m in members]
         out.append(np.concatenate(parts)[:block.size].reshape(block.shape))
     return out
+
+
+# ---- running a whole SpmdProgram
+
+
+def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic) -> None:
+    from einpar.backends.reference import _Evaluator
+    from einpar.spmd import CollectiveStep, LocalStep, RepeatStep
+
+    evaluator = _Evaluator()
+    for step in steps:
+        if isinstance(step, LocalStep):
+            for env in envs:
+                evaluator.run((step.op,), env)
+        elif isinstance(step, CollectiveStep):
+            blocks = run_step(step.step, [env[step.src] for env in envs], mesh, traffic)
+            for env, block in zip(envs, blocks):
+                env[step.dst] = block
+        else:
+            assert isinstance(step, RepeatStep)
+            carried = [{inside: env[before] for before, inside, _, _ in step.carried} for env in envs]
+            for trip in range(step.count):
+                inner = []
+                for env, values in zip(envs, carried):
+                    trip_env = dict(env)
+                    trip_env.update(values)
+                    trip_env.update((inside, env[stacked][trip]) for stacked, inside in step.stacked)
+                    inner.append(trip_env)
+                _run_steps(step.body, inner, mesh, traffic)
+                carried = [{inside: trip_env[result] for _, inside, result, _ in step.carried}
+                           for trip_env in inner]
+            for env, values in zip(envs, carried):
+                for _, inside, _, after in step.carried:
+                    env[after] = values[inside]
+
+
+def run_spmd(program, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Traffic]:
+    """Run an SpmdProgram on every simulated device; returns the assembled outputs
+    (global arrays, by output name) and the bytes each device sent."""
+    from einpar.backends.reference import deep_recursion, numpy_dtype
+
+    mesh = program.mesh
+    envs: list[dict] = [{} for _ in range(mesh.num_devices)]
+    for name in program.inputs:
+        value = program.values[name]
+        array = np.asarray(inputs[name]).astype(numpy_dtype(value.type.dtype))
+        for env, block in zip(envs, scatter(array, value.layout, mesh)):
+            env[name] = block
+    traffic = Traffic(mesh.num_devices)
+    with np.errstate(all="ignore"), deep_recursion():
+        _run_steps(program.steps, envs, mesh, traffic)
+    outputs = {}
+    for output in program.outputs:
+        value = program.values[output.value]
+        outputs[output.name] = assemble([env[output.value] for env in envs], output.layout,
+                                        value.type.shape, mesh)
+    return outputs, traffic

@@ -1,0 +1,137 @@
+"""Lower a partitioned program to the SpmdProgram every device runs.
+
+Each op becomes a local op on local shapes, preceded by the collectives that
+move its operands into the layouts its strategy needs (a value already held
+in that layout is reused), and followed by the ones that deliver its result
+where the program asks for it. Values moved get new local names (`x~1`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .ir import Operand, TensorType, Value
+from .layout import Layout
+from .partition import Decision, Move, PartitionedProgram, RepeatDecision
+from .spmd import CollectiveStep, LocalStep, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue
+
+
+class _Lowering:
+    def __init__(self, partitioned: PartitionedProgram):
+        self.partitioned = partitioned
+        self.program = partitioned.program
+        self.mesh = self.program.mesh
+        self.values: dict[str, SpmdValue] = {}
+        self.held: dict[tuple[str, Layout], str] = {}  # (value, layout) -> local name
+        self.counter: dict[str, int] = {}
+        self.types: dict[str, TensorType] = {}  # per-trip types of stacked params
+
+    def type_of(self, value: str) -> TensorType:
+        return self.types.get(value) or self.program.values[value].type
+
+    def define(self, name: str, value: str, tensor: str, layout: Layout) -> None:
+        self.values[name] = SpmdValue(name, tensor, self.type_of(value), layout)
+        self.held[(value, layout)] = name
+
+    def fresh(self, value: str) -> str:
+        self.counter[value] = self.counter.get(value, 0) + 1
+        return f"{value}~{self.counter[value]}"
+
+    def move(self, move: Move | None, steps: list) -> None:
+        if move is None:
+            return
+        layout = move.src
+        name = self.held[(move.value, layout)]
+        shape, dtype = self.type_of(move.value).shape, self.type_of(move.value).dtype
+        for step in move.plan.steps:
+            after = step.apply(layout)
+            existing = self.held.get((move.value, after))
+            if existing is not None:
+                name, layout = existing, after
+                continue
+            new = self.fresh(move.value)
+            self.define(new, move.value, move.tensor, after)
+            steps.append(CollectiveStep(step, name, new, move.tensor, layout, after,
+                                        step.bytes_per_device(layout, shape, dtype, self.mesh),
+                                        move.reason))
+            name, layout = new, after
+
+    def local_value(self, value: Value, layout: Layout) -> Value:
+        shape = layout.local_shape(value.type.shape, self.mesh)
+        return replace(value, type=replace(value.type, shape=shape), layout=None)
+
+    def decision(self, decision: Decision, steps: list) -> None:
+        for move in decision.moves:
+            self.move(move, steps)
+        op = decision.op
+        operands = tuple(Operand(self.held[(o.value, layout)], o.indices)
+                         for o, layout in zip(op.operands, decision.operand_layouts))
+        result = self.local_value(op.result, decision.result_layout)
+        if hasattr(op, "operand"):
+            local = replace(op, operand=operands[0], result=result)
+        else:
+            local = replace(op, operands=operands, result=result)
+        self.define(op.result.name, op.result.name, op.stmt, decision.result_layout)
+        steps.append(LocalStep(local, decision.rule))
+        self.move(decision.constraint, steps)
+
+    def forget(self, value: str) -> None:
+        for key in [key for key in self.held if key[0] == value]:
+            del self.held[key]
+
+    def repeat(self, decision: RepeatDecision, steps: list) -> None:
+        op = decision.op
+        for move in decision.entry:
+            self.move(move, steps)
+        layouts = decision.carried_layouts
+        starts = [self.held[(c.value, layout)] for c, layout in zip(op.carried, layouts)]
+        tensors = [self.values[start].tensor for start in starts]
+        saved = dict(self.held)
+        # Inside the body a carried name means this trip's value, a stacked param's
+        # name this trip's slice: other copies of them are not valid there.
+        for carried, layout, tensor in zip(op.carried, layouts, tensors):
+            self.forget(carried.value)
+            self.define(f"{carried.value}~in", carried.value, tensor, layout)
+        for view, layout in zip(op.stacked, decision.stacked_layouts):
+            self.types[view.name] = view.type
+            self.forget(view.name)
+            self.define(f"{view.name}~trip", view.name, view.name, layout)
+        body: list = []
+        self.steps(decision.body, body)
+        for move in decision.exit:
+            self.move(move, body)
+        results = [self.held[(c.body_result, layout)] for c, layout in zip(op.carried, layouts)]
+        for view in op.stacked:
+            del self.types[view.name]
+        self.held = saved  # values made inside the body do not outlive it
+        for carried, layout, tensor in zip(op.carried, layouts, tensors):
+            self.define(carried.result.name, carried.result.name, tensor, layout)
+        steps.append(RepeatStep(
+            op.dim, op.count,
+            tuple((start, f"{c.value}~in", result, c.result.name)
+                  for c, start, result in zip(op.carried, starts, results)),
+            tuple((view.name, f"{view.name}~trip") for view in op.stacked), tuple(body)))
+
+    def steps(self, decisions, steps: list) -> None:
+        for decision in decisions:
+            if isinstance(decision, RepeatDecision):
+                self.repeat(decision, steps)
+            else:
+                self.decision(decision, steps)
+
+    def run(self) -> SpmdProgram:
+        for value, layout in zip(self.program.inputs, self.partitioned.inputs):
+            self.define(value.name, value.name, value.name, layout)
+        inputs = tuple(value.name for value in self.program.inputs)
+        steps: list = []
+        self.steps(self.partitioned.steps, steps)
+        outputs = []
+        for output, layout, move in self.partitioned.outputs:
+            self.move(move, steps)
+            outputs.append(SpmdOutput(output.name, self.held[(output.value, layout)], layout))
+        return SpmdProgram(self.program.file, self.mesh, self.values, inputs, tuple(steps),
+                           tuple(outputs))
+
+
+def lower(partitioned: PartitionedProgram) -> SpmdProgram:
+    return _Lowering(partitioned).run()

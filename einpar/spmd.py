@@ -1,0 +1,152 @@
+"""The SpmdProgram: the one program every device runs.
+
+Local ops are the IR's own op classes on local shapes (their operands name
+local values); collectives are reshard steps over named mesh axes, each with
+the value it reads and the value it makes. It is what `einpar compile`
+prints, what the backends execute and what the cost model prices, so the
+three always agree about what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from .ir import Op, TensorType, format_op
+from .layout import Layout, Mesh, format_type
+from .reshard import Step as ReshardStep
+from .reshard import describe_step
+
+COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "permute")
+
+
+@dataclass(frozen=True)
+class SpmdValue:
+    """A local value: a block (or partial block) of a global tensor."""
+
+    name: str  # the local name
+    tensor: str  # the program's name for it
+    type: TensorType  # global
+    layout: Layout
+
+    def local_shape(self, mesh: Mesh) -> tuple[int, ...]:
+        return self.layout.local_shape(self.type.shape, mesh)
+
+    def format(self) -> str:
+        return format_type(self.type.dtype, self.type.shape, self.layout)
+
+
+@dataclass(frozen=True)
+class LocalStep:
+    op: Op  # on local shapes
+    rule: str  # why this strategy, in words
+
+
+@dataclass(frozen=True)
+class CollectiveStep:
+    step: ReshardStep
+    src: str  # local value read
+    dst: str  # local value made
+    tensor: str
+    src_layout: Layout
+    dst_layout: Layout
+    bytes_per_device: int
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return self.step.kind
+
+
+@dataclass(frozen=True)
+class RepeatStep:
+    dim: str
+    count: int
+    # (value before the loop, name inside the body, body's result, value after the loop)
+    carried: tuple[tuple[str, str, str, str], ...]
+    stacked: tuple[tuple[str, str], ...]  # (stacked param, the name of one trip's slice in the body)
+    body: tuple["Step", ...]
+
+
+Step = Union[LocalStep, CollectiveStep, RepeatStep]
+
+
+@dataclass(frozen=True)
+class SpmdOutput:
+    name: str
+    value: str  # local value
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class SpmdProgram:
+    file: str
+    mesh: Mesh
+    values: dict  # local name -> SpmdValue
+    inputs: tuple[str, ...]  # local names of inputs and params (global names)
+    steps: tuple[Step, ...]
+    outputs: tuple[SpmdOutput, ...]
+
+
+def walk_steps(steps) -> list[Step]:
+    out = []
+    for step in steps:
+        out.append(step)
+        if isinstance(step, RepeatStep):
+            out.extend(walk_steps(step.body))
+    return out
+
+
+def collectives(program: SpmdProgram) -> list[CollectiveStep]:
+    """Every collective (slices excluded), once per appearance in the program text."""
+    return [s for s in walk_steps(program.steps)
+            if isinstance(s, CollectiveStep) and s.kind in COLLECTIVE_KINDS]
+
+
+def bytes_per_device(steps) -> int:
+    """Bytes each device sends running `steps`, repeat bodies counted once per trip."""
+    total = 0
+    for step in steps:
+        if isinstance(step, RepeatStep):
+            total += step.count * bytes_per_device(step.body)
+        elif isinstance(step, CollectiveStep):
+            total += step.bytes_per_device
+    return total
+
+
+def format_spmd(program: SpmdProgram) -> str:
+    """The per-device program as text: values with global and local shapes, steps, bytes."""
+    mesh = program.mesh
+    lines = [f"# {program.file}: {mesh} ({mesh.num_devices} devices), per device"]
+
+    def value_text(name: str) -> str:
+        value = program.values[name]
+        local = "[" + ",".join(map(str, value.local_shape(mesh))) + "]"
+        return f"{name}: {value.format()} local {local}"
+
+    for name in program.inputs:
+        lines.append(f"in   {value_text(name)}")
+
+    def emit(steps, indent: str) -> None:
+        for step in steps:
+            if isinstance(step, RepeatStep):
+                lines.append(f"{indent}repeat {step.dim}={step.count} {{")
+                for before, inside, result, after in step.carried:
+                    lines.append(f"{indent}  carry {inside} = {before}, then {result}")
+                emit(step.body, indent + "  ")
+                lines.append(f"{indent}}}")
+            elif isinstance(step, CollectiveStep):
+                lines.append(f"{indent}{value_text(step.dst)} = {describe_step(step.step)}"
+                             f"({step.src})  # {step.bytes_per_device} B/device: {step.reason}")
+            else:
+                text = format_op(step.op)[0]
+                head, _, body = text.partition(" = ")
+                body = body.split("  # line")[0]
+                lines.append(f"{indent}{value_text(step.op.result.name)} = {body}")
+    emit(program.steps, "")
+    for output in program.outputs:
+        lines.append(f"out  {output.name} = {output.value}: "
+                     f"{program.values[output.value].format()}")
+    lines.append(f"# {len(collectives(program))} collectives, "
+                 f"{bytes_per_device(program.steps)} bytes sent per device")
+    return "\n".join(lines)
