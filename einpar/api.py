@@ -21,7 +21,7 @@ from .ir import Program
 from .syntax import Module, parse
 
 __all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
-           "parse_overrides", "random_inputs", "load_inputs"]
+           "parse_overrides", "random_inputs", "load_inputs", "compile_spmd", "run_simulated"]
 
 
 def read_source(path: str | Path) -> str:
@@ -62,3 +62,20 @@ def run_reference(program: Program, inputs: dict[str, np.ndarray] | None = None,
 
     arrays = random_inputs(program, seed) if inputs is None else check_inputs(program, inputs, "inputs")
     return evaluate(program, arrays)
+
+
+def compile_spmd(program: Program):
+    """Partition and lower `program` to the SpmdProgram every device runs."""
+    from .lower import lower
+    from .partition import partition
+
+    return lower(partition(program))
+
+
+def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0):
+    """Run on simulated devices; returns (outputs by name as global arrays, bytes sent per device)."""
+    from .backends.numpy_sim import run_spmd
+
+    arrays = random_inputs(program, seed) if inputs is None else check_inputs(program, inputs, "inputs")
+    outputs, traffic = run_spmd(compile_spmd(program), arrays)
+    return outputs, traffic.sent

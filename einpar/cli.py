@@ -1,8 +1,8 @@
 """The `einpar` command: a thin shell over einpar.api.
 
     einpar check FILE [--set D=4096 tp=8] [--json]
-    einpar run FILE --backend reference [--inputs in.npz] [--seed N] [--save out.npz]
-    einpar compile FILE --emit ast|ir
+    einpar run FILE --backend reference|numpy [--inputs in.npz] [--seed N] [--save out.npz]
+    einpar compile FILE [--emit ast|ir|layouts|spmd] [--json]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
@@ -26,6 +26,8 @@ from .errors import EinparError, SourceMap, render_json, render_text
 from .flops import op_flops, program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
+from .spmd import format_spmd, to_json
+from .tolerance import compare
 
 
 class _UsageError(Exception):
@@ -54,8 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a program on a backend")
     common(run)
-    run.add_argument("--backend", choices=["reference"], default="reference",
-                     help="reference: unsharded NumPy evaluation (the oracle)")
+    run.add_argument("--backend", choices=["reference", "numpy"], default="reference",
+                     help="reference: unsharded NumPy evaluation (the oracle); numpy: every device "
+                          "simulated with NumPy, checked against the reference")
     run.add_argument("--inputs", metavar="IN.npz", help="arrays keyed by tensor name (else random)")
     run.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     run.add_argument("--save", metavar="OUT.npz", help="write the outputs to an .npz file")
@@ -63,7 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     comp = commands.add_parser("compile", help="print a stage of the compiler")
     common(comp)
-    comp.add_argument("--emit", choices=["ast", "ir"], default="ir", help="which stage to print")
+    comp.add_argument("--emit", choices=["ast", "ir", "layouts", "spmd"], default="spmd",
+                      help="which stage to print (default: the per-device program)")
     return parser
 
 
@@ -161,6 +165,49 @@ def _print_outputs(outputs: dict, out: Console) -> None:
     out.print(table)
 
 
+def _compile(args, program: Program, out: Console) -> int:
+    if args.emit == "ir":
+        text = format_program(program)
+        out.print(json.dumps({"ir": text}) if args.json else text, markup=False)
+        return 0
+    spmd = api.compile_spmd(program)
+    if args.json:
+        document = to_json(spmd)
+        if args.emit == "layouts":
+            document = {key: document[key] for key in ("mesh", "devices", "values")}
+        out.print(json.dumps(document, indent=2), markup=False)
+    elif args.emit == "layouts":
+        _print_layouts(spmd, out)
+    else:
+        _print_spmd(spmd, out)
+    return 0
+
+
+def _print_layouts(spmd, out: Console) -> None:
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("value", "tensor", "global", "local shape", "bytes/device"):
+        table.add_column(column, justify="right" if column == "bytes/device" else "left")
+    for value in spmd.values.values():
+        local = value.local_shape(spmd.mesh)
+        nbytes = DTYPE_BYTES[value.type.dtype]
+        for size in local:
+            nbytes *= size
+        table.add_row(value.name, value.tensor, value.format(), "[" + ",".join(map(str, local)) + "]",
+                      _format_bytes(nbytes))
+    out.print(table)
+
+
+def _print_spmd(spmd, out: Console) -> None:
+    for line in format_spmd(spmd).splitlines():
+        if line.startswith("#"):
+            out.print(Text(line, style="dim"))
+        elif " B/device: " in line:
+            code, _, note = line.partition("  # ")
+            out.print(Text(code, style="bold yellow") + Text("  # " + note, style="yellow"))
+        else:
+            out.print(Text(line))
+
+
 def _run(args, program: Program, out: Console, err: Console) -> int:
     import numpy as np
 
@@ -180,6 +227,8 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
     else:
         arrays = api.random_inputs(program, args.seed)
     outputs = evaluate(program, arrays)
+    if args.backend == "numpy":
+        return _run_simulated(args, program, arrays, outputs, out, save)
     if args.json:
         out.print(json.dumps({"backend": args.backend, "outputs": {
             name: {"dtype": str(a.dtype), "shape": list(a.shape),
@@ -197,6 +246,39 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
         if not args.json:
             out.print(f"saved {', '.join(outputs)} to {save}")
     return 0
+
+
+def _run_simulated(args, program: Program, arrays, reference, out: Console, save) -> int:
+    import numpy as np
+
+    from .backends.numpy_sim import run_spmd
+
+    spmd = api.compile_spmd(program)
+    outputs, traffic = run_spmd(spmd, arrays)
+    dtypes = {o.name: program.values[o.value].type.dtype for o in program.outputs}
+    results = [compare(name, dtypes[name], reference[name], outputs[name]) for name in reference]
+    sent = max(traffic.sent) if traffic.sent else 0
+    if args.json:
+        out.print(json.dumps({"backend": "numpy", "devices": program.mesh.num_devices,
+                              "bytes_sent_per_device": sent,
+                              "outputs": {r.name: {"error": r.error, "tolerance": r.tolerance,
+                                                   "ok": r.ok} for r in results}}, indent=2),
+                  markup=False)
+    else:
+        source = args.inputs or f"random inputs, seed {args.seed}"
+        out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})")
+        table = Table(show_edge=False, pad_edge=False, header_style="bold")
+        for column in ("output", "error vs reference", "tolerance", ""):
+            table.add_column(column, justify="left" if column == "output" else "right")
+        for r in results:
+            table.add_row(r.name, f"{r.error:.3g}", f"{r.tolerance:g}",
+                          Text("ok", style="green") if r.ok else Text("MISMATCH", style="bold red"))
+        out.print(table)
+        out.print(f"largest error {max((r.error for r in results), default=0.0):.3g}; "
+                  f"each device sent {sent:,} bytes")
+    if save is not None:
+        np.savez(save, **outputs)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 _print_check(program, out)
             return 0
         if args.command == "compile":
-            out.print(format_program(program), markup=False)
-            return 0
+            return _compile(args, program, out)
         return _run(args, program, out, err)
     except EinparError as error:
         _print_diagnostics(error, sources, args.json, out, err)

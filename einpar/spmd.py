@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from .flops import op_flops
 from .ir import Op, TensorType, format_op
 from .layout import Layout, Mesh, format_type
 from .reshard import Step as ReshardStep
@@ -150,3 +151,60 @@ def format_spmd(program: SpmdProgram) -> str:
     lines.append(f"# {len(collectives(program))} collectives, "
                  f"{bytes_per_device(program.steps)} bytes sent per device")
     return "\n".join(lines)
+
+
+def local_flops(program: SpmdProgram, steps=None) -> int:
+    """FLOPs each device computes, from the local shapes (repeat bodies once per trip)."""
+    total = 0
+    for step in program.steps if steps is None else steps:
+        if isinstance(step, RepeatStep):
+            total += step.count * local_flops(program, step.body)
+        elif isinstance(step, LocalStep):
+            sizes = dict(zip(step.op.result.type.indices, step.op.result.type.shape))
+            for operand in step.op.operands:
+                value = program.values[operand.value]
+                sizes.update(zip(operand.indices, value.local_shape(program.mesh)))
+            total += op_flops(step.op, sizes)
+    return total
+
+
+def to_json(program: SpmdProgram) -> dict:
+    """The documented JSON form of `einpar compile --json` (docs/cli.md)."""
+    mesh = program.mesh
+
+    def layout_text(value: SpmdValue, layout: Layout) -> str:
+        return format_type(value.type.dtype, value.type.shape, layout)
+
+    def step_json(step) -> dict:
+        if isinstance(step, RepeatStep):
+            return {"repeat": step.dim, "count": step.count,
+                    "carried": [{"before": b, "inside": i, "result": r, "after": a}
+                                for b, i, r, a in step.carried],
+                    "body": [step_json(inner) for inner in step.body]}
+        if isinstance(step, CollectiveStep):
+            value = program.values[step.dst]
+            return {"collective": step.kind, "axes": list(step.step.axes), "tensor": step.tensor,
+                    "src": step.src, "dst": step.dst, "src_layout": layout_text(value, step.src_layout),
+                    "dst_layout": layout_text(value, step.dst_layout),
+                    "bytes_per_device": step.bytes_per_device, "reason": step.reason}
+        op = step.op
+        return {"op": type(op).__name__.lower(), "result": op.result.name, "tensor": op.stmt,
+                "operands": [str(o) for o in op.operands], "text": format_op(op)[0].split("  # line")[0],
+                "rule": step.rule}
+
+    return {
+        "mesh": dict(mesh.axes),
+        "devices": mesh.num_devices,
+        "values": [{"name": v.name, "tensor": v.tensor, "global_shape": list(v.type.shape),
+                    "dtype": v.type.dtype, "layout": v.format(),
+                    "local_shape": list(v.local_shape(mesh))} for v in program.values.values()],
+        "steps": [step_json(step) for step in program.steps],
+        "collectives": [{"kind": c.kind, "axes": list(c.step.axes), "tensor": c.tensor,
+                         "src": layout_text(program.values[c.dst], c.src_layout),
+                         "dst": layout_text(program.values[c.dst], c.dst_layout),
+                         "bytes_per_device": c.bytes_per_device} for c in collectives(program)],
+        "outputs": [{"name": o.name, "value": o.value, "layout": program.values[o.value].format()}
+                    for o in program.outputs],
+        "totals": {"bytes_per_device": bytes_per_device(program.steps),
+                   "flops_per_device": local_flops(program)},
+    }
