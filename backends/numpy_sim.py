@@ -48,7 +48,8 @@ class Traffic:
 def scatter(value: np.ndarray, layout: Layout, mesh: Mesh) -> list[np.ndarray]:
     """Each device's block of a whole (not partial) value."""
     assert not layout.partial
-    return [np.ascontiguousarray(value[block_slices(layout, value.shape, mesh, d)])
+    # np.array copies into a fresh contiguous array and, unlike ascontiguousarray, keeps rank 0.
+    return [np.array(value[block_slices(layout, value.shape, mesh, d)])
             for d in range(mesh.num_devices)]
 
 

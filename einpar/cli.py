@@ -27,7 +27,7 @@ from .flops import op_flops, program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
 from .spmd import format_spmd, to_json
-from .tolerance import compare
+from .tolerance import compare, program_tolerance
 
 
 class _UsageError(Exception):
@@ -255,8 +255,8 @@ def _run_simulated(args, program: Program, arrays, reference, out: Console, save
 
     spmd = api.compile_spmd(program)
     outputs, traffic = run_spmd(spmd, arrays)
-    dtypes = {o.name: program.values[o.value].type.dtype for o in program.outputs}
-    results = [compare(name, dtypes[name], reference[name], outputs[name]) for name in reference]
+    tolerance = program_tolerance(program)
+    results = [compare(name, reference[name], outputs[name], tolerance) for name in reference]
     sent = max(traffic.sent) if traffic.sent else 0
     if args.json:
         out.print(json.dumps({"backend": "numpy", "devices": program.mesh.num_devices,

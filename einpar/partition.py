@@ -336,6 +336,8 @@ class _Partitioner:
                 entry.append(move)
             self.available[carried.value] = [whole]
             carried_layouts.append(whole)
+        # What the body moves or makes lives only inside it (the lowering drops it after).
+        saved = {value: list(layouts) for value, layouts in self.available.items()}
         stacked_layouts = []
         for view in op.stacked:
             full = self.values[view.name].layout
@@ -350,7 +352,8 @@ class _Partitioner:
             move = self.cheapest_move(carried.body_result, layout, "the next trip reads it")
             if move is not None:
                 exit_moves.append(move)
-            self.available[carried.value] = [layout]
+        self.available = saved
+        for carried, layout in zip(op.carried, carried_layouts):
             self.available[carried.result.name] = [layout]
             self.tensor_names[carried.result.name] = self.tensor(carried.value)
         return RepeatDecision(op, tuple(entry), tuple(carried_layouts), tuple(stacked_layouts),

@@ -1,0 +1,66 @@
+"""The NumPy device simulator computes what the reference computes, moving the bytes the plan declares."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from einpar.api import compile_source, compile_spmd, load, random_inputs
+from einpar.backends.numpy_sim import run_spmd
+from einpar.backends.reference import evaluate
+from einpar.spmd import bytes_per_device
+from einpar.testing import programs
+from einpar.tolerance import compare, program_tolerance
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("**/*.ein"))
+
+
+def check_against_reference(program, seed=0):
+    inputs = random_inputs(program, seed)
+    reference = evaluate(program, inputs)
+    spmd = compile_spmd(program)
+    outputs, traffic = run_spmd(spmd, inputs)
+    for output in program.outputs:
+        result = compare(output.name, reference[output.name], outputs[output.name],
+                         program_tolerance(program))
+        assert result.ok, (output.name, result.error, result.tolerance)
+    assert traffic.sent == [bytes_per_device(spmd.steps)] * program.mesh.num_devices
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(p.parent.parent)))
+def test_every_example_on_simulated_devices_equals_the_reference(path):
+    check_against_reference(load(path))
+
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(programs(max_statements=6, name_collisions=False))
+def test_random_programs_on_simulated_devices_equal_the_reference(generated):
+    check_against_reference(compile_source(generated.text, file="<generated>"))
+
+
+@pytest.mark.slow
+@settings(max_examples=1500, **SETTINGS)
+@given(programs(max_statements=10))
+def test_many_random_programs_on_simulated_devices_equal_the_reference(generated):
+    check_against_reference(compile_source(generated.text, file="<generated>"))
+
+
+def test_reused_layouts_are_not_moved_twice():
+    # k and v both read x gathered over sp; the gathered x is made once.
+    program = compile_source("""\
+mesh sp=4
+dim S=16 T=S D=8
+input x[S@sp, D]
+param w[D, D]
+y[T,D] = x[T,D] * 2
+z[T,D] = x[T,D] * 3
+u[S] = sum[T](y[T,D] * z[T,D] * x[S,D])
+output u[S]
+""")
+    spmd = compile_spmd(program)
+    moved = [step.src for step in spmd.steps if hasattr(step, "src")]
+    assert len(moved) == len(set(moved))
