@@ -16,7 +16,6 @@ from .flops import op_flops
 from .ir import Op, TensorType, format_op
 from .layout import Layout, Mesh, format_type
 from .reshard import Step as ReshardStep
-from .reshard import describe_step
 
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "permute")
 
@@ -104,6 +103,21 @@ def collectives(program: SpmdProgram) -> list[CollectiveStep]:
             if isinstance(s, CollectiveStep) and s.kind in COLLECTIVE_KINDS]
 
 
+def format_collective(step: CollectiveStep, indices: tuple[str, ...]) -> str:
+    """`all_to_all[sp](q, S -> B)`: the collective, its axes, the value and the dims it touches."""
+    move = step.step
+    axes = ",".join(move.axes) if move.kind != "permute" else f"{move.src_axis}->{move.dst_axis}"
+    if move.kind == "all_reduce":
+        detail = move.op
+    elif move.kind == "reduce_scatter":
+        detail = f"{move.op} -> {indices[move.dim]}"
+    elif move.kind == "all_to_all":
+        detail = f"{indices[move.src_dim]} -> {indices[move.dst_dim]}"
+    else:
+        detail = indices[move.dim]
+    return f"{move.kind}[{axes}]({step.src}, {detail})"
+
+
 def bytes_per_device(steps) -> int:
     """Bytes each device sends running `steps`, repeat bodies counted once per trip."""
     total = 0
@@ -137,8 +151,9 @@ def format_spmd(program: SpmdProgram) -> str:
                 emit(step.body, indent + "  ")
                 lines.append(f"{indent}}}")
             elif isinstance(step, CollectiveStep):
-                lines.append(f"{indent}{value_text(step.dst)} = {describe_step(step.step)}"
-                             f"({step.src})  # {step.bytes_per_device} B/device: {step.reason}")
+                call = format_collective(step, program.values[step.dst].type.indices)
+                lines.append(f"{indent}{value_text(step.dst)} = {call}  "
+                             f"# {step.bytes_per_device:,} B/device: {step.reason}")
             else:
                 text = format_op(step.op)[0]
                 head, _, body = text.partition(" = ")
@@ -149,7 +164,7 @@ def format_spmd(program: SpmdProgram) -> str:
         lines.append(f"out  {output.name} = {output.value}: "
                      f"{program.values[output.value].format()}")
     lines.append(f"# {len(collectives(program))} collectives, "
-                 f"{bytes_per_device(program.steps)} bytes sent per device")
+                 f"{bytes_per_device(program.steps):,} bytes sent per device")
     return "\n".join(lines)
 
 
