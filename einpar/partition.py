@@ -147,8 +147,8 @@ class _Partitioner:
     def tensor(self, value: str) -> str:
         return self.tensor_names.get(value, value.split(".")[0].split("#")[0])
 
-    def cheapest_move(self, value: str, want: Layout, reason: str) -> Move | None:
-        """The cheapest way to have `value` in `want`; None when it already is."""
+    def cheapest_plan(self, value: str, want: Layout) -> ReshardPlan | None:
+        """The cheapest reshard from a layout `value` is held in to `want`; None if held."""
         held = self.available[value]
         if want in held:
             return None
@@ -163,7 +163,11 @@ class _Partitioner:
                     (best.bytes_per_device, len(best.steps)):
                 best = plan
         assert best is not None, (value, held, want)
-        return Move(value, self.tensor(value), best, reason)
+        return best
+
+    def cheapest_move(self, value: str, want: Layout, reason: str) -> Move | None:
+        plan = self.cheapest_plan(value, want)
+        return None if plan is None else Move(value, self.tensor(value), plan, reason)
 
     # ---- candidates
 
@@ -199,13 +203,11 @@ class _Partitioner:
             return kind, partial
         return None
 
-    def candidates(self, op: Op):
-        space, reduced, whole = self.op_indices(op)
+    def candidates(self, op: Op, space, whole, partial_choices):
         per_axis = []
         for axis in self.mesh.names:
             options: list = [None] + [i for i in space if i not in whole]
-            partial = self.partial_choice(op, axis)
-            if partial is not None:
+            if partial_choices[axis] is not None:
                 options.append(PARTIAL)
             per_axis.append(options)
         for choice in itertools.product(*per_axis):
@@ -219,58 +221,63 @@ class _Partitioner:
                 continue
             yield assignment, {i: _axis_order(self.mesh, axes) for i, axes in split.items()}
 
-    def strategy_layouts(self, op: Op, assignment, split):
+    def strategy_layouts(self, op: Op, assignment, split, reduced, partial_choices):
         reduce_kind = "sum" if isinstance(op, Einsum) else getattr(op, "kind", "sum")
         operand_layouts = []
         for position, operand in enumerate(op.operands):
-            partial = []
-            for axis, role in assignment.items():
-                if role == PARTIAL:
-                    kind, partial_operands = self.partial_choice(op, axis)
-                    if position in partial_operands:
-                        partial.append((axis, kind))
+            partial = [(axis, partial_choices[axis][0]) for axis, role in assignment.items()
+                       if role == PARTIAL and position in partial_choices[axis][1]]
             operand_layouts.append(Layout(tuple(split.get(i, ()) for i in operand.indices),
                                           tuple(partial)))
-        result = op.result.type.indices
         partial = []
-        space, reduced, _ = self.op_indices(op)
         for axis, role in assignment.items():
             if role in reduced:
                 partial.append((axis, reduce_kind))
             elif role == PARTIAL:
-                partial.append((axis, self.partial_choice(op, axis)[0]))
+                partial.append((axis, partial_choices[axis][0]))
+        result = op.result.type.indices
         return operand_layouts, Layout(tuple(split.get(i, ()) for i in result), tuple(partial))
 
     def decide(self, op: Op) -> Decision:
-        best = None
+        space, reduced, whole = self.op_indices(op)
+        partial_choices = {axis: self.partial_choice(op, axis) for axis in self.mesh.names}
         total_flops = op_flops(op, self.sizes)
         constraint = op.result.layout
-        for order, (assignment, split) in enumerate(self.candidates(op)):
-            operand_layouts, result_layout = self.strategy_layouts(op, assignment, split)
-            moves = []
+        vtype = op.result.type
+        plans: dict = {}  # (value, layout) -> plan, within this op
+        best = None
+        for order, (assignment, split) in enumerate(self.candidates(op, space, whole, partial_choices)):
+            operand_layouts, result_layout = self.strategy_layouts(op, assignment, split, reduced,
+                                                                   partial_choices)
+            cost = steps = 0
             for operand, want in zip(op.operands, operand_layouts):
-                move = self.cheapest_move(operand.value, want,
-                                          f"{op.stmt} reads {self.tensor(operand.value)}")
-                if move is not None:
-                    moves.append(move)
-            cost = sum(m.plan.bytes_per_device for m in moves)
+                key = (operand.value, want)
+                if key not in plans:
+                    plans[key] = self.cheapest_plan(operand.value, want)
+                if plans[key] is not None:
+                    cost += plans[key].bytes_per_device
+                    steps += len(plans[key].steps)
             after = None
-            vtype = op.result.type
             if constraint is not None and constraint != result_layout:
-                plan = plan_reshard(result_layout, constraint, vtype.shape, vtype.dtype, self.mesh)
-                after = Move(op.result.name, op.stmt, plan, f"{op.stmt} is asked for in this layout")
-                cost += plan.bytes_per_device
+                after = plan_reshard(result_layout, constraint, vtype.shape, vtype.dtype, self.mesh)
+                cost += after.bytes_per_device
+                steps += len(after.steps)
             elif constraint is None:
                 cost += self.finishing_cost(op.result.name, result_layout)
             parallel = _product(self.mesh.size(a) for a, role in assignment.items()
                                 if role not in (None, PARTIAL))
-            steps = sum(len(m.plan.steps) for m in moves) + (len(after.plan.steps) if after else 0)
             key = (cost, total_flops // parallel, steps, order)
             if best is None or key < best[0]:
-                best = (key, Decision(op, tuple(assignment.items()), tuple(moves),
-                                      tuple(operand_layouts), result_layout, after,
-                                      self.describe(op, assignment)))
-        return best[1]
+                best = (key, assignment, operand_layouts, result_layout, after)
+        _, assignment, operand_layouts, result_layout, after = best
+        moves = tuple(Move(o.value, self.tensor(o.value), plans[(o.value, want)],
+                           f"{op.stmt} reads {self.tensor(o.value)}")
+                      for o, want in zip(op.operands, operand_layouts)
+                      if plans[(o.value, want)] is not None)
+        constraint_move = None if after is None else \
+            Move(op.result.name, op.stmt, after, f"{op.stmt} is asked for in this layout")
+        return Decision(op, tuple(assignment.items()), moves, tuple(operand_layouts), result_layout,
+                        constraint_move, self.describe(op, assignment, reduced))
 
     def finishing_cost(self, value: str, layout: Layout) -> int:
         """What the result will still cost to deliver, priced now so that deferring it
@@ -293,8 +300,7 @@ class _Partitioner:
         return min(plan_reshard(layout, target, vtype.shape, vtype.dtype, self.mesh).bytes_per_device
                    for target in targets)
 
-    def describe(self, op: Op, assignment) -> str:
-        space, reduced, _ = self.op_indices(op)
+    def describe(self, op: Op, assignment, reduced) -> str:
         words = []
         for axis, role in assignment.items():
             if role is None:

@@ -21,6 +21,7 @@ split into n equal chunks of ceil(elements / n) elements.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Union
 
 from .layout import DTYPE_BYTES, Layout, Mesh
@@ -256,8 +257,13 @@ def _add_splits(cur: Layout, dst: Layout, steps: list) -> Layout:
     return cur
 
 
+@lru_cache(maxsize=65536)
 def plan_reshard(src: Layout, dst: Layout, shape: tuple[int, ...], dtype: str, mesh: Mesh) -> ReshardPlan:
-    """The cheapest known steps from `src` to `dst` for a value of `shape` and `dtype`."""
+    """The cheapest known steps from `src` to `dst` for a value of `shape` and `dtype`.
+
+    A pure function of hashable arguments, cached: the partitioner asks the same
+    question for many candidate strategies.
+    """
     if src == dst:
         return ReshardPlan(src, dst, (), 0)
     for axis, op in dst.partial:

@@ -453,3 +453,59 @@ def test_check_does_not_import_jax(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- the per-device program
+
+CASE3 = "examples/matmul/case3_both_contracting_split.ein"
+
+
+def test_compile_prints_the_per_device_program_by_default(capsys, in_repo):
+    code, out, err = einpar(capsys, "compile", CASE3)
+    assert code == 0, err
+    assert "in   a: f32[256,512@y] local [256,128]" in out
+    assert "c: f32[256,1024] {sum: y} local [256,1024] = einsum(a[I,J], b[J,K])" in out
+    assert "reduce_scatter[y](c, sum -> I)  # 786,432 B/device" in out
+    assert out.rstrip().endswith("# 1 collectives, 786,432 bytes sent per device")
+
+
+def test_compile_json_follows_the_documented_schema(capsys, in_repo):
+    code, out, _ = einpar(capsys, "compile", CASE3, "--json")
+    document = json.loads(out)
+    assert document["mesh"] == {"y": 4} and document["devices"] == 4
+    assert document["collectives"] == [{
+        "kind": "reduce_scatter", "axes": ["y"], "tensor": "c", "src": "f32[256,1024] {sum: y}",
+        "dst": "f32[256@y,1024]", "bytes_per_device": 786432}]
+    assert document["totals"] == {"bytes_per_device": 786432,
+                                  "flops_per_device": 2 * 256 * 128 * 1024}
+    values = {value["name"]: value for value in document["values"]}
+    assert values["c~1"] == {"name": "c~1", "tensor": "c", "global_shape": [256, 1024],
+                             "dtype": "f32", "layout": "f32[256@y,1024]", "local_shape": [64, 1024]}
+
+
+def test_compile_emit_layouts_lists_every_value(capsys, in_repo):
+    code, out, _ = einpar(capsys, "compile", CASE3, "--emit", "layouts")
+    rows = table_rows(out)
+    assert rows["c~1"] == ["c", "f32[256@y,1024]", "[64,1024]", "256 KiB"]
+
+
+def test_run_on_simulated_devices_matches_the_reference(capsys, in_repo):
+    code, out, err = einpar(capsys, "run", "examples/moe/gshard.ein", "--backend", "numpy")
+    assert code == 0, err
+    assert "on 4 simulated devices" in out
+    assert "each device sent 196,608 bytes" in out
+
+
+def test_run_on_simulated_devices_exits_1_on_a_mismatch(capsys, in_repo, monkeypatch):
+    import einpar.backends.numpy_sim as numpy_sim
+
+    real = numpy_sim.run_spmd
+
+    def wrong(program, inputs):
+        outputs, traffic = real(program, inputs)
+        return {name: array + 1 for name, array in outputs.items()}, traffic
+
+    monkeypatch.setattr(numpy_sim, "run_spmd", wrong)
+    code, out, _ = einpar(capsys, "run", CASE3, "--backend", "numpy")
+    assert code == 1
+    assert "MISMATCH" in out
