@@ -85,3 +85,57 @@ def test_expert_parallel_moe_is_two_all_to_alls():
 def test_megatron_mlp_all_reduces_the_partial_output():
     assert collectives(partition(load("examples/mlp/megatron.ein"))) == \
         [("all_reduce", "y", 2 * 3 * (4 * 128 * 256 // 4) * 4)]
+
+
+def kinds_and_tensors(text):
+    return [(kind, tensor) for kind, tensor, _ in collectives(partition(compile_source(text)))]
+
+
+def test_partial_sums_stay_partial_through_a_sum_and_a_scale():
+    # Both contractions are partial over tp; their scaled sum is reduced once, at the end.
+    assert kinds_and_tensors("""\
+mesh tp=4
+dim I=64 J=64 K=64
+input a[I, J@tp]
+input b[J@tp, K]
+input c[I, J@tp]
+input d[J@tp, K]
+y[I, K] = 0.5 * (sum[J](a[I,J] * b[J,K]) + sum[J](c[I,J] * d[J,K]))
+output y[I@tp, K]
+""") == [("reduce_scatter", "y")]
+
+
+def test_softmax_over_a_split_index_finishes_partial_maxima_and_sums():
+    # Scores split over T: the row maximum and the row sum are partial over sp.
+    found = collectives(partition(compile_source("""\
+mesh sp=4
+dim S=8 T=64
+input s[S, T@sp]
+p[S, T@sp] = softmax[T](s[S,T])
+output p
+""")))
+    assert [(kind, tensor) for kind, tensor, _ in found] == [("all_reduce", "p"), ("all_reduce", "p")]
+    steps = [step for step in partition(compile_source("""\
+mesh sp=4
+dim S=8 T=64
+input s[S, T@sp]
+p[S, T@sp] = softmax[T](s[S,T])
+output p
+""")).steps]
+    partial_kinds = [step.result_layout.partial for step in steps if step.result_layout.partial]
+    assert partial_kinds == [(("sp", "max"),), (("sp", "sum"),)]
+
+
+def test_a_value_moved_once_is_reused():
+    found = kinds_and_tensors("""\
+mesh sp=4
+dim S=64 T=S D=8
+input x[S@sp, D]
+input w[D, D2]
+dim D2=8
+a[S, T] = x[S,D] * x[T,D]
+b[S, T] = x[S,D] * x[T,D] * 2
+output a
+output b
+""")
+    assert found.count(("all_gather", "x")) == 1
