@@ -133,6 +133,7 @@ class _Partitioner:
         self.types = {}
         # Outputs' values and the layouts they leave in (None: whichever, but whole).
         self.output_layouts = {output.value: output.layout for output in program.outputs}
+        self.choices: dict = {}  # decision_key -> the strategy chosen for ops alike
 
     # ---- bookkeeping
 
@@ -238,7 +239,46 @@ class _Partitioner:
         result = op.result.type.indices
         return operand_layouts, Layout(tuple(split.get(i, ()) for i in result), tuple(partial))
 
+    def decision_key(self, op: Op):
+        """Everything `choose` depends on, so that ops alike (the same layer, repeated)
+        are priced once: the op's kind and parameters, its operands' indices, dtypes and
+        held layouts, its result's indices and dtype, and what is asked of the result."""
+        if isinstance(op, Map):
+            detail = op.expr
+        elif isinstance(op, Reduce):
+            detail = (op.kind, op.over)
+        elif isinstance(op, Library):
+            detail = (op.kind, op.index)
+        elif isinstance(op, Route):
+            detail = (op.expert, op.capacity, op.k)
+        else:
+            detail = None
+        operands = tuple((o.indices, (self.types.get(o.value) or self.values[o.value].type).dtype,
+                          tuple(self.available[o.value])) for o in op.operands)
+        output = self.output_layouts.get(op.result.name, "-") \
+            if op.result.name in self.output_layouts else "not an output"
+        return (type(op), detail, operands, op.result.type.indices, op.result.type.dtype,
+                op.result.layout, output)
+
     def decide(self, op: Op) -> Decision:
+        key = self.decision_key(op)
+        if key not in self.choices:
+            self.choices[key] = self.choose(op)
+        assignment, operand_layouts, result_layout, after, reduced = self.choices[key]
+        moves = []
+        for operand, want in zip(op.operands, operand_layouts):
+            plan = self.cheapest_plan(operand.value, want)
+            if plan is not None:
+                moves.append(Move(operand.value, self.tensor(operand.value), plan,
+                                  f"{op.stmt} reads {self.tensor(operand.value)}"))
+        constraint_move = None if after is None else \
+            Move(op.result.name, op.stmt, after, f"{op.stmt} is asked for in this layout")
+        return Decision(op, tuple(assignment.items()), tuple(moves), tuple(operand_layouts),
+                        result_layout, constraint_move, self.describe(op, assignment, reduced))
+
+    def choose(self, op: Op):
+        """The cheapest strategy: (assignment, operand layouts, result layout, plan to the
+        constraint or None, reduced indices)."""
         space, reduced, whole = self.op_indices(op)
         partial_choices = {axis: self.partial_choice(op, axis) for axis in self.mesh.names}
         total_flops = op_flops(op, self.sizes)
@@ -270,14 +310,7 @@ class _Partitioner:
             if best is None or key < best[0]:
                 best = (key, assignment, operand_layouts, result_layout, after)
         _, assignment, operand_layouts, result_layout, after = best
-        moves = tuple(Move(o.value, self.tensor(o.value), plans[(o.value, want)],
-                           f"{op.stmt} reads {self.tensor(o.value)}")
-                      for o, want in zip(op.operands, operand_layouts)
-                      if plans[(o.value, want)] is not None)
-        constraint_move = None if after is None else \
-            Move(op.result.name, op.stmt, after, f"{op.stmt} is asked for in this layout")
-        return Decision(op, tuple(assignment.items()), moves, tuple(operand_layouts), result_layout,
-                        constraint_move, self.describe(op, assignment, reduced))
+        return assignment, operand_layouts, result_layout, after, reduced
 
     def finishing_cost(self, value: str, layout: Layout) -> int:
         """What the result will still cost to deliver, priced now so that deferring it

@@ -36,15 +36,21 @@ def test_every_example_on_simulated_devices_equals_the_reference(path):
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+# f32 and f64 only: generated programs may normalize over a handful of nearly equal
+# values, which turns a half-precision rounding difference (a different summation
+# order) into an error of any size; that is the program's conditioning, not sharding.
+PRECISE = ("f32", "f64")
+
+
 @settings(max_examples=100, **SETTINGS)
-@given(programs(max_statements=6, name_collisions=False))
+@given(programs(max_statements=6, name_collisions=False, dtypes=PRECISE))
 def test_random_programs_on_simulated_devices_equal_the_reference(generated):
     check_against_reference(compile_source(generated.text, file="<generated>"))
 
 
 @pytest.mark.slow
 @settings(max_examples=1500, **SETTINGS)
-@given(programs(max_statements=10))
+@given(programs(max_statements=10, dtypes=PRECISE))
 def test_many_random_programs_on_simulated_devices_equal_the_reference(generated):
     check_against_reference(compile_source(generated.text, file="<generated>"))
 
