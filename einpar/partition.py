@@ -266,11 +266,10 @@ class _Partitioner:
             self.choices[key] = self.choose(op)
         assignment, operand_layouts, result_layout, after, reduced = self.choices[key]
         moves = []
-        for operand, want in zip(op.operands, operand_layouts):
-            plan = self.cheapest_plan(operand.value, want)
+        for value, want in dict.fromkeys((o.value, want) for o, want in zip(op.operands, operand_layouts)):
+            plan = self.cheapest_plan(value, want)
             if plan is not None:
-                moves.append(Move(operand.value, self.tensor(operand.value), plan,
-                                  f"{op.stmt} reads {self.tensor(operand.value)}"))
+                moves.append(Move(value, self.tensor(value), plan, f"{op.stmt} reads {self.tensor(value)}"))
         constraint_move = None if after is None else \
             Move(op.result.name, op.stmt, after, f"{op.stmt} is asked for in this layout")
         return Decision(op, tuple(assignment.items()), tuple(moves), tuple(operand_layouts),
@@ -290,10 +289,10 @@ class _Partitioner:
             operand_layouts, result_layout = self.strategy_layouts(op, assignment, split, reduced,
                                                                    partial_choices)
             cost = steps = 0
-            for operand, want in zip(op.operands, operand_layouts):
-                key = (operand.value, want)
+            # A value read twice in one layout (x[S,D] * x[S,D]) is moved once.
+            for key in dict.fromkeys((o.value, want) for o, want in zip(op.operands, operand_layouts)):
                 if key not in plans:
-                    plans[key] = self.cheapest_plan(operand.value, want)
+                    plans[key] = self.cheapest_plan(*key)
                 if plans[key] is not None:
                     cost += plans[key].bytes_per_device
                     steps += len(plans[key].steps)
