@@ -107,23 +107,17 @@ output y[I@tp, K]
 
 def test_softmax_over_a_split_index_finishes_partial_maxima_and_sums():
     # Scores split over T: the row maximum and the row sum are partial over sp.
-    found = collectives(partition(compile_source("""\
+    partitioned = partition(compile_source("""\
 mesh sp=4
 dim S=8 T=64
 input s[S, T@sp]
 p[S, T@sp] = softmax[T](s[S,T])
 output p
-""")))
-    assert [(kind, tensor) for kind, tensor, _ in found] == [("all_reduce", "p"), ("all_reduce", "p")]
-    steps = [step for step in partition(compile_source("""\
-mesh sp=4
-dim S=8 T=64
-input s[S, T@sp]
-p[S, T@sp] = softmax[T](s[S,T])
-output p
-""")).steps]
-    partial_kinds = [step.result_layout.partial for step in steps if step.result_layout.partial]
-    assert partial_kinds == [(("sp", "max"),), (("sp", "sum"),)]
+"""))
+    assert [(kind, tensor) for kind, tensor, _ in collectives(partitioned)] == \
+        [("all_reduce", "p"), ("all_reduce", "p")]
+    partial = [step.result_layout.partial for step in partitioned.steps if step.result_layout.partial]
+    assert partial == [(("sp", "max"),), (("sp", "sum"),)]
 
 
 def test_a_value_moved_once_is_reused():
@@ -131,8 +125,6 @@ def test_a_value_moved_once_is_reused():
 mesh sp=4
 dim S=64 T=S D=8
 input x[S@sp, D]
-input w[D, D2]
-dim D2=8
 a[S, T] = x[S,D] * x[T,D]
 b[S, T] = x[S,D] * x[T,D] * 2
 output a
