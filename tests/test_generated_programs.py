@@ -424,9 +424,12 @@ def mistakes(generated: GeneratedProgram):
     found.append(("unknown mesh axis", "dim ZA=2\ninput zx[ZA@znothing]\n", None, "E202"))
     found.append(("unknown index", "dim ZA=2\ninput zx[ZA]\nzq[ZNOTHING] = zx[ZA]\n", None, "E200"))
     found.append(("unknown dtype", "dim ZA=2\ninput zx[ZA] : f8\n", None, "E205"))
-    found.append(("output with the wrong number of indices",
-                  f"output {first.name}[{','.join(first.indices + ('ZA',))}]\ndim ZA=2\n", None,
-                  "E210"))
+    # An input not yet an output, or the mistake would be a duplicate output (E233) first.
+    unlisted = [i for i in inputs if i.name not in {o.name for o in generated.outputs}]
+    if unlisted:
+        name, indices = unlisted[0].name, unlisted[0].indices
+        found.append(("output with the wrong number of indices",
+                      f"output {name}[{','.join(indices + ('ZA',))}]\ndim ZA=2\n", None, "E210"))
     found.append(("value used after its repeat block",
                   "dim ZL=2 ZA=2\ninput zx[ZA]\nrepeat ZL {\n  zl[ZA] = zx[ZA]\n}\n"
                   "zq[ZA] = zl[ZA]\n", None, "E234"))
