@@ -1,6 +1,10 @@
-"""Shared pytest options: `--update-goldens` rewrites golden outputs instead of comparing."""
+"""Shared pytest options: `--update-goldens` rewrites golden outputs instead of comparing;
+under CI, hypothesis runs a fixed (derandomized) set of examples."""
+
+import os
 
 import pytest
+from hypothesis import settings
 
 
 def pytest_addoption(parser):
@@ -11,3 +15,10 @@ def pytest_addoption(parser):
 @pytest.fixture
 def update_goldens(request) -> bool:
     return request.config.getoption("--update-goldens")
+
+
+# CI explores the same examples on every run, so that a submission's result does not
+# depend on luck; local runs keep exploring new ones (and remember failures).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
