@@ -70,3 +70,11 @@ output u[S]
     spmd = compile_spmd(program)
     moved = [step.src for step in spmd.steps if hasattr(step, "src")]
     assert len(moved) == len(set(moved))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_half_precision_examples_on_simulated_devices_equal_the_reference(dtype):
+    for name in ("mlp/megatron.ein", "attention/tensor_parallel.ein", "moe/gshard.ein"):
+        text = (EXAMPLES[0].parent.parent / name).read_text()
+        text = text.replace("dtype f32\n", "").replace("mesh ", f"dtype {dtype}\nmesh ", 1)
+        check_against_reference(compile_source(text, file=name))
