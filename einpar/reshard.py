@@ -288,17 +288,3 @@ def plan_reshard(src: Layout, dst: Layout, shape: tuple[int, ...], dtype: str, m
             layouts.append(step.apply(layouts[-1]))
         plans.append(ReshardPlan(src, dst, tuple(steps), total))
     return min(plans, key=lambda plan: (plan.bytes_per_device, len(plan.steps)))
-
-
-def describe_step(step: Step) -> str:
-    if isinstance(step, AllReduce):
-        return f"all_reduce({step.op}) over {','.join(step.axes)}"
-    if isinstance(step, ReduceScatter):
-        return f"reduce_scatter({step.op}) over {step.axis} into dim {step.dim}"
-    if isinstance(step, AllGather):
-        return f"all_gather over {step.axis} of dim {step.dim}"
-    if isinstance(step, AllToAll):
-        return f"all_to_all over {step.axis}: dim {step.src_dim} -> dim {step.dst_dim}"
-    if isinstance(step, Slice):
-        return f"slice dim {step.dim} over {step.axis}"
-    return f"permute dim {step.dim}: {step.src_axis} -> {step.dst_axis}"
