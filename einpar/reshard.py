@@ -184,13 +184,6 @@ class ReshardPlan:
     steps: tuple[Step, ...]
     bytes_per_device: int
 
-    def layouts(self) -> list[Layout]:
-        """The layout before each step, and the final one."""
-        out = [self.src]
-        for step in self.steps:
-            out.append(step.apply(out[-1]))
-        return out
-
 
 class ReshardError(ValueError):
     """No sequence of steps reaches `dst` (it asks for a partial value `src` is not)."""
