@@ -199,7 +199,6 @@ def place_implicit_sums(root: _Node, summed: tuple[str, ...]) -> _Node:
 class _Binding:
     value: Value | None  # None when poisoned by an earlier error
     span: Span | None
-    repeat_depth: int = 0
 
 
 @dataclass
@@ -492,7 +491,7 @@ class _Checker:
         per_trip = Value(spec.name.text, TensorType(dtype, indices, shape), item.kind, layout,
                          spec.name.span)
         self.versions[spec.name.text] = 1
-        scope.names[spec.name.text] = _Binding(per_trip, spec.name.span, self._depth(scope))
+        scope.names[spec.name.text] = _Binding(per_trip, spec.name.span)
         # Inside repeat blocks, the program takes the param stacked by every enclosing
         # repeat dim; each block sees it stacked by the blocks nested inside it.
         deeper: list[str] = []
@@ -512,13 +511,6 @@ class _Checker:
                                   tuple(self.dims[d] for d in stack) + vtype.shape)
         layout = Layout(((),) * len(stack) + value.layout.dims) if value.layout else None
         return replace(value, type=stacked_type, layout=layout, stacked_by=tuple(stack))
-
-    def _depth(self, scope: _Scope) -> int:
-        depth, s = 0, scope
-        while s is not None:
-            depth += s.repeat_dim is not None
-            s = s.parent
-        return depth
 
     def lookup_tensor(self, name, scope: _Scope) -> Value:
         binding = scope.lookup(name.text)
@@ -776,7 +768,7 @@ class _Checker:
         ops = lowering.lower_statement(rhs, result)
         if previous is not None and scope.owner_of(lhs.name.text) is not scope:
             scope.carried.setdefault(self._outer_value(scope, lhs.name.text), lhs.name.text)
-        scope.names[lhs.name.text] = _Binding(result, lhs.name.span, self._depth(scope))
+        scope.names[lhs.name.text] = _Binding(result, lhs.name.span)
         return ops
 
     def _outer_value(self, scope: _Scope, name: str) -> str:
@@ -803,7 +795,7 @@ class _Checker:
             carried.append(Carried(outer_value, final.name, result))
             owner = scope.owner_of(program_name)
             owner_binding = owner.names[program_name]
-            scope.names[program_name] = _Binding(result, owner_binding.span, self._depth(scope))
+            scope.names[program_name] = _Binding(result, owner_binding.span)
             if owner is not scope:
                 scope.carried.setdefault(self._outer_value(scope, program_name), program_name)
         for name, binding in inner.names.items():

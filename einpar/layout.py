@@ -90,9 +90,6 @@ class Layout:
     def is_replicated(self) -> bool:
         return not self.partial and all(not axes for axes in self.dims)
 
-    def axes_used(self) -> tuple[str, ...]:
-        return tuple(axis for axes in self.dims for axis in axes)
-
     def split_factor(self, dim: int, mesh: Mesh) -> int:
         factor = 1
         for axis in self.dims[dim]:

@@ -146,7 +146,7 @@ class _Partitioner:
         return self.available[value][0]
 
     def tensor(self, value: str) -> str:
-        return self.tensor_names.get(value, value.split(".")[0].split("#")[0])
+        return self.tensor_names[value]
 
     def cheapest_plan(self, value: str, want: Layout) -> ReshardPlan | None:
         """The cheapest reshard from a layout `value` is held in to `want`; None if held."""
