@@ -55,23 +55,6 @@ def test_many_random_programs_on_simulated_devices_equal_the_reference(generated
     check_against_reference(compile_source(generated.text, file="<generated>"))
 
 
-def test_reused_layouts_are_not_moved_twice():
-    # k and v both read x gathered over sp; the gathered x is made once.
-    program = compile_source("""\
-mesh sp=4
-dim S=16 T=S D=8
-input x[S@sp, D]
-param w[D, D]
-y[T,D] = x[T,D] * 2
-z[T,D] = x[T,D] * 3
-u[S] = sum[T](y[T,D] * z[T,D] * x[S,D])
-output u[S]
-""")
-    spmd = compile_spmd(program)
-    moved = [step.src for step in spmd.steps if hasattr(step, "src")]
-    assert len(moved) == len(set(moved))
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 def test_half_precision_examples_on_simulated_devices_equal_the_reference(dtype):
     for name in ("mlp/megatron.ein", "attention/tensor_parallel.ein", "moe/gshard.ein"):
