@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype
 from einpar.layout import Layout, Mesh, block_slices, device_at, device_coords
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice, Step
+from einpar.spmd import CollectiveStep, LocalStep, RepeatStep
 
 _COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 
@@ -163,9 +165,6 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
 
 
 def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic) -> None:
-    from einpar.backends.reference import _Evaluator
-    from einpar.spmd import CollectiveStep, LocalStep, RepeatStep
-
     evaluator = _Evaluator()
     for step in steps:
         if isinstance(step, LocalStep):
@@ -196,8 +195,6 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic) -> None:
 def run_spmd(program, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Traffic]:
     """Run an SpmdProgram on every simulated device; returns the assembled outputs
     (global arrays, by output name) and the bytes each device sent."""
-    from einpar.backends.reference import deep_recursion, numpy_dtype
-
     mesh = program.mesh
     envs: list[dict] = [{} for _ in range(mesh.num_devices)]
     for name in program.inputs:
