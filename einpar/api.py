@@ -5,7 +5,7 @@
     outputs = ein.run_reference(program, seed=0)
 
 Every function raises `einpar.errors.EinparError` (with diagnostics) for a
-problem in the user's program or inputs; nothing here imports JAX.
+problem in the user's program or inputs. Only `run_jax` starts JAX.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .ir import Program
 from .syntax import Module, parse
 
 __all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
-           "parse_overrides", "random_inputs", "load_inputs", "compile_spmd", "run_simulated"]
+           "parse_overrides", "random_inputs", "load_inputs", "compile_spmd", "run_simulated",
+           "emit_jax", "run_jax"]
 
 
 def read_source(path: str | Path) -> str:
@@ -79,3 +80,32 @@ def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None,
     arrays = random_inputs(program, seed) if inputs is None else check_inputs(program, inputs, "inputs")
     outputs, traffic = run_spmd(compile_spmd(program), arrays)
     return outputs, traffic.sent
+
+
+def emit_jax(program: Program, command: str = "") -> str:
+    """The program as a standalone JAX module (shard_map program and GSPMD twin); imports no JAX."""
+    from .backends.jax_codegen import write_module
+
+    return write_module(program, compile_spmd(program), command).source
+
+
+def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0, *,
+            cpu_devices: int | None = None, platform: str | None = None, distributed=None,
+            twin: bool = False, warmup: int = 2, repeat: int = 10):
+    """Run on the devices JAX sees (CPU devices made to measure when there is no accelerator).
+
+    Returns a `einpar.backends.jax_backend.JaxRun`: outputs, compile time and step times.
+    With `twin`, runs the GSPMD twin (XLA partitions the whole-array program) instead.
+    `distributed` is a `jax_backend.Distributed` for one process of several.
+    """
+    from .backends import jax_backend
+
+    arrays = random_inputs(program, seed) if inputs is None else check_inputs(program, inputs, "inputs")
+    watchdog = jax_backend.Watchdog(distributed)
+    try:
+        devices = jax_backend.start_devices(program.mesh.num_devices, cpu_devices=cpu_devices,
+                                            platform=platform, distributed=distributed)
+        return jax_backend.run(program, compile_spmd(program), arrays, devices, twin=twin,
+                               warmup=warmup, repeat=repeat)
+    finally:
+        watchdog.stop()

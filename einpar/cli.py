@@ -1,8 +1,10 @@
 """The `einpar` command: a thin shell over einpar.api.
 
     einpar check FILE [--set D=4096 tp=8] [--json]
-    einpar run FILE --backend reference|numpy [--inputs in.npz] [--seed N] [--save out.npz]
-    einpar compile FILE [--emit ast|ir|layouts|spmd] [--json]
+    einpar run FILE --backend reference|numpy|jax [--inputs in.npz] [--seed N] [--save out.npz]
+               [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
+               [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
+    einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
@@ -41,6 +43,18 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: error: {message}", self.format_usage().rstrip())
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="einpar", description="Compile, check, run and price sharded einsum programs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -56,18 +70,41 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a program on a backend")
     common(run)
-    run.add_argument("--backend", choices=["reference", "numpy"], default="reference",
+    run.add_argument("--backend", choices=["reference", "numpy", "jax"], default="reference",
                      help="reference: unsharded NumPy evaluation (the oracle); numpy: every device "
-                          "simulated with NumPy, checked against the reference")
+                          "simulated with NumPy; jax: the per-device program under jax.shard_map "
+                          "on real devices. numpy and jax are checked against the reference")
     run.add_argument("--inputs", metavar="IN.npz", help="arrays keyed by tensor name (else random)")
     run.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     run.add_argument("--save", metavar="OUT.npz", help="write the outputs to an .npz file")
     run.add_argument("--force", action="store_true", help="let --save overwrite an existing file")
+    jax = run.add_argument_group("jax backend")
+    jax.add_argument("--devices", type=_positive, metavar="N",
+                     help="CPU devices to start per process (default: as many as the mesh needs)")
+    jax.add_argument("--platform", choices=["cpu", "gpu", "tpu"],
+                     help="run on this platform only (default: accelerators if JAX finds any, else CPU)")
+    jax.add_argument("--repeat", type=_positive, default=10, metavar="N",
+                     help="timed steps after the warm-up (default 10); the median is reported")
+    jax.add_argument("--warmup", type=_count, default=2, metavar="N",
+                     help="untimed steps first (default 2)")
+    jax.add_argument("--twin", action="store_true",
+                     help="run the GSPMD twin instead: the whole-array program under jax.jit with "
+                          "the same input and output layouts, partitioned by XLA")
+    jax.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="join a run of several processes through jax.distributed; process 0 "
+                          "serves at this address (or set JAX_COORDINATOR_ADDRESS)")
+    jax.add_argument("--num-processes", type=_positive, metavar="N",
+                     help="processes in the run (or JAX_NUM_PROCESSES)")
+    jax.add_argument("--process-id", type=_count, metavar="I",
+                     help="this process's number, 0 to N-1 (or JAX_PROCESS_ID)")
+    jax.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="a run of several processes ends with an error after this long (default 120)")
 
     comp = commands.add_parser("compile", help="print a stage of the compiler")
     common(comp)
-    comp.add_argument("--emit", choices=["ast", "ir", "layouts", "spmd"], default="spmd",
-                      help="which stage to print (default: the per-device program)")
+    comp.add_argument("--emit", choices=["ast", "ir", "layouts", "spmd", "jax"], default="spmd",
+                      help="which stage to print (default: the per-device program); jax: a "
+                           "standalone Python module running it under jax.shard_map")
     return parser
 
 
@@ -166,6 +203,16 @@ def _print_outputs(outputs: dict, out: Console) -> None:
 
 
 def _compile(args, program: Program, out: Console) -> int:
+    if args.emit == "jax":
+        command = f"einpar compile {args.file} --emit jax" + "".join(
+            f" --set {item}" for group in args.set for item in group)
+        text = api.emit_jax(program, command)
+        if args.json:
+            out.print(json.dumps({"jax": text}), markup=False)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        return 0
     if args.emit == "ir":
         text = format_program(program)
         out.print(json.dumps({"ir": text}) if args.json else text, markup=False)
@@ -229,6 +276,8 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
     outputs = evaluate(program, arrays)
     if args.backend == "numpy":
         return _run_simulated(args, program, arrays, outputs, out, save)
+    if args.backend == "jax":
+        return _run_jax(args, program, arrays, outputs, out, save)
     if args.json:
         out.print(json.dumps({"backend": args.backend, "outputs": {
             name: {"dtype": str(a.dtype), "shape": list(a.shape),
@@ -279,6 +328,85 @@ def _run_simulated(args, program: Program, arrays, reference, out: Console, save
     if save is not None:
         np.savez(save, **outputs)
     return 0 if all(r.ok for r in results) else 1
+
+
+def _distributed(args):
+    """The multi-process settings from the flags, else from JAX's environment variables."""
+    from .backends.jax_backend import Distributed
+
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(value is None for value in given):
+        found = Distributed.from_environment()
+        return None if found is None else Distributed(found.coordinator, found.num_processes,
+                                                      found.process_id, args.timeout)
+    if any(value is None for value in given):
+        raise _UsageError("einpar run: error: --coordinator, --num-processes and --process-id go "
+                          "together")
+    return Distributed(args.coordinator, args.num_processes, args.process_id, args.timeout)
+
+
+def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> int:
+    import numpy as np
+
+    from .tolerance import compare_blocks
+
+    distributed = _distributed(args)
+    if distributed is not None and save is not None:
+        raise _UsageError("einpar run: error: --save needs the whole outputs, which no one process "
+                          "of several holds")
+    result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
+                         distributed=distributed, twin=args.twin, warmup=args.warmup,
+                         repeat=args.repeat)
+    tolerance = program_tolerance(program)
+    if result.outputs is not None:
+        results = [compare(name, reference[name], result.outputs[name], tolerance) for name in reference]
+    else:
+        results = [compare_blocks(name, reference[name], result.local_blocks[name], tolerance)
+                   for name in reference]
+    devices = result.devices
+    what = "the GSPMD twin" if args.twin else "einpar's per-device program"
+    where = f"{len(devices.devices)} {devices.platform} devices"
+    if devices.num_processes > 1:
+        where = (f"process {devices.process_id} of {devices.num_processes}, {devices.local_count} "
+                 f"of {len(devices.devices)} {devices.platform} devices")
+    times = sorted(result.step_times_s)
+    if args.json:
+        out.print(json.dumps({
+            "backend": "jax", "twin": args.twin, "platform": devices.platform,
+            "devices": len(devices.devices), "process_id": devices.process_id,
+            "num_processes": devices.num_processes, "compile_s": result.compile_s,
+            "step_s": result.step_s, "step_times_s": result.step_times_s,
+            "outputs": {r.name: {"error": r.error, "tolerance": r.tolerance, "ok": r.ok}
+                        for r in results}}, indent=2), markup=False)
+    else:
+        source = args.inputs or f"random inputs, seed {args.seed}"
+        out.print(f"{program.file}: {what} on {where} ({source})")
+        table = Table(show_edge=False, pad_edge=False, header_style="bold")
+        for column in ("output", "error vs reference", "tolerance", ""):
+            table.add_column(column, justify="left" if column == "output" else "right")
+        for r in results:
+            table.add_row(r.name, f"{r.error:.3g}", f"{r.tolerance:g}",
+                          Text("ok", style="green") if r.ok else Text("MISMATCH", style="bold red"))
+        out.print(table)
+        out.print(f"largest error {max((r.error for r in results), default=0.0):.3g}")
+        out.print(f"compile {_format_seconds(result.compile_s)}; step {_format_seconds(result.step_s)} "
+                  f"(median of {len(times)} after {args.warmup} warm-up; "
+                  f"{_format_seconds(times[0])} to {_format_seconds(times[-1])})")
+    if save is not None:
+        np.savez(save, **result.outputs)
+    if distributed is not None:
+        from .backends.jax_backend import shutdown
+
+        shutdown(distributed)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} µs"
 
 
 def main(argv: list[str] | None = None) -> int:

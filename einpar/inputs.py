@@ -29,7 +29,7 @@ def random_inputs(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
     unit scale through contractions and softmaxes do not saturate.
     """
     rng = np.random.default_rng(seed)
-    fan_in = _fan_in(program)
+    fan_in = fan_in_of(program)
     arrays: dict[str, np.ndarray] = {}
     for value in program.inputs:
         shape = value.type.shape
@@ -46,7 +46,7 @@ def random_inputs(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _fan_in(program: Program) -> dict[str, int]:
+def fan_in_of(program: Program) -> dict[str, int]:
     sizes = program.dim_sizes
     fan_in: dict[str, int] = {}
     for op in walk_ops(program.ops):

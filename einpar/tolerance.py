@@ -36,17 +36,32 @@ class Comparison:
         return self.error <= self.tolerance
 
 
+def _scale(reference: np.ndarray) -> float:
+    finite = reference[np.isfinite(reference)]
+    return max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+
+
+def _largest_difference(expected: np.ndarray, got: np.ndarray) -> float:
+    if expected.shape != got.shape:
+        return float("inf")
+    if expected.size == 0:
+        return 0.0
+    same_nan = np.isnan(expected) & np.isnan(got)
+    same_inf = np.isinf(expected) & (expected == got)
+    difference = float(np.max(np.where(same_nan | same_inf, 0.0, np.abs(expected - got))))
+    return 0.0 if np.isnan(difference) else difference
+
+
 def compare(name: str, reference: np.ndarray, other: np.ndarray, tolerance: float) -> Comparison:
     expected = np.asarray(reference).astype(np.float64)
     got = np.asarray(other).astype(np.float64)
-    if expected.shape != got.shape:
-        return Comparison(name, float("inf"), tolerance)
-    if expected.size == 0:
-        return Comparison(name, 0.0, tolerance)
-    same_nan = np.isnan(expected) & np.isnan(got)
-    same_inf = np.isinf(expected) & (expected == got)
-    difference = np.where(same_nan | same_inf, 0.0, np.abs(expected - got))
-    finite = expected[np.isfinite(expected)]
-    scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
-    error = float(np.max(difference)) / scale
-    return Comparison(name, 0.0 if np.isnan(error) else error, tolerance)
+    return Comparison(name, _largest_difference(expected, got) / _scale(expected), tolerance)
+
+
+def compare_blocks(name: str, reference: np.ndarray, blocks, tolerance: float) -> Comparison:
+    """`compare` for the blocks of an output one process holds: (index, block) pairs, each
+    checked against that part of the whole reference, at the whole reference's scale."""
+    expected = np.asarray(reference).astype(np.float64)
+    worst = max((_largest_difference(expected[index], np.asarray(block).astype(np.float64))
+                 for index, block in blocks), default=0.0)
+    return Comparison(name, worst / _scale(expected), tolerance)

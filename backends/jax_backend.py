@@ -1,0 +1,275 @@
+"""The JAX backend: run a program's per-device code on the devices JAX sees.
+
+The program is written out as a JAX module (`jax_codegen`) and that very
+text is executed: `per_device` under `jax.shard_map` on a mesh of real
+devices, or `global_program` under `jax.jit` for the GSPMD twin. Devices:
+
+- with no accelerator, JAX is asked for as many CPU devices as the mesh
+  needs (or `cpu_devices`), which must happen before JAX starts its backends;
+- on GPUs or TPUs the real devices are used, and a mesh larger than what is
+  there is an E400 diagnostic (`platform="cpu"` runs on CPU devices instead);
+- with `Distributed`, several processes (hosts) form one mesh through
+  `jax.distributed`; each process feeds its own blocks of the inputs and
+  checks its own blocks of the outputs. A watchdog bounds the whole run, so a
+  lost peer or an unreachable coordinator ends every process with E401/E402
+  instead of a hang.
+
+Every JAX import of einpar is in this package (`einpar check` never starts JAX).
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from einpar.errors import Diagnostic, EinparError
+from einpar.ir import Program
+from einpar.spmd import SpmdProgram
+
+from .jax_codegen import write_module
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """One process of a run of several, which form one mesh through jax.distributed."""
+
+    coordinator: str  # HOST:PORT of process 0, which serves the coordination service
+    num_processes: int
+    process_id: int
+    timeout_s: float = 120.0  # the whole run, from start-up to shutdown
+
+    @staticmethod
+    def from_environment() -> "Distributed | None":
+        """The JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, if set."""
+        address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+        if not address:
+            return None
+        try:
+            return Distributed(address, int(os.environ.get("JAX_NUM_PROCESSES", "")),
+                               int(os.environ.get("JAX_PROCESS_ID", "")))
+        except ValueError:
+            raise EinparError(Diagnostic(
+                "E401", "JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES or JAX_PROCESS_ID "
+                        "is not a number", hint="set all three, or pass --coordinator, "
+                                                "--num-processes and --process-id"), usage=True) from None
+
+
+@dataclass
+class Devices:
+    """The devices a run uses, as JAX reported them."""
+
+    platform: str  # cpu, gpu, tpu
+    devices: list  # the mesh's devices, in mesh order (global across processes)
+    process_id: int = 0
+    num_processes: int = 1
+
+    @property
+    def local_count(self) -> int:
+        return sum(1 for d in self.devices if d.process_index == self.process_id)
+
+
+def _jax():
+    import jax
+
+    return jax
+
+
+def start_devices(needed: int, *, cpu_devices: int | None = None, platform: str | None = None,
+                  distributed: Distributed | None = None) -> Devices:
+    """Start JAX with the devices a mesh of `needed` devices asks for."""
+    jax = _jax()
+    processes = distributed.num_processes if distributed else 1
+    if distributed is not None and not 0 <= distributed.process_id < processes:
+        raise EinparError(Diagnostic(
+            "E401", f"process id {distributed.process_id} is not one of the {processes} processes "
+                    f"(0 to {processes - 1})"), usage=True)
+    per_process = cpu_devices if cpu_devices is not None else -(-needed // processes)
+    if cpu_devices is not None and cpu_devices * processes < needed:
+        raise EinparError(Diagnostic(
+            "E400", f"the mesh needs {needed} devices; --devices {cpu_devices} gives "
+                    f"{cpu_devices * processes}",
+            hint=f"pass --devices {per_process if processes == 1 else -(-needed // processes)} or more"))
+    _configure(jax, "jax_num_cpu_devices", per_process)
+    if platform is not None:
+        _configure(jax, "jax_platforms", platform)
+    if distributed is not None:
+        _initialize_distributed(jax, distributed)
+    try:
+        devices = jax.devices()
+    except RuntimeError as error:  # e.g. a platform asked for that is not installed
+        raise EinparError(Diagnostic("E400", f"JAX found no {platform or 'usable'} devices: "
+                                             f"{str(error).splitlines()[0]}")) from None
+    kind = devices[0].platform
+    if len(devices) < needed:
+        if kind == "cpu":
+            hint = (f"JAX had started before einpar could ask for {needed} CPU devices; start it "
+                    f"with XLA_FLAGS=--xla_force_host_platform_device_count={needed}")
+        else:
+            hint = f"pass --platform cpu to run on {needed} CPU devices instead"
+        raise EinparError(Diagnostic(
+            "E400", f"the mesh needs {needed} devices, but JAX sees {len(devices)} {kind} "
+                    f"device{'s' if len(devices) != 1 else ''}"
+                    + (f" across {processes} processes" if processes > 1 else ""), hint=hint))
+    return Devices(kind, devices[:needed], jax.process_index(), jax.process_count())
+
+
+def _configure(jax, option: str, value) -> None:
+    """Set a JAX option that only counts before its backends start (and say so if too late)."""
+    if jax.config.values.get(option) == value:
+        return
+    try:
+        jax.config.update(option, value)
+    except RuntimeError:
+        pass  # JAX has started already; start_devices reports what it then lacks
+
+
+def _initialize_distributed(jax, distributed: Distributed) -> None:
+    timeout = max(1, int(distributed.timeout_s))
+    try:
+        jax.distributed.initialize(
+            coordinator_address=distributed.coordinator,
+            num_processes=distributed.num_processes,
+            process_id=distributed.process_id,
+            initialization_timeout=timeout,
+            # A peer that stops answering is noticed within this time; the watchdog
+            # bounds the rest of the run.
+            heartbeat_timeout_seconds=max(5, timeout // 4),
+            shutdown_timeout_seconds=max(5, timeout // 4))
+    except Exception as error:  # the coordinator's errors are XlaRuntimeError or RuntimeError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EinparError(Diagnostic(
+            "E401", f"process {distributed.process_id} of {distributed.num_processes} could not join "
+                    f"the mesh through the coordinator at {distributed.coordinator}",
+            hint=f"is process 0 running with the same --coordinator and --num-processes, and is "
+                 f"the port reachable? ({first[:200]})")) from None
+
+
+class Watchdog:
+    """Ends this process with E402 if a run of several processes outlasts its time.
+
+    A collective waits for every peer; if one died, it would wait forever. The
+    message is written straight to stderr because the main thread may be stuck.
+    """
+
+    def __init__(self, distributed: Distributed | None):
+        self.timer = None
+        if distributed is not None:
+            self.timer = threading.Timer(distributed.timeout_s, self._expire, (distributed,))
+            self.timer.daemon = True
+            self.timer.start()
+
+    @staticmethod
+    def _expire(distributed: Distributed) -> None:
+        sys.stderr.write(
+            f"error[E402]: process {distributed.process_id} of {distributed.num_processes} did not "
+            f"finish within {distributed.timeout_s:g} s\n"
+            f"  = hint: another process may have died or never started, or the coordinator at "
+            f"{distributed.coordinator} is unreachable; --timeout sets the limit\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+# ---- loading the written module
+
+
+def load_module(program: Program, spmd: SpmdProgram, command: str = "") -> types.ModuleType:
+    """Execute the JAX module for `program`; its functions can then be called."""
+    written = write_module(program, spmd, command)
+    filename = f"<einpar-jax {program.file}>"
+    # Registered with linecache so that tracebacks into the module show its lines.
+    linecache.cache[filename] = (len(written.source), None, written.source.splitlines(True), filename)
+    module = types.ModuleType("einpar_jax_program")
+    module.__file__ = filename
+    exec(compile(written.source, filename, "exec"), module.__dict__)
+    return module
+
+
+# ---- running
+
+
+@dataclass
+class JaxRun:
+    """What one run produced: outputs, timings, and where it ran."""
+
+    devices: Devices
+    compile_s: float
+    step_times_s: list[float]
+    # Whole outputs when this process can see every block; else None.
+    outputs: dict[str, np.ndarray] | None
+    # This process's blocks of each output: (index into the global array, block).
+    local_blocks: dict[str, list[tuple[tuple[slice, ...], np.ndarray]]] = field(default_factory=dict)
+
+    @property
+    def step_s(self) -> float:
+        """The median step time."""
+        times = sorted(self.step_times_s)
+        return times[len(times) // 2] if times else float("nan")
+
+
+def _x64(jax, on: bool):
+    from contextlib import nullcontext
+
+    return jax.enable_x64(True) if on else nullcontext()
+
+
+def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
+        twin: bool = False, warmup: int = 2, repeat: int = 10) -> JaxRun:
+    """Run einpar's per-device program (or with `twin`, the GSPMD twin) on `devices`.
+
+    `inputs` are whole arrays by tensor name; each process places only the
+    blocks its own devices hold. Times: compile (trace, lower, XLA compile),
+    then `repeat` steps after `warmup`, each waited for.
+    """
+    jax = _jax()
+    module = load_module(program, spmd)
+    with _x64(jax, module.X64):
+        axis_type = jax.sharding.AxisType.Auto if twin else jax.sharding.AxisType.Explicit
+        mesh = module.make_mesh(devices.devices, axis_types=axis_type)
+        step = module.gspmd_step(mesh) if twin else module.spmd_step(mesh)
+        args = module.place(inputs, mesh)
+        start = time.perf_counter()
+        compiled = step.lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(warmup):
+            outputs = jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            outputs = jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - start)
+        if not warmup and not repeat:
+            outputs = jax.block_until_ready(compiled(*args))
+    whole = None
+    if all(array.is_fully_addressable for array in outputs.values()):
+        whole = {name: np.asarray(array) for name, array in outputs.items()}
+    blocks = {name: [(shard.index, np.asarray(shard.data)) for shard in array.addressable_shards]
+              for name, array in outputs.items()}
+    return JaxRun(devices, compile_s, times, whole, blocks)
+
+
+def compiled_hlo(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray],
+                 devices: Devices, *, twin: bool) -> str:
+    """The optimized HLO text XLA compiles for the program (or its GSPMD twin)."""
+    jax = _jax()
+    module = load_module(program, spmd)
+    with _x64(jax, module.X64):
+        axis_type = jax.sharding.AxisType.Auto if twin else jax.sharding.AxisType.Explicit
+        mesh = module.make_mesh(devices.devices, axis_types=axis_type)
+        step = module.gspmd_step(mesh) if twin else module.spmd_step(mesh)
+        return step.lower(*module.place(inputs, mesh)).compile().as_text()
+
+
+def shutdown(distributed: Distributed | None) -> None:
+    if distributed is not None:
+        _jax().distributed.shutdown()

@@ -1,0 +1,631 @@
+"""Write a program as a readable, standalone JAX module (`einpar compile --emit jax`).
+
+The module holds two functions of the same program:
+
+- `per_device`: einpar's SpmdProgram, the code every device runs under
+  `jax.shard_map` on local blocks, with each collective written out
+  (`lax.psum`, `lax.all_gather(tiled=True)`, `lax.psum_scatter`,
+  `lax.all_to_all`, `lax.ppermute`);
+- `global_program`: the program on whole arrays in plain `jax.numpy`, which
+  under `jax.jit` with the same input and output shardings (and the layouts
+  the user wrote as sharding constraints) XLA partitions by itself: the GSPMD
+  twin einpar is measured against.
+
+The JAX backend runs exactly this text, so what `--emit jax` prints is what
+ran. Writing text needs no JAX: this module imports none.
+
+Numerics follow the reference backend: half-precision values are computed
+in float32 and rounded when stored, contractions use full float32 precision.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+from dataclasses import dataclass
+
+from einpar.inputs import fan_in_of
+from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
+                       Reduce, Repeat, Route, Scalar, walk_ops)
+from einpar.layout import Layout, Mesh
+from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice
+from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
+
+JNP_DTYPES = {"f64": "jnp.float64", "f32": "jnp.float32", "bf16": "jnp.bfloat16",
+              "f16": "jnp.float16", "i32": "jnp.int32", "bool": "jnp.bool_"}
+
+# Names the module defines or imports: a program value never takes one of them.
+_RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "lax", "P", "AxisType",
+             "NamedSharding", "PRECISION", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
+             "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
+             "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
+             "timed", "main", "float", "int", "range", "len", "dict", "tuple", "print", "max", "min",
+             "sum", "abs", "round", "None", "True", "False"}
+
+
+def _compute_dtype(dtype: str) -> str:
+    return "f32" if dtype in ("f16", "bf16") else dtype
+
+
+class Names:
+    """Python identifiers for the program's value names, one each, never colliding.
+
+    `h.1` -> `h_1`, `x#2` -> `x_v2`, `x~1` -> `x_r1` (a moved copy), `x~in` -> `x_in`.
+    """
+
+    def __init__(self):
+        self.table: dict[str, str] = {}
+        self.used: set[str] = set(_RESERVED)
+
+    def __call__(self, name: str) -> str:
+        if name in self.table:
+            return self.table[name]
+        text = name.replace(".", "_").replace("#", "_v")
+        text = "".join(ch if ch.isalnum() or ch == "_" else "_"
+                       for ch in text.replace("~in", "_in").replace("~trip", "_trip").replace("~", "_r"))
+        if not text or text[0].isdigit():
+            text = "v_" + text
+        if keyword.iskeyword(text) or text in self.used:
+            base, n = text, 2
+            while f"{base}_{n}" in self.used:
+                n += 1
+            text = f"{base}_{n}"
+        self.table[name] = text
+        self.used.add(text)
+        return text
+
+
+def partition_spec(layout: Layout) -> str:
+    """`P("dp", None, ("tp", "sp"))` for a layout (partial sums have no spec)."""
+    assert not layout.partial, layout
+    parts = []
+    for axes in layout.dims:
+        if not axes:
+            parts.append("None")
+        elif len(axes) == 1:
+            parts.append(repr(axes[0]))
+        else:
+            parts.append("(" + ", ".join(map(repr, axes)) + ")")
+    return "P(" + ", ".join(parts) + ")"
+
+
+def align(text: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
+    """`text` (indexed by `have`) transposed to the order of `want`, with new axes where
+    `want` has indices `have` lacks, so that it broadcasts against `want`."""
+    present = [i for i in want if i in have]
+    assert set(present) == set(have), (have, want)
+    order = [have.index(i) for i in present]
+    if order != sorted(order):
+        text = f"{text}.transpose({', '.join(map(str, order))})"
+    subscript = [":" if i in have else "None" for i in want]
+    while subscript and subscript[0] == "None":  # broadcasting adds leading axes by itself
+        subscript.pop(0)
+    if "None" in subscript:
+        text = f"{text}[{', '.join(subscript)}]"
+    return text
+
+
+def _letters(operands: tuple[Operand, ...], out: tuple[str, ...]) -> str:
+    letters: dict[str, str] = {}
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def word(indices):
+        for index in indices:
+            letters.setdefault(index, alphabet[len(letters)])
+        return "".join(letters[i] for i in indices)
+
+    return ",".join(word(o.indices) for o in operands) + "->" + word(out)
+
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
+          "le": "<=", "eq": "==", "ne": "!="}
+_CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.tanh",
+          "sigmoid": "jax.nn.sigmoid", "silu": "jax.nn.silu", "abs": "jnp.abs",
+          "square": "jnp.square", "where": "jnp.where", "max2": "jnp.maximum", "min2": "jnp.minimum"}
+
+
+class OpWriter:
+    """Lines of Python for IR ops. `dtype_of(name)` gives a value's dtype."""
+
+    def __init__(self, names: Names, dtype_of, lines: list[str]):
+        self.names = names
+        self.dtype_of = dtype_of
+        self.lines = lines
+        self.helpers: set[str] = set()  # module-level helpers the ops call
+
+    def emit(self, indent: str, target: str, expr: str, comment: str = "") -> None:
+        line = f"{indent}{target} = {expr}"
+        self.lines.append(f"{line}  # {comment}" if comment else line)
+
+    def read(self, operand: Operand, dtype: str) -> str:
+        """The operand as an array of `dtype` (converted if it is stored in another)."""
+        text = self.names(operand.value)
+        if self.dtype_of(operand.value) != dtype:
+            text = f"{text}.astype({JNP_DTYPES[dtype]})"
+        return text
+
+    @staticmethod
+    def store(expr: str, have: str | None, want: str) -> str:
+        """`expr` converted to `want` unless it has that dtype already. Every expression
+        written here is a name, a call, a subscript or parenthesized, so `.astype` binds to it."""
+        return expr if have == want else f"{expr}.astype({JNP_DTYPES[want]})"
+
+    def op(self, op, indent: str, comment: str = "") -> None:
+        result = op.result
+        target = self.names(result.name)
+        rtype = result.type
+        work = _compute_dtype(rtype.dtype)
+        if isinstance(op, Einsum):
+            dtypes = {self.dtype_of(o.value) for o in op.operands}
+            spec = repr(_letters(op.operands, rtype.indices))
+            if work == "f32" and len(dtypes) == 1 and dtypes <= {"f16", "bf16"}:
+                # Products of half values are exact in float32: accumulate there, as the reference does.
+                args = ", ".join(self.names(o.value) for o in op.operands)
+                expr = f"jnp.einsum({spec}, {args}, precision=PRECISION, " \
+                       f"preferred_element_type=jnp.float32)"
+            else:
+                args = ", ".join(self.read(o, work) for o in op.operands)
+                expr = f"jnp.einsum({spec}, {args}, precision=PRECISION)"
+            self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
+        elif isinstance(op, Map):
+            expr, have = self.scalar(op.expr, op.operands, rtype.indices)
+            covered = {i for o in op.operands for i in o.indices}
+            shape = "(" + "".join(f"{n}, " for n in rtype.shape) + ")"
+            if not op.operands:
+                expr = f"jnp.full({shape}, {expr}, {JNP_DTYPES[rtype.dtype]})"
+                have = rtype.dtype
+            elif not set(rtype.indices) <= covered:
+                expr = f"jnp.broadcast_to({expr}, {shape})"
+            self.emit(indent, target, self.store(expr, have, rtype.dtype), comment)
+        elif isinstance(op, Reduce):
+            array = self.read(op.operand, work)
+            axes = tuple(op.operand.indices.index(i) for i in op.over)
+            axis = str(axes[0]) if len(axes) == 1 else "(" + ", ".join(map(str, axes)) + ")"
+            kept = tuple(i for i in op.operand.indices if i not in op.over)
+            expr = align(f"jnp.{op.kind}({array}, axis={axis})", kept, rtype.indices)
+            self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
+        elif isinstance(op, Library):
+            array = self.read(op.operand, work)
+            axis = op.operand.indices.index(op.index)
+            kept = op.operand.indices
+            if op.kind == "logsumexp":
+                kept = tuple(i for i in kept if i != op.index)
+                call = f"jax.nn.logsumexp({array}, axis={axis})"
+            elif op.kind in ("softmax", "cumsum"):
+                call = f"{'jax.nn' if op.kind == 'softmax' else 'jnp'}.{op.kind}({array}, axis={axis})"
+            else:
+                self.helpers.add(op.kind)
+                call = f"{op.kind}({array}, axis={axis})"
+            self.emit(indent, target, self.store(align(call, kept, rtype.indices), work, rtype.dtype),
+                      comment)
+        else:
+            assert isinstance(op, Route)
+            self.route(op, indent, target, comment)
+
+    def route(self, op: Route, indent: str, target: str, comment: str) -> None:
+        self.helpers.add("route_top_k")
+        rtype = op.result.type
+        indices = op.operand.indices
+        groups = tuple(i for i in indices if i not in (op.expert, op.token))
+        arranged = groups + (op.token, op.expert)
+        sizes = dict(zip(rtype.indices, rtype.shape))
+        gates = align(self.read(op.operand, "f32" if rtype.dtype in ("f16", "bf16") else rtype.dtype),
+                      indices, arranged)
+        flat = f"{gates}.reshape(-1, {sizes[op.token]}, {sizes[op.expert]})"
+        shape = ", ".join(str(sizes[i]) for i in groups + (op.token, op.expert, op.capacity))
+        call = f"route_top_k({flat}, k={op.k}, capacity={sizes[op.capacity]}).reshape({shape})"
+        expr = align(call, groups + (op.token, op.expert, op.capacity), rtype.indices)
+        work = _compute_dtype(rtype.dtype)
+        self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
+
+    def scalar(self, expr: Scalar, operands: tuple[Operand, ...], out: tuple[str, ...]):
+        """(Python text, its dtype or None when it is only Python constants)."""
+        if isinstance(expr, Arg):
+            operand = operands[expr.index]
+            dtype = self.dtype_of(operand.value)
+            wide = _compute_dtype(dtype)
+            text = align(self.read(operand, wide), operand.indices, out)
+            return text, wide
+        if isinstance(expr, Const):
+            value = expr.value
+            if isinstance(value, float) and not math.isfinite(value):
+                return ("jnp.nan" if math.isnan(value) else ("jnp.inf" if value > 0 else "-jnp.inf")), None
+            return repr(value), None
+        if isinstance(expr, Cast):
+            inner, _ = self.scalar(expr.arg, operands, out)
+            text = f"jnp.asarray({inner}).astype({JNP_DTYPES[expr.dtype]})"
+            if expr.dtype in ("f16", "bf16"):  # rounded to the half type, computed in float32
+                text += ".astype(jnp.float32)"
+            return text, _compute_dtype(expr.dtype)
+        args = [self.scalar(arg, operands, out) for arg in expr.args]
+        texts = [text for text, _ in args]
+        kinds = {dtype for _, dtype in args if dtype is not None}
+        dtype = next(iter(kinds)) if len(kinds) == 1 else (None if not kinds else "?")
+        if expr.fn in _INFIX:
+            text = f"({texts[0]} {_INFIX[expr.fn]} {texts[1]})"
+            if expr.fn in ("gt", "ge", "lt", "le", "eq", "ne"):
+                return text, "bool" if kinds else None
+            if expr.fn == "div" and dtype in ("i32", "bool"):
+                return text, "?"
+            return text, dtype
+        if expr.fn == "neg":
+            return f"(-{texts[0]})", dtype
+        if expr.fn == "where":
+            rest = {d for _, d in args[1:] if d is not None}
+            return f"jnp.where({', '.join(texts)})", next(iter(rest)) if len(rest) == 1 else "?"
+        if expr.fn in ("relu", "gelu", "rsqrt"):
+            text = {"relu": f"jnp.maximum({texts[0]}, 0)",
+                    "gelu": f"jax.nn.gelu({texts[0]}, approximate=True)",
+                    "rsqrt": f"(1 / jnp.sqrt({texts[0]}))"}[expr.fn]
+        else:
+            text = f"{_CALLS[expr.fn]}({', '.join(texts)})"
+        if dtype in ("i32", "bool") and expr.fn not in ("abs", "square", "max2", "min2", "relu"):
+            dtype = "?"  # a float function of integers
+        return text, dtype
+
+
+# ---- the per-device program
+
+
+def _collective_text(step: CollectiveStep, names: Names, mesh: Mesh, local_shape) -> str:
+    move = step.step
+    src = names(step.src)
+    if isinstance(move, AllGather):
+        return f"lax.all_gather({src}, {move.axis!r}, axis={move.dim}, tiled=True)"
+    if isinstance(move, ReduceScatter):
+        if move.op == "sum":
+            return f"lax.psum_scatter({src}, {move.axis!r}, scatter_dimension={move.dim}, tiled=True)"
+        return f"reduce_scatter({src}, {move.axis!r}, dim={move.dim}, op=jnp.{move.op})"
+    if isinstance(move, AllReduce):
+        axes = repr(move.axes[0]) if len(move.axes) == 1 else repr(tuple(move.axes))
+        return f"lax.p{move.op}({src}, {axes})"
+    if isinstance(move, AllToAll):
+        return (f"lax.all_to_all({src}, {move.axis!r}, split_axis={move.dst_dim}, "
+                f"concat_axis={move.src_dim}, tiled=True)")
+    if isinstance(move, Slice):
+        size = local_shape[move.dim]
+        return (f"lax.dynamic_slice_in_dim({src}, lax.axis_index({move.axis!r}) * {size}, {size}, "
+                f"axis={move.dim})")
+    assert isinstance(move, Permute)
+    n = mesh.size(move.src_axis)
+    # The device at (src=i, dst=j) holds block i; the one at (src=j, dst=i) needs it.
+    return (f"lax.ppermute({src}, ({move.src_axis!r}, {move.dst_axis!r}), "
+            f"perm=[(i * {n} + j, j * {n} + i) for i in range({n}) for j in range({n})])")
+
+
+class _SpmdWriter:
+    def __init__(self, program: SpmdProgram, names: Names):
+        self.program = program
+        self.names = names
+        self.lines: list[str] = []
+        self.ops = OpWriter(names, lambda name: program.values[name].type.dtype, self.lines)
+        self.loops = 0
+
+    def steps(self, steps, indent: str) -> None:
+        mesh = self.program.mesh
+        for step in steps:
+            if isinstance(step, LocalStep):
+                self.ops.op(step.op, indent, step.rule if len(step.rule) < 90 else "")
+            elif isinstance(step, CollectiveStep):
+                if step.step.kind == "reduce_scatter" and step.step.op != "sum":
+                    self.ops.helpers.add("reduce_scatter")
+                value = self.program.values[step.dst]
+                local = value.local_shape(mesh)
+                shown = format_collective(step, value.type.indices)
+                note = (f"{shown}: {step.bytes_per_device:,} B/device" if step.bytes_per_device
+                        else shown)
+                self.ops.emit(indent, self.names(step.dst),
+                              _collective_text(step, self.names, mesh, local), note)
+            else:
+                self.repeat(step, indent)
+
+    def repeat(self, step: RepeatStep, indent: str) -> None:
+        self.loops += 1
+        body = f"trip_{self.loops}"
+        carried_in = [self.names(inside) for _, inside, _, _ in step.carried]
+        sliced = [self.names(inside) for _, inside in step.stacked]
+        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {step.dim}={step.count}")
+        self.lines.append(f"{indent}    {_pack(carried_in)} = carry")
+        if sliced:
+            self.lines.append(f"{indent}    {_pack(sliced)} = stacked")
+        self.steps(step.body, indent + "    ")
+        results = _pack([self.names(result) for _, _, result, _ in step.carried])
+        self.lines.append(f"{indent}    return {results}, None")
+        before = _pack([self.names(b) for b, _, _, _ in step.carried])
+        xs = _pack([self.names(s) for s, _ in step.stacked]) if step.stacked else "None"
+        length = "" if step.stacked else f", length={step.count}"
+        after = _pack([self.names(a) for _, _, _, a in step.carried]) if step.carried else "_"
+        self.lines.append(f"{indent}{after}, _ = lax.scan({body}, {before}, {xs}{length})")
+
+
+def _pack(names: list[str]) -> str:
+    return "(" + ", ".join(names) + ")" if len(names) != 1 else f"({names[0]},)"
+
+
+
+
+# ---- the whole-array program (the GSPMD twin)
+
+
+class _GlobalWriter:
+    def __init__(self, program: Program, names: Names):
+        self.program = program
+        self.names = names
+        self.lines: list[str] = []
+        values = dict(program.values)
+        for op in walk_ops(program.ops):
+            if isinstance(op, Repeat):
+                values.update((v.name, v) for v in op.stacked)
+        self.ops = OpWriter(names, lambda name: values[name].type.dtype, self.lines)
+        self.loops = 0
+
+    def body(self, ops, indent: str) -> None:
+        for op in ops:
+            if isinstance(op, Repeat):
+                self.repeat(op, indent)
+                continue
+            self.ops.op(op, indent)
+            if op.result.layout is not None and not op.result.layout.partial:
+                name = self.names(op.result.name)
+                self.lines.append(f"{indent}{name} = constrain({name}, mesh, "
+                                  f"{partition_spec(op.result.layout)})  # as the program asks")
+
+    def repeat(self, op: Repeat, indent: str) -> None:
+        self.loops += 1
+        body = f"layer_{self.loops}"
+        carried = [self.names(c.value) for c in op.carried]
+        stacked = [self.names(v.name) for v in op.stacked]
+        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {op.dim}={op.count}")
+        self.lines.append(f"{indent}    {_pack(carried)} = carry")
+        if stacked:
+            self.lines.append(f"{indent}    {_pack(stacked)} = stacked")
+        self.body(op.body, indent + "    ")
+        self.lines.append(f"{indent}    return {_pack([self.names(c.body_result) for c in op.carried])}, None")
+        xs = _pack(stacked) if stacked else "None"
+        length = "" if stacked else f", length={op.count}"
+        after = _pack([self.names(c.result.name) for c in op.carried]) if op.carried else "_"
+        self.lines.append(f"{indent}{after}, _ = lax.scan({body}, {_pack(carried)}, {xs}{length})")
+
+
+# ---- helpers the module defines when its ops call them
+
+_HELPERS = {
+    "rmsnorm": f'''
+def rmsnorm(x, axis):
+    return x / jnp.sqrt(jnp.mean(x * x, axis=axis, keepdims=True) + {NORM_EPSILON!r})
+''',
+    "layernorm": f'''
+def layernorm(x, axis):
+    centered = x - jnp.mean(x, axis=axis, keepdims=True)
+    return centered / jnp.sqrt(jnp.mean(centered * centered, axis=axis, keepdims=True) + {NORM_EPSILON!r})
+''',
+    "reduce_scatter": '''
+def reduce_scatter(x, axis_name, dim, op):
+    """A max or min reduce-scatter (JAX has psum_scatter only): an all-to-all sends each
+    device its chunk of `dim` from every other, then each combines what it got."""
+    parts = lax.all_to_all(x[None], axis_name, split_axis=dim + 1, concat_axis=0, tiled=True)
+    return op(parts, axis=0)
+''',
+    "route_top_k": '''
+def route_top_k(gates, k, capacity):
+    """GShard routing: gates [groups, tokens, experts] -> combine [groups, tokens, experts, capacity].
+
+    Each token's top-k experts (ties to the lower expert) take the next free slot of that
+    expert in the token's group, every token's first choice before any token's second;
+    an assignment past capacity is dropped. A kept one weighs its gate over the sum of the
+    token's top-k gates.
+    """
+    groups, tokens, experts = gates.shape
+    choices = jnp.argsort(-gates, axis=-1, stable=True)[..., :k]  # [groups, tokens, k]
+    chosen = jnp.take_along_axis(gates, choices, axis=-1)
+    weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True)
+    picked = jax.nn.one_hot(choices, experts, dtype=jnp.int32)  # [groups, tokens, k, experts]
+    # Slots are taken in (choice rank, token) order: count earlier picks of each expert.
+    order = picked.transpose(0, 2, 1, 3).reshape(groups, k * tokens, experts)
+    taken = (jnp.cumsum(order, axis=1) - order).reshape(groups, k, tokens, experts)
+    slot = jnp.sum(taken.transpose(0, 2, 1, 3) * picked, axis=-1)  # [groups, tokens, k]
+    kept = jax.nn.one_hot(slot, capacity, dtype=gates.dtype)  # all zeros past capacity
+    combine = weights[..., None, None] * picked[..., :, None] * kept[..., None, :]
+    return jnp.sum(combine, axis=2)  # a token picks an expert at most once: one term each
+''',
+}
+
+
+# ---- the module
+
+
+@dataclass(frozen=True)
+class JaxModule:
+    source: str
+    names: dict[str, str]  # the program's value names -> the module's identifiers
+
+
+def _fan_ins(program: Program) -> dict[str, int | None]:
+    """Each param's fan-in (random values are divided by its square root); None for inputs."""
+    fan_in = fan_in_of(program)
+    return {v.name: fan_in.get(v.name, 1) if v.kind == "param" else None for v in program.inputs}
+
+
+def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> JaxModule:
+    """The standalone module for `program` and its per-device program `spmd`."""
+    names = Names()
+    params = [names(name) for name in spmd.inputs]
+    per_device = _SpmdWriter(spmd, names)
+    per_device.steps(spmd.steps, "    ")
+    whole = _GlobalWriter(program, names)
+    whole.body(program.ops, "    ")
+    helpers = sorted(per_device.ops.helpers | whole.ops.helpers)
+    mesh = spmd.mesh
+    axes = mesh.axes or (("devices", 1),)  # a program without a mesh runs on one device
+    fan_ins = _fan_ins(program)
+    uses_f64 = any(v.type.dtype == "f64" for v in spmd.values.values())
+
+    out: list[str] = []
+    add = out.append
+    add(f'"""{program.file} as JAX: einpar\'s per-device program under jax.shard_map, and its GSPMD twin.')
+    add("")
+    if command:
+        add(f"Written by `{command}`.")
+    add(f"Mesh {' '.join(f'{a}={n}' for a, n in axes)} ({mesh.num_devices} devices). Run it: python THIS_FILE.py --help")
+    add('"""')
+    add("")
+    add("import argparse")
+    add("import functools")
+    add("import time")
+    add("")
+    add("import numpy as np")
+    add("import jax")
+    add("import jax.numpy as jnp")
+    add("from jax import lax")
+    add("from jax.sharding import AxisType, NamedSharding, PartitionSpec as P")
+    add("")
+    add(f"MESH = {tuple(axes)!r}  # (axis, size), major to minor; devices in row-major order")
+    add(f"DEVICES = {mesh.num_devices}")
+    add("PRECISION = lax.Precision.HIGHEST  # full float32 contractions, as the reference computes")
+    add(f"X64 = {uses_f64}  # the program computes in float64")
+    add("")
+    add("# name: (global shape, dtype, layout, fan-in of a param: its random values are scaled by 1/sqrt)")
+    add("INPUTS = {")
+    for name in spmd.inputs:
+        value = spmd.values[name]
+        add(f"    {name!r}: ({tuple(value.type.shape)!r}, {JNP_DTYPES[value.type.dtype]}, "
+            f"{partition_spec(value.layout)}, {fan_ins[name]!r}),")
+    add("}")
+    add("OUTPUTS = {")
+    for output in spmd.outputs:
+        add(f"    {output.name!r}: {partition_spec(output.layout)},")
+    add("}")
+    for helper in helpers:
+        add("")
+        out.extend(_HELPERS[helper].strip("\n").splitlines())
+    add("")
+    add("")
+    add(f"def per_device({', '.join(params)}):")
+    add('    """What every device runs: its blocks of the inputs in, its blocks of the outputs out."""')
+    out.extend(per_device.lines)
+    add("    return {" + ", ".join(f"{o.name!r}: {names(o.value)}" for o in spmd.outputs) + "}")
+    add("")
+    add("")
+    add("def constrain(value, mesh, spec):")
+    add('    """Pin a value to the layout the program gave it (nothing to pin without a mesh)."""')
+    add("    return value if mesh is None else lax.with_sharding_constraint(value, NamedSharding(mesh, spec))")
+    add("")
+    add("")
+    add(f"def global_program({', '.join(params)}, *, mesh=None):")
+    add('    """The same program on whole arrays: what XLA partitions by itself under jax.jit."""')
+    out.extend(whole.lines)
+    add("    return {" + ", ".join(f"{o.name!r}: {names(o.value)}" for o in program.outputs) + "}")
+    add("")
+    add("")
+    out.extend(_DRIVER.strip("\n").splitlines())
+    add("")
+    return JaxModule("\n".join(out), dict(names.table))
+
+
+_DRIVER = '''
+
+
+def make_mesh(devices=None, axis_types=AxisType.Explicit):
+    """The program's mesh over the first DEVICES devices JAX sees (or over `devices`)."""
+    devices = jax.devices()[:DEVICES] if devices is None else devices
+    if len(devices) < DEVICES:
+        raise SystemExit(f"this program needs {DEVICES} devices; JAX sees {len(jax.devices())}")
+    shape, names = tuple(n for _, n in MESH), tuple(a for a, _ in MESH)
+    return jax.make_mesh(shape, names, axis_types=(axis_types,) * len(MESH), devices=devices)
+
+
+def spmd_step(mesh):
+    """einpar's program, jitted: each device runs per_device on its own blocks."""
+    in_specs = tuple(spec for _, _, spec, _ in INPUTS.values())
+    # check_vma=False: einpar's layouts already say which values are replicated.
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=OUTPUTS,
+                                 check_vma=False))
+
+
+def gspmd_step(mesh):
+    """The GSPMD twin: the whole-array program jitted with the same input and output layouts
+    (on a mesh of Auto axes, so XLA chooses every layout the program leaves open)."""
+    shard = lambda spec: NamedSharding(mesh, spec)
+    return jax.jit(functools.partial(global_program, mesh=mesh),
+                   in_shardings=tuple(shard(spec) for _, _, spec, _ in INPUTS.values()),
+                   out_shardings={name: shard(spec) for name, spec in OUTPUTS.items()})
+
+
+def place(arrays, mesh):
+    """The inputs as global arrays on the mesh; each process supplies only its own blocks."""
+    placed = []
+    for name, (shape, dtype, spec, _) in INPUTS.items():
+        whole = np.asarray(arrays[name])
+        placed.append(jax.make_array_from_callback(shape, NamedSharding(mesh, spec),
+                                                   lambda index, whole=whole: whole[index]))
+    return placed
+
+
+def random_inputs(seed=0):
+    """Unit-scale inputs and fan-in-scaled params: the arrays `einpar run --seed` uses."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, (shape, dtype, _, fan_in) in INPUTS.items():
+        if jnp.issubdtype(dtype, jnp.floating):
+            array = rng.standard_normal(shape)
+            if fan_in is not None:
+                array = array / np.sqrt(fan_in)
+        elif dtype == jnp.int32:
+            array = rng.integers(0, 10, size=shape)
+        else:
+            array = rng.random(shape) < 0.5
+        arrays[name] = np.asarray(array).astype(dtype)
+    return arrays
+
+
+def timed(step, args, repeat):
+    """(compile seconds, median step seconds) of a jitted function."""
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--repeat", type=int, default=10, help="timed steps after one warm-up")
+    parser.add_argument("--save", metavar="OUT.npz", help="write the inputs and outputs "
+                        "(as in.NAME and out.NAME)")
+    args = parser.parse_args(argv)
+    if X64:
+        jax.config.update("jax_enable_x64", True)
+    if jax.default_backend() == "cpu" and len(jax.devices()) < DEVICES:
+        raise SystemExit(f"run with XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES} "
+                         f"for {DEVICES} CPU devices")
+    arrays = random_inputs(args.seed)
+    mesh = make_mesh()
+    placed = place(arrays, mesh)
+    outputs = spmd_step(mesh)(*placed)
+    expected = jax.jit(global_program)(*(arrays[name] for name in INPUTS))
+    for name, value in outputs.items():
+        got, want = np.asarray(value, np.float64), np.asarray(expected[name], np.float64)
+        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        error = float(np.max(np.abs(got - want))) / scale if want.size else 0.0
+        print(f"{name}: {value.dtype}{list(value.shape)}, largest difference from the "
+              f"whole-array program {error:.3g} (relative)")
+    spmd_times = timed(spmd_step(mesh), placed, args.repeat)
+    twin_mesh = make_mesh(axis_types=AxisType.Auto)
+    gspmd_times = timed(gspmd_step(twin_mesh), place(arrays, twin_mesh), args.repeat)
+    for label, (compile_s, step_s) in (("shard_map (einpar)", spmd_times), ("GSPMD twin", gspmd_times)):
+        print(f"{label}: compile {compile_s * 1e3:.1f} ms, step {step_s * 1e3:.3f} ms "
+              f"(median of {args.repeat})")
+    if args.save:
+        np.savez(args.save, **{f"in.{n}": a for n, a in arrays.items()},
+                 **{f"out.{n}": np.asarray(v) for n, v in outputs.items()})
+
+
+if __name__ == "__main__":
+    main()
+'''
