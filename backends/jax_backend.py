@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from einpar.ir import Program
 from einpar.spmd import SpmdProgram
 
 from .jax_codegen import write_module
+from .jax_supervisor import JOINED, is_worker
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,15 @@ def start_devices(needed: int, *, cpu_devices: int | None = None, platform: str 
             "E400", f"the mesh needs {needed} devices; --devices {cpu_devices} gives "
                     f"{cpu_devices * processes}",
             hint=f"pass --devices {per_process if processes == 1 else -(-needed // processes)} or more"))
-    _configure(jax, "jax_num_cpu_devices", per_process)
+    if _cpu_devices_asked(jax) < per_process:
+        _configure(jax, "jax_num_cpu_devices", per_process)
     if platform is not None:
         _configure(jax, "jax_platforms", platform)
     if distributed is not None:
         _initialize_distributed(jax, distributed)
+        if is_worker():
+            sys.stderr.write(JOINED + "\n")
+            sys.stderr.flush()
     try:
         devices = jax.devices()
     except RuntimeError as error:  # e.g. a platform asked for that is not installed
@@ -118,6 +124,15 @@ def start_devices(needed: int, *, cpu_devices: int | None = None, platform: str 
                     f"device{'s' if len(devices) != 1 else ''}"
                     + (f" across {processes} processes" if processes > 1 else ""), hint=hint))
     return Devices(kind, devices[:needed], jax.process_index(), jax.process_count())
+
+
+def _cpu_devices_asked(jax) -> int:
+    """CPU devices JAX will start (or has started) with, as far as its settings say."""
+    asked = jax.config.values.get("jax_num_cpu_devices", -1)
+    if asked > 0:
+        return asked
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(flag.group(1)) if flag else 1
 
 
 def _configure(jax, option: str, value) -> None:
@@ -140,8 +155,8 @@ def _initialize_distributed(jax, distributed: Distributed) -> None:
             initialization_timeout=timeout,
             # A peer that stops answering is noticed within this time; the watchdog
             # bounds the rest of the run.
-            heartbeat_timeout_seconds=max(5, timeout // 4),
-            shutdown_timeout_seconds=max(5, timeout // 4))
+            heartbeat_timeout_seconds=max(3, min(30, timeout // 4)),
+            shutdown_timeout_seconds=max(3, min(30, timeout // 4)))
     except Exception as error:  # the coordinator's errors are XlaRuntimeError or RuntimeError
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EinparError(Diagnostic(
@@ -161,7 +176,8 @@ class Watchdog:
     def __init__(self, distributed: Distributed | None):
         self.timer = None
         if distributed is not None:
-            self.timer = threading.Timer(distributed.timeout_s, self._expire, (distributed,))
+            # A little past the limit, so that a start-up that fails on its own (E401) says so first.
+            self.timer = threading.Timer(distributed.timeout_s + 5, self._expire, (distributed,))
             self.timer.daemon = True
             self.timer.start()
 

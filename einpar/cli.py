@@ -350,10 +350,20 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
 
     from .tolerance import compare_blocks
 
+    from .backends import jax_supervisor
+
     distributed = _distributed(args)
     if distributed is not None and save is not None:
         raise _UsageError("einpar run: error: --save needs the whole outputs, which no one process "
                           "of several holds")
+    if distributed is not None and not jax_supervisor.is_worker():
+        # JAX aborts a process whose peer died; a worker process takes that, and we explain it.
+        code, diagnostics = jax_supervisor.supervise(
+            args.argv, distributed.coordinator, distributed.process_id, distributed.num_processes,
+            distributed.timeout_s)
+        if diagnostics:
+            raise EinparError(diagnostics)
+        return code
     result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
                          distributed=distributed, twin=args.twin, warmup=args.warmup,
                          repeat=args.repeat)
@@ -412,8 +422,10 @@ def _format_seconds(seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     out, err = _consoles()
     parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
     except _UsageError as error:
         err.print(error.usage, markup=False)
         err.print(str(error), markup=False)

@@ -45,6 +45,9 @@ CODES = {
     "E300": "bad inputs file",
     "E301": "bad --set",
     "E302": "cannot read the program file",
+    "E400": "not enough devices",
+    "E401": "cannot join a run of several processes",
+    "E402": "a run of several processes failed",
 }
 
 

@@ -1,0 +1,106 @@
+"""Supervise one process of a multi-process JAX run, so that it fails with a clear error.
+
+When a peer of a `jax.distributed` run dies, or the coordinator never
+answers, JAX's coordination client aborts the whole process with a C++ log
+and stack trace. So `einpar run ... --coordinator` does its JAX work in a
+child process (the same command, marked as the worker) and watches it:
+
+- the child's standard output passes through (but for gloo's log lines),
+  and its standard error is kept
+  until it exits, then shown without JAX's and gloo's log lines
+  (EINPAR_DEBUG=1 shows everything);
+- if the child aborts, the log says why, and the user sees E401 (it never
+  joined the mesh) or E402 (a peer was lost during the run);
+- if the child outlives the run's time limit it is killed, with E401 if it
+  had not joined the mesh by then, else E402.
+
+This module does not import JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+from einpar.errors import Diagnostic
+
+WORKER_ENV = "EINPAR_JAX_WORKER"
+# The worker writes this line to its standard error once it has joined the mesh.
+JOINED = "einpar-worker: joined the mesh"
+
+# Lines written by JAX's C++ runtime (absl logging) or by gloo, not by einpar.
+_RUNTIME_LOG = re.compile(r"^([EWFI]\d{4} \d\d:\d\d:\d\d|\[Gloo\]|\*\*\* |    @ )")
+
+
+def is_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def supervise(argv: list[str], coordinator: str, process_id: int, num_processes: int,
+              timeout_s: float) -> tuple[int, list[Diagnostic]]:
+    """Run `einpar *argv` as the worker; returns (exit code, diagnostics to show)."""
+    env = dict(os.environ, **{WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen([sys.executable, "-m", "einpar", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, text=True, errors="replace")
+    lines: list[str] = []
+    debug = bool(os.environ.get("EINPAR_DEBUG"))
+
+    def relay_output() -> None:  # gloo writes its log to standard output
+        for line in child.stdout:
+            if debug or not _RUNTIME_LOG.match(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    readers = [threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True),
+               threading.Thread(target=relay_output, daemon=True)]
+    for reader in readers:
+        reader.start()
+    who = f"process {process_id} of {num_processes}"
+    try:
+        code = child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        code = None
+    except KeyboardInterrupt:
+        child.kill()
+        child.wait()
+        return 130, []
+    for reader in readers:
+        reader.join(timeout=5)
+    log = "".join(lines)
+    if debug:
+        sys.stderr.write(log)
+    elif code is not None and code >= 0:
+        sys.stderr.write("".join(line for line in lines
+                                 if not _RUNTIME_LOG.match(line) and line.strip() != JOINED))
+    sys.stderr.flush()
+    joined = any(line.strip() == JOINED for line in lines)
+    if code is None and not joined:
+        return 1, [_cannot_join(who, coordinator, timeout_s)]
+    if code is None:
+        return 1, [Diagnostic("E402", f"{who} did not finish within {timeout_s:g} s",
+                              hint="another process may have died or stopped answering; "
+                                   "--timeout sets the limit")]
+    if code >= 0:
+        return code, []
+    return 1, [_explain_abort(log, who, coordinator, timeout_s)]  # killed by a signal: an abort
+
+
+def _explain_abort(log: str, who: str, coordinator: str, timeout_s: float) -> Diagnostic:
+    if JOINED not in log:
+        return _cannot_join(who, coordinator, timeout_s)
+    if "unhealthy" in log or "heartbeat" in log or "PollForError" in log:
+        return Diagnostic("E402", f"{who} stopped: another process of the run died",
+                          hint="see that process's output for why; EINPAR_DEBUG=1 shows JAX's log")
+    return Diagnostic("E402", f"{who} ended abnormally in JAX's runtime",
+                      hint="EINPAR_DEBUG=1 shows JAX's log")
+
+
+def _cannot_join(who: str, coordinator: str, timeout_s: float) -> Diagnostic:
+    return Diagnostic("E401", f"{who} could not join the mesh through the coordinator at "
+                              f"{coordinator} within {timeout_s:g} s",
+                      hint="is every process running with the same --coordinator and "
+                           "--num-processes, and is process 0's port reachable?")

@@ -1,0 +1,7 @@
+"""`python -m einpar`: the `einpar` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
