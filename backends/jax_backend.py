@@ -92,13 +92,15 @@ def start_devices(needed: int, *, cpu_devices: int | None = None, platform: str 
         raise EinparError(Diagnostic(
             "E401", f"process id {distributed.process_id} is not one of the {processes} processes "
                     f"(0 to {processes - 1})"), usage=True)
-    per_process = cpu_devices if cpu_devices is not None else -(-needed // processes)
-    if cpu_devices is not None and cpu_devices * processes < needed:
+    share = -(-needed // processes)  # each process's devices
+    if cpu_devices is not None and cpu_devices < share:
         raise EinparError(Diagnostic(
             "E400", f"the mesh needs {needed} devices; --devices {cpu_devices} gives "
-                    f"{cpu_devices * processes}",
-            hint=f"pass --devices {per_process if processes == 1 else -(-needed // processes)} or more"))
-    if _cpu_devices_asked(jax) < per_process:
+                    f"{cpu_devices * processes}", hint=f"pass --devices {share} or more"))
+    per_process = share if cpu_devices is None else cpu_devices
+    # One process may start more CPU devices than its mesh needs (it may run another program
+    # later); each of several processes starts exactly its share, so the mesh spans them all.
+    if distributed is not None or _cpu_devices_asked(jax) < per_process:
         _configure(jax, "jax_num_cpu_devices", per_process)
     if platform is not None:
         _configure(jax, "jax_platforms", platform)

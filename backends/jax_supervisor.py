@@ -5,8 +5,8 @@ answers, JAX's coordination client aborts the whole process with a C++ log
 and stack trace. So `einpar run ... --coordinator` does its JAX work in a
 child process (the same command, marked as the worker) and watches it:
 
-- the child's standard output passes through (but for gloo's log lines),
-  and its standard error is kept
+- the child's standard output passes through (the child sends what JAX's
+  C++ code prints there to standard error), and its standard error is kept
   until it exits, then shown without JAX's and gloo's log lines
   (EINPAR_DEBUG=1 shows everything);
 - if the child aborts, the log says why, and the user sees E401 (it never
@@ -31,33 +31,34 @@ WORKER_ENV = "EINPAR_JAX_WORKER"
 # The worker writes this line to its standard error once it has joined the mesh.
 JOINED = "einpar-worker: joined the mesh"
 
-# Lines written by JAX's C++ runtime (absl logging) or by gloo, not by einpar.
-_RUNTIME_LOG = re.compile(r"^([EWFI]\d{4} \d\d:\d\d:\d\d|\[Gloo\]|\*\*\* |    @ )")
+# Lines written by JAX's C++ runtime (absl logging) or by gloo, not by einpar. Gloo's
+# threads write pieces of lines at once, so a piece is recognized by its words too.
+_RUNTIME_LOG = re.compile(r"^([EWFI]\d{4} \d\d:\d\d:\d\d|\*\*\* |    @ )|\[Gloo\]|connected peer ranks")
 
 
 def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
+def keep_runtime_output_apart() -> None:
+    """In the worker: what C++ code writes to standard output (gloo's log) goes to standard
+    error, which the supervisor filters; Python's own output keeps the real standard output."""
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(real_stdout, "w", buffering=1, encoding="utf-8", closefd=True)
+
+
 def supervise(argv: list[str], coordinator: str, process_id: int, num_processes: int,
               timeout_s: float) -> tuple[int, list[Diagnostic]]:
     """Run `einpar *argv` as the worker; returns (exit code, diagnostics to show)."""
     env = dict(os.environ, **{WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"})
-    child = subprocess.Popen([sys.executable, "-m", "einpar", *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env, text=True, errors="replace")
+    child = subprocess.Popen([sys.executable, "-m", "einpar", *argv], stderr=subprocess.PIPE,
+                             env=env, text=True, errors="replace")
     lines: list[str] = []
     debug = bool(os.environ.get("EINPAR_DEBUG"))
-
-    def relay_output() -> None:  # gloo writes its log to standard output
-        for line in child.stdout:
-            if debug or not _RUNTIME_LOG.match(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-    readers = [threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True),
-               threading.Thread(target=relay_output, daemon=True)]
-    for reader in readers:
-        reader.start()
+    reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
+    reader.start()
     who = f"process {process_id} of {num_processes}"
     try:
         code = child.wait(timeout=timeout_s)
@@ -68,14 +69,13 @@ def supervise(argv: list[str], coordinator: str, process_id: int, num_processes:
         child.kill()
         child.wait()
         return 130, []
-    for reader in readers:
-        reader.join(timeout=5)
+    reader.join(timeout=5)
     log = "".join(lines)
     if debug:
         sys.stderr.write(log)
     elif code is not None and code >= 0:
         sys.stderr.write("".join(line for line in lines
-                                 if not _RUNTIME_LOG.match(line) and line.strip() != JOINED))
+                                 if not _RUNTIME_LOG.search(line) and line.strip() != JOINED))
     sys.stderr.flush()
     joined = any(line.strip() == JOINED for line in lines)
     if code is None and not joined:

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
-from .errors import EinparError, SourceMap, render_json, render_text
+from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
 from .flops import op_flops, program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
@@ -342,6 +342,10 @@ def _distributed(args):
     if any(value is None for value in given):
         raise _UsageError("einpar run: error: --coordinator, --num-processes and --process-id go "
                           "together")
+    if args.process_id >= args.num_processes:
+        raise EinparError(Diagnostic(
+            "E401", f"process id {args.process_id} is not one of the {args.num_processes} processes "
+                    f"(0 to {args.num_processes - 1})"), usage=True)
     return Distributed(args.coordinator, args.num_processes, args.process_id, args.timeout)
 
 
@@ -364,6 +368,8 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
         if diagnostics:
             raise EinparError(diagnostics)
         return code
+    if distributed is not None:
+        jax_supervisor.keep_runtime_output_apart()
     result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
                          distributed=distributed, twin=args.twin, warmup=args.warmup,
                          repeat=args.repeat)

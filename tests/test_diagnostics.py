@@ -9,7 +9,12 @@ line N of the file is the N-th argument.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -859,6 +864,74 @@ def test_E302_program_file_that_is_not_utf8(tmp_path):
     (found,) = caught.value.diagnostics
     assert found.code == "E302"
     assert found.message == f"{path} is not UTF-8 text (invalid continuation byte at byte 14)"
+
+
+def test_E400_more_devices_asked_of_than_given():
+    from einpar.backends.jax_backend import start_devices
+
+    with pytest.raises(EinparError) as caught:
+        start_devices(8, cpu_devices=4)
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message, found.hint) == (
+        "E400", "the mesh needs 8 devices; --devices 4 gives 4", "pass --devices 8 or more")
+
+
+def test_E400_a_mesh_larger_than_the_devices_jax_started_with(tmp_path):
+    (tmp_path / "big.ein").write_text("mesh dp=4 tp=4\ndim B=16\ninput x[B@(dp,tp)]\noutput x\n")
+    code = ("import jax\njax.devices()\nfrom einpar.cli import main\n"
+            "raise SystemExit(main(['run', 'big.ein', '--backend', 'jax']))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "error[E400]: the mesh needs 16 devices, but JAX sees 8 cpu devices",
+        "  = hint: JAX had started before einpar could ask for 16 CPU devices; start it with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=16"]
+
+
+def test_E401_a_process_id_outside_the_run(capsys):
+    from einpar.cli import main
+
+    argv = ["run", "examples/mlp/megatron.ein", "--backend", "jax", "--coordinator", "127.0.0.1:1",
+            "--num-processes", "2", "--process-id", "2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error[E401]: process id 2 is not one of the 2 processes (0 to 1)"]
+
+
+def test_E401_an_unreachable_coordinator():
+    from test_jax_processes import free_port, start
+
+    port = free_port()  # nobody serves it: process 0 never starts
+    began = time.monotonic()
+    out, err = start(1, port, "--timeout", "4").communicate(timeout=120)
+    assert err.splitlines() == [
+        f"error[E401]: process 1 of 2 could not join the mesh through the coordinator at "
+        f"127.0.0.1:{port} within 4 s",
+        "  = hint: is every process running with the same --coordinator and --num-processes, and "
+        "is process 0's port reachable?"]
+    assert time.monotonic() - began < 60
+
+
+def test_E402_a_peer_that_dies_during_the_run():
+    from test_jax_processes import free_port, start
+
+    port = free_port()
+    # Many steps, so that both are still running when one is killed.
+    survivor = start(0, port, "--repeat", "1000000", "--timeout", "12")
+    doomed = start(1, port, "--repeat", "1000000", "--timeout", "12")
+    time.sleep(8)  # both join and start stepping
+    assert survivor.poll() is None and doomed.poll() is None
+    os.killpg(doomed.pid, signal.SIGKILL)  # the process and its JAX worker, at once
+    killed_at = time.monotonic()
+    out, err = survivor.communicate(timeout=120)
+    doomed.communicate()
+    assert survivor.returncode == 1
+    assert err.splitlines() == [
+        "error[E402]: process 0 of 2 stopped: another process of the run died",
+        "  = hint: see that process's output for why; EINPAR_DEBUG=1 shows JAX's log"]
+    assert time.monotonic() - killed_at < 60
 
 
 def test_E101_an_expression_nested_beyond_what_the_checker_can_follow():

@@ -1,0 +1,198 @@
+"""The JAX backend computes what the reference computes, on 8 CPU devices in this process.
+
+Also: the emitted module is the code that runs and works on its own, the
+GSPMD twin computes the same, and importing einpar or checking a program
+never starts JAX.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from einpar.api import compile_source, compile_spmd, emit_jax, load, random_inputs, run_jax
+from einpar.backends.reference import evaluate
+from einpar.cli import main
+from einpar.testing import meshes, programs
+from einpar.tolerance import compare, program_tolerance
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("**/*.ein"))
+
+
+def check_on_jax(program, seed=0, twin=False):
+    inputs = random_inputs(program, seed)
+    reference = evaluate(program, inputs)
+    result = run_jax(program, inputs, twin=twin, warmup=0, repeat=1)
+    assert len(result.devices.devices) == program.mesh.num_devices
+    for output in program.outputs:
+        found = compare(output.name, reference[output.name], result.outputs[output.name],
+                        program_tolerance(program))
+        assert found.ok, (output.name, found.error, found.tolerance)
+        assert result.outputs[output.name].dtype == reference[output.name].dtype
+    return result
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(p.parent.parent)))
+def test_every_example_on_jax_equals_the_reference(path):
+    result = check_on_jax(load(path))
+    assert result.compile_s > 0 and len(result.step_times_s) == 1
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(p.parent.parent)))
+def test_every_examples_gspmd_twin_equals_the_reference(path):
+    check_on_jax(load(path), twin=True)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_half_precision_examples_on_jax_equal_the_reference(dtype):
+    for name in ("mlp/megatron.ein", "attention/tensor_parallel.ein", "moe/gshard.ein"):
+        text = (ROOT / "examples" / name).read_text()
+        text = text.replace("dtype f32\n", "").replace("mesh ", f"dtype {dtype}\nmesh ", 1)
+        check_on_jax(compile_source(text, file=name))
+
+
+def test_integer_and_boolean_programs_on_jax_match_exactly():
+    program = compile_source(
+        "mesh dp=2 tp=4\n"
+        "dim B=8 K=16 N=8\n"
+        "input a[B@dp, K] : i32\n"
+        "input b[K, N@tp] : i32\n"
+        "input m[B, N] : bool\n"
+        "c[B, N] : i32 = a[B,K] * b[K,N]\n"
+        "big[B, N] = c[B,N] > 200\n"
+        "both[B, N] = where(m[B,N], c[B,N], 0)\n"
+        "total[B] : i32 = sum[N](both[B,N])\n"
+        "output big\noutput total\n", file="ints.ein")
+    inputs = random_inputs(program, 3)
+    reference = evaluate(program, inputs)
+    outputs = run_jax(program, inputs, warmup=0, repeat=1).outputs
+    for name in ("big", "total"):
+        assert outputs[name].dtype == reference[name].dtype
+        np.testing.assert_array_equal(outputs[name], reference[name])
+
+
+def test_a_program_with_no_mesh_runs_on_one_device():
+    program = compile_source("dim I=4 J=3\ninput x[I,J]\ny[I] = sum[J](exp(x[I,J]))\noutput y\n")
+    assert len(check_on_jax(program).devices.devices) == 1
+
+
+# Meshes of at most 8 devices, the CPU devices this test process has.
+EIGHT_OR_FEWER = meshes(max_size=4).filter(lambda mesh: mesh.num_devices <= 8)
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                                      HealthCheck.data_too_large])
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(programs(mesh=EIGHT_OR_FEWER, max_statements=6, name_collisions=False, dtypes=("f32", "f64")))
+def test_random_programs_on_jax_equal_the_reference(generated):
+    check_on_jax(compile_source(generated.text, file="<generated>"))
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **SETTINGS)
+@given(programs(mesh=EIGHT_OR_FEWER, max_statements=10, dtypes=("f32", "f64")))
+def test_many_random_programs_on_jax_equal_the_reference(generated):
+    program = compile_source(generated.text, file="<generated>")
+    check_on_jax(program)
+    check_on_jax(program, twin=True)
+
+
+# ---- the module `einpar compile --emit jax` writes
+
+
+def test_the_backend_runs_the_emitted_text():
+    from einpar.backends.jax_backend import load_module
+
+    program = load(ROOT / "examples/mlp/megatron.ein")
+    module = load_module(program, compile_spmd(program))
+    assert "lax.psum" in emit_jax(program) and module.per_device.__code__.co_filename.startswith("<einpar-jax")
+
+
+@pytest.mark.parametrize("name", ["attention/tensor_parallel.ein", "transformer/block.ein"])
+def test_the_emitted_module_runs_on_its_own_and_matches_the_reference(name, tmp_path, capsys):
+    assert main(["compile", str(ROOT / "examples" / name), "--emit", "jax"]) == 0
+    module = tmp_path / "program.py"
+    module.write_text(capsys.readouterr().out)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, str(module), "--seed", "4", "--repeat", "1",
+                           "--save", str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "largest difference from the whole-array program" in done.stdout
+    assert "GSPMD twin: compile" in done.stdout
+    saved = np.load(tmp_path / "out.npz")
+    program = load(ROOT / "examples" / name)
+    inputs = random_inputs(program, 4)
+    for key, array in inputs.items():  # the module draws the inputs einpar draws
+        np.testing.assert_array_equal(saved[f"in.{key}"], array)
+    reference = evaluate(program, inputs)
+    for output in program.outputs:
+        found = compare(output.name, reference[output.name], saved[f"out.{output.name}"],
+                        program_tolerance(program))
+        assert found.ok, (output.name, found.error)
+
+
+def test_emitting_jax_does_not_start_jax():
+    code = ("import sys\nfrom einpar.cli import main\n"
+            f"main(['compile', {str(ROOT / 'examples/moe/gshard.ein')!r}, '--emit', 'jax'])\n"
+            "assert 'jax' not in sys.modules, 'jax was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    compile(done.stdout, "emitted.py", "exec")  # valid Python
+
+
+def test_importing_einpar_and_checking_a_program_do_not_import_jax():
+    code = ("import sys\nimport einpar, einpar.api, einpar.cli, einpar.backends\n"
+            "from einpar.cli import main\n"
+            f"assert main(['check', {str(ROOT / 'examples/transformer/block.ein')!r}]) == 0\n"
+            f"assert main(['run', {str(ROOT / 'examples/mlp/megatron.ein')!r}, '--backend', 'numpy']) == 0\n"
+            "assert 'jax' not in sys.modules, 'jax was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# ---- the command line
+
+
+def test_run_on_jax_prints_errors_and_times(capsys):
+    path = str(ROOT / "examples/matmul/case3_both_contracting_split.ein")
+    assert main(["run", path, "--backend", "jax", "--repeat", "3", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"{path}: einpar's per-device program on 4 cpu devices "
+                                   "(random inputs, seed 0)")
+    assert "largest error" in out
+    assert "(median of 3 after 1 warm-up;" in out
+
+
+def test_run_on_jax_as_json(capsys):
+    path = str(ROOT / "examples/moe/gshard.ein")
+    assert main(["run", path, "--backend", "jax", "--twin", "--json", "--repeat", "2"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["twin"] is True and document["devices"] == 4 and document["platform"] == "cpu"
+    assert len(document["step_times_s"]) == 2 and document["compile_s"] > 0
+    assert document["outputs"]["y"]["ok"] is True
+
+
+def test_run_on_jax_saves_the_outputs(tmp_path, capsys):
+    path = str(ROOT / "examples/mlp/megatron.ein")
+    assert main(["run", path, "--backend", "jax", "--repeat", "1", "--save", str(tmp_path / "y.npz")]) == 0
+    program = load(path)
+    expected = evaluate(program, random_inputs(program, 0))["y"]
+    assert compare("y", expected, np.load(tmp_path / "y.npz")["y"], 1e-4).ok
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id go together"),
+    (["--devices", "0"], "expected a positive whole number, got '0'"),
+    (["--repeat", "x"], "expected a positive whole number, got 'x'"),
+])
+def test_bad_jax_flags_are_usage_errors(argv, message, capsys):
+    path = str(ROOT / "examples/mlp/megatron.ein")
+    assert main(["run", path, "--backend", "jax", *argv]) == 2
+    assert message in capsys.readouterr().err
