@@ -77,7 +77,7 @@ def op_flops(op: Op, sizes: dict[str, int]) -> int:
     if isinstance(op, Einsum):
         return contraction_order([o.indices for o in op.operands], out.indices, sizes)[1]
     if isinstance(op, Map):
-        return _scalar_ops(op.expr) * out.num_elements
+        return _scalar_ops(op.expr) * _product(sizes[i] for i in out.indices)
     if isinstance(op, Reduce):
         return _product(sizes[i] for i in op.operand.indices)
     if isinstance(op, Library):

@@ -20,6 +20,14 @@ per device, then fewer collectives, then a fixed order of candidates, so the
 choice is deterministic. Layouts the user wrote are constraints; partial
 results stay partial until a consumer needs them whole, so the consumer's
 reshard picks a reduce-scatter when it wants the result split.
+
+Choosing op by op is greedy, and one tie-break does not suit every program:
+splitting a value that every device holds whole is free and saves FLOPs now,
+but can force gathers later (slicing a transformer's residual stream over
+`tp` turns Megatron's two all-reduces per layer into gathers of weights and
+all-to-alls). So the walk runs twice, once preferring fewer FLOPs and once
+preferring to keep copies whole when bytes tie, and the program with fewer
+bytes per device (then FLOPs per device) is kept.
 """
 
 from __future__ import annotations
@@ -121,9 +129,14 @@ def _axis_order(mesh: Mesh, axes: list[str]) -> tuple[str, ...]:
     return tuple(a for a in mesh.names if a in axes)
 
 
+# Tie-breaks between candidates that move equal bytes (see the module's docstring).
+POLICIES = ("fewest_flops", "keep_copies")
+
+
 class _Partitioner:
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, policy: str = "fewest_flops"):
         self.program = program
+        self.policy = policy
         self.mesh = program.mesh
         self.sizes = program.dim_sizes
         self.values = program.values
@@ -280,10 +293,15 @@ class _Partitioner:
         constraint or None, reduced indices)."""
         space, reduced, whole = self.op_indices(op)
         partial_choices = {axis: self.partial_choice(op, axis) for axis in self.mesh.names}
-        total_flops = op_flops(op, self.sizes)
         constraint = op.result.layout
         vtype = op.result.type
         plans: dict = {}  # (value, layout) -> plan, within this op
+        # Axes some operand is already split or partial over: splitting over any other
+        # axis slices values every device holds whole.
+        sharded = {axis for o in op.operands for layout in self.available[o.value]
+                   for axes in layout.dims for axis in axes} | \
+                  {axis for o in op.operands for layout in self.available[o.value]
+                   for axis, _ in layout.partial}
         best = None
         for order, (assignment, split) in enumerate(self.candidates(op, space, whole, partial_choices)):
             operand_layouts, result_layout = self.strategy_layouts(op, assignment, split, reduced,
@@ -303,9 +321,15 @@ class _Partitioner:
                 steps += len(after.steps)
             elif constraint is None:
                 cost += self.finishing_cost(op.result.name, result_layout)
-            parallel = _product(self.mesh.size(a) for a, role in assignment.items()
-                                if role not in (None, PARTIAL))
-            key = (cost, total_flops // parallel, steps, order)
+            local_sizes = {i: self.sizes[i] // _product(self.mesh.size(a) for a in split.get(i, ()))
+                           for i in space}
+            flops = op_flops(op, local_sizes)
+            if self.policy == "keep_copies":
+                fresh = sum(1 for a, role in assignment.items()
+                            if role not in (None, PARTIAL) and a not in sharded)
+                key = (cost, fresh, flops, steps, order)
+            else:
+                key = (cost, flops, steps, order)
             if best is None or key < best[0]:
                 best = (key, assignment, operand_layouts, result_layout, after)
         _, assignment, operand_layouts, result_layout, after = best
@@ -420,6 +444,21 @@ def _product(values) -> int:
     return total
 
 
-def partition(program: Program) -> PartitionedProgram:
-    """Expand library ops, then choose a strategy for every op of `program`."""
-    return _Partitioner(expand_library(program)).run()
+def partition(program: Program, policy: str | None = None) -> PartitionedProgram:
+    """Expand library ops, then choose a strategy for every op of `program`: the walk
+    under each tie-break policy (or only `policy`), keeping the plan whose per-device
+    program sends the fewest bytes per device, then computes the fewest FLOPs per
+    device (then the first policy's)."""
+    from .lower import lower  # the price is what the lowered program sends and computes
+    from .spmd import bytes_per_device, local_flops
+
+    expanded = expand_library(program)
+    plans = [_Partitioner(expanded, p).run() for p in ((policy,) if policy else POLICIES)]
+    if len(plans) == 1:
+        return plans[0]
+
+    def price(plan: PartitionedProgram) -> tuple[int, int]:
+        spmd = lower(plan)
+        return bytes_per_device(spmd.steps), local_flops(spmd)
+
+    return min(plans, key=price)

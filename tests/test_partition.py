@@ -1,8 +1,11 @@
 """The partitioner's choices on the textbook cases: exact collectives and bytes."""
 
+from hypothesis import HealthCheck, given, settings
+
 from einpar.api import compile_source, load
-from einpar.partition import Decision, RepeatDecision, partition
+from einpar.partition import POLICIES, Decision, RepeatDecision, partition
 from einpar.reshard import AllGather, AllReduce, AllToAll, ReduceScatter
+from einpar.testing import programs
 
 MATMUL = """\
 mesh y=4
@@ -131,3 +134,29 @@ output a
 output b
 """)
     assert found.count(("all_gather", "x")) == 1
+
+
+def test_a_transformer_layer_sends_what_megatron_sends():
+    # The residual stream stays whole over tp between layers, so each layer finishes its
+    # attention and its MLP once each: a reduce-scatter and an all-gather of x[B/dp,S,D],
+    # together the bytes of Megatron's all-reduce (2 (n-1)/n of it), twice per layer.
+    found = collectives(partition(load("examples/transformer/block.ein")))
+    block = 2 * 64 * 128 * 4  # x per device: [B/dp, S, D] in f32
+    assert sorted({(kind, nbytes) for kind, _, nbytes in found}) == [
+        ("all_gather", 3 * block // 4), ("reduce_scatter", 3 * block // 4)]
+    layers = 2
+    assert sum(nbytes for _, _, nbytes in found) * layers == layers * 2 * (2 * 3 * block // 4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(programs(max_statements=8))
+def test_the_plan_kept_is_the_cheapest_of_the_walks(generated):
+    from einpar.lower import lower
+    from einpar.spmd import bytes_per_device, local_flops
+
+    def price(plan):
+        spmd = lower(plan)
+        return bytes_per_device(spmd.steps), local_flops(spmd)
+
+    program = compile_source(generated.text, file="<generated>")
+    assert price(partition(program)) == min(price(partition(program, policy)) for policy in POLICIES)
