@@ -241,51 +241,63 @@ def _x64(jax, on: bool):
     return jax.enable_x64(True) if on else nullcontext()
 
 
-def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
-        twin: bool = False, warmup: int = 2, repeat: int = 10) -> JaxRun:
-    """Run einpar's per-device program (or with `twin`, the GSPMD twin) on `devices`.
+@dataclass
+class Compiled:
+    """A program compiled for a mesh, with its inputs placed: call `step()` to run it once."""
 
-    `inputs` are whole arrays by tensor name; each process places only the
-    blocks its own devices hold. Times: compile (trace, lower, XLA compile),
-    then `repeat` steps after `warmup`, each waited for.
-    """
+    executable: object  # jax's Compiled
+    args: list
+    compile_s: float  # trace, lower and XLA compile
+
+    def step(self):
+        return _jax().block_until_ready(self.executable(*self.args))
+
+    def hlo(self) -> str:
+        """The optimized HLO XLA compiled."""
+        return self.executable.as_text()
+
+
+def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray],
+                    devices: Devices, *, twin: bool = False) -> Compiled:
+    """Compile einpar's per-device program (or with `twin`, the GSPMD twin) for `devices`,
+    and place `inputs` (whole arrays; each process places only its devices' blocks)."""
     jax = _jax()
     module = load_module(program, spmd)
     with _x64(jax, module.X64):
+        # Explicit axes for shard_map; Auto axes for the twin, so XLA chooses every layout
+        # the program leaves open.
         axis_type = jax.sharding.AxisType.Auto if twin else jax.sharding.AxisType.Explicit
         mesh = module.make_mesh(devices.devices, axis_types=axis_type)
         step = module.gspmd_step(mesh) if twin else module.spmd_step(mesh)
         args = module.place(inputs, mesh)
         start = time.perf_counter()
-        compiled = step.lower(*args).compile()
-        compile_s = time.perf_counter() - start
+        executable = step.lower(*args).compile()
+        return Compiled(executable, args, time.perf_counter() - start)
+
+
+def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
+        twin: bool = False, warmup: int = 2, repeat: int = 10) -> JaxRun:
+    """Run einpar's per-device program (or with `twin`, the GSPMD twin) on `devices`:
+    compile, then `repeat` timed steps after `warmup` untimed ones, each waited for."""
+    jax = _jax()
+    compiled = compile_program(program, spmd, inputs, devices, twin=twin)
+    with _x64(jax, any(v.type.dtype == "f64" for v in spmd.values.values())):
+        outputs = None
         for _ in range(warmup):
-            outputs = jax.block_until_ready(compiled(*args))
+            outputs = compiled.step()
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            outputs = jax.block_until_ready(compiled(*args))
+            outputs = compiled.step()
             times.append(time.perf_counter() - start)
-        if not warmup and not repeat:
-            outputs = jax.block_until_ready(compiled(*args))
+        if outputs is None:
+            outputs = compiled.step()
     whole = None
     if all(array.is_fully_addressable for array in outputs.values()):
         whole = {name: np.asarray(array) for name, array in outputs.items()}
     blocks = {name: [(shard.index, np.asarray(shard.data)) for shard in array.addressable_shards]
               for name, array in outputs.items()}
-    return JaxRun(devices, compile_s, times, whole, blocks)
-
-
-def compiled_hlo(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray],
-                 devices: Devices, *, twin: bool) -> str:
-    """The optimized HLO text XLA compiles for the program (or its GSPMD twin)."""
-    jax = _jax()
-    module = load_module(program, spmd)
-    with _x64(jax, module.X64):
-        axis_type = jax.sharding.AxisType.Auto if twin else jax.sharding.AxisType.Explicit
-        mesh = module.make_mesh(devices.devices, axis_types=axis_type)
-        step = module.gspmd_step(mesh) if twin else module.spmd_step(mesh)
-        return step.lower(*module.place(inputs, mesh)).compile().as_text()
+    return JaxRun(devices, compiled.compile_s, times, whole, blocks)
 
 
 def shutdown(distributed: Distributed | None) -> None:
