@@ -106,12 +106,21 @@ def align(text: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
 
 
 def _letters(operands: tuple[Operand, ...], out: tuple[str, ...]) -> str:
+    """einsum subscripts, `'bsd,df->bsf'`: each index by its own letter where it has one."""
     letters: dict[str, str] = {}
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+    def letter(index: str) -> str:
+        taken = set(letters.values())
+        for choice in (index[0].lower(), index[0].upper(), *alphabet):
+            if choice.isascii() and choice.isalpha() and choice not in taken:
+                return choice
+        raise ValueError("an einsum of more than 52 indices")
+
     def word(indices):
         for index in indices:
-            letters.setdefault(index, alphabet[len(letters)])
+            if index not in letters:
+                letters[index] = letter(index)
         return "".join(letters[i] for i in indices)
 
     return ",".join(word(o.indices) for o in operands) + "->" + word(out)
