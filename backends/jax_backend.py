@@ -10,9 +10,9 @@ devices, or `global_program` under `jax.jit` for the GSPMD twin. Devices:
   there is an E400 diagnostic (`platform="cpu"` runs on CPU devices instead);
 - with `Distributed`, several processes (hosts) form one mesh through
   `jax.distributed`; each process feeds its own blocks of the inputs and
-  checks its own blocks of the outputs. A watchdog bounds the whole run, so a
-  lost peer or an unreachable coordinator ends every process with E401/E402
-  instead of a hang.
+  checks its own blocks of the outputs. A watchdog bounds the whole run, and
+  from the command line a supervising process (`jax_supervisor`) turns JAX's
+  abort on a lost peer or an unreachable coordinator into E401/E402.
 
 Every JAX import of einpar is in this package (`einpar check` never starts JAX).
 """
@@ -138,13 +138,14 @@ def _cpu_devices_asked(jax) -> int:
 
 
 def _configure(jax, option: str, value) -> None:
-    """Set a JAX option that only counts before its backends start (and say so if too late)."""
+    """Set a JAX option that only counts before its backends start; once they have started
+    it stays as it was, and `start_devices` reports what the devices then lack."""
     if jax.config.values.get(option) == value:
         return
     try:
         jax.config.update(option, value)
     except RuntimeError:
-        pass  # JAX has started already; start_devices reports what it then lacks
+        pass  # JAX has started already
 
 
 def _initialize_distributed(jax, distributed: Distributed) -> None:
@@ -159,7 +160,7 @@ def _initialize_distributed(jax, distributed: Distributed) -> None:
             # bounds the rest of the run.
             heartbeat_timeout_seconds=max(3, min(30, timeout // 4)),
             shutdown_timeout_seconds=max(3, min(30, timeout // 4)))
-    except Exception as error:  # the coordinator's errors are XlaRuntimeError or RuntimeError
+    except Exception as error:  # a malformed address raises; an unanswered one aborts instead
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EinparError(Diagnostic(
             "E401", f"process {distributed.process_id} of {distributed.num_processes} could not join "
@@ -203,13 +204,13 @@ class Watchdog:
 
 def load_module(program: Program, spmd: SpmdProgram, command: str = "") -> types.ModuleType:
     """Execute the JAX module for `program`; its functions can then be called."""
-    written = write_module(program, spmd, command)
+    source = write_module(program, spmd, command)
     filename = f"<einpar-jax {program.file}>"
     # Registered with linecache so that tracebacks into the module show its lines.
-    linecache.cache[filename] = (len(written.source), None, written.source.splitlines(True), filename)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     module = types.ModuleType("einpar_jax_program")
     module.__file__ = filename
-    exec(compile(written.source, filename, "exec"), module.__dict__)
+    exec(compile(source, filename, "exec"), module.__dict__)
     return module
 
 
@@ -248,9 +249,12 @@ class Compiled:
     executable: object  # jax's Compiled
     args: list
     compile_s: float  # trace, lower and XLA compile
+    x64: bool  # the program computes in float64: JAX's 64-bit mode is on while it runs
 
     def step(self):
-        return _jax().block_until_ready(self.executable(*self.args))
+        jax = _jax()
+        with _x64(jax, self.x64):
+            return jax.block_until_ready(self.executable(*self.args))
 
     def hlo(self) -> str:
         """The optimized HLO XLA compiled."""
@@ -272,26 +276,24 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
         args = module.place(inputs, mesh)
         start = time.perf_counter()
         executable = step.lower(*args).compile()
-        return Compiled(executable, args, time.perf_counter() - start)
+        return Compiled(executable, args, time.perf_counter() - start, module.X64)
 
 
 def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
         twin: bool = False, warmup: int = 2, repeat: int = 10) -> JaxRun:
     """Run einpar's per-device program (or with `twin`, the GSPMD twin) on `devices`:
     compile, then `repeat` timed steps after `warmup` untimed ones, each waited for."""
-    jax = _jax()
     compiled = compile_program(program, spmd, inputs, devices, twin=twin)
-    with _x64(jax, any(v.type.dtype == "f64" for v in spmd.values.values())):
-        outputs = None
-        for _ in range(warmup):
-            outputs = compiled.step()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            outputs = compiled.step()
-            times.append(time.perf_counter() - start)
-        if outputs is None:
-            outputs = compiled.step()
+    outputs = None
+    for _ in range(warmup):
+        outputs = compiled.step()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        outputs = compiled.step()
+        times.append(time.perf_counter() - start)
+    if outputs is None:
+        outputs = compiled.step()
     whole = None
     if all(array.is_fully_addressable for array in outputs.values()):
         whole = {name: np.asarray(array) for name, array in outputs.items()}

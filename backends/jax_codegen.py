@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import keyword
 import math
-from dataclasses import dataclass
 
 from einpar.inputs import fan_in_of
 from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
@@ -39,7 +38,7 @@ _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "
              "NamedSharding", "PRECISION", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
              "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
-             "timed", "main", "float", "int", "range", "len", "dict", "tuple", "print", "max", "min",
+             "timed", "main", "carry", "stacked", "float", "int", "range", "len", "dict", "tuple", "print", "max", "min",
              "sum", "abs", "round", "None", "True", "False"}
 
 
@@ -73,6 +72,14 @@ class Names:
         self.table[name] = text
         self.used.add(text)
         return text
+
+    def fresh(self, base: str) -> str:
+        """A new identifier for the module's own use (a loop body's function)."""
+        n = 1
+        while f"{base}_{n}" in self.used:
+            n += 1
+        self.used.add(f"{base}_{n}")
+        return f"{base}_{n}"
 
 
 def partition_spec(layout: Layout) -> str:
@@ -308,7 +315,6 @@ class _SpmdWriter:
         self.names = names
         self.lines: list[str] = []
         self.ops = OpWriter(names, lambda name: program.values[name].type.dtype, self.lines)
-        self.loops = 0
 
     def steps(self, steps, indent: str) -> None:
         mesh = self.program.mesh
@@ -329,8 +335,7 @@ class _SpmdWriter:
                 self.repeat(step, indent)
 
     def repeat(self, step: RepeatStep, indent: str) -> None:
-        self.loops += 1
-        body = f"trip_{self.loops}"
+        body = self.names.fresh("trip")
         carried_in = [self.names(inside) for _, inside, _, _ in step.carried]
         sliced = [self.names(inside) for _, inside in step.stacked]
         self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {step.dim}={step.count}")
@@ -366,7 +371,6 @@ class _GlobalWriter:
             if isinstance(op, Repeat):
                 values.update((v.name, v) for v in op.stacked)
         self.ops = OpWriter(names, lambda name: values[name].type.dtype, self.lines)
-        self.loops = 0
 
     def body(self, ops, indent: str) -> None:
         for op in ops:
@@ -380,8 +384,7 @@ class _GlobalWriter:
                                   f"{partition_spec(op.result.layout)})  # as the program asks")
 
     def repeat(self, op: Repeat, indent: str) -> None:
-        self.loops += 1
-        body = f"layer_{self.loops}"
+        body = self.names.fresh("layer")
         carried = [self.names(c.value) for c in op.carried]
         stacked = [self.names(v.name) for v in op.stacked]
         self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {op.dim}={op.count}")
@@ -443,19 +446,13 @@ def route_top_k(gates, k, capacity):
 # ---- the module
 
 
-@dataclass(frozen=True)
-class JaxModule:
-    source: str
-    names: dict[str, str]  # the program's value names -> the module's identifiers
-
-
 def _fan_ins(program: Program) -> dict[str, int | None]:
     """Each param's fan-in (random values are divided by its square root); None for inputs."""
     fan_in = fan_in_of(program)
     return {v.name: fan_in.get(v.name, 1) if v.kind == "param" else None for v in program.inputs}
 
 
-def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> JaxModule:
+def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> str:
     """The standalone module for `program` and its per-device program `spmd`."""
     names = Names()
     params = [names(name) for name in spmd.inputs]
@@ -528,7 +525,7 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> JaxM
     add("")
     out.extend(_DRIVER.strip("\n").splitlines())
     add("")
-    return JaxModule("\n".join(out), dict(names.table))
+    return "\n".join(out)
 
 
 _DRIVER = '''

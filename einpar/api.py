@@ -86,7 +86,7 @@ def emit_jax(program: Program, command: str = "") -> str:
     """The program as a standalone JAX module (shard_map program and GSPMD twin); imports no JAX."""
     from .backends.jax_codegen import write_module
 
-    return write_module(program, compile_spmd(program), command).source
+    return write_module(program, compile_spmd(program), command)
 
 
 def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0, *,

@@ -196,3 +196,13 @@ def test_bad_jax_flags_are_usage_errors(argv, message, capsys):
     path = str(ROOT / "examples/mlp/megatron.ein")
     assert main(["run", path, "--backend", "jax", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tensors_named_like_the_modules_own_names_are_renamed():
+    program = compile_source("mesh tp=2\ndim L=2 D=4\ninput layer_1[D@tp]\ninput P[D]\n"
+                             "repeat L {\n  param trip_1[D]\n  layer_1[D] = layer_1[D] * trip_1[D] + P[D]\n}\n"
+                             "output layer_1\n", file="names.ein")
+    source = emit_jax(program)
+    assert "def per_device(layer_1, P_2, trip_1):" in source
+    assert "def trip_2(carry, stacked):" in source and "def layer_2(carry, stacked):" in source
+    check_on_jax(program)
