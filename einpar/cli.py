@@ -269,6 +269,10 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
         if not save.parent.is_dir():
             raise _UsageError(f"einpar run: error: cannot save to {save}: folder {save.parent} "
                               "does not exist")
+    if args.backend == "jax":
+        code = _supervised(args, save)
+        if code is not None:
+            return code
     if args.inputs:
         arrays = api.load_inputs(program, args.inputs)
     else:
@@ -349,42 +353,54 @@ def _distributed(args):
     return Distributed(args.coordinator, args.num_processes, args.process_id, args.timeout)
 
 
-def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> int:
-    import numpy as np
-
-    from .tolerance import compare_blocks
-
+def _supervised(args, save) -> int | None:
+    """For one process of several, run the JAX work in a watched worker (JAX aborts a
+    process whose peer died); returns its exit code, or None in the worker itself."""
     from .backends import jax_supervisor
 
     distributed = _distributed(args)
-    if distributed is not None and save is not None:
+    if distributed is None:
+        return None
+    if save is not None:
         raise _UsageError("einpar run: error: --save needs the whole outputs, which no one process "
                           "of several holds")
-    if distributed is not None and not jax_supervisor.is_worker():
-        # JAX aborts a process whose peer died; a worker process takes that, and we explain it.
-        code, diagnostics = jax_supervisor.supervise(
-            args.argv, distributed.coordinator, distributed.process_id, distributed.num_processes,
-            distributed.timeout_s)
-        if diagnostics:
-            raise EinparError(diagnostics)
-        return code
-    if distributed is not None:
+    if jax_supervisor.is_worker():
         jax_supervisor.keep_runtime_output_apart()
-    result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
-                         distributed=distributed, twin=args.twin, warmup=args.warmup,
-                         repeat=args.repeat)
+        return None
+    code, diagnostics = jax_supervisor.supervise(args.argv, distributed.coordinator,
+                                                 distributed.process_id, distributed.num_processes,
+                                                 distributed.timeout_s)
+    if diagnostics:
+        raise EinparError(diagnostics)
+    return code
+
+
+def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> int:
+    import numpy as np
+
+    from .backends import jax_backend
+    from .tolerance import compare_blocks
+
+    distributed = _distributed(args)
+    watchdog = jax_backend.Watchdog(distributed)
+    devices = jax_backend.start_devices(program.mesh.num_devices, cpu_devices=args.devices,
+                                        platform=args.platform, distributed=distributed)
+    what = "the GSPMD twin" if args.twin else "einpar's per-device program"
+    where = f"{len(devices.devices)} {devices.platform} devices"
+    if devices.num_processes > 1:
+        where = (f"process {devices.process_id} of {devices.num_processes}, {devices.local_count} "
+                 f"of {len(devices.devices)} {devices.platform} devices")
+    if not args.json:  # at once: compiling takes a while, and other processes may be waiting
+        source = args.inputs or f"random inputs, seed {args.seed}"
+        out.print(f"{program.file}: {what} on {where} ({source})")
+    result = jax_backend.run(program, api.compile_spmd(program), arrays, devices, twin=args.twin,
+                             warmup=args.warmup, repeat=args.repeat)
     tolerance = program_tolerance(program)
     if result.outputs is not None:
         results = [compare(name, reference[name], result.outputs[name], tolerance) for name in reference]
     else:
         results = [compare_blocks(name, reference[name], result.local_blocks[name], tolerance)
                    for name in reference]
-    devices = result.devices
-    what = "the GSPMD twin" if args.twin else "einpar's per-device program"
-    where = f"{len(devices.devices)} {devices.platform} devices"
-    if devices.num_processes > 1:
-        where = (f"process {devices.process_id} of {devices.num_processes}, {devices.local_count} "
-                 f"of {len(devices.devices)} {devices.platform} devices")
     times = sorted(result.step_times_s)
     if args.json:
         out.print(json.dumps({
@@ -395,8 +411,6 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
             "outputs": {r.name: {"error": r.error, "tolerance": r.tolerance, "ok": r.ok}
                         for r in results}}, indent=2), markup=False)
     else:
-        source = args.inputs or f"random inputs, seed {args.seed}"
-        out.print(f"{program.file}: {what} on {where} ({source})")
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
         for column in ("output", "error vs reference", "tolerance", ""):
             table.add_column(column, justify="left" if column == "output" else "right")
@@ -410,10 +424,8 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
                   f"{_format_seconds(times[0])} to {_format_seconds(times[-1])})")
     if save is not None:
         np.savez(save, **result.outputs)
-    if distributed is not None:
-        from .backends.jax_backend import shutdown
-
-        shutdown(distributed)
+    jax_backend.shutdown(distributed)
+    watchdog.stop()
     return 0 if all(r.ok for r in results) else 1
 
 

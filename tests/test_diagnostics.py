@@ -915,14 +915,15 @@ def test_E401_an_unreachable_coordinator():
 
 
 def test_E402_a_peer_that_dies_during_the_run():
-    from test_jax_processes import free_port, start
+    from test_jax_processes import first_line, free_port, start
 
     port = free_port()
     # Many steps, so that both are still running when one is killed.
-    survivor = start(0, port, "--repeat", "1000000", "--timeout", "12")
-    doomed = start(1, port, "--repeat", "1000000", "--timeout", "12")
-    time.sleep(8)  # both join and start stepping
-    assert survivor.poll() is None and doomed.poll() is None
+    survivor = start(0, port, "--repeat", "1000000", "--timeout", "40")
+    doomed = start(1, port, "--repeat", "1000000", "--timeout", "40")
+    # Each prints its first line once it has joined the mesh.
+    assert "on process 0 of 2" in first_line(survivor) and "on process 1 of 2" in first_line(doomed)
+    time.sleep(1)
     os.killpg(doomed.pid, signal.SIGKILL)  # the process and its JAX worker, at once
     killed_at = time.monotonic()
     out, err = survivor.communicate(timeout=120)

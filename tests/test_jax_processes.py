@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,16 @@ def start(process_id: int, port: int, *extra: str) -> subprocess.Popen:
                "--process-id", str(process_id), *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=environment(), start_new_session=True)
+
+
+def first_line(process: subprocess.Popen, timeout: float = 120) -> str:
+    """The first line a process prints, waited for at most `timeout` seconds."""
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert line, f"no output within {timeout} s"
+    return line[0]
 
 
 def test_two_processes_of_four_cpu_devices_run_an_eight_device_program():
