@@ -55,6 +55,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="einpar", description="Compile, check, run and price sharded einsum programs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="processes in the run (or JAX_NUM_PROCESSES)")
     jax.add_argument("--process-id", type=_count, metavar="I",
                      help="this process's number, 0 to N-1 (or JAX_PROCESS_ID)")
-    jax.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    jax.add_argument("--timeout", type=_seconds, default=120.0, metavar="SECONDS",
                      help="a run of several processes ends with an error after this long (default 120)")
 
     comp = commands.add_parser("compile", help="print a stage of the compiler")
