@@ -28,7 +28,7 @@ from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
 from .flops import op_flops, program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
-from .spmd import format_spmd, to_json
+from .spmd import bytes_per_device, format_spmd, to_json
 from .tolerance import compare, program_tolerance
 
 
@@ -403,7 +403,8 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
     if not args.json:  # at once: compiling takes a while, and other processes may be waiting
         source = args.inputs or f"random inputs, seed {args.seed}"
         out.print(f"{program.file}: {what} on {where} ({source})")
-    result = jax_backend.run(program, api.compile_spmd(program), arrays, devices, twin=args.twin,
+    spmd = api.compile_spmd(program)
+    result = jax_backend.run(program, spmd, arrays, devices, twin=args.twin,
                              warmup=args.warmup, repeat=args.repeat)
     tolerance = program_tolerance(program)
     if result.outputs is not None:
@@ -418,6 +419,7 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
             "devices": len(devices.devices), "process_id": devices.process_id,
             "num_processes": devices.num_processes, "compile_s": result.compile_s,
             "step_s": result.step_s, "step_times_s": result.step_times_s,
+            "planned_bytes_per_device": None if args.twin else bytes_per_device(spmd.steps),
             "outputs": {r.name: {"error": r.error, "tolerance": r.tolerance, "ok": r.ok}
                         for r in results}}, indent=2), markup=False)
     else:
@@ -428,7 +430,10 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
             table.add_row(r.name, f"{r.error:.3g}", f"{r.tolerance:g}",
                           Text("ok", style="green") if r.ok else Text("MISMATCH", style="bold red"))
         out.print(table)
-        out.print(f"largest error {max((r.error for r in results), default=0.0):.3g}")
+        largest = f"largest error {max((r.error for r in results), default=0.0):.3g}"
+        if not args.twin:
+            largest += f"; each device sends {bytes_per_device(spmd.steps):,} bytes per step"
+        out.print(largest)
         out.print(f"compile {_format_seconds(result.compile_s)}; step {_format_seconds(result.step_s)} "
                   f"(median of {len(times)} after {args.warmup} warm-up; "
                   f"{_format_seconds(times[0])} to {_format_seconds(times[-1])})")

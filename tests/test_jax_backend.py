@@ -166,7 +166,7 @@ def test_run_on_jax_prints_errors_and_times(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0] == (f"{path}: einpar's per-device program on 4 cpu devices "
                                    "(random inputs, seed 0)")
-    assert "largest error" in out
+    assert "largest error" in out and "; each device sends 786,432 bytes per step" in out
     assert "(median of 3 after 1 warm-up;" in out
 
 
@@ -177,6 +177,7 @@ def test_run_on_jax_as_json(capsys):
     assert document["twin"] is True and document["devices"] == 4 and document["platform"] == "cpu"
     assert len(document["step_times_s"]) == 2 and document["compile_s"] > 0
     assert document["outputs"]["y"]["ok"] is True
+    assert document["planned_bytes_per_device"] is None  # the twin's plan is XLA's
 
 
 def test_run_on_jax_saves_the_outputs(tmp_path, capsys):
