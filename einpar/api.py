@@ -67,10 +67,9 @@ def run_reference(program: Program, inputs: dict[str, np.ndarray] | None = None,
 
 def compile_spmd(program: Program):
     """Partition and lower `program` to the SpmdProgram every device runs."""
-    from .lower import lower
-    from .partition import partition
+    from .lower import compile_program
 
-    return lower(partition(program))
+    return compile_program(program)[1]
 
 
 def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0):

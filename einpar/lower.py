@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ir import Operand, TensorType, Value
+from .ir import Operand, Program, TensorType, Value
 from .layout import Layout
-from .partition import Decision, Move, PartitionedProgram, RepeatDecision
-from .spmd import CollectiveStep, LocalStep, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue
+from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partitions
+from .spmd import (CollectiveStep, LocalStep, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue,
+                   bytes_per_device, local_flops)
 
 
 class _Lowering:
@@ -135,3 +136,12 @@ class _Lowering:
 
 def lower(partitioned: PartitionedProgram) -> SpmdProgram:
     return _Lowering(partitioned).run()
+
+
+def compile_program(program: Program) -> tuple[PartitionedProgram, SpmdProgram]:
+    """Partition `program` under every tie-break policy, lower each walk, and keep the
+    per-device program that sends the fewest bytes per device, then computes the fewest
+    FLOPs per device (then the first policy's): the price is what the program really
+    sends, moved copies reused."""
+    lowered = [(plan, lower(plan)) for plan in partitions(program)]
+    return min(lowered, key=lambda pair: (bytes_per_device(pair[1].steps), local_flops(pair[1])))

@@ -26,8 +26,8 @@ splitting a value that every device holds whole is free and saves FLOPs now,
 but can force gathers later (slicing a transformer's residual stream over
 `tp` turns Megatron's two all-reduces per layer into gathers of weights and
 all-to-alls). So the walk runs twice, once preferring fewer FLOPs and once
-preferring to keep copies whole when bytes tie, and the program with fewer
-bytes per device (then FLOPs per device) is kept.
+preferring to keep copies whole when bytes tie, and `lower.compile_program`
+keeps the program with fewer bytes per device (then FLOPs per device).
 """
 
 from __future__ import annotations
@@ -444,21 +444,14 @@ def _product(values) -> int:
     return total
 
 
-def partition(program: Program, policy: str | None = None) -> PartitionedProgram:
-    """Expand library ops, then choose a strategy for every op of `program`: the walk
-    under each tie-break policy (or only `policy`), keeping the plan whose per-device
-    program sends the fewest bytes per device, then computes the fewest FLOPs per
-    device (then the first policy's)."""
-    from .lower import lower  # the price is what the lowered program sends and computes
-    from .spmd import bytes_per_device, local_flops
+def partition(program: Program, policy: str = POLICIES[0]) -> PartitionedProgram:
+    """Expand library ops, then choose a strategy for every op of `program`, breaking
+    ties by `policy`. `lower.compile_program` walks under every policy and keeps the
+    cheapest program."""
+    return _Partitioner(expand_library(program), policy).run()
 
+
+def partitions(program: Program) -> list[PartitionedProgram]:
+    """One walk per tie-break policy (library ops expanded once)."""
     expanded = expand_library(program)
-    plans = [_Partitioner(expanded, p).run() for p in ((policy,) if policy else POLICIES)]
-    if len(plans) == 1:
-        return plans[0]
-
-    def price(plan: PartitionedProgram) -> tuple[int, int]:
-        spmd = lower(plan)
-        return bytes_per_device(spmd.steps), local_flops(spmd)
-
-    return min(plans, key=price)
+    return [_Partitioner(expanded, policy).run() for policy in POLICIES]
