@@ -25,7 +25,7 @@ import math
 
 from einpar.inputs import fan_in_of
 from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
-                       Reduce, Repeat, Route, Scalar, walk_ops)
+                       Reduce, Repeat, Route, Scalar, walk_ops, work_dtype)
 from einpar.layout import Layout, Mesh
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
@@ -40,10 +40,6 @@ _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
              "timed", "main", "carry", "stacked", "float", "int", "range", "len", "dict", "tuple", "print", "max", "min",
              "sum", "abs", "round", "None", "True", "False"}
-
-
-def _compute_dtype(dtype: str) -> str:
-    return "f32" if dtype in ("f16", "bf16") else dtype
 
 
 class Names:
@@ -170,7 +166,7 @@ class OpWriter:
         result = op.result
         target = self.names(result.name)
         rtype = result.type
-        work = _compute_dtype(rtype.dtype)
+        work = work_dtype(rtype.dtype)
         if isinstance(op, Einsum):
             dtypes = {self.dtype_of(o.value) for o in op.operands}
             spec = repr(_letters(op.operands, rtype.indices))
@@ -221,25 +217,23 @@ class OpWriter:
     def route(self, op: Route, indent: str, target: str, comment: str) -> None:
         self.helpers.add("route_top_k")
         rtype = op.result.type
-        indices = op.operand.indices
-        groups = tuple(i for i in indices if i not in (op.expert, op.token))
-        arranged = groups + (op.token, op.expert)
+        work = work_dtype(rtype.dtype)
+        groups = tuple(i for i in op.operand.indices if i not in (op.expert, op.token))
         sizes = dict(zip(rtype.indices, rtype.shape))
-        gates = align(self.read(op.operand, "f32" if rtype.dtype in ("f16", "bf16") else rtype.dtype),
-                      indices, arranged)
+        gates = align(self.read(op.operand, work), op.operand.indices, groups + (op.token, op.expert))
         flat = f"{gates}.reshape(-1, {sizes[op.token]}, {sizes[op.expert]})"
-        shape = ", ".join(str(sizes[i]) for i in groups + (op.token, op.expert, op.capacity))
+        routed = groups + (op.token, op.expert, op.capacity)
+        shape = ", ".join(str(sizes[i]) for i in routed)
         call = f"route_top_k({flat}, k={op.k}, capacity={sizes[op.capacity]}).reshape({shape})"
-        expr = align(call, groups + (op.token, op.expert, op.capacity), rtype.indices)
-        work = _compute_dtype(rtype.dtype)
-        self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
+        self.emit(indent, target, self.store(align(call, routed, rtype.indices), work, rtype.dtype),
+                  comment)
 
     def scalar(self, expr: Scalar, operands: tuple[Operand, ...], out: tuple[str, ...]):
         """(Python text, its dtype or None when it is only Python constants)."""
         if isinstance(expr, Arg):
             operand = operands[expr.index]
             dtype = self.dtype_of(operand.value)
-            wide = _compute_dtype(dtype)
+            wide = work_dtype(dtype)
             text = align(self.read(operand, wide), operand.indices, out)
             return text, wide
         if isinstance(expr, Const):
@@ -252,7 +246,7 @@ class OpWriter:
             text = f"jnp.asarray({inner}).astype({JNP_DTYPES[expr.dtype]})"
             if expr.dtype in ("f16", "bf16"):  # rounded to the half type, computed in float32
                 text += ".astype(jnp.float32)"
-            return text, _compute_dtype(expr.dtype)
+            return text, work_dtype(expr.dtype)
         args = [self.scalar(arg, operands, out) for arg in expr.args]
         texts = [text for text, _ in args]
         kinds = {dtype for _, dtype in args if dtype is not None}

@@ -18,7 +18,7 @@ import numpy as np
 
 from einpar.syntax import deep_recursion
 from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand,
-                       Program, Reduce, Repeat, Route, Scalar, TensorType)
+                       Program, Reduce, Repeat, Route, Scalar, TensorType, work_dtype)
 
 _NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
                  "bf16": ml_dtypes.bfloat16, "i32": np.int32, "bool": np.bool_}
@@ -30,7 +30,7 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
 def compute_dtype(dtype: str) -> np.dtype:
     """Half-precision values are computed in float32 and rounded on storing."""
-    return np.dtype(np.float32) if dtype in ("f16", "bf16") else numpy_dtype(dtype)
+    return numpy_dtype(work_dtype(dtype))
 
 
 def widen(array: np.ndarray) -> np.ndarray:

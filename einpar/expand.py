@@ -17,11 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .ir import (NORM_EPSILON, Apply, Arg, Const, Library, Map, Op, Operand, Program, Reduce,
-                 Repeat, TensorType, Value)
-
-
-def _work_dtype(dtype: str) -> str:
-    return "f32" if dtype in ("bf16", "f16") else dtype
+                 Repeat, TensorType, Value, work_dtype)
 
 
 class _Expander:
@@ -57,7 +53,7 @@ class _Expander:
 
     def library(self, op: Library) -> list[Op]:
         x, index, result = op.operand, op.index, op.result
-        work = _work_dtype(result.type.dtype)
+        work = work_dtype(result.type.dtype)
         kept = tuple(i for i in x.indices if i != index)
         stmt, span = op.stmt, op.span
         if op.kind in ("softmax", "logsumexp"):

@@ -31,6 +31,12 @@ FLOAT_DTYPES = ("f64", "f32", "bf16", "f16")
 DTYPES = FLOAT_DTYPES + ("i32", "bool")
 
 
+def work_dtype(dtype: str) -> str:
+    """The dtype a value of `dtype` is computed in: half precision in f32, rounded on storing
+    (every backend and the library expansion follow this)."""
+    return "f32" if dtype in ("f16", "bf16") else dtype
+
+
 @dataclass(frozen=True)
 class TensorType:
     dtype: str
