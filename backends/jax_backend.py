@@ -222,6 +222,7 @@ class JaxRun:
     """What one run produced: outputs, timings, and where it ran."""
 
     devices: Devices
+    spmd: SpmdProgram  # what ran (or, for the twin, what einpar would have run)
     compile_s: float
     step_times_s: list[float]
     # Whole outputs when this process can see every block; else None.
@@ -299,7 +300,7 @@ def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devi
         whole = {name: np.asarray(array) for name, array in outputs.items()}
     blocks = {name: [(shard.index, np.asarray(shard.data)) for shard in array.addressable_shards]
               for name, array in outputs.items()}
-    return JaxRun(devices, compiled.compile_s, times, whole, blocks)
+    return JaxRun(devices, spmd, compiled.compile_s, times, whole, blocks)
 
 
 def shutdown(distributed: Distributed | None) -> None:

@@ -90,12 +90,13 @@ def emit_jax(program: Program, command: str = "") -> str:
 
 def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0, *,
             cpu_devices: int | None = None, platform: str | None = None, distributed=None,
-            twin: bool = False, warmup: int = 2, repeat: int = 10):
+            twin: bool = False, warmup: int = 2, repeat: int = 10, started=None):
     """Run on the devices JAX sees (CPU devices made to measure when there is no accelerator).
 
     Returns a `einpar.backends.jax_backend.JaxRun`: outputs, compile time and step times.
     With `twin`, runs the GSPMD twin (XLA partitions the whole-array program) instead.
-    `distributed` is a `jax_backend.Distributed` for one process of several.
+    `distributed` is a `jax_backend.Distributed` for one process of several; `started`,
+    if given, is called with the `Devices` once they are up (before compiling).
     """
     from .backends import jax_backend
 
@@ -104,6 +105,8 @@ def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed:
     try:
         devices = jax_backend.start_devices(program.mesh.num_devices, cpu_devices=cpu_devices,
                                             platform=platform, distributed=distributed)
+        if started is not None:
+            started(devices)
         return jax_backend.run(program, compile_spmd(program), arrays, devices, twin=twin,
                                warmup=warmup, repeat=repeat)
     finally:

@@ -311,6 +311,22 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
     return 0
 
 
+def _comparisons_json(results) -> dict:
+    return {r.name: {"error": r.error, "tolerance": r.tolerance, "ok": r.ok} for r in results}
+
+
+def _print_comparisons(results, out: Console, then: str = "") -> None:
+    """Each output's error against the reference, and the largest (followed by `then`)."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("output", "error vs reference", "tolerance", ""):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for r in results:
+        table.add_row(r.name, f"{r.error:.3g}", f"{r.tolerance:g}",
+                      Text("ok", style="green") if r.ok else Text("MISMATCH", style="bold red"))
+    out.print(table)
+    out.print(f"largest error {max((r.error for r in results), default=0.0):.3g}{then}")
+
+
 def _run_simulated(args, program: Program, arrays, reference, out: Console, save) -> int:
     import numpy as np
 
@@ -324,21 +340,11 @@ def _run_simulated(args, program: Program, arrays, reference, out: Console, save
     if args.json:
         out.print(json.dumps({"backend": "numpy", "devices": program.mesh.num_devices,
                               "bytes_sent_per_device": sent,
-                              "outputs": {r.name: {"error": r.error, "tolerance": r.tolerance,
-                                                   "ok": r.ok} for r in results}}, indent=2),
-                  markup=False)
+                              "outputs": _comparisons_json(results)}, indent=2), markup=False)
     else:
         source = args.inputs or f"random inputs, seed {args.seed}"
         out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})")
-        table = Table(show_edge=False, pad_edge=False, header_style="bold")
-        for column in ("output", "error vs reference", "tolerance", ""):
-            table.add_column(column, justify="left" if column == "output" else "right")
-        for r in results:
-            table.add_row(r.name, f"{r.error:.3g}", f"{r.tolerance:g}",
-                          Text("ok", style="green") if r.ok else Text("MISMATCH", style="bold red"))
-        out.print(table)
-        out.print(f"largest error {max((r.error for r in results), default=0.0):.3g}; "
-                  f"each device sent {sent:,} bytes")
+        _print_comparisons(results, out, f"; each device sent {sent:,} bytes")
     if save is not None:
         np.savez(save, **outputs)
     return 0 if all(r.ok for r in results) else 1
@@ -388,59 +394,50 @@ def _supervised(args, save) -> int | None:
 def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> int:
     import numpy as np
 
-    from .backends import jax_backend
+    from .backends.jax_backend import shutdown
     from .tolerance import compare_blocks
 
     distributed = _distributed(args)
-    watchdog = jax_backend.Watchdog(distributed)
-    devices = jax_backend.start_devices(program.mesh.num_devices, cpu_devices=args.devices,
-                                        platform=args.platform, distributed=distributed)
     what = "the GSPMD twin" if args.twin else "einpar's per-device program"
-    where = f"{len(devices.devices)} {devices.platform} devices"
-    if devices.num_processes > 1:
-        where = (f"process {devices.process_id} of {devices.num_processes}, {devices.local_count} "
-                 f"of {len(devices.devices)} {devices.platform} devices")
-    if not args.json:  # at once: compiling takes a while, and other processes may be waiting
-        source = args.inputs or f"random inputs, seed {args.seed}"
-        out.print(f"{program.file}: {what} on {where} ({source})")
-    spmd = api.compile_spmd(program)
-    result = jax_backend.run(program, spmd, arrays, devices, twin=args.twin,
-                             warmup=args.warmup, repeat=args.repeat)
+
+    def started(devices) -> None:  # at once: compiling takes a while, and peers may be waiting
+        where = f"{len(devices.devices)} {devices.platform} devices"
+        if devices.num_processes > 1:
+            where = (f"process {devices.process_id} of {devices.num_processes}, "
+                     f"{devices.local_count} of {len(devices.devices)} {devices.platform} devices")
+        if not args.json:
+            source = args.inputs or f"random inputs, seed {args.seed}"
+            out.print(f"{program.file}: {what} on {where} ({source})")
+
+    result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
+                         distributed=distributed, twin=args.twin, warmup=args.warmup,
+                         repeat=args.repeat, started=started)
     tolerance = program_tolerance(program)
     if result.outputs is not None:
         results = [compare(name, reference[name], result.outputs[name], tolerance) for name in reference]
     else:
         results = [compare_blocks(name, reference[name], result.local_blocks[name], tolerance)
                    for name in reference]
-    times = sorted(result.step_times_s)
+    planned = None if args.twin else bytes_per_device(result.spmd.steps)
+    devices = result.devices
     if args.json:
         out.print(json.dumps({
             "backend": "jax", "twin": args.twin, "platform": devices.platform,
             "devices": len(devices.devices), "process_id": devices.process_id,
             "num_processes": devices.num_processes, "compile_s": result.compile_s,
             "step_s": result.step_s, "step_times_s": result.step_times_s,
-            "planned_bytes_per_device": None if args.twin else bytes_per_device(spmd.steps),
-            "outputs": {r.name: {"error": r.error, "tolerance": r.tolerance, "ok": r.ok}
-                        for r in results}}, indent=2), markup=False)
+            "planned_bytes_per_device": planned, "outputs": _comparisons_json(results)},
+            indent=2), markup=False)
     else:
-        table = Table(show_edge=False, pad_edge=False, header_style="bold")
-        for column in ("output", "error vs reference", "tolerance", ""):
-            table.add_column(column, justify="left" if column == "output" else "right")
-        for r in results:
-            table.add_row(r.name, f"{r.error:.3g}", f"{r.tolerance:g}",
-                          Text("ok", style="green") if r.ok else Text("MISMATCH", style="bold red"))
-        out.print(table)
-        largest = f"largest error {max((r.error for r in results), default=0.0):.3g}"
-        if not args.twin:
-            largest += f"; each device sends {bytes_per_device(spmd.steps):,} bytes per step"
-        out.print(largest)
+        _print_comparisons(results, out, "" if planned is None else
+                           f"; each device sends {planned:,} bytes per step")
+        times = sorted(result.step_times_s)
         out.print(f"compile {_format_seconds(result.compile_s)}; step {_format_seconds(result.step_s)} "
                   f"(median of {len(times)} after {args.warmup} warm-up; "
                   f"{_format_seconds(times[0])} to {_format_seconds(times[-1])})")
     if save is not None:
         np.savez(save, **result.outputs)
-    jax_backend.shutdown(distributed)
-    watchdog.stop()
+    shutdown(distributed)
     return 0 if all(r.ok for r in results) else 1
 
 
