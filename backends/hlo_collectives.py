@@ -120,7 +120,11 @@ def hlo_collectives(text: str, devices: int) -> list[HloCollective]:
                           seen + (body.group(1),))
                 continue
             if op in ("call", "conditional", "async-start"):
-                for callee in re.findall(r"(?:to_apply|calls|branch_computations=\{[^}]*)=?%([\w.\-]+)", rest):
+                # A conditional's branches each count once: an upper bound on what runs.
+                branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                callees = re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", rest)
+                callees += re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else []
+                for callee in callees:
                     if callee not in seen:
                         visit(callee, runs, seen + (callee,))
                 continue

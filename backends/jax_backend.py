@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import types
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +36,7 @@ from einpar.ir import Program
 from einpar.spmd import SpmdProgram
 
 from .jax_codegen import write_module
-from .jax_supervisor import JOINED, is_worker
+from .jax_supervisor import JOINED, cannot_join, is_worker
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,9 @@ def _initialize_distributed(jax, distributed: Distributed) -> None:
             # bounds the rest of the run.
             heartbeat_timeout_seconds=max(3, min(30, timeout // 4)),
             shutdown_timeout_seconds=max(3, min(30, timeout // 4)))
-    except Exception as error:  # a malformed address raises; an unanswered one aborts instead
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EinparError(Diagnostic(
-            "E401", f"process {distributed.process_id} of {distributed.num_processes} could not join "
-                    f"the mesh through the coordinator at {distributed.coordinator}",
-            hint=f"is process 0 running with the same --coordinator and --num-processes, and is "
-                 f"the port reachable? ({first[:200]})")) from None
+    except Exception:  # a malformed address raises; an unanswered one aborts the process instead
+        who = f"process {distributed.process_id} of {distributed.num_processes}"
+        raise EinparError(cannot_join(who, distributed.coordinator, distributed.timeout_s)) from None
 
 
 class Watchdog:
@@ -238,8 +235,6 @@ class JaxRun:
 
 
 def _x64(jax, on: bool):
-    from contextlib import nullcontext
-
     return jax.enable_x64(True) if on else nullcontext()
 
 

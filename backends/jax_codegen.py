@@ -498,23 +498,21 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> str:
     for helper in helpers:
         add("")
         out.extend(_HELPERS[helper].strip("\n").splitlines())
-    add("")
-    add("")
-    add(f"def per_device({', '.join(params)}):")
-    add('    """What every device runs: its blocks of the inputs in, its blocks of the outputs out."""')
-    out.extend(per_device.lines)
-    add("    return {" + ", ".join(f"{o.name!r}: {names(o.value)}" for o in spmd.outputs) + "}")
-    add("")
-    add("")
-    add("def constrain(value, mesh, spec):")
-    add('    """Pin a value to the layout the program gave it (nothing to pin without a mesh)."""')
-    add("    return value if mesh is None else lax.with_sharding_constraint(value, NamedSharding(mesh, spec))")
-    add("")
-    add("")
-    add(f"def global_program({', '.join(params)}, *, mesh=None):")
-    add('    """The same program on whole arrays: what XLA partitions by itself under jax.jit."""')
-    out.extend(whole.lines)
-    add("    return {" + ", ".join(f"{o.name!r}: {names(o.value)}" for o in program.outputs) + "}")
+
+    def function(signature: str, doc: str, body: list[str], outputs) -> None:
+        out.extend(["", "", f"def {signature}:", f'    """{doc}"""', *body])
+        add("    return {" + ", ".join(f"{o.name!r}: {names(o.value)}" for o in outputs) + "}")
+
+    function(f"per_device({', '.join(params)})",
+             "What every device runs: its blocks of the inputs in, its blocks of the outputs out.",
+             per_device.lines, spmd.outputs)
+    out.extend(["", "", "def constrain(value, mesh, spec):",
+                '    """Pin a value to the layout the program gave it (nothing to pin without a mesh)."""',
+                "    return value if mesh is None else lax.with_sharding_constraint(value, "
+                "NamedSharding(mesh, spec))"])
+    function(f"global_program({', '.join(params)}, *, mesh=None)",
+             "The same program on whole arrays: what XLA partitions by itself under jax.jit.",
+             whole.lines, program.outputs)
     add("")
     add("")
     out.extend(_DRIVER.strip("\n").splitlines())

@@ -79,7 +79,7 @@ def supervise(argv: list[str], coordinator: str, process_id: int, num_processes:
     sys.stderr.flush()
     joined = any(line.strip() == JOINED for line in lines)
     if code is None and not joined:
-        return 1, [_cannot_join(who, coordinator, timeout_s)]
+        return 1, [cannot_join(who, coordinator, timeout_s)]
     if code is None:
         return 1, [Diagnostic("E402", f"{who} did not finish within {timeout_s:g} s",
                               hint="another process may have died or stopped answering; "
@@ -91,7 +91,7 @@ def supervise(argv: list[str], coordinator: str, process_id: int, num_processes:
 
 def _explain_abort(log: str, who: str, coordinator: str, timeout_s: float) -> Diagnostic:
     if JOINED not in log:
-        return _cannot_join(who, coordinator, timeout_s)
+        return cannot_join(who, coordinator, timeout_s)
     if "unhealthy" in log or "heartbeat" in log or "PollForError" in log:
         return Diagnostic("E402", f"{who} stopped: another process of the run died",
                           hint="see that process's output for why; EINPAR_DEBUG=1 shows JAX's log")
@@ -99,7 +99,7 @@ def _explain_abort(log: str, who: str, coordinator: str, timeout_s: float) -> Di
                       hint="EINPAR_DEBUG=1 shows JAX's log")
 
 
-def _cannot_join(who: str, coordinator: str, timeout_s: float) -> Diagnostic:
+def cannot_join(who: str, coordinator: str, timeout_s: float) -> Diagnostic:
     return Diagnostic("E401", f"{who} could not join the mesh through the coordinator at "
                               f"{coordinator} within {timeout_s:g} s",
                       hint="is every process running with the same --coordinator and "

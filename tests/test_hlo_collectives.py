@@ -30,6 +30,16 @@ HloModule jit_step, entry_computation_layout={(f32[2,64]{1,0})->f32[8,64]{1,0}}
   ROOT %t = (s32[], f32[2,64]{1,0}) tuple(%i, %ar)
 }
 
+%left (a: f32[2,64]) -> f32[2,64] {
+  %a = f32[2,64]{1,0} parameter(0)
+  ROOT %gl = f32[2,64]{1,0} all-reduce(%a), channel_id=6, replica_groups={{0,1}}, to_apply=%add
+}
+
+%right (b: f32[2,64]) -> f32[2,64] {
+  %b = f32[2,64]{1,0} parameter(0)
+  ROOT %gr = f32[2,64]{1,0} all-to-all(%b), channel_id=7, replica_groups={{0,1}}
+}
+
 %cond (param.1: (s32[], f32[2,64])) -> pred[] {
   %param.1 = (s32[], f32[2,64]{1,0}) parameter(0)
   ROOT %lt = pred[] constant(true)
@@ -43,6 +53,8 @@ ENTRY %main (p: f32[2,64]) -> f32[8,64] {
   %cp = f32[2,64]{1,0} collective-permute(%p), channel_id=5, source_target_pairs={{0,1},{1,0}}
   %t.1 = (s32[], f32[2,64]{1,0}) tuple(%p, %p)
   %w = (s32[], f32[2,64]{1,0}) while(%t.1), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %pick = s32[] constant(0)
+  %branch = f32[2,64]{1,0} conditional(%pick, %p, %p), branch_computations={%left, %right}
   ROOT %out = f32[8,64]{1,0} copy(%ag)
 }
 """
@@ -56,6 +68,8 @@ def test_every_kind_of_collective_with_its_group_and_runs():
         ("all_to_all", ((32, 4), (32, 4)), 8, 1),  # replica_groups={}: all 8 devices
         ("permute", ((128, 4),), 8, 1),
         ("all_reduce", ((128, 4),), 4, 3),  # iota groups [2,4]: groups of 4; 3 trips
+        ("all_reduce", ((128, 4),), 2, 1),  # both branches of the conditional
+        ("all_to_all", ((128, 4),), 2, 1),
     ]
 
 
@@ -66,7 +80,9 @@ def test_bytes_follow_einpars_convention():
         1 * 64 * 2,  # reduce-scatter: (n-1) chunks the size of the result
         2 * 7 * 4 * 4,  # all-to-all: (n-1) chunks of ceil(size/n), per array
         128 * 4,  # permute: the block
-        3 * 2 * 3 * 32 * 4]  # all-reduce: 2(n-1) chunks, three times
+        3 * 2 * 3 * 32 * 4,  # all-reduce: 2(n-1) chunks, three times
+        2 * 1 * 64 * 4,
+        1 * 64 * 4]
     assert bytes_per_device(found) == sum(c.bytes_per_device for c in found)
 
 
