@@ -547,29 +547,24 @@ class _Builder:
 
     def fresh_indices(self, most: int, limit: int = SUMMED_SIZE_LIMIT) -> tuple[str, ...]:
         """Up to `most` dims not yet used in this statement, their sizes' product <= limit."""
-        chosen: list[str] = []
-        product = 1
-        for _ in range(self.draw(st.integers(0, most))):
-            options = [d for d in self.pool if d not in self.used
-                       and product * self.sizes[d] <= limit]
-            if not options:
-                break
-            index = self.pick(options)
-            chosen.append(index)
-            product *= self.sizes[index]
-            self.used.add(index)
-        return tuple(chosen)
+        count = self.draw(st.integers(0, most))
+        return self.take_indices(count, lambda: [d for d in self.pool if d not in self.used], limit)
 
     def bound_indices(self, free: tuple[str, ...], most: int) -> tuple[str, ...]:
         """Indices for an explicit reduction at a node with free indices `free`: fresh dims,
         or indices of the statement's left side the node lacks (bound locally there)."""
         shadowing = [i for i in self.lhs if i not in free]
+        count = self.draw(st.integers(1, most))
+        return self.take_indices(
+            count, lambda: shadowing + [d for d in self.pool if d not in self.used], SUMMED_SIZE_LIMIT)
+
+    def take_indices(self, count: int, candidates, limit: int) -> tuple[str, ...]:
+        """Up to `count` indices picked one by one from `candidates()`, distinct, their
+        sizes' product <= limit; each is marked used in this statement."""
         chosen: list[str] = []
         product = 1
-        for _ in range(self.draw(st.integers(1, most))):
-            fresh = [d for d in self.pool if d not in self.used]
-            options = [d for d in shadowing + fresh
-                       if d not in chosen and product * self.sizes[d] <= SUMMED_SIZE_LIMIT]
+        for _ in range(count):
+            options = [d for d in candidates() if d not in chosen and product * self.sizes[d] <= limit]
             if not options:
                 break
             index = self.pick(options)
