@@ -6,10 +6,11 @@ all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute
 `replica_groups` and how many times it runs (a collective inside a while
 loop runs once per trip; XLA records the trip count as `known_trip_count`).
 
-Bytes follow einpar's convention (`einpar.reshard`), so the two can be put
-side by side: for a group of n devices, all-gather sends (n-1)/n of its
-result, reduce-scatter (n-1) result-sized chunks, all-reduce 2(n-1) chunks
-of ceil(size/n) elements, all-to-all (n-1) such chunks, a permute its block.
+Bytes follow einpar's convention (`einpar.reshard.collective_bytes`), so the
+two can be put side by side: for a group of n devices, all-gather sends
+(n-1)/n of its result, reduce-scatter (n-1) result-sized chunks, all-reduce
+2(n-1) chunks of ceil(size/n) elements, all-to-all (n-1) such chunks, a
+permute its block.
 
 Pure text processing: no JAX here.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from einpar.reshard import collective_bytes
 
 # Bytes per element of HLO's element types.
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -42,10 +45,9 @@ class HloCollective:
         n = self.group
         total = 0
         for size, item_bytes in self.arrays:
-            chunk = -(-size // n)
-            total += item_bytes * {"all_gather": (n - 1) * (size // n), "reduce_scatter": (n - 1) * size,
-                                   "all_reduce": 2 * (n - 1) * chunk, "all_to_all": (n - 1) * chunk,
-                                   "permute": size}[self.kind]
+            # What each device holds before: a gather's result is n blocks, a scatter's one chunk.
+            before = {"all_gather": size // n, "reduce_scatter": size * n}.get(self.kind, size)
+            total += collective_bytes(self.kind, before, n) * item_bytes
         return total * self.runs
 
 

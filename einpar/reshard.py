@@ -41,8 +41,14 @@ def _elements(layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> int:
     return total
 
 
-def _chunk(elements: int, n: int) -> int:
-    return -(-elements // n)
+def collective_bytes(kind: str, elements: int, n: int) -> int:
+    """Elements each device sends for one collective over a group of `n` devices, from the
+    elements it holds before it: the convention of this module's docstring, which
+    `backends/hlo_collectives` applies to XLA's collectives too."""
+    chunk = -(-elements // n)
+    return {"all_gather": (n - 1) * elements, "reduce_scatter": (n - 1) * chunk,
+            "all_reduce": 2 * (n - 1) * chunk, "all_to_all": (n - 1) * chunk,
+            "permute": elements, "slice": 0}[kind]
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,8 @@ class AllGather:
         return layout.unsplit(self.dim)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        n = mesh.size(self.axis)
-        return (n - 1) * _elements(before, shape, mesh) * DTYPE_BYTES[dtype]
+        return collective_bytes(self.kind, _elements(before, shape, mesh),
+                                mesh.size(self.axis)) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,8 @@ class ReduceScatter:
         return layout.without_partial((self.axis,)).split(self.dim, self.axis)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        n = mesh.size(self.axis)
-        return (n - 1) * _chunk(_elements(before, shape, mesh), n) * DTYPE_BYTES[dtype]
+        return collective_bytes(self.kind, _elements(before, shape, mesh),
+                                mesh.size(self.axis)) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,8 @@ class AllReduce:
         return layout.without_partial(self.axes)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        n = group_size(mesh, self.axes)
-        return 2 * (n - 1) * _chunk(_elements(before, shape, mesh), n) * DTYPE_BYTES[dtype]
+        return collective_bytes(self.kind, _elements(before, shape, mesh),
+                                group_size(mesh, self.axes)) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,8 @@ class AllToAll:
         return layout.unsplit(self.src_dim).split(self.dst_dim, self.axis)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        n = mesh.size(self.axis)
-        return (n - 1) * _chunk(_elements(before, shape, mesh), n) * DTYPE_BYTES[dtype]
+        return collective_bytes(self.kind, _elements(before, shape, mesh),
+                                mesh.size(self.axis)) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ class Permute:
         return Layout(tuple(dims), layout.partial)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        return _elements(before, shape, mesh) * DTYPE_BYTES[dtype]
+        return collective_bytes(self.kind, _elements(before, shape, mesh), 1) * DTYPE_BYTES[dtype]
 
 
 Step = Union[AllGather, ReduceScatter, AllReduce, AllToAll, Slice, Permute]
