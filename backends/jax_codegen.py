@@ -25,7 +25,7 @@ import math
 
 from einpar.inputs import fan_in_of
 from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
-                       Reduce, Repeat, Route, Scalar, walk_ops, work_dtype)
+                       Reduce, Repeat, Route, Scalar, einsum_subscripts, walk_ops, work_dtype)
 from einpar.layout import Layout, Mesh
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
@@ -108,27 +108,6 @@ def align(text: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
     return text
 
 
-def _letters(operands: tuple[Operand, ...], out: tuple[str, ...]) -> str:
-    """einsum subscripts, `'bsd,df->bsf'`: each index by its own letter where it has one."""
-    letters: dict[str, str] = {}
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-    def letter(index: str) -> str:
-        taken = set(letters.values())
-        for choice in (index[0].lower(), index[0].upper(), *alphabet):
-            if choice.isascii() and choice.isalpha() and choice not in taken:
-                return choice
-        raise ValueError("an einsum of more than 52 indices")
-
-    def word(indices):
-        for index in indices:
-            if index not in letters:
-                letters[index] = letter(index)
-        return "".join(letters[i] for i in indices)
-
-    return ",".join(word(o.indices) for o in operands) + "->" + word(out)
-
-
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
           "le": "<=", "eq": "==", "ne": "!="}
 _CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.tanh",
@@ -169,7 +148,7 @@ class OpWriter:
         work = work_dtype(rtype.dtype)
         if isinstance(op, Einsum):
             dtypes = {self.dtype_of(o.value) for o in op.operands}
-            spec = repr(_letters(op.operands, rtype.indices))
+            spec = repr(einsum_subscripts([o.indices for o in op.operands], rtype.indices))
             if work == "f32" and len(dtypes) == 1 and dtypes <= {"f16", "bf16"}:
                 # Products of half values are exact in float32: accumulate there, as the reference does.
                 args = ", ".join(self.names(o.value) for o in op.operands)

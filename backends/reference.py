@@ -18,7 +18,8 @@ import numpy as np
 
 from einpar.syntax import deep_recursion
 from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand,
-                       Program, Reduce, Repeat, Route, Scalar, TensorType, work_dtype)
+                       Program, Reduce, Repeat, Route, Scalar, TensorType, einsum_subscripts,
+                       work_dtype)
 
 _NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
                  "bf16": ml_dtypes.bfloat16, "i32": np.int32, "bool": np.bool_}
@@ -163,20 +164,6 @@ def evaluate_route(op: Route, gates: np.ndarray) -> np.ndarray:
 # ---- the evaluator
 
 
-def _einsum_subscripts(operands: tuple[Operand, ...], out: tuple[str, ...]) -> str:
-    letters: dict[str, str] = {}
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-    def word(indices):
-        for index in indices:
-            if index not in letters:
-                letters[index] = alphabet[len(letters)]
-        return "".join(letters[i] for i in indices)
-
-    inputs = ",".join(word(operand.indices) for operand in operands)
-    return f"{inputs}->{word(out)}"
-
-
 class _Evaluator:
     def read(self, env: dict, operand: Operand, dtype: np.dtype) -> np.ndarray:
         return np.asarray(env[operand.value]).astype(dtype, copy=False)
@@ -195,8 +182,8 @@ class _Evaluator:
             work = compute_dtype(rtype.dtype)
             if isinstance(op, Einsum):
                 arrays = [self.read(env, o, work) for o in op.operands]
-                value = np.einsum(_einsum_subscripts(op.operands, rtype.indices), *arrays,
-                                  optimize=len(arrays) > 2)
+                subscripts = einsum_subscripts([o.indices for o in op.operands], rtype.indices)
+                value = np.einsum(subscripts, *arrays, optimize=len(arrays) > 2)
             elif isinstance(op, Map):
                 args = []
                 for operand in op.operands:

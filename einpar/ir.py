@@ -298,6 +298,28 @@ class Program:
         return tuple(value for value in self.inputs if value.kind == "param")
 
 
+def einsum_subscripts(operands: list[tuple[str, ...]], out: tuple[str, ...]) -> str:
+    """NumPy/JAX einsum subscripts for an Einsum, `'bsd,df->bsf'`: each index by its own
+    first letter where that letter is free, else the next free one."""
+    letters: dict[str, str] = {}
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def letter(index: str) -> str:
+        taken = set(letters.values())
+        for choice in (index[0].lower(), index[0].upper(), *alphabet):
+            if choice.isascii() and choice.isalpha() and choice not in taken:
+                return choice
+        raise ValueError("an einsum of more than 52 indices")
+
+    def word(indices) -> str:
+        for index in indices:
+            if index not in letters:
+                letters[index] = letter(index)
+        return "".join(letters[i] for i in indices)
+
+    return ",".join(word(indices) for indices in operands) + "->" + word(out)
+
+
 def walk_ops(ops: tuple[Op, ...]) -> Iterator[Op]:
     """Every op, descending into repeat bodies (the Repeat itself comes first)."""
     for op in ops:
