@@ -39,6 +39,8 @@ from typing import Iterable, Mapping
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
+from .layout import Mesh
+
 __all__ = [
     "FLOAT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo", "Contraction",
     "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
@@ -86,21 +88,8 @@ _COMPARE, _SUM, _PRODUCT, _UNARY, _ATOM = range(5)
 
 
 @dataclass(frozen=True)
-class MeshSpec:
-    """A device mesh: named axes and their sizes, major to minor."""
-
-    axes: tuple[tuple[str, int], ...] = ()
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.axes)
-
-    def size(self, axis: str) -> int:
-        return dict(self.axes)[axis]
-
-    @property
-    def num_devices(self) -> int:
-        return math.prod(size for _, size in self.axes)
+class MeshSpec(Mesh):
+    """A generated program's mesh (an `einpar.layout.Mesh`), which writes its own line."""
 
     def declaration(self) -> str:
         """The `mesh ...` line, or "" for a program without a mesh."""
