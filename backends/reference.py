@@ -182,7 +182,8 @@ class _Evaluator:
             work = compute_dtype(rtype.dtype)
             if isinstance(op, Einsum):
                 arrays = [self.read(env, o, work) for o in op.operands]
-                subscripts = einsum_subscripts([o.indices for o in op.operands], rtype.indices)
+                subscripts = einsum_subscripts([o.indices for o in op.operands], rtype.indices,
+                                               readable=False)
                 value = np.einsum(subscripts, *arrays, optimize=len(arrays) > 2)
             elif isinstance(op, Map):
                 args = []

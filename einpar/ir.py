@@ -298,15 +298,19 @@ class Program:
         return tuple(value for value in self.inputs if value.kind == "param")
 
 
-def einsum_subscripts(operands: list[tuple[str, ...]], out: tuple[str, ...]) -> str:
-    """NumPy/JAX einsum subscripts for an Einsum, `'bsd,df->bsf'`: each index by its own
-    first letter where that letter is free, else the next free one."""
+def einsum_subscripts(operands: list[tuple[str, ...]], out: tuple[str, ...],
+                      readable: bool = True) -> str:
+    """NumPy/JAX einsum subscripts for an Einsum. `readable`: each index by its own first
+    letter where that letter is free (`'bsd,df->bsf'`), for code people read. Otherwise
+    letters in order of first appearance, so that renaming indices cannot change the
+    contraction order NumPy picks (the reference backend's results stay bit-identical)."""
     letters: dict[str, str] = {}
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
     def letter(index: str) -> str:
         taken = set(letters.values())
-        for choice in (index[0].lower(), index[0].upper(), *alphabet):
+        own = (index[0].lower(), index[0].upper()) if readable else ()
+        for choice in (*own, *alphabet):
             if choice.isascii() and choice.isalpha() and choice not in taken:
                 return choice
         raise ValueError("an einsum of more than 52 indices")
