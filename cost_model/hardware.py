@@ -25,6 +25,9 @@ GLK_B200 = "glennklockwood.com/garden/processors/B200"
 NV_TABLE3 = ("NVIDIA Hopper architecture in-depth blog, Table 3 (A100 column), as quoted at "
              "forums.developer.nvidia.com/t/218102")
 CALCULON_A100 = "calculon-ai/calculon@caa4b11 systems/a100_80g.json"
+NCCL_149 = "github.com/NVIDIA/nccl-tests/issues/149 (maintainer, 2023-07-05)"
+NCCL_212 = "github.com/NVIDIA/nccl-tests/issues/212 (maintainer, 2024-05-06)"
+NCCL_290 = "github.com/NVIDIA/nccl-tests/issues/290 (NVIDIA, 2025-03-03)"
 CALCULON_H100 = "calculon-ai/calculon@caa4b11 systems/h100_80g_nvl8.json"
 GCP_V4 = "cloud.google.com/tpu/docs/v4 (system architecture table)"
 GCP_V5E = "cloud.google.com/tpu/docs/v5e (key chip and pod specifications)"
@@ -59,6 +62,10 @@ class Accelerator:
     scale_out_bandwidth: Figure | None  # bytes/s per chip, one direction; None if unpublished
     scale_out_latency: Figure | None
     ici_links: int = 0  # TPU: ICI links per chip (4 on a 2D torus, 6 on a 3D torus)
+    # The fraction of a link's line rate collectives achieve (protocol overhead); 1 where no
+    # figure is published.
+    scale_up_efficiency: Figure = Figure(1.0, "no published figure: line rate assumed")
+    scale_out_efficiency: Figure = Figure(1.0, "no published figure: line rate assumed")
 
     def peak(self, dtype: str) -> Figure:
         """Peak dense FLOP/s for computing in `dtype`."""
@@ -96,6 +103,8 @@ A100 = Accelerator(
     scale_out_bandwidth=Figure(25 * GIGA, CALCULON_A100,
                                "HDR 200 Gb/s InfiniBand per GPU (Selene: 8 per node, Narayanan SC21)"),
     scale_out_latency=Figure(20 * MICRO, CALCULON_A100, "model constant of the InfiniBand tier"),
+    scale_up_efficiency=Figure(230 / 300, NCCL_149, "about 230 GB/s achieved of 300"),
+    scale_out_efficiency=Figure(47 / 50, NCCL_290, "46-48 GB/s per NDR NIC; taken for HDR too"),
 )
 
 H100 = Accelerator(
@@ -119,6 +128,8 @@ H100 = Accelerator(
     scale_out_bandwidth=Figure(50 * GIGA, SB_GPUS, "8 x 400 Gb/s NDR per node: 400 GB/s node egress; "
                                                    "46-48 GB/s achieved per NIC (nccl-tests#290)"),
     scale_out_latency=Figure(20 * MICRO, CALCULON_A100, "Calculon's InfiniBand-tier constant"),
+    scale_up_efficiency=Figure(370 / 450, NCCL_212, "about 370 GB/s busbw of 450 (ring, non-allreduce)"),
+    scale_out_efficiency=Figure(47 / 50, NCCL_290, "46-48 GB/s busbw per 400 Gb/s NDR NIC"),
 )
 
 H200 = Accelerator(
@@ -131,6 +142,8 @@ H200 = Accelerator(
     scale_up_domain=Figure(8, SB_GPUS),
     scale_out_bandwidth=Figure(50 * GIGA, SB_GPUS, "assumed as DGX H100: no H200 figure was found"),
     scale_out_latency=H100.scale_out_latency,
+    scale_up_efficiency=H100.scale_up_efficiency,  # assumed as H100: no figure of its own
+    scale_out_efficiency=H100.scale_out_efficiency,
 )
 
 B200 = Accelerator(
@@ -146,6 +159,8 @@ B200 = Accelerator(
     scale_up_domain=Figure(8, SB_GPUS, "DGX B200"),
     scale_out_bandwidth=Figure(50 * GIGA, SB_GPUS, "DGX B200 SuperPod: 400 GB/s node egress"),
     scale_out_latency=H100.scale_out_latency,
+    scale_up_efficiency=H100.scale_up_efficiency,  # assumed as H100: no figure of its own
+    scale_out_efficiency=H100.scale_out_efficiency,
 )
 
 TPU_V4 = Accelerator(

@@ -48,6 +48,8 @@ CODES = {
     "E400": "not enough devices",
     "E401": "cannot join a run of several processes",
     "E402": "a run of several processes failed",
+    "E410": "bad cluster",
+    "E411": "mesh does not fit the cluster",
 }
 
 

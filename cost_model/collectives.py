@@ -1,0 +1,348 @@
+"""The time of a collective on its groups of devices: every formula, with its source, in one place.
+
+The α–β model: time = latency terms (α per step or per hop) + bytes over the
+bandwidth that carries them (nccl-tests doc/PERFORMANCE.md: "time ≈ overhead +
+size/bw"). Sizes follow einpar's byte convention (einpar.reshard): with n
+devices in a group and V the local bytes each holds before the collective,
+
+  ring all-gather       n-1 steps of V           (n-1)·V bytes sent per device
+  ring reduce-scatter   n-1 steps of V/n         (n-1)/n·V
+  ring all-reduce       2(n-1) steps of V/n      2(n-1)/n·V
+  all-to-all            every pair at once       (n-1)/n·V
+  permute               one exchange             V
+
+(ASTRA-sim Ring.cc's steps and messages; nccl-tests' busbw factors.) So on a
+ring the bandwidth term is always `bytes per device / bandwidth`.
+
+Algorithms, chosen per case as the fastest that applies:
+
+- `ring` over the group's slowest tier;
+- `tree` (double binary tree) for all-reduce: 2⌈log2 n⌉ latency steps and
+  2·V/bandwidth (ASTRA-sim DoubleBinaryTreeAllReduce), which wins for small,
+  latency-bound buffers;
+- `hierarchical` on a switched cluster when a group spans k GPUs in each of
+  m > 1 nodes: the intra-node phase over NVLink and the inter-node phase with
+  each of the k GPUs driving its own NIC, pipelined, so the time is the
+  slower phase (scaling book gpus.md: T = max(T_node, T_scaleout));
+- `torus`: dimension-wise on a TPU torus (scaling book sharding.md): a
+  bidirectional ring on each axis the group spans, all axes at once, so an
+  all-gather of the whole array V_all takes V_all·(n-1)/n / (W·Σ axes'
+  directions); without wraparound an axis has one direction's worth
+  ("typically doubles"); an all-to-all is a quarter of an all-gather on
+  wrapped axes and half on unwrapped ones; latency is α per hop, |X|/2 hops
+  on a wrapped axis of |X| chips and |X|-1 on an unwrapped one.
+
+Contention: all groups of a collective run at once. On a switched cluster
+they never share a link (each GPU sits in one group, has its own NVLink port
+and NIC, and the fat tree has full bisection). On a torus, groups strided by
+s along an axis interleave, and each link of that axis carries s of them, so
+their bandwidth is divided by s and their hops multiplied by s. On a user's
+graph (`Links`), every group's flows are routed over shortest paths and the
+busiest link sets the time (`routed_time`), as ASTRA-sim's congestion-aware
+network does per link.
+
+Pricing is by symmetry: a collective's groups are computed once as arrays,
+their shapes on the topology (nodes spanned, GPUs per node; axis extents and
+strides) reduced to the few distinct ones, and each distinct shape priced
+once, so the cost does not grow with the number of devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import networkx as nx
+import numpy as np
+
+from einpar.layout import Mesh
+
+from .cluster import Cluster, Links, Switched, Torus
+
+
+@dataclass(frozen=True)
+class CollectiveTime:
+    kind: str
+    group_size: int
+    algorithm: str  # ring, tree, hierarchical, torus, routed, local
+    latency_s: float
+    bandwidth_s: float
+    # The busiest link: its tier, the bytes it carries, and how many groups share it.
+    tier: str
+    link_bytes: float
+    sharing: int
+
+    @property
+    def time_s(self) -> float:
+        return self.latency_s + self.bandwidth_s
+
+    @property
+    def bound(self) -> str:
+        return "latency" if self.latency_s > self.bandwidth_s else f"{self.tier} bandwidth"
+
+
+# ---- the formulas
+
+
+def ring(kind: str, n: int, bytes_per_device: float, bandwidth: float, alpha: float, tier: str,
+         sharing: int = 1) -> CollectiveTime:
+    """A ring (or, for all-to-all and permute, every pair at once) over links of `bandwidth`."""
+    steps = {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1),
+             "all_to_all": 1, "permute": 1}[kind]
+    return CollectiveTime(kind, n, "ring", steps * alpha * sharing,
+                          bytes_per_device * sharing / bandwidth, tier, bytes_per_device, sharing)
+
+
+def tree_all_reduce(n: int, local_bytes: float, bandwidth: float, alpha: float,
+                    tier: str) -> CollectiveTime:
+    """Double binary tree all-reduce: up and down a tree of depth ⌈log2 n⌉."""
+    depth = math.ceil(math.log2(n)) if n > 1 else 0
+    return CollectiveTime("all_reduce", n, "tree", 2 * depth * alpha, 2 * local_bytes / bandwidth,
+                          tier, 2 * local_bytes, 1)
+
+
+def hierarchical(kind: str, k: int, m: int, local_bytes: float, nvlink: float, alpha_nvlink: float,
+                 nic: float, alpha_nic: float) -> CollectiveTime:
+    """k GPUs in each of m nodes: intra-node over NVLink, inter-node with one NIC per GPU."""
+    n = k * m
+    if kind == "all_gather":  # the gathered array is n·V
+        inter = (m - 1) * local_bytes  # each GPU fetches its slice from m-1 nodes
+        intra = (k - 1) * m * local_bytes
+        steps_intra, steps_inter = k - 1, m - 1
+    elif kind in ("reduce_scatter", "all_reduce"):
+        twice = 2 if kind == "all_reduce" else 1
+        intra = twice * local_bytes * (k - 1) / k
+        inter = twice * local_bytes * (m - 1) / (m * k)
+        steps_intra, steps_inter = twice * (k - 1), twice * (m - 1)
+    elif kind == "all_to_all":
+        intra = local_bytes * (k - 1) / n
+        inter = local_bytes * (n - k) / n
+        steps_intra = steps_inter = 1
+    else:
+        raise ValueError(kind)
+    t_intra, t_inter = intra / nvlink, inter / nic
+    tier, carried = ("ib", inter) if t_inter >= t_intra else ("nvlink", intra)
+    return CollectiveTime(kind, n, "hierarchical", steps_intra * alpha_nvlink + steps_inter * alpha_nic,
+                          max(t_intra, t_inter), tier, carried, 1)
+
+
+@dataclass(frozen=True)
+class TorusAxis:
+    extent: int  # chips of the group along this axis
+    stride: int  # their spacing: groups strided by s interleave, s to a link
+    wrap: bool  # the group closes a ring through the wraparound link
+
+
+def torus(kind: str, axes: tuple[TorusAxis, ...], local_bytes: float, link: float,
+          alpha_hop: float) -> CollectiveTime:
+    """Dimension-wise on a torus (scaling book sharding.md)."""
+    spanned = [axis for axis in axes if axis.extent > 1]
+    n = 1
+    for axis in spanned:
+        n *= axis.extent
+    # Bandwidth into a chip from all its group's axes: two directions on a wrapped axis.
+    bandwidth = sum(link * (2 if axis.wrap else 1) / axis.stride for axis in spanned)
+    hops = sum((axis.extent // 2 if axis.wrap else axis.extent - 1) * axis.stride for axis in spanned)
+    sharing = max((axis.stride for axis in spanned), default=1)
+    gathered = n * local_bytes
+    if kind == "all_gather":
+        moved, steps = gathered * (n - 1) / n, hops
+    elif kind == "reduce_scatter":
+        moved, steps = local_bytes * (n - 1) / n, hops
+    elif kind == "all_reduce":
+        moved, steps = 2 * local_bytes * (n - 1) / n, 2 * hops
+    elif kind == "all_to_all":
+        quarter = 4 if all(axis.wrap for axis in spanned) else 2
+        moved, steps = gathered * (n - 1) / n / quarter, hops
+    elif kind == "permute":
+        moved, steps = local_bytes, hops
+    else:
+        raise ValueError(kind)
+    return CollectiveTime(kind, n, "torus", steps * alpha_hop, moved / bandwidth, "ici",
+                          moved / max(1, len(spanned)), sharing)
+
+
+# ---- groups and their shapes
+
+
+def mesh_groups(mesh: Mesh, axes: tuple[str, ...], device_order=None) -> np.ndarray:
+    """Cluster devices of every group over `axes`: shape (groups, group size), members in
+    ring order (the mesh's row-major order over `axes`)."""
+    names = list(mesh.names)
+    sizes = [size for _, size in mesh.axes]
+    grid = np.arange(mesh.num_devices).reshape(sizes or [1])
+    inside = [names.index(axis) for axis in axes]
+    outside = [i for i in range(len(names)) if i not in inside]
+    groups = np.transpose(grid, outside + inside).reshape(-1, int(np.prod([sizes[i] for i in inside])))
+    if device_order is not None:
+        groups = np.asarray(device_order)[groups]
+    return groups
+
+
+def switched_shapes(groups: np.ndarray, gpus_per_node: int) -> list[tuple[int, int]]:
+    """The distinct (GPUs in the fullest node k, nodes m) of the groups."""
+    shapes = set()
+    for group in groups:
+        _, counts = np.unique(group // gpus_per_node, return_counts=True)
+        shapes.add((int(counts.max()), len(counts)))
+    return sorted(shapes)
+
+
+def torus_shapes(groups: np.ndarray, torus_: Torus) -> list[tuple[TorusAxis, ...]]:
+    """The distinct per-axis (extent, stride, wrap) of the groups on the torus."""
+    coords = np.stack(np.unravel_index(groups, torus_.dims), axis=-1)  # (groups, n, axes)
+    columns = []
+    for axis, size in enumerate(torus_.dims):
+        values = np.sort(coords[:, :, axis], axis=1)
+        steps = np.diff(values, axis=1)
+        extent = 1 + (steps > 0).sum(axis=1)
+        stride = np.where(steps > 0, steps, size).min(axis=1, initial=size)
+        stride = np.where(extent > 1, stride, 1)
+        wrap = torus_.wrap[axis] & (extent * stride == size)
+        columns += [extent, stride, wrap.astype(int)]
+    rows = np.unique(np.stack(columns, axis=1), axis=0)
+    return [tuple(TorusAxis(int(row[3 * a]), int(row[3 * a + 1]), bool(row[3 * a + 2]))
+                  for a in range(len(torus_.dims))) for row in rows]
+
+
+def distinct_groups(groups: np.ndarray, period: int) -> np.ndarray:
+    """One group of each kind: groups with the same offsets between members and the same
+    first member modulo `period` (a translation the topology maps onto itself) have the
+    same shape, so a symmetric mesh keeps one or a few rows however many devices it has."""
+    if len(groups) == 1:
+        return groups
+    key = np.concatenate([groups - groups[:, :1], groups[:, :1] % period], axis=1)
+    _, first = np.unique(key, axis=0, return_index=True)
+    return groups[np.sort(first)]
+
+
+# ---- pricing one collective
+
+
+def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: Mesh,
+                    cluster: Cluster) -> CollectiveTime:
+    """The time of one collective over `axes` of `mesh`, every group at once; the slowest group
+    decides. `local_bytes` is what each device holds before it."""
+    groups = mesh_groups(mesh, axes, cluster.device_order)
+    n = groups.shape[1]
+    if n == 1 or local_bytes == 0:
+        return CollectiveTime(kind, n, "local", 0.0, 0.0, "none", 0.0, 1)
+    sent = sent_bytes(kind, n, local_bytes)
+    topo, chip = cluster.topology, cluster.chip
+    if isinstance(topo, Links):
+        return routed_time(kind, groups, local_bytes, cluster)
+    if isinstance(topo, Torus):
+        link = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
+        candidates = [torus(kind, shape, local_bytes, link, chip.scale_up_latency.value)
+                      for shape in torus_shapes(distinct_groups(groups, _torus_period(topo)), topo)]
+        return max(candidates, key=lambda c: c.time_s)
+    nvlink = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
+    alpha_nvlink = chip.scale_up_latency.value
+    worst = None
+    for k, m in switched_shapes(distinct_groups(groups, topo.gpus_per_node), topo.gpus_per_node):
+        if m == 1:
+            options = [ring(kind, n, sent, nvlink, alpha_nvlink, "nvlink")]
+            if kind == "all_reduce":
+                options.append(tree_all_reduce(n, local_bytes, nvlink, alpha_nvlink, "nvlink"))
+        else:
+            nic = chip.scale_out_bandwidth.value * chip.scale_out_efficiency.value
+            alpha_nic = chip.scale_out_latency.value if chip.scale_out_latency else 0.0
+            options = [ring(kind, n, sent, nic, alpha_nic, "ib")]
+            if kind == "all_reduce":
+                options.append(tree_all_reduce(n, local_bytes, nic, alpha_nic, "ib"))
+            if k > 1 and kind != "permute":
+                options.append(hierarchical(kind, k, m, local_bytes, nvlink, alpha_nvlink, nic,
+                                            alpha_nic))
+        best = min(options, key=lambda c: c.time_s)
+        if worst is None or best.time_s > worst.time_s:
+            worst = best
+    return worst
+
+
+def _torus_period(topo: Torus) -> int:
+    """Adding this to a device moves it one step along the outermost axis: a translation."""
+    return int(np.prod(topo.dims[1:])) if len(topo.dims) > 1 else 1
+
+
+def sent_bytes(kind: str, n: int, local_bytes: float) -> float:
+    """Bytes each device sends (einpar.reshard's convention, without rounding)."""
+    return {"all_gather": (n - 1) * local_bytes, "reduce_scatter": (n - 1) / n * local_bytes,
+            "all_reduce": 2 * (n - 1) / n * local_bytes, "all_to_all": (n - 1) / n * local_bytes,
+            "permute": local_bytes}[kind]
+
+
+# ---- routing over the graph (user-written clusters, and the check of the formulas above)
+
+
+def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Cluster) -> dict:
+    """Bytes each directed link carries when every group runs `kind` at once.
+
+    A bidirectional ring in each group's order: half the data goes each way round,
+    every ring neighbour's traffic on a shortest path (fewest hops). All-to-all and
+    permute send each flow straight to its destination.
+    """
+    graph = cluster.graph
+    names = [cluster.device_name(int(d)) for d in range(cluster.num_devices)]
+    loads: dict = {}
+
+    def send(src: int, dst: int, amount: float) -> None:
+        path = _path(graph, names[src], names[dst])
+        for a, b in zip(path, path[1:]):
+            loads[(a, b)] = loads.get((a, b), 0.0) + amount
+
+    n = groups.shape[1]
+    for group in groups.tolist():
+        if kind == "all_to_all":
+            for src in group:
+                for dst in group:
+                    if src != dst:
+                        send(src, dst, local_bytes / n)
+        elif kind == "permute":
+            for src, dst in zip(group, group[1:] + group[:1]):
+                send(src, dst, local_bytes)
+        else:
+            per_direction = sent_bytes(kind, n, local_bytes) / 2
+            for i, src in enumerate(group):
+                send(src, group[(i + 1) % n], per_direction)
+                send(src, group[(i - 1) % n], per_direction)
+    return loads
+
+
+def _path(graph: nx.Graph, a: str, b: str) -> list:
+    return _paths(graph)[a][b]
+
+
+@lru_cache(maxsize=8)
+def _paths(graph: nx.Graph) -> dict:
+    return dict(nx.all_pairs_shortest_path(graph))
+
+
+def routed_time(kind: str, groups: np.ndarray, local_bytes: float,
+                cluster: Cluster) -> CollectiveTime:
+    """Time on the graph: the busiest link's bytes over its bandwidth, plus the latency of the
+    longest path once per step."""
+    n = groups.shape[1]
+    loads = link_loads(kind, groups, local_bytes, cluster)
+    graph = cluster.graph
+    busiest, time = None, 0.0
+    for (a, b), carried in loads.items():
+        t = carried / graph.edges[a, b]["bandwidth"]
+        if t > time:
+            busiest, time = (a, b), t
+    names = [cluster.device_name(d) for d in range(cluster.num_devices)]
+    longest = 0.0
+    for group in groups.tolist():
+        for src, dst in zip(group, group[1:] + group[:1]):
+            path = _path(graph, names[src], names[dst])
+            longest = max(longest, sum(graph.edges[a, b]["latency"] for a, b in zip(path, path[1:])))
+    steps = {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1)}.get(kind, 1)
+    tier = graph.edges[busiest]["tier"] if busiest else "none"
+    carried = loads[busiest] if busiest else 0.0
+    sharing = _sharing(kind, groups, local_bytes, cluster, busiest) if busiest else 1
+    return CollectiveTime(kind, n, "routed", steps * longest, time, tier, carried, sharing)
+
+
+def _sharing(kind, groups, local_bytes, cluster, link) -> int:
+    """How many groups put load on `link`."""
+    return sum(1 for group in groups if link in link_loads(kind, group[None, :], local_bytes, cluster))

@@ -1,0 +1,88 @@
+"""The time of a local op: a roofline of its FLOPs against the bytes it moves to and from HBM.
+
+    time = max(FLOPs / (peak · efficiency(FLOPs)), bytes / (HBM bandwidth · efficiency(bytes)))
+
+The max is the roofline's perfect-overlap bound (scaling book roofline.md:
+T_lower = max(T_math, T_comms); ASTRA-sim Roofline.cc). Bytes are every
+operand read once and the result written once: no fusion is assumed, the
+conservative choice for a program of separate statements.
+
+Efficiency is Calculon's size-dependent step model (calculon/processor.py and
+memory.py: the fraction of peak grows with the FLOPs of one op, and the
+fraction of HBM bandwidth with the bytes moved), because a constant cannot be
+right for both a 16 GFLOP matmul (about 0.9 of peak) and a 1 MFLOP one (far
+below). Contractions (einsums) run on the matrix unit's table, everything
+elementwise or reducing on the vector unit's. A cluster file may give its
+own steps, or one constant; `einpar calibrate` measures them on this host.
+
+Which peak a dtype gets: bf16 and f16 their own; f32 matmuls on a GPU the
+TF32 tensor-core peak and on a TPU the bf16 MXU peak, since that is what
+JAX's default matmul precision computes them in; elementwise f32 the f32
+peak where there is one. A chip with no figure for a dtype gets a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from einpar.ir import Einsum
+
+from .cluster import Cluster
+from .hardware import Accelerator
+
+
+class NoPeak(KeyError):
+    pass
+
+
+def _candidates(chip: Accelerator, dtype: str, matrix: bool) -> tuple[str, ...]:
+    if chip.family == "cpu":  # einpar's backends compute half precision in f32 on the host
+        return (dtype, "f32")
+    if dtype == "f32" and matrix:
+        return {"gpu": ("tf32", "f32"), "tpu": ("bf16",)}.get(chip.family, ("f32",))
+    if dtype in ("f16", "bf16"):
+        return (dtype, "bf16", "f16")
+    if dtype in ("i32", "bool"):  # integer and boolean work is elementwise
+        return ("f32", "bf16")
+    if dtype == "f32":
+        return ("f32", "bf16") if chip.family == "tpu" else ("f32",)
+    return (dtype,)
+
+
+def peak_flops(chip: Accelerator, dtype: str, matrix: bool) -> tuple[str, float]:
+    """(the peak's dtype, FLOP/s) an op in `dtype` runs at."""
+    for name in _candidates(chip, dtype, matrix):
+        if name in chip.peak_flops:
+            return name, chip.peak_flops[name].value
+    known = ", ".join(sorted(chip.peak_flops)) or "none"
+    raise NoPeak(f"{chip.name} has no published peak for {dtype} arithmetic (it has: {known}); "
+                 f"give one as accelerator.peak_flops.{dtype} in a cluster file")
+
+
+@dataclass(frozen=True)
+class ComputeTime:
+    flops: int
+    hbm_bytes: int
+    math_s: float
+    memory_s: float
+    peak_dtype: str
+    peak: float  # FLOP/s at that dtype, before efficiency
+
+    @property
+    def time_s(self) -> float:
+        return max(self.math_s, self.memory_s)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.math_s >= self.memory_s else "memory"
+
+
+def op_time(op, flops: int, hbm_bytes: int, cluster: Cluster) -> ComputeTime:
+    """Roofline time of one local op of `flops` FLOPs moving `hbm_bytes`."""
+    matrix = isinstance(op, Einsum) and (bool(op.summed) or len(op.operands) > 1)
+    dtype, peak = peak_flops(cluster.chip, op.result.type.dtype, matrix)
+    efficiency = cluster.efficiency
+    table = efficiency.matrix if matrix else efficiency.vector
+    math_s = flops / (peak * efficiency.step(table, flops)) if flops else 0.0
+    bandwidth = cluster.chip.hbm_bandwidth.value * efficiency.step(efficiency.memory, hbm_bytes)
+    return ComputeTime(flops, hbm_bytes, math_s, hbm_bytes / bandwidth, dtype, peak)

@@ -1,0 +1,293 @@
+"""The estimate: a per-device program priced on a cluster, as a timeline, a memory peak and totals.
+
+Every device runs the same SpmdProgram, and pricing uses that symmetry: the
+timeline is one device's (its compute stream and its communication stream),
+and a collective's time already accounts for all its groups running at once
+(collectives.py). So pricing costs the same for 8 devices as for 16,384.
+
+The timeline: steps in program order; each starts when its operands are
+ready and its stream is free. Without overlap there is one stream (a step
+also waits for the other stream), as a program that blocks on every
+collective runs. With overlap, a collective runs beside any compute that
+does not need its result, as XLA's asynchronous collectives do. A `repeat`
+body is priced once and laid out once per trip, each trip after the one it
+carries values from (LANGUAGE.md: "the cost model prices one copy and
+multiplies").
+
+Memory: inputs and params stay resident the whole step; every other value
+is live from the step that makes it to the last step that reads it
+(outputs to the end). The peak is the largest sum of live local bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from einpar.flops import op_flops, program_flops
+from einpar.ir import Program, TensorType, format_op
+from einpar.layout import DTYPE_BYTES
+from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
+from einpar.spmd import format_collective
+
+from .cluster import Cluster, check_fits
+from .collectives import CollectiveTime, collective_time
+from .compute import ComputeTime, op_time
+
+
+@dataclass
+class OpCost:
+    """One step of the program text (a repeat body's step once, with its trips)."""
+
+    index: int
+    name: str  # the local value it makes
+    what: str  # the op or collective, as `einpar compile` writes it
+    stream: str  # "compute" or "comm"
+    trips: int  # how many times it runs per step (repeat trips)
+    flops: int  # per run
+    hbm_bytes: int
+    comm_bytes: int  # sent per device, per run
+    compute_s: float  # per run
+    comm_s: float
+    bound: str
+    detail: str = ""  # the collective's algorithm, group and busiest link
+    line: int | None = None
+    starts: list = field(default_factory=list)  # one per trip, seconds
+
+
+@dataclass
+class Estimate:
+    file: str
+    cluster: Cluster
+    devices: int
+    overlap: bool
+    ops: list  # OpCost in program order
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    exposed_comm_s: float
+    flops_per_device: int
+    model_flops: int  # the unsharded program's FLOPs
+    bytes_per_device: int  # network bytes each device sends
+    hbm_bytes_per_device: int
+    peak_memory_bytes: int
+    input_bytes: int  # inputs and params resident on each device
+    peak_flops_per_s: float  # the peak of the program's heaviest op's dtype
+    notes: list
+
+    @property
+    def achieved_flops_per_s(self) -> float:
+        return self.flops_per_device / self.step_time_s if self.step_time_s else 0.0
+
+    @property
+    def fraction_of_peak(self) -> float:
+        return self.achieved_flops_per_s / self.peak_flops_per_s if self.peak_flops_per_s else 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory_bytes <= self.cluster.chip.hbm_capacity.value
+
+    def to_json(self) -> dict:
+        chip = self.cluster.chip
+        return {
+            "file": self.file, "cluster": self.cluster.name, "accelerator": chip.name,
+            "devices": self.devices, "overlap": self.overlap,
+            "step_time_s": self.step_time_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
+            "exposed_comm_s": self.exposed_comm_s, "step_overhead_s": self.cluster.step_overhead_s,
+            "flops_per_device": self.flops_per_device,
+            "hardware_flops": self.flops_per_device * self.devices, "model_flops": self.model_flops,
+            "achieved_flops_per_s": self.achieved_flops_per_s,
+            "fraction_of_peak": self.fraction_of_peak,
+            "bytes_per_device": self.bytes_per_device,
+            "hbm_bytes_per_device": self.hbm_bytes_per_device,
+            "peak_memory_bytes": self.peak_memory_bytes, "input_bytes": self.input_bytes,
+            "hbm_capacity_bytes": chip.hbm_capacity.value, "fits": self.fits,
+            "per_op": [{
+                "index": op.index, "name": op.name, "op": op.what, "stream": op.stream,
+                "line": op.line, "trips": op.trips, "flops": op.flops, "hbm_bytes": op.hbm_bytes,
+                "comm_bytes": op.comm_bytes, "compute_s": op.compute_s, "comm_s": op.comm_s,
+                "bound": op.bound, "detail": op.detail,
+                "start_s": op.starts[0] if op.starts else None} for op in self.ops],
+            "notes": self.notes,
+        }
+
+
+def _nbytes(type_: TensorType, shape) -> int:
+    total = DTYPE_BYTES[type_.dtype]
+    for size in shape:
+        total *= size
+    return total
+
+
+class _Pricer:
+    def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool):
+        self.spmd, self.cluster, self.overlap = spmd, cluster, overlap
+        self.mesh = spmd.mesh
+        self.ops: list[OpCost] = []
+        self.ready: dict[str, float] = {}
+        self.compute_free = 0.0
+        self.comm_free = 0.0
+        self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest einsum, its peak)
+        self._collective_cache: dict = {}
+
+    def local_bytes(self, name: str, fallback: TensorType | None = None) -> int:
+        value = self.spmd.values.get(name)
+        if value is None:
+            return _nbytes(fallback, fallback.shape) if fallback is not None else 0
+        return _nbytes(value.type, value.local_shape(self.mesh))
+
+    def local_shape(self, name: str) -> tuple[int, ...]:
+        return self.spmd.values[name].local_shape(self.mesh)
+
+    # -- pricing each step once
+
+    def price_local(self, step: LocalStep, trips: int) -> OpCost:
+        op = step.op
+        sizes = dict(zip(op.result.type.indices, op.result.type.shape))
+        hbm = _nbytes(op.result.type, op.result.type.shape)
+        for operand in op.operands:
+            shape = self.local_shape(operand.value)
+            sizes.update(zip(operand.indices, shape))
+            hbm += _nbytes(self.spmd.values[operand.value].type, shape)
+        flops = op_flops(op, sizes)
+        cost: ComputeTime = op_time(op, flops, hbm, self.cluster)
+        if flops > self.peak_dtype_flops[0]:
+            self.peak_dtype_flops = (flops, cost.peak)
+        text = format_op(op)[0].split("  # line")[0].partition(" = ")[2]
+        line = op.span.line if getattr(op, "span", None) else None
+        return OpCost(len(self.ops), op.result.name, text, "compute", trips, flops, hbm, 0,
+                      cost.time_s, 0.0, cost.bound, f"{cost.peak_dtype} peak", line)
+
+    def price_collective(self, step: CollectiveStep, trips: int) -> OpCost:
+        move = step.step
+        before = self.local_bytes(step.src)
+        axes = move.axes if move.kind != "permute" else (move.src_axis, move.dst_axis)
+        key = (move.kind, tuple(axes), before)
+        if key not in self._collective_cache:
+            self._collective_cache[key] = collective_time(move.kind, tuple(axes), before, self.mesh,
+                                                          self.cluster)
+        cost: CollectiveTime = self._collective_cache[key]
+        what = format_collective(step, self.spmd.values[step.dst].type.indices)
+        detail = (f"{cost.algorithm}, {cost.group_size} devices; busiest link {cost.tier}"
+                  + (f", shared by {cost.sharing} groups" if cost.sharing > 1 else ""))
+        return OpCost(len(self.ops), step.dst, what, "comm", trips, 0, 0, step.bytes_per_device,
+                      0.0, cost.time_s, cost.bound, detail)
+
+    def price(self, steps, trips: int) -> list:
+        """OpCost per step (repeat bodies nested as lists), each priced once."""
+        priced = []
+        for step in steps:
+            if isinstance(step, RepeatStep):
+                priced.append((step, self.price(step.body, trips * step.count)))
+                continue
+            if isinstance(step, LocalStep):
+                cost = self.price_local(step, trips)
+            elif step.kind == "slice":
+                continue  # a local view: no time, no traffic
+            else:
+                cost = self.price_collective(step, trips)
+            self.ops.append(cost)
+            priced.append((step, cost))
+        return priced
+
+    # -- laying them out in time
+
+    def run(self, priced) -> None:
+        for step, cost in priced:
+            if isinstance(step, RepeatStep):
+                for trip in range(step.count):
+                    for before, inside, result, after in step.carried:
+                        source = before if trip == 0 else result
+                        self.ready[inside] = self.ready.get(source, 0.0)
+                    self.run(cost)
+                for before, inside, result, after in step.carried:
+                    self.ready[after] = self.ready.get(result, 0.0)
+                continue
+            if isinstance(step, LocalStep):
+                reads = [operand.value for operand in step.op.operands]
+                duration, made = cost.compute_s, step.op.result.name
+            else:
+                reads, duration, made = [step.src], cost.comm_s, step.dst
+            start = max([self.ready.get(name, 0.0) for name in reads], default=0.0)
+            if cost.stream == "compute":
+                start = max(start, self.compute_free)
+            else:
+                start = max(start, self.comm_free)
+            if not self.overlap:
+                start = max(start, self.compute_free, self.comm_free)
+            end = start + duration
+            if cost.stream == "compute":
+                self.compute_free = end
+            else:
+                self.comm_free = end
+            self.ready[made] = end
+            cost.starts.append(start)
+
+
+def peak_memory(spmd: SpmdProgram, local_bytes) -> tuple[int, int]:
+    """(peak live bytes, resident input bytes) of one device; a repeat body counted once,
+    since every trip holds the same."""
+    order: list[tuple[str, list[str]]] = []  # (value made, values read) in program order
+
+    def flatten(steps) -> None:
+        for step in steps:
+            if isinstance(step, RepeatStep):
+                order.append(("", [before for before, _, _, _ in step.carried]))
+                for before, inside, result, after in step.carried:
+                    order.append((inside, []))
+                flatten(step.body)
+                for before, inside, result, after in step.carried:
+                    order.append((after, [result]))
+            elif isinstance(step, LocalStep):
+                order.append((step.op.result.name, [o.value for o in step.op.operands]))
+            elif step.kind == "slice":
+                order.append((step.dst, [step.src]))
+            else:
+                order.append((step.dst, [step.src]))
+    flatten(spmd.steps)
+    inputs = set(spmd.inputs)
+    resident = sum(local_bytes(name) for name in spmd.inputs)
+    last_use: dict[str, int] = {}
+    for position, (_, reads) in enumerate(order):
+        for name in reads:
+            last_use[name] = position
+    for output in spmd.outputs:
+        last_use[output.value] = len(order)
+    made_at = {made: position for position, (made, _) in enumerate(order) if made}
+    peak = 0
+    live: dict[str, int] = {}
+    for position, (made, _) in enumerate(order):
+        if made and made not in inputs:
+            live[made] = local_bytes(made)
+        peak = max(peak, sum(live.values()))
+        for name in [name for name in live if last_use.get(name, made_at[name]) <= position]:
+            del live[name]
+    return resident + peak, resident
+
+
+def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: bool = False) -> Estimate:
+    """Price `spmd` (the lowering of `program`) on `cluster`."""
+    check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
+    pricer = _Pricer(spmd, cluster, overlap)
+    priced = pricer.price(spmd.steps, 1)
+    pricer.run(priced)
+    end = max([0.0] + list(pricer.ready.values()))
+    step_time = end + cluster.step_overhead_s
+    compute_s = sum(op.compute_s * op.trips for op in pricer.ops)
+    comm_s = sum(op.comm_s * op.trips for op in pricer.ops)
+    flops = sum(op.flops * op.trips for op in pricer.ops)
+    hbm = sum(op.hbm_bytes * op.trips for op in pricer.ops)
+    peak, resident = peak_memory(spmd, pricer.local_bytes)
+    notes = list(cluster.notes)
+    if spmd.mesh.num_devices < cluster.num_devices:
+        notes.append(f"the mesh uses {spmd.mesh.num_devices} of the cluster's {cluster.num_devices} "
+                     f"devices")
+    if peak > cluster.chip.hbm_capacity.value:
+        notes.append(f"does not fit: {peak:,} bytes per device against "
+                     f"{int(cluster.chip.hbm_capacity.value):,} of HBM")
+    return Estimate(
+        file=spmd.file, cluster=cluster, devices=spmd.mesh.num_devices, overlap=overlap,
+        ops=pricer.ops, step_time_s=step_time, compute_s=compute_s, comm_s=comm_s,
+        exposed_comm_s=max(0.0, end - compute_s), flops_per_device=flops,
+        model_flops=program_flops(program), bytes_per_device=bytes_per_device(spmd.steps),
+        hbm_bytes_per_device=hbm, peak_memory_bytes=peak, input_bytes=resident,
+        peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes)

@@ -1,0 +1,45 @@
+"""The estimate's timeline as a Chrome trace-event file (opens in ui.perfetto.dev and chrome://tracing).
+
+One process (a device: every device runs the same program), two threads:
+compute and communication. Each run of each step is a complete event
+("ph": "X") with its start and duration in microseconds, as the Trace Event
+Format specifies; its args carry FLOPs, bytes and the bound.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .estimate import Estimate
+
+COMPUTE_TRACK, COMM_TRACK = 1, 2
+
+
+def trace_events(estimate: Estimate) -> dict:
+    events = [
+        {"ph": "M", "pid": 0, "name": "process_name",
+         "args": {"name": f"{estimate.file} on {estimate.cluster.name}: one device of "
+                          f"{estimate.devices} (all run the same program)"}},
+        {"ph": "M", "pid": 0, "tid": COMPUTE_TRACK, "name": "thread_name", "args": {"name": "compute"}},
+        {"ph": "M", "pid": 0, "tid": COMM_TRACK, "name": "thread_name",
+         "args": {"name": "communication"}},
+    ]
+    for op in estimate.ops:
+        compute = op.stream == "compute"
+        duration = op.compute_s if compute else op.comm_s
+        args = {"bound": op.bound, "detail": op.detail}
+        args.update({"flops": op.flops, "hbm_bytes": op.hbm_bytes} if compute else
+                    {"bytes_per_device": op.comm_bytes})
+        for trip, start in enumerate(op.starts):
+            events.append({
+                "ph": "X", "pid": 0, "tid": COMPUTE_TRACK if compute else COMM_TRACK,
+                "name": f"{op.name} = {op.what}", "cat": "compute" if compute else "communication",
+                "ts": start * 1e6, "dur": duration * 1e6,
+                "args": dict(args, trip=trip) if op.trips > 1 else args})
+    return {"traceEvents": events, "displayTimeUnit": "ns",
+            "otherData": {"step_time_s": estimate.step_time_s, "cluster": estimate.cluster.name}}
+
+
+def write_trace(estimate: Estimate, path) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(trace_events(estimate), out)
