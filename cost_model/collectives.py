@@ -17,9 +17,10 @@ ring the bandwidth term is always `bytes per device / bandwidth`.
 Algorithms, chosen per case as the fastest that applies:
 
 - `ring` over the group's slowest tier;
-- `tree` (double binary tree) for all-reduce: 2⌈log2 n⌉ latency steps and
-  2·V/bandwidth (ASTRA-sim DoubleBinaryTreeAllReduce), which wins for small,
-  latency-bound buffers;
+- `tree` (double binary tree) for all-reduce across nodes: 2⌈log2 n⌉
+  latency steps and 2·V/bandwidth (ASTRA-sim DoubleBinaryTreeAllReduce),
+  which wins for small, latency-bound buffers (NCCL uses trees between
+  nodes; within a node it rings over NVLink);
 - `hierarchical` on a switched cluster when a group spans k GPUs in each of
   m > 1 nodes: the intra-node phase over NVLink and the inter-node phase with
   each of the k GPUs driving its own NIC, pipelined, so the time is the
@@ -79,7 +80,7 @@ class CollectiveTime:
 
     @property
     def bound(self) -> str:
-        return "latency" if self.latency_s > self.bandwidth_s else f"{self.tier} bandwidth"
+        return "latency" if self.latency_s > self.bandwidth_s else "bandwidth"
 
 
 # ---- the formulas
@@ -90,7 +91,8 @@ def ring(kind: str, n: int, bytes_per_device: float, bandwidth: float, alpha: fl
     """A ring (or, for all-to-all and permute, every pair at once) over links of `bandwidth`."""
     steps = {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1),
              "all_to_all": 1, "permute": 1}[kind]
-    return CollectiveTime(kind, n, "ring", steps * alpha * sharing,
+    algorithm = "direct" if kind in ("all_to_all", "permute") else "ring"
+    return CollectiveTime(kind, n, algorithm, steps * alpha * sharing,
                           bytes_per_device * sharing / bandwidth, tier, bytes_per_device, sharing)
 
 
@@ -135,15 +137,21 @@ class TorusAxis:
 
 
 def torus(kind: str, axes: tuple[TorusAxis, ...], local_bytes: float, link: float,
-          alpha_hop: float) -> CollectiveTime:
-    """Dimension-wise on a torus (scaling book sharding.md)."""
-    spanned = [axis for axis in axes if axis.extent > 1]
+          alpha_hop: float, groups: int | None = None) -> CollectiveTime:
+    """Dimension-wise on a torus (scaling book sharding.md); `groups` running at once bound
+    how many interleave on a link (default: as many as the stride)."""
+    spanned = [TorusAxis(axis.extent, min(axis.stride, groups or axis.stride), axis.wrap)
+               if axis.extent > 1 else axis for axis in axes]
+    hops_of = {id(new): old.stride for new, old in zip(spanned, axes)}
+    spanned = [axis for axis in spanned if axis.extent > 1]
     n = 1
     for axis in spanned:
         n *= axis.extent
     # Bandwidth into a chip from all its group's axes: two directions on a wrapped axis.
     bandwidth = sum(link * (2 if axis.wrap else 1) / axis.stride for axis in spanned)
-    hops = sum((axis.extent // 2 if axis.wrap else axis.extent - 1) * axis.stride for axis in spanned)
+    # A hop between neighbours of the group crosses `stride` links, however many share them.
+    hops = sum((axis.extent // 2 if axis.wrap else axis.extent - 1) * hops_of[id(axis)]
+               for axis in spanned)
     sharing = max((axis.stride for axis in spanned), default=1)
     gathered = n * local_bytes
     if kind == "all_gather":
@@ -234,7 +242,9 @@ def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: 
         return routed_time(kind, groups, local_bytes, cluster)
     if isinstance(topo, Torus):
         link = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
-        candidates = [torus(kind, shape, local_bytes, link, chip.scale_up_latency.value)
+        # Interleaved groups share a link only if there are that many groups.
+        candidates = [torus(kind, shape, local_bytes, link, chip.scale_up_latency.value,
+                            len(groups))
                       for shape in torus_shapes(distinct_groups(groups, _torus_period(topo)), topo)]
         return max(candidates, key=lambda c: c.time_s)
     nvlink = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
@@ -243,8 +253,6 @@ def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: 
     for k, m in switched_shapes(distinct_groups(groups, topo.gpus_per_node), topo.gpus_per_node):
         if m == 1:
             options = [ring(kind, n, sent, nvlink, alpha_nvlink, "nvlink")]
-            if kind == "all_reduce":
-                options.append(tree_all_reduce(n, local_bytes, nvlink, alpha_nvlink, "nvlink"))
         else:
             nic = chip.scale_out_bandwidth.value * chip.scale_out_efficiency.value
             alpha_nic = chip.scale_out_latency.value if chip.scale_out_latency else 0.0
@@ -286,8 +294,10 @@ def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Clust
     names = [cluster.device_name(int(d)) for d in range(cluster.num_devices)]
     loads: dict = {}
 
-    def send(src: int, dst: int, amount: float) -> None:
+    def send(src: int, dst: int, amount: float, other_way: bool = False) -> None:
         path = _path(graph, names[src], names[dst])
+        if other_way:  # a ring of two: the second half goes round the other way where it can
+            path = _other_way(graph, path)
         for a, b in zip(path, path[1:]):
             loads[(a, b)] = loads.get((a, b), 0.0) + amount
 
@@ -305,8 +315,19 @@ def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Clust
             per_direction = sent_bytes(kind, n, local_bytes) / 2
             for i, src in enumerate(group):
                 send(src, group[(i + 1) % n], per_direction)
-                send(src, group[(i - 1) % n], per_direction)
+                send(src, group[(i - 1) % n], per_direction, other_way=n == 2)
     return loads
+
+
+def _other_way(graph: nx.Graph, path: list) -> list:
+    """An equally short path that avoids `path`'s links, else `path`."""
+    pruned = graph.copy()
+    pruned.remove_edges_from(zip(path, path[1:]))
+    try:
+        other = nx.shortest_path(pruned, path[0], path[-1])
+    except nx.NetworkXNoPath:
+        return path
+    return other if len(other) == len(path) else path
 
 
 def _path(graph: nx.Graph, a: str, b: str) -> list:
@@ -325,9 +346,14 @@ def routed_time(kind: str, groups: np.ndarray, local_bytes: float,
     n = groups.shape[1]
     loads = link_loads(kind, groups, local_bytes, cluster)
     graph = cluster.graph
+    chip = cluster.chip
+    # Links carry what collectives achieve of their line rate, as the formulas assume.
+    efficiency = {"nvlink": chip.scale_up_efficiency.value, "ici": chip.scale_up_efficiency.value,
+                  "ib": chip.scale_out_efficiency.value}
     busiest, time = None, 0.0
     for (a, b), carried in loads.items():
-        t = carried / graph.edges[a, b]["bandwidth"]
+        edge = graph.edges[a, b]
+        t = carried / (edge["bandwidth"] * efficiency.get(edge["tier"], 1.0))
         if t > time:
             busiest, time = (a, b), t
     names = [cluster.device_name(d) for d in range(cluster.num_devices)]

@@ -5,11 +5,13 @@ timeline is one device's (its compute stream and its communication stream),
 and a collective's time already accounts for all its groups running at once
 (collectives.py). So pricing costs the same for 8 devices as for 16,384.
 
-The timeline: steps in program order; each starts when its operands are
-ready and its stream is free. Without overlap there is one stream (a step
-also waits for the other stream), as a program that blocks on every
-collective runs. With overlap, a collective runs beside any compute that
-does not need its result, as XLA's asynchronous collectives do. A `repeat`
+The timeline: without overlap, one stream runs the steps in program order,
+each after the one before, as a program that blocks on every collective
+runs. With overlap, each device has a compute stream and a communication
+stream, and each step takes the earliest gap in its stream after its
+operands are ready, so a collective runs beside any compute that does not
+need its result (an all-gather of a weight starts at once), as XLA's
+asynchronous collectives do. A `repeat`
 body is priced once and laid out once per trip, each trip after the one it
 carries values from (LANGUAGE.md: "the cost model prices one copy and
 multiplies").
@@ -21,6 +23,7 @@ is live from the step that makes it to the last step that reads it
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from einpar.flops import op_flops, program_flops
@@ -118,14 +121,33 @@ def _nbytes(type_: TensorType, shape) -> int:
     return total
 
 
+class _Stream:
+    """Busy intervals of one stream; a step takes the earliest gap after its operands are
+    ready, as an as-soon-as-possible list scheduler (XLA's async collectives) would."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def place(self, ready: float, duration: float) -> float:
+        index = bisect.bisect_right(self.ends, ready)
+        start = ready
+        while index < len(self.starts) and self.starts[index] < start + duration:
+            start = max(start, self.ends[index])
+            index += 1
+        self.starts.insert(index, start)
+        self.ends.insert(index, start + duration)
+        return start
+
+
 class _Pricer:
     def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool):
         self.spmd, self.cluster, self.overlap = spmd, cluster, overlap
         self.mesh = spmd.mesh
         self.ops: list[OpCost] = []
         self.ready: dict[str, float] = {}
-        self.compute_free = 0.0
-        self.comm_free = 0.0
+        self.free = 0.0  # without overlap: one stream, in program order
+        self.streams = {"compute": _Stream(), "comm": _Stream()}
         self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest einsum, its peak)
         self._collective_cache: dict = {}
 
@@ -155,7 +177,7 @@ class _Pricer:
         text = format_op(op)[0].split("  # line")[0].partition(" = ")[2]
         line = op.span.line if getattr(op, "span", None) else None
         return OpCost(len(self.ops), op.result.name, text, "compute", trips, flops, hbm, 0,
-                      cost.time_s, 0.0, cost.bound, f"{cost.peak_dtype} peak", line)
+                      cost.time_s, 0.0, cost.bound, f"at {cost.peak_dtype} peak", line)
 
     def price_collective(self, step: CollectiveStep, trips: int) -> OpCost:
         move = step.step
@@ -167,8 +189,8 @@ class _Pricer:
                                                           self.cluster)
         cost: CollectiveTime = self._collective_cache[key]
         what = format_collective(step, self.spmd.values[step.dst].type.indices)
-        detail = (f"{cost.algorithm}, {cost.group_size} devices; busiest link {cost.tier}"
-                  + (f", shared by {cost.sharing} groups" if cost.sharing > 1 else ""))
+        detail = (f"{cost.algorithm} of {cost.group_size} on {cost.tier}"
+                  + (f", {cost.sharing} groups a link" if cost.sharing > 1 else ""))
         return OpCost(len(self.ops), step.dst, what, "comm", trips, 0, 0, step.bytes_per_device,
                       0.0, cost.time_s, cost.bound, detail)
 
@@ -207,18 +229,13 @@ class _Pricer:
                 duration, made = cost.compute_s, step.op.result.name
             else:
                 reads, duration, made = [step.src], cost.comm_s, step.dst
-            start = max([self.ready.get(name, 0.0) for name in reads], default=0.0)
-            if cost.stream == "compute":
-                start = max(start, self.compute_free)
+            ready = max([self.ready.get(name, 0.0) for name in reads], default=0.0)
+            if self.overlap:
+                start = self.streams[cost.stream].place(ready, duration)
             else:
-                start = max(start, self.comm_free)
-            if not self.overlap:
-                start = max(start, self.compute_free, self.comm_free)
+                start = max(ready, self.free)
+                self.free = start + duration
             end = start + duration
-            if cost.stream == "compute":
-                self.compute_free = end
-            else:
-                self.comm_free = end
             self.ready[made] = end
             cost.starts.append(start)
 

@@ -5,6 +5,8 @@
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
     einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json]
+    einpar cost FILE --cluster NAME|FILE [--overlap] [--json] [--trace OUT.json] [--force]
+    einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
@@ -115,7 +117,81 @@ def _build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--emit", choices=["ast", "ir", "layouts", "spmd", "jax"], default="spmd",
                       help="which stage to print (default: the per-device program); jax: a "
                            "standalone Python module running it under jax.shard_map")
+
+    cost = commands.add_parser("cost", help="price the program on a modeled cluster: time, "
+                                             "where it goes, memory")
+    common(cost)
+    cost.add_argument("--cluster", required=True, metavar="NAME|FILE",
+                      help="a preset (h100x8, h100x8:64, a100x8:128, tpu-v5e:16x16, tpu-v5p:8x8x8, "
+                           "...) or a cluster file (.toml or .json, see docs/cost.md)")
+    cost.add_argument("--overlap", action="store_true",
+                      help="let collectives run beside compute that does not need their result")
+    cost.add_argument("--trace", metavar="OUT.json",
+                      help="write the timeline as a Chrome/Perfetto trace (ui.perfetto.dev)")
+    cost.add_argument("--force", action="store_true", help="let --trace overwrite an existing file")
+
+    calibrate = commands.add_parser("calibrate", help="measure this host (JAX CPU devices) into a "
+                                                       "cluster file for `einpar cost`")
+    calibrate.add_argument("--out", default="local-cpu.json", metavar="CLUSTER.json",
+                           help="the cluster file to write (default local-cpu.json)")
+    calibrate.add_argument("--devices", type=_positive, default=8, metavar="N",
+                           help="CPU devices to measure, as `einpar run --devices` starts (default 8)")
+    calibrate.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    calibrate.add_argument("--force", action="store_true", help="let --out overwrite an existing file")
     return parser
+
+
+def _writable(path_text: str, force: bool, command: str) -> Path:
+    """A path the user asked einpar to write: never over their file unless --force."""
+    path = Path(path_text)
+    if path.exists() and not force:
+        raise _UsageError(f"einpar {command}: error: {path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise _UsageError(f"einpar {command}: error: cannot write {path}: folder {path.parent} "
+                          "does not exist")
+    return path
+
+
+def _cost(args, program: Program, out: Console) -> int:
+    from .cost_model.cluster import load_cluster
+    from .cost_model.compute import NoPeak
+    from .cost_model.estimate import estimate
+    from .cost_model.report import print_estimate
+    from .cost_model.trace import write_trace
+
+    trace = _writable(args.trace, args.force, "cost") if args.trace else None
+    cluster = load_cluster(args.cluster)
+    try:
+        result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap)
+    except NoPeak as error:
+        raise EinparError(Diagnostic("E410", error.args[0])) from None
+    if trace is not None:
+        write_trace(result, trace)
+    if args.json:
+        out.print(json.dumps(result.to_json(), indent=2), markup=False)
+    else:
+        print_estimate(result, out)
+        if trace is not None:
+            out.print(f"trace written to {trace} (open it in ui.perfetto.dev)")
+    return 0
+
+
+def _calibrate(args, out: Console, err: Console) -> int:
+    from .cost_model.calibrate import calibrate, write_cluster_file
+
+    target = _writable(args.out, args.force, "calibrate")
+    document = calibrate(args.devices, quick=args.quick,
+                         progress=lambda text: err.print(text, style="dim", markup=False))
+    write_cluster_file(document, target)
+    chip = document["accelerator"]
+    out.print(f"wrote {target}: {args.devices} CPU devices, "
+              f"{chip['peak_flops']['f32'] / 1e9:.3g} GFLOP/s f32 and "
+              f"{chip['hbm_bandwidth'] / 1e9:.3g} GB/s memory per device, collectives "
+              f"{chip['scale_up_bandwidth'] / 1e9:.3g} GB/s with "
+              f"{chip['scale_up_latency'] * 1e6:.3g} µs latency, "
+              f"{document['step_overhead_s'] * 1e6:.3g} µs per step")
+    out.print(f"price a program on it: einpar cost FILE --cluster {target}")
+    return 0
 
 
 def _consoles():
@@ -464,6 +540,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     sources = SourceMap()
     try:
+        if args.command == "calibrate":
+            return _calibrate(args, out, err)
+        cluster_file = getattr(args, "cluster", None)
+        if cluster_file and Path(cluster_file).suffix.lower() in (".toml", ".json") \
+                and Path(cluster_file).is_file():
+            sources.texts[cluster_file] = Path(cluster_file).read_text(encoding="utf-8",
+                                                                       errors="replace")
         overrides = api.parse_overrides([item for group in args.set for item in group])
         text = api.read_source(args.file)
         sources.texts[args.file] = text
@@ -481,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compile":
             return _compile(args, program, out)
+        if args.command == "cost":
+            return _cost(args, program, out)
         return _run(args, program, out, err)
     except EinparError as error:
         _print_diagnostics(error, sources, args.json, out, err)

@@ -1,0 +1,98 @@
+"""`einpar cost` as a reader sees it: the per-op table, the totals and a breakdown bar."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .estimate import Estimate
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds == 0:
+        return "0"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def format_count(n: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)}"
+
+
+def breakdown_bar(estimate: Estimate, width: int = 48) -> Text:
+    """Where the step goes: compute, exposed communication, fixed overhead."""
+    total = estimate.step_time_s or 1.0
+    parts = [("compute", min(estimate.compute_s, total), "green"),
+             ("exposed comm", estimate.exposed_comm_s, "red"),
+             ("overhead", estimate.cluster.step_overhead_s, "yellow")]
+    bar = Text()
+    used = 0
+    for index, (_, seconds, style) in enumerate(parts):
+        cells = round(width * seconds / total) if index < len(parts) - 1 else width - used
+        cells = max(0, min(cells, width - used))
+        bar.append("█" * cells, style=style)
+        used += cells
+    legend = "  ".join(f"{name} {100 * seconds / total:.0f}%" for name, seconds, _ in parts if seconds)
+    return bar + Text("  " + legend)
+
+
+def print_estimate(estimate: Estimate, out: Console) -> None:
+    if not out.is_terminal and out.width < 132:  # a file or a pipe: room for the whole table
+        out = Console(file=out.file, width=132, highlight=False, soft_wrap=True,
+                      color_system=out.color_system, force_terminal=False)
+    cluster = estimate.cluster
+    out.print(Text(f"{estimate.file} on {cluster.describe()}", style="bold"))
+    mode = "communication overlaps independent compute" if estimate.overlap else "no overlap"
+    out.print(f"{estimate.devices} devices; every device runs the same program ({mode})")
+    repeats = any(op.trips > 1 for op in estimate.ops)
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    columns = ["#", "value", "op"] + (["×"] if repeats else []) + ["FLOPs", "bytes", "time", "bound",
+                                                                   "how"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("#", "×", "FLOPs", "bytes", "time")
+                         else "left", no_wrap=True, overflow="ellipsis",
+                         max_width=36 if column == "op" else None)
+    for op in estimate.ops:
+        compute = op.stream == "compute"
+        cells = [str(op.index), op.name, op.what] + ([str(op.trips)] if repeats else []) + [
+            format_count(op.flops) if compute else "",
+            format_bytes(op.hbm_bytes if compute else op.comm_bytes),
+            format_seconds(op.compute_s if compute else op.comm_s), op.bound,
+            "" if compute else op.detail]
+        table.add_row(*(Text(cell) for cell in cells), style=None if compute else "cyan")
+    out.print(table)
+    out.print("bytes: HBM traffic of a local op; bytes each device sends for a collective", style="dim")
+    out.print()
+    out.print(f"step time      {format_seconds(estimate.step_time_s)}")
+    out.print(f"  compute      {format_seconds(estimate.compute_s)}")
+    out.print(f"  comm         {format_seconds(estimate.comm_s)}, exposed "
+              f"{format_seconds(estimate.exposed_comm_s)}")
+    if cluster.step_overhead_s:
+        out.print(f"  overhead     {format_seconds(cluster.step_overhead_s)} per step (calibrated)")
+    out.print(breakdown_bar(estimate))
+    out.print(f"FLOPs          {format_count(estimate.flops_per_device)} per device; "
+              f"{format_count(estimate.model_flops)} in the unsharded program, "
+              f"{format_count(estimate.flops_per_device * estimate.devices)} on all devices")
+    out.print(f"achieved       {format_count(estimate.achieved_flops_per_s)}FLOP/s per device, "
+              f"{100 * estimate.fraction_of_peak:.2g}% of peak")
+    out.print(f"sent           {format_bytes(estimate.bytes_per_device)} per device")
+    capacity = cluster.chip.hbm_capacity.value
+    fits = Text("fits", style="green") if estimate.fits else Text("DOES NOT FIT", style="bold red")
+    out.print(Text(f"memory         {format_bytes(estimate.peak_memory_bytes)} peak per device "
+                   f"({format_bytes(estimate.input_bytes)} inputs and params) of "
+                   f"{format_bytes(capacity)}: ") + fits)
+    for note in estimate.notes:
+        out.print(Text(f"note: {note}", style="yellow"))

@@ -1,0 +1,366 @@
+"""The cost model against hand computation from the reference formulas (cost_model_notes.md)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from einpar import api
+from einpar.cli import main
+from einpar.cost_model.cluster import Cluster, Links, Torus, load_cluster, parse_cluster, preset
+from einpar.cost_model.collectives import (collective_time, distinct_groups, mesh_groups, routed_time,
+                                           torus, torus_shapes)
+from einpar.cost_model.estimate import estimate
+from einpar.cost_model.hardware import H100, TPU_V5E
+from einpar.cost_model.trace import trace_events
+from einpar.errors import EinparError
+from einpar.layout import Mesh
+
+MB = 2**20
+NVLINK = 450e9 * 370 / 450  # H100 NVLink at what NCCL achieves (nccl-tests#212)
+IB = 50e9 * 47 / 50  # one NDR NIC per GPU at what NCCL achieves (nccl-tests#290)
+A_NVLINK, A_IB, A_ICI = 10e-6, 20e-6, 1e-6  # Calculon's tier constants; ICI per hop (scaling book)
+
+
+def mesh(**axes) -> Mesh:
+    return Mesh(tuple(axes.items()))
+
+
+# ---- collectives on one node, across nodes, and on a torus
+
+
+@pytest.mark.parametrize("kind, steps, sent", [
+    ("all_gather", 7, 7), ("reduce_scatter", 7, 7 / 8), ("all_reduce", 14, 14 / 8),
+    ("all_to_all", 1, 7 / 8)])
+def test_ring_on_one_node(kind, steps, sent):
+    # 64 MiB per device: big enough that the ring beats the tree for all-reduce.
+    cost = collective_time(kind, ("tp",), 64 * MB, mesh(tp=8), preset("h100x8"))
+    assert cost.algorithm in ("ring", "direct")
+    assert cost.latency_s == pytest.approx(steps * A_NVLINK)
+    assert cost.bandwidth_s == pytest.approx(sent * 64 * MB / NVLINK)
+
+
+def test_small_all_reduce_across_nodes_takes_the_tree_and_large_the_ring():
+    # dp groups: one GPU in each of 8 nodes.
+    small = collective_time("all_reduce", ("dp",), 1024, mesh(dp=8, tp=8), preset("h100x8:8"))
+    large = collective_time("all_reduce", ("dp",), 256 * MB, mesh(dp=8, tp=8), preset("h100x8:8"))
+    assert small.algorithm == "tree"
+    assert small.latency_s == pytest.approx(2 * 3 * A_IB)  # up and down a tree of depth log2 8
+    assert large.algorithm == "ring"
+    assert large.time_s == pytest.approx(14 * A_IB + 14 / 8 * 256 * MB / IB)
+
+
+def test_one_gpu_per_node_rings_over_infiniband():
+    # dp groups take one GPU from each of 2 nodes: every step crosses a NIC.
+    cost = collective_time("all_gather", ("dp",), MB, mesh(dp=2, tp=8), preset("h100x8:2"))
+    assert (cost.algorithm, cost.tier) == ("ring", "ib")
+    assert cost.time_s == pytest.approx(A_IB + MB / IB)
+
+
+@pytest.mark.parametrize("kind", ["all_gather", "reduce_scatter", "all_reduce", "all_to_all"])
+def test_groups_spanning_nodes_go_hierarchical(kind):
+    # 16 GPUs, 8 in each of 2 nodes (scaling book gpus.md: T = max(T_node, T_scaleout)).
+    k, m, v = 8, 2, 64 * MB
+    cost = collective_time(kind, ("dp", "tp"), v, mesh(dp=2, tp=8), preset("h100x8:2"))
+    assert cost.algorithm == "hierarchical"
+    n = k * m
+    intra, inter = {
+        "all_gather": ((k - 1) * m * v, (m - 1) * v),
+        "reduce_scatter": (v * (k - 1) / k, v * (m - 1) / (m * k)),
+        "all_reduce": (2 * v * (k - 1) / k, 2 * v * (m - 1) / (m * k)),
+        "all_to_all": (v * (k - 1) / n, v * (n - k) / n)}[kind]
+    assert cost.bandwidth_s == pytest.approx(max(intra / NVLINK, inter / IB))
+
+
+def test_wrapped_torus_axis_is_a_bidirectional_ring():
+    # tpu-v5e:16x16, an all-gather along a full row of 16: V/(2W) and 16/2 hops
+    # (scaling book sharding.md: T_AG = V / W_bidi).
+    cost = collective_time("all_gather", ("y",), MB, mesh(x=16, y=16), preset("tpu-v5e:16x16"))
+    gathered = 16 * MB
+    assert cost.algorithm == "torus"
+    assert cost.latency_s == pytest.approx(8 * A_ICI)
+    assert cost.bandwidth_s == pytest.approx(gathered * 15 / 16 / (2 * 45e9))
+    # Both axes at once: twice the links.
+    both = collective_time("all_gather", ("x", "y"), MB, mesh(x=16, y=16), preset("tpu-v5e:16x16"))
+    assert both.bandwidth_s == pytest.approx(256 * MB * 255 / 256 / (4 * 45e9))
+    assert both.latency_s == pytest.approx(16 * A_ICI)
+
+
+def test_unwrapped_torus_axis_takes_twice_as_long():
+    # v5e axes shorter than 16 have no wraparound ("typically doubles").
+    wrapped = collective_time("all_gather", ("y",), MB, mesh(x=16, y=16), preset("tpu-v5e:16x16"))
+    line = collective_time("all_gather", ("y",), 16 * MB, mesh(x=4, y=4), preset("tpu-v5e:4x4"))
+    assert line.bandwidth_s == pytest.approx(64 * MB * 3 / 4 / 45e9)
+    assert line.latency_s == pytest.approx(3 * A_ICI)
+    assert not torus_shapes(mesh_groups(mesh(x=4, y=4), ("y",)), preset("tpu-v5e:4x4").topology)[0][1].wrap
+    assert wrapped.bandwidth_s < line.bandwidth_s
+
+
+def test_all_to_all_on_a_torus_is_a_quarter_of_an_all_gather():
+    a2a = collective_time("all_to_all", ("y",), MB, mesh(x=16, y=16), preset("tpu-v5e:16x16"))
+    ag = collective_time("all_gather", ("y",), MB, mesh(x=16, y=16), preset("tpu-v5e:16x16"))
+    assert a2a.bandwidth_s == pytest.approx(ag.bandwidth_s / 4)
+
+
+# ---- contention
+
+
+def line_cluster(devices: int = 4, bandwidth: float = 1e9) -> Cluster:
+    names = tuple(f"d{i}" for i in range(devices))
+    links = tuple((names[i], names[i + 1], bandwidth, 1e-6) for i in range(devices - 1))
+    return Cluster("line", TPU_V5E, Links(names, (), links))
+
+
+def test_groups_sharing_a_link_take_longer_than_one_alone():
+    cluster = line_cluster()
+    alone = routed_time("all_gather", np.array([[0, 2]]), MB, cluster)
+    shared = routed_time("all_gather", np.array([[0, 2], [1, 3]]), MB, cluster)  # both cross d1-d2
+    assert shared.bandwidth_s == pytest.approx(2 * alone.bandwidth_s)
+    assert shared.sharing == 2
+
+
+def test_groups_on_disjoint_links_do_not_slow_each_other():
+    cluster = line_cluster()
+    alone = routed_time("all_gather", np.array([[0, 1]]), MB, cluster)
+    both = routed_time("all_gather", np.array([[0, 1], [2, 3]]), MB, cluster)
+    assert both.time_s == pytest.approx(alone.time_s)
+    assert both.sharing == 1
+
+
+def test_strided_groups_on_a_torus_share_their_links():
+    # On a ring of 16, groups {0,2,..,14} and {1,3,..,15} interleave: each link carries both.
+    both = collective_time("all_gather", ("a",), MB, mesh(a=8, b=2), preset("tpu-v5e:1x16"))
+    # The same group alone: mesh devices on the even chips only.
+    evens = Cluster("evens", TPU_V5E, Torus((1, 16), (False, True)), device_order=tuple(range(0, 16, 2)))
+    alone = collective_time("all_gather", ("a",), MB, mesh(a=8), evens)
+    assert (both.sharing, alone.sharing) == (2, 1)
+    assert both.bandwidth_s == pytest.approx(2 * alone.bandwidth_s)
+    assert both.latency_s == alone.latency_s == pytest.approx(8 * A_ICI)  # 4 hops of 2 links
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([(1, 8), (1, 16), (4, 4), (2, 8)]), st.data())
+def test_torus_formula_matches_routing_every_group_over_the_graph(dims, data):
+    """The dimension-wise formula's bandwidth term equals the busiest link's load when every
+    group's bidirectional ring is routed over the torus graph (one-axis groups)."""
+    size = dims[0] * dims[1]
+    inner = data.draw(st.sampled_from([d for d in (1, 2, 4, 8, 16) if size % d == 0 and d < size]))
+    outer = size // inner
+    axis = data.draw(st.sampled_from(["a", "b"] if inner > 1 else ["a"]))
+    if axis == "b" and inner == 1:
+        return
+    m = mesh(a=outer, b=inner)
+    cluster = Cluster("t", TPU_V5E, Torus(dims, tuple(d == 16 for d in dims)))
+    groups = mesh_groups(m, (axis,))
+    shapes = torus_shapes(groups, cluster.topology)
+    if len(shapes) != 1 or sum(a.extent > 1 for a in shapes[0]) != 1:
+        return  # the formula's boxes; other shapes are bounded, not exact
+    formula = torus("all_gather", shapes[0], MB, 45e9, A_ICI)
+    routed = routed_time("all_gather", groups, MB, cluster)
+    assert routed.bandwidth_s == pytest.approx(formula.bandwidth_s)
+
+
+def test_pricing_a_symmetric_mesh_keeps_one_group_of_each_shape():
+    # 16,384 devices: 2,048 tensor-parallel groups of 8 and 8 data-parallel groups of 2,048.
+    m = mesh(dp=2048, tp=8)
+    assert len(distinct_groups(mesh_groups(m, ("tp",)), 8)) == 1
+    assert len(distinct_groups(mesh_groups(m, ("dp",)), 8)) == 8
+
+
+# ---- compute and memory
+
+
+def test_roofline_of_one_matmul_on_h100():
+    program = api.load("examples/matmul/case1_no_contracting_split.ein")
+    result = estimate(program, api.compile_spmd(program), preset("h100x8"))
+    [op] = result.ops
+    flops = 2 * 128 * 512 * 256  # local [128,512] x [512,256]
+    hbm = 4 * (128 * 512 + 512 * 256 + 128 * 256)
+    assert (op.flops, op.hbm_bytes) == (flops, hbm)
+    # Calculon's steps: under 1 GFLOP runs at 0.10 of peak (f32 matmuls at TF32's 494.7 TFLOP/s);
+    # under 1 MB of traffic at 0.30 of HBM's 3.35 TB/s.
+    math_s = flops / (494.7e12 * 0.10)
+    memory_s = hbm / (3.35e12 * 0.30)
+    assert op.compute_s == pytest.approx(max(math_s, memory_s))
+    assert op.bound == ("compute" if math_s > memory_s else "memory")
+    assert result.step_time_s == pytest.approx(op.compute_s)
+
+
+def test_peak_memory_of_one_matmul():
+    program = api.load("examples/matmul/case1_no_contracting_split.ein")
+    result = estimate(program, api.compile_spmd(program), preset("h100x8"))
+    inputs = 4 * (128 * 512 + 512 * 256)
+    assert result.input_bytes == inputs
+    assert result.peak_memory_bytes == inputs + 4 * 128 * 256
+
+
+def test_peak_memory_of_data_parallel_attention():
+    program = api.load("examples/attention/data_parallel.ein")
+    result = estimate(program, api.compile_spmd(program), preset("h100x8"))
+    x, weight = 4 * 128 * 256, 4 * 256 * 8 * 32
+    head, scores, row = 4 * 128 * 8 * 32, 4 * 8 * 128 * 128, 4 * 128 * 8
+    # The peak is at `p = p.exp / p.sum`: v, p.exp, p.sum and p live together.
+    assert result.input_bytes == x + 4 * weight
+    assert result.peak_memory_bytes == x + 4 * weight + head + 2 * scores + row
+
+
+def test_does_not_fit_says_so():
+    program = api.load("examples/attention/data_parallel.ein", {"S": 32768, "T": 32768})
+    result = estimate(program, api.compile_spmd(program), preset("tpu-v5e:2x4"))
+    assert not result.fits
+    assert any("does not fit" in note for note in result.notes)
+
+
+# ---- the timeline
+
+
+@pytest.mark.parametrize("example", ["attention/tensor_parallel", "transformer/block", "moe/gshard"])
+def test_without_overlap_the_step_is_compute_plus_communication(example):
+    program = api.load(f"examples/{example}.ein")
+    spmd = api.compile_spmd(program)
+    serial = estimate(program, spmd, preset("h100x8"))
+    assert serial.step_time_s == pytest.approx(serial.compute_s + serial.comm_s)
+    assert serial.exposed_comm_s == pytest.approx(serial.comm_s)
+    overlapped = estimate(program, spmd, preset("h100x8"), overlap=True)
+    assert max(overlapped.compute_s, overlapped.comm_s) <= overlapped.step_time_s * (1 + 1e-9)
+    assert overlapped.step_time_s <= serial.step_time_s * (1 + 1e-9)
+
+
+def test_overlap_hides_a_weight_gather_behind_independent_compute():
+    # wo's all-gather needs nothing computed, so it runs while q, k, v, s... are computed.
+    program = api.load("examples/attention/tensor_parallel.ein")
+    spmd = api.compile_spmd(program)
+    serial = estimate(program, spmd, preset("h100x8"))
+    overlapped = estimate(program, spmd, preset("h100x8"), overlap=True)
+    gather_wo = next(op for op in overlapped.ops if op.what.startswith("all_gather[tp](wo"))
+    assert gather_wo.starts == [0.0]
+    assert overlapped.exposed_comm_s < serial.exposed_comm_s
+
+
+def test_repeat_body_is_priced_once_and_run_per_trip():
+    program = api.load("examples/transformer/block.ein")
+    one = estimate(api.load("examples/transformer/block.ein", {"L": 1}),
+                   api.compile_spmd(api.load("examples/transformer/block.ein", {"L": 1})),
+                   preset("h100x8"))
+    two = estimate(program, api.compile_spmd(program), preset("h100x8"))
+    assert all(op.trips == 2 and len(op.starts) == 2 for op in two.ops)
+    assert two.compute_s == pytest.approx(2 * one.compute_s)
+    assert two.bytes_per_device == 2 * one.bytes_per_device
+
+
+def test_trace_has_both_tracks_and_every_run_of_every_step():
+    program = api.load("examples/transformer/block.ein")
+    result = estimate(program, api.compile_spmd(program), preset("h100x8"), overlap=True)
+    document = json.loads(json.dumps(trace_events(result)))
+    events = document["traceEvents"]
+    threads = {e["args"]["name"]: e["tid"] for e in events if e["name"] == "thread_name"}
+    assert set(threads) == {"compute", "communication"}
+    complete = [e for e in events if e["ph"] == "X"]
+    assert len(complete) == sum(op.trips for op in result.ops)
+    assert {e["tid"] for e in complete} == set(threads.values())
+    for event in complete:
+        assert {"name", "ts", "dur", "pid", "tid"} <= set(event) and event["dur"] >= 0
+    end = max(e["ts"] + e["dur"] for e in complete)
+    assert end == pytest.approx(result.step_time_s * 1e6)
+
+
+# ---- the command line
+
+
+def test_cost_json_has_the_documented_keys(capsys):
+    assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", "h100x8",
+                 "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    for key in ("step_time_s", "compute_s", "comm_s", "exposed_comm_s", "flops_per_device",
+                "bytes_per_device", "peak_memory_bytes", "per_op"):
+        assert key in document
+    assert document["bytes_per_device"] == 589824  # as `einpar compile` counts it
+    kinds = [row["op"].split("[")[0] for row in document["per_op"] if row["stream"] == "comm"]
+    assert kinds == ["all_gather", "all_gather"]
+
+
+def test_cost_table_and_trace_file(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    assert main(["cost", "examples/moe/gshard.ein", "--cluster", "tpu-v5p:2x2x2", "--overlap",
+                 "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "all_to_all[ep](xe, G -> E)" in out and "step time" in out and "fits" in out
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert main(["cost", "examples/moe/gshard.ein", "--cluster", "h100x8", "--trace", str(trace)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_mesh_bigger_than_the_cluster(capsys):
+    assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", "h100x8",
+                 "--set", "dp=4"]) == 1
+    err = capsys.readouterr().err
+    assert "error[E411]: the mesh dp=4 tp=4 needs 16 devices; cluster h100x8 has 8" in err
+    assert "hint: pick a bigger cluster" in err
+
+
+def test_unknown_preset(capsys):
+    assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", "h100x9"]) == 1
+    err = capsys.readouterr().err
+    assert "error[E410]:" in err and "h100x9" in err
+
+
+def test_bad_cluster_file_points_at_the_field(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "mine"\naccelerator = "h100"\n\n[topology]\nkind = "switched"\n'
+                    'gpus_per_node = 0\n')
+    assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error[E410]: bad cluster file: topology.gpus_per_node must be a positive whole number" in err
+    assert f"{path}:6:1" in err and "gpus_per_node = 0" in err and "^" in err
+
+
+def test_cluster_file_toml_syntax_error_has_its_position(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "mine"\naccelerator = \n')
+    with pytest.raises(EinparError) as error:
+        load_cluster(str(path))
+    diagnostic = error.value.diagnostics[0]
+    assert diagnostic.code == "E410" and diagnostic.span.line == 2
+
+
+def test_cluster_file_describes_a_torus_and_a_mapping(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "name": "ring8", "accelerator": {"base": "tpu-v5e", "hbm_capacity": 1e9},
+        "topology": {"kind": "torus", "dims": [8], "wrap": [True]},
+        "device_order": [0, 2, 4, 6, 1, 3, 5, 7]}))
+    cluster = load_cluster(str(path))
+    assert cluster.chip.hbm_capacity.value == 1e9 and cluster.num_devices == 8
+    # Mesh devices 0..3 land on chips 0,2,4,6: a group strided by 2, sharing links with 1,3,5,7.
+    cost = collective_time("all_gather", ("b",), MB, mesh(a=2, b=4), cluster)
+    assert cost.sharing == 2
+    row_major = collective_time("all_gather", ("b",), MB, mesh(a=2, b=4),
+                                Cluster("r", TPU_V5E, Torus((8,), (True,))))
+    assert row_major.sharing == 1
+    assert cost.latency_s == pytest.approx(4 * A_ICI) and row_major.latency_s == pytest.approx(3 * A_ICI)
+
+
+def test_user_graph_cluster_prices_by_routing(tmp_path):
+    text = json.dumps({
+        "accelerator": "h100",
+        "topology": {"kind": "links", "devices": ["a", "b", "c", "d"], "switches": ["s"],
+                     "links": [{"a": d, "b": "s", "bandwidth": 1e10, "latency": 1e-6}
+                               for d in "abcd"]}})
+    cluster = parse_cluster(text, "g.json")
+    cost = collective_time("all_gather", ("x",), MB, mesh(x=4), cluster)
+    assert cost.algorithm == "routed"
+    assert cost.bandwidth_s == pytest.approx(3 * MB / 1e10)  # each device's one link carries 3 chunks
+    assert cost.latency_s == pytest.approx(3 * 2e-6)
+
+
+def test_presets_build_graphs_with_the_figures():
+    graph = preset("h100x8:2").graph
+    assert sum(1 for _, kind in graph.nodes(data="kind") if kind == "device") == 16
+    assert graph.edges["gpu0", "nvswitch0"]["bandwidth"] == H100.scale_up_bandwidth.value
+    assert graph.edges["gpu0", "leaf0.0"]["bandwidth"] == H100.scale_out_bandwidth.value
+    torus_graph = preset("tpu-v5p:4x4x4").graph
+    assert all(degree == 6 for _, degree in torus_graph.degree())
+    assert math.isclose(torus_graph.edges["tpu0", "tpu1"]["bandwidth"], 90e9)
