@@ -42,10 +42,12 @@ graph (`Links`), every group's flows are routed over shortest paths and the
 busiest link sets the time (`routed_time`), as ASTRA-sim's congestion-aware
 network does per link.
 
-Pricing is by symmetry: a collective's groups are computed once as arrays,
-their shapes on the topology (nodes spanned, GPUs per node; axis extents and
-strides) reduced to the few distinct ones, and each distinct shape priced
-once, so the cost does not grow with the number of devices.
+Pricing is by symmetry: under the row-major mapping all groups of a
+collective are translates of one another, and a translation by the
+topology's period (a node's GPUs; the torus's inner axes) maps the topology
+onto itself, so one group per residue of its first device modulo the period
+has every shape there is (`representative_groups`): the cost does not grow
+with the number of devices. A user's own mapping lists every group instead.
 """
 
 from __future__ import annotations
@@ -214,6 +216,39 @@ def torus_shapes(groups: np.ndarray, torus_: Torus) -> list[tuple[TorusAxis, ...
                   for a in range(len(torus_.dims))) for row in rows]
 
 
+def representative_groups(mesh: Mesh, axes: tuple[str, ...], period: int) -> tuple[np.ndarray, int]:
+    """One group of each kind, without listing every group: (groups, how many groups in all).
+
+    With the row-major mapping every group has the same offsets between members, and a
+    group's shape on the topology depends only on its first device modulo `period` (a
+    translation the topology maps onto itself). So it is enough to find, for each residue
+    the groups' first devices take, one group that has it: a handful of rows for 16,384
+    devices as for 8.
+    """
+    names = list(mesh.names)
+    sizes = [size for _, size in mesh.axes]
+    strides = [int(np.prod(sizes[i + 1:])) for i in range(len(sizes))]
+    offsets = np.zeros(1, dtype=np.int64)
+    for axis in axes:  # ring order: row-major over the group's axes
+        i = names.index(axis)
+        offsets = (offsets[:, None] + np.arange(sizes[i]) * strides[i]).reshape(-1)
+    witness = {0: 0}  # residue of a first device -> one first device with it
+    count = 1
+    for i, name in enumerate(names):
+        if name in axes:
+            continue
+        count *= sizes[i]
+        # c·stride mod period repeats after period/gcd(stride, period) values of c.
+        cycle = min(sizes[i], period // math.gcd(strides[i], period))
+        widened = {}
+        for base in witness.values():
+            for c in range(cycle):
+                widened.setdefault((base + c * strides[i]) % period, base + c * strides[i])
+        witness = widened
+    bases = np.array(sorted(witness.values()), dtype=np.int64)
+    return bases[:, None] + offsets[None, :], count
+
+
 def distinct_groups(groups: np.ndarray, period: int) -> np.ndarray:
     """One group of each kind: groups with the same offsets between members and the same
     first member modulo `period` (a translation the topology maps onto itself) have the
@@ -232,25 +267,31 @@ def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: 
                     cluster: Cluster) -> CollectiveTime:
     """The time of one collective over `axes` of `mesh`, every group at once; the slowest group
     decides. `local_bytes` is what each device holds before it."""
-    groups = mesh_groups(mesh, axes, cluster.device_order)
-    n = groups.shape[1]
+    topo, chip = cluster.topology, cluster.chip
+    n = 1
+    for axis in axes:
+        n *= mesh.size(axis)
     if n == 1 or local_bytes == 0:
         return CollectiveTime(kind, n, "local", 0.0, 0.0, "none", 0.0, 1)
+    if isinstance(topo, Links):  # a user's graph: route every group
+        return routed_time(kind, mesh_groups(mesh, axes, cluster.device_order), local_bytes, cluster)
+    period = _torus_period(topo) if isinstance(topo, Torus) else topo.gpus_per_node
+    if cluster.device_order is None:
+        groups, count = representative_groups(mesh, axes, period)
+    else:  # a mapping of the user's: list every group, then keep one of each kind
+        groups = mesh_groups(mesh, axes, cluster.device_order)
+        groups, count = distinct_groups(groups, period), len(groups)
     sent = sent_bytes(kind, n, local_bytes)
-    topo, chip = cluster.topology, cluster.chip
-    if isinstance(topo, Links):
-        return routed_time(kind, groups, local_bytes, cluster)
     if isinstance(topo, Torus):
         link = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
         # Interleaved groups share a link only if there are that many groups.
-        candidates = [torus(kind, shape, local_bytes, link, chip.scale_up_latency.value,
-                            len(groups))
-                      for shape in torus_shapes(distinct_groups(groups, _torus_period(topo)), topo)]
+        candidates = [torus(kind, shape, local_bytes, link, chip.scale_up_latency.value, count)
+                      for shape in torus_shapes(groups, topo)]
         return max(candidates, key=lambda c: c.time_s)
     nvlink = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
     alpha_nvlink = chip.scale_up_latency.value
     worst = None
-    for k, m in switched_shapes(distinct_groups(groups, topo.gpus_per_node), topo.gpus_per_node):
+    for k, m in switched_shapes(groups, topo.gpus_per_node):
         if m == 1:
             options = [ring(kind, n, sent, nvlink, alpha_nvlink, "nvlink")]
         else:

@@ -8,10 +8,10 @@ and a collective's time already accounts for all its groups running at once
 The timeline: without overlap, one stream runs the steps in program order,
 each after the one before, as a program that blocks on every collective
 runs. With overlap, each device has a compute stream and a communication
-stream, and each step takes the earliest gap in its stream after its
-operands are ready, so a collective runs beside any compute that does not
-need its result (an all-gather of a weight starts at once), as XLA's
-asynchronous collectives do. A `repeat`
+stream, and the steps are list-scheduled: whichever step's operands are
+ready first goes next on its stream, so a collective runs beside any
+compute that does not need its result (an all-gather of a weight starts at
+once), as XLA's asynchronous collectives do. A `repeat`
 body is priced once and laid out once per trip, each trip after the one it
 carries values from (LANGUAGE.md: "the cost model prices one copy and
 multiplies").
@@ -23,7 +23,7 @@ is live from the step that makes it to the last step that reads it
 
 from __future__ import annotations
 
-import bisect
+import heapq
 from dataclasses import dataclass, field
 
 from einpar.flops import op_flops, program_flops
@@ -121,33 +121,11 @@ def _nbytes(type_: TensorType, shape) -> int:
     return total
 
 
-class _Stream:
-    """Busy intervals of one stream; a step takes the earliest gap after its operands are
-    ready, as an as-soon-as-possible list scheduler (XLA's async collectives) would."""
-
-    def __init__(self):
-        self.starts: list[float] = []
-        self.ends: list[float] = []
-
-    def place(self, ready: float, duration: float) -> float:
-        index = bisect.bisect_right(self.ends, ready)
-        start = ready
-        while index < len(self.starts) and self.starts[index] < start + duration:
-            start = max(start, self.ends[index])
-            index += 1
-        self.starts.insert(index, start)
-        self.ends.insert(index, start + duration)
-        return start
-
-
 class _Pricer:
     def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool):
         self.spmd, self.cluster, self.overlap = spmd, cluster, overlap
         self.mesh = spmd.mesh
         self.ops: list[OpCost] = []
-        self.ready: dict[str, float] = {}
-        self.free = 0.0  # without overlap: one stream, in program order
-        self.streams = {"compute": _Stream(), "comm": _Stream()}
         self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest einsum, its peak)
         self._collective_cache: dict = {}
 
@@ -213,31 +191,67 @@ class _Pricer:
 
     # -- laying them out in time
 
-    def run(self, priced) -> None:
+    def unroll(self, priced, rename: dict, trip_tag: str, nodes: list) -> None:
+        """Every run of every step, in program order, as (cost, values read, value made) with
+        names made unique per trip."""
         for step, cost in priced:
             if isinstance(step, RepeatStep):
+                carried = {inside: rename.get(before, before)
+                           for before, inside, _, _ in step.carried}
                 for trip in range(step.count):
-                    for before, inside, result, after in step.carried:
-                        source = before if trip == 0 else result
-                        self.ready[inside] = self.ready.get(source, 0.0)
-                    self.run(cost)
+                    tag = f"{trip_tag}@{trip}"
+                    inner = dict(rename, **carried)
+                    self.unroll(cost, inner, tag, nodes)
+                    carried = {inside: f"{result}{tag}" for _, inside, result, _ in step.carried}
                 for before, inside, result, after in step.carried:
-                    self.ready[after] = self.ready.get(result, 0.0)
+                    rename[after] = carried[inside]
                 continue
             if isinstance(step, LocalStep):
-                reads = [operand.value for operand in step.op.operands]
-                duration, made = cost.compute_s, step.op.result.name
+                reads, made = [operand.value for operand in step.op.operands], step.op.result.name
             else:
-                reads, duration, made = [step.src], cost.comm_s, step.dst
-            ready = max([self.ready.get(name, 0.0) for name in reads], default=0.0)
-            if self.overlap:
-                start = self.streams[cost.stream].place(ready, duration)
-            else:
-                start = max(ready, self.free)
-                self.free = start + duration
-            end = start + duration
-            self.ready[made] = end
+                reads, made = [step.src], step.dst
+            nodes.append((cost, [rename.get(name, name + trip_tag) for name in reads], made + trip_tag))
+            rename[made] = made + trip_tag
+
+    def run(self, priced) -> float:
+        """Lay every run of every step out in time; the end of the last."""
+        nodes: list = []
+        self.unroll(priced, {}, "", nodes)
+        ready: dict[str, float] = {}  # values not made by a step (inputs) are ready at 0
+        if not self.overlap:
+            free = 0.0
+            for cost, reads, made in nodes:
+                start = max([free] + [ready.get(name, 0.0) for name in reads])
+                free = ready[made] = start + (cost.compute_s or cost.comm_s)
+                cost.starts.append(start)
+            return free
+        # List scheduling: whichever step's operands are ready first goes next on its stream.
+        producer = {made: index for index, (_, _, made) in enumerate(nodes)}
+        waiting = [sum(1 for name in reads if name in producer) for _, reads, _ in nodes]
+        readers: dict[int, list[int]] = {}
+        for index, (_, reads, _) in enumerate(nodes):
+            for name in reads:
+                if name in producer:
+                    readers.setdefault(producer[name], []).append(index)
+        heap = [(0.0, index) for index, count in enumerate(waiting) if count == 0]
+        heapq.heapify(heap)
+        free = {"compute": 0.0, "comm": 0.0}
+        end = 0.0
+        while heap:
+            at, index = heapq.heappop(heap)
+            cost, reads, made = nodes[index]
+            start = max(at, free[cost.stream])
+            free[cost.stream] = ready[made] = start + (cost.compute_s or cost.comm_s)
+            end = max(end, ready[made])
             cost.starts.append(start)
+            for reader in readers.get(index, ()):
+                waiting[reader] -= 1
+                if not waiting[reader]:
+                    when = max(ready.get(name, 0.0) for name in nodes[reader][1])
+                    heapq.heappush(heap, (when, reader))
+        for cost in self.ops:  # trips were laid out in readiness order
+            cost.starts.sort()
+        return end
 
 
 def peak_memory(spmd: SpmdProgram, local_bytes) -> tuple[int, int]:
@@ -286,8 +300,7 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
     check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
     pricer = _Pricer(spmd, cluster, overlap)
     priced = pricer.price(spmd.steps, 1)
-    pricer.run(priced)
-    end = max([0.0] + list(pricer.ready.values()))
+    end = pricer.run(priced)
     step_time = end + cluster.step_overhead_s
     compute_s = sum(op.compute_s * op.trips for op in pricer.ops)
     comm_s = sum(op.comm_s * op.trips for op in pricer.ops)

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from einpar import api
 from einpar.cli import main
 from einpar.cost_model.cluster import Cluster, Links, Torus, load_cluster, parse_cluster, preset
-from einpar.cost_model.collectives import (collective_time, distinct_groups, mesh_groups, routed_time,
-                                           torus, torus_shapes)
+from einpar.cost_model.collectives import (collective_time, distinct_groups, mesh_groups,
+                                           representative_groups, routed_time, switched_shapes, torus,
+                                           torus_shapes)
 from einpar.cost_model.estimate import estimate
 from einpar.cost_model.hardware import H100, TPU_V5E
 from einpar.cost_model.trace import trace_events
@@ -166,8 +167,29 @@ def test_torus_formula_matches_routing_every_group_over_the_graph(dims, data):
 def test_pricing_a_symmetric_mesh_keeps_one_group_of_each_shape():
     # 16,384 devices: 2,048 tensor-parallel groups of 8 and 8 data-parallel groups of 2,048.
     m = mesh(dp=2048, tp=8)
-    assert len(distinct_groups(mesh_groups(m, ("tp",)), 8)) == 1
+    groups, count = representative_groups(m, ("tp",), 8)
+    assert (groups.tolist(), count) == ([list(range(8))], 2048)
+    groups, count = representative_groups(m, ("dp",), 8)
+    assert len(groups) == 8 and count == 8
     assert len(distinct_groups(mesh_groups(m, ("dp",)), 8)) == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([1, 2, 3, 4, 6, 8]), min_size=1, max_size=3), st.data())
+def test_representative_groups_have_every_shape_all_groups_have(sizes, data):
+    m = Mesh(tuple((f"a{i}", size) for i, size in enumerate(sizes)))
+    axes = tuple(data.draw(st.lists(st.sampled_from(m.names), min_size=1, unique=True)))
+    every = mesh_groups(m, axes)
+    gpus = data.draw(st.sampled_from([2, 4, 8]))
+    few, count = representative_groups(m, axes, gpus)
+    assert count == len(every)
+    assert set(switched_shapes(few, gpus)) == set(switched_shapes(every, gpus))
+    dims = data.draw(st.sampled_from([(2, 2), (4, 4), (2, 4, 4), (8, 8)]))
+    topology = Torus(dims, tuple(d % 4 == 0 for d in dims))
+    if m.num_devices <= topology.num_devices:
+        period = int(np.prod(dims[1:]))
+        few, _ = representative_groups(m, axes, period)
+        assert set(torus_shapes(few, topology)) == set(torus_shapes(every, topology))
 
 
 # ---- compute and memory
