@@ -990,6 +990,44 @@ def test_a_failed_outer_definition_redefined_in_repeat_is_not_reported_again():
     assert [d.code for d in found] == ["E201"]
 
 
+def test_E410_a_cluster_that_is_neither_a_preset_nor_a_file():
+    from einpar.cost_model.cluster import load_cluster
+
+    with pytest.raises(EinparError) as caught:
+        load_cluster("h100x16")
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message) == (
+        "E410", "h100x16: a H100-SXM node has 1 to 8 GPUs, and a cluster at least one node")
+    with pytest.raises(EinparError) as caught:
+        load_cluster("dgx")
+    assert caught.value.diagnostics[0].message.startswith("no cluster preset 'dgx'; presets look like h100x8")
+
+
+def test_E410_a_cluster_file_field_with_its_position(tmp_path):
+    from einpar.cost_model.cluster import load_cluster
+
+    path = tmp_path / "c.toml"
+    path.write_text('accelerator = "h100"\n[topology]\nkind = "torus"\ndims = [4, 0]\n')
+    with pytest.raises(EinparError) as caught:
+        load_cluster(str(path))
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message, found.span.line, found.span.col) == (
+        "E410", "bad cluster file: topology.dims must be a list of 1 to 3 positive sizes", 4, 1)
+
+
+def test_E411_a_mesh_larger_than_the_cluster():
+    from einpar.api import compile_spmd, load
+    from einpar.cost_model.cluster import preset
+    from einpar.cost_model.estimate import estimate
+
+    program = load("examples/transformer/block.ein", {"tp": 8})
+    with pytest.raises(EinparError) as caught:
+        estimate(program, compile_spmd(program), preset("tpu-v5e:2x4"))
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message) == (
+        "E411", "the mesh dp=2 tp=8 needs 16 devices; cluster tpu-v5e:2x4 has 8")
+
+
 def test_every_code_has_a_test_here():
     tested = {match.group(0) for name in globals() if name.startswith("test_")
               for match in [re.search(r"E\d{3}", name)] if match}

@@ -56,3 +56,26 @@ def test_documented_output_is_what_einpar_prints(doc, line, program, command, ex
 
 def test_the_docs_have_command_examples():
     assert len(list(command_examples())) >= 29
+
+
+def cost_examples():
+    """`$ einpar cost ...` blocks: run on the repository's own examples, output as shown."""
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text()
+        for match in FENCE.finditer(text):
+            first, _, expected = match.group(1).partition("\n")
+            if first.startswith("$ einpar cost "):
+                line = text[:match.start()].count("\n") + 1
+                yield pytest.param(first, expected, id=f"{doc.name}:{line}")
+
+
+@pytest.mark.parametrize("command, expected", list(cost_examples()))
+def test_documented_cost_output_is_what_einpar_prints(command, expected, monkeypatch, capsys):
+    monkeypatch.chdir(DOCS.parent)
+    main(shlex.split(command)[2:])
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).rstrip("\n") == expected.rstrip("\n")
+
+
+def test_the_docs_have_cost_examples():
+    assert len(list(cost_examples())) >= 2
