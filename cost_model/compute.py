@@ -55,8 +55,9 @@ def peak_flops(chip: Accelerator, dtype: str, matrix: bool) -> tuple[str, float]
         if name in chip.peak_flops:
             return name, chip.peak_flops[name].value
     known = ", ".join(sorted(chip.peak_flops)) or "none"
-    raise NoPeak(f"{chip.name} has no published peak for {dtype} arithmetic (it has: {known}); "
-                 f"give one as accelerator.peak_flops.{dtype} in a cluster file")
+    raise NoPeak(f"{chip.name} has no published peak for {dtype} arithmetic (it has: {known})",
+                 f"write `dtype bf16` in the program, or give accelerator.peak_flops.{dtype} in a "
+                 f"cluster file (docs/cost.md)")
 
 
 @dataclass(frozen=True)

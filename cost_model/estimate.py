@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from einpar.errors import Diagnostic, EinparError
 from einpar.flops import op_flops, program_flops
 from einpar.ir import Program, TensorType, format_op
 from einpar.layout import DTYPE_BYTES
@@ -34,7 +35,7 @@ from einpar.spmd import format_collective
 
 from .cluster import Cluster, check_fits
 from .collectives import CollectiveTime, collective_time
-from .compute import ComputeTime, op_time
+from .compute import ComputeTime, NoPeak, op_time
 
 
 @dataclass
@@ -299,7 +300,10 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
     """Price `spmd` (the lowering of `program`) on `cluster`."""
     check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
     pricer = _Pricer(spmd, cluster, overlap)
-    priced = pricer.price(spmd.steps, 1)
+    try:
+        priced = pricer.price(spmd.steps, 1)
+    except NoPeak as error:
+        raise EinparError(Diagnostic("E410", error.args[0], hint=error.args[1])) from None
     end = pricer.run(priced)
     step_time = end + cluster.step_overhead_s
     compute_s = sum(op.compute_s * op.trips for op in pricer.ops)

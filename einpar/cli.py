@@ -154,17 +154,13 @@ def _writable(path_text: str, force: bool, command: str) -> Path:
 
 def _cost(args, program: Program, out: Console) -> int:
     from .cost_model.cluster import load_cluster
-    from .cost_model.compute import NoPeak
     from .cost_model.estimate import estimate
     from .cost_model.report import print_estimate
     from .cost_model.trace import write_trace
 
     trace = _writable(args.trace, args.force, "cost") if args.trace else None
     cluster = load_cluster(args.cluster)
-    try:
-        result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap)
-    except NoPeak as error:
-        raise EinparError(Diagnostic("E410", error.args[0])) from None
+    result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap)
     if trace is not None:
         write_trace(result, trace)
     if args.json:

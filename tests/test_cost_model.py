@@ -19,6 +19,8 @@ from einpar.cost_model.hardware import H100, TPU_V5E
 from einpar.cost_model.trace import trace_events
 from einpar.errors import EinparError
 from einpar.layout import Mesh
+from einpar.spmd import bytes_per_device, local_flops
+from einpar.testing import programs
 
 MB = 2**20
 NVLINK = 450e9 * 370 / 450  # H100 NVLink at what NCCL achieves (nccl-tests#212)
@@ -386,3 +388,25 @@ def test_presets_build_graphs_with_the_figures():
     torus_graph = preset("tpu-v5p:4x4x4").graph
     assert all(degree == 6 for _, degree in torus_graph.degree())
     assert math.isclose(torus_graph.edges["tpu0", "tpu1"]["bandwidth"], 90e9)
+
+
+# ---- any program
+
+
+@settings(max_examples=25, deadline=None)
+@given(programs(max_statements=6, layouts=True, repeat=True, dtypes=("f32", "bf16")),
+       st.sampled_from(["h100x8:2", "tpu-v5e:4x4", "tpu-v4:4x4x4"]), st.booleans())
+def test_any_program_prices_consistently(generated, cluster_name, overlap):
+    program = api.compile_source(generated.text)
+    spmd = api.compile_spmd(program)
+    cluster = preset(cluster_name)
+    if spmd.mesh.num_devices > cluster.num_devices:
+        return
+    result = estimate(program, spmd, cluster, overlap=overlap)
+    assert result.bytes_per_device == bytes_per_device(spmd.steps)
+    assert result.flops_per_device == local_flops(spmd)
+    assert result.peak_memory_bytes >= result.input_bytes
+    assert result.step_time_s >= max(result.compute_s, result.comm_s) * (1 - 1e-9)
+    if not overlap:
+        assert result.step_time_s == pytest.approx(result.compute_s + result.comm_s)
+    assert all(len(op.starts) == op.trips for op in result.ops)

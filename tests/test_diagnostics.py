@@ -1015,6 +1015,21 @@ def test_E410_a_cluster_file_field_with_its_position(tmp_path):
         "E410", "bad cluster file: topology.dims must be a list of 1 to 3 positive sizes", 4, 1)
 
 
+def test_E410_a_chip_with_no_peak_for_the_programs_dtype():
+    from einpar.api import compile_spmd, load
+    from einpar.cost_model.cluster import preset
+    from einpar.cost_model.estimate import estimate
+
+    program = load("examples/mlp/megatron.ein")
+    with pytest.raises(EinparError) as caught:
+        estimate(program, compile_spmd(program), preset("b200x8"))
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message, found.hint) == (
+        "E410", "B200 has no published peak for f32 arithmetic (it has: bf16, fp8)",
+        "write `dtype bf16` in the program, or give accelerator.peak_flops.f32 in a cluster file "
+        "(docs/cost.md)")
+
+
 def test_E411_a_mesh_larger_than_the_cluster():
     from einpar.api import compile_spmd, load
     from einpar.cost_model.cluster import preset
