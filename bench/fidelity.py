@@ -15,13 +15,14 @@ cores run drifts over seconds; passes spread every example's steps over the
 whole run, so the drift does not land on one example.)
 
 The error is (predicted - measured) / measured, signed: positive when the
-model is pessimistic; `passes ms` is the range of the passes' medians. The last column says what the prediction is made of:
-compute, communication and the fixed step overhead, as shares of the
-predicted step. On a CPU the devices share the host's cores, so times are
-noisy from run to run: compare errors within one run. A mesh smaller than 8
-devices leaves the others idle, so its devices get more of the cores than
-the calibration (8 devices at once) gave them: expect the model to be
-pessimistic there.
+model is pessimistic; `passes ms` is the range of the passes' medians. The
+last column says what the prediction is made of: compute, communication and
+the fixed step overhead, as shares of the predicted step. On a CPU the
+devices share the host's cores, so times are noisy from run to run: compare
+errors within one run. A mesh smaller than 8 devices leaves the others
+idle, so its devices get more of the cores than the calibration (8 devices
+at once) gave them; the calibrated cluster says how many cores its devices
+share (`shared_cores`), and the estimate scales their compute for that.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def describe_cluster(cluster) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cluster", metavar="FILE", help="a cluster file to use instead of calibrating")
+    parser.add_argument("--cluster", metavar="FILE",
+                        help="a cluster file (or preset) to use instead of calibrating")
     parser.add_argument("--quick", action="store_true", help="a quicker, rougher calibration")
-    parser.add_argument("--repeat", type=int, default=20, help="timed steps of each example per pass")
+    parser.add_argument("--repeat", type=int, default=20,
+                        help="timed steps of each example per pass")
     parser.add_argument("--passes", type=int, default=3, help="passes over all the examples")
     parser.add_argument("--save", metavar="FILE", help="write the calibrated cluster file here")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -81,8 +84,8 @@ def main() -> int:
         cluster = load_cluster(args.cluster)
     else:
         say(f"# calibrating {DEVICES} JAX CPU devices{' (quick)' if args.quick else ''} ...")
-        document = calibrate(DEVICES, quick=args.quick,
-                             progress=lambda step: print(f"#   {step}", file=sys.stderr, flush=True))
+        progress = lambda step: print(f"#   {step}", file=sys.stderr, flush=True)  # noqa: E731
+        document = calibrate(DEVICES, quick=args.quick, progress=progress)
         if args.save:
             write_cluster_file(document, args.save)
         cluster = parse_cluster(json.dumps(document), "calibrated.json")
@@ -92,7 +95,8 @@ def main() -> int:
     import jax
 
     say(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"jax {jax.__version__}; {args.passes} passes of {args.repeat} timed steps per example")
+        f"jax {jax.__version__}; {args.passes} pass{'es' * (args.passes != 1)} of {args.repeat} "
+        f"timed steps per example")
     examples = []
     for path in sorted((ROOT / "examples").glob("*/*.ein")):
         program = load(path)
@@ -126,8 +130,8 @@ def main() -> int:
                      "bytes_per_device": est.bytes_per_device})
         share = " / ".join(f"{100 * s:3.0f}%" for s in shares)
         spread = f"{min(medians[name]) * 1e3:.2f}-{max(medians[name]) * 1e3:.2f}"
-        say(f"{name:<50} {spmd.mesh.num_devices:>7} {predicted * 1e3:>12.3f} {measured * 1e3:>11.3f} "
-            f"{spread:>13} {100 * error:>+7.1f}%  {share}")
+        say(f"{name:<50} {spmd.mesh.num_devices:>7} {predicted * 1e3:>12.3f} "
+            f"{measured * 1e3:>11.3f} {spread:>13} {100 * error:>+7.1f}%  {share}")
     median_abs = statistics.median(abs(row["error"]) for row in rows)
     median_signed = statistics.median(row["error"] for row in rows)
     say(f"median absolute error: {100 * median_abs:.1f}%")

@@ -24,9 +24,11 @@ must charge it. Measured, each a median of repeats after a warm-up:
 - step overhead: a trivial step (`x + 1` on one element per device), the
   fixed cost of dispatching one step, which the estimate adds once per step.
 
-Every op's time is taken net of the step overhead (its own step's time less
-that of the trivial step), so that a program of many ops is not charged the
-dispatch once per op. The efficiency tables are Calculon's step model
+An op is timed as what one more of it costs a step: a chain of copies in one
+step (as many as make the step's work well above the noise of dispatching
+it), the step's time less the step overhead, over the copies. So a program
+of many ops is not charged the dispatch once per op, and a tiny op's time is
+not lost in the dispatch's noise. The efficiency tables are Calculon's step model
 (calculon/processor.py: the fraction of peak an op reaches, as steps over
 its size, the first step it reaches applying); cost_model/compute.py reads
 them. The document follows the cluster-file format of cost_model/cluster.py,
@@ -47,8 +49,8 @@ from pathlib import Path
 import numpy as np
 
 AXIS = "d"
-# No step is taken to run faster than this fraction of its measured time: a short step's
-# net time is the difference of two noisy medians and may come out at or below zero.
+# No op is taken to run faster than this fraction of its step's measured time: a short
+# step's net time is the difference of two noisy medians and may come out at or below zero.
 NET_FLOOR = 0.05
 # The longest chain of one op in one step (unrolled, so it bounds the compile time too).
 MAX_CHAIN = 64
@@ -98,7 +100,8 @@ class _Bench:
 
         self.jax, self.settings, self.progress = jax, settings, progress
         self.n = len(devices)
-        self.mesh = jax.make_mesh((self.n,), (AXIS,), axis_types=(AxisType.Explicit,), devices=devices)
+        self.mesh = jax.make_mesh((self.n,), (AXIS,), axis_types=(AxisType.Explicit,),
+                                  devices=devices)
         self.spec = PartitionSpec(AXIS)
         self.sharded = NamedSharding(self.mesh, self.spec)
         self.overhead_s = 0.0
@@ -180,7 +183,8 @@ def measure_vector(bench: _Bench) -> list[dict]:
         # exp(x)·(-1/2) + 1/4 maps x <= 1/4 into itself: the chain's values stay bounded.
         row = bench.time(f"exp(x)*a+b on {elements:,} elements per device",
                          lambda a: jnp.exp(a) * -0.5 + 0.25, x, chain=chain_length(flops, 3e6))
-        rows.append({"elements": elements, "flops": flops, **row, "flops_per_s": flops / row["net_s"]})
+        rows.append({"elements": elements, "flops": flops, **row,
+                     "flops_per_s": flops / row["net_s"]})
         del x
     return rows
 
@@ -276,8 +280,6 @@ def calibrate(devices: int = 8, quick: bool = False, progress=None) -> dict:
     hbm = max(row["bytes_per_s"] for row in memory)
     cores = os.cpu_count() or 1
     today = datetime.date.today().isoformat()
-    import jax
-
     return {
         "name": "local-cpu",
         "accelerator": {
@@ -301,8 +303,10 @@ def calibrate(devices: int = 8, quick: bool = False, progress=None) -> dict:
             "source": "measured by einpar calibrate",
         },
         "step_overhead_s": overhead["time_s"],
+        # The devices share the host's cores: a mesh on fewer of them gets more each.
+        "shared_cores": os.cpu_count() or 1,
         "measurements": {
-            "devices": devices, "cores": cores, "jax": jax.__version__, "quick": quick,
+            "devices": devices, "cores": cores, "jax": bench.jax.__version__, "quick": quick,
             "seconds": round(time.perf_counter() - began, 1),
             "note": ("time_s: median of a step of `chain` copies of the op, all devices at once; "
                      "net_s: one op, the step overhead taken off"),

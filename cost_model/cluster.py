@@ -122,6 +122,9 @@ class Cluster:
     device_order: tuple[int, ...] | None = None
     # A fixed cost per step (dispatching the program); measured by `einpar calibrate`.
     step_overhead_s: float = 0.0
+    # CPU devices of one host share its cores: the calibrated rates are each device's share
+    # with every device busy, and a mesh on fewer devices gets more each (estimate.py).
+    shared_cores: int | None = None
     source: str = "preset"
     notes: list = field(default_factory=list)
 
@@ -489,9 +492,11 @@ def parse_cluster(text: str, file: str = "<cluster>") -> Cluster:
                                    "mesh device", *_locate(text, "device_order"))
         order = tuple(order)
     overhead = _number(document, "step_overhead_s", text, positive=False) or 0.0
+    cores = _number(document, "shared_cores", text)
     return Cluster(name=str(document.get("name", Path(file).stem)), chip=chip, topology=topology,
                    efficiency=_efficiency(document, text), device_order=order,
-                   step_overhead_s=overhead, source=file)
+                   step_overhead_s=overhead, shared_cores=None if cores is None else int(cores),
+                   source=file)
 
 
 # ---- where the mesh lands

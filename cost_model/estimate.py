@@ -129,6 +129,11 @@ class _Pricer:
         self.ops: list[OpCost] = []
         self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest einsum, its peak)
         self._collective_cache: dict = {}
+        # On a host's shared cores, a mesh on M of N devices runs each device's compute
+        # max(M, cores)/N as long as the rates measured with all N busy.
+        cores = cluster.shared_cores
+        self.compute_scale = 1.0 if cores is None else min(
+            1.0, max(spmd.mesh.num_devices, cores) / cluster.num_devices)
 
     def local_bytes(self, name: str, fallback: TensorType | None = None) -> int:
         value = self.spmd.values.get(name)
@@ -156,7 +161,7 @@ class _Pricer:
         text = format_op(op)[0].split("  # line")[0].partition(" = ")[2]
         line = op.span.line if getattr(op, "span", None) else None
         return OpCost(len(self.ops), op.result.name, text, "compute", trips, flops, hbm, 0,
-                      cost.time_s, 0.0, cost.bound, f"at {cost.peak_dtype} peak", line)
+                      cost.time_s * self.compute_scale, 0.0, cost.bound, f"at {cost.peak_dtype} peak", line)
 
     def price_collective(self, step: CollectiveStep, trips: int) -> OpCost:
         move = step.step

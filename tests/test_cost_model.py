@@ -367,6 +367,21 @@ def test_cluster_file_describes_a_torus_and_a_mapping(tmp_path):
     assert cost.latency_s == pytest.approx(4 * A_ICI) and row_major.latency_s == pytest.approx(3 * A_ICI)
 
 
+def test_cpu_devices_sharing_cores_compute_faster_when_fewer_are_busy():
+    # Rates measured with 8 devices busy on 2 cores: a mesh of 4 gets twice each device's share.
+    text = json.dumps({
+        "accelerator": {"name": "host", "family": "cpu", "peak_flops": {"f32": 1e10},
+                        "hbm_bandwidth": 1e10, "hbm_capacity": 1e9, "scale_up_bandwidth": 1e9},
+        "topology": {"kind": "switched", "gpus_per_node": 8}, "efficiency": {"matrix": 1.0},
+        "shared_cores": 2})
+    shared = parse_cluster(text, "host.json")
+    alone = parse_cluster(text.replace('"shared_cores": 2', '"step_overhead_s": 0'), "host.json")
+    program = api.load("examples/matmul/case2_one_contracting_split.ein")  # 4 devices
+    spmd = api.compile_spmd(program)
+    assert estimate(program, spmd, shared).compute_s == pytest.approx(
+        estimate(program, spmd, alone).compute_s / 2)
+
+
 def test_user_graph_cluster_prices_by_routing(tmp_path):
     text = json.dumps({
         "accelerator": "h100",
