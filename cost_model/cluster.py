@@ -35,7 +35,7 @@ import networkx as nx
 
 from einpar.errors import Diagnostic, EinparError, Span
 
-from .hardware import ACCELERATORS, ALIASES, Accelerator, Figure, accelerator
+from .hardware import ALIASES, Accelerator, Figure, accelerator
 
 # The DGX SuperPod's scalable unit: 32 nodes share one leaf switch per rail.
 NODES_PER_LEAF = 32

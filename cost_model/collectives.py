@@ -61,7 +61,7 @@ import numpy as np
 
 from einpar.layout import Mesh
 
-from .cluster import Cluster, Links, Switched, Torus
+from .cluster import Cluster, Links, Torus
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,14 @@ class CollectiveTime:
 # ---- the formulas
 
 
-def ring(kind: str, n: int, bytes_per_device: float, bandwidth: float, alpha: float, tier: str,
-         sharing: int = 1) -> CollectiveTime:
+def ring(kind: str, n: int, bytes_per_device: float, bandwidth: float, alpha: float,
+         tier: str) -> CollectiveTime:
     """A ring (or, for all-to-all and permute, every pair at once) over links of `bandwidth`."""
     steps = {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1),
              "all_to_all": 1, "permute": 1}[kind]
     algorithm = "direct" if kind in ("all_to_all", "permute") else "ring"
-    return CollectiveTime(kind, n, algorithm, steps * alpha * sharing,
-                          bytes_per_device * sharing / bandwidth, tier, bytes_per_device, sharing)
+    return CollectiveTime(kind, n, algorithm, steps * alpha, bytes_per_device / bandwidth, tier,
+                          bytes_per_device, 1)
 
 
 def tree_all_reduce(n: int, local_bytes: float, bandwidth: float, alpha: float,
@@ -142,19 +142,17 @@ def torus(kind: str, axes: tuple[TorusAxis, ...], local_bytes: float, link: floa
           alpha_hop: float, groups: int | None = None) -> CollectiveTime:
     """Dimension-wise on a torus (scaling book sharding.md); `groups` running at once bound
     how many interleave on a link (default: as many as the stride)."""
-    spanned = [TorusAxis(axis.extent, min(axis.stride, groups or axis.stride), axis.wrap)
-               if axis.extent > 1 else axis for axis in axes]
-    hops_of = {id(new): old.stride for new, old in zip(spanned, axes)}
-    spanned = [axis for axis in spanned if axis.extent > 1]
+    # (axis, groups sharing its links): strided groups interleave, if there are that many.
+    spanned = [(axis, min(axis.stride, groups or axis.stride)) for axis in axes if axis.extent > 1]
     n = 1
-    for axis in spanned:
+    for axis, _ in spanned:
         n *= axis.extent
     # Bandwidth into a chip from all its group's axes: two directions on a wrapped axis.
-    bandwidth = sum(link * (2 if axis.wrap else 1) / axis.stride for axis in spanned)
-    # A hop between neighbours of the group crosses `stride` links, however many share them.
-    hops = sum((axis.extent // 2 if axis.wrap else axis.extent - 1) * hops_of[id(axis)]
-               for axis in spanned)
-    sharing = max((axis.stride for axis in spanned), default=1)
+    bandwidth = sum(link * (2 if axis.wrap else 1) / shared for axis, shared in spanned)
+    # A hop between neighbours of the group crosses `stride` links.
+    hops = sum((axis.extent // 2 if axis.wrap else axis.extent - 1) * axis.stride
+               for axis, _ in spanned)
+    sharing = max((shared for _, shared in spanned), default=1)
     gathered = n * local_bytes
     if kind == "all_gather":
         moved, steps = gathered * (n - 1) / n, hops
@@ -163,7 +161,7 @@ def torus(kind: str, axes: tuple[TorusAxis, ...], local_bytes: float, link: floa
     elif kind == "all_reduce":
         moved, steps = 2 * local_bytes * (n - 1) / n, 2 * hops
     elif kind == "all_to_all":
-        quarter = 4 if all(axis.wrap for axis in spanned) else 2
+        quarter = 4 if all(axis.wrap for axis, _ in spanned) else 2
         moved, steps = gathered * (n - 1) / n / quarter, hops
     elif kind == "permute":
         moved, steps = local_bytes, hops
