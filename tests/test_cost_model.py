@@ -425,3 +425,20 @@ def test_any_program_prices_consistently(generated, cluster_name, overlap):
     if not overlap:
         assert result.step_time_s == pytest.approx(result.compute_s + result.comm_s)
     assert all(len(op.starts) == op.trips for op in result.ops)
+
+
+def test_calibrate_writes_a_cluster_file_the_cost_model_reads(tmp_path, capsys):
+    out = tmp_path / "local.json"
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 0
+    assert f"wrote {out}: 8 CPU devices" in capsys.readouterr().out
+    cluster = load_cluster(str(out))
+    chip = cluster.chip
+    assert chip.family == "cpu" and cluster.num_devices == 8 and cluster.shared_cores >= 1
+    assert chip.peak("f32").value > 0 and chip.hbm_bandwidth.value > 0
+    assert chip.scale_up_bandwidth.value > 0 and chip.scale_up_latency.value >= 0
+    assert cluster.step_overhead_s > 0
+    assert all(0 < f <= 1 for table in (cluster.efficiency.matrix, cluster.efficiency.memory)
+               for _, f in table)
+    assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", str(out)]) == 0
+    assert "overhead" in capsys.readouterr().out
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 2  # never over the user's file
