@@ -1,0 +1,60 @@
+"""A Pygments lexer for `.ein` files (alias `ein`), registered as a Pygments entry point.
+
+So rich, Sphinx, MkDocs and anything else that uses Pygments highlights `.ein`
+code. Tokens follow grammar/einpar.lark: declaration keywords, dtypes,
+library and elementwise functions, reductions, tensor names and their
+bracketed index lists with `@axis` layouts, numbers, operators, comments.
+"""
+
+from __future__ import annotations
+
+from pygments.lexer import RegexLexer, bygroups, words
+from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, Whitespace
+
+from .ir import DTYPES, LIBRARY_FUNCTIONS, REDUCTIONS, UNARY_FUNCTIONS
+
+DECLARATIONS = ("mesh", "dim", "dtype", "input", "param", "output", "repeat")
+# Functions written with an index list (`softmax[T](...)`) and those called plainly.
+INDEXED_FUNCTIONS = tuple(REDUCTIONS) + tuple(LIBRARY_FUNCTIONS) + ("route",)
+FUNCTIONS = tuple(UNARY_FUNCTIONS) + ("where", "max", "min") + INDEXED_FUNCTIONS
+
+
+class EinLexer(RegexLexer):
+    name = "ein"
+    aliases = ["ein", "einpar"]
+    filenames = ["*.ein"]
+
+    tokens = {
+        "root": [
+            (r"[ \t\f\r]+", Whitespace),
+            (r"\n", Whitespace),
+            (r"#[^\n]*", Comment.Single),
+            (words(DECLARATIONS, suffix=r"\b"), Keyword.Declaration),
+            (words(DTYPES, suffix=r"\b"), Keyword.Type),
+            (r"(%s)(\s*)(\[)(?=[^\]]*\]\s*\()" % "|".join(INDEXED_FUNCTIONS),
+             bygroups(Name.Builtin, Whitespace, Punctuation), "indices"),  # softmax[T](...)
+            (words(FUNCTIONS, suffix=r"\b(?=\s*\()"), Name.Builtin),
+            (r"([A-Za-z_][A-Za-z0-9_]*)(\s*)(\[)", bygroups(Name.Variable, Whitespace, Punctuation),
+             "indices"),
+            (r"([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?", Number),
+            (r">=|<=|==|!=|[-+*/><=:]", Operator),
+            (r"[(){},]", Punctuation),
+            (r"[A-Za-z_][A-Za-z0-9_]*", Name),
+        ],
+        # Inside x[...]: index names, `@axis` or `@(a, b)` layouts, commas.
+        "indices": [
+            (r"[ \t\f\r\n]+", Whitespace),
+            (r"(@)(\s*)(\()", bygroups(Operator, Whitespace, Punctuation), "axes"),
+            (r"(@)(\s*)([A-Za-z_][A-Za-z0-9_]*)", bygroups(Operator, Whitespace, Name.Attribute)),
+            (r"[A-Za-z_][A-Za-z0-9_]*", Name.Label),
+            (r",", Punctuation),
+            (r"\]", Punctuation, "#pop"),
+        ],
+        "axes": [
+            (r"[ \t\f\r\n]+", Whitespace),
+            (r"[A-Za-z_][A-Za-z0-9_]*", Name.Attribute),
+            (r",", Punctuation),
+            (r"\)", Punctuation, "#pop"),
+        ],
+    }
+

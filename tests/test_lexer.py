@@ -1,0 +1,38 @@
+"""The `.ein` Pygments lexer: registered under its alias, no error tokens on any example."""
+
+from pathlib import Path
+
+import pytest
+from pygments.lexers import get_lexer_by_name, get_lexer_for_filename
+from pygments.token import Error, Keyword, Name
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*/*.ein"))
+
+
+def test_pygments_finds_the_lexer_by_alias_and_file_name():
+    assert get_lexer_by_name("ein").name == "ein"
+    assert get_lexer_for_filename("model.ein").name == "ein"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_example_tokenizes_without_errors(path):
+    text = path.read_text()
+    tokens = list(get_lexer_by_name("ein").get_tokens(text))
+    assert [t for t in tokens if t[0] is Error] == []
+    assert "".join(value for _, value in tokens) == text  # every character, in order
+
+
+def test_tokens_name_what_the_reader_sees():
+    tokens = [(kind, value) for kind, value in get_lexer_by_name("ein").get_tokens(
+        "mesh dp=2\ninput x[B@dp, S@(tp,sp)]: bf16\np[B,S] = softmax[S](x[B,S])  # rows\n")
+        if value.strip()]
+    assert (Keyword.Declaration, "mesh") in tokens and (Keyword.Type, "bf16") in tokens
+    assert (Name.Variable, "x") in tokens and (Name.Label, "B") in tokens
+    assert (Name.Attribute, "dp") in tokens and (Name.Attribute, "sp") in tokens
+    assert (Name.Builtin, "softmax") in tokens
+    assert tokens[-1][1] == "# rows"
+
+
+def test_a_tensor_named_like_a_reduction_is_a_tensor():
+    tokens = list(get_lexer_by_name("ein").get_tokens("y[B] = sum[B] + 1\n"))
+    assert (Name.Variable, "sum") in tokens
