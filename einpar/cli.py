@@ -27,11 +27,12 @@ from rich.text import Text
 
 from . import api
 from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
-from .flops import op_flops, program_flops
+from .flops import program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
 from .spmd import bytes_per_device, format_spmd, to_json
 from .tolerance import compare, program_tolerance
+from .units import format_bytes, format_count, format_seconds
 
 
 class _UsageError(Exception):
@@ -213,18 +214,8 @@ def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, ou
         err.print(Text(f"{len(error.diagnostics)} errors", style="bold red"))
 
 
-def _format_count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:g}"
 
 
-def _format_bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def _summary(program: Program) -> dict:
@@ -262,12 +253,12 @@ def _print_check(program: Program, out: Console) -> None:
         table.add_column(column, justify="right" if column == "size" else "left")
     for t in summary["tensors"]:
         shape = t["dtype"] + "[" + ",".join(map(str, t["shape"])) + "]"
-        table.add_row(t["name"], t["kind"], shape, t["layout"], _format_bytes(t["bytes"]))
+        table.add_row(t["name"], t["kind"], shape, t["layout"], format_bytes(t["bytes"]))
     out.print(table)
     ops = ", ".join(f"{n} {kind.lower()}" for kind, n in summary["ops"].items())
     out.print(f"ops: {ops or 'none'}")
     out.print(f"outputs: {', '.join(summary['outputs']) or 'none'}")
-    out.print(f"FLOPs: {_format_count(summary['flops'])} ({summary['flops']:,})")
+    out.print(f"FLOPs: {format_count(summary['flops'])} ({summary['flops']:,})")
 
 
 def _print_outputs(outputs: dict, out: Console) -> None:
@@ -322,7 +313,7 @@ def _print_layouts(spmd, out: Console) -> None:
         for size in local:
             nbytes *= size
         table.add_row(value.name, value.tensor, value.format(), "[" + ",".join(map(str, local)) + "]",
-                      _format_bytes(nbytes))
+                      format_bytes(nbytes))
     out.print(table)
 
 
@@ -504,21 +495,15 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
         _print_comparisons(results, out, "" if planned is None else
                            f"; each device sends {planned:,} bytes per step")
         times = sorted(result.step_times_s)
-        out.print(f"compile {_format_seconds(result.compile_s)}; step {_format_seconds(result.step_s)} "
+        out.print(f"compile {format_seconds(result.compile_s)}; step {format_seconds(result.step_s)} "
                   f"(median of {len(times)} after {args.warmup} warm-up; "
-                  f"{_format_seconds(times[0])} to {_format_seconds(times[-1])})")
+                  f"{format_seconds(times[0])} to {format_seconds(times[-1])})")
     if save is not None:
         np.savez(save, **result.outputs)
     shutdown(distributed)
     return 0 if all(r.ok for r in results) else 1
 
 
-def _format_seconds(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} µs"
 
 
 def main(argv: list[str] | None = None) -> int:
