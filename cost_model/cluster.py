@@ -25,6 +25,7 @@ torus line. A cluster file's `device_order` overrides it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -58,10 +59,7 @@ class Torus:
 
     @property
     def num_devices(self) -> int:
-        total = 1
-        for size in self.dims:
-            total *= size
-        return total
+        return math.prod(self.dims)
 
 
 @dataclass(frozen=True)
@@ -258,11 +256,8 @@ def preset(name: str) -> Cluster:
     if tpu and tpu["chip"] in ALIASES and ALIASES[tpu["chip"]].family == "tpu":
         chip = ALIASES[tpu["chip"]]
         dims = tuple(int(size) for size in tpu["dims"].split("x"))
-        total = 1
-        for size in dims:
-            total *= size
         pod = int(chip.scale_up_domain.value)
-        if min(dims) < 1 or total > pod:
+        if min(dims) < 1 or math.prod(dims) > pod:
             raise ValueError(f"{name}: a {chip.name} slice has 1 to {pod} chips (one pod)")
         return Cluster(key, chip, Torus(dims, torus_wraps(chip, dims)))
     raise ValueError(f"no cluster preset {name!r}; presets look like " + ", ".join(PRESET_EXAMPLES))
@@ -341,12 +336,10 @@ def _number(table: dict, key: str, text: str, positive: bool = True) -> float | 
     return float(value)
 
 
-ACCELERATOR_FIELDS = {  # file key -> (Accelerator field, unit the file gives it in)
-    "hbm_bandwidth": "hbm_bandwidth", "hbm_capacity": "hbm_capacity",
-    "scale_up_bandwidth": "scale_up_bandwidth", "scale_up_latency": "scale_up_latency",
-    "scale_out_bandwidth": "scale_out_bandwidth", "scale_out_latency": "scale_out_latency",
-    "scale_up_efficiency": "scale_up_efficiency", "scale_out_efficiency": "scale_out_efficiency",
-}
+# Accelerator figures a file may set, by their field names: bytes, bytes/s, seconds, fractions.
+ACCELERATOR_FIELDS = ("hbm_bandwidth", "hbm_capacity", "scale_up_bandwidth", "scale_up_latency",
+                      "scale_out_bandwidth", "scale_out_latency", "scale_up_efficiency",
+                      "scale_out_efficiency")
 
 
 def _accelerator(document: dict, text: str, file: str) -> Accelerator:
@@ -391,13 +384,13 @@ def _accelerator(document: dict, text: str, file: str) -> Accelerator:
         for dtype, value in peaks.items():
             merged[dtype] = Figure(_number(peaks, dtype, text), source)
         changes["peak_flops"] = merged
-    for key, attribute in ACCELERATOR_FIELDS.items():
+    for key in ACCELERATOR_FIELDS:
         value = _number(spec, key, text, positive=not key.endswith("latency"))
         if value is not None:
             if key.endswith("efficiency") and value > 1:
                 raise ClusterFileError(f"{key} is a fraction of line rate, at most 1",
                                        *_locate(text, key))
-            changes[attribute] = Figure(value, source)
+            changes[key] = Figure(value, source)
     return replace(chip, **changes) if changes else chip
 
 
@@ -503,15 +496,14 @@ def parse_cluster(text: str, file: str = "<cluster>") -> Cluster:
 
 
 def check_fits(cluster: Cluster, num_devices: int, mesh_text: str) -> None:
-    """EinparError (E411) when the mesh needs more devices than the cluster has."""
-    have = cluster.num_devices
-    if num_devices <= have and (cluster.device_order is None or len(cluster.device_order) >= num_devices):
-        return
-    if cluster.device_order is not None and num_devices <= have:
+    """EinparError (E411) when the mesh needs more devices than the cluster places."""
+    if cluster.device_order is not None and num_devices > len(cluster.device_order):
         raise EinparError(Diagnostic(
             "E411", f"the {mesh_text} has {num_devices} devices but the cluster file's device_order "
                     f"places {len(cluster.device_order)}",
             hint="list one cluster device per mesh device in device_order"))
-    raise EinparError(Diagnostic(
-        "E411", f"the {mesh_text} needs {num_devices} devices; cluster {cluster.name} has {have}",
-        hint="pick a bigger cluster (e.g. h100x8:64, tpu-v5p:8x8x8) or shrink the mesh with --set"))
+    if num_devices > cluster.num_devices:
+        raise EinparError(Diagnostic(
+            "E411", f"the {mesh_text} needs {num_devices} devices; cluster {cluster.name} has "
+                    f"{cluster.num_devices}",
+            hint="pick a bigger cluster (e.g. h100x8:64, tpu-v5p:8x8x8) or shrink the mesh with --set"))

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 from einpar.errors import Diagnostic, EinparError
 from einpar.flops import op_flops, program_flops
-from einpar.ir import Program, TensorType, format_op
-from einpar.layout import DTYPE_BYTES
+from einpar.ir import Program, format_op
+from einpar.layout import local_bytes
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
 from einpar.spmd import format_collective
 
@@ -115,19 +115,12 @@ class Estimate:
         }
 
 
-def _nbytes(type_: TensorType, shape) -> int:
-    total = DTYPE_BYTES[type_.dtype]
-    for size in shape:
-        total *= size
-    return total
-
-
 class _Pricer:
     def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool):
         self.spmd, self.cluster, self.overlap = spmd, cluster, overlap
         self.mesh = spmd.mesh
         self.ops: list[OpCost] = []
-        self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest einsum, its peak)
+        self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest op, the peak it runs at)
         self._collective_cache: dict = {}
         # On a host's shared cores, a mesh on M of N devices runs each device's compute
         # max(M, cores)/N as long as the rates measured with all N busy.
@@ -135,25 +128,19 @@ class _Pricer:
         self.compute_scale = 1.0 if cores is None else min(
             1.0, max(spmd.mesh.num_devices, cores) / cluster.num_devices)
 
-    def local_bytes(self, name: str, fallback: TensorType | None = None) -> int:
-        value = self.spmd.values.get(name)
-        if value is None:
-            return _nbytes(fallback, fallback.shape) if fallback is not None else 0
-        return _nbytes(value.type, value.local_shape(self.mesh))
-
-    def local_shape(self, name: str) -> tuple[int, ...]:
-        return self.spmd.values[name].local_shape(self.mesh)
+    def local_bytes(self, name: str) -> int:
+        value = self.spmd.values[name]
+        return local_bytes(value.layout, value.type.shape, value.type.dtype, self.mesh)
 
     # -- pricing each step once
 
     def price_local(self, step: LocalStep, trips: int) -> OpCost:
         op = step.op
-        sizes = dict(zip(op.result.type.indices, op.result.type.shape))
-        hbm = _nbytes(op.result.type, op.result.type.shape)
+        sizes = dict(zip(op.result.type.indices, op.result.type.shape))  # a local op's own shape
+        hbm = op.result.type.nbytes
         for operand in op.operands:
-            shape = self.local_shape(operand.value)
-            sizes.update(zip(operand.indices, shape))
-            hbm += _nbytes(self.spmd.values[operand.value].type, shape)
+            sizes.update(zip(operand.indices, self.spmd.values[operand.value].local_shape(self.mesh)))
+            hbm += self.local_bytes(operand.value)
         flops = op_flops(op, sizes)
         cost: ComputeTime = op_time(op, flops, hbm, self.cluster)
         if flops > self.peak_dtype_flops[0]:
@@ -260,7 +247,7 @@ class _Pricer:
         return end
 
 
-def peak_memory(spmd: SpmdProgram, local_bytes) -> tuple[int, int]:
+def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
     """(peak live bytes, resident input bytes) of one device; a repeat body counted once,
     since every trip holds the same."""
     order: list[tuple[str, list[str]]] = []  # (value made, values read) in program order
@@ -276,13 +263,11 @@ def peak_memory(spmd: SpmdProgram, local_bytes) -> tuple[int, int]:
                     order.append((after, [result]))
             elif isinstance(step, LocalStep):
                 order.append((step.op.result.name, [o.value for o in step.op.operands]))
-            elif step.kind == "slice":
-                order.append((step.dst, [step.src]))
-            else:
+            else:  # a collective, or a slice: a new local value either way
                 order.append((step.dst, [step.src]))
     flatten(spmd.steps)
     inputs = set(spmd.inputs)
-    resident = sum(local_bytes(name) for name in spmd.inputs)
+    resident = sum(bytes_of(name) for name in spmd.inputs)
     last_use: dict[str, int] = {}
     for position, (_, reads) in enumerate(order):
         for name in reads:
@@ -294,7 +279,7 @@ def peak_memory(spmd: SpmdProgram, local_bytes) -> tuple[int, int]:
     live: dict[str, int] = {}
     for position, (made, _) in enumerate(order):
         if made and made not in inputs:
-            live[made] = local_bytes(made)
+            live[made] = bytes_of(made)
         peak = max(peak, sum(live.values()))
         for name in [name for name in live if last_use.get(name, made_at[name]) <= position]:
             del live[name]
