@@ -18,7 +18,8 @@ must charge it. Measured, each a median of repeats after a warm-up:
 - collectives: a tiled all-gather and a psum over the mesh axis at several
   sizes, fitted to the α–β model (nccl-tests doc/PERFORMANCE.md: "time ≈
   overhead + size/bw"), time = α·steps + bytes sent per device / bandwidth,
-  with einpar's byte convention (cost_model/collectives.py): a ring
+  with einpar's byte convention (einpar.reshard.collective_bytes) and ring
+  steps (cost_model.collectives.ring_steps): a ring
   all-gather over n devices is n-1 steps and (n-1)·V bytes of V local
   bytes, an all-reduce 2(n-1) steps and 2(n-1)/n·V bytes;
 - step overhead: a trivial step (`x + 1` on one element per device), the
@@ -47,6 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from einpar.reshard import collective_bytes
+
+from .collectives import ring_steps
 
 AXIS = "d"
 # No op is taken to run faster than this fraction of its step's measured time: a short
@@ -207,22 +212,21 @@ def measure_collectives(bench: _Bench) -> list[dict]:
 
     n, rows = bench.n, []
     kinds = {
-        # kind: (one link of the chain, ring steps, bytes sent per device of V local). The
-        # gathered array's first block, and the sum over n, keep the chain's shape and values.
-        "all_gather": (lambda a: lax.all_gather(a, AXIS, tiled=True)[:a.shape[0]], n - 1,
-                       lambda v: (n - 1) * v),
-        "all_reduce": (lambda a: lax.psum(a, AXIS) * (1.0 / n), 2 * (n - 1),
-                       lambda v: 2 * (n - 1) / n * v),
+        # One link of the chain: the gathered array's first block, and the sum over n, keep
+        # the chain's shape and values.
+        "all_gather": lambda a: lax.all_gather(a, AXIS, tiled=True)[:a.shape[0]],
+        "all_reduce": lambda a: lax.psum(a, AXIS) * (1.0 / n),
     }
-    for kind, (op, steps, sent) in kinds.items():
+    for kind, op in kinds.items():
         for target in bench.settings.collective_bytes:
             elements = max(1, round(target / 4))
             local = 4 * elements
+            sent = collective_bytes(kind, local, n)  # the cost model's convention
             x = bench.block((elements,))
             row = bench.time(f"{kind} of {local:,} bytes per device", op, x,
-                             chain=chain_length(sent(local), 1e7))
-            rows.append({"kind": kind, "local_bytes": local, "steps": steps,
-                         "sent_bytes": sent(local), **row})
+                             chain=chain_length(sent, 1e7))
+            rows.append({"kind": kind, "local_bytes": local, "steps": ring_steps(kind, n),
+                         "sent_bytes": sent, **row})
             del x
     return rows
 
@@ -304,7 +308,7 @@ def calibrate(devices: int = 8, quick: bool = False, progress=None) -> dict:
         },
         "step_overhead_s": overhead["time_s"],
         # The devices share the host's cores: a mesh on fewer of them gets more each.
-        "shared_cores": os.cpu_count() or 1,
+        "shared_cores": cores,
         "measurements": {
             "devices": devices, "cores": cores, "jax": bench.jax.__version__, "quick": quick,
             "seconds": round(time.perf_counter() - began, 1),

@@ -60,6 +60,7 @@ import networkx as nx
 import numpy as np
 
 from einpar.layout import Mesh
+from einpar.reshard import collective_bytes
 
 from .cluster import Cluster, Links, Torus
 
@@ -88,11 +89,16 @@ class CollectiveTime:
 # ---- the formulas
 
 
+def ring_steps(kind: str, n: int) -> int:
+    """Latency steps of a ring collective over n devices (ASTRA-sim Ring.cc); all-to-all and
+    permute send every message at once."""
+    return {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1)}.get(kind, 1)
+
+
 def ring(kind: str, n: int, bytes_per_device: float, bandwidth: float, alpha: float,
          tier: str) -> CollectiveTime:
     """A ring (or, for all-to-all and permute, every pair at once) over links of `bandwidth`."""
-    steps = {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1),
-             "all_to_all": 1, "permute": 1}[kind]
+    steps = ring_steps(kind, n)
     algorithm = "direct" if kind in ("all_to_all", "permute") else "ring"
     return CollectiveTime(kind, n, algorithm, steps * alpha, bytes_per_device / bandwidth, tier,
                           bytes_per_device, 1)
@@ -279,7 +285,7 @@ def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: 
     else:  # a mapping of the user's: list every group, then keep one of each kind
         groups = mesh_groups(mesh, axes, cluster.device_order)
         groups, count = distinct_groups(groups, period), len(groups)
-    sent = sent_bytes(kind, n, local_bytes)
+    sent = collective_bytes(kind, local_bytes, n)
     if isinstance(topo, Torus):
         link = chip.scale_up_bandwidth.value * chip.scale_up_efficiency.value
         # Interleaved groups share a link only if there are that many groups.
@@ -312,18 +318,13 @@ def _torus_period(topo: Torus) -> int:
     return int(np.prod(topo.dims[1:])) if len(topo.dims) > 1 else 1
 
 
-def sent_bytes(kind: str, n: int, local_bytes: float) -> float:
-    """Bytes each device sends (einpar.reshard's convention, without rounding)."""
-    return {"all_gather": (n - 1) * local_bytes, "reduce_scatter": (n - 1) / n * local_bytes,
-            "all_reduce": 2 * (n - 1) / n * local_bytes, "all_to_all": (n - 1) / n * local_bytes,
-            "permute": local_bytes}[kind]
-
-
 # ---- routing over the graph (user-written clusters, and the check of the formulas above)
 
 
-def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Cluster) -> dict:
-    """Bytes each directed link carries when every group runs `kind` at once.
+def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Cluster,
+               users: dict | None = None) -> dict:
+    """Bytes each directed link carries when every group runs `kind` at once; `users`, if
+    given, gets the numbers of the groups that use each link.
 
     A bidirectional ring in each group's order: half the data goes each way round,
     every ring neighbour's traffic on a shortest path (fewest hops). All-to-all and
@@ -339,9 +340,11 @@ def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Clust
             path = _other_way(graph, path)
         for a, b in zip(path, path[1:]):
             loads[(a, b)] = loads.get((a, b), 0.0) + amount
+            if users is not None:
+                users.setdefault((a, b), set()).add(number)
 
     n = groups.shape[1]
-    for group in groups.tolist():
+    for number, group in enumerate(groups.tolist()):
         if kind == "all_to_all":
             for src in group:
                 for dst in group:
@@ -351,7 +354,7 @@ def link_loads(kind: str, groups: np.ndarray, local_bytes: float, cluster: Clust
             for src, dst in zip(group, group[1:] + group[:1]):
                 send(src, dst, local_bytes)
         else:
-            per_direction = sent_bytes(kind, n, local_bytes) / 2
+            per_direction = collective_bytes(kind, local_bytes, n) / 2
             for i, src in enumerate(group):
                 send(src, group[(i + 1) % n], per_direction)
                 send(src, group[(i - 1) % n], per_direction, other_way=n == 2)
@@ -383,7 +386,8 @@ def routed_time(kind: str, groups: np.ndarray, local_bytes: float,
     """Time on the graph: the busiest link's bytes over its bandwidth, plus the latency of the
     longest path once per step."""
     n = groups.shape[1]
-    loads = link_loads(kind, groups, local_bytes, cluster)
+    users: dict = {}
+    loads = link_loads(kind, groups, local_bytes, cluster, users)
     graph = cluster.graph
     chip = cluster.chip
     # Links carry what collectives achieve of their line rate, as the formulas assume.
@@ -401,13 +405,8 @@ def routed_time(kind: str, groups: np.ndarray, local_bytes: float,
         for src, dst in zip(group, group[1:] + group[:1]):
             path = _path(graph, names[src], names[dst])
             longest = max(longest, sum(graph.edges[a, b]["latency"] for a, b in zip(path, path[1:])))
-    steps = {"all_gather": n - 1, "reduce_scatter": n - 1, "all_reduce": 2 * (n - 1)}.get(kind, 1)
+    steps = ring_steps(kind, n)
     tier = graph.edges[busiest]["tier"] if busiest else "none"
     carried = loads[busiest] if busiest else 0.0
-    sharing = _sharing(kind, groups, local_bytes, cluster, busiest) if busiest else 1
+    sharing = len(users[busiest]) if busiest else 1
     return CollectiveTime(kind, n, "routed", steps * longest, time, tier, carried, sharing)
-
-
-def _sharing(kind, groups, local_bytes, cluster, link) -> int:
-    """How many groups put load on `link`."""
-    return sum(1 for group in groups if link in link_loads(kind, group[None, :], local_bytes, cluster))
