@@ -34,7 +34,7 @@ from typing import Union
 
 import networkx as nx
 
-from einpar.errors import Diagnostic, EinparError, Span
+from einpar.errors import Diagnostic, EinparError, SourceMap, Span
 
 from .hardware import ALIASES, Accelerator, Figure, accelerator
 
@@ -272,8 +272,9 @@ class ClusterFileError(Exception):
         self.line, self.col, self.hint = line, col, hint
 
 
-def load_cluster(name_or_path: str) -> Cluster:
-    """A preset by name, or a cluster file (.toml or .json); EinparError (E410) if neither."""
+def load_cluster(name_or_path: str, sources: SourceMap | None = None) -> Cluster:
+    """A preset by name, or a cluster file (.toml or .json); EinparError (E410) if neither.
+    A file's text goes into `sources`, if given, so its diagnostics can show its lines."""
     path = Path(name_or_path)
     if path.suffix.lower() not in (".toml", ".json"):
         try:
@@ -284,9 +285,14 @@ def load_cluster(name_or_path: str) -> Cluster:
                 hint="or give a cluster file (.toml or .json); see docs/cost.md")) from None
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise EinparError(Diagnostic("E410", f"cluster file {path} is not UTF-8 text "
+                                             f"({error.reason} at byte {error.start})")) from None
     except OSError as error:
         raise EinparError(Diagnostic("E410", f"cannot read cluster file {path}: "
                                              f"{error.strerror or error}")) from None
+    if sources is not None:
+        sources.texts[str(path)] = text
     try:
         return parse_cluster(text, str(path))
     except ClusterFileError as error:

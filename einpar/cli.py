@@ -153,14 +153,14 @@ def _writable(path_text: str, force: bool, command: str) -> Path:
     return path
 
 
-def _cost(args, program: Program, out: Console) -> int:
+def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
     from .cost_model.cluster import load_cluster
     from .cost_model.estimate import estimate
     from .cost_model.report import print_estimate
     from .cost_model.trace import write_trace
 
     trace = _writable(args.trace, args.force, "cost") if args.trace else None
-    cluster = load_cluster(args.cluster)
+    cluster = load_cluster(args.cluster, sources)
     result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap)
     if trace is not None:
         write_trace(result, trace)
@@ -523,11 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "calibrate":
             return _calibrate(args, out, err)
-        cluster_file = getattr(args, "cluster", None)
-        if cluster_file and Path(cluster_file).suffix.lower() in (".toml", ".json") \
-                and Path(cluster_file).is_file():
-            sources.texts[cluster_file] = Path(cluster_file).read_text(encoding="utf-8",
-                                                                       errors="replace")
         overrides = api.parse_overrides([item for group in args.set for item in group])
         text = api.read_source(args.file)
         sources.texts[args.file] = text
@@ -546,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             return _compile(args, program, out)
         if args.command == "cost":
-            return _cost(args, program, out)
+            return _cost(args, program, out, sources)
         return _run(args, program, out, err)
     except EinparError as error:
         _print_diagnostics(error, sources, args.json, out, err)

@@ -344,6 +344,14 @@ def test_bad_cluster_file_points_at_the_field(tmp_path, capsys):
     assert f"{path}:6:1" in err and "gpus_per_node = 0" in err and "^" in err
 
 
+def test_unreadable_cluster_files(tmp_path, capsys):
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe")
+    for name, message in (("bad.json", "is not UTF-8 text (invalid start byte at byte 0)"),
+                          ("none.toml", "cannot read cluster file")):
+        assert main(["cost", "examples/moe/gshard.ein", "--cluster", str(tmp_path / name)]) == 1
+        assert message in capsys.readouterr().err
+
+
 def test_cluster_file_toml_syntax_error_has_its_position(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('name = "mine"\naccelerator = \n')
