@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Union
@@ -124,7 +124,6 @@ class Cluster:
     # with every device busy, and a mesh on fewer devices gets more each (estimate.py).
     shared_cores: int | None = None
     source: str = "preset"
-    notes: list = field(default_factory=list)
 
     @property
     def num_devices(self) -> int:

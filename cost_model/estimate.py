@@ -301,7 +301,7 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
     flops = sum(op.flops * op.trips for op in pricer.ops)
     hbm = sum(op.hbm_bytes * op.trips for op in pricer.ops)
     peak, resident = peak_memory(spmd, pricer.local_bytes)
-    notes = list(cluster.notes)
+    notes = []
     if spmd.mesh.num_devices < cluster.num_devices:
         notes.append(f"the mesh uses {spmd.mesh.num_devices} of the cluster's {cluster.num_devices} "
                      f"devices")
