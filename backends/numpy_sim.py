@@ -20,20 +20,11 @@ from __future__ import annotations
 import numpy as np
 
 from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype
-from einpar.layout import Layout, Mesh, block_slices, device_at, device_coords
+from einpar.layout import Layout, Mesh, block_slices, device_at, device_coords, group_of
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice, Step
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep
 
 _COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
-
-
-def group_of(mesh: Mesh, device: int, axes: tuple[str, ...]) -> list[int]:
-    """The devices that differ from `device` only along `axes`, in row-major order of `axes`."""
-    coords = device_coords(mesh, device)
-    members = [dict(coords)]
-    for axis in axes:
-        members = [dict(m, **{axis: k}) for m in members for k in range(mesh.size(axis))]
-    return [device_at(mesh, m) for m in members]
 
 
 class Traffic:
@@ -164,16 +155,18 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
 # ---- running a whole SpmdProgram
 
 
-def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic) -> None:
+def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: dict | None) -> None:
     evaluator = _Evaluator()
     for step in steps:
         if isinstance(step, LocalStep):
             for env in envs:
                 evaluator.run((step.op,), env)
+            made = step.op.result.name
         elif isinstance(step, CollectiveStep):
             blocks = run_step(step.step, [env[step.src] for env in envs], mesh, traffic)
             for env, block in zip(envs, blocks):
                 env[step.dst] = block
+            made = step.dst
         else:
             assert isinstance(step, RepeatStep)
             carried = [{inside: env[before] for before, inside, _, _ in step.carried} for env in envs]
@@ -184,17 +177,26 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic) -> None:
                     trip_env.update(values)
                     trip_env.update((inside, env[stacked][trip]) for stacked, inside in step.stacked)
                     inner.append(trip_env)
-                _run_steps(step.body, inner, mesh, traffic)
+                if record is not None:
+                    for name in [inside for _, inside, _, _ in step.carried] + \
+                            [inside for _, inside in step.stacked]:
+                        record.setdefault(name, [env[name] for env in inner])
+                _run_steps(step.body, inner, mesh, traffic, record)
                 carried = [{inside: trip_env[result] for _, inside, result, _ in step.carried}
                            for trip_env in inner]
             for env, values in zip(envs, carried):
                 for _, inside, _, after in step.carried:
                     env[after] = values[inside]
+            continue
+        if record is not None:  # a loop body's values as its first trip made them
+            record.setdefault(made, [env[made] for env in envs])
 
 
-def run_spmd(program, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Traffic]:
+def run_spmd(program, inputs: dict[str, np.ndarray],
+             record: dict | None = None) -> tuple[dict[str, np.ndarray], Traffic]:
     """Run an SpmdProgram on every simulated device; returns the assembled outputs
-    (global arrays, by output name) and the bytes each device sent."""
+    (global arrays, by output name) and the bytes each device sent. With `record`,
+    also fills it with every local value: its name -> each device's block."""
     mesh = program.mesh
     envs: list[dict] = [{} for _ in range(mesh.num_devices)]
     for name in program.inputs:
@@ -202,9 +204,11 @@ def run_spmd(program, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarr
         array = np.asarray(inputs[name]).astype(numpy_dtype(value.type.dtype))
         for env, block in zip(envs, scatter(array, value.layout, mesh)):
             env[name] = block
+        if record is not None:
+            record[name] = [env[name] for env in envs]
     traffic = Traffic(mesh.num_devices)
     with np.errstate(all="ignore"), deep_recursion():
-        _run_steps(program.steps, envs, mesh, traffic)
+        _run_steps(program.steps, envs, mesh, traffic, record)
     outputs = {}
     for output in program.outputs:
         value = program.values[output.value]

@@ -4,7 +4,9 @@
     einpar run FILE --backend reference|numpy|jax [--inputs in.npz] [--seed N] [--save out.npz]
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
-    einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json]
+    einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json] [--svg OUT.svg] [--html OUT.html]
+    einpar explain FILE [--statement N] [--device D] [--values] [--cluster NAME|FILE]
+                   [--svg OUT.svg] [--html OUT.html] [--width COLUMNS] [--force]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--json] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
@@ -119,6 +121,30 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="which stage to print (default: the per-device program); jax: a "
                            "standalone Python module running it under jax.shard_map")
 
+    def slides(sub):
+        sub.add_argument("--svg", metavar="OUT.svg", help="also save the view as an SVG slide")
+        sub.add_argument("--html", metavar="OUT.html", help="also save the view as an HTML page")
+        sub.add_argument("--width", type=_positive, metavar="COLUMNS",
+                         help="lay the view out this many columns wide (default: the terminal's, "
+                              "at least 100)")
+        sub.add_argument("--force", action="store_true", help="let --svg/--html overwrite a file")
+
+    slides(comp)
+    explain = commands.add_parser("explain", help="show, statement by statement, what every device "
+                                  "holds, which collectives that costs and why")
+    common(explain)
+    explain.add_argument("--statement", metavar="N|NAME",
+                         help="only statement N (counting from 1) or the statement defining NAME")
+    explain.add_argument("--device", type=_count, metavar="D",
+                         help="highlight device D (with --values, only its numbers)")
+    explain.add_argument("--values", action="store_true",
+                         help="the numbers each device holds before and after each statement, "
+                              "from the NumPy device simulator (random inputs)")
+    explain.add_argument("--seed", type=int, default=0, help="seed for --values' inputs (default 0)")
+    explain.add_argument("--cluster", metavar="NAME|FILE",
+                         help="time each collective on a modeled cluster (see einpar cost)")
+    slides(explain)
+
     cost = commands.add_parser("cost", help="price the program on a modeled cluster: time, "
                                              "where it goes, memory")
     common(cost)
@@ -193,6 +219,107 @@ def _calibrate(args, out: Console, err: Console) -> int:
 
 def _consoles():
     return Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+SLIDE_WIDTH = 100  # columns: the views' grids fit, and text stays legible on a projector
+
+
+def _view_console(args, out: Console) -> Console:
+    """The console a view is drawn on: the terminal's, or a recording one for --svg/--html."""
+    exporting = bool(getattr(args, "svg", None) or getattr(args, "html", None))
+    width = args.width or (max(out.width, SLIDE_WIDTH) if out.is_terminal else SLIDE_WIDTH)
+    if not exporting and (out.is_terminal and not args.width):
+        return out
+    return Console(highlight=False, record=exporting, width=width, file=out.file,
+                   force_terminal=out.is_terminal, color_system=out.color_system and "truecolor")
+
+
+def _slide_targets(args) -> list[tuple[str, Path]]:
+    """The files --svg/--html will write, checked before any work is done."""
+    targets = []
+    for kind in ("svg", "html"):
+        path = getattr(args, kind, None)
+        if path:
+            targets.append((kind, _writable(path, args.force, args.command)))
+    return targets
+
+
+def _save_slides(console: Console, targets, title: str, out: Console) -> None:
+    for kind, path in targets:
+        if kind == "svg":
+            path.write_text(console.export_svg(title=title, clear=False), encoding="utf-8")
+        else:
+            path.write_text(console.export_html(clear=False), encoding="utf-8")
+    for kind, path in targets:
+        out.print(f"{kind.upper()} written to {path}", markup=False, style="dim")
+
+
+def _explain(args, program: Program, text: str, out: Console, sources: SourceMap) -> int:
+    from .explain import explain
+    from .explain_view import print_explanation
+
+    targets = _slide_targets(args)
+    cluster = None
+    if args.cluster:
+        from .cost_model.cluster import check_fits, load_cluster
+
+        cluster = load_cluster(args.cluster, sources)
+        check_fits(cluster, program.mesh.num_devices, str(program.mesh))
+    spmd = api.compile_spmd(program)
+    explanation = explain(program, spmd, text, cluster)
+    number = None
+    if args.statement is not None:
+        names = {s.name: s.number for s in explanation.statements}
+        if args.statement.isdigit() and 1 <= int(args.statement) <= len(explanation.statements):
+            number = int(args.statement)
+        elif args.statement in names:
+            number = names[args.statement]
+        else:
+            listing = ", ".join(f"{s.number} {s.name}" for s in explanation.statements)
+            raise _UsageError(f"einpar explain: error: no statement {args.statement!r}; "
+                              f"the program's statements are: {listing}")
+    if args.device is not None and args.device >= program.mesh.num_devices:
+        raise _UsageError(f"einpar explain: error: no device {args.device}; the mesh has "
+                          f"{program.mesh.num_devices} devices, 0 to {program.mesh.num_devices - 1}")
+    values = None
+    if args.values:
+        from .backends.numpy_sim import run_spmd
+
+        values = {}
+        run_spmd(spmd, api.random_inputs(program, args.seed), record=values)
+    if args.json:
+        out.print(json.dumps(explanation_json(explanation, number), indent=2), markup=False)
+        return 0
+    console = _view_console(args, out)
+    print_explanation(explanation, console, statement=number, device=args.device, values=values)
+    _save_slides(console, targets, f"einpar explain {args.file}", out)
+    return 0
+
+
+def explanation_json(explanation, number: int | None) -> dict:
+    """`einpar explain --json`: each statement's layouts, rule and collectives, and its blocks."""
+    from .explain_view import block_text, shown_values
+
+    mesh = explanation.mesh
+    statements = []
+    for s in explanation.statements:
+        if number is not None and s.number != number:
+            continue
+        statements.append({
+            "number": s.number, "name": s.name, "line": s.line, "source": s.source, "trips": s.trips,
+            "reads": {h.tensor: h.text() for h in s.reads},
+            "operands": {h.tensor: h.text() for h in s.operands},
+            "result": s.result.text() if s.result else None,
+            "rules": s.rules,
+            "collectives": [{"call": m.call, "kind": m.kind, "axes": list(m.axes),
+                             "groups": [list(g) for g in m.groups],
+                             "bytes_per_device": m.bytes_per_device, "time_s": m.time_s,
+                             "why": m.sentence} for m in s.movements],
+            "devices": [{h.tensor: block_text(h, mesh, d) for h in shown_values(s)}
+                        for d in range(mesh.num_devices)],
+        })
+    return {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
+            "statements": statements}
 
 
 def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, out: Console,
@@ -290,16 +417,20 @@ def _compile(args, program: Program, out: Console) -> int:
         text = format_program(program)
         out.print(json.dumps({"ir": text}) if args.json else text, markup=False)
         return 0
+    targets = _slide_targets(args)
     spmd = api.compile_spmd(program)
     if args.json:
         document = to_json(spmd)
         if args.emit == "layouts":
             document = {key: document[key] for key in ("mesh", "devices", "values")}
         out.print(json.dumps(document, indent=2), markup=False)
-    elif args.emit == "layouts":
-        _print_layouts(spmd, out)
+        return 0
+    console = _view_console(args, out) if targets else out
+    if args.emit == "layouts":
+        _print_layouts(spmd, console)
     else:
-        _print_spmd(spmd, out)
+        _print_spmd(spmd, console)
+    _save_slides(console, targets, f"einpar compile {args.file}", out)
     return 0
 
 
@@ -542,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(args, program, out)
         if args.command == "cost":
             return _cost(args, program, out, sources)
+        if args.command == "explain":
+            return _explain(args, program, text, out, sources)
         return _run(args, program, out, err)
     except EinparError as error:
         _print_diagnostics(error, sources, args.json, out, err)

@@ -146,6 +146,15 @@ def device_at(mesh: Mesh, coords: dict[str, int]) -> int:
     return device
 
 
+def group_of(mesh: Mesh, device: int, axes: tuple[str, ...]) -> list[int]:
+    """The devices that differ from `device` only along `axes`, in row-major order of `axes`."""
+    coords = device_coords(mesh, device)
+    members = [dict(coords)]
+    for axis in axes:
+        members = [dict(m, **{axis: k}) for m in members for k in range(mesh.size(axis))]
+    return [device_at(mesh, m) for m in members]
+
+
 def block_index(layout: Layout, dim: int, mesh: Mesh, coords: dict[str, int]) -> int:
     """Which block of dimension `dim` a device holds: axes are major first."""
     index = 0

@@ -58,3 +58,31 @@ class EinLexer(RegexLexer):
         ],
     }
 
+
+
+# Styles for the terminal (and slides exported from it): the mesh axes of a layout stand out,
+# since where a tensor lives is what einpar is about.
+STYLES = {
+    Keyword.Declaration: "bold magenta",
+    Keyword.Type: "cyan",
+    Name.Builtin: "bold blue",
+    Name.Variable: "bold",
+    Name.Label: "green",
+    Name.Attribute: "bold yellow",
+    Number: "cyan",
+    Comment: "dim italic",
+}
+
+
+def highlight(code: str):
+    """`code` as a rich Text, styled token by token with this lexer."""
+    from rich.text import Text
+
+    text = Text()
+    for token, value in EinLexer().get_tokens(code):
+        while token not in STYLES and token.parent is not None:
+            token = token.parent
+        text.append(value, STYLES.get(token, ""))
+    if not code.endswith("\n") and text.plain.endswith("\n"):
+        text.right_crop(1)  # Pygments ends every text with a newline
+    return text

@@ -38,7 +38,7 @@ class _Lowering:
         self.counter[value] = self.counter.get(value, 0) + 1
         return f"{value}~{self.counter[value]}"
 
-    def move(self, move: Move | None, steps: list) -> None:
+    def move(self, move: Move | None, steps: list, serves: str = "") -> None:
         if move is None:
             return
         layout = move.src
@@ -54,7 +54,7 @@ class _Lowering:
             self.define(new, move.value, move.tensor, after)
             steps.append(CollectiveStep(step, name, new, move.tensor, layout, after,
                                         step.bytes_per_device(layout, shape, dtype, self.mesh),
-                                        move.reason))
+                                        move.reason, serves))
             name, layout = new, after
 
     def local_value(self, value: Value, layout: Layout) -> Value:
@@ -63,7 +63,7 @@ class _Lowering:
 
     def decision(self, decision: Decision, steps: list) -> None:
         for move in decision.moves:
-            self.move(move, steps)
+            self.move(move, steps, decision.op.result.name)
         op = decision.op
         operands = tuple(Operand(self.held[(o.value, layout)], o.indices)
                          for o, layout in zip(op.operands, decision.operand_layouts))
@@ -73,8 +73,8 @@ class _Lowering:
         else:
             local = replace(op, operands=operands, result=result)
         self.define(op.result.name, op.result.name, op.stmt, decision.result_layout)
-        steps.append(LocalStep(local, decision.rule))
-        self.move(decision.constraint, steps)
+        steps.append(LocalStep(local, decision.rule, decision.assignment))
+        self.move(decision.constraint, steps, op.result.name)
 
     def forget(self, value: str) -> None:
         for key in [key for key in self.held if key[0] == value]:

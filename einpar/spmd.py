@@ -40,6 +40,9 @@ class SpmdValue:
 class LocalStep:
     op: Op  # on local shapes
     rule: str  # why this strategy, in words
+    # What each mesh axis does in this op: an index it splits, PARTIAL (the operand's
+    # pending reduction stays pending) or None (copies); see einpar.partition.
+    roles: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class CollectiveStep:
     dst_layout: Layout
     bytes_per_device: int
     reason: str
+    serves: str = ""  # the result of the op this move is for; "" for outputs and loop edges
 
     @property
     def kind(self) -> str:

@@ -1,0 +1,221 @@
+"""Drawing an `Explanation` with rich: the terminal view of `einpar explain`, and its slides.
+
+Each statement gets a header with its source (highlighted by the `.ein`
+lexer), the layouts it reads and makes, the strategy and the collectives in
+words, and a grid of the mesh: one cell per device, listing the block of
+each tensor that device holds as index ranges. Meshes of more than two axes
+get one grid per slice of their leading axes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console, Group
+from rich.padding import Padding
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from .explain import Explanation, Held, Statement
+from .layout import Mesh, device_at, device_coords
+from .lexer import highlight
+from .units import format_bytes, format_seconds
+
+PARTIAL_MARK = {"sum": "Σ", "max": "max", "min": "min"}
+MAX_GRID_DEVICES = 64  # a bigger mesh shows one device's blocks, not every cell
+
+
+def block_text(held: Held, mesh: Mesh, device: int) -> str:
+    """`B 0:4 · H 2:4` for the dims split on `device`, `whole` if none; pending reductions after
+    (`partial Σtp`: a partial sum over tp)."""
+    parts = []
+    for index, (start, stop), size in zip(held.indices, held.block(mesh, device), held.shape):
+        if (start, stop) != (0, size):
+            parts.append(f"{index} {start}:{stop}")
+    parts += [f"partial {PARTIAL_MARK[kind]}{axis}" for axis, kind in held.layout.partial]
+    return " · ".join(parts) or "whole"
+
+
+def _cell(shown: list[tuple[Held, Held | None]], mesh: Mesh, device: int,
+          highlight_device: int | None) -> Text:
+    """Device `device`'s blocks: each tensor as held, and `→` the block it is moved to."""
+    text = Text(f"d{device}", style="bold reverse" if device == highlight_device else "bold")
+    width = max(len(held.tensor) for held, _ in shown)
+    for held, moved in shown:
+        text.append("\n")
+        text.append(held.tensor.ljust(width), "bold")
+        text.append(" " + block_text(held, mesh, device))
+        if moved is not None:
+            text.append("\n" + " " * width + " → " + block_text(moved, mesh, device), "yellow")
+    return text
+
+
+def device_grids(shown: list[tuple[Held, Held | None]], mesh: Mesh, device: int | None = None) -> list:
+    """Tables of the mesh, one per slice of the axes before the last two."""
+    if device is not None and mesh.num_devices > MAX_GRID_DEVICES:
+        return [_cell(shown, mesh, device, None)]
+    if mesh.num_devices > MAX_GRID_DEVICES:
+        return [Text(f"({mesh.num_devices} devices: too many cells to draw; pick one with --device)",
+                     style="dim")]
+    axes = list(mesh.axes)
+    rows_axis = axes[-2] if len(axes) >= 2 else None
+    cols_axis = axes[-1] if axes else None
+    leading = axes[:-2]
+    slices = [{}]
+    for name, size in leading:
+        slices = [dict(s, **{name: k}) for s in slices for k in range(size)]
+    grids = []
+    for fixed in slices:
+        title = ", ".join(f"{name}={k}" for name, k in fixed.items())
+        table = Table(show_header=cols_axis is not None, show_lines=True, title=title or None,
+                      title_justify="left", header_style="bold", pad_edge=True)
+        if rows_axis is not None:
+            table.add_column("")
+        for k in range(cols_axis[1] if cols_axis else 1):
+            table.add_column(f"{cols_axis[0]}={k}" if cols_axis else "")
+        for r in range(rows_axis[1] if rows_axis else 1):
+            cells = []
+            for c in range(cols_axis[1] if cols_axis else 1):
+                coords = dict(fixed)
+                if rows_axis:
+                    coords[rows_axis[0]] = r
+                if cols_axis:
+                    coords[cols_axis[0]] = c
+                cells.append(_cell(shown, mesh, device_at(mesh, coords), device))
+            if rows_axis is not None:
+                cells.insert(0, Text(f"{rows_axis[0]}={r}", style="bold"))
+            table.add_row(*cells)
+        grids.append(table)
+    return grids
+
+
+def _groups_text(groups, limit: int = 4) -> str:
+    shown = " ".join("{" + ",".join(map(str, g)) + "}" for g in groups[:limit])
+    more = f" and {len(groups) - limit} more" if len(groups) > limit else ""
+    return f"{len(groups)} group{'s' if len(groups) > 1 else ''} of {len(groups[0])}: {shown}{more}"
+
+
+def _labelled(label: str, body) -> Table:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold cyan", width=9, no_wrap=True)
+    grid.add_column()
+    grid.add_row(label, body)
+    return grid
+
+
+def shown_values(statement: Statement) -> list[tuple[Held, Held | None]]:
+    """What a statement's grid lists: each operand as held before it and, if moved, as read;
+    then its result as made and, if the program asks for another layout, as delivered."""
+    shown = []
+    for held in statement.reads:
+        read_as = next((h for h in statement.operands if h.tensor == held.tensor), held)
+        shown.append((held, None if read_as.layout == held.layout else read_as))
+    if statement.result is not None:
+        made = statement.made_as or statement.result
+        shown.append((made, None if made.layout == statement.result.layout else statement.result))
+    return shown
+
+
+def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
+                   values: dict | None = None):
+    parts = []
+    head = Text(f"{statement.number}. ", style="bold")
+    if statement.line:
+        head.append(f"line {statement.line}  ", style="dim")
+    head.append_text(highlight(statement.source))
+    if statement.trips > 1:
+        head.append(f"  (runs {statement.trips} times)", style="dim")
+    parts.append(Rule(style="cyan"))
+    parts.append(head)
+
+    layouts = Table.grid(padding=(0, 2))
+    for _ in range(4):
+        layouts.add_column()
+    for held in statement.reads:
+        read_as = next((h for h in statement.operands if h.tensor == held.tensor), held)
+        arrow = "" if read_as.layout == held.layout else f"→ {read_as.text()}"
+        layouts.add_row(Text(held.tensor, style="bold"), held.text(), arrow, "")
+    if statement.result is not None:
+        result = statement.result
+        local = "local [" + ",".join(map(str, result.local_shape(mesh))) + "]"
+        if statement.made_as is not None and statement.made_as.layout != result.layout:
+            layouts.add_row(Text(result.tensor, style="bold green"), statement.made_as.text(),
+                            f"→ {result.text()}", local)
+        else:
+            layouts.add_row(Text(result.tensor, style="bold green"), result.text(), local, "")
+    parts.append(_labelled("layouts", layouts))
+    if statement.rules:
+        parts.append(_labelled("rule", Text("\n".join("• " + r for r in statement.rules))))
+    if statement.movements:
+        moves = []
+        for movement in statement.movements:
+            line = Text(movement.call, style="bold yellow")
+            line.append(f"  {format_bytes(movement.bytes_per_device)}/device")
+            if movement.time_s is not None:
+                line.append(f"  {format_seconds(movement.time_s)} ({movement.how})")
+            moves.append(line)
+            moves.append(Text(_groups_text(movement.groups), style="dim"))
+            moves.append(Padding(Text(movement.sentence), (0, 0, 0, 2)))
+        parts.append(_labelled("moves", Group(*moves)))
+    else:
+        parts.append(_labelled("moves", Text("none: every operand is already where this "
+                                             "statement needs it", style="dim")))
+    shown = shown_values(statement)
+    if shown:
+        parts.append(_labelled("devices", Group(*device_grids(shown, mesh, device))))
+    if values is not None:
+        parts.append(_labelled("values", values_view(statement, mesh, values, device)))
+    return Group(*parts)
+
+
+def values_view(statement: Statement, mesh: Mesh, values: dict, device: int | None):
+    """The numbers each device holds before the statement (its operands) and after (its result)."""
+    table = Table(show_lines=True, header_style="bold", pad_edge=True)
+    table.add_column("device")
+    before = [h for h in statement.reads]
+    after = [statement.result] if statement.result is not None else \
+        list({m.dst.tensor: m.dst for m in statement.movements}.values())
+    for held in before:
+        table.add_column(f"{held.tensor} before")
+    for held in after:
+        table.add_column(f"{held.tensor} after")
+    devices = range(mesh.num_devices) if device is None else [device]
+    with np.printoptions(precision=3, suppress=True, threshold=32, edgeitems=2, linewidth=60):
+        for d in devices:
+            cells = [str(values[h.name][d]) for h in before + after]
+            table.add_row(f"d{d}", *cells)
+    return table
+
+
+def explanation_view(explanation: Explanation, statement: int | None = None,
+                     device: int | None = None, values: dict | None = None):
+    mesh = explanation.mesh
+    parts = []
+    head = Text(f"{explanation.file}: ", style="bold")
+    head.append(f"{mesh} ({mesh.num_devices} devices)" if mesh.axes else "one device")
+    if explanation.cluster:
+        head.append(f", times on {explanation.cluster}")
+    if device is not None:
+        head.append(f", device {device} highlighted")
+    parts.append(head)
+    inputs = Table.grid(padding=(0, 2))
+    for _ in range(3):
+        inputs.add_column()
+    for held in explanation.inputs:
+        local = "[" + ",".join(map(str, held.local_shape(mesh))) + "]"
+        inputs.add_row(Text(held.tensor, style="bold"), held.text(), f"local {local}")
+    parts.append(_labelled("inputs", inputs))
+    for s in explanation.statements:
+        if statement is None or s.number == statement:
+            parts.append(statement_view(s, mesh, device, values))
+    total = sum(s.bytes_per_device * s.trips for s in explanation.statements)
+    moved = sum(len(s.movements) for s in explanation.statements)
+    if statement is None:
+        parts.append(Rule(style="cyan"))
+        parts.append(Text(f"{moved} move{'' if moved == 1 else 's'}, {format_bytes(total)} sent per device "
+                          f"({total:,} bytes)", style="bold"))
+    return Group(*parts)
+
+
+def print_explanation(explanation: Explanation, console: Console, **options) -> None:
+    console.print(explanation_view(explanation, **options))
