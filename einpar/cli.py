@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,9 +33,13 @@ from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
 from .flops import program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
+from .lexer import highlight
 from .spmd import bytes_per_device, format_spmd, to_json
 from .tolerance import compare, program_tolerance
 from .units import format_bytes, format_count, format_seconds
+
+
+SOURCE_LINE = re.compile(r"^ *[0-9]+ \| ")  # a source line quoted in a diagnostic
 
 
 class _UsageError(Exception):
@@ -315,8 +320,9 @@ def explanation_json(explanation, number: int | None) -> dict:
                              "groups": [list(g) for g in m.groups],
                              "bytes_per_device": m.bytes_per_device, "time_s": m.time_s,
                              "why": m.sentence} for m in s.movements],
-            "devices": [{h.tensor: block_text(h, mesh, d) for h in shown_values(s)}
-                        for d in range(mesh.num_devices)],
+            "devices": [{name: block_text(held, mesh, d) if moved is None else
+                         f"{block_text(held, mesh, d)} -> {block_text(moved, mesh, d)}"
+                         for name, held, moved in shown_values(s)} for d in range(mesh.num_devices)],
         })
     return {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
             "statements": statements}
@@ -335,6 +341,9 @@ def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, ou
                 err.print(Text(line, style="red"))
             elif line.lstrip().startswith("= hint"):
                 err.print(Text(line, style="cyan"))
+            elif SOURCE_LINE.match(line):  # `12 | x[B] = ...`: the program's own text
+                gutter, code = line.split(" | ", 1)
+                err.print(Text(gutter + " | ") + highlight(code))
             else:
                 err.print(Text(line))
     if len(error.diagnostics) > 1:
@@ -455,6 +464,9 @@ def _print_spmd(spmd, out: Console) -> None:
         elif " B/device: " in line:
             code, _, note = line.partition("  # ")
             out.print(Text(code, style="bold yellow") + Text("  # " + note, style="yellow"))
+        elif " = " in line and not line.startswith(("in ", "out ")):
+            head, _, body = line.partition(" = ")
+            out.print(Text(head + " = ") + highlight(body))  # the local op, in the program's terms
         else:
             out.print(Text(line))
 

@@ -98,7 +98,7 @@ def _roles_sentences(step: LocalStep, subject: str, spmd: SpmdProgram) -> list[s
     """The strategy of one local op, one sentence per mesh axis."""
     op = step.op
     result_indices = op.result.type.indices
-    partial_kind = {"max": "partial max", "min": "partial min"}.get(getattr(op, "op", ""), "partial sum")
+    partial_kind = {"max": "partial max", "min": "partial min"}.get(getattr(op, "kind", ""), "partial sum")
     sentences = []
     for axis, role in step.roles:
         if role is None:

@@ -36,21 +36,21 @@ def block_text(held: Held, mesh: Mesh, device: int) -> str:
     return " · ".join(parts) or "whole"
 
 
-def _cell(shown: list[tuple[Held, Held | None]], mesh: Mesh, device: int,
+def _cell(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int,
           highlight_device: int | None) -> Text:
     """Device `device`'s blocks: each tensor as held, and `→` the block it is moved to."""
     text = Text(f"d{device}", style="bold reverse" if device == highlight_device else "bold")
-    width = max(len(held.tensor) for held, _ in shown)
-    for held, moved in shown:
+    width = max(len(name) for name, _, _ in shown)
+    for name, held, moved in shown:
         text.append("\n")
-        text.append(held.tensor.ljust(width), "bold")
+        text.append(name.ljust(width), "bold")
         text.append(" " + block_text(held, mesh, device))
         if moved is not None:
             text.append("\n" + " " * width + " → " + block_text(moved, mesh, device), "yellow")
     return text
 
 
-def device_grids(shown: list[tuple[Held, Held | None]], mesh: Mesh, device: int | None = None) -> list:
+def device_grids(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int | None = None) -> list:
     """Tables of the mesh, one per slice of the axes before the last two."""
     if device is not None and mesh.num_devices > MAX_GRID_DEVICES:
         return [_cell(shown, mesh, device, None)]
@@ -70,9 +70,9 @@ def device_grids(shown: list[tuple[Held, Held | None]], mesh: Mesh, device: int 
         table = Table(show_header=cols_axis is not None, show_lines=True, title=title or None,
                       title_justify="left", header_style="bold", pad_edge=True)
         if rows_axis is not None:
-            table.add_column("")
+            table.add_column("", no_wrap=True)
         for k in range(cols_axis[1] if cols_axis else 1):
-            table.add_column(f"{cols_axis[0]}={k}" if cols_axis else "")
+            table.add_column(f"{cols_axis[0]}={k}" if cols_axis else "", no_wrap=True)
         for r in range(rows_axis[1] if rows_axis else 1):
             cells = []
             for c in range(cols_axis[1] if cols_axis else 1):
@@ -103,16 +103,20 @@ def _labelled(label: str, body) -> Table:
     return grid
 
 
-def shown_values(statement: Statement) -> list[tuple[Held, Held | None]]:
-    """What a statement's grid lists: each operand as held before it and, if moved, as read;
-    then its result as made and, if the program asks for another layout, as delivered."""
+def shown_values(statement: Statement) -> list[tuple[str, Held, Held | None]]:
+    """What a statement's grid lists, by name: each operand as held before it and, if moved,
+    as read; then its result as made and, if the program asks for another layout, as delivered.
+    A result that redefines an operand's name (`x = x + ...`) goes by its value's (`x#2`)."""
     shown = []
     for held in statement.reads:
         read_as = next((h for h in statement.operands if h.tensor == held.tensor), held)
-        shown.append((held, None if read_as.layout == held.layout else read_as))
+        shown.append((held.tensor, held, None if read_as.layout == held.layout else read_as))
     if statement.result is not None:
         made = statement.made_as or statement.result
-        shown.append((made, None if made.layout == statement.result.layout else statement.result))
+        name = made.tensor
+        if any(h.tensor == name for h in statement.reads):
+            name = made.name.split("~")[0]
+        shown.append((name, made, None if made.layout == statement.result.layout else statement.result))
     return shown
 
 
@@ -130,19 +134,20 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
 
     layouts = Table.grid(padding=(0, 2))
     for _ in range(4):
-        layouts.add_column()
+        layouts.add_column(no_wrap=True)
     for held in statement.reads:
         read_as = next((h for h in statement.operands if h.tensor == held.tensor), held)
         arrow = "" if read_as.layout == held.layout else f"→ {read_as.text()}"
         layouts.add_row(Text(held.tensor, style="bold"), held.text(), arrow, "")
     if statement.result is not None:
         result = statement.result
+        name = shown_values(statement)[-1][0]
         local = "local [" + ",".join(map(str, result.local_shape(mesh))) + "]"
         if statement.made_as is not None and statement.made_as.layout != result.layout:
-            layouts.add_row(Text(result.tensor, style="bold green"), statement.made_as.text(),
+            layouts.add_row(Text(name, style="bold green"), statement.made_as.text(),
                             f"→ {result.text()}", local)
         else:
-            layouts.add_row(Text(result.tensor, style="bold green"), result.text(), local, "")
+            layouts.add_row(Text(name, style="bold green"), result.text(), local, "")
     parts.append(_labelled("layouts", layouts))
     if statement.rules:
         parts.append(_labelled("rule", Text("\n".join("• " + r for r in statement.rules))))
@@ -161,8 +166,9 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
         parts.append(_labelled("moves", Text("none: every operand is already where this "
                                              "statement needs it", style="dim")))
     shown = shown_values(statement)
-    if shown:
-        parts.append(_labelled("devices", Group(*device_grids(shown, mesh, device))))
+    if shown:  # the grid gets the whole width
+        parts.append(Text("devices", style="bold cyan"))
+        parts.extend(device_grids(shown, mesh, device))
     if values is not None:
         parts.append(_labelled("values", values_view(statement, mesh, values, device)))
     return Group(*parts)
@@ -200,7 +206,7 @@ def explanation_view(explanation: Explanation, statement: int | None = None,
     parts.append(head)
     inputs = Table.grid(padding=(0, 2))
     for _ in range(3):
-        inputs.add_column()
+        inputs.add_column(no_wrap=True)
     for held in explanation.inputs:
         local = "[" + ",".join(map(str, held.local_shape(mesh))) + "]"
         inputs.add_row(Text(held.tensor, style="bold"), held.text(), f"local {local}")
