@@ -107,9 +107,12 @@ def transformer_stack(inputs):
 
 
 MODELS = {
+    "examples/attention/context_parallel.ein": attention,
     "examples/attention/data_parallel.ein": attention,
+    "examples/attention/fsdp.ein": attention,
     "examples/attention/sequence_parallel.ein": attention,
     "examples/attention/tensor_parallel.ein": attention,
+    "examples/attention/ulysses.ein": attention,
     "examples/matmul/case1_no_contracting_split.ein": matmul,
     "examples/matmul/case2_one_contracting_split.ein": matmul,
     "examples/matmul/case3_both_contracting_split.ein": matmul,
