@@ -1,81 +1,186 @@
-"""The documentation's examples are run: what the docs show is what einpar prints.
+"""The documentation is run: what the docs show is what einpar prints.
 
-A code block whose first line is `$ einpar check bad.ein` (or another file
-name) is the output of checking the program in the code block just before it;
-this test writes that program to the named file, runs the command in-process
-and compares everything after the command line with what einpar printed.
+Every fenced block of every page in docs/ (and the README) is one of:
+
+- a command block, whose first line is `$ einpar ...`: the command runs in a
+  scratch folder where `examples/` is the repository's, and everything after
+  the command line must be what einpar printed (trailing spaces aside; a line
+  `...` stands for any number of lines, for timings). When the command names
+  a `.ein` file that is not in the repository, the program is the block just
+  before it;
+- a program (```ein, or a plain block that declares an `output`): it must
+  pass `einpar check`, unless the command block after it checks it and shows
+  the diagnostic;
+- a fragment of a program (other plain blocks of .ein text): it must parse;
+- ```python: it runs, in the same scratch folder; ```toml and ```json: they
+  must load (a cluster file, JSON).
+
+A block right after `<!-- docs-test: skip REASON -->` is not run; REASON
+names the test that covers it instead (runs of several processes, say).
 """
 
+import json
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from einpar.cli import main
+from einpar.errors import EinparError
+from einpar.syntax import parse
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-FENCE = re.compile(r"^```[a-z]*\n(.*?)^```\n", re.S | re.M)
-
-
-def command_examples():
-    for doc in sorted(DOCS.glob("*.md")):
-        text = doc.read_text()
-        blocks = [(m.group(1), text[:m.start()].count("\n") + 1) for m in FENCE.finditer(text)]
-        for (program, _), (shown, line) in zip(blocks, blocks[1:]):
-            first, _, expected = shown.partition("\n")
-            if first.startswith("$ einpar check ") and not first.endswith("missing.ein"):
-                yield pytest.param(doc, line, program, first, expected, id=f"{doc.name}:{line}")
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```\n", re.S | re.M)
+SKIP = re.compile(r"<!-- docs-test: skip ([^>]*) -->\s*$")
 
 
-def rewrite_block(doc: Path, line: int, body: str) -> None:
-    """Replace the body of the code block that starts at `line` of `doc`."""
-    text = doc.read_text()
-    for match in FENCE.finditer(text):
-        if text[:match.start()].count("\n") + 1 == line:
-            doc.write_text(text[:match.start(1)] + body + text[match.end(1):])
-            return
-    raise AssertionError(f"no code block at {doc.name}:{line}")
+class Block:
+    def __init__(self, page: Path, text: str, match: re.Match):
+        self.page = page
+        self.lang = match.group(1)
+        self.body = match.group(2)
+        self.line = text[:match.start()].count("\n") + 1
+        self.skip = SKIP.search(text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1] + "\n")
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.name}:{self.line}"
+
+    @property
+    def is_command(self) -> bool:
+        return self.body.startswith("$ einpar ")
+
+    @property
+    def is_program(self) -> bool:
+        return self.lang == "ein" or (self.lang == "" and not self.is_command
+                                      and re.search(r"^output\b", self.body, re.M) is not None
+                                      and re.search(r"^(dim|mesh|input) ", self.body, re.M) is not None)
+
+    @property
+    def is_fragment(self) -> bool:
+        return self.lang == "" and not self.is_command and not self.is_program \
+            and re.match(r"\s*(#|mesh |dim |dtype |input |param |output |repeat |[a-z]\w*\[)",
+                         self.body) is not None
 
 
-@pytest.mark.parametrize("doc, line, program, command, expected", list(command_examples()))
-def test_documented_output_is_what_einpar_prints(doc, line, program, command, expected, tmp_path,
-                                                 monkeypatch, capsys, update_goldens):
+def blocks() -> list[Block]:
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        found.extend(Block(page, text, m) for m in FENCE.finditer(text))
+    return found
+
+
+ALL = blocks()
+
+
+def matches(printed: list[str], shown: list[str]) -> bool:
+    """`shown` equals `printed`, a `...` line in `shown` standing for any lines."""
+    if not shown:
+        return not printed
+    if shown[0] == "...":
+        return any(matches(printed[k:], shown[1:]) for k in range(len(printed) + 1))
+    return bool(printed) and printed[0] == shown[0] and matches(printed[1:], shown[1:])
+
+
+def run_command(command: str, capsys) -> str:
     argv = shlex.split(command)[2:]
-    file = next(arg for arg in argv if arg.endswith(".ein"))
-    (tmp_path / file).write_text(program)
-    monkeypatch.chdir(tmp_path)
+    if "--backend" in argv and argv[argv.index("--backend") + 1] == "jax":
+        # JAX starts once per process with its device count: a process of its own.
+        done = subprocess.run([sys.executable, "-m", "einpar", *argv], capture_output=True,
+                              text=True, timeout=600)
+        return done.stdout + done.stderr
     main(argv)
     captured = capsys.readouterr()
-    printed = (captured.out + captured.err).rstrip("\n") + "\n"
-    if update_goldens and printed != expected:
-        rewrite_block(doc, line, f"{command}\n{printed}")
-        return
-    assert printed.rstrip("\n") == expected.rstrip("\n")
+    return captured.out + captured.err
 
 
-def test_the_docs_have_command_examples():
-    assert len(list(command_examples())) >= 29
+def rewrite_block(page: Path, line: int, body: str) -> None:
+    text = page.read_text()
+    for match in FENCE.finditer(text):
+        if text[:match.start()].count("\n") + 1 == line:
+            page.write_text(text[:match.start(2)] + body + text[match.end(2):])
+            return
+    raise AssertionError(f"no code block at {page.name}:{line}")
 
 
-def cost_examples():
-    """`$ einpar cost ...` blocks: run on the repository's own examples, output as shown."""
-    for doc in sorted(DOCS.glob("*.md")):
-        text = doc.read_text()
-        for match in FENCE.finditer(text):
-            first, _, expected = match.group(1).partition("\n")
-            if first.startswith("$ einpar cost "):
-                line = text[:match.start()].count("\n") + 1
-                yield pytest.param(first, expected, id=f"{doc.name}:{line}")
+def run_block(block: Block, before: Block | None, after: Block | None, capsys) -> str | None:
+    """Run one block in the current folder; the new text of a command block whose output
+    differs (None if it matches, or the block is not a command)."""
+    if block.is_command:
+        command, _, shown = block.body.partition("\n")
+        for arg in shlex.split(command)[2:]:
+            if arg.endswith(".ein") and not (ROOT / arg).exists() and before is not None \
+                    and not before.is_command and before.lang in ("", "ein"):
+                Path(arg).write_text(before.body)  # the program is the block before
+        printed = [line.rstrip() for line in run_command(command, capsys).rstrip("\n").split("\n")]
+        expected = [line.rstrip() for line in shown.rstrip("\n").split("\n")]
+        if not matches(printed, expected):
+            return command + "\n" + "\n".join(printed) + "\n"
+    elif block.is_program and not (after is not None and after.is_command):  # else run by it
+        Path("doc.ein").write_text(block.body)
+        assert main(["check", "doc.ein"]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+    elif block.is_fragment and not (after is not None and after.is_command):
+        try:
+            parse(block.body, "fragment.ein")
+        except EinparError as error:
+            raise AssertionError(f"does not parse: {error}") from None
+    elif block.lang == "python":
+        exec(compile(block.body, block.id, "exec"), {"__name__": "__docs__"})
+    elif block.lang == "toml":
+        tomllib.loads(block.body)
+    elif block.lang == "json":
+        json.loads(block.body)
+    return None
 
 
-@pytest.mark.parametrize("command, expected", list(cost_examples()))
-def test_documented_cost_output_is_what_einpar_prints(command, expected, monkeypatch, capsys):
-    monkeypatch.chdir(DOCS.parent)
-    main(shlex.split(command)[2:])
-    captured = capsys.readouterr()
-    assert (captured.out + captured.err).rstrip("\n") == expected.rstrip("\n")
+def page_params() -> list:
+    params = []
+    for page in PAGES:
+        marks = [pytest.mark.slow] if "--backend jax\n" in page.read_text() else []
+        params.append(pytest.param(page, id=page.name, marks=marks))
+    return params
 
 
-def test_the_docs_have_cost_examples():
-    assert len(list(cost_examples())) >= 2
+@pytest.mark.parametrize("page", page_params())
+def test_every_block_of_the_page_runs_as_shown(page, tmp_path, monkeypatch, capsys, update_goldens):
+    """The page's blocks in order, in one scratch folder where `examples/` is the repository's."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    mine = [b for b in ALL if b.page == page]
+    failures, rewrites = [], []
+    for index, block in enumerate(mine):
+        if block.skip:
+            continue
+        before = mine[index - 1] if index else None
+        after = mine[index + 1] if index + 1 < len(mine) else None
+        try:
+            new = run_block(block, before, after, capsys)
+        except Exception as error:  # noqa: BLE001 - every block's failure is reported
+            failures.append(f"{block.id}: {type(error).__name__}: {error}")
+            continue
+        if new is not None:
+            if update_goldens and "\n...\n" not in block.body:
+                rewrites.append((block.line, new))
+            else:
+                failures.append(f"{block.id}: printed\n{new}")
+    for line, new in reversed(rewrites):  # from the end, so earlier line numbers hold
+        rewrite_block(page, line, new)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_skips_say_what_covers_them():
+    skipped = [b for b in ALL if b.skip]
+    for block in skipped:
+        assert block.skip.group(1).strip(), f"{block.id}: say why and what covers it"
+    assert len(skipped) <= 6
+
+
+def test_the_docs_run_many_commands():
+    assert len([b for b in ALL if b.is_command and not b.skip]) >= 42
