@@ -12,7 +12,7 @@ Every fenced block of every page in docs/ (and the README) is one of:
   pass `einpar check`, unless the command block after it checks it and shows
   the diagnostic;
 - a fragment of a program (other plain blocks of .ein text): it must parse;
-- ```python: it runs, in the same scratch folder; ```toml and ```json: they
+- ```python: it runs, in the same scratch folder (in a process of its own); ```toml and ```json: they
   must load (a cluster file, JSON).
 
 A block right after `<!-- docs-test: skip REASON -->` is not run; REASON
@@ -131,8 +131,10 @@ def run_block(block: Block, before: Block | None, after: Block | None, capsys) -
             parse(block.body, "fragment.ein")
         except EinparError as error:
             raise AssertionError(f"does not parse: {error}") from None
-    elif block.lang == "python":
-        exec(compile(block.body, block.id, "exec"), {"__name__": "__docs__"})
+    elif block.lang == "python":  # in a process of its own: it may start JAX its own way
+        done = subprocess.run([sys.executable, "-c", block.body], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
     elif block.lang == "toml":
         tomllib.loads(block.body)
     elif block.lang == "json":
