@@ -138,8 +138,9 @@ def _build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="show, statement by statement, what every device "
                                   "holds, which collectives that costs and why")
     common(explain)
-    explain.add_argument("--statement", metavar="N|NAME",
-                         help="only statement N (counting from 1) or the statement defining NAME")
+    explain.add_argument("--statement", metavar="N|NAME[,...]",
+                         help="only statement N (counting from 1) or the statement defining NAME; "
+                              "several separated by commas")
     explain.add_argument("--device", type=_count, metavar="D",
                          help="highlight device D (with --values, only its numbers)")
     explain.add_argument("--values", action="store_true",
@@ -272,17 +273,20 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
         check_fits(cluster, program.mesh.num_devices, str(program.mesh))
     spmd = api.compile_spmd(program)
     explanation = explain(program, spmd, text, cluster)
-    number = None
+    numbers = None
     if args.statement is not None:
         names = {s.name: s.number for s in explanation.statements}
-        if args.statement.isdigit() and 1 <= int(args.statement) <= len(explanation.statements):
-            number = int(args.statement)
-        elif args.statement in names:
-            number = names[args.statement]
-        else:
-            listing = ", ".join(f"{s.number} {s.name}" for s in explanation.statements)
-            raise _UsageError(f"einpar explain: error: no statement {args.statement!r}; "
-                              f"the program's statements are: {listing}")
+        numbers = []
+        for item in args.statement.split(","):
+            item = item.strip()
+            if item.isdigit() and 1 <= int(item) <= len(explanation.statements):
+                numbers.append(int(item))
+            elif item in names:
+                numbers.append(names[item])
+            else:
+                listing = ", ".join(f"{s.number} {s.name}" for s in explanation.statements)
+                raise _UsageError(f"einpar explain: error: no statement {item!r}; "
+                                  f"the program's statements are: {listing}")
     if args.device is not None and args.device >= program.mesh.num_devices:
         raise _UsageError(f"einpar explain: error: no device {args.device}; the mesh has "
                           f"{program.mesh.num_devices} devices, 0 to {program.mesh.num_devices - 1}")
@@ -293,22 +297,22 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
         values = {}
         run_spmd(spmd, api.random_inputs(program, args.seed), record=values)
     if args.json:
-        out.print(json.dumps(explanation_json(explanation, number), indent=2), markup=False)
+        out.print(json.dumps(explanation_json(explanation, numbers), indent=2), markup=False)
         return 0
     console = _view_console(args, out)
-    print_explanation(explanation, console, statement=number, device=args.device, values=values)
+    print_explanation(explanation, console, statements=numbers, device=args.device, values=values)
     _save_slides(console, targets, f"einpar explain {args.file}", out)
     return 0
 
 
-def explanation_json(explanation, number: int | None) -> dict:
+def explanation_json(explanation, numbers: list[int] | None) -> dict:
     """`einpar explain --json`: each statement's layouts, rule and collectives, and its blocks."""
     from .explain_view import block_text, shown_values
 
     mesh = explanation.mesh
     statements = []
     for s in explanation.statements:
-        if number is not None and s.number != number:
+        if numbers is not None and s.number not in numbers:
             continue
         statements.append({
             "number": s.number, "name": s.name, "line": s.line, "source": s.source, "trips": s.trips,

@@ -193,7 +193,7 @@ def values_view(statement: Statement, mesh: Mesh, values: dict, device: int | No
     return table
 
 
-def explanation_view(explanation: Explanation, statement: int | None = None,
+def explanation_view(explanation: Explanation, statements: list[int] | None = None,
                      device: int | None = None, values: dict | None = None):
     mesh = explanation.mesh
     parts = []
@@ -212,11 +212,11 @@ def explanation_view(explanation: Explanation, statement: int | None = None,
         inputs.add_row(Text(held.tensor, style="bold"), held.text(), f"local {local}")
     parts.append(_labelled("inputs", inputs))
     for s in explanation.statements:
-        if statement is None or s.number == statement:
+        if statements is None or s.number in statements:
             parts.append(statement_view(s, mesh, device, values))
     total = sum(s.bytes_per_device * s.trips for s in explanation.statements)
     moved = sum(len(s.movements) for s in explanation.statements)
-    if statement is None:
+    if statements is None:
         parts.append(Rule(style="cyan"))
         parts.append(Text(f"{moved} move{'' if moved == 1 else 's'}, {format_bytes(total)} sent per device "
                           f"({total:,} bytes)", style="bold"))
