@@ -156,6 +156,8 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
         for movement in statement.movements:
             line = Text(movement.call, style="bold yellow")
             line.append(f"  {format_bytes(movement.bytes_per_device)}/device")
+            if movement.bytes_per_device >= 1024:
+                line.append(f" ({movement.bytes_per_device:,} B)")
             if movement.time_s is not None:
                 line.append(f"  {format_seconds(movement.time_s)} ({movement.how})")
             moves.append(line)
