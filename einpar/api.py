@@ -22,7 +22,7 @@ from .syntax import Module, parse
 
 __all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
            "parse_overrides", "random_inputs", "load_inputs", "compile_spmd", "run_simulated",
-           "emit_jax", "run_jax"]
+           "emit_jax", "run_jax", "explain"]
 
 
 def read_source(path: str | Path) -> str:
@@ -79,6 +79,17 @@ def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None,
     arrays = random_inputs(program, seed) if inputs is None else check_inputs(program, inputs, "inputs")
     outputs, traffic = run_spmd(compile_spmd(program), arrays)
     return outputs, traffic.sent
+
+
+def explain(program: Program, source: str | None = None, cluster=None):
+    """What `einpar explain` shows, as data: an `einpar.explain.Explanation` of every statement
+    (layouts, strategy, collectives, each device's blocks). `source` is the program's text
+    (read from `program.file` if not given); `cluster` (`cost_model.cluster.load_cluster`)
+    adds each collective's time."""
+    from .explain import explain as build
+
+    text = read_source(program.file) if source is None else source
+    return build(program, compile_spmd(program), text, cluster)
 
 
 def emit_jax(program: Program, command: str = "") -> str:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .explain import Explanation, Held, Statement
-from .layout import Mesh, device_at, device_coords
+from .layout import Mesh, device_at
 from .lexer import highlight
 from .units import format_bytes, format_seconds
 

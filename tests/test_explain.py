@@ -214,3 +214,13 @@ def test_a_mesh_of_three_axes_gets_one_grid_per_slice(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "a=0" in printed and "a=1" in printed
     assert re.search(r"x I 4:8 · J 6:8", printed)  # device 7: a=1, b=1, c=1
+
+
+def test_the_python_api_explains_too():
+    import einpar.api as ein
+
+    program = ein.load("examples/matmul/case3_both_contracting_split.ein")
+    explanation = ein.explain(program)
+    assert [m.call for s in explanation.statements for m in s.movements] == \
+        ["reduce_scatter[y](c, sum -> I)"]
+    assert explanation.statements[0].source == "c[I@y, K] = a[I,J] * b[J,K]"
