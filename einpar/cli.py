@@ -130,8 +130,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--svg", metavar="OUT.svg", help="also save the view as an SVG slide")
         sub.add_argument("--html", metavar="OUT.html", help="also save the view as an HTML page")
         sub.add_argument("--width", type=_positive, metavar="COLUMNS",
-                         help="lay the view out this many columns wide (default: the terminal's, "
-                              "at least 100)")
+                         help="lay the view out this many columns wide (default: the terminal's "
+                              "width; 100 when the output is not a terminal; for --svg/--html at "
+                              "least 100, or wider if the view's lines are)")
         sub.add_argument("--force", action="store_true", help="let --svg/--html overwrite a file")
 
     slides(comp)
@@ -230,11 +231,15 @@ def _consoles():
 SLIDE_WIDTH = 100  # columns: the views' grids fit, and text stays legible on a projector
 
 
-def _view_console(args, out: Console) -> Console:
-    """The console a view is drawn on: the terminal's, or a recording one for --svg/--html."""
-    exporting = bool(getattr(args, "svg", None) or getattr(args, "html", None))
-    width = args.width or (max(out.width, SLIDE_WIDTH) if out.is_terminal else SLIDE_WIDTH)
-    if not exporting and (out.is_terminal and not args.width):
+def _view_console(args, out: Console, natural: int = 0) -> Console:
+    """The console a view is drawn on: the terminal's, or a recording one for --svg/--html.
+    `natural` is the width of the view's longest line, if it has one (slides do not wrap it)."""
+    exporting = bool(args.slides)
+    if exporting:
+        width = args.width or max(SLIDE_WIDTH, natural, out.width if out.is_terminal else 0)
+    else:
+        width = args.width or (out.width if out.is_terminal else SLIDE_WIDTH)
+    if not exporting and out.is_terminal and not args.width:
         return out
     return Console(highlight=False, record=exporting, width=width, file=out.file,
                    force_terminal=out.is_terminal, color_system=out.color_system and "truecolor")
@@ -242,6 +247,14 @@ def _view_console(args, out: Console) -> Console:
 
 def _slide_targets(args) -> list[tuple[str, Path]]:
     """The files --svg/--html will write, checked before any work is done."""
+    if not (getattr(args, "svg", None) or getattr(args, "html", None)):
+        return []
+    if args.json:
+        raise _UsageError(f"einpar {args.command}: error: --svg and --html save the view as "
+                          "printed; they do not go with --json")
+    if args.command == "compile" and args.emit not in ("spmd", "layouts"):
+        raise _UsageError(f"einpar compile: error: --svg and --html save the spmd or layouts "
+                          f"view, not --emit {args.emit}")
     targets = []
     for kind in ("svg", "html"):
         path = getattr(args, kind, None)
@@ -264,7 +277,10 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
     from .explain import explain
     from .explain_view import print_explanation
 
-    targets = _slide_targets(args)
+    targets = args.slides
+    if args.values and args.json:
+        raise _UsageError("einpar explain: error: --values shows the numbers in the view; it "
+                          "does not go with --json")
     cluster = None
     if args.cluster:
         from .cost_model.cluster import check_fits, load_cluster
@@ -430,7 +446,7 @@ def _compile(args, program: Program, out: Console) -> int:
         text = format_program(program)
         out.print(json.dumps({"ir": text}) if args.json else text, markup=False)
         return 0
-    targets = _slide_targets(args)
+    targets = args.slides
     spmd = api.compile_spmd(program)
     if args.json:
         document = to_json(spmd)
@@ -438,7 +454,8 @@ def _compile(args, program: Program, out: Console) -> int:
             document = {key: document[key] for key in ("mesh", "devices", "values")}
         out.print(json.dumps(document, indent=2), markup=False)
         return 0
-    console = _view_console(args, out) if targets else out
+    natural = max(len(line) for line in format_spmd(spmd).splitlines())
+    console = _view_console(args, out, natural) if targets or args.width else out
     if args.emit == "layouts":
         _print_layouts(spmd, console)
     else:
@@ -670,13 +687,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "calibrate":
             return _calibrate(args, out, err)
+        args.slides = _slide_targets(args) if args.command in ("compile", "explain") else []
         overrides = api.parse_overrides([item for group in args.set for item in group])
         text = api.read_source(args.file)
         sources.texts[args.file] = text
         if args.command == "compile" and args.emit == "ast":
             from .syntax import format_ast, parse
 
-            out.print(format_ast(parse(text, args.file)), markup=False)
+            tree = format_ast(parse(text, args.file))
+            out.print(json.dumps({"ast": tree}) if args.json else tree, markup=False)
             return 0
         program = api.compile_source(text, args.file, overrides)
         if args.command == "check":

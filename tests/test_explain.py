@@ -224,3 +224,29 @@ def test_the_python_api_explains_too():
     assert [m.call for s in explanation.statements for m in s.movements] == \
         ["reduce_scatter[y](c, sum -> I)"]
     assert explanation.statements[0].source == "c[I@y, K] = a[I,J] * b[J,K]"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "examples/matmul/case1_no_contracting_split.ein", "--json", "--svg", "a.svg"],
+     "--svg and --html save the view as printed; they do not go with --json"),
+    (["compile", "examples/matmul/case1_no_contracting_split.ein", "--emit", "ir", "--svg", "a.svg"],
+     "--svg and --html save the spmd or layouts view, not --emit ir"),
+    (["explain", "examples/matmul/case1_no_contracting_split.ein", "--json", "--values"],
+     "--values shows the numbers in the view; it does not go with --json"),
+])
+def test_options_that_do_not_go_together_are_usage_errors(argv, message, tmp_path, monkeypatch,
+                                                           capsys):
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a.svg").exists()
+
+
+def test_a_compile_slide_is_as_wide_as_its_longest_line(tmp_path, capsys):
+    svg = tmp_path / "c.svg"
+    assert main(["compile", "examples/transformer/block.ein", "--svg", str(svg)]) == 0
+    printed = capsys.readouterr().out
+    longest = max(len(line) for line in printed.splitlines())
+    assert "reduce_scatter[tp](x#2.1, sum -> S)  # 49,152 B/device: x reads x" in printed
+    assert longest > 100  # not wrapped at the slide's default width
