@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .explain import Explanation, Held, Statement
-from .layout import Mesh, device_at
+from .layout import Mesh, device_at, device_coords
 from .lexer import highlight
 from .units import format_bytes, format_seconds
 
@@ -53,7 +53,9 @@ def _cell(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int,
 def device_grids(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int | None = None) -> list:
     """Tables of the mesh, one per slice of the axes before the last two."""
     if device is not None and mesh.num_devices > MAX_GRID_DEVICES:
-        return [_cell(shown, mesh, device, None)]
+        where = ", ".join(f"{axis}={k}" for axis, k in device_coords(mesh, device).items())
+        return [Text(f"(device {device} of {mesh.num_devices}, at {where})", style="dim"),
+                _cell(shown, mesh, device, None)]
     if mesh.num_devices > MAX_GRID_DEVICES:
         return [Text(f"({mesh.num_devices} devices: too many cells to draw; pick one with --device)",
                      style="dim")]
