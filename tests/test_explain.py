@@ -250,3 +250,14 @@ def test_a_compile_slide_is_as_wide_as_its_longest_line(tmp_path, capsys):
     longest = max(len(line) for line in printed.splitlines())
     assert "reduce_scatter[tp](x#2.1, sum -> S)  # 49,152 B/device: x reads x" in printed
     assert longest > 100  # not wrapped at the slide's default width
+
+
+def test_a_mesh_too_big_to_draw_shows_one_device_on_request(capsys):
+    argv = ["explain", "examples/transformer/block.ein", "--set", "dp=128", "B=256",
+            "--statement", "7"]
+    assert main(argv) == 0
+    assert "(512 devices: too many cells to draw; pick one with --device)" in capsys.readouterr().out
+    assert main(argv + ["--device", "77"]) == 0
+    printed = capsys.readouterr().out
+    assert "(device 77 of 512, at dp=19, tp=1)" in printed
+    assert re.search(r"x#2 B 38:40 · S 16:32", printed)
