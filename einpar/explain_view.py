@@ -23,6 +23,7 @@ from .units import format_bytes, format_seconds
 
 PARTIAL_MARK = {"sum": "Σ", "max": "max", "min": "min"}
 MAX_GRID_DEVICES = 64  # a bigger mesh shows one device's blocks, not every cell
+GRID_COLUMNS = 8  # a single mesh axis longer than this is drawn in rows of this many cells
 
 
 def block_text(held: Held, mesh: Mesh, device: int) -> str:
@@ -37,9 +38,13 @@ def block_text(held: Held, mesh: Mesh, device: int) -> str:
 
 
 def _cell(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int,
-          highlight_device: int | None) -> Text:
-    """Device `device`'s blocks: each tensor as held, and `→` the block it is moved to."""
-    text = Text(f"d{device}", style="bold reverse" if device == highlight_device else "bold")
+          highlight_device: int | None, where: bool = False) -> Text:
+    """Device `device`'s blocks: each tensor as held, and `→` the block it is moved to;
+    `where` adds the device's mesh coordinates to its title."""
+    title = f"d{device}"
+    if where and len(mesh.axes) > 1:
+        title += " " + ",".join(f"{a}={k}" for a, k in device_coords(mesh, device).items())
+    text = Text(title, style="bold reverse" if device == highlight_device else "bold")
     width = max(len(name) for name, _, _ in shown)
     for name, held, moved in shown:
         text.append("\n")
@@ -50,7 +55,8 @@ def _cell(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int,
     return text
 
 
-def device_grids(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int | None = None) -> list:
+def device_grids(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device: int | None = None,
+                 width: int = 100) -> list:
     """Tables of the mesh, one per slice of the axes before the last two."""
     if device is not None and mesh.num_devices > MAX_GRID_DEVICES:
         where = ", ".join(f"{axis}={k}" for axis, k in device_coords(mesh, device).items())
@@ -60,6 +66,12 @@ def device_grids(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device:
         return [Text(f"({mesh.num_devices} devices: too many cells to draw; pick one with --device)",
                      style="dim")]
     axes = list(mesh.axes)
+    cells = {d: _cell(shown, mesh, d, device) for d in range(mesh.num_devices)}
+    widest = max(line.cell_len for cell in cells.values() for line in cell.split())
+    columns = axes[-1][1] if axes else 1
+    label = len(f"{axes[-2][0]}={axes[-2][1] - 1}") + 3 if len(axes) >= 2 else 0  # row labels
+    if columns * (widest + 3) + label + 1 > width:  # the mesh's own grid would not fit
+        return [_folded(shown, mesh, device, width)]
     rows_axis = axes[-2] if len(axes) >= 2 else None
     cols_axis = axes[-1] if axes else None
     leading = axes[:-2]
@@ -76,19 +88,39 @@ def device_grids(shown: list[tuple[str, Held, Held | None]], mesh: Mesh, device:
         for k in range(cols_axis[1] if cols_axis else 1):
             table.add_column(f"{cols_axis[0]}={k}" if cols_axis else "", no_wrap=True)
         for r in range(rows_axis[1] if rows_axis else 1):
-            cells = []
+            row = []
             for c in range(cols_axis[1] if cols_axis else 1):
                 coords = dict(fixed)
                 if rows_axis:
                     coords[rows_axis[0]] = r
                 if cols_axis:
                     coords[cols_axis[0]] = c
-                cells.append(_cell(shown, mesh, device_at(mesh, coords), device))
+                row.append(cells[device_at(mesh, coords)])
             if rows_axis is not None:
-                cells.insert(0, Text(f"{rows_axis[0]}={r}", style="bold"))
-            table.add_row(*cells)
+                row.insert(0, Text(f"{rows_axis[0]}={r}", style="bold"))
+            table.add_row(*row)
         grids.append(table)
     return grids
+
+
+def _folded(shown, mesh: Mesh, device: int | None, width: int) -> Table:
+    """Every device in order, as many to a row as fit (a divisor of the device count if one
+    fills at least half a row), each cell titled with its coordinates."""
+    cells = [_cell(shown, mesh, d, device, where=True) for d in range(mesh.num_devices)]
+    widest = max(line.cell_len for cell in cells for line in cell.split())
+    fit = max(1, (width - 1) // (widest + 3))  # a cell takes its text, padding and a border
+    per_row = max(d for d in range(1, fit + 1) if mesh.num_devices % d == 0)
+    if 2 * per_row <= fit:
+        per_row = fit
+    order = " × ".join(f"{a}={n}" for a, n in mesh.axes)
+    table = Table(show_header=False, show_lines=True, pad_edge=True, title_justify="left",
+                  title=f"devices in row-major order of {order}")
+    for _ in range(per_row):
+        table.add_column(no_wrap=True)
+    for start in range(0, len(cells), per_row):
+        row = cells[start:start + per_row]
+        table.add_row(*row, *[""] * (per_row - len(row)))
+    return table
 
 
 def _groups_text(groups, limit: int = 4) -> str:
@@ -123,7 +155,7 @@ def shown_values(statement: Statement) -> list[tuple[str, Held, Held | None]]:
 
 
 def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
-                   values: dict | None = None):
+                   values: dict | None = None, width: int = 100):
     parts = []
     head = Text(f"{statement.number}. ", style="bold")
     if statement.line:
@@ -172,7 +204,7 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
     shown = shown_values(statement)
     if shown:  # the grid gets the whole width
         parts.append(Text("devices", style="bold cyan"))
-        parts.extend(device_grids(shown, mesh, device))
+        parts.extend(device_grids(shown, mesh, device, width))
     if values is not None:
         parts.append(_labelled("values", values_view(statement, mesh, values, device)))
     return Group(*parts)
@@ -198,7 +230,7 @@ def values_view(statement: Statement, mesh: Mesh, values: dict, device: int | No
 
 
 def explanation_view(explanation: Explanation, statements: list[int] | None = None,
-                     device: int | None = None, values: dict | None = None):
+                     device: int | None = None, values: dict | None = None, width: int = 100):
     mesh = explanation.mesh
     parts = []
     head = Text(f"{explanation.file}: ", style="bold")
@@ -217,7 +249,7 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
     parts.append(_labelled("inputs", inputs))
     for s in explanation.statements:
         if statements is None or s.number in statements:
-            parts.append(statement_view(s, mesh, device, values))
+            parts.append(statement_view(s, mesh, device, values, width))
     total = sum(s.bytes_per_device * s.trips for s in explanation.statements)
     moved = sum(len(s.movements) for s in explanation.statements)
     if statements is None:
@@ -228,4 +260,4 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
 
 
 def print_explanation(explanation: Explanation, console: Console, **options) -> None:
-    console.print(explanation_view(explanation, **options))
+    console.print(explanation_view(explanation, width=console.width, **options))

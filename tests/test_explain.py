@@ -261,3 +261,19 @@ def test_a_mesh_too_big_to_draw_shows_one_device_on_request(capsys):
     printed = capsys.readouterr().out
     assert "(device 77 of 512, at dp=19, tp=1)" in printed
     assert re.search(r"x#2 B 38:40 · S 16:32", printed)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_no_cell_is_cropped(example, monkeypatch, capsys):
+    """A grid too wide for the page is folded into rows of whole cells, never cut short."""
+    monkeypatch.chdir(ROOT)
+    assert main(["explain", str(example.relative_to(ROOT)), "--width", "80"]) == 0
+    assert "…" not in capsys.readouterr().out
+
+
+def test_a_folded_grid_titles_each_cell_with_its_coordinates(capsys):
+    assert main(["explain", "examples/transformer/block.ein", "--statement", "7",
+                 "--width", "70"]) == 0
+    printed = capsys.readouterr().out
+    assert "devices in row-major order of dp=2 × tp=4" in printed
+    assert "d6 dp=1,tp=2" in printed
