@@ -166,22 +166,27 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
     parts.append(Rule(style="cyan"))
     parts.append(head)
 
-    layouts = Table.grid(padding=(0, 2))
-    for _ in range(4):
-        layouts.add_column(no_wrap=True)
+    rows = []  # (name, style, cells): columns aligned by hand, so a narrow page wraps, not crops
     for held in statement.reads:
         read_as = next((h for h in statement.operands if h.tensor == held.tensor), held)
         arrow = "" if read_as.layout == held.layout else f"→ {read_as.text()}"
-        layouts.add_row(Text(held.tensor, style="bold"), held.text(), arrow, "")
+        rows.append((held.tensor, "bold", [held.text(), arrow, ""]))
     if statement.result is not None:
         result = statement.result
         name = shown_values(statement)[-1][0]
         local = "local [" + ",".join(map(str, result.local_shape(mesh))) + "]"
         if statement.made_as is not None and statement.made_as.layout != result.layout:
-            layouts.add_row(Text(name, style="bold green"), statement.made_as.text(),
-                            f"→ {result.text()}", local)
+            rows.append((name, "bold green", [statement.made_as.text(), f"→ {result.text()}", local]))
         else:
-            layouts.add_row(Text(name, style="bold green"), result.text(), local, "")
+            rows.append((name, "bold green", [result.text(), local, ""]))
+    widths = [max(len(row[0]) for row in rows)] + \
+        [max(len(row[2][k]) for row in rows) for k in range(3)]
+    layouts = Text()
+    for number, (name, style, cells) in enumerate(rows):
+        if number:
+            layouts.append("\n")
+        layouts.append(name.ljust(widths[0]), style)
+        layouts.append("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths[1:])).rstrip())
     parts.append(_labelled("layouts", layouts))
     if statement.rules:
         parts.append(_labelled("rule", Text("\n".join("• " + r for r in statement.rules))))
