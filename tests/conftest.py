@@ -17,6 +17,19 @@ def update_goldens(request) -> bool:
     return request.config.getoption("--update-goldens")
 
 
+@pytest.fixture
+def golden(update_goldens):
+    """`golden(path, printed)`: compare with a golden file, or write it under --update-goldens
+    (a missing one is written, and the test fails until it is reviewed and committed)."""
+    def check(path, printed: str) -> None:
+        if update_goldens or not path.exists():
+            path.write_text(printed)
+            if not update_goldens:
+                pytest.fail(f"wrote the missing golden file {path.name}; review and commit it")
+        assert printed == path.read_text()
+    return check
+
+
 # CI explores the same examples on every run, so that a submission's result does not
 # depend on luck; local runs keep exploring new ones (and remember failures).
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)

@@ -36,16 +36,10 @@ def golden_path(example: Path) -> Path:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_explain_matches_its_golden_file(example, update_goldens, monkeypatch, capsys):
+def test_explain_matches_its_golden_file(example, golden, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["explain", str(example.relative_to(ROOT))]) == 0
-    printed = capsys.readouterr().out
-    path = golden_path(example)
-    if update_goldens or not path.exists():
-        path.write_text(printed)
-        if not update_goldens:
-            pytest.fail(f"wrote the missing golden file {path.name}; review and commit it")
-    assert printed == path.read_text()
+    golden(golden_path(example), capsys.readouterr().out)
 
 
 def test_every_explain_golden_has_its_example():

@@ -23,15 +23,9 @@ def golden_path(example: Path) -> Path:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_per_device_program_matches_its_golden_file(example, update_goldens, monkeypatch):
+def test_per_device_program_matches_its_golden_file(example, golden, monkeypatch):
     monkeypatch.chdir(ROOT)  # the printed program names its file relative to the repository
-    printed = format_spmd(compile_spmd(load(example.relative_to(ROOT)))) + "\n"
-    path = golden_path(example)
-    if update_goldens or not path.exists():
-        path.write_text(printed)
-        if not update_goldens:
-            pytest.fail(f"wrote the missing golden file {path.name}; review and commit it")
-    assert printed == path.read_text()
+    golden(golden_path(example), format_spmd(compile_spmd(load(example.relative_to(ROOT)))) + "\n")
 
 
 def test_every_golden_file_has_its_example():
