@@ -5,8 +5,9 @@
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
     einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json] [--svg OUT.svg] [--html OUT.html]
-    einpar explain FILE [--statement N] [--device D] [--values] [--cluster NAME|FILE]
-                   [--svg OUT.svg] [--html OUT.html] [--width COLUMNS] [--force]
+    einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
+                   [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
+                   [--force] [--json]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--json] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
@@ -275,7 +276,7 @@ def _save_slides(console: Console, targets, title: str, out: Console) -> None:
 
 def _explain(args, program: Program, text: str, out: Console, sources: SourceMap) -> int:
     from .explain import explain
-    from .explain_view import print_explanation
+    from .explain_view import explanation_json, print_explanation
 
     targets = args.slides
     if args.values and args.json:
@@ -313,39 +314,13 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
         values = {}
         run_spmd(spmd, api.random_inputs(program, args.seed), record=values)
     if args.json:
-        out.print(json.dumps(explanation_json(explanation, numbers), indent=2), markup=False)
+        document = explanation_json(explanation, numbers)
+        out.print(json.dumps(document, indent=2), markup=False)
         return 0
     console = _view_console(args, out)
     print_explanation(explanation, console, statements=numbers, device=args.device, values=values)
     _save_slides(console, targets, f"einpar explain {args.file}", out)
     return 0
-
-
-def explanation_json(explanation, numbers: list[int] | None) -> dict:
-    """`einpar explain --json`: each statement's layouts, rule and collectives, and its blocks."""
-    from .explain_view import block_text, shown_values
-
-    mesh = explanation.mesh
-    statements = []
-    for s in explanation.statements:
-        if numbers is not None and s.number not in numbers:
-            continue
-        statements.append({
-            "number": s.number, "name": s.name, "line": s.line, "source": s.source, "trips": s.trips,
-            "reads": {h.tensor: h.text() for h in s.reads},
-            "operands": {h.tensor: h.text() for h in s.operands},
-            "result": s.result.text() if s.result else None,
-            "rules": s.rules,
-            "collectives": [{"call": m.call, "kind": m.kind, "axes": list(m.axes),
-                             "groups": [list(g) for g in m.groups],
-                             "bytes_per_device": m.bytes_per_device, "time_s": m.time_s,
-                             "why": m.sentence} for m in s.movements],
-            "devices": [{name: block_text(held, mesh, d) if moved is None else
-                         f"{block_text(held, mesh, d)} -> {block_text(moved, mesh, d)}"
-                         for name, held, moved in shown_values(s)} for d in range(mesh.num_devices)],
-        })
-    return {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
-            "statements": statements}
 
 
 def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, out: Console,

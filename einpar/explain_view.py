@@ -266,3 +266,28 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
 
 def print_explanation(explanation: Explanation, console: Console, **options) -> None:
     console.print(explanation_view(explanation, width=console.width, **options))
+
+
+def explanation_json(explanation, numbers: list[int] | None) -> dict:
+    """`einpar explain --json`: each statement's layouts, rule and collectives, and its blocks."""
+    mesh = explanation.mesh
+    statements = []
+    for s in explanation.statements:
+        if numbers is not None and s.number not in numbers:
+            continue
+        statements.append({
+            "number": s.number, "name": s.name, "line": s.line, "source": s.source, "trips": s.trips,
+            "reads": {h.tensor: h.text() for h in s.reads},
+            "operands": {h.tensor: h.text() for h in s.operands},
+            "result": s.result.text() if s.result else None,
+            "rules": s.rules,
+            "collectives": [{"call": m.call, "kind": m.kind, "axes": list(m.axes),
+                             "groups": [list(g) for g in m.groups],
+                             "bytes_per_device": m.bytes_per_device, "time_s": m.time_s,
+                             "why": m.sentence} for m in s.movements],
+            "devices": [{name: block_text(held, mesh, d) if moved is None else
+                         f"{block_text(held, mesh, d)} -> {block_text(moved, mesh, d)}"
+                         for name, held, moved in shown_values(s)} for d in range(mesh.num_devices)],
+        })
+    return {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
+            "statements": statements}
