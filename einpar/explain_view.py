@@ -1,4 +1,4 @@
-"""Drawing an `Explanation` with rich: the terminal view of `einpar explain`, and its slides.
+"""Drawing an `Explanation` with rich: the terminal view of `einpar explain`, its slides, and its JSON.
 
 Each statement gets a header with its source (highlighted by the `.ein`
 lexer), the layouts it reads and makes, the strategy and the collectives in
