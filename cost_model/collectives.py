@@ -59,7 +59,7 @@ from functools import lru_cache
 import networkx as nx
 import numpy as np
 
-from einpar.layout import Mesh
+from einpar.layout import Mesh, mesh_groups
 from einpar.reshard import collective_bytes
 
 from .cluster import Cluster, Links, Torus
@@ -80,6 +80,12 @@ class CollectiveTime:
     @property
     def time_s(self) -> float:
         return self.latency_s + self.bandwidth_s
+
+    @property
+    def how(self) -> str:
+        """`ring of 4 on nvlink, 2 groups a link`: the algorithm, the busiest link, contention."""
+        return (f"{self.algorithm} of {self.group_size} on {self.tier}"
+                + (f", {self.sharing} groups a link" if self.sharing > 1 else ""))
 
     @property
     def bound(self) -> str:
@@ -178,20 +184,6 @@ def torus(kind: str, axes: tuple[TorusAxis, ...], local_bytes: float, link: floa
 
 
 # ---- groups and their shapes
-
-
-def mesh_groups(mesh: Mesh, axes: tuple[str, ...], device_order=None) -> np.ndarray:
-    """Cluster devices of every group over `axes`: shape (groups, group size), members in
-    ring order (the mesh's row-major order over `axes`)."""
-    names = list(mesh.names)
-    sizes = [size for _, size in mesh.axes]
-    grid = np.arange(mesh.num_devices).reshape(sizes or [1])
-    inside = [names.index(axis) for axis in axes]
-    outside = [i for i in range(len(names)) if i not in inside]
-    groups = np.transpose(grid, outside + inside).reshape(-1, int(np.prod([sizes[i] for i in inside])))
-    if device_order is not None:
-        groups = np.asarray(device_order)[groups]
-    return groups
 
 
 def switched_shapes(groups: np.ndarray, gpus_per_node: int) -> list[tuple[int, int]]:

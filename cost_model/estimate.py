@@ -153,17 +153,14 @@ class _Pricer:
     def price_collective(self, step: CollectiveStep, trips: int) -> OpCost:
         move = step.step
         before = self.local_bytes(step.src)
-        axes = move.axes if move.kind != "permute" else (move.src_axis, move.dst_axis)
-        key = (move.kind, tuple(axes), before)
+        key = (move.kind, move.axes, before)
         if key not in self._collective_cache:
-            self._collective_cache[key] = collective_time(move.kind, tuple(axes), before, self.mesh,
+            self._collective_cache[key] = collective_time(move.kind, move.axes, before, self.mesh,
                                                           self.cluster)
         cost: CollectiveTime = self._collective_cache[key]
         what = format_collective(step, self.spmd.values[step.dst].type.indices)
-        detail = (f"{cost.algorithm} of {cost.group_size} on {cost.tier}"
-                  + (f", {cost.sharing} groups a link" if cost.sharing > 1 else ""))
         return OpCost(len(self.ops), step.dst, what, "comm", trips, 0, 0, step.bytes_per_device,
-                      0.0, cost.time_s, cost.bound, detail)
+                      0.0, cost.time_s, cost.bound, cost.how)
 
     def price(self, steps, trips: int) -> list:
         """OpCost per step (repeat bodies nested as lists), each priced once."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 # Bytes per element of each dtype of the language.
 DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "bool": 1}
 
@@ -153,6 +155,21 @@ def group_of(mesh: Mesh, device: int, axes: tuple[str, ...]) -> list[int]:
     for axis in axes:
         members = [dict(m, **{axis: k}) for m in members for k in range(mesh.size(axis))]
     return [device_at(mesh, m) for m in members]
+
+
+def mesh_groups(mesh: Mesh, axes: tuple[str, ...], device_order=None) -> np.ndarray:
+    """The devices of every group over `axes`: shape (groups, group size), members in
+    ring order (the mesh's row-major order over `axes`); `device_order` maps them to
+    a cluster's devices."""
+    names = list(mesh.names)
+    sizes = [size for _, size in mesh.axes]
+    grid = np.arange(mesh.num_devices).reshape(sizes or [1])
+    inside = [names.index(axis) for axis in axes]
+    outside = [i for i in range(len(names)) if i not in inside]
+    groups = np.transpose(grid, outside + inside).reshape(-1, int(np.prod([sizes[i] for i in inside])))
+    if device_order is not None:
+        groups = np.asarray(device_order)[groups]
+    return groups
 
 
 def block_index(layout: Layout, dim: int, mesh: Mesh, coords: dict[str, int]) -> int:
