@@ -89,7 +89,7 @@ def explain(program: Program, source: str | None = None, cluster=None):
     from .explain import explain as build
 
     text = read_source(program.file) if source is None else source
-    return build(program, compile_spmd(program), text, cluster)
+    return build(compile_spmd(program), text, cluster)
 
 
 def emit_jax(program: Program, command: str = "") -> str:

@@ -242,8 +242,9 @@ def _view_console(args, out: Console, natural: int = 0) -> Console:
         width = args.width or (out.width if out.is_terminal else SLIDE_WIDTH)
     if not exporting and out.is_terminal and not args.width:
         return out
+    # A recording keeps every style whatever the terminal shows, so slides are in full colour.
     return Console(highlight=False, record=exporting, width=width, file=out.file,
-                   force_terminal=out.is_terminal, color_system=out.color_system and "truecolor")
+                   force_terminal=out.is_terminal, color_system=out.color_system)
 
 
 def _slide_targets(args) -> list[tuple[str, Path]]:
@@ -289,7 +290,7 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
         cluster = load_cluster(args.cluster, sources)
         check_fits(cluster, program.mesh.num_devices, str(program.mesh))
     spmd = api.compile_spmd(program)
-    explanation = explain(program, spmd, text, cluster)
+    explanation = explain(spmd, text, cluster)
     numbers = None
     if args.statement is not None:
         names = {s.name: s.number for s in explanation.statements}

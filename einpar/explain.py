@@ -11,10 +11,10 @@ backends run and the cost model prices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .ir import Einsum, Program, Reduce
-from .layout import Layout, Mesh, block_slices, format_type, group_of
+from .ir import Einsum, Reduce
+from .layout import Layout, Mesh, block_slices, format_type, local_bytes, mesh_groups
 from .partition import PARTIAL
 from .spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
 from .units import format_bytes
@@ -73,7 +73,6 @@ class Statement:
     made_as: Held | None = None  # as its last op makes it, if the program then moves it
     rules: list[str] = field(default_factory=list)
     movements: list[Movement] = field(default_factory=list)
-    ops: list[str] = field(default_factory=list)  # local op results, in order
     made: set = field(default_factory=set)  # every local value made inside the statement
     steps: list = field(default_factory=list)  # its LocalSteps
 
@@ -181,8 +180,7 @@ def _movement_sentence(step: CollectiveStep, src: Held, dst: Held) -> str:
 
 
 class _Builder:
-    def __init__(self, program: Program, spmd: SpmdProgram, source: str, cluster=None):
-        self.program = program
+    def __init__(self, spmd: SpmdProgram, source: str, cluster=None):
         self.spmd = spmd
         self.mesh = spmd.mesh
         self.lines = source.splitlines()
@@ -223,7 +221,6 @@ class _Builder:
                                                       for h in statement.operands):
                 continue
             statement.operands.append(self.held(operand.value, operand.indices))
-        statement.ops.append(op.result.name)
         statement.made.add(op.result.name)
         statement.steps.append(step)
         self.by_op[op.result.name] = statement
@@ -235,29 +232,21 @@ class _Builder:
         src, dst = self.held(step.src), self.held(step.dst)
         if not (of_result or internal) and not any(h.tensor == src.tensor for h in statement.reads):
             statement.reads.append(src)
-        groups = tuple(dict.fromkeys(tuple(group_of(self.mesh, d, step.step.axes))
-                                     for d in range(self.mesh.num_devices)))
+        groups = tuple(tuple(int(d) for d in group) for group in mesh_groups(self.mesh, step.step.axes))
         call = format_collective(step, self.spmd.values[step.dst].type.indices)
         movement = Movement(call, step.kind, tuple(step.step.axes), groups, step.bytes_per_device,
                             _movement_sentence(step, src, dst), src, dst)
         if self.cluster is not None and step.kind != "slice":
-            movement = self.priced(movement, step)
+            from .cost_model.collectives import collective_time
+
+            value = self.spmd.values[step.src]
+            before = local_bytes(value.layout, value.type.shape, value.type.dtype, self.mesh)
+            cost = collective_time(step.kind, step.step.axes, before, self.mesh, self.cluster)
+            movement = replace(movement, time_s=cost.time_s, how=cost.how)
         statement.movements.append(movement)
         if of_result:  # the program asks for the result in another layout
             statement.made_as = statement.made_as or statement.result
             statement.result = dst
-
-    def priced(self, movement: Movement, step: CollectiveStep) -> Movement:
-        from .cost_model.collectives import collective_time
-        from .layout import local_bytes
-
-        move = step.step
-        axes = move.axes if move.kind != "permute" else (move.src_axis, move.dst_axis)
-        value = self.spmd.values[step.src]
-        before = local_bytes(value.layout, value.type.shape, value.type.dtype, self.mesh)
-        cost = collective_time(move.kind, tuple(axes), before, self.mesh, self.cluster)
-        how = f"{cost.algorithm} of {cost.group_size} on {cost.tier}"
-        return Movement(**{**movement.__dict__, "time_s": cost.time_s, "how": how})
 
     def walk(self, steps, trips: int) -> None:
         for step in steps:
@@ -277,7 +266,9 @@ class _Builder:
             outputs = Statement(len(self.statements) + 1, "output", 0, "output " + ", ".join(
                 o.name for o in self.spmd.outputs), 1)
             for move in self.pending:
-                self.attach(move, outputs, of_result=True)
+                self.attach(move, outputs, of_result=False)
+            last = {m.dst.tensor: m.dst for m in outputs.movements}  # each output as delivered
+            outputs.operands = list(last.values())
             self.statements.append(outputs)
         for statement in self.statements:
             statement.rules = _statement_rules(statement, self.spmd)
@@ -288,6 +279,7 @@ class _Builder:
         return Explanation(self.spmd.file, self.mesh, inputs, self.statements, name)
 
 
-def explain(program: Program, spmd: SpmdProgram, source: str, cluster=None) -> Explanation:
-    """Each statement of `program` as `spmd` runs it; times of collectives on `cluster` if given."""
-    return _Builder(program, spmd, source, cluster).build()
+def explain(spmd: SpmdProgram, source: str, cluster=None) -> Explanation:
+    """Each statement of the program `spmd` runs, `source` being its text; each collective's
+    time on `cluster` if given."""
+    return _Builder(spmd, source, cluster).build()

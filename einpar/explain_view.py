@@ -219,9 +219,8 @@ def values_view(statement: Statement, mesh: Mesh, values: dict, device: int | No
     """The numbers each device holds before the statement (its operands) and after (its result)."""
     table = Table(show_lines=True, header_style="bold", pad_edge=True)
     table.add_column("device")
-    before = [h for h in statement.reads]
-    after = [statement.result] if statement.result is not None else \
-        list({m.dst.tensor: m.dst for m in statement.movements}.values())
+    before = list(statement.reads)
+    after = [statement.result] if statement.result is not None else list(statement.operands)
     for held in before:
         table.add_column(f"{held.tensor} before")
     for held in after:
