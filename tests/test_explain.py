@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from einpar.api import load, random_inputs
+from einpar.api import compile_source, compile_spmd, load, random_inputs
 from einpar.backends.numpy_sim import assemble, run_spmd
 from einpar.backends.reference import _Evaluator
 from einpar.cli import main
 from einpar.cost_model.cluster import preset
 from einpar.cost_model.collectives import collective_time
 from einpar.explain import explain
-from einpar.explain_view import shown_values
+from einpar.explain_view import block_text, shown_values
 from einpar.layout import group_of
 from einpar.lower import compile_program
+from einpar.spmd import bytes_per_device
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.ein"))
@@ -27,7 +28,7 @@ GOLDENS = Path(__file__).resolve().parent / "goldens"
 def explained(example: Path, cluster=None):
     program = load(example)
     partitioned, spmd = compile_program(program)
-    return program, partitioned, spmd, explain(program, spmd, example.read_text(), cluster)
+    return program, partitioned, spmd, explain(spmd, example.read_text(), cluster)
 
 
 def golden_path(example: Path) -> Path:
@@ -80,6 +81,9 @@ def test_the_grid_shows_the_blocks_the_simulated_devices_hold(example):
                         where = tuple(slice(start, stop) for start, stop in value.block(mesh, device))
                         np.testing.assert_array_equal(blocks[device], together[where])
                 checked += 1
+    # Every collective of the program is in exactly one statement's moves.
+    assert sum(s.bytes_per_device * s.trips for s in explanation.statements) == \
+        bytes_per_device(spmd.steps)
     in_loops = all(statement.trips > 1 for statement in explanation.statements)
     assert checked >= 2 or in_loops  # a loop body's values are checked by test_simulator
 
@@ -271,3 +275,17 @@ def test_a_folded_grid_titles_each_cell_with_its_coordinates(capsys):
     printed = capsys.readouterr().out
     assert "devices in row-major order of dp=2 × tp=4" in printed
     assert "d6 dp=1,tp=2" in printed
+
+
+def test_outputs_moved_to_their_layouts_get_an_entry_of_their_own(tmp_path):
+    source = ("mesh tp=4\ndim I=8 J=8\ninput x[I@tp, J]\ny[I,J] = x[I,J] * 2\nz[I,J] = x[I,J] + 1\n"
+              "output y[I, J@tp]\noutput z[I, J]\n")
+    program = compile_source(source, "two.ein")
+    spmd = compile_spmd(program)
+    outputs = explain(spmd, source).statements[-1]
+    assert outputs.name == "output" and outputs.source == "output y, z"
+    assert [m.call for m in outputs.movements] == ["all_to_all[tp](y, I -> J)",
+                                                   "all_gather[tp](z, I)"]
+    assert [(name, block_text(held, spmd.mesh, 1), block_text(moved, spmd.mesh, 1))
+            for name, held, moved in shown_values(outputs)] == \
+        [("y", "I 2:4", "J 2:4"), ("z", "I 2:4", "whole")]

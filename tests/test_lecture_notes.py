@@ -2,9 +2,12 @@
 
 The table compares the parallelism schemes on one model size and one
 cluster. This test prices each scheme's example again and compares the
-table row by row; `--update-goldens` rewrites the table.
+table row by row, after checking that each row's bytes-per-device formula,
+evaluated at the example's sizes, is the number einpar's program sends;
+`--update-goldens` rewrites the table.
 """
 
+import re
 from pathlib import Path
 
 from einpar.api import compile_spmd, load
@@ -33,10 +36,20 @@ MOE = ("expert parallel MoE", "moe/gshard.ein", "2 · 4(ep-1)/ep · E·G/ep·C·
        {"G": 8, "S": 4096, "D": 4096, "C": 2048, "F": 16384})
 
 
+def evaluate(formula: str, sizes: dict) -> float:
+    """A formula as the table writes it (`4(tp-1)/tp · B/dp·S·D`), at `sizes`."""
+    python = formula.replace("·", "*")
+    python = re.sub(r"([0-9A-Za-z)])\s*\(", r"\1*(", python)  # 4(...) and tp (...): products
+    return eval(python, {"__builtins__": {}}, dict(sizes))
+
+
 def row(scheme: str, example: str, formula: str, sizes: dict) -> str:
     program = load(ROOT / "examples" / example, overrides=sizes)
     spmd = compile_spmd(program)
     result = estimate(program, spmd, preset(CLUSTER))
+    # The formula shown is the bytes einpar's program sends.
+    assert round(evaluate(formula, {**dict(program.dims), **dict(program.mesh.axes)})) == \
+        result.bytes_per_device, (scheme, formula)
     kinds: dict[str, int] = {}
     for step in collectives(spmd):
         kinds[step.kind] = kinds.get(step.kind, 0) + 1
