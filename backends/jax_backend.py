@@ -33,6 +33,7 @@ import numpy as np
 
 from einpar.errors import Diagnostic, EinparError
 from einpar.ir import Program
+from einpar.precision import DEFAULT_PRECISION
 from einpar.spmd import SpmdProgram
 
 from .jax_codegen import write_module
@@ -199,9 +200,10 @@ class Watchdog:
 # ---- loading the written module
 
 
-def load_module(program: Program, spmd: SpmdProgram, command: str = "") -> types.ModuleType:
+def load_module(program: Program, spmd: SpmdProgram, command: str = "",
+                precision: str = DEFAULT_PRECISION) -> types.ModuleType:
     """Execute the JAX module for `program`; its functions can then be called."""
-    source = write_module(program, spmd, command)
+    source = write_module(program, spmd, command, precision)
     filename = f"<einpar-jax {program.file}>"
     # Registered with linecache so that tracebacks into the module show its lines.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -260,11 +262,13 @@ class Compiled:
 
 
 def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray],
-                    devices: Devices, *, twin: bool = False) -> Compiled:
+                    devices: Devices, *, twin: bool = False,
+                    precision: str = DEFAULT_PRECISION) -> Compiled:
     """Compile einpar's per-device program (or with `twin`, the GSPMD twin) for `devices`,
-    and place `inputs` (whole arrays; each process places only its devices' blocks)."""
+    and place `inputs` (whole arrays; each process places only its devices' blocks).
+    Float32 contractions run at `precision` (einpar.precision)."""
     jax = _jax()
-    module = load_module(program, spmd)
+    module = load_module(program, spmd, precision=precision)
     with _x64(jax, module.X64):
         # Explicit axes for shard_map; Auto axes for the twin, so XLA chooses every layout
         # the program leaves open.
@@ -278,10 +282,11 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
 
 
 def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
-        twin: bool = False, warmup: int = 2, repeat: int = 10) -> JaxRun:
+        twin: bool = False, warmup: int = 2, repeat: int = 10,
+        precision: str = DEFAULT_PRECISION) -> JaxRun:
     """Run einpar's per-device program (or with `twin`, the GSPMD twin) on `devices`:
     compile, then `repeat` timed steps after `warmup` untimed ones, each waited for."""
-    compiled = compile_program(program, spmd, inputs, devices, twin=twin)
+    compiled = compile_program(program, spmd, inputs, devices, twin=twin, precision=precision)
     outputs = None
     for _ in range(warmup):
         outputs = compiled.step()

@@ -15,7 +15,9 @@ The JAX backend runs exactly this text, so what `--emit jax` prints is what
 ran. Writing text needs no JAX: this module imports none.
 
 Numerics follow the reference backend: half-precision values are computed
-in float32 and rounded when stored, contractions use full float32 precision.
+in float32 and rounded when stored. Float32 contractions run at the matmul
+precision asked for (einpar.precision): full float32 by default, as the
+reference computes and the cost model prices.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import keyword
 import math
 
+from einpar.flops import einsum_path
 from einpar.inputs import fan_in_of
+from einpar.precision import DEFAULT_PRECISION, JAX_PRECISION, check_precision
 from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
                        Reduce, Repeat, Route, Scalar, einsum_subscripts, walk_ops, work_dtype)
 from einpar.layout import Layout, Mesh
@@ -116,11 +120,13 @@ _CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.t
 
 
 class OpWriter:
-    """Lines of Python for IR ops. `dtype_of(name)` gives a value's dtype."""
+    """Lines of Python for IR ops. `dtype_of(name)` gives a value's dtype, `shape_of(name)` the
+    shape the code holds it in (local blocks in the per-device program, whole arrays in the twin)."""
 
-    def __init__(self, names: Names, dtype_of, lines: list[str]):
+    def __init__(self, names: Names, dtype_of, shape_of, lines: list[str]):
         self.names = names
         self.dtype_of = dtype_of
+        self.shape_of = shape_of
         self.lines = lines
         self.helpers: set[str] = set()  # module-level helpers the ops call
 
@@ -149,14 +155,17 @@ class OpWriter:
         if isinstance(op, Einsum):
             dtypes = {self.dtype_of(o.value) for o in op.operands}
             spec = repr(einsum_subscripts([o.indices for o in op.operands], rtype.indices))
+            # Three operands or more: the pairwise path einpar counts (einpar.flops), on the
+            # shapes this code holds, so the device computes the FLOPs the cost model prices.
+            path = self.path(op) if len(op.operands) > 2 else ""
             if work == "f32" and len(dtypes) == 1 and dtypes <= {"f16", "bf16"}:
                 # Products of half values are exact in float32: accumulate there, as the reference does.
                 args = ", ".join(self.names(o.value) for o in op.operands)
-                expr = f"jnp.einsum({spec}, {args}, precision=PRECISION, " \
+                expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION, " \
                        f"preferred_element_type=jnp.float32)"
             else:
                 args = ", ".join(self.read(o, work) for o in op.operands)
-                expr = f"jnp.einsum({spec}, {args}, precision=PRECISION)"
+                expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION)"
             self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
         elif isinstance(op, Map):
             expr, have = self.scalar(op.expr, op.operands, rtype.indices)
@@ -192,6 +201,10 @@ class OpWriter:
         else:
             assert isinstance(op, Route)
             self.route(op, indent, target, comment)
+
+    def path(self, op: Einsum) -> str:
+        sizes = {i: n for o in op.operands for i, n in zip(o.indices, self.shape_of(o.value))}
+        return f", optimize={list(einsum_path(op, sizes))!r}"
 
     def route(self, op: Route, indent: str, target: str, comment: str) -> None:
         self.helpers.add("route_top_k")
@@ -287,7 +300,8 @@ class _SpmdWriter:
         self.program = program
         self.names = names
         self.lines: list[str] = []
-        self.ops = OpWriter(names, lambda name: program.values[name].type.dtype, self.lines)
+        self.ops = OpWriter(names, lambda name: program.values[name].type.dtype,
+                            lambda name: program.values[name].local_shape(program.mesh), self.lines)
 
     def steps(self, steps, indent: str) -> None:
         mesh = self.program.mesh
@@ -343,7 +357,8 @@ class _GlobalWriter:
         for op in walk_ops(program.ops):
             if isinstance(op, Repeat):
                 values.update((v.name, v) for v in op.stacked)
-        self.ops = OpWriter(names, lambda name: values[name].type.dtype, self.lines)
+        self.ops = OpWriter(names, lambda name: values[name].type.dtype,
+                            lambda name: values[name].type.shape, self.lines)
 
     def body(self, ops, indent: str) -> None:
         for op in ops:
@@ -425,8 +440,11 @@ def _fan_ins(program: Program) -> dict[str, int | None]:
     return {v.name: fan_in.get(v.name, 1) if v.kind == "param" else None for v in program.inputs}
 
 
-def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> str:
-    """The standalone module for `program` and its per-device program `spmd`."""
+def write_module(program: Program, spmd: SpmdProgram, command: str = "",
+                 precision: str = DEFAULT_PRECISION) -> str:
+    """The standalone module for `program` and its per-device program `spmd`, its float32
+    contractions at `precision` (einpar.precision)."""
+    check_precision(precision)
     names = Names()
     params = [names(name) for name in spmd.inputs]
     per_device = _SpmdWriter(spmd, names)
@@ -460,7 +478,9 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> str:
     add("")
     add(f"MESH = {tuple(axes)!r}  # (axis, size), major to minor; devices in row-major order")
     add(f"DEVICES = {mesh.num_devices}")
-    add("PRECISION = lax.Precision.HIGHEST  # full float32 contractions, as the reference computes")
+    add(f"PRECISION = {JAX_PRECISION[precision]}  # " + (
+        "full float32 contractions, as the reference computes" if precision == "highest" else
+        "the accelerator's fast float32 matmuls (TF32 on GPUs, one bfloat16 pass on TPUs)"))
     add(f"X64 = {uses_f64}  # the program computes in float64")
     add("")
     add("# name: (global shape, dtype, layout, fan-in of a param: its random values are scaled by 1/sqrt)")

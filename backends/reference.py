@@ -16,6 +16,7 @@ import math
 import ml_dtypes
 import numpy as np
 
+from einpar.flops import einsum_path
 from einpar.syntax import deep_recursion
 from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand,
                        Program, Reduce, Repeat, Route, Scalar, TensorType, einsum_subscripts,
@@ -51,6 +52,16 @@ def aligned(array: np.ndarray, have: tuple[str, ...], want: tuple[str, ...]) -> 
     for index in want:
         shape.append(next(present) if index in have else 1)
     return array.reshape(shape)
+
+
+def numpy_path(op: Einsum, arrays: list[np.ndarray]):
+    """`np.einsum`'s `optimize` for `op` on these arrays: the path einpar counts
+    (einpar.flops), on the shapes at hand, so a device's local blocks take the path the
+    cost model counts for it. Two operands or fewer have only one order."""
+    if len(arrays) <= 2:
+        return False
+    sizes = {i: n for o, a in zip(op.operands, arrays) for i, n in zip(o.indices, a.shape)}
+    return ["einsum_path", *einsum_path(op, sizes)]
 
 
 # ---- elementwise primitives (LANGUAGE.md, "Precise meanings")
@@ -184,7 +195,7 @@ class _Evaluator:
                 arrays = [self.read(env, o, work) for o in op.operands]
                 subscripts = einsum_subscripts([o.indices for o in op.operands], rtype.indices,
                                                readable=False)
-                value = np.einsum(subscripts, *arrays, optimize=len(arrays) > 2)
+                value = np.einsum(subscripts, *arrays, optimize=numpy_path(op, arrays))
             elif isinstance(op, Map):
                 args = []
                 for operand in op.operands:

@@ -15,10 +15,12 @@ below). Contractions (einsums) run on the matrix unit's table, everything
 elementwise or reducing on the vector unit's. A cluster file may give its
 own steps, or one constant; `einpar calibrate` measures them on this host.
 
-Which peak a dtype gets: bf16 and f16 their own; f32 matmuls on a GPU the
-TF32 tensor-core peak and on a TPU the bf16 MXU peak, since that is what
-JAX's default matmul precision computes them in; elementwise f32 the f32
-peak where there is one. A chip with no figure for a dtype gets a clear error.
+Which peak a dtype gets: bf16 and f16 their own; f32 matmuls what the
+matmul precision (einpar.precision) computes them in: at `highest` the FP32
+peak on a GPU and a sixth of the bf16 MXU peak on a TPU (6 bf16 passes), at
+`default` the TF32 tensor-core peak on a GPU (FP32 where it has none) and the
+bf16 peak on a TPU; elementwise f32 the f32 peak where there is one. A chip
+with no figure for a dtype gets a clear error.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from einpar.ir import Einsum
+from einpar.precision import DEFAULT_PRECISION, TPU_HIGHEST_PASSES, check_precision
 
 from .cluster import Cluster
 from .hardware import Accelerator
@@ -35,10 +38,12 @@ class NoPeak(KeyError):
     pass
 
 
-def _candidates(chip: Accelerator, dtype: str, matrix: bool) -> tuple[str, ...]:
+def _candidates(chip: Accelerator, dtype: str, matrix: bool, precision: str) -> tuple[str, ...]:
     if chip.family == "cpu":  # einpar's backends compute half precision in f32 on the host
         return (dtype, "f32")
     if dtype == "f32" and matrix:
+        if precision == "highest":  # a TPU's own f32 figure (a cluster file's) first, else 6 passes
+            return ("f32", f"bf16/{TPU_HIGHEST_PASSES}") if chip.family == "tpu" else ("f32",)
         return {"gpu": ("tf32", "f32"), "tpu": ("bf16",)}.get(chip.family, ("f32",))
     if dtype in ("f16", "bf16"):
         return (dtype, "bf16", "f16")
@@ -49,15 +54,20 @@ def _candidates(chip: Accelerator, dtype: str, matrix: bool) -> tuple[str, ...]:
     return (dtype,)
 
 
-def peak_flops(chip: Accelerator, dtype: str, matrix: bool) -> tuple[str, float]:
-    """(the peak's dtype, FLOP/s) an op in `dtype` runs at."""
-    for name in _candidates(chip, dtype, matrix):
-        if name in chip.peak_flops:
-            return name, chip.peak_flops[name].value
+def peak_flops(chip: Accelerator, dtype: str, matrix: bool,
+               precision: str = DEFAULT_PRECISION) -> tuple[str, float]:
+    """(the peak's dtype, FLOP/s) an op in `dtype` runs at, its matmuls at `precision`."""
+    check_precision(precision)
+    for name in _candidates(chip, dtype, matrix, precision):
+        base, _, passes = name.partition("/")
+        if base in chip.peak_flops:
+            return name, chip.peak_flops[base].value / int(passes or 1)
     known = ", ".join(sorted(chip.peak_flops)) or "none"
+    other = "" if not (dtype == "f32" and matrix) else \
+        f", or price another matmul precision (--precision {'default' if precision == 'highest' else 'highest'})"
     raise NoPeak(f"{chip.name} has no published peak for {dtype} arithmetic (it has: {known})",
                  f"write `dtype bf16` in the program, or give accelerator.peak_flops.{dtype} in a "
-                 f"cluster file (docs/cost.md)")
+                 f"cluster file (docs/cost.md){other}")
 
 
 @dataclass(frozen=True)
@@ -78,10 +88,12 @@ class ComputeTime:
         return "compute" if self.math_s >= self.memory_s else "memory"
 
 
-def op_time(op, flops: int, hbm_bytes: int, cluster: Cluster) -> ComputeTime:
-    """Roofline time of one local op of `flops` FLOPs moving `hbm_bytes`."""
+def op_time(op, flops: int, hbm_bytes: int, cluster: Cluster,
+            precision: str = DEFAULT_PRECISION) -> ComputeTime:
+    """Roofline time of one local op of `flops` FLOPs moving `hbm_bytes`, its f32 matmuls
+    at `precision` (einpar.precision)."""
     matrix = isinstance(op, Einsum) and (bool(op.summed) or len(op.operands) > 1)
-    dtype, peak = peak_flops(cluster.chip, op.result.type.dtype, matrix)
+    dtype, peak = peak_flops(cluster.chip, op.result.type.dtype, matrix, precision)
     efficiency = cluster.efficiency
     table = efficiency.matrix if matrix else efficiency.vector
     math_s = flops / (peak * efficiency.step(table, flops)) if flops else 0.0

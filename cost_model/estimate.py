@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from einpar.errors import Diagnostic, EinparError
 from einpar.flops import op_flops, program_flops
+from einpar.precision import DEFAULT_PRECISION, check_precision
 from einpar.ir import Program, format_op
 from einpar.layout import local_bytes
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
@@ -64,6 +65,7 @@ class Estimate:
     cluster: Cluster
     devices: int
     overlap: bool
+    precision: str  # the matmul precision f32 contractions are priced at (einpar.precision)
     ops: list  # OpCost in program order
     step_time_s: float
     compute_s: float
@@ -94,7 +96,7 @@ class Estimate:
         chip = self.cluster.chip
         return {
             "file": self.file, "cluster": self.cluster.name, "accelerator": chip.name,
-            "devices": self.devices, "overlap": self.overlap,
+            "devices": self.devices, "overlap": self.overlap, "precision": self.precision,
             "step_time_s": self.step_time_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
             "exposed_comm_s": self.exposed_comm_s, "step_overhead_s": self.cluster.step_overhead_s,
             "flops_per_device": self.flops_per_device,
@@ -116,8 +118,9 @@ class Estimate:
 
 
 class _Pricer:
-    def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool):
+    def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool, precision: str):
         self.spmd, self.cluster, self.overlap = spmd, cluster, overlap
+        self.precision = precision
         self.mesh = spmd.mesh
         self.ops: list[OpCost] = []
         self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest op, the peak it runs at)
@@ -142,7 +145,7 @@ class _Pricer:
             sizes.update(zip(operand.indices, self.spmd.values[operand.value].local_shape(self.mesh)))
             hbm += self.local_bytes(operand.value)
         flops = op_flops(op, sizes)
-        cost: ComputeTime = op_time(op, flops, hbm, self.cluster)
+        cost: ComputeTime = op_time(op, flops, hbm, self.cluster, self.precision)
         if flops > self.peak_dtype_flops[0]:
             self.peak_dtype_flops = (flops, cost.peak)
         text = format_op(op)[0].split("  # line")[0].partition(" = ")[2]
@@ -283,10 +286,13 @@ def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
     return resident + peak, resident
 
 
-def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: bool = False) -> Estimate:
-    """Price `spmd` (the lowering of `program`) on `cluster`."""
+def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: bool = False,
+             precision: str = DEFAULT_PRECISION) -> Estimate:
+    """Price `spmd` (the lowering of `program`) on `cluster`, its f32 matmuls at `precision`
+    (einpar.precision: what the JAX backend runs them at)."""
+    check_precision(precision)
     check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
-    pricer = _Pricer(spmd, cluster, overlap)
+    pricer = _Pricer(spmd, cluster, overlap, precision)
     try:
         priced = pricer.price(spmd.steps, 1)
     except NoPeak as error:
@@ -307,6 +313,7 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
                      f"{int(cluster.chip.hbm_capacity.value):,} of HBM")
     return Estimate(
         file=spmd.file, cluster=cluster, devices=spmd.mesh.num_devices, overlap=overlap,
+        precision=precision,
         ops=pricer.ops, step_time_s=step_time, compute_s=compute_s, comm_s=comm_s,
         exposed_comm_s=max(0.0, end - compute_s), flops_per_device=flops,
         model_flops=program_flops(program), bytes_per_device=bytes_per_device(spmd.steps),

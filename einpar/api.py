@@ -18,6 +18,7 @@ from .check import check, parse_overrides
 from .errors import Diagnostic, EinparError
 from .inputs import check_inputs, load_inputs, random_inputs
 from .ir import Program
+from .precision import DEFAULT_PRECISION
 from .syntax import Module, parse
 
 __all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
@@ -92,22 +93,26 @@ def explain(program: Program, source: str | None = None, cluster=None):
     return build(compile_spmd(program), text, cluster)
 
 
-def emit_jax(program: Program, command: str = "") -> str:
-    """The program as a standalone JAX module (shard_map program and GSPMD twin); imports no JAX."""
+def emit_jax(program: Program, command: str = "", precision: str = DEFAULT_PRECISION) -> str:
+    """The program as a standalone JAX module (shard_map program and GSPMD twin); imports no JAX.
+    Its float32 contractions run at `precision`: "highest" (true float32) or "default" (the
+    accelerator's fast mode); see einpar.precision."""
     from .backends.jax_codegen import write_module
 
-    return write_module(program, compile_spmd(program), command)
+    return write_module(program, compile_spmd(program), command, precision)
 
 
 def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0, *,
             cpu_devices: int | None = None, platform: str | None = None, distributed=None,
-            twin: bool = False, warmup: int = 2, repeat: int = 10, started=None):
+            twin: bool = False, warmup: int = 2, repeat: int = 10, started=None,
+            precision: str = DEFAULT_PRECISION):
     """Run on the devices JAX sees (CPU devices made to measure when there is no accelerator).
 
     Returns a `einpar.backends.jax_backend.JaxRun`: outputs, compile time and step times.
     With `twin`, runs the GSPMD twin (XLA partitions the whole-array program) instead.
     `distributed` is a `jax_backend.Distributed` for one process of several; `started`,
-    if given, is called with the `Devices` once they are up (before compiling).
+    if given, is called with the `Devices` once they are up (before compiling). Float32
+    contractions run at `precision` (see `emit_jax`).
     """
     from .backends import jax_backend
 
@@ -119,6 +124,6 @@ def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed:
         if started is not None:
             started(devices)
         return jax_backend.run(program, compile_spmd(program), arrays, devices, twin=twin,
-                               warmup=warmup, repeat=repeat)
+                               warmup=warmup, repeat=repeat, precision=precision)
     finally:
         watchdog.stop()

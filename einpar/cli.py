@@ -3,12 +3,15 @@
     einpar check FILE [--set D=4096 tp=8] [--json]
     einpar run FILE --backend reference|numpy|jax [--inputs in.npz] [--seed N] [--save out.npz]
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
+               [--precision highest|default]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
-    einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json] [--svg OUT.svg] [--html OUT.html]
+    einpar compile FILE [--emit ast|ir|layouts|spmd|jax [--precision highest|default]] [--json]
+                   [--svg OUT.svg] [--html OUT.html]
     einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
                    [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
                    [--force] [--json]
-    einpar cost FILE --cluster NAME|FILE [--overlap] [--json] [--trace OUT.json] [--force]
+    einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
+                [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
@@ -35,6 +38,7 @@ from .flops import program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
 from .lexer import highlight
+from .precision import DEFAULT_PRECISION, PRECISIONS
 from .spmd import bytes_per_device, format_spmd, to_json
 from .tolerance import compare, program_tolerance
 from .units import format_bytes, format_count, format_seconds
@@ -80,6 +84,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="einpar", description="Compile, check, run and price sharded einsum programs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    def precision(sub, what: str):
+        sub.add_argument("--precision", choices=PRECISIONS, default=None,
+                         help=f"{what} float32 contractions: highest (true float32, the default: "
+                              "what the reference computes) or default (the accelerator's fast "
+                              "mode: TF32 on GPUs, one bfloat16 pass on TPUs); see docs/cost.md")
+
     def common(sub):
         sub.add_argument("file", help="the .ein program")
         sub.add_argument("--set", action="append", nargs="+", metavar="NAME=VALUE", default=[],
@@ -108,6 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="timed steps after the warm-up (default 10); the median is reported")
     jax.add_argument("--warmup", type=_count, default=2, metavar="N",
                      help="untimed steps first (default 2)")
+    precision(jax, "run")
     jax.add_argument("--twin", action="store_true",
                      help="run the GSPMD twin instead: the whole-array program under jax.jit with "
                           "the same input and output layouts, partitioned by XLA")
@@ -126,6 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--emit", choices=["ast", "ir", "layouts", "spmd", "jax"], default="spmd",
                       help="which stage to print (default: the per-device program); jax: a "
                            "standalone Python module running it under jax.shard_map")
+    precision(comp, "with --emit jax: the module runs its")
 
     def slides(sub):
         sub.add_argument("--svg", metavar="OUT.svg", help="also save the view as an SVG slide")
@@ -161,6 +173,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            "...) or a cluster file (.toml or .json, see docs/cost.md)")
     cost.add_argument("--overlap", action="store_true",
                       help="let collectives run beside compute that does not need their result")
+    precision(cost, "price")
     cost.add_argument("--trace", metavar="OUT.json",
                       help="write the timeline as a Chrome/Perfetto trace (ui.perfetto.dev)")
     cost.add_argument("--force", action="store_true", help="let --trace overwrite an existing file")
@@ -195,7 +208,8 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
 
     trace = _writable(args.trace, args.force, "cost") if args.trace else None
     cluster = load_cluster(args.cluster, sources)
-    result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap)
+    result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap,
+                      precision=args.precision or DEFAULT_PRECISION)
     if trace is not None:
         write_trace(result, trace)
     if args.json:
@@ -411,7 +425,9 @@ def _compile(args, program: Program, out: Console) -> int:
     if args.emit == "jax":
         command = f"einpar compile {args.file} --emit jax" + "".join(
             f" --set {item}" for group in args.set for item in group)
-        text = api.emit_jax(program, command)
+        if args.precision:
+            command += f" --precision {args.precision}"
+        text = api.emit_jax(program, command, args.precision or DEFAULT_PRECISION)
         if args.json:
             out.print(json.dumps({"jax": text}), markup=False)
         else:
@@ -612,10 +628,11 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
             source = args.inputs or f"random inputs, seed {args.seed}"
             out.print(f"{program.file}: {what} on {where} ({source})")
 
+    precision = args.precision or DEFAULT_PRECISION
     result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
                          distributed=distributed, twin=args.twin, warmup=args.warmup,
-                         repeat=args.repeat, started=started)
-    tolerance = program_tolerance(program)
+                         repeat=args.repeat, started=started, precision=precision)
+    tolerance = program_tolerance(program, precision)
     if result.outputs is not None:
         results = [compare(name, reference[name], result.outputs[name], tolerance) for name in reference]
     else:
@@ -664,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "calibrate":
             return _calibrate(args, out, err)
         args.slides = _slide_targets(args) if args.command in ("compile", "explain") else []
+        if args.command == "compile" and args.precision and args.emit != "jax":
+            raise _UsageError(f"einpar compile: error: --precision sets how the JAX module computes; "
+                              f"it goes with --emit jax, not --emit {args.emit}")
         overrides = api.parse_overrides([item for group in args.set for item in group])
         text = api.read_source(args.file)
         sources.texts[args.file] = text

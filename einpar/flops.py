@@ -3,8 +3,11 @@
 Conventions (stated once, used everywhere):
 - a contraction step over the union of its operands' indices costs 2 FLOPs
   per point (a multiply and an add) when it sums an index, 1 when it only
-  multiplies; an n-ary Einsum is contracted pairwise in the greedy order
-  below, the order the backends may also use;
+  multiplies; an n-ary Einsum is contracted pairwise along the path
+  `contraction_path` chooses (opt_einsum's search, the one NumPy's and JAX's
+  einsum use), and every backend runs that same path on the shapes it holds:
+  whole arrays for the reference, local blocks on a device, so what the cost
+  model counts per device is what the device computes;
 - a Map costs one FLOP per primitive function per output element (casts are
   free, transcendental functions count as one);
 - a Reduce costs one FLOP per input element;
@@ -14,7 +17,9 @@ Conventions (stated once, used everywhere):
 
 from __future__ import annotations
 
-from itertools import combinations
+from functools import lru_cache
+
+import opt_einsum
 
 from .ir import Apply, Cast, Einsum, Library, Map, Op, Program, Reduce, Repeat, Route, Scalar
 
@@ -31,35 +36,74 @@ def _product(sizes) -> int:
     return total
 
 
-def contraction_order(operands: list[tuple[str, ...]], out: tuple[str, ...],
-                      sizes: dict[str, int]) -> tuple[list[tuple[int, int]], int]:
-    """Greedy pairwise order for an n-ary contraction and its FLOPs.
+# Exhaustive search while it is cheap; beyond, opt_einsum's dynamic programming, which is
+# still exact for FLOPs among paths without outer products (opt_einsum docs, "The
+# Dynamic Programming Path"). Both are deterministic: no random restarts.
+_OPTIMAL_UP_TO = 4
 
-    At each step contract the pair whose step costs least (ties to the first
-    pair), keeping only indices still needed by other operands or the output.
-    Returns the list of pairs (positions in the shrinking operand list) and
-    the total FLOPs.
-    """
+Path = tuple[tuple[int, ...], ...]
+
+
+def contraction_path(operands: tuple[tuple[str, ...], ...], out: tuple[str, ...],
+                     sizes: dict[str, int]) -> Path:
+    """The pairwise order of an n-ary contraction, in opt_einsum's (and NumPy's) form:
+    each step names positions in the current operand list; those leave it and their
+    product is appended at its end. One operand: `((0,),)`."""
+    operands = tuple(tuple(o) for o in operands)
+    used = {i for o in operands for i in o} | set(out)
+    return _path(operands, tuple(out), tuple(sorted((i, sizes[i]) for i in used)))
+
+
+@lru_cache(maxsize=4096)  # the partitioner asks for the same op on the same shapes often
+def _path(operands: tuple[tuple[str, ...], ...], out: tuple[str, ...],
+          sizes: tuple[tuple[str, int], ...]) -> Path:
+    if len(operands) <= 2:
+        return (tuple(range(len(operands))),)
+    symbols = {index: opt_einsum.get_symbol(k) for k, (index, _) in enumerate(sizes)}
+    size_of = dict(sizes)
+    spec = ",".join("".join(symbols[i] for i in o) for o in operands) + "->" + \
+        "".join(symbols[i] for i in out)
+    shapes = [tuple(size_of[i] for i in o) for o in operands]
+    method = "optimal" if len(operands) <= _OPTIMAL_UP_TO else "dp"
+    path, _ = opt_einsum.contract_path(spec, *shapes, shapes=True, optimize=method)
+    return tuple(tuple(step) for step in path)
+
+
+def contraction_steps(operands: tuple[tuple[str, ...], ...], out: tuple[str, ...],
+                      path: Path) -> list[tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]]:
+    """Each pairwise step of `path`: (the indices of the operands it takes, the indices it
+    keeps: those still needed by a later operand or the output)."""
     remaining = [tuple(o) for o in operands]
-    steps: list[tuple[int, int]] = []
+    steps = []
+    for positions in path:
+        taken = tuple(remaining[k] for k in positions)
+        remaining = [o for k, o in enumerate(remaining) if k not in positions]
+        needed = set(out).union(*remaining)
+        union = dict.fromkeys(i for o in taken for i in o)
+        kept = tuple(i for i in union if i in needed) if remaining else tuple(out)
+        steps.append((taken, kept))
+        remaining.append(kept)
+    return steps
+
+
+def contraction_flops(operands: tuple[tuple[str, ...], ...], out: tuple[str, ...],
+                      sizes: dict[str, int], path: Path | None = None) -> int:
+    """FLOPs of contracting along `path` (by default `contraction_path`'s), by the
+    convention above. A single operand costs one FLOP per input element."""
+    if len(operands) == 1:
+        return _product(sizes[i] for i in operands[0])
+    if path is None:
+        path = contraction_path(operands, out, sizes)
     total = 0
-    if len(remaining) == 1:
-        return steps, _product(sizes[i] for i in remaining[0])
-    while len(remaining) > 1:
-        best = None
-        for a, b in combinations(range(len(remaining)), 2):
-            union = tuple(dict.fromkeys(remaining[a] + remaining[b]))
-            others = [idx for k, o in enumerate(remaining) if k not in (a, b) for idx in o]
-            kept = tuple(i for i in union if i in out or i in others)
-            summed = len(kept) < len(union)
-            cost = _product(sizes[i] for i in union) * (2 if summed else 1)
-            if best is None or cost < best[0]:
-                best = (cost, a, b, kept)
-        cost, a, b, kept = best
-        total += cost
-        steps.append((a, b))
-        remaining = [o for k, o in enumerate(remaining) if k not in (a, b)] + [kept]
-    return steps, total
+    for taken, kept in contraction_steps(operands, out, path):
+        union = dict.fromkeys(i for o in taken for i in o)
+        total += _product(sizes[i] for i in union) * (2 if len(kept) < len(union) else 1)
+    return total
+
+
+def einsum_path(op: Einsum, sizes: dict[str, int]) -> Path:
+    """The path `op` runs on operands of these index sizes (global or local)."""
+    return contraction_path(tuple(o.indices for o in op.operands), op.result.type.indices, sizes)
 
 
 def _scalar_ops(expr: Scalar) -> int:
@@ -75,7 +119,7 @@ def op_flops(op: Op, sizes: dict[str, int]) -> int:
         return op.count * sum(op_flops(inner, sizes) for inner in op.body)
     out = op.result.type
     if isinstance(op, Einsum):
-        return contraction_order([o.indices for o in op.operands], out.indices, sizes)[1]
+        return contraction_flops(tuple(o.indices for o in op.operands), out.indices, sizes)
     if isinstance(op, Map):
         return _scalar_ops(op.expr) * _product(sizes[i] for i in out.indices)
     if isinstance(op, Reduce):

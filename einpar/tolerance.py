@@ -7,6 +7,9 @@ is that of the least precise dtype the program computes in (an f64 result
 summed from f32 values carries f32 rounding); a program of integers and
 booleans only must match exactly. The bounds leave room for a different
 summation order (sharded contractions add partial sums in another order).
+At matmul precision `default` (einpar.precision) float32 contractions may run
+in one bfloat16 pass (a TPU's), so a program with float32 values is judged
+at bfloat16's bound.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import numpy as np
 RELATIVE_TOLERANCE = {"f64": 1e-9, "f32": 1e-4, "f16": 6e-3, "bf16": 5e-2, "i32": 0.0, "bool": 0.0}
 
 
-def program_tolerance(program) -> float:
-    """The bound for every output of `program`: its least precise dtype's."""
-    return max((RELATIVE_TOLERANCE[value.type.dtype] for value in program.values.values()),
-               default=0.0)
+def program_tolerance(program, precision: str = "highest") -> float:
+    """The bound for every output of `program`: its least precise dtype's, with its float32
+    contractions run at `precision`."""
+    dtypes = {value.type.dtype for value in program.values.values()}
+    if precision == "default" and "f32" in dtypes:
+        dtypes.add("bf16")
+    return max((RELATIVE_TOLERANCE[dtype] for dtype in dtypes), default=0.0)
 
 
 @dataclass(frozen=True)
