@@ -63,8 +63,12 @@ def peak_flops(chip: Accelerator, dtype: str, matrix: bool,
         if base in chip.peak_flops:
             return name, chip.peak_flops[base].value / int(passes or 1)
     known = ", ".join(sorted(chip.peak_flops)) or "none"
-    other = "" if not (dtype == "f32" and matrix) else \
-        f", or price another matmul precision (--precision {'default' if precision == 'highest' else 'highest'})"
+    other = ""
+    if dtype == "f32" and matrix:  # the other matmul precision, where the chip has its peak
+        second = "default" if precision == "highest" else "highest"
+        if any(name.partition("/")[0] in chip.peak_flops
+               for name in _candidates(chip, dtype, matrix, second)):
+            other = f", or price the other matmul precision (--precision {second})"
     raise NoPeak(f"{chip.name} has no published peak for {dtype} arithmetic (it has: {known})",
                  f"write `dtype bf16` in the program, or give accelerator.peak_flops.{dtype} in a "
                  f"cluster file (docs/cost.md){other}")

@@ -1,5 +1,6 @@
 """The cost model against hand computation from the reference formulas (cost_model_notes.md)."""
 
+import dataclasses
 import json
 import math
 
@@ -202,13 +203,71 @@ def test_roofline_of_one_matmul_on_h100():
     flops = 2 * 128 * 512 * 256  # local [128,512] x [512,256]
     hbm = 4 * (128 * 512 + 512 * 256 + 128 * 256)
     assert (op.flops, op.hbm_bytes) == (flops, hbm)
-    # Calculon's steps: under 1 GFLOP runs at 0.10 of peak (f32 matmuls at TF32's 494.7 TFLOP/s);
-    # under 1 MB of traffic at 0.30 of HBM's 3.35 TB/s.
-    math_s = flops / (494.7e12 * 0.10)
+    # Calculon's steps: under 1 GFLOP runs at 0.10 of peak (f32 matmuls at the default precision,
+    # highest: FP32's 66.9 TFLOP/s); under 1 MB of traffic at 0.30 of HBM's 3.35 TB/s.
+    math_s = flops / (66.9e12 * 0.10)
     memory_s = hbm / (3.35e12 * 0.30)
     assert op.compute_s == pytest.approx(max(math_s, memory_s))
     assert op.bound == ("compute" if math_s > memory_s else "memory")
     assert result.step_time_s == pytest.approx(op.compute_s)
+
+
+BIG_MATMUL = """\
+dim I=4096 J=4096 K=4096
+input a[I, J]
+input b[J, K]
+c[I,K] = a[I,J] * b[J,K]
+output c
+"""
+
+
+@pytest.mark.parametrize("cluster, highest, fast, ratio", [
+    ("h100x8", "f32", "tf32", 494.7 / 66.9),  # GPU: FP32 units, or TF32 tensor cores
+    ("a100x8", "f32", "tf32", 156 / 19.5),
+    ("tpu-v5e:2x4", "bf16/6", "bf16", 6.0),  # TPU: 6 bf16 passes, or one
+])
+def test_f32_matmuls_are_priced_at_the_precision_they_run_at(cluster, highest, fast, ratio):
+    program = api.compile_source(BIG_MATMUL, "matmul.ein")
+    spmd = api.compile_spmd(program)
+    exact = estimate(program, spmd, preset(cluster), precision="highest")
+    quick = estimate(program, spmd, preset(cluster), precision="default")
+    assert estimate(program, spmd, preset(cluster)).step_time_s == exact.step_time_s  # the default
+    [slow_op], [fast_op] = exact.ops, quick.ops
+    assert (slow_op.detail, fast_op.detail) == (f"at {highest} peak", f"at {fast} peak")
+    assert slow_op.bound == fast_op.bound == "compute"  # 137 GFLOP against 201 MB: compute-bound
+    assert slow_op.compute_s / fast_op.compute_s == pytest.approx(ratio)
+    assert (exact.precision, quick.precision) == ("highest", "default")
+
+
+def test_cost_takes_the_precision_and_reports_it(capsys):
+    assert main(["cost", "examples/matmul/case1_no_contracting_split.ein", "--cluster", "h100x8",
+                 "--precision", "default", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["precision"] == "default"
+    assert result["per_op"][0]["detail"] == "at tf32 peak"
+    assert main(["cost", "examples/matmul/case1_no_contracting_split.ein", "--cluster", "h100x8"]) == 0
+    assert "f32 matmuls at highest precision" in capsys.readouterr().out
+    assert main(["cost", "examples/matmul/case1_no_contracting_split.ein", "--cluster", "h100x8",
+                 "--precision", "tf32"]) == 2
+    assert "invalid choice: 'tf32'" in capsys.readouterr().err
+
+
+def test_a_gpu_without_an_f32_peak_says_which_precision_has_one():
+    program = api.load("examples/matmul/case1_no_contracting_split.ein")
+    spmd = api.compile_spmd(program)
+    h100 = preset("h100x8")
+    tf32_only = {dtype: figure for dtype, figure in h100.chip.peak_flops.items() if dtype != "f32"}
+    cluster = dataclasses.replace(h100, chip=dataclasses.replace(h100.chip, peak_flops=tf32_only))
+    with pytest.raises(EinparError) as caught:
+        estimate(program, spmd, cluster)
+    [diagnostic] = caught.value.diagnostics
+    assert diagnostic.code == "E410"
+    assert "H100-SXM has no published peak for f32" in diagnostic.message
+    assert diagnostic.hint.endswith("or price the other matmul precision (--precision default)")
+    assert estimate(program, spmd, cluster, precision="default").ops[0].detail == "at tf32 peak"
+    with pytest.raises(EinparError) as caught:  # B200: neither; no precision to suggest
+        estimate(program, spmd, preset("b200x8"))
+    assert "--precision" not in caught.value.diagnostics[0].hint
 
 
 def test_peak_memory_of_one_matmul():

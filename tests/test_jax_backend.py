@@ -210,3 +210,60 @@ def test_tensors_named_like_the_modules_own_names_are_renamed():
     assert "def per_device(layer_1, P_2, trip_1):" in source
     assert "def trip_2(carry, stacked):" in source and "def layer_2(carry, stacked):" in source
     check_on_jax(program)
+
+
+# ---- matmul precision: what runs is what the cost model prices
+
+
+@pytest.mark.parametrize("precision, constant", [("highest", "lax.Precision.HIGHEST"),
+                                                 ("default", "lax.Precision.DEFAULT")])
+def test_the_emitted_module_carries_the_precision_asked_for(precision, constant, capsys):
+    path = str(ROOT / "examples/mlp/megatron.ein")
+    program = load(path)
+    assert f"\nPRECISION = {constant}  #" in emit_jax(program, precision=precision)
+    assert main(["compile", path, "--emit", "jax", "--precision", precision]) == 0
+    source = capsys.readouterr().out
+    assert f"\nPRECISION = {constant}  #" in source
+    assert f"--emit jax --precision {precision}`" in source  # the command that wrote it
+    einsums = [line for line in source.splitlines() if "jnp.einsum(" in line]
+    assert einsums and all("precision=PRECISION" in line for line in einsums)
+
+
+def test_the_module_defaults_to_full_float32(capsys):
+    assert main(["compile", str(ROOT / "examples/mlp/megatron.ein"), "--emit", "jax"]) == 0
+    assert "\nPRECISION = lax.Precision.HIGHEST  #" in capsys.readouterr().out
+
+
+def test_precision_goes_with_emit_jax_only(capsys):
+    path = str(ROOT / "examples/mlp/megatron.ein")
+    for emit in ("ast", "ir", "spmd"):
+        assert main(["compile", path, "--emit", emit, "--precision", "default"]) == 2
+        assert f"it goes with --emit jax, not --emit {emit}" in capsys.readouterr().err
+
+
+def test_the_jax_backend_runs_at_the_precision_asked_for(monkeypatch):
+    from einpar.backends import jax_backend
+
+    program = load(ROOT / "examples/matmul/case1_no_contracting_split.ein")
+    seen = []
+    real = jax_backend.write_module
+
+    def write_module(program, spmd, command="", precision="highest"):
+        seen.append(precision)
+        return real(program, spmd, command, precision)
+
+    monkeypatch.setattr(jax_backend, "write_module", write_module)
+    inputs = random_inputs(program, 0)
+    result = run_jax(program, inputs, warmup=0, repeat=1, precision="default")
+    assert seen == ["default"]
+    # On CPU both precisions compute float32; the bound at `default` is bfloat16's.
+    tolerance = program_tolerance(program, "default")
+    assert tolerance == 5e-2
+    assert compare("c", evaluate(program, inputs)["c"], result.outputs["c"], tolerance).ok
+
+
+def test_run_takes_the_precision(capsys):
+    path = str(ROOT / "examples/matmul/case1_no_contracting_split.ein")
+    assert main(["run", path, "--backend", "jax", "--repeat", "1", "--precision", "default",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"]["c"]["tolerance"] == 5e-2
