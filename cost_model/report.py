@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from einpar.units import format_bytes, format_count, format_seconds
+from einpar.units import format_bytes, format_count, format_seconds, significant
 
 from .estimate import Estimate
 
@@ -67,7 +67,7 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
               f"{format_count(estimate.model_flops)} in the unsharded program, "
               f"{format_count(estimate.flops_per_device * estimate.devices)} on all devices")
     out.print(f"achieved       {format_count(estimate.achieved_flops_per_s)}FLOP/s per device, "
-              f"{100 * estimate.fraction_of_peak:.2g}% of peak")
+              f"{significant(100 * estimate.fraction_of_peak, 2)}% of peak")
     out.print(f"sent           {format_bytes(estimate.bytes_per_device)} per device")
     capacity = cluster.chip.hbm_capacity.value
     fits = Text("fits", style="green") if estimate.fits else Text("DOES NOT FIT", style="bold red")
