@@ -88,11 +88,11 @@ def test_check_prints_tensors_shapes_layouts_and_flops(capsys, in_repo):
     assert lines[1] == "mesh dp=2 tp=4 (8 devices), dtype f32"
     assert lines[2] == "dims B=8 S=128 D=256 F=1024"
     assert table_rows(out) == {
-        "x": ["input", "f32[8,128,256]", "[B@dp,S,D]", "1 MiB"],
-        "w1": ["param", "f32[256,1024]", "[D,F@tp]", "1 MiB"],
-        "w2": ["param", "f32[1024,256]", "[F@tp,D]", "1 MiB"],
-        "h": ["def", "f32[8,128,1024]", "[B,S,F]", "4 MiB"],
-        "y": ["def", "f32[8,128,256]", "[B@dp,S,D]", "1 MiB"],
+        "x": ["input", "f32[8,128,256]", "[B@dp,S,D]", "1.00 MiB"],
+        "w1": ["param", "f32[256,1024]", "[D,F@tp]", "1.00 MiB"],
+        "w2": ["param", "f32[1024,256]", "[F@tp,D]", "1.00 MiB"],
+        "h": ["def", "f32[8,128,1024]", "[B,S,F]", "4.00 MiB"],
+        "y": ["def", "f32[8,128,256]", "[B@dp,S,D]", "1.00 MiB"],
     }
     assert "ops: 2 einsum, 1 map" in lines
     assert "outputs: y" in lines
