@@ -675,3 +675,105 @@ def test_mutated_cluster_files_are_priced_or_refused_never_nan(tmp_path_factory,
                      str(path), "--json"])
     assert code in (0, 1)
     assert "NaN" not in out.getvalue() and "Infinity" not in out.getvalue()
+
+
+# ---- a repeat is priced in time independent of its trip count
+
+NESTED_REPEATS = """mesh dp=2 tp=4
+dim B=8 D=64 F=256 L=3 M=2
+input x[B@dp, D]
+repeat L {
+  param w[D, F@tp]
+  param u[F@tp, D]
+  repeat M {
+    x[B,D] = x[B,D] + gelu(x[B,D] * w[D,F]) * u[F,D]
+  }
+  x[B@dp,D] = x[B,D] * 2
+}
+y[B@dp,D] = x[B,D] * 3
+output y
+"""
+
+
+def _priced(text_or_file, overrides, cluster="h100x8", overlap=False):
+    if text_or_file.endswith(".ein"):
+        program = api.load(text_or_file, overrides)
+    else:
+        program = api.compile_source(text_or_file, "nested.ein", overrides)
+    return estimate(program, api.compile_spmd(program), preset(cluster), overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("source, counts", [
+    ("examples/transformer/block.ein", {"L": 3}), ("examples/transformer/block.ein", {"L": 7}),
+    (NESTED_REPEATS, {"L": 3, "M": 2}), (NESTED_REPEATS, {"L": 6, "M": 5})])
+def test_a_repeat_laid_out_for_a_few_trips_prices_as_every_trip_laid_out(monkeypatch, source, counts,
+                                                                          overlap):
+    every_trip = _priced(source, counts, overlap=overlap)
+    assert every_trip.notes == [] and all(len(op.starts) == op.trips for op in every_trip.ops)
+    runs = sum(len(op.starts) for op in every_trip.ops)
+    monkeypatch.setattr("einpar.cost_model.estimate.MAX_RUNS", runs - 1)
+    monkeypatch.setattr("einpar.cost_model.estimate.LAID_OUT_TRIPS", 2)
+    few_trips = _priced(source, counts, overlap=overlap)
+    assert few_trips.step_time_s == pytest.approx(every_trip.step_time_s, rel=1e-12)
+    assert few_trips.exposed_comm_s == pytest.approx(every_trip.exposed_comm_s, rel=1e-9, abs=1e-18)
+    assert (few_trips.compute_s, few_trips.flops_per_device) == pytest.approx(
+        (every_trip.compute_s, every_trip.flops_per_device))
+    assert any(note.startswith("repeat L=") for note in few_trips.notes)
+    if source == NESTED_REPEATS and not overlap:
+        # The step after the repeats starts where it would with every trip laid out.
+        assert few_trips.ops[-1].name == every_trip.ops[-1].name == "y"
+        assert few_trips.ops[-1].starts == pytest.approx(every_trip.ops[-1].starts, rel=1e-9)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_billion_trips_price_in_well_under_a_second_and_linearly(overlap):
+    import time
+
+    three = _priced("examples/transformer/block.ein", {"L": 3}, overlap=overlap)
+    began = time.perf_counter()
+    billion = _priced("examples/transformer/block.ein", {"L": 10**9}, overlap=overlap)
+    two_billion = _priced("examples/transformer/block.ein", {"L": 2 * 10**9}, overlap=overlap)
+    assert time.perf_counter() - began < 1.0  # pricing, and compiling twice
+    assert billion.step_time_s == pytest.approx(three.step_time_s * 10**9 / 3, rel=1e-9)
+    assert two_billion.step_time_s == pytest.approx(2 * billion.step_time_s, rel=1e-12)
+    assert billion.flops_per_device == three.flops_per_device * 10**9 // 3
+    # The table shows the body once, with its count; the timeline lays out a few trips.
+    assert {op.trips for op in billion.ops} == {10**9}
+    assert all(len(op.starts) == 4 for op in billion.ops)
+    assert billion.notes[0] == ("repeat L=1,000,000,000 is laid out for 4 trips; the other trips "
+                                "each take what the last one laid out added")
+
+
+def test_nested_repeats_of_many_trips_scale_with_both_counts():
+    base = _priced(NESTED_REPEATS, {"L": 10, "M": 10}, overlap=True)
+    big = _priced(NESTED_REPEATS, {"L": 10**6, "M": 10**3}, overlap=True)
+    per_inner = _priced(NESTED_REPEATS, {"L": 10, "M": 11}, overlap=True).step_time_s - base.step_time_s
+    per_outer = _priced(NESTED_REPEATS, {"L": 11, "M": 10}, overlap=True).step_time_s - base.step_time_s
+    # Linear in each count: 10^6 outer trips of (the outer trip's own steps + 10^3 inner trips).
+    expected = base.step_time_s + (10**6 - 10) * per_outer + (10**6 * 10**3 - 10 * 10 - (10**6 - 10) * 10) \
+        * per_inner / 10
+    assert big.step_time_s == pytest.approx(expected, rel=1e-6)
+
+
+def test_trace_of_a_million_trips_shows_a_few_and_says_so(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    assert main(["cost", "examples/transformer/block.ein", "--cluster", "h100x8", "--set",
+                 "L=1000000", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "note: repeat L=1,000,000 is laid out for 4 trips" in out
+    events = json.loads(trace.read_text())
+    runs = [event for event in events["traceEvents"] if event["ph"] == "X"]
+    assert len(runs) == 4 * len({event["name"] for event in runs})
+    assert "a long repeat shows its first trips only" in events["traceEvents"][0]["args"]["name"]
+    assert events["otherData"]["notes"][0].startswith("repeat L=1,000,000 is laid out for 4 trips")
+
+
+def test_explain_of_a_billion_trips(capsys):
+    import time
+
+    began = time.perf_counter()
+    assert main(["explain", "examples/transformer/block.ein", "--set", "L=1000000000",
+                 "--cluster", "h100x8"]) == 0
+    assert time.perf_counter() - began < 10
+    assert "(runs 1000000000 times)" in capsys.readouterr().out
