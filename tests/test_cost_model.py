@@ -777,3 +777,42 @@ def test_explain_of_a_billion_trips(capsys):
                  "--cluster", "h100x8"]) == 0
     assert time.perf_counter() - began < 10
     assert "(runs 1000000000 times)" in capsys.readouterr().out
+
+
+# ---- calibrate's progress and Ctrl-C
+
+def test_calibrate_shows_a_bar_only_once_it_takes_a_while(monkeypatch):
+    from rich.console import Console
+
+    from einpar.cost_model import calibrate as calibration
+
+    clock = iter([0.0, 0.5, 1.0, 5.0, 6.0, 7.0])
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: next(clock))
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    with calibration.ProgressBar(console, total=4) as progress:
+        progress("step overhead")  # at 0.5 s: nothing yet
+        assert progress.bar is None
+        progress("matmul 8x8")  # at 1.0 s
+        assert progress.bar is None
+        progress("matmul 64x64")  # at 5.0 s: the bar
+        assert progress.bar is not None and progress.bar.tasks[0].completed == 2
+        assert progress.bar.tasks[0].total == 4
+    assert not progress.bar.live.is_started
+
+
+def test_calibrate_stops_cleanly_on_ctrl_c(tmp_path, monkeypatch, capsys):
+    from einpar.cost_model import calibrate as calibration
+
+    def interrupted(devices, quick, progress):
+        progress("step overhead")
+        progress("matmul 8x8")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "calibrate", interrupted)
+    out = tmp_path / "local.json"
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"calibrate: interrupted after 1 of {calibration.measurement_count(True)} measurements; " \
+           "nothing written" in err
+    assert "Traceback" not in err and not out.exists()
