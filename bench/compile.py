@@ -8,7 +8,12 @@ a naive plan that gathers every sharded input to every device and computes
 everything replicated (the ratio is what partitioning saves; a naive plan
 moves no bytes for a program whose inputs are all replicated). Then the
 compile time of generated programs of 100 and 1,000 statements. Goals: the
-attention example in tens of milliseconds, 1,000 statements under 2 s.
+attention example in tens of milliseconds, 1,000 statements under 2 s. Then
+meshes of many axes, each against the same program on a small mesh (the
+ratio): a matmul on 8 axes of size 2, on 64 axes (20 of size 2, 44 of size
+1; 64 of size 2 are 2^64 devices, refused at check), and the Megatron MLP
+with 5 more axes of size 1. Goal: axes of size 1 cost nothing, and the
+candidates priced per op are bounded (partition.MAX_CANDIDATES).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from einpar.api import compile_source, compile_spmd, read_source  # noqa: E402
+from einpar.errors import EinparError  # noqa: E402
 from einpar.layout import Layout  # noqa: E402
 from einpar.reshard import plan_reshard  # noqa: E402
 from einpar.spmd import bytes_per_device  # noqa: E402
@@ -64,6 +70,37 @@ def main() -> None:
     for statements in (100, 1000):
         seconds, _ = timed(generated_program(statements), f"generated-{statements}.ein", runs=3)
         print(f"{f'{statements:,} statements':<44} {seconds * 1e3:>10.0f} {seconds * 1e3 / statements:>13.2f}")
+    print()
+    many_axes()
+
+
+def matmul_on(sizes) -> str:
+    axes = " ".join(f"a{i}={size}" for i, size in enumerate(sizes))
+    return (f"mesh {axes}\ndim I=256 J=512 K=1024\ninput a[I,J]\ninput b[J,K]\n"
+            "c[I,K] = a[I,J] * b[J,K]\noutput c\n")
+
+
+def many_axes() -> None:
+    megatron = read_source(ROOT / "examples/mlp/megatron.ein")
+    padded = megatron.replace("mesh dp=2 tp=4", "mesh dp=2 tp=4 u1=1 u2=1 u3=1 u4=1 u5=1")
+    cases = [("matmul, 8 axes of size 2", matmul_on([2] * 8), matmul_on([2])),
+             ("matmul, 20 axes of size 2 and 44 of 1", matmul_on([2] * 20 + [1] * 44), matmul_on([2])),
+             ("matmul, 64 axes of size 2 (E223)", matmul_on([2] * 64), matmul_on([2])),
+             ("megatron + 5 axes of size 1", padded, megatron)]
+    print(f"{'mesh of many axes':<44} {'compile ms':>10} {'small mesh ms':>13} {'ratio':>8}")
+    for name, text, small in cases:
+        try:
+            seconds, _ = timed(text, "many-axes.ein", runs=3)
+        except EinparError as error:  # refused at check, as it should be
+            start = time.perf_counter()
+            try:
+                compile_source(text, "many-axes.ein")
+            except EinparError:
+                pass
+            seconds = time.perf_counter() - start
+            name = f"{name}: {error.diagnostics[0].code}"
+        base, _ = timed(small, "small.ein", runs=3)
+        print(f"{name:<44} {seconds * 1e3:>10.1f} {base * 1e3:>13.1f} {seconds / base:>7.1f}x")
 
 
 if __name__ == "__main__":

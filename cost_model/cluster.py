@@ -40,6 +40,8 @@ from .hardware import ALIASES, Accelerator, Figure, accelerator
 
 # The DGX SuperPod's scalable unit: 32 nodes share one leaf switch per rail.
 NODES_PER_LEAF = 32
+# Today's largest machines have about 10^5 chips: a cluster beyond 2^20 devices is a mistake.
+MAX_DEVICES = 2**20
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,8 @@ def ravel(coords, dims: tuple[int, ...]) -> int:
 
 # ---- presets
 
-GPU_PRESET = re.compile(r"(?P<chip>[a-z0-9]+)x(?P<gpus>\d+)(?::(?P<nodes>\d+))?")
-TPU_PRESET = re.compile(r"(?P<chip>tpu-v[0-9a-z]+):(?P<dims>\d+(?:x\d+){1,2})")
+GPU_PRESET = re.compile(r"(?P<chip>[a-z0-9]+)x(?P<gpus>\d{1,9})(?::(?P<nodes>\d{1,9}))?")
+TPU_PRESET = re.compile(r"(?P<chip>tpu-v[0-9a-z]+):(?P<dims>\d{1,9}(?:x\d{1,9}){1,2})")
 PRESET_EXAMPLES = ("h100x8", "h100x8:64", "a100x8:128", "h200x8", "b200x8:16",
                    "tpu-v4:4x4x4", "tpu-v5e:16x16", "tpu-v5p:8x8x8")
 
@@ -249,6 +251,8 @@ def preset(name: str) -> Cluster:
         if not 1 <= gpus <= domain or nodes < 1:
             raise ValueError(f"{name}: a {chip.name} node has 1 to {domain} GPUs, and a cluster "
                              f"at least one node")
+        if gpus * nodes > MAX_DEVICES:
+            raise ValueError(f"{name}: {gpus * nodes:,} GPUs; a cluster has at most {MAX_DEVICES:,}")
         if nodes > 1 and chip.scale_out_bandwidth is None:
             raise ValueError(f"{name}: {chip.name} has no published scale-out bandwidth")
         return Cluster(key, chip, Switched(gpus, nodes))
@@ -263,6 +267,36 @@ def preset(name: str) -> Cluster:
 
 
 # ---- cluster files
+#
+# A cluster file is read in three passes: its nesting is bounded on the raw text (so no
+# parser recurses without end), it is parsed (JSON or TOML), and the document is walked
+# once against the schema, one function per section, each value checked for its type and
+# range where it is read. Every mistake is an E410 pointing at the value's line and column.
+
+# A cluster file is a few levels deep (topology.links[i].a is four); deeper is refused
+# before parsing, as Python's parsers recurse once per level.
+MAX_NESTING = 16
+MAX_FILE_BYTES = 16 * 2**20
+# A user graph is routed over all pairs of its nodes, so it stays smaller than MAX_DEVICES.
+MAX_GRAPH_NODES = 4096
+MAX_LINKS = 65536
+MAX_STEPS = 64  # efficiency steps in one table
+# Ranges of the figures (SI units): wide enough for any real chip or link, narrow enough
+# that no sum or quotient of them in the estimate overflows to infinity.
+RATE_RANGE = (1e-3, 1e24)  # FLOP/s, bytes/s
+BYTES_RANGE = (1.0, 1e24)
+SECONDS_RANGE = (0.0, 3600.0)
+
+ACCELERATOR_FIELDS = ("hbm_bandwidth", "hbm_capacity", "scale_up_bandwidth", "scale_up_latency",
+                      "scale_out_bandwidth", "scale_out_latency", "scale_up_efficiency",
+                      "scale_out_efficiency")
+ACCELERATOR_KEYS = ("base", "name", "family", "peak_flops", "source") + ACCELERATOR_FIELDS
+FAMILIES = ("gpu", "tpu", "cpu")
+TOPOLOGY_KEYS = {"switched": ("kind", "gpus_per_node", "nodes"), "torus": ("kind", "dims", "wrap"),
+                 "links": ("kind", "devices", "switches", "links")}
+LINK_KEYS = ("a", "b", "bandwidth", "latency")
+DOCUMENT_KEYS = ("name", "accelerator", "topology", "efficiency", "device_order", "step_overhead_s",
+                 "shared_cores", "measurements")  # measurements: what `einpar calibrate` saw
 
 
 class ClusterFileError(Exception):
@@ -283,7 +317,12 @@ def load_cluster(name_or_path: str, sources: SourceMap | None = None) -> Cluster
                 "E410", str(error),
                 hint="or give a cluster file (.toml or .json); see docs/cost.md")) from None
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:  # bounded: the path may name a device such as /dev/zero
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise EinparError(Diagnostic("E410", f"cluster file {path} is larger than "
+                                                 f"{MAX_FILE_BYTES // 2**20} MiB"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise EinparError(Diagnostic("E410", f"cluster file {path} is not UTF-8 text "
                                              f"({error.reason} at byte {error.start})")) from None
@@ -302,199 +341,480 @@ def load_cluster(name_or_path: str, sources: SourceMap | None = None) -> Cluster
                                      hint=error.hint or "see docs/cost.md for the format")) from None
 
 
-def _read_document(text: str, file: str) -> dict:
-    if file.lower().endswith(".json"):
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ClusterFileError(error.msg, error.lineno, error.colno) from None
-    else:
-        import tomllib
+def parse_cluster(text: str, file: str = "<cluster>") -> Cluster:
+    """The cluster a file's text describes; ClusterFileError at the first mistake."""
+    is_json = file.lower().endswith(".json")
+    _check_nesting(text, is_json)
+    document = _parse(text, is_json)
+    return _Schema(document, _Positions(text, is_json)).cluster(Path(file))
 
-        try:
+
+# -- reading the text
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _check_nesting(text: str, is_json: bool) -> None:
+    """Refuse arrays and tables nested deeper than MAX_NESTING, at the bracket that goes too
+    deep (strings and, in TOML, comments skipped; header lines such as [[a.b]] close at once)."""
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'" and (c == '"' or not is_json):
+            quote = text[i:i + 3] if text[i:i + 3] in ('"""', "'''") and not is_json else c
+            i += len(quote)
+            while i < n and not text.startswith(quote, i):
+                i += 2 if text[i] == "\\" and quote[0] == '"' else 1
+            i += len(quote)
+            continue
+        if c == "#" and not is_json:
+            newline = text.find("\n", i)
+            i = n if newline < 0 else newline
+            continue
+        if c in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ClusterFileError(f"values nested more than {MAX_NESTING} deep",
+                                       *_line_col(text, i),
+                                       hint="a cluster file is a few tables deep; see docs/cost.md")
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} is given twice in one table")
+        self.key = key
+
+
+def _reject_duplicate_keys(pairs: list) -> dict:
+    table = {}
+    for key, value in pairs:
+        if key in table:
+            raise DuplicateKey(key)
+        table[key] = value
+    return table
+
+
+# Python refuses to read integers longer than this (sys.get_int_max_str_digits).
+LONGEST_NUMBER = 4300
+
+
+def _parse(text: str, is_json: bool) -> dict:
+    try:
+        if is_json:
+            document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        else:
+            import tomllib
+
             document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            where = re.search(r"\(at line (\d+), column (\d+)\)", str(error))
-            message = re.sub(r"\s*\(at line.*\)$", "", str(error))
-            line, col = (int(where[1]), int(where[2])) if where else (0, 0)
-            raise ClusterFileError(message, line, col) from None
+    except json.JSONDecodeError as error:
+        raise ClusterFileError(error.msg, error.lineno, error.colno) from None
+    except RecursionError:
+        raise ClusterFileError("values nested too deeply", 1, 1) from None
+    except ValueError as error:  # TOMLDecodeError, a duplicate key, an integer of 5,000 digits
+        message = str(error)
+        where = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        if where:
+            raise ClusterFileError(re.sub(r"\s*\(at line.*\)$", "", message),
+                                   int(where[1]), int(where[2])) from None
+        if isinstance(error, DuplicateKey):
+            repeated = list(re.finditer(rf'"{re.escape(error.key)}"\s*:', text))
+            offset = repeated[1].start() if len(repeated) > 1 else 0
+            raise ClusterFileError(message, *_line_col(text, offset)) from None
+        digits = re.search(r"\d{%d,}" % LONGEST_NUMBER, text)
+        if digits:
+            raise ClusterFileError(f"a number of {len(digits[0]):,} digits",
+                                   *_line_col(text, digits.start())) from None
+        raise ClusterFileError(message, 1, 1) from None
     if not isinstance(document, dict):
         raise ClusterFileError("the file must hold one table (a JSON object)", 1, 1)
     return document
 
 
-def _locate(text: str, key: str) -> tuple[int, int]:
-    """Line and column where `key` first appears (for pointing at a bad field)."""
-    for number, line in enumerate(text.splitlines(), 1):
-        col = line.find(key)
-        if col >= 0:
-            return number, col + 1
-    return 0, 0
+class _Positions:
+    """Where each value of the document is in the text, by its path of keys and list indices:
+    a table's field at its key, a list's item at the item. Exact for JSON; for TOML, the
+    first occurrence of each key of the path after the one before (tomllib keeps no positions)."""
 
+    def __init__(self, text: str, is_json: bool):
+        self.text, self.is_json = text, is_json
+        self.offsets: dict = {}
+        if is_json:
+            self._json_value(0, ())
 
-def _number(table: dict, key: str, text: str, positive: bool = True) -> float | None:
-    if key not in table:
+    def __call__(self, path: tuple) -> tuple[int, int]:
+        offset = None
+        while offset is None and path:
+            offset = self.offsets.get(path) if self.is_json else self._toml(path)
+            path = path[:-1]
+        return _line_col(self.text, offset) if offset is not None else (1, 1)
+
+    # JSON: the text parsed, so it is well formed and at most MAX_NESTING deep.
+    _SPACE = re.compile(r"[ \t\n\r]*")
+    _SCALAR = re.compile(r"[^,\]}\s]*")
+
+    def _skip(self, i: int) -> int:
+        return self._SPACE.match(self.text, i).end()
+
+    def _json_value(self, i: int, path: tuple) -> int:
+        text = self.text
+        i = self._skip(i)
+        self.offsets.setdefault(path, i)
+        if text[i] == "{":
+            i = self._skip(i + 1)
+            while text[i] != "}":
+                key, end = json.decoder.scanstring(text, i + 1)
+                self.offsets[path + (key,)] = i
+                i = self._skip(self._json_value(self._skip(end) + 1, path + (key,)))
+                i = self._skip(i + 1) if text[i] == "," else i
+            return i + 1
+        if text[i] == "[":
+            i, index = self._skip(i + 1), 0
+            while text[i] != "]":
+                i = self._skip(self._json_value(i, path + (index,)))
+                i, index = (self._skip(i + 1) if text[i] == "," else i), index + 1
+            return i + 1
+        if text[i] == '"':
+            return json.decoder.scanstring(text, i + 1)[1]
+        return self._SCALAR.match(text, i).end()
+
+    def _toml(self, path: tuple) -> int | None:
+        offset, key = 0, None
+        for part in path:
+            if isinstance(part, int):
+                offset = self._toml_item(offset, key, part)
+                if offset is None:
+                    return None
+                continue
+            key = re.escape(part)
+            match = re.compile(rf"(?<![\w\"'-])(?:{key}|\"{key}\"|'{key}')\s*[=.\]]").search(
+                self.text, offset)
+            if match is None:
+                return None
+            offset = match.start()
+        return offset
+
+    def _toml_item(self, offset: int, key: str | None, index: int) -> int | None:
+        """The `index`th table of an array of tables [[...key]], or item of an inline array."""
+        if key is not None and self.text.rfind("[[", 0, offset) > self.text.rfind("\n", 0, offset):
+            line_start = self.text.rfind("\n", 0, offset) + 1
+            headers = [header for header in re.finditer(rf"^[ \t]*\[\[[^\]\n]*\b{key}\s*\]\]",
+                                                        self.text, re.M)
+                       if header.start() >= line_start]
+            return headers[index].start() if index < len(headers) else None
+        equals = self.text.find("=", offset)
+        start = self.text.find("[", equals)
+        if equals < 0 or start < 0:
+            return None
+        depth, count, i = 0, 0, start + 1
+        while i < len(self.text):
+            c = self.text[i]
+            if c in "\"'":
+                end = self.text.find(c, i + 1)
+                while end > 0 and c == '"' and self.text[end - 1] == "\\":
+                    end = self.text.find(c, end + 1)
+                i = len(self.text) if end < 0 else end + 1
+                continue
+            if depth == 0 and count == index and not c.isspace():
+                return i
+            if c in "[{":
+                depth += 1
+            elif c in "]}":
+                if depth == 0:
+                    return None
+                depth -= 1
+            elif c == "," and depth == 0:
+                count += 1
+            i += 1
         return None
-    value = table[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
-        raise ClusterFileError(f"{key} must be a positive number, not {value!r}", *_locate(text, key))
-    return float(value)
 
 
-# Accelerator figures a file may set, by their field names: bytes, bytes/s, seconds, fractions.
-ACCELERATOR_FIELDS = ("hbm_bandwidth", "hbm_capacity", "scale_up_bandwidth", "scale_up_latency",
-                      "scale_out_bandwidth", "scale_out_latency", "scale_up_efficiency",
-                      "scale_out_efficiency")
+def _show(value) -> str:
+    """A value as the file wrote it, short enough for a message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int) and abs(value) >= 10**15:
+        return f"a number of {len(str(abs(value)))} digits"
+    text = f"{value:g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _accelerator(document: dict, text: str, file: str) -> Accelerator:
-    spec = document.get("accelerator")
-    if isinstance(spec, str):
-        spec = {"base": spec}
-    if not isinstance(spec, dict):
-        raise ClusterFileError("the file needs `accelerator`: a preset name or a table",
-                               *_locate(text, "accelerator"),
-                               hint="known presets: " + ", ".join(sorted(ALIASES)))
-    unknown = set(spec) - set(ACCELERATOR_FIELDS) - {"base", "name", "peak_flops", "source", "family"}
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ClusterFileError(f"unknown accelerator field {key!r}", *_locate(text, key),
-                               hint="fields: base, name, peak_flops, " + ", ".join(ACCELERATOR_FIELDS))
-    source = str(spec.get("source", f"cluster file {Path(file).name}"))
-    if "base" in spec:
-        try:
-            chip = accelerator(str(spec["base"]))
-        except KeyError as error:
-            raise ClusterFileError(error.args[0], *_locate(text, str(spec["base"]))) from None
-    else:
-        missing = [key for key in ("peak_flops", "hbm_bandwidth", "hbm_capacity", "scale_up_bandwidth")
-                   if key not in spec]
-        if missing:
-            raise ClusterFileError(f"an accelerator without `base` needs {', '.join(missing)}",
-                                   *_locate(text, "accelerator"))
-        none = Figure(0.0, source)
-        chip = Accelerator(name="custom", family=str(spec.get("family", "gpu")), peak_flops={},
-                           hbm_capacity=none, hbm_bandwidth=none, scale_up_bandwidth=none,
-                           scale_up_latency=Figure(0.0, source), scale_up_domain=Figure(1e9, source),
-                           scale_out_bandwidth=None, scale_out_latency=None)
-    changes = {}
-    if "name" in spec:
-        changes["name"] = str(spec["name"])
-    if "peak_flops" in spec:
-        peaks = spec["peak_flops"]
-        if not isinstance(peaks, dict) or not peaks:
-            raise ClusterFileError("peak_flops must be a table of dtype = FLOP/s",
-                                   *_locate(text, "peak_flops"))
-        merged = dict(chip.peak_flops)
-        for dtype, value in peaks.items():
-            merged[dtype] = Figure(_number(peaks, dtype, text), source)
-        changes["peak_flops"] = merged
-    for key in ACCELERATOR_FIELDS:
-        value = _number(spec, key, text, positive=not key.endswith("latency"))
-        if value is not None:
-            if key.endswith("efficiency") and value > 1:
-                raise ClusterFileError(f"{key} is a fraction of line rate, at most 1",
-                                       *_locate(text, key))
-            changes[key] = Figure(value, source)
-    return replace(chip, **changes) if changes else chip
+def _dotted(path: tuple) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
 
 
-def _topology(document: dict, text: str) -> Topology:
-    topo = document.get("topology")
-    if not isinstance(topo, dict) or topo.get("kind") not in ("switched", "torus", "links"):
-        raise ClusterFileError("the file needs a `topology` table whose kind is switched, torus "
-                               "or links", *_locate(text, "topology"))
-    kind = topo["kind"]
+# -- the schema, one section at a time
 
-    def positive_int(key: str) -> int:
-        value = topo.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ClusterFileError(f"topology.{key} must be a positive whole number, not {value!r}",
-                                   *_locate(text, key))
+
+class _Schema:
+    """The document walked once: each section's function reads its values, checks each for
+    type and range as it goes, and fails at the first mistake with the value's position."""
+
+    def __init__(self, document: dict, where: _Positions):
+        self.document, self.where = document, where
+
+    def fail(self, path: tuple, message: str, hint: str | None = None):
+        raise ClusterFileError(message, *self.where(path), hint=hint)
+
+    # values
+
+    def table(self, path: tuple, value, keys) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"{_dotted(path)} must be a table, not {_show(value)}")
+        unknown = [key for key in value if key not in keys]
+        if unknown:
+            self.fail(path + (unknown[0],), f"unknown field {_dotted(path + (unknown[0],))}",
+                      hint="fields: " + ", ".join(keys))
         return value
 
-    if kind == "switched":
-        return Switched(positive_int("gpus_per_node"), positive_int("nodes") if "nodes" in topo else 1)
-    if kind == "torus":
-        dims = topo.get("dims")
+    def listed(self, path: tuple, value, what: str, most: int, least: int = 1) -> list:
+        if not isinstance(value, list) or not least <= len(value) <= most:
+            count = f"{least} to {most:,}" if least else f"at most {most:,}"
+            self.fail(path, f"{_dotted(path)} must be a list of {count} {what}, not {_show(value)}"
+                      + (f" of {len(value):,}" if isinstance(value, list) else ""))
+        return value
+
+    def text(self, path: tuple, value) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(path, f"{_dotted(path)} must be a non-empty string, not {_show(value)}")
+        return value
+
+    def number(self, path: tuple, value, bounds: tuple[float, float], what: str = "a number",
+               low_open: bool = False) -> float:
+        """A finite number in `bounds` (the low end excluded if `low_open`)."""
+        low, high = bounds
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                ok = False
+            else:
+                ok = math.isfinite(number) and (low < number if low_open else low <= number) \
+                    and number <= high
+        if not ok:
+            span = f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
+            self.fail(path, f"{_dotted(path)} must be {what} {span}, not {_show(value)}")
+        return number
+
+    def whole(self, path: tuple, value, most: int, what: str = "positive whole number") -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            self.fail(path, f"{_dotted(path)} must be a {what} (at most {most:,}), not {_show(value)}")
+        return value
+
+    # sections
+
+    def cluster(self, file: Path) -> Cluster:
+        document = self.table((), self.document, DOCUMENT_KEYS)
+        if "accelerator" not in document:
+            self.fail((), "the file needs `accelerator`: a preset name or a table",
+                      hint="known presets: " + ", ".join(sorted(ALIASES)))
+        if "topology" not in document:
+            self.fail((), "the file needs a `topology` table whose kind is switched, torus or links")
+        chip = self.accelerator(document["accelerator"], file)
+        topology = self.topology(document["topology"])
+        if isinstance(topology, Switched) and topology.nodes > 1 and chip.scale_out_bandwidth is None:
+            self.fail(("topology", "nodes"),
+                      "a cluster of several nodes needs accelerator.scale_out_bandwidth")
+        order = None
+        if "device_order" in document:
+            order = self.device_order(document["device_order"], topology.num_devices)
+        name = self.text(("name",), document["name"]) if "name" in document else file.stem
+        overhead = 0.0
+        if "step_overhead_s" in document:
+            overhead = self.number(("step_overhead_s",), document["step_overhead_s"], SECONDS_RANGE)
+        cores = None
+        if "shared_cores" in document:
+            cores = self.whole(("shared_cores",), document["shared_cores"], MAX_DEVICES)
+        efficiency = self.efficiency(document["efficiency"]) if "efficiency" in document \
+            else CALCULON_EFFICIENCY
+        return Cluster(name=name, chip=chip, topology=topology, efficiency=efficiency,
+                       device_order=order, step_overhead_s=overhead, shared_cores=cores,
+                       source=str(file))
+
+    def accelerator(self, spec, file: Path) -> Accelerator:
+        path = ("accelerator",)
+        if isinstance(spec, str):
+            spec = {"base": spec}
+        if not isinstance(spec, dict):
+            self.fail(path, f"accelerator must be a preset name or a table, not {_show(spec)}",
+                      hint="known presets: " + ", ".join(sorted(ALIASES)))
+        self.table(path, spec, ACCELERATOR_KEYS)
+        source = self.text(path + ("source",), spec["source"]) if "source" in spec \
+            else f"cluster file {file.name}"
+        if "base" in spec:
+            try:
+                chip = accelerator(self.text(path + ("base",), spec["base"]))
+            except KeyError as error:
+                self.fail(path + ("base",), error.args[0])
+        else:
+            missing = [key for key in ("peak_flops", "hbm_bandwidth", "hbm_capacity",
+                                       "scale_up_bandwidth") if key not in spec]
+            if missing:
+                self.fail(path, f"an accelerator without `base` needs {', '.join(missing)}")
+            none = Figure(0.0, source)
+            chip = Accelerator(name="custom", family="gpu", peak_flops={},
+                               hbm_capacity=none, hbm_bandwidth=none, scale_up_bandwidth=none,
+                               scale_up_latency=Figure(0.0, source),
+                               scale_up_domain=Figure(1e9, source),
+                               scale_out_bandwidth=None, scale_out_latency=None)
+        changes = {}
+        if "name" in spec:
+            changes["name"] = self.text(path + ("name",), spec["name"])
+        if "family" in spec:
+            if not isinstance(spec["family"], str) or spec["family"] not in FAMILIES:
+                self.fail(path + ("family",), f"accelerator.family must be one of "
+                                              f"{', '.join(FAMILIES)}, not {_show(spec['family'])}")
+            changes["family"] = spec["family"]
+        if "peak_flops" in spec:
+            peaks = spec["peak_flops"]
+            if not isinstance(peaks, dict) or not peaks:
+                self.fail(path + ("peak_flops",), "accelerator.peak_flops must be a table of "
+                                                  f"dtype = FLOP/s, not {_show(peaks)}")
+            changes["peak_flops"] = dict(chip.peak_flops) | {
+                dtype: Figure(self.number(path + ("peak_flops", dtype), value, RATE_RANGE,
+                                          "a rate in FLOP/s"), source)
+                for dtype, value in peaks.items()}
+        for key in ACCELERATOR_FIELDS:
+            if key in spec:
+                if key.endswith("efficiency"):
+                    value = self.number(path + (key,), spec[key], (0.0, 1.0),
+                                        "a fraction of line rate", low_open=True)
+                elif key.endswith("latency"):
+                    value = self.number(path + (key,), spec[key], SECONDS_RANGE, "a time in seconds")
+                elif key == "hbm_capacity":
+                    value = self.number(path + (key,), spec[key], BYTES_RANGE, "a size in bytes")
+                else:
+                    value = self.number(path + (key,), spec[key], RATE_RANGE, "a rate in bytes/s")
+                changes[key] = Figure(value, source)
+        if "scale_out_bandwidth" in changes and chip.scale_out_latency is None \
+                and "scale_out_latency" not in changes:
+            changes["scale_out_latency"] = Figure(0.0, source)
+        return replace(chip, **changes) if changes else chip
+
+    def topology(self, spec) -> Topology:
+        path = ("topology",)
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if not isinstance(kind, str) or kind not in TOPOLOGY_KEYS:
+            self.fail(path + (("kind",) if isinstance(spec, dict) and "kind" in spec else ()),
+                      "the file needs a `topology` table whose kind is switched, torus or links"
+                      + (f", not {_show(kind)}" if kind is not None else ""))
+        self.table(path, spec, TOPOLOGY_KEYS[kind])
+        if kind == "switched":
+            if "gpus_per_node" not in spec:
+                self.fail(path, "a switched topology needs gpus_per_node")
+            gpus = self.whole(path + ("gpus_per_node",), spec["gpus_per_node"], MAX_DEVICES)
+            nodes = self.whole(path + ("nodes",), spec.get("nodes", 1), MAX_DEVICES)
+            if gpus * nodes > MAX_DEVICES:
+                self.fail(path + ("nodes",), f"{gpus:,} GPUs per node times {nodes:,} nodes is more "
+                                             f"than {MAX_DEVICES:,} devices")
+            return Switched(gpus, nodes)
+        if kind == "torus":
+            return self.torus(path, spec)
+        return self.links(path, spec)
+
+    def torus(self, path: tuple, spec: dict) -> Torus:
+        dims = spec.get("dims")
         if not isinstance(dims, list) or not 1 <= len(dims) <= 3 or not all(
                 isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
-            raise ClusterFileError("topology.dims must be a list of 1 to 3 positive sizes",
-                                   *_locate(text, "dims"))
-        wrap = topo.get("wrap", [True] * len(dims))
+            self.fail(path + ("dims",), "topology.dims must be a list of 1 to 3 positive sizes")
+        if math.prod(dims) > MAX_DEVICES:
+            self.fail(path + ("dims",), f"topology.dims make more than {MAX_DEVICES:,} devices")
+        wrap = spec.get("wrap", [True] * len(dims))
         if not isinstance(wrap, list) or len(wrap) != len(dims) or not all(
                 isinstance(w, bool) for w in wrap):
-            raise ClusterFileError("topology.wrap must be a list of true/false, one per dim",
-                                   *_locate(text, "wrap"))
+            self.fail(path + ("wrap",), "topology.wrap must be a list of true/false, one per dim")
         return Torus(tuple(dims), tuple(wrap))
-    devices = topo.get("devices")
-    if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
-        raise ClusterFileError("topology.devices must be a list of device names",
-                               *_locate(text, "devices"))
-    switches = topo.get("switches", [])
-    names = set(devices) | set(switches)
-    links = []
-    for link in topo.get("links", []):
-        if not isinstance(link, dict) or {"a", "b", "bandwidth"} - set(link):
-            raise ClusterFileError("each link needs a, b and bandwidth (and may give latency)",
-                                   *_locate(text, "links"))
-        for end in (link["a"], link["b"]):
-            if end not in names:
-                raise ClusterFileError(f"link end {end!r} is not a device or switch",
-                                       *_locate(text, f'"{end}"'))
-        links.append((link["a"], link["b"], _number(link, "bandwidth", text),
-                      _number(link, "latency", text, positive=False) or 0.0))
-    graph = nx.Graph([(a, b) for a, b, _, _ in links])
-    graph.add_nodes_from(devices)
-    if not nx.is_connected(graph):
-        raise ClusterFileError("the links leave some devices unreachable from others",
-                               *_locate(text, "links"))
-    return Links(tuple(devices), tuple(switches), tuple(links))
 
+    def links(self, path: tuple, spec: dict) -> Links:
+        names: dict[str, tuple] = {}  # device or switch name -> its path
+        for key in ("devices", "switches"):
+            if key == "devices" and key not in spec:
+                self.fail(path, "a links topology needs devices")
+            items = self.listed(path + (key,), spec.get(key, []), "names", MAX_GRAPH_NODES,
+                                least=1 if key == "devices" else 0)
+            for index, item in enumerate(items):
+                here = path + (key, index)
+                self.text(here, item)
+                if item in names:
+                    self.fail(here, f"{_dotted(here)}: {item!r} is named twice "
+                                    f"(first at {_dotted(names[item])})")
+                names[item] = here
+        if len(names) > MAX_GRAPH_NODES:
+            self.fail(path + ("switches",), f"at most {MAX_GRAPH_NODES:,} devices and switches "
+                                            "in all (the graph is routed over all pairs)")
+        devices, switches = tuple(spec["devices"]), tuple(spec.get("switches", []))
+        links, seen = [], {}
+        for index, link in enumerate(self.listed(path + ("links",), spec.get("links", []),
+                                                 "links", MAX_LINKS, least=0)):
+            here = path + ("links", index)
+            self.table(here, link, LINK_KEYS)
+            missing = [key for key in ("a", "b", "bandwidth") if key not in link]
+            if missing:
+                self.fail(here, f"{_dotted(here)} needs {', '.join(missing)} "
+                                "(each link has a, b and bandwidth, and may give latency)")
+            for end in ("a", "b"):
+                if not isinstance(link[end], str) or link[end] not in names:
+                    self.fail(here + (end,), f"{_dotted(here + (end,))} must name a device or "
+                                             f"switch, not {_show(link[end])}")
+            pair = frozenset((link["a"], link["b"]))
+            if len(pair) == 1:
+                self.fail(here, f"{_dotted(here)} joins {link['a']!r} to itself")
+            if pair in seen:
+                self.fail(here, f"{_dotted(here)} joins {link['a']!r} and {link['b']!r} again "
+                                f"(first at {_dotted(seen[pair])})",
+                          hint="give one link per pair, with the bandwidth of all of them")
+            seen[pair] = here
+            links.append((link["a"], link["b"],
+                          self.number(here + ("bandwidth",), link["bandwidth"], RATE_RANGE,
+                                      "a rate in bytes/s"),
+                          self.number(here + ("latency",), link.get("latency", 0.0), SECONDS_RANGE,
+                                      "a time in seconds")))
+        graph = nx.Graph([(a, b) for a, b, _, _ in links])
+        graph.add_nodes_from(devices)
+        if not nx.is_connected(graph):
+            self.fail(path + ("links",), "the links leave some devices unreachable from others")
+        return Links(devices, switches, tuple(links))
 
-def _efficiency(document: dict, text: str) -> Efficiency:
-    spec = document.get("efficiency")
-    if spec is None:
-        return CALCULON_EFFICIENCY
-    if not isinstance(spec, dict):
-        raise ClusterFileError("efficiency must be a table", *_locate(text, "efficiency"))
-    tables = {}
-    for key in ("matrix", "vector", "memory"):
-        steps = spec.get(key, getattr(CALCULON_EFFICIENCY, key))
-        if isinstance(steps, (int, float)) and not isinstance(steps, bool):
-            steps = [[0, steps]]
-        try:
-            table = tuple(sorted(((float(a), float(f)) for a, f in steps), reverse=True))
-        except (TypeError, ValueError):
-            raise ClusterFileError(f"efficiency.{key} must be a fraction or a list of "
-                                   f"[size at least, fraction] steps", *_locate(text, key)) from None
-        if not table or not all(0 < f <= 1 for _, f in table):
-            raise ClusterFileError(f"efficiency.{key} fractions must be in (0, 1]", *_locate(text, key))
-        tables[key] = table
-    return Efficiency(**tables, source=str(spec.get("source", "cluster file")))
+    def efficiency(self, spec) -> Efficiency:
+        path = ("efficiency",)
+        self.table(path, spec, ("matrix", "vector", "memory", "source"))
+        tables = {}
+        for key in ("matrix", "vector", "memory"):
+            here = path + (key,)
+            steps = spec.get(key, getattr(CALCULON_EFFICIENCY, key))
+            if isinstance(steps, (int, float)) and not isinstance(steps, bool):
+                steps = [[0, steps]]
+            if not isinstance(steps, (list, tuple)) or not 1 <= len(steps) <= MAX_STEPS or not all(
+                    isinstance(step, (list, tuple)) and len(step) == 2 for step in steps):
+                self.fail(here, f"efficiency.{key} must be a fraction or a list of 1 to {MAX_STEPS} "
+                                "[size at least, fraction] steps")
+            table = []
+            for index, (size, fraction) in enumerate(steps):
+                table.append((self.number(here + (index,), size, (0.0, 1e30), "a size"),
+                              self.number(here + (index,), fraction, (0.0, 1.0), "a fraction",
+                                          low_open=True)))
+            tables[key] = tuple(sorted(table, reverse=True))
+        source = self.text(path + ("source",), spec["source"]) if "source" in spec else "cluster file"
+        return Efficiency(**tables, source=source)
 
-
-def parse_cluster(text: str, file: str = "<cluster>") -> Cluster:
-    document = _read_document(text, file)
-    chip = _accelerator(document, text, file)
-    topology = _topology(document, text)
-    if isinstance(topology, Switched) and topology.nodes > 1 and chip.scale_out_bandwidth is None:
-        raise ClusterFileError("a cluster of several nodes needs accelerator.scale_out_bandwidth",
-                               *_locate(text, "nodes"))
-    order = document.get("device_order")
-    if order is not None:
-        if (not isinstance(order, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                   for d in order)
-                or sorted(order) != list(range(len(order))) or len(order) > topology.num_devices):
-            raise ClusterFileError("device_order must list distinct cluster devices 0..N-1, one per "
-                                   "mesh device", *_locate(text, "device_order"))
-        order = tuple(order)
-    overhead = _number(document, "step_overhead_s", text, positive=False) or 0.0
-    cores = _number(document, "shared_cores", text)
-    return Cluster(name=str(document.get("name", Path(file).stem)), chip=chip, topology=topology,
-                   efficiency=_efficiency(document, text), device_order=order,
-                   step_overhead_s=overhead, shared_cores=None if cores is None else int(cores),
-                   source=file)
+    def device_order(self, order, devices: int) -> tuple[int, ...]:
+        path = ("device_order",)
+        if (not isinstance(order, list) or not 1 <= len(order) <= devices
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in order)
+                or sorted(order) != list(range(len(order)))):
+            self.fail(path, "device_order must list distinct cluster devices 0..N-1, one per "
+                            "mesh device")
+        return tuple(order)
 
 
 # ---- where the mesh lands

@@ -184,45 +184,55 @@ class _Pricer:
 
     # -- laying them out in time
 
-    def unroll(self, priced, rename: dict, trip_tag: str, nodes: list) -> None:
-        """Every run of every step, in program order, as (cost, values read, value made) with
-        names made unique per trip."""
+    def unroll(self, priced, rename: dict, trip_tag: str, nodes: list, caps: dict,
+               shifts: dict | None = None) -> None:
+        """Every run of every step, in program order, as (cost, values read, value made,
+        shift) with names made unique per trip; a repeat runs `caps.get(id(step), count)`
+        trips. `shifts`, given at the top level, is the time each capped repeat adds beyond
+        the trips laid out; steps after it are shifted by it (its `shift`)."""
+        shift = 0.0
         for step, cost in priced:
             if isinstance(step, RepeatStep):
                 carried = {inside: rename.get(before, before)
                            for before, inside, _, _ in step.carried}
-                for trip in range(step.count):
+                for trip in range(caps.get(id(step), step.count)):
                     tag = f"{trip_tag}@{trip}"
                     inner = dict(rename, **carried)
-                    self.unroll(cost, inner, tag, nodes)
+                    self.unroll(cost, inner, tag, nodes, caps)
                     carried = {inside: f"{result}{tag}" for _, inside, result, _ in step.carried}
                 for before, inside, result, after in step.carried:
                     rename[after] = carried[inside]
+                if shifts is not None:
+                    shift += shifts.get(id(step), 0.0)
                 continue
             if isinstance(step, LocalStep):
                 reads, made = [operand.value for operand in step.op.operands], step.op.result.name
             else:
                 reads, made = [step.src], step.dst
-            nodes.append((cost, [rename.get(name, name + trip_tag) for name in reads], made + trip_tag))
+            nodes.append((cost, [rename.get(name, name + trip_tag) for name in reads],
+                          made + trip_tag, shift))
             rename[made] = made + trip_tag
 
-    def run(self, priced) -> float:
-        """Lay every run of every step out in time; the end of the last."""
+    def run(self, priced, caps: dict | None = None, shifts: dict | None = None,
+            record: bool = True) -> float:
+        """Lay every run of every step out in time (a capped repeat's first trips only);
+        the end of the last. `record` keeps each run's start in its OpCost."""
         nodes: list = []
-        self.unroll(priced, {}, "", nodes)
+        self.unroll(priced, {}, "", nodes, caps or {}, shifts or {})
         ready: dict[str, float] = {}  # values not made by a step (inputs) are ready at 0
         if not self.overlap:
             free = 0.0
-            for cost, reads, made in nodes:
+            for cost, reads, made, shift in nodes:
                 start = max([free] + [ready.get(name, 0.0) for name in reads])
                 free = ready[made] = start + (cost.compute_s or cost.comm_s)
-                cost.starts.append(start)
+                if record:
+                    cost.starts.append(start + shift)
             return free
         # List scheduling: whichever step's operands are ready first goes next on its stream.
-        producer = {made: index for index, (_, _, made) in enumerate(nodes)}
-        waiting = [sum(1 for name in reads if name in producer) for _, reads, _ in nodes]
+        producer = {made: index for index, (_, _, made, _) in enumerate(nodes)}
+        waiting = [sum(1 for name in reads if name in producer) for _, reads, _, _ in nodes]
         readers: dict[int, list[int]] = {}
-        for index, (_, reads, _) in enumerate(nodes):
+        for index, (_, reads, _, _) in enumerate(nodes):
             for name in reads:
                 if name in producer:
                     readers.setdefault(producer[name], []).append(index)
@@ -232,19 +242,101 @@ class _Pricer:
         end = 0.0
         while heap:
             at, index = heapq.heappop(heap)
-            cost, reads, made = nodes[index]
+            cost, reads, made, shift = nodes[index]
             start = max(at, free[cost.stream])
             free[cost.stream] = ready[made] = start + (cost.compute_s or cost.comm_s)
             end = max(end, ready[made])
-            cost.starts.append(start)
+            if record:
+                cost.starts.append(start + shift)
             for reader in readers.get(index, ()):
                 waiting[reader] -= 1
                 if not waiting[reader]:
                     when = max(ready.get(name, 0.0) for name in nodes[reader][1])
                     heapq.heappush(heap, (when, reader))
-        for cost in self.ops:  # trips were laid out in readiness order
-            cost.starts.sort()
+        if record:
+            for cost in self.ops:  # trips were laid out in readiness order
+                cost.starts.sort()
         return end
+
+    def timeline(self, priced) -> tuple[float, list]:
+        """The end of the step's last run, and notes on trips not laid out.
+
+        Laid out in full when the program runs at most MAX_RUNS steps. Otherwise every
+        repeat of more than LAID_OUT_TRIPS trips lays out that many, and each trip beyond
+        costs what the last one laid out added (the steady state: a trip's collectives
+        overlap the trip before it the same way every time), measured by laying it out
+        once with one trip fewer. For a repeat r nested in repeats o, that marginal time
+        covers one trip in each laid-out trip of the o, so it is scaled by the o's counts
+        over their laid-out trips: exact for any time that is linear in each count.
+        """
+        if _runs(priced, {}) <= MAX_RUNS:
+            return self.run(priced), []
+        caps: dict = {}
+        capped: list = []  # (repeat, the counts over laid-out trips of the repeats around it)
+        for trips in (LAID_OUT_TRIPS, 2):
+            caps.clear(), capped.clear()
+            _cap(priced, trips, caps, capped, 1.0)
+            if _runs(priced, caps) <= MAX_RUNS:
+                break
+        else:  # too deeply nested to lay out two trips of each: one trip, steps in sequence
+            caps.clear(), capped.clear()
+            _cap(priced, 1, caps, capped, 1.0)
+            self.overlap = False
+            self.run(priced, caps)
+            return sum((op.compute_s or op.comm_s) * op.trips for op in self.ops), [
+                "the repeats are nested too deeply to lay out their trips: the steps are priced "
+                "one after another (no overlap), and one trip of each repeat is laid out"]
+        end = self.run(priced, caps, record=False)
+        extra: dict = {}  # the time a capped repeat adds beyond its laid-out trips
+        for step, scale in capped:
+            caps[id(step)] -= 1
+            marginal = end - self.run(priced, caps, record=False)
+            caps[id(step)] += 1
+            extra[id(step)] = (step.count - caps[id(step)]) * marginal * scale
+        # Steps after a top-level repeat start later by what it and the repeats inside it add.
+        shifts, top = {}, {id(step): step for step, _ in priced if isinstance(step, RepeatStep)}
+        for step, scale in capped:
+            owner = next(key for key, repeat in top.items() if _contains(repeat, step))
+            shifts[owner] = shifts.get(owner, 0.0) + extra[id(step)]
+        self.run(priced, caps, shifts)
+        notes = [f"repeat {step.dim}={step.count:,} is laid out for {caps[id(step)]} trips; the "
+                 f"other trips each take what the last one laid out added"
+                 for step, _ in capped]
+        return end + sum(extra.values()), notes
+
+
+# Past this many runs of steps in one step of the program, repeats lay out a few trips
+# and the rest are priced from the last one (pricing takes time independent of the counts).
+MAX_RUNS = 4096
+LAID_OUT_TRIPS = 4
+
+
+def _runs(priced, caps: dict) -> int:
+    """How many runs of steps the timeline lays out under `caps`."""
+    total = 0
+    for step, cost in priced:
+        if isinstance(step, RepeatStep):
+            total += caps.get(id(step), step.count) * _runs(cost, caps)
+        else:
+            total += 1
+    return total
+
+
+def _cap(priced, trips: int, caps: dict, capped: list, scale: float) -> None:
+    """Cap every repeat of more than `trips` trips; `scale` is the product of the enclosing
+    repeats' counts over their laid-out trips."""
+    for step, cost in priced:
+        if isinstance(step, RepeatStep):
+            laid = min(step.count, trips)
+            if laid < step.count:
+                caps[id(step)] = laid
+                capped.append((step, scale))
+            _cap(cost, trips, caps, capped, scale * step.count / laid)
+
+
+def _contains(repeat: RepeatStep, step: RepeatStep) -> bool:
+    return repeat is step or any(isinstance(inner, RepeatStep) and _contains(inner, step)
+                                 for inner in repeat.body)
 
 
 def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
@@ -297,14 +389,14 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
         priced = pricer.price(spmd.steps, 1)
     except NoPeak as error:
         raise EinparError(Diagnostic("E410", error.args[0], hint=error.args[1])) from None
-    end = pricer.run(priced)
+    end, trip_notes = pricer.timeline(priced)
     step_time = end + cluster.step_overhead_s
     compute_s = sum(op.compute_s * op.trips for op in pricer.ops)
     comm_s = sum(op.comm_s * op.trips for op in pricer.ops)
     flops = sum(op.flops * op.trips for op in pricer.ops)
     hbm = sum(op.hbm_bytes * op.trips for op in pricer.ops)
     peak, resident = peak_memory(spmd, pricer.local_bytes)
-    notes = []
+    notes = list(trip_notes)
     if spmd.mesh.num_devices < cluster.num_devices:
         notes.append(f"the mesh uses {spmd.mesh.num_devices} of the cluster's {cluster.num_devices} "
                      f"devices")

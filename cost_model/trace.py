@@ -1,9 +1,11 @@
 """The estimate's timeline as a Chrome trace-event file (opens in ui.perfetto.dev and chrome://tracing).
 
 One process (a device: every device runs the same program), two threads:
-compute and communication. Each run of each step is a complete event
-("ph": "X") with its start and duration in microseconds, as the Trace Event
-Format specifies; its args carry FLOPs, bytes and the bound.
+compute and communication. Each run of each step the estimate laid out is a
+complete event ("ph": "X") with its start and duration in microseconds, as
+the Trace Event Format specifies; its args carry FLOPs, bytes and the bound.
+A repeat of many trips shows the first few (the process's name and
+otherData.notes say so).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ COMPUTE_TRACK, COMM_TRACK = 1, 2
 
 
 def trace_events(estimate: Estimate) -> dict:
+    # A repeat of many trips is laid out for its first few (estimate.py): the trace shows
+    # those, so its size does not grow with the trip count, and says so.
+    partial = any(len(op.starts) < op.trips for op in estimate.ops)
+    shown = "; a long repeat shows its first trips only (see otherData.notes)" if partial else ""
     events = [
         {"ph": "M", "pid": 0, "name": "process_name",
          "args": {"name": f"{estimate.file} on {estimate.cluster.name}: one device of "
-                          f"{estimate.devices} (all run the same program)"}},
+                          f"{estimate.devices} (all run the same program){shown}"}},
         {"ph": "M", "pid": 0, "tid": COMPUTE_TRACK, "name": "thread_name", "args": {"name": "compute"}},
         {"ph": "M", "pid": 0, "tid": COMM_TRACK, "name": "thread_name",
          "args": {"name": "communication"}},
@@ -37,7 +43,8 @@ def trace_events(estimate: Estimate) -> dict:
                 "ts": start * 1e6, "dur": duration * 1e6,
                 "args": dict(args, trip=trip) if op.trips > 1 else args})
     return {"traceEvents": events, "displayTimeUnit": "ns",
-            "otherData": {"step_time_s": estimate.step_time_s, "cluster": estimate.cluster.name}}
+            "otherData": {"step_time_s": estimate.step_time_s, "cluster": estimate.cluster.name,
+                          "notes": estimate.notes}}
 
 
 def write_trace(estimate: Estimate, path) -> None:

@@ -37,6 +37,8 @@ from .syntax import Repeat as RepeatItem
 ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2}
 ALL_FUNCTIONS = tuple(ELEMENTWISE_FUNCTIONS) + REDUCTIONS + LIBRARY_FUNCTIONS + ("route",)
 DEFAULT_TOP_K = 2  # route's k when not given: GShard's top-2
+# About ten times today's largest machines; larger meshes are mistakes (2^64 devices).
+MAX_MESH_DEVICES = 2**20
 
 
 class _Abort(Exception):
@@ -362,6 +364,10 @@ class _Checker:
                 self.error("E222", f"dimension '{name}' has size {size}", self.dim_spans[name],
                            hint="dimensions need a positive size")
         self.mesh = Mesh(tuple(axes))
+        if self.mesh.num_devices > MAX_MESH_DEVICES:
+            self.error("E223", f"the mesh has {self.mesh.num_devices:,} devices; einpar handles at "
+                               f"most {MAX_MESH_DEVICES:,}", mesh_decl.span,
+                       hint="shrink the mesh axes (--set AXIS=N)")
         self.dims = {name: self.dims[name] for name in self.dim_spans if name in self.dims}
         if self.overrides:
             unknown = ", ".join(sorted(self.overrides))

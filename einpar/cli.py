@@ -222,11 +222,11 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
 
 
 def _calibrate(args, out: Console, err: Console) -> int:
-    from .cost_model.calibrate import calibrate, write_cluster_file
+    from .cost_model.calibrate import ProgressBar, calibrate, measurement_count, write_cluster_file
 
     target = _writable(args.out, args.force, "calibrate")
-    document = calibrate(args.devices, quick=args.quick,
-                         progress=lambda text: err.print(text, style="dim", markup=False))
+    with ProgressBar(err, measurement_count(args.quick)) as progress:
+        document = calibrate(args.devices, quick=args.quick, progress=progress)
     write_cluster_file(document, target)
     chip = document["accelerator"]
     out.print(f"wrote {target}: {args.devices} CPU devices, "

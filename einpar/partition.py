@@ -217,14 +217,35 @@ class _Partitioner:
             return kind, partial
         return None
 
-    def candidates(self, op: Op, space, whole, partial_choices):
+    def axis_options(self, op: Op, space, whole, partial_choices) -> list[list]:
+        """The roles each mesh axis may take in `op`. An axis of size 1 splits nothing, so it
+        only keeps what the op's operands or its constraint already do with it."""
         per_axis = []
         for axis in self.mesh.names:
-            options: list = [None] + [i for i in space if i not in whole]
+            options: list = [None]
+            if self.mesh.size(axis) > 1:
+                options += [i for i in space if i not in whole]
+            else:
+                layouts = [layout for o in op.operands for layout in self.available[o.value]]
+                layouts += [op.result.layout] if op.result.layout is not None else []
+                options += [i for i in space if i not in whole and any(
+                    axis in axes for layout in layouts
+                    for axes, index in zip(layout.dims, self._indices_of(op, layout)) if index == i)]
             if partial_choices[axis] is not None:
                 options.append(PARTIAL)
             per_axis.append(options)
-        for choice in itertools.product(*per_axis):
+        return per_axis
+
+    def _indices_of(self, op: Op, layout: Layout) -> tuple:
+        """The op's indices that `layout` (of an operand or the result) splits, dim by dim."""
+        for operand in op.operands:
+            if layout in self.available[operand.value]:
+                return operand.indices
+        return op.result.type.indices
+
+    def candidates(self, op: Op, space, whole, partial_choices):
+        per_axis = self.axis_options(op, space, whole, partial_choices)
+        for choice in self.assignments(op, per_axis):
             assignment = dict(zip(self.mesh.names, choice))
             split: dict[str, list[str]] = {}
             for axis, index in assignment.items():
@@ -234,6 +255,36 @@ class _Partitioner:
                    for i, axes in split.items()):
                 continue
             yield assignment, {i: _axis_order(self.mesh, axes) for i, axes in split.items()}
+
+    def assignments(self, op: Op, per_axis: list[list]):
+        """Every choice of one option per axis, if there are at most MAX_CANDIDATES;
+        otherwise the choices that give a role to at most k axes (the largest k that fits
+        the budget), in the same order, then the assignments the op's operands and its
+        constraint already imply, so a program whose layouts the user pinned keeps them."""
+        if _product(len(options) for options in per_axis) <= MAX_CANDIDATES:
+            yield from itertools.product(*per_axis)
+            return
+        most = _most_roles(per_axis, MAX_CANDIDATES)
+        seen = set()
+        for choice in itertools.product(*per_axis) if most == len(per_axis) else \
+                _with_at_most(per_axis, most):
+            seen.add(choice)
+            yield choice
+        for choice in self.implied_assignments(op, per_axis):
+            if choice not in seen:
+                seen.add(choice)
+                yield choice
+
+    def implied_assignments(self, op: Op, per_axis: list[list]):
+        """For the result's constraint and each operand's layouts: every axis on the index
+        that layout splits over it, the others None."""
+        layouts = [(op.result.layout, op.result.type.indices)] if op.result.layout else []
+        layouts += [(layout, o.indices) for o in op.operands for layout in self.available[o.value]]
+        for layout, indices in layouts:
+            roles = {axis: index for axes, index in zip(layout.dims, indices) for axis in axes}
+            choice = tuple(roles.get(axis) for axis in self.mesh.names)
+            if all(role in options for role, options in zip(choice, per_axis)):
+                yield choice
 
     def strategy_layouts(self, op: Op, assignment, split, reduced, partial_choices):
         reduce_kind = "sum" if isinstance(op, Einsum) else getattr(op, "kind", "sum")
@@ -250,7 +301,26 @@ class _Partitioner:
             elif role == PARTIAL:
                 partial.append((axis, partial_choices[axis][0]))
         result = op.result.type.indices
-        return operand_layouts, Layout(tuple(split.get(i, ()) for i in result), tuple(partial))
+        # A layout that differs from a held one only in axes of size 1 holds the same blocks:
+        # read the held one rather than move the value (a move of 0 bytes, but a step).
+        for position, operand in enumerate(op.operands):
+            for held in self.available[operand.value]:
+                if self.without_unit_axes(held) == self.without_unit_axes(operand_layouts[position]):
+                    operand_layouts[position] = held
+                    break
+        result_layout = Layout(tuple(split.get(i, ()) for i in result), tuple(partial))
+        constraint = op.result.layout
+        if constraint is not None and \
+                self.without_unit_axes(constraint) == self.without_unit_axes(result_layout):
+            result_layout = constraint
+        return operand_layouts, result_layout
+
+    def without_unit_axes(self, layout: Layout) -> Layout:
+        ones = {axis for axis in self.mesh.names if self.mesh.size(axis) == 1}
+        if not ones:
+            return layout
+        return Layout(tuple(tuple(a for a in axes if a not in ones) for axes in layout.dims),
+                      tuple((a, kind) for a, kind in layout.partial if a not in ones))
 
     def decision_key(self, op: Op):
         """Everything `choose` depends on, so that ops alike (the same layer, repeated)
@@ -435,6 +505,47 @@ class _Partitioner:
             move = self.cheapest_move(output.value, want, f"output {output.name}")
             outputs.append((output, want, move))
         return PartitionedProgram(self.program, tuple(inputs), tuple(steps), tuple(outputs))
+
+
+# Candidates priced per op at most: each costs the planning of its reshards, and their
+# number is a product over the mesh axes (4^8 for a matmul on 8 axes of size 2).
+MAX_CANDIDATES = 1024
+
+
+def _most_roles(per_axis: list[list], budget: int) -> int:
+    """The largest k such that the choices giving a role to at most k axes number at most
+    `budget`: elementary symmetric sums of each axis's roles besides None."""
+    counts = [1]  # counts[k]: choices with exactly k axes given a role
+    for options in per_axis:
+        roles = len(options) - 1
+        counts = [a + roles * b for a, b in zip(counts + [0], [0] + counts)]
+    total = 0
+    for k, count in enumerate(counts):
+        total += count
+        if total > budget:
+            return max(k - 1, 0)
+    return len(per_axis)
+
+
+def _with_at_most(per_axis: list[list], most: int):
+    """Choices (one option per axis, None first in each) with at most `most` axes not None,
+    in the order itertools.product would give them."""
+    free = [position for position, options in enumerate(per_axis) if len(options) > 1]
+
+    def extend(depth: int, left: int, choice: list):
+        if depth == len(free) or not left:
+            yield tuple(choice)
+            return
+        position = free[depth]
+        for option in per_axis[position]:
+            if option is None:
+                yield from extend(depth + 1, left, choice)
+            else:
+                choice[position] = option
+                yield from extend(depth + 1, left - 1, choice)
+                choice[position] = None
+
+    yield from extend(0, most, [None] * len(per_axis))
 
 
 def _product(values) -> int:

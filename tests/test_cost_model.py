@@ -1,8 +1,11 @@
 """The cost model against hand computation from the reference formulas (cost_model_notes.md)."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -511,3 +514,364 @@ def test_calibrate_writes_a_cluster_file_the_cost_model_reads(tmp_path, capsys):
     assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", str(out)]) == 0
     assert "overhead" in capsys.readouterr().out
     assert main(["calibrate", "--quick", "--out", str(out)]) == 2  # never over the user's file
+
+
+# ---- malformed cluster files: every mistake is E410 at its position, never an internal error
+
+LINKS_JSON = """{
+  "accelerator": "h100",
+  "topology": {
+    "kind": "links",
+    "devices": ["a", "b"],
+    "switches": ["s"],
+    "links": [
+      {"a": "a", "b": "s", "bandwidth": 1e10, "latency": 1e-6},
+      {"a": "b", "b": "s", "bandwidth": 1e10, "latency": 1e-6}
+    ]
+  },
+  "step_overhead_s": 0
+}
+"""
+SWITCHED_TOML = """accelerator = { base = "h100", scale_up_latency = 1e-5 }
+step_overhead_s = 0
+
+[topology]
+kind = "switched"
+gpus_per_node = 8
+"""
+LINKS_TOML = """accelerator = "h100"
+
+[topology]
+kind = "links"
+devices = ["a", "b"]
+
+[[topology.links]]
+a = "a"
+b = "b"
+bandwidth = 1e10
+"""
+
+# (name, file, text, message fragment, line, column)
+MALFORMED_CLUSTERS = [
+    ("links-a-number", "c.json", re.sub(r'"links": \[.*?\]', '"links": 5', LINKS_JSON, flags=re.S),
+     "topology.links must be a list of at most 65,536 links, not 5", 7, 5),
+    ("switches-a-number", "c.json", LINKS_JSON.replace('["s"]', "5"),
+     "topology.switches must be a list of at most 4,096 names, not 5", 6, 5),
+    ("switches-nested", "c.json", LINKS_JSON.replace('["s"]', "[[1]]"),
+     "topology.switches[0] must be a non-empty string, not a list", 6, 18),
+    ("link-end-a-list", "c.json", LINKS_JSON.replace('"b": "s", "bandwidth": 1e10, "latency": 1e-6}\n',
+                                                      '"b": ["s"], "bandwidth": 1e10, "latency": 1e-6}\n', 1),
+     "topology.links[1].b must name a device or switch, not a list", 9, 18),
+    ("link-end-unknown", "c.json", LINKS_JSON.replace('{"a": "b"', '{"a": "q"'),
+     "topology.links[1].a must name a device or switch, not 'q'", 9, 8),
+    ("link-to-itself", "c.json", LINKS_JSON.replace('{"a": "b", "b": "s"', '{"a": "b", "b": "b"'),
+     "topology.links[1] joins 'b' to itself", 9, 7),
+    ("link-twice", "c.json", LINKS_JSON.replace('{"a": "b", "b": "s"', '{"a": "s", "b": "a"'),
+     "topology.links[1] joins 's' and 'a' again (first at topology.links[0])", 9, 7),
+    ("link-without-bandwidth", "c.json", LINKS_JSON.replace(', "bandwidth": 1e10, "latency": 1e-6}\n    ]',
+                                                             "}\n    ]"),
+     "topology.links[1] needs bandwidth", 9, 7),
+    ("nan-latency", "c.json", LINKS_JSON.replace('"latency": 1e-6}\n    ]', '"latency": NaN}\n    ]'),
+     "topology.links[1].latency must be a time in seconds from 0 to 3600, not nan", 9, 47),
+    ("negative-latency", "c.json", LINKS_JSON.replace('"latency": 1e-6}\n    ]', '"latency": -1}\n    ]'),
+     "topology.links[1].latency must be a time in seconds from 0 to 3600, not -1", 9, 47),
+    ("infinite-bandwidth", "c.json", LINKS_JSON.replace("1e10", "Infinity", 1),
+     "topology.links[0].bandwidth must be a rate in bytes/s from 0.001 to 1e+24, not inf", 8, 28),
+    ("zero-bandwidth", "c.json", LINKS_JSON.replace("1e10", "0", 1),
+     "topology.links[0].bandwidth must be a rate in bytes/s from 0.001 to 1e+24, not 0", 8, 28),
+    ("nan-overhead", "c.json", LINKS_JSON.replace('"step_overhead_s": 0', '"step_overhead_s": NaN'),
+     "step_overhead_s must be a number from 0 to 3600, not nan", 12, 3),
+    ("negative-overhead", "c.toml", SWITCHED_TOML.replace("step_overhead_s = 0", "step_overhead_s = -1"),
+     "step_overhead_s must be a number from 0 to 3600, not -1", 2, 1),
+    ("nan-overhead-toml", "c.toml", SWITCHED_TOML.replace("step_overhead_s = 0", "step_overhead_s = nan"),
+     "step_overhead_s must be a number from 0 to 3600, not nan", 2, 1),
+    ("negative-chip-latency", "c.toml", SWITCHED_TOML.replace("1e-5", "-1e-5"),
+     "accelerator.scale_up_latency must be a time in seconds from 0 to 3600, not -1e-05", 1, 32),
+    ("infinite-hbm", "c.toml", SWITCHED_TOML.replace("scale_up_latency = 1e-5", "hbm_bandwidth = inf"),
+     "accelerator.hbm_bandwidth must be a rate in bytes/s from 0.001 to 1e+24, not inf", 1, 32),
+    ("efficiency-above-one", "c.toml", SWITCHED_TOML.replace("scale_up_latency = 1e-5",
+                                                             "scale_up_efficiency = 2"),
+     "accelerator.scale_up_efficiency must be a fraction of line rate above 0 and at most 1, not 2",
+     1, 32),
+    ("duplicate-devices", "c.json", LINKS_JSON.replace('["a", "b"]', '["a", "a"]'),
+     "topology.devices[1]: 'a' is named twice (first at topology.devices[0])", 5, 22),
+    ("device-also-a-switch", "c.json", LINKS_JSON.replace('["s"]', '["a"]'),
+     "topology.switches[0]: 'a' is named twice (first at topology.devices[0])", 6, 18),
+    ("huge-node-count", "c.toml", SWITCHED_TOML + "nodes = 100000000000000000000000\n",
+     "topology.nodes must be a positive whole number (at most 1,048,576), not a number of 24 digits",
+     7, 1),
+    ("too-many-devices", "c.toml", SWITCHED_TOML + "nodes = 1000000\n",
+     "8 GPUs per node times 1,000,000 nodes is more than 1,048,576 devices", 7, 1),
+    ("huge-torus", "c.json", '{"accelerator": "tpu-v5e", "topology": {"kind": "torus", "dims": [4096, 4096]}}',
+     "topology.dims make more than 1,048,576 devices", 1, 58),
+    ("deep-json", "c.json", '{"name": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "values nested more than 16 deep", 1, 25),
+    ("deep-toml", "c.toml", "name = " + "[" * 100_000 + "]" * 100_000 + "\n",
+     "values nested more than 16 deep", 1, 24),
+    ("deep-inline-tables", "c.toml", "name = " + "{a = " * 5_000 + "1" + "}" * 5_000 + "\n",
+     "values nested more than 16 deep", 1, 88),
+    ("duplicate-key", "c.json", LINKS_JSON.replace('"step_overhead_s": 0', '"accelerator": "a100"'),
+     "key 'accelerator' is given twice in one table", 12, 3),
+    ("long-number", "c.json", LINKS_JSON.replace('"step_overhead_s": 0', '"step_overhead_s": ' + "9" * 5000),
+     "a number of 5,000 digits", 12, 22),
+    ("unknown-field", "c.json", LINKS_JSON.replace('"step_overhead_s"', '"step_overhead"'),
+     "unknown field step_overhead", 12, 3),
+    ("unknown-link-field", "c.toml", LINKS_TOML + "speed = 5\n",
+     "unknown field topology.links[0].speed", 11, 1),
+    ("second-link-bad-toml", "c.toml", LINKS_TOML + '[[topology.links]]\na = "b"\nb = 5\nbandwidth = 1\n',
+     "topology.links[1].b must name a device or switch, not 5", 13, 1),
+    ("inline-link-end-a-list", "c.toml", 'accelerator = "h100"\n[topology]\nkind = "links"\n'
+     'devices = ["a", "b"]\nlinks = [{a = "a", b = "b", bandwidth = 1e9}, {a = "a", b = ["b"], bandwidth = 1}]\n',
+     "topology.links[1].b must name a device or switch, not a list", 5, 57),
+    ("topology-a-string", "c.json", '{"accelerator": "h100", "topology": "switched"}',
+     "the file needs a `topology` table whose kind is switched, torus or links", 1, 25),
+    ("unknown-kind", "c.json", '{"accelerator": "h100", "topology": {"kind": "ring"}}',
+     "the file needs a `topology` table whose kind is switched, torus or links, not 'ring'", 1, 38),
+    ("accelerator-a-number", "c.json", '{"accelerator": 5, "topology": {"kind": "switched"}}',
+     "accelerator must be a preset name or a table, not 5", 1, 2),
+    ("unknown-base", "c.toml", SWITCHED_TOML.replace('base = "h100"', 'base = "h101"'),
+     "no accelerator preset 'h101'", 1, 17),
+    ("peak-flops-a-list", "c.toml", SWITCHED_TOML.replace("scale_up_latency = 1e-5", "peak_flops = [1]"),
+     "accelerator.peak_flops must be a table of dtype = FLOP/s, not a list", 1, 32),
+    ("peak-flops-nan", "c.toml", SWITCHED_TOML.replace("scale_up_latency = 1e-5", "peak_flops = {f32 = nan}"),
+     "accelerator.peak_flops.f32 must be a rate in FLOP/s from 0.001 to 1e+24, not nan", 1, 46),
+    ("family-unknown", "c.toml", SWITCHED_TOML.replace("scale_up_latency = 1e-5", 'family = "fpga"'),
+     "accelerator.family must be one of gpu, tpu, cpu, not 'fpga'", 1, 32),
+    ("efficiency-steps-wrong", "c.toml", SWITCHED_TOML + "\n[efficiency]\nmatrix = [[1, 2, 3]]\n",
+     "efficiency.matrix must be a fraction or a list of 1 to 64 [size at least, fraction] steps", 9, 1),
+    ("efficiency-fraction-nan", "c.toml", SWITCHED_TOML + "\n[efficiency]\nvector = nan\n",
+     "efficiency.vector[0] must be a fraction above 0 and at most 1, not nan", 9, 1),
+    ("shared-cores-fraction", "c.toml", SWITCHED_TOML.replace("step_overhead_s = 0", "shared_cores = 2.5"),
+     "shared_cores must be a positive whole number (at most 1,048,576), not 2.5", 2, 1),
+    ("device-order-strings", "c.toml", 'device_order = ["a"]\n' + SWITCHED_TOML,
+     "device_order must list distinct cluster devices 0..N-1, one per mesh device", 1, 1),
+    ("name-a-number", "c.toml", "name = 5\n" + SWITCHED_TOML,
+     "name must be a non-empty string, not 5", 1, 1),
+    ("not-a-table", "c.json", "[1, 2]", "the file must hold one table (a JSON object)", 1, 1),
+]
+
+
+@pytest.mark.parametrize("file, text, message, line, col",
+                         [case[1:] for case in MALFORMED_CLUSTERS],
+                         ids=[case[0] for case in MALFORMED_CLUSTERS])
+def test_malformed_cluster_file_is_E410_at_its_position(tmp_path, capsys, file, text, message, line, col):
+    path = tmp_path / file
+    path.write_text(text)
+    with pytest.raises(EinparError) as caught:
+        load_cluster(str(path))
+    (found,) = caught.value.diagnostics
+    assert found.code == "E410" and message in found.message
+    assert (found.span.line, found.span.col) == (line, col)
+    assert main(["cost", "examples/matmul/case1_no_contracting_split.ein", "--cluster", str(path),
+                 "--json"]) == 1
+    assert '"code": "E410"' in capsys.readouterr().out
+
+
+def test_valid_cluster_files_of_the_table_load(tmp_path):
+    for name, text in (("c.json", LINKS_JSON), ("c.toml", SWITCHED_TOML), ("l.toml", LINKS_TOML)):
+        (tmp_path / name).write_text(text)
+        assert load_cluster(str(tmp_path / name)).num_devices in (2, 8)
+
+
+def test_huge_presets_are_E410():
+    for name in ("h100x8:1000000", "h100x8:" + "9" * 30):
+        with pytest.raises(EinparError) as caught:
+            load_cluster(name)
+        assert caught.value.diagnostics[0].code == "E410"
+
+
+def _json_values(depth: int = 3):
+    leaves = st.one_of(
+        st.none(), st.booleans(), st.integers(-2, 2**70), st.sampled_from([-1, 0, 1, 2, 8, 2**64]),
+        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([float("nan"), -1.0, 1e300]),
+        st.text(max_size=5), st.sampled_from(["a", "s", "h100", "links", "torus", "switched"]))
+    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.text(max_size=3), inner,
+                                                                        max_size=3)),
+                        max_leaves=8)
+
+
+def _paths(value, path=()):
+    """Every path into a JSON value."""
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, path + (key,))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, path + (index,))
+
+
+def _replaced(document, path, value):
+    if not path:
+        return value
+    copy = json.loads(json.dumps(document))
+    target = copy
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    return copy
+
+
+VALID_CLUSTERS = [json.loads(LINKS_JSON),
+                  {"name": "t", "accelerator": {"base": "tpu-v5e", "hbm_capacity": 1e9},
+                   "topology": {"kind": "torus", "dims": [4, 2], "wrap": [True, False]},
+                   "device_order": [0, 1, 2, 3], "efficiency": {"matrix": [[0, 0.5], [1e9, 0.9]]},
+                   "shared_cores": 2, "step_overhead_s": 1e-5}]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(VALID_CLUSTERS), st.data(), st.lists(_json_values(), min_size=1, max_size=3))
+def test_mutated_cluster_files_are_priced_or_refused_never_nan(tmp_path_factory, document, data, values):
+    for value in values:
+        path = data.draw(st.sampled_from(list(_paths(document))))
+        document = _replaced(document, path, value)
+    path = tmp_path_factory.mktemp("cluster") / "c.json"
+    path.write_text(json.dumps(document))  # NaN and Infinity as Python's json writes them
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["cost", "examples/matmul/case1_no_contracting_split.ein", "--cluster",
+                     str(path), "--json"])
+    assert code in (0, 1)
+    assert "NaN" not in out.getvalue() and "Infinity" not in out.getvalue()
+
+
+# ---- a repeat is priced in time independent of its trip count
+
+NESTED_REPEATS = """mesh dp=2 tp=4
+dim B=8 D=64 F=256 L=3 M=2
+input x[B@dp, D]
+repeat L {
+  param w[D, F@tp]
+  param u[F@tp, D]
+  repeat M {
+    x[B,D] = x[B,D] + gelu(x[B,D] * w[D,F]) * u[F,D]
+  }
+  x[B@dp,D] = x[B,D] * 2
+}
+y[B@dp,D] = x[B,D] * 3
+output y
+"""
+
+
+def _priced(text_or_file, overrides, cluster="h100x8", overlap=False):
+    if text_or_file.endswith(".ein"):
+        program = api.load(text_or_file, overrides)
+    else:
+        program = api.compile_source(text_or_file, "nested.ein", overrides)
+    return estimate(program, api.compile_spmd(program), preset(cluster), overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("source, counts", [
+    ("examples/transformer/block.ein", {"L": 3}), ("examples/transformer/block.ein", {"L": 7}),
+    (NESTED_REPEATS, {"L": 3, "M": 2}), (NESTED_REPEATS, {"L": 6, "M": 5})])
+def test_a_repeat_laid_out_for_a_few_trips_prices_as_every_trip_laid_out(monkeypatch, source, counts,
+                                                                          overlap):
+    every_trip = _priced(source, counts, overlap=overlap)
+    assert every_trip.notes == [] and all(len(op.starts) == op.trips for op in every_trip.ops)
+    runs = sum(len(op.starts) for op in every_trip.ops)
+    monkeypatch.setattr("einpar.cost_model.estimate.MAX_RUNS", runs - 1)
+    monkeypatch.setattr("einpar.cost_model.estimate.LAID_OUT_TRIPS", 2)
+    few_trips = _priced(source, counts, overlap=overlap)
+    assert few_trips.step_time_s == pytest.approx(every_trip.step_time_s, rel=1e-12)
+    assert few_trips.exposed_comm_s == pytest.approx(every_trip.exposed_comm_s, rel=1e-9, abs=1e-18)
+    assert (few_trips.compute_s, few_trips.flops_per_device) == pytest.approx(
+        (every_trip.compute_s, every_trip.flops_per_device))
+    assert any(note.startswith("repeat L=") for note in few_trips.notes)
+    if source == NESTED_REPEATS and not overlap:
+        # The step after the repeats starts where it would with every trip laid out.
+        assert few_trips.ops[-1].name == every_trip.ops[-1].name == "y"
+        assert few_trips.ops[-1].starts == pytest.approx(every_trip.ops[-1].starts, rel=1e-9)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_billion_trips_price_in_well_under_a_second_and_linearly(overlap):
+    import time
+
+    three = _priced("examples/transformer/block.ein", {"L": 3}, overlap=overlap)
+    began = time.perf_counter()
+    billion = _priced("examples/transformer/block.ein", {"L": 10**9}, overlap=overlap)
+    two_billion = _priced("examples/transformer/block.ein", {"L": 2 * 10**9}, overlap=overlap)
+    assert time.perf_counter() - began < 1.0  # pricing, and compiling twice
+    assert billion.step_time_s == pytest.approx(three.step_time_s * 10**9 / 3, rel=1e-9)
+    assert two_billion.step_time_s == pytest.approx(2 * billion.step_time_s, rel=1e-12)
+    assert billion.flops_per_device == three.flops_per_device * 10**9 // 3
+    # The table shows the body once, with its count; the timeline lays out a few trips.
+    assert {op.trips for op in billion.ops} == {10**9}
+    assert all(len(op.starts) == 4 for op in billion.ops)
+    assert billion.notes[0] == ("repeat L=1,000,000,000 is laid out for 4 trips; the other trips "
+                                "each take what the last one laid out added")
+
+
+def test_nested_repeats_of_many_trips_scale_with_both_counts():
+    base = _priced(NESTED_REPEATS, {"L": 10, "M": 10}, overlap=True)
+    big = _priced(NESTED_REPEATS, {"L": 10**6, "M": 10**3}, overlap=True)
+    per_inner = _priced(NESTED_REPEATS, {"L": 10, "M": 11}, overlap=True).step_time_s - base.step_time_s
+    per_outer = _priced(NESTED_REPEATS, {"L": 11, "M": 10}, overlap=True).step_time_s - base.step_time_s
+    # Linear in each count: 10^6 outer trips of (the outer trip's own steps + 10^3 inner trips).
+    expected = base.step_time_s + (10**6 - 10) * per_outer + (10**6 * 10**3 - 10 * 10 - (10**6 - 10) * 10) \
+        * per_inner / 10
+    assert big.step_time_s == pytest.approx(expected, rel=1e-6)
+
+
+def test_trace_of_a_million_trips_shows_a_few_and_says_so(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    assert main(["cost", "examples/transformer/block.ein", "--cluster", "h100x8", "--set",
+                 "L=1000000", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "note: repeat L=1,000,000 is laid out for 4 trips" in out
+    events = json.loads(trace.read_text())
+    runs = [event for event in events["traceEvents"] if event["ph"] == "X"]
+    assert len(runs) == 4 * len({event["name"] for event in runs})
+    assert "a long repeat shows its first trips only" in events["traceEvents"][0]["args"]["name"]
+    assert events["otherData"]["notes"][0].startswith("repeat L=1,000,000 is laid out for 4 trips")
+
+
+def test_explain_of_a_billion_trips(capsys):
+    import time
+
+    began = time.perf_counter()
+    assert main(["explain", "examples/transformer/block.ein", "--set", "L=1000000000",
+                 "--cluster", "h100x8"]) == 0
+    assert time.perf_counter() - began < 10
+    assert "(runs 1000000000 times)" in capsys.readouterr().out
+
+
+# ---- calibrate's progress and Ctrl-C
+
+def test_calibrate_shows_a_bar_only_once_it_takes_a_while(monkeypatch):
+    from rich.console import Console
+
+    from einpar.cost_model import calibrate as calibration
+
+    clock = iter([0.0, 0.5, 1.0, 5.0, 6.0, 7.0])
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: next(clock))
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    with calibration.ProgressBar(console, total=4) as progress:
+        progress("step overhead")  # at 0.5 s: nothing yet
+        assert progress.bar is None
+        progress("matmul 8x8")  # at 1.0 s
+        assert progress.bar is None
+        progress("matmul 64x64")  # at 5.0 s: the bar
+        assert progress.bar is not None and progress.bar.tasks[0].completed == 2
+        assert progress.bar.tasks[0].total == 4
+    assert not progress.bar.live.is_started
+
+
+def test_calibrate_stops_cleanly_on_ctrl_c(tmp_path, monkeypatch, capsys):
+    from einpar.cost_model import calibrate as calibration
+
+    def interrupted(devices, quick, progress):
+        progress("step overhead")
+        progress("matmul 8x8")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "calibrate", interrupted)
+    out = tmp_path / "local.json"
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"calibrate: interrupted after 1 of {calibration.measurement_count(True)} measurements; " \
+           "nothing written" in err
+    assert "Traceback" not in err and not out.exists()
