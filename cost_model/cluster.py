@@ -34,7 +34,7 @@ from typing import Union
 
 import networkx as nx
 
-from einpar.errors import Diagnostic, EinparError, SourceMap, Span
+from einpar.errors import Diagnostic, EinparError, SourceMap, Span, source_lines
 
 from .hardware import ALIASES, Accelerator, Figure, accelerator
 
@@ -325,7 +325,7 @@ def _read_document(text: str, file: str) -> dict:
 
 def _locate(text: str, key: str) -> tuple[int, int]:
     """Line and column where `key` first appears (for pointing at a bad field)."""
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(source_lines(text), 1):
         col = line.find(key)
         if col >= 0:
             return number, col + 1
