@@ -931,6 +931,73 @@ def test_E302_program_file_that_is_not_utf8(tmp_path):
     assert found.message == f"{path} is not UTF-8 text (invalid continuation byte at byte 14)"
 
 
+def test_E303_explain_of_a_statement_the_program_lacks_with_json(capsys):
+    from einpar.cli import main
+
+    code = main(["explain", "examples/mlp/megatron.ein", "--statement", "z", "--json"])
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (2, "")
+    assert json.loads(captured.out) == {"diagnostics": [{
+        "code": "E303", "severity": "error",
+        "message": "no statement 'z'; the program's statements are: 1 h, 2 y"}]}
+
+
+def test_E303_a_command_line_argparse_refuses_with_json(capsys):
+    from einpar.cli import main
+
+    code = main(["check", "--json"])
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (2, "")
+    (found,) = json.loads(captured.out)["diagnostics"]
+    assert (found["code"], found["message"]) == ("E303", "the following arguments are required: file")
+    assert found["hint"].startswith("usage: einpar check [-h]")
+
+
+def json_error_cases(tmp_path) -> list[list[str]]:
+    """Commands that fail, one for every kind of error path, all with --json."""
+    (tmp_path / "bad.ein").write_text(program("dim B=8", "input x[B]", "y[B] = z[B]", "output y"))
+    (tmp_path / "ok.ein").write_text(program("mesh tp=2", "dim B=8", "input x[B@tp]",
+                                             "y[B] = x[B] * 2", "output y"))
+    (tmp_path / "syntax.ein").write_text("dim B=8\ny[B] = (\n")
+    (tmp_path / "taken.npz").write_bytes(b"")
+    (tmp_path / "in.npz").write_bytes(b"not an npz")
+    (tmp_path / "c.toml").write_text("accelerator = 5\n")
+    return [
+        ["check", "missing.ein", "--json"],  # E302, exit 2
+        ["check", "bad.ein", "--json"],  # E201
+        ["check", "ok.ein", "--set", "B=x", "--json"],  # E301
+        ["check", "ok.ein", "--bogus", "--json"],  # argparse
+        ["check", "ok.ein", "--ignore", "X1", "--json"],
+        ["compile", "syntax.ein", "--emit", "ast", "--json"],
+        ["compile", "ok.ein", "--json", "--svg", "out.svg"],
+        ["compile", "ok.ein", "--emit", "nothing", "--json"],
+        ["explain", "ok.ein", "--statement", "9", "--json"],
+        ["explain", "ok.ein", "--device", "7", "--json"],
+        ["explain", "ok.ein", "--values", "--json"],
+        ["explain", "ok.ein", "--cluster", "nowhere", "--json"],
+        ["cost", "ok.ein", "--cluster", "c.toml", "--json"],
+        ["cost", "ok.ein", "--cluster", "h100x8", "--trace", "taken.npz", "--json"],
+        ["run", "ok.ein", "--inputs", "in.npz", "--json"],
+        ["run", "ok.ein", "--save", "taken.npz", "--json"],
+        ["run", "ok.ein", "--backend", "jax", "--coordinator", "h:1", "--json"],
+        ["calibrate", "--json"],
+    ]
+
+
+def test_every_error_of_every_command_prints_json_under_json(capsys, tmp_path, monkeypatch):
+    from einpar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in json_error_cases(tmp_path):
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert code in (1, 2) and captured.err == "", (argv, code, captured.err)
+        document = json.loads(captured.out)
+        assert list(document) == ["diagnostics"], argv
+        assert all(d["code"] in CODES and d["severity"] == "error"
+                   for d in document["diagnostics"]), argv
+
+
 def test_E400_more_devices_asked_of_than_given():
     from einpar.backends.jax_backend import start_devices
 
