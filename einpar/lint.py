@@ -22,13 +22,12 @@ The rules:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .errors import WARNING_CODES, Diagnostic, Span, source_lines
 from .ir import LIBRARY_FUNCTIONS, REDUCTIONS
 from .syntax import (Binary, Call, Expr, Module, Negate, OutputDecl, Statement, TensorDecl,
-                     TensorRef)
+                     TensorRef, gc_paused)
 from .syntax import Repeat as RepeatItem
 
 # `# einpar: ignore W101, W102` (or no codes: all) silences warnings on its line.
@@ -45,8 +44,7 @@ def _warning(code: str, message: str, span: Span | None = None, hint: str | None
 # ---------------------------------------------------------------- walking the tree
 
 
-@dataclass(frozen=True)
-class _Placed:
+class Placed(NamedTuple):
     """A statement or declaration in program order, with the repeat blocks around it."""
 
     item: object
@@ -54,8 +52,10 @@ class _Placed:
     blocks: tuple[int, ...]  # ids of the enclosing repeat items, outermost first
 
 
-def _in_order(items, blocks: tuple[int, ...] = ()) -> Iterator[_Placed]:
-    stack = [(iter(items), blocks)]
+def in_order(module: Module) -> list[Placed]:
+    """The module's items, repeat blocks opened, in program order."""
+    placed: list[Placed] = []
+    stack = [(iter(module.items), ())]
     position = 0
     while stack:
         items_left, around = stack[-1]
@@ -66,8 +66,9 @@ def _in_order(items, blocks: tuple[int, ...] = ()) -> Iterator[_Placed]:
         if isinstance(item, RepeatItem):
             stack.append((iter(item.body), around + (id(item),)))
             continue
-        yield _Placed(item, position, around)
+        placed.append(Placed(item, position, around))
         position += 1
+    return placed
 
 
 def _children(expr: Expr) -> tuple[Expr, ...]:
@@ -132,9 +133,8 @@ def _reads(expr: Expr) -> Iterator[str]:
 # ---------------------------------------------------------------- the rules
 
 
-def unread_tensors(module: Module) -> Iterator[Diagnostic]:
+def unread_tensors(placed: list[Placed]) -> Iterator[Diagnostic]:
     """W100: an input or param that no statement reads and no output names."""
-    placed = list(_in_order(module.items))
     read = {name for p in placed if isinstance(p.item, Statement) for name in _reads(p.item.rhs)}
     read |= {p.item.name.text for p in placed if isinstance(p.item, OutputDecl)}
     for p in placed:
@@ -144,12 +144,11 @@ def unread_tensors(module: Module) -> Iterator[Diagnostic]:
                            hint="use it in a statement, or remove the declaration")
 
 
-def unused_values(module: Module) -> Iterator[Diagnostic]:
+def unused_values(placed: list[Placed]) -> Iterator[Diagnostic]:
     """W101: a statement whose value is not an output and is read by no later statement
     (nor, inside a repeat block, by any statement of the block: the next trip reads it)."""
-    placed = list(_in_order(module.items))
     outputs = {p.item.name.text for p in placed if isinstance(p.item, OutputDecl)}
-    reads: dict[str, list[_Placed]] = {}
+    reads: dict[str, list[Placed]] = {}
     for p in placed:
         if isinstance(p.item, Statement):
             for name in set(_reads(p.item.rhs)):
@@ -168,9 +167,9 @@ def unused_values(module: Module) -> Iterator[Diagnostic]:
                             "or remove the statement")
 
 
-def summed_in_one_operand(module: Module) -> Iterator[Diagnostic]:
+def summed_in_one_operand(placed: list[Placed]) -> Iterator[Diagnostic]:
     """W102: the summation rule sums an index that only one operand of a product has."""
-    for p in _in_order(module.items):
+    for p in placed:
         if not isinstance(p.item, Statement):
             continue
         statement = p.item
@@ -229,7 +228,9 @@ RULES = (unread_tensors, unused_values, summed_in_one_operand)
 def lint(module: Module, source: str = "", ignore: Iterable[str] = ()) -> list[Diagnostic]:
     """The warnings for a module that checks, in source order, less those ignored by code
     (or code prefix) and those silenced by a `# einpar: ignore` comment on their line."""
-    found = [warning for rule in RULES for warning in rule(module)]
+    with gc_paused():  # many small objects, none freed: the collector's passes are wasted
+        placed = in_order(module)
+        found = [warning for rule in RULES for warning in rule(placed)]
     silenced = pragmas(source)
     kept = [w for w in found if not ignored(w, ignore)
             and not (w.span and ignored(w, silenced.get(w.span.line, ())))]
