@@ -34,7 +34,7 @@ from typing import Union
 
 import networkx as nx
 
-from einpar.errors import Diagnostic, EinparError, SourceMap, Span
+from einpar.errors import LINE_END, Diagnostic, EinparError, SourceMap, Span
 
 from .hardware import ALIASES, Accelerator, Figure, accelerator
 
@@ -353,8 +353,9 @@ def parse_cluster(text: str, file: str = "<cluster>") -> Cluster:
 
 
 def _line_col(text: str, offset: int) -> tuple[int, int]:
-    line = text.count("\n", 0, offset) + 1
-    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+    """Line and column of `offset`, with lines ended as diagnostics end them (LINE_END)."""
+    lines = LINE_END.split(text[:offset].removeprefix("\ufeff"))
+    return len(lines), len(lines[-1]) + 1
 
 
 def _check_nesting(text: str, is_json: bool) -> None:

@@ -668,15 +668,16 @@ class _Checker:
         if not indexed:
             return self.apply(name, args, call.span)
         indices = []
-        seen: set[str] = set()
+        seen: dict[str, Span] = {}
         for spec in call.indices:
             if spec.axes:
                 self.fail("E216", f"layout annotation in an expression: '{spec.name}@...'", spec.span,
                           hint="layouts go on declarations and on the left of statements")
             self.dim_size(spec.name)
             if spec.name.text in seen:
-                self.fail("E212", f"index '{spec.name}' appears twice in {name}[...]", spec.name.span)
-            seen.add(spec.name.text)
+                self.fail("E212", f"index '{spec.name}' appears twice in {name}[...]", spec.name.span,
+                          labels=(Label(seen[spec.name.text], "first here"),))
+            seen[spec.name.text] = spec.name.span
             indices.append(spec.name.text)
         if name == "route":
             return self.type_route(call, args[0], tuple(indices))

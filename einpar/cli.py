@@ -1,12 +1,12 @@
 """The `einpar` command: a thin shell over einpar.api.
 
-    einpar check FILE [--set D=4096 tp=8] [--json]
+    einpar check FILE [--set D=4096 tp=8] [--ignore W101,W102] [--json]
     einpar run FILE --backend reference|numpy|jax [--inputs in.npz] [--seed N] [--save out.npz]
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--precision highest|default]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
-    einpar compile FILE [--emit ast|ir|layouts|spmd|jax [--precision highest|default]] [--json]
-                   [--svg OUT.svg] [--html OUT.html]
+    einpar compile FILE [--emit ast|ir|layouts|spmd|jax [--precision highest|default]]
+                   [--ignore CODES] [--json] [--svg OUT.svg] [--html OUT.html]
     einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
                    [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
                    [--force] [--json]
@@ -16,7 +16,9 @@
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
-(a bug in einpar; EINPAR_DEBUG=1 shows its traceback).
+(a bug in einpar; EINPAR_DEBUG=1 shows its traceback). Warnings (`check`,
+`compile`) never change the exit code. With --json every error prints as a
+JSON diagnostic on stdout, bad usage too (E303); only an internal error is text.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import api
+from . import api, lint
 from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
 from .flops import program_flops
 from .ir import Program, format_program, walk_ops
@@ -96,8 +98,14 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="override dims and mesh axis sizes, e.g. --set D=4096 tp=8")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
 
+    def warnings(sub):
+        sub.add_argument("--ignore", action="append", default=[], metavar="CODES",
+                         help="silence these warnings: codes or prefixes, comma-separated "
+                              "(W101,W102; W silences all); see docs/language.md")
+
     check = commands.add_parser("check", help="check a program; print its tensors, shapes, layouts, FLOPs")
     common(check)
+    warnings(check)
 
     run = commands.add_parser("run", help="run a program on a backend")
     common(run)
@@ -138,6 +146,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="which stage to print (default: the per-device program); jax: a "
                            "standalone Python module running it under jax.shard_map")
     precision(comp, "with --emit jax: the module runs its")
+    warnings(comp)
 
     def slides(sub):
         sub.add_argument("--svg", metavar="OUT.svg", help="also save the view as an SVG slide")
@@ -338,17 +347,19 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
     return 0
 
 
-def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, out: Console,
+def _print_diagnostics(diagnostics, sources: SourceMap, as_json: bool, out: Console,
                        err: Console) -> None:
+    """Errors or warnings: as JSON on stdout, or rendered on stderr (errors red, warnings yellow)."""
     if as_json:
-        out.print(render_json(error.diagnostics), markup=False)
+        out.print(render_json(diagnostics), markup=False)
         return
-    for diagnostic in error.diagnostics:
+    for diagnostic in diagnostics:
+        colour = "yellow" if diagnostic.severity == "warning" else "red"
         for number, line in enumerate(render_text(diagnostic, sources).splitlines()):
             if number == 0:
-                err.print(Text(line, style="bold red"))
+                err.print(Text(line, style=f"bold {colour}"))
             elif set(line.split("|")[-1].strip()) <= {"^", "-"} and "|" in line and line.strip("| "):
-                err.print(Text(line, style="red"))
+                err.print(Text(line, style=colour))
             elif line.lstrip().startswith("= hint"):
                 err.print(Text(line, style="cyan"))
             elif SOURCE_LINE.match(line):  # `12 | x[B] = ...`: the program's own text
@@ -356,8 +367,31 @@ def _print_diagnostics(error: EinparError, sources: SourceMap, as_json: bool, ou
                 err.print(Text(gutter + " | ") + highlight(code))
             else:
                 err.print(Text(line))
-    if len(error.diagnostics) > 1:
-        err.print(Text(f"{len(error.diagnostics)} errors", style="bold red"))
+    errors = sum(d.severity == "error" for d in diagnostics)
+    if errors > 1:
+        err.print(Text(f"{errors} errors", style="bold red"))
+    elif len(diagnostics) - errors > 1:
+        err.print(Text(f"{len(diagnostics) - errors} warnings", style="bold yellow"))
+
+
+def _usage_json(error: "_UsageError") -> str:
+    """A usage error as --json prints it: a diagnostic like the others (E303), with the usage."""
+    message = re.sub(r"^einpar( [\w-]+)?: error: ", "", str(error))
+    return render_json([Diagnostic("E303", message, hint=error.usage or None)])
+
+
+def _ignored_codes(args) -> list[str]:
+    """The codes of `--ignore W101,W102 ...`; one that names no warning is a usage error."""
+    codes = [code.strip() for group in args.ignore for code in group.split(",") if code.strip()]
+    unknown = lint.unknown_codes(codes)
+    if unknown:
+        raise _UsageError(f"einpar {args.command}: error: --ignore {unknown[0]}: no warning has "
+                          f"that code; the codes are {', '.join(lint.WARNING_CODES)}")
+    return codes
+
+
+def _with_warnings(document: dict, warnings) -> dict:
+    return {**document, "warnings": [warning.to_dict() for warning in warnings]}
 
 
 
@@ -421,7 +455,7 @@ def _print_outputs(outputs: dict, out: Console) -> None:
     out.print(table)
 
 
-def _compile(args, program: Program, out: Console) -> int:
+def _compile(args, program: Program, out: Console, warnings=()) -> int:
     if args.emit == "jax":
         command = f"einpar compile {args.file} --emit jax" + "".join(
             f" --set {item}" for group in args.set for item in group)
@@ -429,14 +463,15 @@ def _compile(args, program: Program, out: Console) -> int:
             command += f" --precision {args.precision}"
         text = api.emit_jax(program, command, args.precision or DEFAULT_PRECISION)
         if args.json:
-            out.print(json.dumps({"jax": text}), markup=False)
+            out.print(json.dumps(_with_warnings({"jax": text}, warnings)), markup=False)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
         return 0
     if args.emit == "ir":
         text = format_program(program)
-        out.print(json.dumps({"ir": text}) if args.json else text, markup=False)
+        out.print(json.dumps(_with_warnings({"ir": text}, warnings)) if args.json else text,
+                  markup=False)
         return 0
     targets = args.slides
     spmd = api.compile_spmd(program)
@@ -444,7 +479,7 @@ def _compile(args, program: Program, out: Console) -> int:
         document = to_json(spmd)
         if args.emit == "layouts":
             document = {key: document[key] for key in ("mesh", "devices", "values")}
-        out.print(json.dumps(document, indent=2), markup=False)
+        out.print(json.dumps(_with_warnings(document, warnings), indent=2), markup=False)
         return 0
     natural = max(len(line) for line in format_spmd(spmd).splitlines())
     console = _view_console(args, out, natural) if targets or args.width else out
@@ -671,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         args.argv = argv
     except _UsageError as error:
+        if "--json" in argv:
+            out.print(_usage_json(error), markup=False)
+            return 2
         err.print(error.usage, markup=False)
         err.print(str(error), markup=False)
         return 2
@@ -684,7 +722,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile" and args.precision and args.emit != "jax":
             raise _UsageError(f"einpar compile: error: --precision sets how the JAX module computes; "
                               f"it goes with --emit jax, not --emit {args.emit}")
-        overrides = api.parse_overrides([item for group in args.set for item in group])
+        assignments = [item for group in args.set for item in group]
+        overrides = api.parse_overrides(assignments)
+        ignore = _ignored_codes(args) if args.command in ("check", "compile") else []
         text = api.read_source(args.file)
         sources.texts[args.file] = text
         if args.command == "compile" and args.emit == "ast":
@@ -694,24 +734,34 @@ def main(argv: list[str] | None = None) -> int:
             out.print(json.dumps({"ast": tree}) if args.json else tree, markup=False)
             return 0
         program = api.compile_source(text, args.file, overrides)
-        if args.command == "check":
-            if args.json:
-                out.print(json.dumps(_summary(program), indent=2), markup=False)
+        if args.command in ("check", "compile"):
+            from .syntax import parse
+
+            warnings = (lint.repeated_overrides(assignments, ignore)
+                        + lint.lint(parse(text, args.file), text, ignore))
+            if args.command == "compile":
+                code = _compile(args, program, out, warnings)
+            elif args.json:
+                out.print(json.dumps(_with_warnings(_summary(program), warnings), indent=2),
+                          markup=False)
             else:
                 _print_check(program, out)
-            return 0
-        if args.command == "compile":
-            return _compile(args, program, out)
+            if not args.json:  # after the output, where the last lines of a terminal show them
+                _print_diagnostics(warnings, sources, False, out, err)
+            return code if args.command == "compile" else 0
         if args.command == "cost":
             return _cost(args, program, out, sources)
         if args.command == "explain":
             return _explain(args, program, text, out, sources)
         return _run(args, program, out, err)
     except EinparError as error:
-        _print_diagnostics(error, sources, args.json, out, err)
+        _print_diagnostics(error.diagnostics, sources, getattr(args, "json", False), out, err)
         return 2 if error.usage else 1
     except _UsageError as error:
-        err.print(str(error), markup=False)
+        if getattr(args, "json", False):
+            out.print(_usage_json(error), markup=False)
+        else:
+            err.print(str(error), markup=False)
         return 2
     except KeyboardInterrupt:
         return 130

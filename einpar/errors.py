@@ -12,6 +12,8 @@ The codes are listed, with an example each, in docs/language.md.
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 # Stable diagnostic codes. Tests and docs refer to them; never renumber.
@@ -45,12 +47,41 @@ CODES = {
     "E300": "bad inputs file",
     "E301": "bad --set",
     "E302": "cannot read the program file",
+    "E303": "bad command-line usage",
     "E400": "not enough devices",
     "E401": "cannot join a run of several processes",
     "E402": "a run of several processes failed",
     "E410": "bad cluster",
     "E411": "mesh does not fit the cluster",
 }
+
+# Warnings: the program is valid but probably not what was meant. They never change
+# the exit code; `--ignore CODE` or a `# einpar: ignore CODE` comment silences them.
+WARNING_CODES = {
+    "W100": "input or param never read",
+    "W101": "value never used",
+    "W102": "index summed in one operand of a product",
+    "W103": "--set given twice",
+}
+
+# A line ends at `\n`, `\r\n` or a lone `\r` (as Python's universal newlines, which
+# reading a file applies anyway), and nowhere else: not at a form feed, a vertical tab,
+# U+0085, U+2028 or U+2029, which `str.splitlines` would also split on. The parser
+# counts lines by this rule, so every line number and column means the same lines.
+LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def normalize_newlines(text: str) -> str:
+    """`text` with every line end written `\n`; columns within lines are unchanged."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def source_lines(text: str) -> list[str]:
+    """The lines of `text` by LINE_END; line N of a diagnostic is `source_lines(text)[N - 1]`."""
+    lines = LINE_END.split(text.removeprefix("\ufeff"))  # a byte-order mark is not text
+    if lines and lines[-1] == "":
+        lines.pop()  # the final line end ends the last line; it does not start another
+    return lines
 
 
 @dataclass(frozen=True)
@@ -85,7 +116,8 @@ class Diagnostic:
     severity: str = "error"
 
     def __post_init__(self) -> None:
-        assert self.code in CODES, f"unregistered diagnostic code {self.code}"
+        codes = WARNING_CODES if self.severity == "warning" else CODES
+        assert self.code in codes, f"unregistered {self.severity} code {self.code}"
 
     def to_dict(self) -> dict:
         out: dict = {"code": self.code, "severity": self.severity, "message": self.message}
@@ -122,15 +154,86 @@ class SourceMap:
         text = self.texts.get(file)
         if text is None:
             return None
-        lines = text.splitlines()
+        lines = source_lines(text)
         return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+def _cell_width(char: str) -> int:
+    """Terminal columns `char` takes: 0 for a combining mark, 2 for a wide (East Asian) one."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _displayed(line: str) -> tuple[str, list[int]]:
+    """A source line as quoted, and the terminal column where each character starts (one
+    more entry: where the line ends). A tab is shown as one space, as the parser counts it
+    one column; control, format and separator characters (a form feed, U+2028, a
+    right-to-left override) as one space, so they cannot break or reorder the quoted line."""
+    shown: list[str] = []
+    starts: list[int] = []
+    cell = 0
+    for char in line:
+        if char == "\t" or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            char = " "
+        starts.append(cell)
+        shown.append(char)
+        cell += _cell_width(char)
+    starts.append(cell)
+    return "".join(shown), starts
+
+
+def _marker_rows(marks, starts: list[int], line_length: int) -> list[str]:
+    """The rows under a quoted line: every span's markers, then the notes.
+
+    The rightmost note follows its markers on the first row; any other note hangs
+    under its own span on rows of its own, joined to it by `|`, as rustc does, so a
+    note is never read as being about a span to its left.
+    """
+    def cell(col: int) -> int:  # a column past the end of the line keeps counting cells
+        return starts[col - 1] if col - 1 <= line_length else starts[-1] + col - 1 - line_length
+
+    row: list[str] = []
+    placed = []  # (start cell, note)
+    for span, marker, note in sorted(marks, key=lambda mark: mark[0].col):
+        # A span that runs past its line is underlined to the end of it.
+        end_col = span.end_col if span.end_line == span.line else line_length + 1
+        start, end = cell(span.col), cell(max(span.col, end_col))
+        zero_width = span.col <= line_length and starts[span.col] == starts[span.col - 1]
+        if end == start and start > 0 and zero_width:
+            start -= 1  # a combining mark alone: under the letter it is drawn on
+        length = max(1, end - start)
+        row.extend(" " * max(0, start + length - len(row)))
+        row[start:start + length] = marker * length
+        placed.append((start, note))
+    first = "".join(row).rstrip()
+    hanging = [(start, note) for start, note in placed if note]
+    if hanging and hanging[-1][0] == placed[-1][0]:
+        first += " " + hanging.pop()[1]
+    rows = [first]
+    if hanging:
+        def bars(upto: int) -> list[str]:
+            line = [" "] * (upto + 1)
+            for start, _ in hanging:
+                if start <= upto:
+                    line[start] = "|"
+            return line
+
+        rows.append("".join(bars(hanging[-1][0])).rstrip())
+        for position in range(len(hanging) - 1, -1, -1):
+            start, note = hanging[position]
+            line = bars(start)
+            line[start:] = note
+            rows.append("".join(line))
+    return rows
 
 
 def render_text(diagnostic: Diagnostic, sources: SourceMap) -> str:
     """rustc-style rendering: header, location, source lines with markers, hint.
 
     The primary span is underlined with `^`, labels with `-` and their note;
-    spans on one line share that line's marker row.
+    spans on one line share that line's marker row. Markers sit under the
+    characters they mean in a terminal: after tabs, wide and combining characters.
     """
     out = [f"{diagnostic.severity}[{diagnostic.code}]: {diagnostic.message}"]
     marks = []  # (span, marker, note), primary first
@@ -155,22 +258,10 @@ def render_text(diagnostic: Diagnostic, sources: SourceMap) -> str:
             continue
         if file != first.file:
             out.append(f"{pad}::: {group[0][0]}")
-        source_line = source_line.expandtabs(1)
-        row = [" "] * (len(source_line) + 2)
-        notes = []
-        for span, marker, note in sorted(group, key=lambda mark: mark[0].col):
-            # A span that runs past its line is underlined to the end of it.
-            end = span.end_col if span.end_line == span.line else len(source_line) + 1
-            start = span.col - 1
-            length = max(1, end - span.col)
-            row.extend(" " * max(0, start + length - len(row)))
-            row[start:start + length] = marker * length
-            if note:
-                notes.append(note)
+        shown, starts = _displayed(source_line)
         out.append(f"{pad} |")
-        out.append(f"{line:>{width}} | {source_line}")
-        marked = "".join(row).rstrip()
-        out.append(f"{pad} | {marked}" + (f" {'; '.join(notes)}" if notes else ""))
+        out.append(f"{line:>{width}} | {shown}")
+        out.extend(f"{pad} | {row}" for row in _marker_rows(group, starts, len(source_line)))
     if diagnostic.hint:
         out.append(f"{pad} |")
         out.append(f"{pad} = hint: {diagnostic.hint}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .errors import source_lines
 from .ir import Einsum, Reduce
 from .layout import Layout, Mesh, block_slices, format_type, local_bytes, mesh_groups
 from .partition import PARTIAL
@@ -183,7 +184,7 @@ class _Builder:
     def __init__(self, spmd: SpmdProgram, source: str, cluster=None):
         self.spmd = spmd
         self.mesh = spmd.mesh
-        self.lines = source.splitlines()
+        self.lines = source_lines(source)  # as the spans count lines
         self.cluster = cluster
         self.statements: list[Statement] = []
         self.by_op: dict[str, Statement] = {}  # local op result -> its statement

@@ -21,7 +21,7 @@ import lark
 from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from .errors import Diagnostic, EinparError, Span
+from .errors import Diagnostic, EinparError, Span, normalize_newlines, source_lines
 
 # ---------------------------------------------------------------- syntax tree
 
@@ -423,7 +423,7 @@ def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lar
     expected = sorted({_describe_terminal(parser, name) for name in _expected_terminals(error, parser)})
     if isinstance(error, UnexpectedEOF) or token is None or token.type == "$END":
         # Point just past the last line with text on it, where something is missing.
-        lines = text.splitlines() or [""]
+        lines = source_lines(text) or [""]
         last = len(lines)
         while last > 1 and not lines[last - 1].strip():
             last -= 1
@@ -477,8 +477,16 @@ def deep_recursion(limit: int = 20_000):
 
 def parse(text: str, file: str = "<string>") -> Module:
     """Parse `.ein` source into a Module; raises EinparError with an E100 on bad syntax."""
-    # Windows line ends and a byte-order mark change nothing about the program.
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    return _parse(text, file)
+
+
+# The checker and the warnings (einpar/lint.py) both read a file's syntax tree, which is
+# immutable; the last one is kept, so a large file is parsed once, not twice.
+@lru_cache(maxsize=1)
+def _parse(text: str, file: str) -> Module:
+    # Windows (and old Mac) line ends and a byte-order mark change nothing about the program;
+    # lines are counted as errors.source_lines counts them, so positions quote the right line.
+    text = normalize_newlines(text.removeprefix("\ufeff"))
     parser = _parser()
     with gc_paused(), deep_recursion():
         try:

@@ -111,7 +111,9 @@ def test_check_json_summarises_the_program(capsys, in_repo):
     code, out, err = einpar(capsys, "check", MLP, "--json")
     assert (code, err) == (0, "")
     summary = json.loads(out)
-    assert set(summary) == {"file", "mesh", "devices", "dims", "dtype", "tensors", "outputs", "ops", "flops"}
+    assert set(summary) == {"file", "mesh", "devices", "dims", "dtype", "tensors", "outputs", "ops", "flops",
+                            "warnings"}
+    assert summary["warnings"] == []
     assert summary["file"] == MLP
     assert summary["mesh"] == {"dp": 2, "tp": 4}
     assert summary["devices"] == 8

@@ -21,7 +21,8 @@ import pytest
 
 from einpar.api import compile_source, read_source
 from einpar.check import parse_overrides
-from einpar.errors import CODES, Diagnostic, EinparError, SourceMap, Span, render_json, render_text
+from einpar.errors import (CODES, Diagnostic, EinparError, Label, SourceMap, Span, render_json,
+                           render_text)
 from einpar.inputs import check_inputs, load_inputs
 
 FILE = "bad.ein"
@@ -154,6 +155,70 @@ def test_E100_windows_line_ends_give_the_same_positions():
     windows = the_error(text.replace("\n", "\r\n"))
     assert (windows.code, windows.message) == (unix.code, unix.message)
     assert (windows.span.line, windows.span.col) == (unix.span.line, unix.span.col) == (3, 14)
+
+
+# Characters that str.splitlines takes for line ends but the language does not: the
+# parser, the quoted source line and every other line count agree that only \n,
+# \r\n and a lone \r end a line.
+NOT_LINE_ENDS = ["\u2028", "\u2029", "\x85", "\f", "\v", "\x1c", "\x1d", "\x1e"]
+
+
+def quoted_line(text: str, found: Diagnostic) -> str:
+    """The source line a diagnostic's rendering quotes, as printed."""
+    rendering = render_text(found, SourceMap({FILE: text})).splitlines()
+    return next(line for line in rendering if line.startswith(f"{found.span.line} | "))[4:]
+
+
+@pytest.mark.parametrize("char", NOT_LINE_ENDS)
+def test_a_separator_in_a_comment_does_not_end_the_line(char):
+    text = program("dim B=8", f"# one{char}two", "input x[B]", "y[B] = z[B]")
+    found = expect(text, "E201", "unknown tensor 'z'", 4, 8,
+                   hint="declare it with `input` or `param`, or define it with a statement")
+    assert quoted_line(text, found) == "y[B] = z[B]"
+    assert SourceMap({FILE: text}).line(FILE, 2) == f"# one{char}two"
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\v", "\x1c"])
+def test_a_separator_in_an_expression_is_an_unexpected_character_on_its_own_line(char):
+    text = program("dim B=8", "input x[B]", f"y[B] = x[B] {char} z[B]", "output y")
+    found = expect(text, "E100", f"unexpected character {char!r}", 3, 13,
+                   hint="names are letters, digits and '_'; see docs/language.md for the operators")
+    shown = quoted_line(text, found)
+    assert shown == "y[B] = x[B]   z[B]"  # the separator is shown as a space, in its column
+    rendering = render_text(found, SourceMap({FILE: text})).splitlines()
+    assert rendering[rendering.index(f"3 | {shown}") + 1] == "  |" + " " * 13 + "^"
+
+
+def test_a_form_feed_in_an_expression_is_a_space():
+    text = program("dim B=8", "input x[B]", "y[B] = x[B] \f + z[B]", "output y")
+    found = expect(text, "E201", "unknown tensor 'z'", 3, 17,
+                   hint="declare it with `input` or `param`, or define it with a statement")
+    assert quoted_line(text, found) == "y[B] = x[B]   + z[B]"
+
+
+@pytest.mark.parametrize("line_end", ["\r", "\r\n"])
+def test_a_lone_carriage_return_ends_a_line_as_reading_the_file_would(line_end, tmp_path):
+    text = f"dim B=8{line_end}# note{line_end}input x[B]{line_end}y[B] = z[B]{line_end}"
+    found = expect(text, "E201", "unknown tensor 'z'", 4, 8,
+                   hint="declare it with `input` or `param`, or define it with a statement")
+    assert quoted_line(text, found) == "y[B] = z[B]"
+    path = tmp_path / "bad.ein"
+    path.write_bytes(text.encode())
+    assert diagnostics_of(read_source(path))[0].span == found.span
+
+
+def test_a_lone_carriage_return_in_an_expression_ends_the_statement():
+    expect("dim B=8\ninput x[B]\ny[B] = x[B] *\r x[B]\n",
+           "E100", "unexpected end of line", 3, 14, hint="expected '(', '-', a name or a number")
+
+
+def test_explain_quotes_each_statement_from_its_own_line():
+    from einpar.api import explain
+
+    text = program("mesh tp=2", "dim B=8 D=4", "input x[B, D@tp]",
+                   "# a\u2028comment\fwith\x85separators", "y[B] = x[B, D]", "output y")
+    statement = explain(compile_source(text, FILE), text).statements[0]
+    assert (statement.line, statement.source) == (5, "y[B] = x[B, D]")
 
 
 # ---------------------------------------------------------------- E2xx names
@@ -866,6 +931,73 @@ def test_E302_program_file_that_is_not_utf8(tmp_path):
     assert found.message == f"{path} is not UTF-8 text (invalid continuation byte at byte 14)"
 
 
+def test_E303_explain_of_a_statement_the_program_lacks_with_json(capsys):
+    from einpar.cli import main
+
+    code = main(["explain", "examples/mlp/megatron.ein", "--statement", "z", "--json"])
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (2, "")
+    assert json.loads(captured.out) == {"diagnostics": [{
+        "code": "E303", "severity": "error",
+        "message": "no statement 'z'; the program's statements are: 1 h, 2 y"}]}
+
+
+def test_E303_a_command_line_argparse_refuses_with_json(capsys):
+    from einpar.cli import main
+
+    code = main(["check", "--json"])
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (2, "")
+    (found,) = json.loads(captured.out)["diagnostics"]
+    assert (found["code"], found["message"]) == ("E303", "the following arguments are required: file")
+    assert found["hint"].startswith("usage: einpar check [-h]")
+
+
+def json_error_cases(tmp_path) -> list[list[str]]:
+    """Commands that fail, one for every kind of error path, all with --json."""
+    (tmp_path / "bad.ein").write_text(program("dim B=8", "input x[B]", "y[B] = z[B]", "output y"))
+    (tmp_path / "ok.ein").write_text(program("mesh tp=2", "dim B=8", "input x[B@tp]",
+                                             "y[B] = x[B] * 2", "output y"))
+    (tmp_path / "syntax.ein").write_text("dim B=8\ny[B] = (\n")
+    (tmp_path / "taken.npz").write_bytes(b"")
+    (tmp_path / "in.npz").write_bytes(b"not an npz")
+    (tmp_path / "c.toml").write_text("accelerator = 5\n")
+    return [
+        ["check", "missing.ein", "--json"],  # E302, exit 2
+        ["check", "bad.ein", "--json"],  # E201
+        ["check", "ok.ein", "--set", "B=x", "--json"],  # E301
+        ["check", "ok.ein", "--bogus", "--json"],  # argparse
+        ["check", "ok.ein", "--ignore", "X1", "--json"],
+        ["compile", "syntax.ein", "--emit", "ast", "--json"],
+        ["compile", "ok.ein", "--json", "--svg", "out.svg"],
+        ["compile", "ok.ein", "--emit", "nothing", "--json"],
+        ["explain", "ok.ein", "--statement", "9", "--json"],
+        ["explain", "ok.ein", "--device", "7", "--json"],
+        ["explain", "ok.ein", "--values", "--json"],
+        ["explain", "ok.ein", "--cluster", "nowhere", "--json"],
+        ["cost", "ok.ein", "--cluster", "c.toml", "--json"],
+        ["cost", "ok.ein", "--cluster", "h100x8", "--trace", "taken.npz", "--json"],
+        ["run", "ok.ein", "--inputs", "in.npz", "--json"],
+        ["run", "ok.ein", "--save", "taken.npz", "--json"],
+        ["run", "ok.ein", "--backend", "jax", "--coordinator", "h:1", "--json"],
+        ["calibrate", "--json"],
+    ]
+
+
+def test_every_error_of_every_command_prints_json_under_json(capsys, tmp_path, monkeypatch):
+    from einpar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in json_error_cases(tmp_path):
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert code in (1, 2) and captured.err == "", (argv, code, captured.err)
+        document = json.loads(captured.out)
+        assert list(document) == ["diagnostics"], argv
+        assert all(d["code"] in CODES and d["severity"] == "error"
+                   for d in document["diagnostics"]), argv
+
+
 def test_E400_more_devices_asked_of_than_given():
     from einpar.backends.jax_backend import start_devices
 
@@ -1013,6 +1145,20 @@ def test_E410_a_cluster_file_field_with_its_position(tmp_path):
     (found,) = caught.value.diagnostics
     assert (found.code, found.message, found.span.line, found.span.col) == (
         "E410", "bad cluster file: topology.dims must be a list of 1 to 3 positive sizes", 4, 1)
+
+
+def test_E410_a_cluster_file_field_after_a_line_separator_in_a_string(tmp_path):
+    from einpar.cost_model.cluster import load_cluster
+
+    path = tmp_path / "c.toml"
+    path.write_text('accelerator = "h100"\nname = "a\u2028b"\n[topology]\nkind = "torus"\n'
+                    'dims = [4, 0]\n', encoding="utf-8")
+    sources = SourceMap()
+    with pytest.raises(EinparError) as caught:
+        load_cluster(str(path), sources)
+    (found,) = caught.value.diagnostics
+    assert (found.span.line, found.span.col) == (5, 1)
+    assert sources.line(str(path), 5) == "dims = [4, 0]"
 
 
 def test_E410_a_chip_with_no_peak_for_the_programs_dtype():
@@ -1208,6 +1354,74 @@ def test_carets_sit_exactly_under_the_span(text):
     if span.end_col <= len(shown) + 1:
         assert shown[span.col - 1:span.end_col - 1] == text.splitlines()[span.line - 1][
             span.col - 1:span.end_col - 1].replace("\t", " ")
+
+
+def test_carets_sit_under_the_span_after_wide_and_combining_characters():
+    # Only an unexpected character can stand before an error on its own line.
+    for text, shown, marks in [
+        ("dim B=8\n日本 = 2\n", "日本 = 2", "^^"),  # a wide character takes two columns
+        # a combining accent takes none: the caret is under the letter it sits on
+        ("dim B=8\n\te\u0301 = 2\n", " e\u0301 = 2", " ^"),
+    ]:
+        found = the_error(text)
+        assert under_the_source_line(render_text(found, SourceMap({FILE: text})), found.span) == (
+            shown, marks)
+
+
+def test_a_caret_after_wide_characters_in_a_label_line():
+    text = "dim B=8\ny[B] = 1 # 日本 x\n"
+    found = Diagnostic("E201", "m", Span(FILE, 2, 1, 2, 2),
+                       labels=(Label(Span(FILE, 2, 15, 2, 16), "after the wide ones"),))
+    assert render_text(found, SourceMap({FILE: text})).splitlines()[3:] == [
+        "2 | y[B] = 1 # 日本 x",
+        "  | ^" + " " * 15 + "- after the wide ones",
+    ]
+
+
+def test_a_right_to_left_override_cannot_reorder_the_quoted_line():
+    text = "dim B=8\ninput x[B]\ny[B] = x[B] \u202e $\n"
+    found = the_error(text)
+    assert (found.span.line, found.span.col) == (3, 13)
+    assert quoted_line(text, found) == "y[B] = x[B]   $"
+
+
+def test_E212_first_here_hangs_under_the_first_occurrence():
+    """The note of a label left of the primary span is under that label, not after the caret."""
+    for text, caret_row in [
+        (program("dim B=8 S=4", "input x[B]", "y[B,S,B] = x[B]"), "  |   -   ^"),
+        (program("dim B=8", "input x[B, B]", "y[B] = x[B,B]"), "  |          - ^"),
+        (program("dim B=8", "input x[B]", "y[B] = sum[B,B](x[B])"), "  |            - ^"),
+    ]:
+        (found,) = diagnostics_of(text)
+        assert found.code == "E212"
+        (label,) = found.labels
+        assert label.note == "first here" and label.span.col < found.span.col
+        lines = render_text(found, SourceMap({FILE: text})).splitlines()
+        at = lines.index(caret_row)
+        first = caret_row.index("-")
+        assert lines[at + 1] == "  |" + " " * (first - 3) + "|"
+        assert lines[at + 2] == "  |" + " " * (first - 3) + "first here"
+
+
+def test_E212_repeated_in_a_reduction_names_the_first():
+    found = expect(program("dim B=8", "input x[B]", "y[B] = sum[B,B](x[B])"),
+                   "E212", "index 'B' appears twice in sum[...]", 3, 14)
+    assert labels(found) == [(3, 12, "first here")]
+
+
+def test_notes_of_three_labels_on_one_line_hang_right_to_left():
+    text = "dim B=8\nabc(d, e, fgh)\n"
+    found = Diagnostic("E214", "m", Span(FILE, 2, 8, 2, 9),
+                       labels=(Label(Span(FILE, 2, 1, 2, 4), "call"),
+                               Label(Span(FILE, 2, 5, 2, 6), "first"),
+                               Label(Span(FILE, 2, 11, 2, 14), "last")))
+    assert render_text(found, SourceMap({FILE: text})).splitlines()[3:] == [
+        "2 | abc(d, e, fgh)",
+        "  | --- -  ^  --- last",
+        "  | |   |",
+        "  | |   first",
+        "  | call",
+    ]
 
 
 def test_a_diagnostic_without_a_span_renders_its_hint():
