@@ -108,6 +108,10 @@ def align(text: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
     return text
 
 
+# Expressions deeper than this are split into temporaries (each level of a scalar
+# expression opens at most two parentheses; Python's parser allows 200).
+HOIST_DEPTH = 32
+
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
           "le": "<=", "eq": "==", "ne": "!="}
 _CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.tanh",
@@ -159,7 +163,7 @@ class OpWriter:
                 expr = f"jnp.einsum({spec}, {args}, precision=PRECISION)"
             self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
         elif isinstance(op, Map):
-            expr, have = self.scalar(op.expr, op.operands, rtype.indices)
+            expr, have = self.scalar(op.expr, op.operands, rtype.indices, indent)
             covered = {i for o in op.operands for i in o.indices}
             shape = "(" + "".join(f"{n}, " for n in rtype.shape) + ")"
             if not op.operands:
@@ -207,26 +211,47 @@ class OpWriter:
         self.emit(indent, target, self.store(align(call, routed, rtype.indices), work, rtype.dtype),
                   comment)
 
-    def scalar(self, expr: Scalar, operands: tuple[Operand, ...], out: tuple[str, ...]):
-        """(Python text, its dtype or None when it is only Python constants)."""
+    def scalar(self, expr: Scalar, operands: tuple[Operand, ...], out: tuple[str, ...],
+               indent: str = ""):
+        """(Python text, its dtype or None when it is only Python constants). Subexpressions
+        HOIST_DEPTH deep become temporaries, on lines of their own at `indent`."""
+        text, dtype, _ = self._scalar(expr, operands, out, indent)
+        return text, dtype
+
+    def _scalar(self, expr: Scalar, operands, out, indent: str):
+        """(text, dtype, height): height counts the calls and operators nested in the text."""
+        if isinstance(expr, (Arg, Const)):
+            return (*self.leaf(expr, operands, out), 0)
+        children = [self._scalar(arg, operands, out, indent)
+                    for arg in ((expr.arg,) if isinstance(expr, Cast) else expr.args)]
+        text, dtype = self.combine(expr, [(text, dtype) for text, dtype, _ in children])
+        height = 1 + max(height for _, _, height in children)
+        if height >= HOIST_DEPTH:
+            temporary = self.names.fresh("t")
+            self.lines.append(f"{indent}{temporary} = {text}")
+            text, height = temporary, 0
+        return text, dtype, height
+
+    def leaf(self, expr: Arg | Const, operands, out):
         if isinstance(expr, Arg):
             operand = operands[expr.index]
             dtype = self.dtype_of(operand.value)
             wide = work_dtype(dtype)
             text = align(self.read(operand, wide), operand.indices, out)
             return text, wide
-        if isinstance(expr, Const):
-            value = expr.value
-            if isinstance(value, float) and not math.isfinite(value):
-                return ("jnp.nan" if math.isnan(value) else ("jnp.inf" if value > 0 else "-jnp.inf")), None
-            return repr(value), None
+        value = expr.value
+        if isinstance(value, float) and not math.isfinite(value):
+            return ("jnp.nan" if math.isnan(value) else ("jnp.inf" if value > 0 else "-jnp.inf")), None
+        return repr(value), None
+
+    @staticmethod
+    def combine(expr: Apply | Cast, args: list[tuple[str, str | None]]):
+        """The text and dtype of `expr` applied to its arguments' texts and dtypes."""
         if isinstance(expr, Cast):
-            inner, _ = self.scalar(expr.arg, operands, out)
-            text = f"jnp.asarray({inner}).astype({JNP_DTYPES[expr.dtype]})"
+            text = f"jnp.asarray({args[0][0]}).astype({JNP_DTYPES[expr.dtype]})"
             if expr.dtype in ("f16", "bf16"):  # rounded to the half type, computed in float32
                 text += ".astype(jnp.float32)"
             return text, work_dtype(expr.dtype)
-        args = [self.scalar(arg, operands, out) for arg in expr.args]
         texts = [text for text, _ in args]
         kinds = {dtype for _, dtype in args if dtype is not None}
         dtype = next(iter(kinds)) if len(kinds) == 1 else (None if not kinds else "?")
