@@ -84,11 +84,12 @@ def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None,
 def explain(program: Program, source: str | None = None, cluster=None):
     """What `einpar explain` shows, as data: an `einpar.explain.Explanation` of every statement
     (layouts, strategy, collectives, each device's blocks). `source` is the program's text
-    (read from `program.file` if not given); `cluster` (`cost_model.cluster.load_cluster`)
-    adds each collective's time."""
+    (by default the text it was compiled from, `program.source`; a Program made without it
+    reads `program.file`); `cluster` (`cost_model.cluster.load_cluster`) adds each
+    collective's time."""
     from .explain import explain as build
 
-    text = read_source(program.file) if source is None else source
+    text = source if source is not None else program.source or read_source(program.file)
     return build(compile_spmd(program), text, cluster)
 
 

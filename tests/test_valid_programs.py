@@ -1,5 +1,6 @@
-"""Nested programs run through every stage: repeat blocks inside repeat blocks
-(with params of their own), and expressions up to the E101 nesting limits.
+"""Valid programs go through every stage without an internal error: repeat
+blocks inside repeat blocks (with params of their own), expressions up to the
+E101 nesting limits, and programs compiled from text through the API.
 
 Every stage after parsing walks expressions and blocks recursively under
 Python's default recursion limit; E101 keeps programs within what they can
@@ -271,3 +272,16 @@ def test_E101_on_the_command_line_is_exit_1(tmp_path, capsys):
     assert main(["run", str(path), "--backend", "numpy"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error[E101]: this expression nests 500 operators") and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the API on programs from text
+
+
+def test_explain_takes_a_program_compiled_from_text():
+    from einpar.api import explain as explain_program
+
+    program = compile_source(SHARDED_NESTED)  # file "<string>": there is no file to read
+    explanation = explain_program(program)
+    h = next(s for s in explanation.statements if s.name == "h")
+    assert (h.line, h.source) == (10, "h[B,F] = x[B,D] * w[D,F]")
+    assert explanation.file == "<string>"
