@@ -20,8 +20,10 @@ in float32 and rounded when stored, contractions use full float32 precision.
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import math
+import string
 
 from einpar.inputs import fan_in_of
 from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
@@ -33,19 +35,23 @@ from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, form
 JNP_DTYPES = {"f64": "jnp.float64", "f32": "jnp.float32", "bf16": "jnp.bfloat16",
               "f16": "jnp.float16", "i32": "jnp.int32", "bool": "jnp.bool_"}
 
-# Names the module defines or imports: a program value never takes one of them.
+# Names the module defines or imports, and the locals its functions use besides the program's
+# values (`_` for what lax.scan returns unused, `mesh` for global_program's keyword): a program
+# value never takes one of them, nor a builtin's name.
 _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "lax", "P", "AxisType",
-             "NamedSharding", "PRECISION", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
+             "NamedSharding", "PRECISION", "X64", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
              "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
-             "timed", "main", "carry", "stacked", "float", "int", "range", "len", "dict", "tuple", "print", "max", "min",
-             "sum", "abs", "round", "None", "True", "False"}
+             "timed", "main", "carry", "stacked", "mesh", "_", *dir(builtins)}
 
 
 class Names:
     """Python identifiers for the program's value names, one each, never colliding.
 
-    `h.1` -> `h_1`, `x#2` -> `x_v2`, `x~1` -> `x_r1` (a moved copy), `x~in` -> `x_in`.
+    `h.1` -> `h_1`, `x#2` -> `x_v2`, `x~1` -> `x_r1` (a moved copy), `x~in` -> `x_in`. Every
+    identifier is plain ASCII (Python folds some Unicode letters together), not a keyword,
+    not a `__dunder__` (Python's own, and `__debug__` cannot be assigned), and not one of
+    the module's own names or a builtin's; a name that would be gets a prefix or a number.
     """
 
     def __init__(self):
@@ -56,15 +62,16 @@ class Names:
         if name in self.table:
             return self.table[name]
         text = name.replace(".", "_").replace("#", "_v")
-        text = "".join(ch if ch.isalnum() or ch == "_" else "_"
-                       for ch in text.replace("~in", "_in").replace("~trip", "_trip").replace("~", "_r"))
-        if not text or text[0].isdigit():
+        text = text.replace("~in", "_in").replace("~trip", "_trip").replace("~", "_r")
+        text = "".join(ch if ch in _IDENTIFIER_CHARS else "_" for ch in text)
+        if not text or text[0].isdigit() or (text.startswith("__") and text.endswith("__")):
             text = "v_" + text
         if keyword.iskeyword(text) or text in self.used:
             base, n = text, 2
             while f"{base}_{n}" in self.used:
                 n += 1
             text = f"{base}_{n}"
+        assert text.isidentifier() and not keyword.iskeyword(text), (name, text)
         self.table[name] = text
         self.used.add(text)
         return text
@@ -76,6 +83,29 @@ class Names:
             n += 1
         self.used.add(f"{base}_{n}")
         return f"{base}_{n}"
+
+
+_IDENTIFIER_CHARS = frozenset(string.ascii_letters + string.digits + "_")
+
+
+def literal_text(text: str) -> str:
+    """`text` as it may stand between the quotes of a Python string literal ("..." or
+    triple-quoted): backslashes and quotes escaped, and every character that is not
+    printable (line ends, NUL, the lone surrogates of undecodable file names) as an escape."""
+    out = []
+    for ch in text:
+        if ch in "\\\"":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def comment_text(text: str) -> str:
+    """`text` safe to end a line as a comment: nothing in it can end the line."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def partition_spec(layout: Layout) -> str:
@@ -130,7 +160,7 @@ class OpWriter:
 
     def emit(self, indent: str, target: str, expr: str, comment: str = "") -> None:
         line = f"{indent}{target} = {expr}"
-        self.lines.append(f"{line}  # {comment}" if comment else line)
+        self.lines.append(f"{line}  # {comment_text(comment)}" if comment else line)
 
     def read(self, operand: Operand, dtype: str) -> str:
         """The operand as an array of `dtype` (converted if it is stored in another)."""
@@ -336,7 +366,7 @@ class _SpmdWriter:
         body = self.names.fresh("trip")
         carried_in = [self.names(inside) for _, inside, _, _ in step.carried]
         sliced = [self.names(inside) for _, inside in step.stacked]
-        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {step.dim}={step.count}")
+        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {comment_text(step.dim)}={step.count}")
         self.lines.append(f"{indent}    {_pack(carried_in)} = carry")
         if sliced:
             self.lines.append(f"{indent}    {_pack(sliced)} = stacked")
@@ -385,7 +415,7 @@ class _GlobalWriter:
         body = self.names.fresh("layer")
         carried = [self.names(c.value) for c in op.carried]
         stacked = [self.names(v.name) for v in op.stacked]
-        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {op.dim}={op.count}")
+        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {comment_text(op.dim)}={op.count}")
         self.lines.append(f"{indent}    {_pack(carried)} = carry")
         if stacked:
             self.lines.append(f"{indent}    {_pack(stacked)} = stacked")
@@ -466,15 +496,19 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> str:
 
     out: list[str] = []
     add = out.append
-    add(f'"""{program.file} as JAX: einpar\'s per-device program under jax.shard_map, and its GSPMD twin.')
+    # The file name and the command are the user's text: escaped, they stay inside the docstring.
+    add(f'"""{literal_text(program.file)} as JAX: einpar\'s per-device program under jax.shard_map, '
+        'and its GSPMD twin.')
     add("")
     if command:
-        add(f"Written by `{command}`.")
-    add(f"Mesh {' '.join(f'{a}={n}' for a, n in axes)} ({mesh.num_devices} devices). Run it: python THIS_FILE.py --help")
+        add(f"Written by `{literal_text(command)}`.")
+    add(literal_text(f"Mesh {' '.join(f'{a}={n}' for a, n in axes)} ({mesh.num_devices} devices). "
+                     "Run it: python THIS_FILE.py --help"))
     add('"""')
     add("")
     add("import argparse")
     add("import functools")
+    add("import os")
     add("import time")
     add("")
     add("import numpy as np")
@@ -514,7 +548,7 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "") -> str:
                 '    """Pin a value to the layout the program gave it (nothing to pin without a mesh)."""',
                 "    return value if mesh is None else lax.with_sharding_constraint(value, "
                 "NamedSharding(mesh, spec))"])
-    function(f"global_program({', '.join(params)}, *, mesh=None)",
+    function(f"global_program({', '.join(params + ['*', 'mesh=None'])})",
              "The same program on whole arrays: what XLA partitions by itself under jax.jit.",
              whole.lines, program.outputs)
     add("")
@@ -594,6 +628,18 @@ def timed(step, args, repeat):
     return compile_s, sorted(times)[len(times) // 2]
 
 
+def use_cpu_devices():
+    """Ask JAX for DEVICES CPU devices, before anything starts its backends: without an
+    accelerator the program runs on them. Only the CPU backend reads this setting, so an
+    accelerator's devices are unchanged; a device count in XLA_FLAGS is left to rule."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", DEVICES)
+    except RuntimeError:  # the backends had started (the module was imported and used first)
+        pass
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -603,6 +649,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if X64:
         jax.config.update("jax_enable_x64", True)
+    use_cpu_devices()
     if jax.default_backend() == "cpu" and len(jax.devices()) < DEVICES:
         raise SystemExit(f"run with XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES} "
                          f"for {DEVICES} CPU devices")

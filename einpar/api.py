@@ -20,24 +20,35 @@ from .inputs import check_inputs, load_inputs, random_inputs
 from .ir import Program
 from .syntax import Module, parse
 
-__all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
+__all__ = ["shown_path", "read_source", "parse_file", "compile_source", "load", "run_reference",
            "parse_overrides", "random_inputs", "load_inputs", "compile_spmd", "run_simulated",
            "emit_jax", "run_jax", "explain"]
 
 
+def shown_path(path: str | Path) -> str:
+    """A file name as einpar shows it: characters a terminal would act on or cannot show
+    (line ends, escape sequences, the undecodable bytes of a name) written as escapes."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def read_source(path: str | Path) -> str:
+    shown = shown_path(path)
     try:
         return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not program text
     except FileNotFoundError:
-        raise EinparError(Diagnostic("E302", f"{path} does not exist"), usage=True) from None
+        raise EinparError(Diagnostic("E302", f"{shown} does not exist"), usage=True) from None
     except IsADirectoryError:
-        raise EinparError(Diagnostic("E302", f"{path} is a directory, not a .ein file"),
+        raise EinparError(Diagnostic("E302", f"{shown} is a directory, not a .ein file"),
                           usage=True) from None
     except UnicodeDecodeError as error:
-        raise EinparError(Diagnostic("E302", f"{path} is not UTF-8 text ({error.reason} at byte "
+        raise EinparError(Diagnostic("E302", f"{shown} is not UTF-8 text ({error.reason} at byte "
                                              f"{error.start})")) from None
     except OSError as error:
-        raise EinparError(Diagnostic("E302", f"cannot read {path}: {error.strerror}"),
+        raise EinparError(Diagnostic("E302", f"cannot read {shown}: {error.strerror}"),
                           usage=True) from None
 
 
@@ -52,8 +63,8 @@ def compile_source(text: str, file: str = "<string>",
 
 
 def load(path: str | Path, overrides: dict[str, int] | None = None) -> Program:
-    """Parse and check a `.ein` file into a Program."""
-    return compile_source(read_source(path), str(path), overrides)
+    """Parse and check a `.ein` file into a Program (named as `shown_path` shows it)."""
+    return compile_source(read_source(path), shown_path(path), overrides)
 
 
 def run_reference(program: Program, inputs: dict[str, np.ndarray] | None = None,

@@ -502,7 +502,7 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
             for name, a in outputs.items()}}, indent=2), markup=False)
     else:
         source = args.inputs or f"random inputs, seed {args.seed}"
-        out.print(f"{program.file} on backend {args.backend} ({source})")
+        out.print(f"{program.file} on backend {args.backend} ({source})", markup=False)
         _print_outputs(outputs, out)
     if save is not None:
         try:
@@ -546,7 +546,7 @@ def _run_simulated(args, program: Program, arrays, reference, out: Console, save
                               "outputs": _comparisons_json(results)}, indent=2), markup=False)
     else:
         source = args.inputs or f"random inputs, seed {args.seed}"
-        out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})")
+        out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})", markup=False)
         _print_comparisons(results, out, f"; each device sent {sent:,} bytes")
     if save is not None:
         np.savez(save, **outputs)
@@ -610,7 +610,7 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
                      f"{devices.local_count} of {len(devices.devices)} {devices.platform} devices")
         if not args.json:
             source = args.inputs or f"random inputs, seed {args.seed}"
-            out.print(f"{program.file}: {what} on {where} ({source})")
+            out.print(f"{program.file}: {what} on {where} ({source})", markup=False)
 
     result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
                          distributed=distributed, twin=args.twin, warmup=args.warmup,
@@ -666,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         args.slides = _slide_targets(args) if args.command in ("compile", "explain") else []
         overrides = api.parse_overrides([item for group in args.set for item in group])
         text = api.read_source(args.file)
+        args.file = api.shown_path(args.file)  # what einpar prints and names the program by
         sources.texts[args.file] = text
         if args.command == "compile" and args.emit == "ast":
             from .syntax import format_ast, parse
