@@ -584,6 +584,7 @@ def _supervised(args, save) -> int | None:
         raise _UsageError("einpar run: error: --save needs the whole outputs, which no one process "
                           "of several holds")
     if jax_supervisor.is_worker():
+        jax_supervisor.exit_with_supervisor()
         jax_supervisor.keep_runtime_output_apart()
         return None
     code, diagnostics = jax_supervisor.supervise(args.argv, distributed.coordinator,
