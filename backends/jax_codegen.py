@@ -366,7 +366,8 @@ class _SpmdWriter:
         body = self.names.fresh("trip")
         carried_in = [self.names(inside) for _, inside, _, _ in step.carried]
         sliced = [self.names(inside) for _, inside in step.stacked]
-        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {comment_text(step.dim)}={step.count}")
+        self.lines.append(f"{indent}def {body}(carry, stacked):  "
+                          f"# one trip of repeat {comment_text(step.dim)}={step.count}")
         self.lines.append(f"{indent}    {_pack(carried_in)} = carry")
         if sliced:
             self.lines.append(f"{indent}    {_pack(sliced)} = stacked")
@@ -415,7 +416,8 @@ class _GlobalWriter:
         body = self.names.fresh("layer")
         carried = [self.names(c.value) for c in op.carried]
         stacked = [self.names(v.name) for v in op.stacked]
-        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {comment_text(op.dim)}={op.count}")
+        self.lines.append(f"{indent}def {body}(carry, stacked):  "
+                          f"# one trip of repeat {comment_text(op.dim)}={op.count}")
         self.lines.append(f"{indent}    {_pack(carried)} = carry")
         if stacked:
             self.lines.append(f"{indent}    {_pack(stacked)} = stacked")
