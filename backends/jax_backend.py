@@ -36,7 +36,7 @@ from einpar.ir import Program
 from einpar.precision import DEFAULT_PRECISION
 from einpar.spmd import SpmdProgram
 
-from .jax_codegen import write_module
+from .jax_codegen import literal_text, write_module
 from .jax_supervisor import JOINED, cannot_join, is_worker
 
 
@@ -204,7 +204,7 @@ def load_module(program: Program, spmd: SpmdProgram, command: str = "",
                 precision: str = DEFAULT_PRECISION) -> types.ModuleType:
     """Execute the JAX module for `program`; its functions can then be called."""
     source = write_module(program, spmd, command, precision)
-    filename = f"<einpar-jax {program.file}>"
+    filename = f"<einpar-jax {literal_text(program.file)}>"  # compile() refuses a NUL in it
     # Registered with linecache so that tracebacks into the module show its lines.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     module = types.ModuleType("einpar_jax_program")

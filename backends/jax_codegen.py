@@ -22,8 +22,10 @@ reference computes and the cost model prices.
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import math
+import string
 
 from einpar.flops import einsum_path
 from einpar.inputs import fan_in_of
@@ -37,19 +39,23 @@ from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, form
 JNP_DTYPES = {"f64": "jnp.float64", "f32": "jnp.float32", "bf16": "jnp.bfloat16",
               "f16": "jnp.float16", "i32": "jnp.int32", "bool": "jnp.bool_"}
 
-# Names the module defines or imports: a program value never takes one of them.
+# Names the module defines or imports, and the locals its functions use besides the program's
+# values (`_` for what lax.scan returns unused, `mesh` for global_program's keyword): a program
+# value never takes one of them, nor a builtin's name.
 _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "lax", "P", "AxisType",
-             "NamedSharding", "PRECISION", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
+             "NamedSharding", "PRECISION", "X64", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
              "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
-             "timed", "main", "carry", "stacked", "float", "int", "range", "len", "dict", "tuple", "print", "max", "min",
-             "sum", "abs", "round", "None", "True", "False"}
+             "timed", "main", "carry", "stacked", "mesh", "_", *dir(builtins)}
 
 
 class Names:
     """Python identifiers for the program's value names, one each, never colliding.
 
-    `h.1` -> `h_1`, `x#2` -> `x_v2`, `x~1` -> `x_r1` (a moved copy), `x~in` -> `x_in`.
+    `h.1` -> `h_1`, `x#2` -> `x_v2`, `x~1` -> `x_r1` (a moved copy), `x~in` -> `x_in`. Every
+    identifier is plain ASCII (Python folds some Unicode letters together), not a keyword,
+    not a `__dunder__` (Python's own, and `__debug__` cannot be assigned), and not one of
+    the module's own names or a builtin's; a name that would be gets a prefix or a number.
     """
 
     def __init__(self):
@@ -60,15 +66,16 @@ class Names:
         if name in self.table:
             return self.table[name]
         text = name.replace(".", "_").replace("#", "_v")
-        text = "".join(ch if ch.isalnum() or ch == "_" else "_"
-                       for ch in text.replace("~in", "_in").replace("~trip", "_trip").replace("~", "_r"))
-        if not text or text[0].isdigit():
+        text = text.replace("~in", "_in").replace("~trip", "_trip").replace("~", "_r")
+        text = "".join(ch if ch in _IDENTIFIER_CHARS else "_" for ch in text)
+        if not text or text[0].isdigit() or (text.startswith("__") and text.endswith("__")):
             text = "v_" + text
         if keyword.iskeyword(text) or text in self.used:
             base, n = text, 2
             while f"{base}_{n}" in self.used:
                 n += 1
             text = f"{base}_{n}"
+        assert text.isidentifier() and not keyword.iskeyword(text), (name, text)
         self.table[name] = text
         self.used.add(text)
         return text
@@ -80,6 +87,29 @@ class Names:
             n += 1
         self.used.add(f"{base}_{n}")
         return f"{base}_{n}"
+
+
+_IDENTIFIER_CHARS = frozenset(string.ascii_letters + string.digits + "_")
+
+
+def literal_text(text: str) -> str:
+    """`text` as it may stand between the quotes of a Python string literal ("..." or
+    triple-quoted): backslashes and quotes escaped, and every character that is not
+    printable (line ends, NUL, the lone surrogates of undecodable file names) as an escape."""
+    out = []
+    for ch in text:
+        if ch in "\\\"":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def comment_text(text: str) -> str:
+    """`text` safe to end a line as a comment: nothing in it can end the line."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def partition_spec(layout: Layout) -> str:
@@ -112,6 +142,10 @@ def align(text: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
     return text
 
 
+# Expressions deeper than this are split into temporaries (each level of a scalar
+# expression opens at most two parentheses; Python's parser allows 200).
+HOIST_DEPTH = 32
+
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
           "le": "<=", "eq": "==", "ne": "!="}
 _CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.tanh",
@@ -132,7 +166,7 @@ class OpWriter:
 
     def emit(self, indent: str, target: str, expr: str, comment: str = "") -> None:
         line = f"{indent}{target} = {expr}"
-        self.lines.append(f"{line}  # {comment}" if comment else line)
+        self.lines.append(f"{line}  # {comment_text(comment)}" if comment else line)
 
     def read(self, operand: Operand, dtype: str) -> str:
         """The operand as an array of `dtype` (converted if it is stored in another)."""
@@ -168,7 +202,7 @@ class OpWriter:
                 expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION)"
             self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
         elif isinstance(op, Map):
-            expr, have = self.scalar(op.expr, op.operands, rtype.indices)
+            expr, have = self.scalar(op.expr, op.operands, rtype.indices, indent)
             covered = {i for o in op.operands for i in o.indices}
             shape = "(" + "".join(f"{n}, " for n in rtype.shape) + ")"
             if not op.operands:
@@ -220,26 +254,47 @@ class OpWriter:
         self.emit(indent, target, self.store(align(call, routed, rtype.indices), work, rtype.dtype),
                   comment)
 
-    def scalar(self, expr: Scalar, operands: tuple[Operand, ...], out: tuple[str, ...]):
-        """(Python text, its dtype or None when it is only Python constants)."""
+    def scalar(self, expr: Scalar, operands: tuple[Operand, ...], out: tuple[str, ...],
+               indent: str = ""):
+        """(Python text, its dtype or None when it is only Python constants). Subexpressions
+        HOIST_DEPTH deep become temporaries, on lines of their own at `indent`."""
+        text, dtype, _ = self._scalar(expr, operands, out, indent)
+        return text, dtype
+
+    def _scalar(self, expr: Scalar, operands, out, indent: str):
+        """(text, dtype, height): height counts the calls and operators nested in the text."""
+        if isinstance(expr, (Arg, Const)):
+            return (*self.leaf(expr, operands, out), 0)
+        children = [self._scalar(arg, operands, out, indent)
+                    for arg in ((expr.arg,) if isinstance(expr, Cast) else expr.args)]
+        text, dtype = self.combine(expr, [(text, dtype) for text, dtype, _ in children])
+        height = 1 + max(height for _, _, height in children)
+        if height >= HOIST_DEPTH:
+            temporary = self.names.fresh("t")
+            self.lines.append(f"{indent}{temporary} = {text}")
+            text, height = temporary, 0
+        return text, dtype, height
+
+    def leaf(self, expr: Arg | Const, operands, out):
         if isinstance(expr, Arg):
             operand = operands[expr.index]
             dtype = self.dtype_of(operand.value)
             wide = work_dtype(dtype)
             text = align(self.read(operand, wide), operand.indices, out)
             return text, wide
-        if isinstance(expr, Const):
-            value = expr.value
-            if isinstance(value, float) and not math.isfinite(value):
-                return ("jnp.nan" if math.isnan(value) else ("jnp.inf" if value > 0 else "-jnp.inf")), None
-            return repr(value), None
+        value = expr.value
+        if isinstance(value, float) and not math.isfinite(value):
+            return ("jnp.nan" if math.isnan(value) else ("jnp.inf" if value > 0 else "-jnp.inf")), None
+        return repr(value), None
+
+    @staticmethod
+    def combine(expr: Apply | Cast, args: list[tuple[str, str | None]]):
+        """The text and dtype of `expr` applied to its arguments' texts and dtypes."""
         if isinstance(expr, Cast):
-            inner, _ = self.scalar(expr.arg, operands, out)
-            text = f"jnp.asarray({inner}).astype({JNP_DTYPES[expr.dtype]})"
+            text = f"jnp.asarray({args[0][0]}).astype({JNP_DTYPES[expr.dtype]})"
             if expr.dtype in ("f16", "bf16"):  # rounded to the half type, computed in float32
                 text += ".astype(jnp.float32)"
             return text, work_dtype(expr.dtype)
-        args = [self.scalar(arg, operands, out) for arg in expr.args]
         texts = [text for text, _ in args]
         kinds = {dtype for _, dtype in args if dtype is not None}
         dtype = next(iter(kinds)) if len(kinds) == 1 else (None if not kinds else "?")
@@ -325,7 +380,8 @@ class _SpmdWriter:
         body = self.names.fresh("trip")
         carried_in = [self.names(inside) for _, inside, _, _ in step.carried]
         sliced = [self.names(inside) for _, inside in step.stacked]
-        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {step.dim}={step.count}")
+        self.lines.append(f"{indent}def {body}(carry, stacked):  "
+                          f"# one trip of repeat {comment_text(step.dim)}={step.count}")
         self.lines.append(f"{indent}    {_pack(carried_in)} = carry")
         if sliced:
             self.lines.append(f"{indent}    {_pack(sliced)} = stacked")
@@ -375,7 +431,8 @@ class _GlobalWriter:
         body = self.names.fresh("layer")
         carried = [self.names(c.value) for c in op.carried]
         stacked = [self.names(v.name) for v in op.stacked]
-        self.lines.append(f"{indent}def {body}(carry, stacked):  # one trip of repeat {op.dim}={op.count}")
+        self.lines.append(f"{indent}def {body}(carry, stacked):  "
+                          f"# one trip of repeat {comment_text(op.dim)}={op.count}")
         self.lines.append(f"{indent}    {_pack(carried)} = carry")
         if stacked:
             self.lines.append(f"{indent}    {_pack(stacked)} = stacked")
@@ -459,15 +516,19 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
 
     out: list[str] = []
     add = out.append
-    add(f'"""{program.file} as JAX: einpar\'s per-device program under jax.shard_map, and its GSPMD twin.')
+    # The file name and the command are the user's text: escaped, they stay inside the docstring.
+    add(f'"""{literal_text(program.file)} as JAX: einpar\'s per-device program under jax.shard_map, '
+        'and its GSPMD twin.')
     add("")
     if command:
-        add(f"Written by `{command}`.")
-    add(f"Mesh {' '.join(f'{a}={n}' for a, n in axes)} ({mesh.num_devices} devices). Run it: python THIS_FILE.py --help")
+        add(f"Written by `{literal_text(command)}`.")
+    add(literal_text(f"Mesh {' '.join(f'{a}={n}' for a, n in axes)} ({mesh.num_devices} devices). "
+                     "Run it: python THIS_FILE.py --help"))
     add('"""')
     add("")
     add("import argparse")
     add("import functools")
+    add("import os")
     add("import time")
     add("")
     add("import numpy as np")
@@ -509,7 +570,7 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
                 '    """Pin a value to the layout the program gave it (nothing to pin without a mesh)."""',
                 "    return value if mesh is None else lax.with_sharding_constraint(value, "
                 "NamedSharding(mesh, spec))"])
-    function(f"global_program({', '.join(params)}, *, mesh=None)",
+    function(f"global_program({', '.join(params + ['*', 'mesh=None'])})",
              "The same program on whole arrays: what XLA partitions by itself under jax.jit.",
              whole.lines, program.outputs)
     add("")
@@ -589,6 +650,18 @@ def timed(step, args, repeat):
     return compile_s, sorted(times)[len(times) // 2]
 
 
+def use_cpu_devices():
+    """Ask JAX for DEVICES CPU devices, before anything starts its backends: without an
+    accelerator the program runs on them. Only the CPU backend reads this setting, so an
+    accelerator's devices are unchanged; a device count in XLA_FLAGS is left to rule."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", DEVICES)
+    except RuntimeError:  # the backends had started (the module was imported and used first)
+        pass
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -598,6 +671,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if X64:
         jax.config.update("jax_enable_x64", True)
+    use_cpu_devices()
     if jax.default_backend() == "cpu" and len(jax.devices()) < DEVICES:
         raise SystemExit(f"run with XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES} "
                          f"for {DEVICES} CPU devices")

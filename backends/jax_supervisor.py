@@ -12,7 +12,12 @@ child process (the same command, marked as the worker) and watches it:
 - if the child aborts, the log says why, and the user sees E401 (it never
   joined the mesh) or E402 (a peer was lost during the run);
 - if the child outlives the run's time limit it is killed, with E401 if it
-  had not joined the mesh by then, else E402.
+  had not joined the mesh by then, else E402;
+- the child dies with the supervisor: a SIGTERM, SIGHUP or SIGINT to the
+  supervisor kills it first, and should the supervisor die anyway (SIGKILL),
+  the child sees its standard input, a pipe only the supervisor holds, close
+  and exits (a worker left behind would hold its devices and keep its peers
+  waiting for their whole timeout).
 
 This module does not import JAX.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +46,32 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
+def exit_with_supervisor() -> None:
+    """In the worker: exit as soon as the supervisor is gone, however it went (its end of
+    the standard input pipe closes)."""
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="einpar-supervisor-watch", daemon=True).start()
+
+
+class _Stopped(Exception):
+    """The supervisor was asked to stop by a signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
 def keep_runtime_output_apart() -> None:
     """In the worker: what C++ code writes to standard output (gloo's log) goes to standard
     error, which the supervisor filters; Python's own output keeps the real standard output."""
@@ -53,22 +85,36 @@ def supervise(argv: list[str], coordinator: str, process_id: int, num_processes:
               timeout_s: float) -> tuple[int, list[Diagnostic]]:
     """Run `einpar *argv` as the worker; returns (exit code, diagnostics to show)."""
     env = dict(os.environ, **{WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"})
-    child = subprocess.Popen([sys.executable, "-m", "einpar", *argv], stderr=subprocess.PIPE,
-                             env=env, text=True, errors="replace")
-    lines: list[str] = []
-    debug = bool(os.environ.get("EINPAR_DEBUG"))
-    reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
-    reader.start()
-    who = f"process {process_id} of {num_processes}"
+    # A signal that stops the supervisor stops the worker first (signal handlers can only
+    # be set from the main thread; elsewhere the closing pipe still ends the worker).
+    stopping = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in stopping} \
+        if main_thread else {}
+    child = None
     try:
-        code = child.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        code = None
-    except KeyboardInterrupt:
-        child.kill()
-        child.wait()
-        return 130, []
+        child = subprocess.Popen([sys.executable, "-m", "einpar", *argv], stdin=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env, text=True, errors="replace")
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
+        reader.start()
+        try:
+            code = child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = None
+    except (KeyboardInterrupt, _Stopped) as stop:
+        if child is not None:
+            child.kill()
+            child.wait()
+        return 128 + getattr(stop, "signum", signal.SIGINT), []
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child is not None and child.stdin is not None:
+            child.stdin.close()
+    debug = bool(os.environ.get("EINPAR_DEBUG"))
+    who = f"process {process_id} of {num_processes}"
     reader.join(timeout=5)
     log = "".join(lines)
     if debug:

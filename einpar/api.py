@@ -21,24 +21,35 @@ from .ir import Program
 from .precision import DEFAULT_PRECISION
 from .syntax import Module, parse
 
-__all__ = ["read_source", "parse_file", "compile_source", "load", "run_reference",
+__all__ = ["shown_path", "read_source", "parse_file", "compile_source", "load", "run_reference",
            "parse_overrides", "random_inputs", "load_inputs", "compile_spmd", "run_simulated",
            "emit_jax", "run_jax", "explain"]
 
 
+def shown_path(path: str | Path) -> str:
+    """A file name as einpar shows it: characters a terminal would act on or cannot show
+    (line ends, escape sequences, the undecodable bytes of a name) written as escapes."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def read_source(path: str | Path) -> str:
+    shown = shown_path(path)
     try:
         return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not program text
     except FileNotFoundError:
-        raise EinparError(Diagnostic("E302", f"{path} does not exist"), usage=True) from None
+        raise EinparError(Diagnostic("E302", f"{shown} does not exist"), usage=True) from None
     except IsADirectoryError:
-        raise EinparError(Diagnostic("E302", f"{path} is a directory, not a .ein file"),
+        raise EinparError(Diagnostic("E302", f"{shown} is a directory, not a .ein file"),
                           usage=True) from None
     except UnicodeDecodeError as error:
-        raise EinparError(Diagnostic("E302", f"{path} is not UTF-8 text ({error.reason} at byte "
+        raise EinparError(Diagnostic("E302", f"{shown} is not UTF-8 text ({error.reason} at byte "
                                              f"{error.start})")) from None
     except OSError as error:
-        raise EinparError(Diagnostic("E302", f"cannot read {path}: {error.strerror}"),
+        raise EinparError(Diagnostic("E302", f"cannot read {shown}: {error.strerror}"),
                           usage=True) from None
 
 
@@ -53,8 +64,8 @@ def compile_source(text: str, file: str = "<string>",
 
 
 def load(path: str | Path, overrides: dict[str, int] | None = None) -> Program:
-    """Parse and check a `.ein` file into a Program."""
-    return compile_source(read_source(path), str(path), overrides)
+    """Parse and check a `.ein` file into a Program (named as `shown_path` shows it)."""
+    return compile_source(read_source(path), shown_path(path), overrides)
 
 
 def run_reference(program: Program, inputs: dict[str, np.ndarray] | None = None,
@@ -85,11 +96,12 @@ def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None,
 def explain(program: Program, source: str | None = None, cluster=None):
     """What `einpar explain` shows, as data: an `einpar.explain.Explanation` of every statement
     (layouts, strategy, collectives, each device's blocks). `source` is the program's text
-    (read from `program.file` if not given); `cluster` (`cost_model.cluster.load_cluster`)
-    adds each collective's time."""
+    (by default the text it was compiled from, `program.source`; a Program made without it
+    reads `program.file`); `cluster` (`cost_model.cluster.load_cluster`) adds each
+    collective's time."""
     from .explain import explain as build
 
-    text = read_source(program.file) if source is None else source
+    text = source if source is not None else program.source or read_source(program.file)
     return build(compile_spmd(program), text, cluster)
 
 

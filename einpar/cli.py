@@ -553,7 +553,7 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
             for name, a in outputs.items()}}, indent=2), markup=False)
     else:
         source = args.inputs or f"random inputs, seed {args.seed}"
-        out.print(f"{program.file} on backend {args.backend} ({source})")
+        out.print(f"{program.file} on backend {args.backend} ({source})", markup=False)
         _print_outputs(outputs, out)
     if save is not None:
         try:
@@ -597,7 +597,7 @@ def _run_simulated(args, program: Program, arrays, reference, out: Console, save
                               "outputs": _comparisons_json(results)}, indent=2), markup=False)
     else:
         source = args.inputs or f"random inputs, seed {args.seed}"
-        out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})")
+        out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})", markup=False)
         _print_comparisons(results, out, f"; each device sent {sent:,} bytes")
     if save is not None:
         np.savez(save, **outputs)
@@ -635,6 +635,7 @@ def _supervised(args, save) -> int | None:
         raise _UsageError("einpar run: error: --save needs the whole outputs, which no one process "
                           "of several holds")
     if jax_supervisor.is_worker():
+        jax_supervisor.exit_with_supervisor()
         jax_supervisor.keep_runtime_output_apart()
         return None
     code, diagnostics = jax_supervisor.supervise(args.argv, distributed.coordinator,
@@ -661,7 +662,7 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
                      f"{devices.local_count} of {len(devices.devices)} {devices.platform} devices")
         if not args.json:
             source = args.inputs or f"random inputs, seed {args.seed}"
-            out.print(f"{program.file}: {what} on {where} ({source})")
+            out.print(f"{program.file}: {what} on {where} ({source})", markup=False)
 
     precision = args.precision or DEFAULT_PRECISION
     result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
@@ -726,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = api.parse_overrides(assignments)
         ignore = _ignored_codes(args) if args.command in ("check", "compile") else []
         text = api.read_source(args.file)
+        args.file = api.shown_path(args.file)  # what einpar prints and names the program by
         sources.texts[args.file] = text
         if args.command == "compile" and args.emit == "ast":
             from .syntax import format_ast, parse

@@ -34,6 +34,15 @@ class _Lowering:
         self.values[name] = SpmdValue(name, tensor, self.type_of(value), layout)
         self.held[(value, layout)] = name
 
+    def unique(self, name: str) -> str:
+        """`name`, or `name2`, `name3`... when an enclosing repeat already uses it
+        (nested blocks each have their own trip values)."""
+        candidate, number = name, 1
+        while candidate in self.values:
+            number += 1
+            candidate = f"{name}{number}"
+        return candidate
+
     def fresh(self, value: str) -> str:
         self.counter[value] = self.counter.get(value, 0) + 1
         return f"{value}~{self.counter[value]}"
@@ -87,31 +96,45 @@ class _Lowering:
         layouts = decision.carried_layouts
         starts = [self.held[(c.value, layout)] for c, layout in zip(op.carried, layouts)]
         tensors = [self.values[start].tensor for start in starts]
-        saved = dict(self.held)
+        # A stacked param's slice is cut from what the enclosing level holds: the
+        # program's input, or in a nested block the enclosing trip's slice.
+        sources = [self.held_in(view.name) for view in op.stacked]
+        saved, saved_types = dict(self.held), dict(self.types)
         # Inside the body a carried name means this trip's value, a stacked param's
         # name this trip's slice: other copies of them are not valid there.
+        inside = []
         for carried, layout, tensor in zip(op.carried, layouts, tensors):
             self.forget(carried.value)
-            self.define(f"{carried.value}~in", carried.value, tensor, layout)
+            inside.append(self.unique(f"{carried.value}~in"))
+            self.define(inside[-1], carried.value, tensor, layout)
+        trips = []
         for view, layout in zip(op.stacked, decision.stacked_layouts):
             self.types[view.name] = view.type
             self.forget(view.name)
-            self.define(f"{view.name}~trip", view.name, view.name, layout)
+            trips.append(self.unique(f"{view.name}~trip"))
+            self.define(trips[-1], view.name, view.name, layout)
         body: list = []
         self.steps(decision.body, body)
         for move in decision.exit:
             self.move(move, body)
         results = [self.held[(c.body_result, layout)] for c, layout in zip(op.carried, layouts)]
-        for view in op.stacked:
-            del self.types[view.name]
-        self.held = saved  # values made inside the body do not outlive it
+        # Values made inside the body do not outlive it; the enclosing level's
+        # types of stacked params (its own slices) come back.
+        self.held, self.types = saved, saved_types
         for carried, layout, tensor in zip(op.carried, layouts, tensors):
             self.define(carried.result.name, carried.result.name, tensor, layout)
         steps.append(RepeatStep(
             op.dim, op.count,
-            tuple((start, f"{c.value}~in", result, c.result.name)
-                  for c, start, result in zip(op.carried, starts, results)),
-            tuple((view.name, f"{view.name}~trip") for view in op.stacked), tuple(body)))
+            tuple((start, name, result, c.result.name)
+                  for c, start, name, result in zip(op.carried, starts, inside, results)),
+            tuple(zip(sources, trips)), tuple(body)))
+
+    def held_in(self, value: str) -> str:
+        """The local name of the one copy of `value` held here (a stacked param is
+        never moved, so it has exactly one)."""
+        names = [name for (held, _), name in self.held.items() if held == value]
+        assert len(names) == 1, (value, names)
+        return names[0]
 
     def steps(self, decisions, steps: list) -> None:
         for decision in decisions:

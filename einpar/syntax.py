@@ -465,8 +465,8 @@ def gc_paused():
 
 @contextmanager
 def deep_recursion(limit: int = 20_000):
-    """Room for long expressions: a sum of 500 terms is a tree 500 deep, and each
-    stage walks trees recursively. Beyond this, E101 asks to split the statement."""
+    """Room for the parser and checker to build and reject trees deeper than the
+    nesting limits below (the E101 check runs on the finished tree)."""
     previous = sys.getrecursionlimit()
     sys.setrecursionlimit(max(previous, limit))
     try:
@@ -494,14 +494,76 @@ def _parse(text: str, file: str) -> Module:
         except UnexpectedInput as error:
             raise EinparError(_syntax_diagnostic(error, file, text, parser)) from None
         try:
-            return _ToAst(file).transform(tree)
+            module = _ToAst(file).transform(tree)
         except RecursionError:
             raise EinparError(too_deep(file)) from None
+    problems = nesting_problems(module)
+    if problems:
+        raise EinparError(problems)
+    return module
 
 
 def too_deep(file: str, span: Span | None = None) -> Diagnostic:
     return Diagnostic("E101", f"{file}: an expression is nested too deeply to follow", span,
                       hint="split it into several statements")
+
+
+# How deeply a program may nest (E101). Every stage after parsing walks
+# expressions and repeat blocks recursively, a few Python frames per level,
+# and must fit in Python's default recursion limit (1000 frames); the JAX
+# module nests one Python function per repeat block, and Python allows 100
+# levels of indentation. A sum of 201 terms is 200 operators deep.
+MAX_EXPRESSION_DEPTH = 200  # operators and calls inside one another
+MAX_REPEAT_DEPTH = 32  # repeat blocks inside one another
+
+
+def _expression_depth(rhs: Expr) -> tuple[int, Span | None]:
+    """How many operators and calls `rhs` nests, and where its first one nested past
+    MAX_EXPRESSION_DEPTH is (None if none is). Iterative: the tree may be very deep."""
+    deepest, past = 0, None
+    stack: list[tuple[Expr, int]] = [(rhs, 0)]
+    while stack:
+        node, above = stack.pop()
+        if isinstance(node, (Number, SizeRef, TensorRef)):
+            continue
+        level = above + 1
+        deepest = max(deepest, level)
+        if level == MAX_EXPRESSION_DEPTH + 1 and past is None:
+            past = node.op_span if isinstance(node, Binary) else (
+                node.func.span if isinstance(node, Call) else node.span)
+        if isinstance(node, Binary):
+            stack += [(node.right, level), (node.left, level)]
+        elif isinstance(node, Negate):
+            stack.append((node.operand, level))
+        else:
+            stack += [(kwarg.value, level) for kwarg in reversed(node.kwargs)]
+            stack += [(arg, level) for arg in reversed(node.args)]
+    return deepest, past
+
+
+def nesting_problems(module: Module) -> list[Diagnostic]:
+    """E101 for each statement nested more than MAX_EXPRESSION_DEPTH deep and each
+    repeat block nested more than MAX_REPEAT_DEPTH deep."""
+    problems = []
+    stack: list[tuple[Item, int]] = [(item, 0) for item in reversed(module.items)]
+    while stack:
+        item, blocks = stack.pop()
+        if isinstance(item, Repeat):
+            if blocks == MAX_REPEAT_DEPTH:
+                problems.append(Diagnostic(
+                    "E101", f"this repeat block is nested {MAX_REPEAT_DEPTH + 1} blocks deep; "
+                            f"at most {MAX_REPEAT_DEPTH} may nest", item.dim.span,
+                    hint="nest fewer repeat blocks"))
+                continue
+            stack += [(sub, blocks + 1) for sub in reversed(item.body)]
+        elif isinstance(item, Statement):
+            depth, past = _expression_depth(item.rhs)
+            if past is not None:
+                problems.append(Diagnostic(
+                    "E101", f"this expression nests {depth} operators and calls inside one "
+                            f"another; at most {MAX_EXPRESSION_DEPTH} may nest", past,
+                    hint="split it into several statements"))
+    return problems
 
 
 # ---------------------------------------------------------------- printing

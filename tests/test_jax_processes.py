@@ -3,16 +3,21 @@
 Each test starts real `einpar run --backend jax --coordinator ...` processes:
 two processes with four CPU devices each run an 8-device program, and each
 checks its own blocks against the reference. A run whose peer dies (E402) or
-whose coordinator never answers (E401) is tested in test_diagnostics.py.
+whose coordinator never answers (E401) is tested in test_diagnostics.py. A
+process stopped by a signal takes its JAX worker with it.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "examples/attention/tensor_parallel.ein")  # mesh dp=2 tp=4
@@ -78,3 +83,59 @@ def test_the_environment_variables_stand_for_the_flags():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
         assert f"on process {i} of 2, 4 of 8 cpu devices" in out.splitlines()[0]
+
+
+# ---- a stopped run leaves no worker behind
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and alive(int(entry.name)):
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker through /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_stopped_process_takes_its_jax_worker_with_it(signum):
+    port = free_port()  # nobody serves it: the worker waits for the coordinator
+    supervisor = start(1, port, "--timeout", "300")
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while not workers and time.monotonic() < deadline and supervisor.poll() is None:
+        time.sleep(0.2)
+        workers = children(supervisor.pid)
+    assert len(workers) == 1, "the worker never started"
+    worker = workers[0]
+    time.sleep(3)  # well into its wait for the coordinator
+    assert alive(worker)
+    supervisor.send_signal(signum)  # to the supervisor alone, not its process group
+    stopped = time.monotonic()
+    try:
+        supervisor.wait(timeout=30)
+        while alive(worker) and time.monotonic() - stopped < 10:
+            time.sleep(0.1)
+        assert not alive(worker), "the worker outlived its supervisor"
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        supervisor.communicate(timeout=30)
+    expected = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
+    assert supervisor.returncode == expected[signum]
