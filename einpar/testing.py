@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -182,7 +183,7 @@ class GeneratedProgram:
     `--set`-style overrides included. `inputs` are the program's inputs and
     params in declaration order; `outputs` its outputs in order.
     `positional_renames` holds the (declared index, index read with) pairs
-    where a tensor was read with another name of the same size, which ties
+    where the text reads a tensor with another name of the same size, which ties
     those dims' sizes together. `max_magnitude` bounds every value the
     program stores, for inputs of magnitude at most 6.
     """
@@ -394,7 +395,9 @@ class _Builder:
         self.taken_names: set[str] = set()
         self.inputs: list[TensorInfo] = []
         self.statements: list[StatementInfo] = []
-        self.renames: set[tuple[str, str]] = set()
+        # (declared index, index read with) -> how many reads in the text rename so; a read
+        # dropped from the text is taken back out (see `forget`).
+        self.renames: Counter[tuple[str, str]] = Counter()
         self.max_bound = 0.0
         self.counter = 0
         self.in_block = False
@@ -515,10 +518,23 @@ class _Builder:
             else:
                 index = self.pick(options)
             if index != declared:
-                self.renames.add((declared, index))
+                self.renames[(declared, index)] += 1
             left.remove(index)
             chosen.append(index)
         return tuple(chosen)
+
+    def positional_renames(self) -> frozenset[tuple[str, str]]:
+        """The renames the text's reads make so far (see `GeneratedProgram`)."""
+        return frozenset(pair for pair, reads in self.renames.items() if reads > 0)
+
+    def forget(self, dropped: _Expr) -> None:
+        """Take back the renames of `dropped`'s reads: it was drawn but left out of the text,
+        and a rename only ties sizes where the text reads a tensor so."""
+        assert dropped.product is not None, "only a product lists all of its reads"
+        for name, indices in dropped.product:
+            for declared, index in zip(self.visible[name].info.indices, indices):
+                if index != declared:
+                    self.renames[(declared, index)] -= 1
 
     def ref(self, free: tuple[str, ...], fresh: bool = False) -> _Expr:
         candidates = [t for t in self.visible.values() if self.matches(t, free)]
@@ -652,6 +668,7 @@ class _Builder:
             else:
                 # A lone factor summed where it stands, or a pure contraction: read a
                 # fresh input instead, whose magnitude is known.
+                self.forget(factors[largest])
                 factors[largest] = self.ref(factors[largest].free, fresh=True)
         bound = self.note(unscaled(factors))
         scale = 1.0
@@ -1163,7 +1180,7 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
             inputs=tuple(builder.inputs), outputs=tuple(outputs),
             statements=tuple(builder.statements),
             repeat_dim=REPEAT_DIM if any(s.in_repeat for s in builder.statements) else None,
-            positional_renames=frozenset(builder.renames), max_magnitude=builder.max_bound)
+            positional_renames=builder.positional_renames(), max_magnitude=builder.max_bound)
 
     return draw_program()
 
