@@ -1,0 +1,70 @@
+"""Fuzz the front end through the command line for a long run, and count what happens.
+
+    .venv/bin/python bench/fuzz.py --count 100000 --seed 0
+    .venv/bin/python bench/fuzz.py --count 2000 --start 50000   # a slice of the same run
+    .venv/bin/python bench/fuzz.py --show 12345                 # the text of input 12345
+
+Inputs are mutated examples and docs/language.md programs (einpar.fuzz); the
+first ones cut every seed at every position. Prints inputs per second, the
+exit codes of every command run, and every internal error, crash and hang
+grouped by kind, with the shortest input of each; `--out` keeps them all as
+JSON. Exit status 1 if any finding is not a known issue (einpar.fuzz.KNOWN_ISSUES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from einpar.fuzz import Campaign, load_seeds, mutant  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=10_000, help="inputs to run (default 10000)")
+    parser.add_argument("--start", type=int, default=0, help="first input's index (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="the campaign (default 0)")
+    parser.add_argument("--budget", type=float, default=10.0,
+                        help="seconds one command may take before it counts as a hang (default 10)")
+    parser.add_argument("--sample", type=float, default=0.1,
+                        help="fraction of valid inputs also sent through another view, explain, "
+                             "cost or run --backend numpy (default 0.1)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the truncations of every seed at every position")
+    parser.add_argument("--out", type=Path, help="write every finding to this JSON file")
+    parser.add_argument("--show", type=int, metavar="INDEX", help="print input INDEX and exit")
+    args = parser.parse_args()
+
+    seeds = load_seeds(ROOT)
+    if args.show is not None:
+        data, made = mutant(seeds, args.seed, args.show, not args.no_sweep)
+        print(f"# input {args.show}: {made}", file=sys.stderr)
+        sys.stdout.buffer.write(data)
+        return 0
+    sweep = sum(len(s.text) + 1 for s in seeds)
+    print(f"{len(seeds)} seeds; inputs 0 to {sweep - 1} are their truncations"
+          if not args.no_sweep else f"{len(seeds)} seeds", flush=True)
+    campaign = Campaign(seeds, seed=args.seed, budget_s=args.budget, sample=args.sample,
+                        sweep=not args.no_sweep)
+
+    def progress(report) -> None:
+        print(f"  {report.inputs} inputs, {report.inputs / report.seconds:.1f}/s, "
+              f"{len(report.findings)} findings", flush=True)
+
+    report = campaign.run(args.count, start=args.start, progress=progress, every_s=60)
+    print(report.describe(), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps([{
+            "index": f.index, "made": f.made, "input": f.data.decode("utf-8", "backslashreplace"),
+            "problem": f.problem, "command": f.argv, "error": f.error, "where": f.where,
+            "known": f.known, "trace": f.trace} for f in report.findings], indent=1))
+    return 1 if report.new() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
