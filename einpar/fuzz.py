@@ -323,13 +323,14 @@ class Outcome:
 
 
 def _innermost_einpar_frame(tb) -> str:
-    frames = traceback.extract_tb(tb)
-    inside = [f for f in frames if f"{os.sep}einpar{os.sep}" in f.filename
-              or f"{os.sep}backends{os.sep}" in f.filename or f"{os.sep}cost_model{os.sep}" in f.filename
-              or f"{os.sep}grammar{os.sep}" in f.filename]
+    """`folder/file.py:function` of the innermost frame in einpar's code (not this harness)."""
+    frames = [f for f in traceback.extract_tb(tb) if Path(f.filename).name != "fuzz.py"]
+    packages = ("einpar", "backends", "cost_model", "grammar")
+    inside = [f for f in frames if Path(f.filename).parent.name in packages]
     frame = (inside or frames or [None])[-1]
-    return f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.name}" \
-        if frame else "?"
+    if frame is None:
+        return "?"
+    return f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.name}"
 
 
 def _on_alarm(signum, frame):
@@ -375,9 +376,21 @@ def run_cli(argv: list[str], budget_s: float) -> Outcome:
     elif outcome.problem is None and outcome.code not in (0, 1, 2):
         outcome.problem = "unexpected exit code"
         outcome.error = f"exit code {outcome.code}"
+    elif outcome.code == 0 and argv[-2:] == ["--emit", "jax"]:
+        _check_emitted_module(outcome)
     if outcome.problem and not outcome.error.strip():
         outcome.error = outcome.problem
     return outcome
+
+
+def _check_emitted_module(outcome: Outcome) -> None:
+    """The module `--emit jax` printed must be Python (it is run as it is)."""
+    try:
+        compile(outcome.output, "<emitted>", "exec")
+    except (SyntaxError, ValueError) as error:
+        outcome.problem = "invalid emitted module"
+        outcome.error = f"{type(error).__name__}: {error}"
+        outcome.where = "backends/jax_codegen.py:write_module"
 
 
 # Sizes for the sampled `run` and `cost`: every dim as large as the mesh has devices, so every
@@ -482,6 +495,8 @@ KNOWN_ISSUES: tuple[tuple[str, str, str, str], ...] = (
     ("*", "KeyError", r"lower\.py", "nested repeat with a param in the inner block"),
     ("hang", "", r"partition\.py", "partitioner work grows ~4x per mesh axis"),
     ("*", "MemoryError", r".*", "no memory guard before allocating run inputs"),
+    ("invalid emitted module", "SyntaxError", r"jax_codegen", "a tensor named __debug__ "
+                                                              "breaks the emitted module"),
 )
 
 
@@ -599,11 +614,12 @@ class Campaign:
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     result = json.loads(line)
-                    if result["index"] != index:  # a start-up message
+                    waited_since = time.perf_counter()
+                    if "ready" in result:  # started: the clock runs from here, not from the imports
                         continue
+                    assert result["index"] == index, (result["index"], index)
                     self._count(report, result)
                     index += 1
-                    waited_since = time.perf_counter()
             elif time.perf_counter() - waited_since > self.hard_s:
                 self._record(report, index, "hang", [], f"over {self.hard_s:g} s (watchdog)", "?")
                 return index + 1
@@ -647,6 +663,13 @@ def _worker() -> None:
     # Results go to the original stdout; anything else written to it (by C code) goes nowhere.
     results = os.fdopen(os.dup(1), "w")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    from . import api, cli  # noqa: F401 - imported before the watchdog's clock starts
+    from .syntax import _parser
+
+    _parser()  # lark builds its tables once per process: start-up, not the first input's time
+
+    results.write(json.dumps({"ready": True}) + "\n")
+    results.flush()
     with tempfile.TemporaryDirectory(prefix="einpar-fuzz-") as folder:
         path = os.path.join(folder, "mutant.ein")
         for index in range(config["start"], config["end"]):

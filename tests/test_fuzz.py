@@ -1,0 +1,133 @@
+"""The front end fuzzed through the command line: no internal error, no crash, no hang.
+
+Mutated examples and docs/language.md programs (einpar.fuzz) run through
+`einpar.cli.main` in a watched worker process; the slow tests run a few
+thousand of them, the same ones on every run. A finding that matches an issue
+being fixed elsewhere (einpar.fuzz.KNOWN_ISSUES) is tolerated; any other fails
+the test with the shortest input of each kind. The fast tests check the
+harness itself and keep every crash the fuzzer found fixed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from einpar import cli, fuzz
+from einpar.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = fuzz.load_seeds(ROOT)
+
+# Generous: the machine may be busy, and a hang is minutes, not seconds.
+BUDGET_S = 30.0
+
+
+def assert_no_new_findings(report: fuzz.Report) -> None:
+    new = report.new()
+    if new:
+        shown = "\n\n".join(min(found, key=lambda f: len(f.data)).summary() + "\n" + found[0].trace
+                            for kind, found in report.by_kind().items()
+                            if any(f.known is None for f in found))
+        pytest.fail(f"{len(new)} of {report.inputs} inputs ended in an internal error, a crash "
+                    f"or a hang:\n{shown}", pytrace=False)
+
+
+# ---------------------------------------------------------------- the harness
+
+
+def test_seeds_are_every_example_and_the_programs_of_the_language_page():
+    names = [seed.name for seed in SEEDS]
+    examples = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").rglob("*.ein"))
+    assert names[:len(examples)] == examples
+    docs = names[len(examples):]
+    assert len(docs) >= 20 and all(name.startswith("docs/language.md:") for name in docs)
+    assert not any(seed.text.lstrip().startswith(("$", "error[")) for seed in SEEDS)
+
+
+def test_inputs_are_a_function_of_seed_and_index():
+    assert fuzz.mutant(SEEDS, 0, 20_000) == fuzz.mutant(SEEDS, 0, 20_000)
+    assert fuzz.mutant(SEEDS, 0, 20_000) != fuzz.mutant(SEEDS, 1, 20_000)
+    # The sweep first: every seed cut at every position, the first seed first.
+    first = SEEDS[0].text.encode()
+    assert fuzz.mutant(SEEDS, 0, 0)[0] == b""
+    assert fuzz.mutant(SEEDS, 0, 7)[0] == first[:7]
+    assert fuzz.mutant(SEEDS, 0, len(SEEDS[0].text))[0] == first
+    assert fuzz.mutant(SEEDS, 0, len(SEEDS[0].text) + 1)[0] == b""
+
+
+def test_every_mutation_returns_text():
+    rng = random.Random(0)
+    for name, mutation in fuzz.MUTATIONS.items():
+        for seed in SEEDS[:4] + [fuzz.Seed("empty", "")]:
+            out = mutation(seed.text, rng)
+            assert isinstance(out, str), name
+            out.encode("utf-8", "surrogateescape")
+
+
+def test_a_clean_diagnostic_is_no_finding(tmp_path):
+    path = tmp_path / "bad.ein"
+    path.write_text("dim B=8\ninput x[B, $]\n")
+    outcome = fuzz.run_cli(["check", str(path)], BUDGET_S)
+    assert (outcome.code, outcome.problem) == (1, None)
+    assert "error[E100]" in outcome.output
+
+
+def test_an_exception_escaping_main_is_a_finding(monkeypatch):
+    def broken(argv):
+        return {}["missing"]
+
+    monkeypatch.setattr(cli, "main", broken)
+    outcome = fuzz.run_cli(["check", "x.ein"], BUDGET_S)
+    assert outcome.problem == "uncaught exception"
+    assert outcome.error == "KeyError: 'missing'"
+    assert outcome.where.endswith("test_fuzz.py:broken")
+
+
+def test_an_internal_error_is_a_finding(monkeypatch, tmp_path):
+    monkeypatch.delenv("EINPAR_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "_print_check", lambda program, out: 1 / 0)
+    path = tmp_path / "ok.ein"
+    path.write_text("dim B=8\ninput x[B]\noutput x\n")
+    outcome = fuzz.run_cli(["check", str(path)], BUDGET_S)
+    assert (outcome.code, outcome.problem) == (3, "internal error")
+    assert outcome.error == "ZeroDivisionError: division by zero"
+
+
+def test_a_command_over_its_budget_is_a_hang(monkeypatch):
+    monkeypatch.setattr(cli, "main", lambda argv: time.sleep(5))
+    started = time.perf_counter()
+    outcome = fuzz.run_cli(["check", "x.ein"], 0.2)
+    assert outcome.problem == "hang" and outcome.error == "over 0.2 s"
+    assert time.perf_counter() - started < 2
+
+
+def test_the_campaign_counts_inputs_and_exit_codes():
+    report = fuzz.Campaign(SEEDS, seed=0, budget_s=BUDGET_S, sweep=False).run(20, start=100)
+    assert report.inputs == 20
+    assert sum(report.exit_codes.values()) == report.commands >= 20
+    assert set(report.exit_codes) <= {0, 1, 2}
+
+
+# ---------------------------------------------------------------- the fuzz runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", ["examples/mlp/megatron.ein", "examples/moe/gshard.ein"])
+def test_every_truncation_fails_only_with_diagnostics(seed):
+    seeds = [s for s in SEEDS if s.name == seed]
+    report = fuzz.Campaign(seeds, seed=0, budget_s=BUDGET_S).run(len(seeds[0].text) + 1)
+    assert report.inputs == len(seeds[0].text) + 1
+    assert_no_new_findings(report)
+
+
+@pytest.mark.slow
+def test_mutated_programs_through_the_cli_fail_only_with_diagnostics():
+    report = fuzz.Campaign(SEEDS, seed=0, budget_s=BUDGET_S, sweep=False).run(2_500)
+    print(report.describe())
+    assert report.inputs == 2_500
+    assert report.exit_codes.get(0, 0) > 300  # many mutants are still programs, and run
+    assert_no_new_findings(report)
