@@ -36,7 +36,8 @@ def main() -> int:
                              "cost or run --backend numpy (default 0.1)")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the truncations of every seed at every position")
-    parser.add_argument("--out", type=Path, help="write every finding to this JSON file")
+    parser.add_argument("--out", type=Path, help="write every finding to this file, one JSON "
+                                                 "object a line, as they are found")
     parser.add_argument("--show", type=int, metavar="INDEX", help="print input INDEX and exit")
     args = parser.parse_args()
 
@@ -56,13 +57,24 @@ def main() -> int:
         print(f"  {report.inputs} inputs, {report.inputs / report.seconds:.1f}/s, "
               f"{len(report.findings)} findings", flush=True)
 
-    report = campaign.run(args.count, start=args.start, progress=progress, every_s=60)
+    kinds = set()
+    log = args.out.open("w") if args.out else None
+
+    def found(finding) -> None:
+        if finding.kind not in kinds:
+            kinds.add(finding.kind)
+            print(f"new kind: {finding.summary()}", flush=True)
+        if log is not None:
+            log.write(json.dumps({
+                "index": finding.index, "made": finding.made,
+                "input": finding.data.decode("utf-8", "backslashreplace"),
+                "problem": finding.problem, "command": finding.argv, "error": finding.error,
+                "where": finding.where, "known": finding.known, "trace": finding.trace}) + "\n")
+            log.flush()
+
+    report = campaign.run(args.count, start=args.start, progress=progress, every_s=60,
+                          found=found)
     print(report.describe(), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps([{
-            "index": f.index, "made": f.made, "input": f.data.decode("utf-8", "backslashreplace"),
-            "problem": f.problem, "command": f.argv, "error": f.error, "where": f.where,
-            "known": f.known, "trace": f.trace} for f in report.findings], indent=1))
     return 1 if report.new() else 0
 
 

@@ -90,7 +90,9 @@ TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?|
                    re.S)
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NUMBER = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?")
-TERM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\[[^\]\n]*\]")  # a tensor reference: x[B,S,D]
+# A tensor reference, x[B,S,D]. Only from the start of a name: trying every position inside a
+# 100,000-character name would take minutes.
+TERM = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*+\[[^\]\n]*\]")
 
 KEYWORDS = ("mesh", "dim", "dtype", "input", "param", "output", "repeat")
 FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs",
@@ -445,6 +447,19 @@ def commands_for(path: str, rng: random.Random, sample: float) -> Iterator[list[
             yield ["run", path, "--backend", "numpy", *sets]
 
 
+# File names a user may have: rich markup, quotes and backslashes (which once reached printed
+# text and emitted code as they were), spaces, non-ASCII and right-to-left characters.
+FILE_NAMES = ("x[/].ein", "[bold]m.ein", 'p""";print(1);""".ein', "back\\slash.ein",
+              "it's.ein", "sp ace.ein", "é.ein", "\u202em.ein", "m{0}%s.ein", "m\nn.ein")
+FILE_NAME_SAMPLE = 0.05
+
+
+def file_name(seed: int, index: int) -> str:
+    """The name input `index` is saved under: mostly plain, sometimes hostile."""
+    rng = random.Random(f"einpar-fuzz-file:{seed}:{index}")
+    return rng.choice(FILE_NAMES) if rng.random() < FILE_NAME_SAMPLE else "mutant.ein"
+
+
 def run_input(data: bytes, path: str, rng: random.Random, budget_s: float,
               sample: float = 0.1) -> list[Outcome]:
     """Write `data` to `path` and run it through the CLI; stops at the first command that
@@ -495,8 +510,8 @@ KNOWN_ISSUES: tuple[tuple[str, str, str, str], ...] = (
     ("*", "KeyError", r"lower\.py", "nested repeat with a param in the inner block"),
     ("hang", "", r"partition\.py", "partitioner work grows ~4x per mesh axis"),
     ("*", "MemoryError", r".*", "no memory guard before allocating run inputs"),
-    ("invalid emitted module", "SyntaxError", r"jax_codegen", "a tensor named __debug__ "
-                                                              "breaks the emitted module"),
+    ("invalid emitted module", "SyntaxError", r"jax_codegen",
+     "names and paths reach the emitted module unquoted (__debug__, quotes, backslashes)"),
 )
 
 
@@ -564,7 +579,9 @@ class Campaign:
         self.sweep = sweep
 
     def run(self, count: int, start: int = 0, progress: Callable[[Report], None] | None = None,
-            every_s: float = 30.0) -> Report:
+            every_s: float = 30.0, found: Callable[[Finding], None] | None = None) -> Report:
+        """Run the inputs; `progress(report)` every `every_s` seconds, `found(finding)` at once."""
+        self._found = found
         report = Report()
         began = self._last_progress = time.perf_counter()
         index = start
@@ -646,6 +663,8 @@ class Campaign:
         finding = Finding(index, made, data, problem, argv, error, where, trace)
         finding.known = known_issue(finding)
         report.findings.append(finding)
+        if self._found is not None:
+            self._found(finding)
 
 
 # Address space for a worker: a runaway allocation ends in MemoryError (a finding), not in
@@ -671,16 +690,18 @@ def _worker() -> None:
     results.write(json.dumps({"ready": True}) + "\n")
     results.flush()
     with tempfile.TemporaryDirectory(prefix="einpar-fuzz-") as folder:
-        path = os.path.join(folder, "mutant.ein")
+        os.chdir(folder)  # file names as the user types them: `einpar check 'x[/].ein'`
+        os.mkdir("x[")
         for index in range(config["start"], config["end"]):
             data, _ = mutant(seeds, config["seed"], index, config["sweep"])
+            path = file_name(config["seed"], index)
             rng = random.Random(f"einpar-fuzz-commands:{config['seed']}:{index}")
             outcomes = run_input(data, path, rng, config["budget_s"], config["sample"])
+            os.remove(path)
             bad = next((o for o in outcomes if o.problem), None)
             result = {"index": index, "codes": [o.code for o in outcomes if o.code is not None]}
             if bad is not None:
-                argv = [("FILE" if arg == path else arg) for arg in bad.argv]
-                result.update(problem=bad.problem, argv=argv, error=bad.error, where=bad.where,
+                result.update(problem=bad.problem, argv=bad.argv, error=bad.error, where=bad.where,
                               trace=bad.trace)
             results.write(json.dumps(result) + "\n")
             results.flush()

@@ -68,6 +68,16 @@ def test_every_mutation_returns_text():
             out.encode("utf-8", "surrogateescape")
 
 
+def test_mutations_take_linear_time_on_long_names():
+    # Looking for tensor references at every position of a 100,000-character name took a minute.
+    text = "dim " + "n" * 100_000 + "=2\ny[B] = x[B]\n"
+    rng = random.Random(0)
+    started = time.perf_counter()
+    for mutation in fuzz.MUTATIONS.values():
+        mutation(text, rng)
+    assert time.perf_counter() - started < 2
+
+
 def test_a_clean_diagnostic_is_no_finding(tmp_path):
     path = tmp_path / "bad.ein"
     path.write_text("dim B=8\ninput x[B, $]\n")
@@ -131,3 +141,35 @@ def test_mutated_programs_through_the_cli_fail_only_with_diagnostics():
     assert report.inputs == 2_500
     assert report.exit_codes.get(0, 0) > 300  # many mutants are still programs, and run
     assert_no_new_findings(report)
+
+
+# ---------------------------------------------------------------- what the fuzzer found
+
+PROGRAM = "mesh dp=2\ndim b=4 s=4 red=2\ninput x[b@dp, s, red]\ny[b,s] = sum[red](x[b,s,red])\noutput y\n"
+MARKUP_COMMANDS = [["check"], ["compile"], ["compile", "--emit", "ir"], ["explain"],
+                   ["cost", "--cluster", "h100x8"], ["run"], ["run", "--backend", "numpy"]]
+
+
+@pytest.mark.parametrize("name", ["x[/].ein", "[bold]y.ein", "[red]z.ein"])
+@pytest.mark.parametrize("command", MARKUP_COMMANDS, ids=" ".join)
+def test_a_file_name_like_rich_markup_is_printed_as_it_is(capsys, tmp_path, monkeypatch, name,
+                                                          command):
+    # `x[/].ein` once ended `run` in "internal error: MarkupError: closing tag '[/]' ...";
+    # `[red]z.ein` was printed as a red `z.ein`.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x[").mkdir()
+    Path(name).write_text(PROGRAM)
+    assert main([command[0], name, *command[1:]]) == 0
+    captured = capsys.readouterr()
+    assert name in captured.out, captured.out
+    assert captured.err == ""
+
+
+def test_lower_case_layouts_are_shown_not_read_as_markup(capsys, tmp_path):
+    # rich took `[b@dp,s,red]` for a markup tag, and check's layout column came out empty.
+    path = tmp_path / "lower.ein"
+    path.write_text(PROGRAM)
+    assert main(["check", str(path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("x ", "y "))}
+    assert "[b@dp,s,red]" in rows["x"] and "[b,s]" in rows["y"]
