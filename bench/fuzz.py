@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from einpar.fuzz import Campaign, load_seeds, mutant  # noqa: E402
+from einpar.fuzz import Campaign, load_seeds, minimize, mutant  # noqa: E402
 
 
 def main() -> int:
@@ -38,6 +38,9 @@ def main() -> int:
                         help="skip the truncations of every seed at every position")
     parser.add_argument("--out", type=Path, help="write every finding to this file, one JSON "
                                                  "object a line, as they are found")
+    parser.add_argument("--minimize", type=float, default=60.0, metavar="SECONDS",
+                        help="at the end, shrink the shortest input of each kind of finding for "
+                             "up to this long (default 60; 0 to skip)")
     parser.add_argument("--show", type=int, metavar="INDEX", help="print input INDEX and exit")
     args = parser.parse_args()
 
@@ -75,6 +78,17 @@ def main() -> int:
     report = campaign.run(args.count, start=args.start, progress=progress, every_s=60,
                           found=found)
     print(report.describe(), flush=True)
+    if args.minimize > 0:
+        import os
+        import tempfile
+
+        os.chdir(tempfile.mkdtemp(prefix="einpar-minimize-"))
+        print("\nminimized, one per kind:")
+        for kind, found in sorted(report.by_kind().items()):
+            shortest = min(found, key=lambda f: len(f.data))
+            small = minimize(shortest, budget_s=args.budget, seconds=args.minimize)
+            command = " ".join(["einpar", *shortest.argv])
+            print(f"== {kind} (input #{shortest.index}; {command})\n{small!r}", flush=True)
     return 1 if report.new() else 0
 
 

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 __all__ = ["Seed", "load_seeds", "MUTATIONS", "mutate", "mutant", "Outcome", "run_cli",
-           "run_input", "Finding", "Report", "Campaign", "KNOWN_ISSUES", "known_issue"]
+           "run_input", "minimize", "Finding", "Report", "Campaign", "KNOWN_ISSUES",
+           "known_issue"]
 
 
 # ---------------------------------------------------------------- seeds
@@ -191,7 +192,7 @@ def deep_nesting(text, rng):
     """An operand wrapped many levels deep, or the program inside many repeat blocks."""
     depth = rng.choice((10, 50, 100, 200, 400, 1000, 3000))
     if rng.random() < 0.25:
-        dims = re.findall(r"^dim\s+([A-Za-z_]\w*)", text, re.M) or ["L"]
+        dims = [d for d in re.findall(r"^dim\s+([A-Za-z_]\w*)", text, re.M) if len(d) < 20] or ["L"]
         lines = text.split("\n")
         start = rng.randint(0, len(lines))
         opener = f"repeat {rng.choice(dims)} {{\n"
@@ -339,13 +340,17 @@ def _on_alarm(signum, frame):
     raise Overtime()
 
 
-def run_cli(argv: list[str], budget_s: float) -> Outcome:
+def run_cli(argv: list[str], budget_s: float, debug: bool = True) -> Outcome:
     """`einpar.cli.main(argv)` in this process, output captured, under a soft time budget.
 
-    EINPAR_DEBUG=1 makes main re-raise an internal error, so its traceback says where it is.
+    With `debug`, EINPAR_DEBUG=1 makes main re-raise an internal error, so its traceback
+    says where it is.
     """
     from . import cli
 
+    was = os.environ.get("EINPAR_DEBUG")
+    if debug:
+        os.environ["EINPAR_DEBUG"] = "1"
     buffer = io.StringIO()
     started = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, _on_alarm)
@@ -370,6 +375,8 @@ def run_cli(argv: list[str], budget_s: float) -> Outcome:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         outcome.seconds = time.perf_counter() - started
+        if debug and was is None:
+            del os.environ["EINPAR_DEBUG"]
     outcome.output = buffer.getvalue()
     if outcome.problem is None and (outcome.code == 3 or "This is a bug in einpar" in outcome.output):
         outcome.problem = "internal error"
@@ -557,6 +564,57 @@ class Report:
         return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- minimizing
+
+
+def _ddmin(units: list[str], fails: Callable[[list[str]], bool], deadline: float) -> list[str]:
+    """Zeller's delta debugging (ddmin, "Simplifying and Isolating Failure-Inducing Input",
+    TSE 2002): remove ever smaller chunks while the input still fails."""
+    chunks = 2
+    while len(units) >= 2 and time.perf_counter() < deadline:
+        size = -(-len(units) // chunks)
+        for start in range(0, len(units), size):
+            candidate = units[:start] + units[start + size:]
+            if time.perf_counter() > deadline:
+                return units
+            if fails(candidate):
+                units = candidate
+                chunks = max(chunks - 1, 2)
+                break
+        else:
+            if size == 1:
+                return units
+            chunks = min(chunks * 2, len(units))
+    return units
+
+
+def minimize(finding: Finding, budget_s: float = 10.0, seconds: float = 60.0,
+             path: str = "minimized.ein") -> bytes:
+    """The shortest input found in `seconds` that still fails `finding.argv` the same way
+    (same problem, exception type and place), by lines, then tokens, then characters."""
+    def same(data: bytes) -> bool:
+        Path(path).write_bytes(data)
+        argv = [path if arg == finding.argv[1] else arg for arg in finding.argv]
+        outcome = run_cli(argv, budget_s)
+        return (outcome.problem == finding.problem and outcome.where == finding.where
+                and outcome.error.split(":")[0] == finding.error.split(":")[0])
+
+    if len(finding.argv) < 2 or finding.problem == "crash" or not same(finding.data):
+        return finding.data
+    deadline = time.perf_counter() + seconds
+    text = finding.data.decode("utf-8", "surrogateescape")
+
+    def fails(units: list[str]) -> bool:
+        return same("".join(units).encode("utf-8", "surrogateescape"))
+
+    previous = None
+    while text != previous and time.perf_counter() < deadline:  # until no pass removes more
+        previous = text
+        for split in (lambda t: t.splitlines(keepends=True), _tokens, list):
+            text = "".join(_ddmin(split(text), fails, deadline))
+    return text.encode("utf-8", "surrogateescape")
+
+
 # ---------------------------------------------------------------- the campaign
 
 
@@ -603,7 +661,7 @@ class Campaign:
         config = {"seeds": [[s.name, s.text] for s in self.seeds], "seed": self.seed,
                   "start": start, "end": end, "budget_s": self.budget_s, "sample": self.sample,
                   "sweep": self.sweep}
-        env = dict(os.environ, EINPAR_DEBUG="1", PYTHONHASHSEED="0", COLUMNS="100",
+        env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="100",
                    OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self._stderr = tempfile.TemporaryFile()
         worker = subprocess.Popen([sys.executable, "-m", "einpar.fuzz"], stdin=subprocess.PIPE,
