@@ -351,13 +351,13 @@ def run_cli(argv: list[str], budget_s: float, debug: bool = True) -> Outcome:
     was = os.environ.get("EINPAR_DEBUG")
     if debug:
         os.environ["EINPAR_DEBUG"] = "1"
-    buffer = io.StringIO()
+    stdout, stderr = io.StringIO(), io.StringIO()
     started = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, budget_s)
     outcome = Outcome(list(argv), None, 0.0, "")
     try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             outcome.code = cli.main(argv)
     except Overtime as stop:
         outcome.problem = "hang"
@@ -377,7 +377,7 @@ def run_cli(argv: list[str], budget_s: float, debug: bool = True) -> Outcome:
         outcome.seconds = time.perf_counter() - started
         if debug and was is None:
             del os.environ["EINPAR_DEBUG"]
-    outcome.output = buffer.getvalue()
+    outcome.output = stdout.getvalue() + stderr.getvalue()
     if outcome.problem is None and (outcome.code == 3 or "This is a bug in einpar" in outcome.output):
         outcome.problem = "internal error"
         first = next((line for line in outcome.output.splitlines() if "internal error" in line), "")
@@ -387,6 +387,13 @@ def run_cli(argv: list[str], budget_s: float, debug: bool = True) -> Outcome:
         outcome.error = f"exit code {outcome.code}"
     elif outcome.code == 0 and argv[-2:] == ["--emit", "jax"]:
         _check_emitted_module(outcome)
+    elif outcome.code in (0, 1) and "--json" in argv:
+        try:  # results and diagnostics alike: what a script reads
+            json.loads(stdout.getvalue())
+        except ValueError as error:
+            outcome.problem = "invalid JSON"
+            outcome.error = f"{type(error).__name__}: {error}"
+            outcome.where = "einpar/cli.py:main"
     if outcome.problem and not outcome.error.strip():
         outcome.error = outcome.problem
     return outcome
@@ -541,6 +548,7 @@ class Report:
     seconds: float = 0.0
     exit_codes: dict[int, int] = field(default_factory=dict)  # over every command run
     findings: list[Finding] = field(default_factory=list)
+    slowest: tuple[int, float] = (-1, 0.0)  # the input that took longest (index, seconds)
 
     def by_kind(self) -> dict[str, list[Finding]]:
         kinds: dict[str, list[Finding]] = {}
@@ -555,7 +563,8 @@ class Report:
         rate = self.inputs / self.seconds if self.seconds else 0.0
         codes = ", ".join(f"exit {code}: {n}" for code, n in sorted(self.exit_codes.items()))
         lines = [f"{self.inputs} inputs, {self.commands} commands in {self.seconds:.1f} s "
-                 f"({rate:.1f} inputs/s); {codes}",
+                 f"({rate:.1f} inputs/s); {codes}; slowest input #{self.slowest[0]}, "
+                 f"{self.slowest[1]:.2f} s",
                  f"{len(self.findings)} findings ({len(self.new())} new) in "
                  f"{len(self.by_kind())} kinds"]
         for kind, found in sorted(self.by_kind().items()):
@@ -707,6 +716,8 @@ class Campaign:
 
     def _count(self, report: Report, result: dict) -> None:
         report.inputs += 1
+        if result["seconds"] > report.slowest[1]:
+            report.slowest = (result["index"], result["seconds"])
         for code in result["codes"]:
             report.commands += 1
             report.exit_codes[code] = report.exit_codes.get(code, 0) + 1
@@ -757,7 +768,8 @@ def _worker() -> None:
             outcomes = run_input(data, path, rng, config["budget_s"], config["sample"])
             os.remove(path)
             bad = next((o for o in outcomes if o.problem), None)
-            result = {"index": index, "codes": [o.code for o in outcomes if o.code is not None]}
+            result = {"index": index, "codes": [o.code for o in outcomes if o.code is not None],
+                      "seconds": sum(o.seconds for o in outcomes)}
             if bad is not None:
                 result.update(problem=bad.problem, argv=bad.argv, error=bad.error, where=bad.where,
                               trace=bad.trace)
