@@ -277,13 +277,20 @@ MUTATIONS: dict[str, Callable[[str, random.Random], str]] = {
 }
 
 
+# Inputs stay under this size: two long-line mutations in a row could make a gigabyte, which
+# any parser takes minutes to read.
+MAX_INPUT = 1 << 20
+
+
 def mutate(text: str, rng: random.Random) -> tuple[str, list[str]]:
     """One to three random mutations of `text`; the new text and the mutations' names."""
     applied = []
     for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
         name = rng.choice(list(MUTATIONS))
-        text = MUTATIONS[name](text, rng)
-        applied.append(name)
+        mutated = MUTATIONS[name](text, rng)
+        if len(mutated) <= MAX_INPUT:
+            text = mutated
+            applied.append(name)
     return text, applied
 
 

@@ -79,6 +79,13 @@ def test_mutations_take_linear_time_on_long_names():
     assert time.perf_counter() - started < 2
 
 
+def test_inputs_stay_under_a_megabyte():
+    # Input 15188 of campaign 0 was two long-line mutations in a row: 502 MB.
+    data, made = fuzz.mutant(SEEDS, 0, 15188)
+    assert made.startswith("docs/language.md")
+    assert len(data) <= fuzz.MAX_INPUT
+
+
 def test_a_clean_diagnostic_is_no_finding(tmp_path):
     path = tmp_path / "bad.ein"
     path.write_text("dim B=8\ninput x[B, $]\n")
