@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,6 +149,34 @@ def test_the_campaign_counts_inputs_and_exit_codes():
     assert report.inputs == 20
     assert sum(report.exit_codes.values()) == report.commands >= 20
     assert set(report.exit_codes) <= {0, 1, 2}
+
+
+class _FakeWorkers(fuzz.Campaign):
+    """A campaign whose workers start, say they are ready, then run `script`."""
+
+    def __init__(self, script: str, **options):
+        super().__init__(SEEDS, **options)
+        self.script = script
+
+    def _start(self, start, end):
+        self._stderr = tempfile.TemporaryFile()
+        ready = 'import json, os, sys, time; print(json.dumps({"ready": True}), flush=True); '
+        return subprocess.Popen([sys.executable, "-c", ready + self.script],
+                                stdout=subprocess.PIPE, stderr=self._stderr)
+
+
+def test_a_worker_that_dies_is_a_crash_and_the_next_input_runs():
+    report = _FakeWorkers('sys.stderr.write("boom"); os._exit(9)').run(2)
+    assert report.inputs == 2
+    assert [(f.index, f.problem, f.error) for f in report.findings] == [
+        (0, "crash", "worker exited with 9"), (1, "crash", "worker exited with 9")]
+    assert report.findings[0].trace == "boom"
+
+
+def test_a_worker_stuck_past_the_hard_limit_is_a_hang():
+    report = _FakeWorkers("time.sleep(60)", hard_s=0.5).run(1, start=3)
+    assert [(f.index, f.problem) for f in report.findings] == [(3, "hang")]
+    assert report.findings[0].data == fuzz.mutant(SEEDS, 0, 3)[0]
 
 
 # ---------------------------------------------------------------- the fuzz runs
