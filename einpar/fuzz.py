@@ -481,11 +481,18 @@ def file_name(seed: int, index: int) -> str:
     return rng.choice(FILE_NAMES) if rng.random() < FILE_NAME_SAMPLE else "mutant.ein"
 
 
+# The front end is linear in its input, but a 1 MB line takes seconds to parse and to quote in
+# a diagnostic: each command has this much more time per megabyte before it counts as a hang.
+SECONDS_PER_MB = 60.0
+
+
 def run_input(data: bytes, path: str, rng: random.Random, budget_s: float,
               sample: float = 0.1) -> list[Outcome]:
     """Write `data` to `path` and run it through the CLI; stops at the first command that
-    fails (a diagnostic from `check` means the later commands would report the same one)."""
+    fails (a diagnostic from `check` means the later commands would report the same one).
+    Each command may take `budget_s`, plus SECONDS_PER_MB per megabyte of `data`."""
     Path(path).write_bytes(data)
+    budget_s += SECONDS_PER_MB * len(data) / 1e6
     outcomes = []
     for argv in commands_for(path, rng, sample):
         outcome = run_cli(argv, budget_s)
@@ -648,7 +655,9 @@ class Campaign:
         self.seeds = seeds
         self.seed = seed
         self.budget_s = budget_s
-        self.hard_s = hard_s if hard_s is not None else 4 * budget_s + 30
+        # Room for every command of the largest input, and for the machine being busy.
+        longest = budget_s + SECONDS_PER_MB * MAX_INPUT / 1e6
+        self.hard_s = hard_s if hard_s is not None else 4 * longest + 30
         self.sample = sample
         self.sweep = sweep
 
