@@ -31,6 +31,7 @@ numbers written with non-ASCII digits.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -442,10 +443,13 @@ def small_sizes(path: str) -> list[str] | None:
 
 
 def commands_for(path: str, rng: random.Random, sample: float) -> Iterator[list[str]]:
-    """The command lines one input goes through: check; compile if it checks; and, for a
-    `sample` fraction of those, one more view or backend at small sizes."""
+    """The command lines one input goes through: check; compile if it checks (and the JAX
+    module, under a hostile file name); and, for a `sample` fraction of those, one more view
+    or backend at small sizes."""
     yield ["check", path]
     yield ["compile", path]
+    if path != PLAIN_NAME:
+        yield ["compile", path, "--emit", "jax"]
     if rng.random() >= sample:
         return
     extra = rng.choice(("emit jax", "emit ir", "json", "explain", "cost", "run", "run"))
@@ -471,14 +475,16 @@ def commands_for(path: str, rng: random.Random, sample: float) -> Iterator[list[
 # File names a user may have: rich markup, quotes and backslashes (which once reached printed
 # text and emitted code as they were), spaces, non-ASCII and right-to-left characters.
 FILE_NAMES = ("x[/].ein", "[bold]m.ein", 'p""";print(1);""".ein', "back\\slash.ein",
-              "it's.ein", "sp ace.ein", "é.ein", "\u202em.ein", "m{0}%s.ein", "m\nn.ein")
+              "back\\x.ein", "it's.ein", "sp ace.ein", "é.ein", "\u202em.ein", "m{0}%s.ein",
+              "m\nn.ein")
 FILE_NAME_SAMPLE = 0.05
+PLAIN_NAME = "mutant.ein"
 
 
 def file_name(seed: int, index: int) -> str:
     """The name input `index` is saved under: mostly plain, sometimes hostile."""
     rng = random.Random(f"einpar-fuzz-file:{seed}:{index}")
-    return rng.choice(FILE_NAMES) if rng.random() < FILE_NAME_SAMPLE else "mutant.ein"
+    return rng.choice(FILE_NAMES) if rng.random() < FILE_NAME_SAMPLE else PLAIN_NAME
 
 
 # The front end is linear in its input, but a 1 MB line takes seconds to parse and to quote in
@@ -497,9 +503,35 @@ def run_input(data: bytes, path: str, rng: random.Random, budget_s: float,
     for argv in commands_for(path, rng, sample):
         outcome = run_cli(argv, budget_s)
         outcomes.append(outcome)
+        if outcome.problem is None and argv[-2:] == ["--emit", "jax"] and path != PLAIN_NAME:
+            _compare_with_plain_name(outcome, data, budget_s)
         if outcome.problem or outcome.code != 0:
             break
     return outcomes
+
+
+def _code_shape(module: str) -> str:
+    """The module's syntax tree with every string constant blanked: the code that runs."""
+    tree = ast.parse(module)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            node.value = ""
+    return ast.dump(tree)
+
+
+def _compare_with_plain_name(outcome: Outcome, data: bytes, budget_s: float) -> None:
+    """The module emitted for a program saved under a hostile name must be the same code as
+    for a plain name: the name may reach it only inside string literals."""
+    Path(PLAIN_NAME).write_bytes(data)
+    try:
+        plain = run_cli([PLAIN_NAME if arg == outcome.argv[1] else arg for arg in outcome.argv],
+                        budget_s)
+    finally:
+        os.remove(PLAIN_NAME)
+    if plain.problem is None and _code_shape(plain.output) != _code_shape(outcome.output):
+        outcome.problem = "file name in emitted code"
+        outcome.error = f"the module for {outcome.argv[1]!r} runs other code than for a plain name"
+        outcome.where = "backends/jax_codegen.py:write_module"
 
 
 # ---------------------------------------------------------------- findings and known issues
@@ -540,6 +572,8 @@ KNOWN_ISSUES: tuple[tuple[str, str, str, str], ...] = (
     ("*", "MemoryError", r".*", "no memory guard before allocating run inputs"),
     ("invalid emitted module", "SyntaxError", r"jax_codegen",
      "names and paths reach the emitted module unquoted (__debug__, quotes, backslashes)"),
+    ("file name in emitted code", "", r"jax_codegen",
+     "the file name goes unescaped into the emitted module's docstring"),
 )
 
 

@@ -123,6 +123,12 @@ def test_an_internal_error_is_a_finding(monkeypatch, tmp_path):
     assert "EINPAR_DEBUG" not in os.environ
 
 
+def test_code_shape_ignores_strings_but_not_code_smuggled_in_them():
+    shape = fuzz._code_shape
+    assert shape('"""from a.ein"""\nx = f"{1} a.ein"\n') == shape('"""from b"""\nx = f"{1} b"\n')
+    assert shape('"""p""";print(1);""".ein"""\n') != shape('"""p.ein"""\n')
+
+
 def test_minimize_keeps_the_same_failure(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
