@@ -30,7 +30,7 @@ def breakdown_bar(estimate: Estimate, width: int = 48) -> Text:
 
 def print_estimate(estimate: Estimate, out: Console) -> None:
     if not out.is_terminal and out.width < 132:  # a file or a pipe: room for the whole table
-        out = Console(file=out.file, width=132, highlight=False, soft_wrap=True,
+        out = Console(file=out.file, width=132, highlight=False, markup=False, soft_wrap=True,
                       color_system=out.color_system, force_terminal=False)
     cluster = estimate.cluster
     out.print(Text(f"{estimate.file} on {cluster.describe()}", style="bold"))

@@ -249,7 +249,10 @@ def _calibrate(args, out: Console, err: Console) -> int:
 
 
 def _consoles():
-    return Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
+    # No rich markup: file names and the program's own text (`x[/].ein`, a layout `[b,s]`) are
+    # printed as they are, never read as `[bold]` tags. Styles come from Text and style=.
+    return (Console(highlight=False, markup=False, soft_wrap=True),
+            Console(stderr=True, highlight=False, markup=False, soft_wrap=True))
 
 
 SLIDE_WIDTH = 100  # columns: the views' grids fit, and text stays legible on a projector
@@ -266,7 +269,7 @@ def _view_console(args, out: Console, natural: int = 0) -> Console:
     if not exporting and out.is_terminal and not args.width:
         return out
     # A recording keeps every style whatever the terminal shows, so slides are in full colour.
-    return Console(highlight=False, record=exporting, width=width, file=out.file,
+    return Console(highlight=False, markup=False, record=exporting, width=width, file=out.file,
                    force_terminal=out.is_terminal, color_system=out.color_system)
 
 
