@@ -326,11 +326,12 @@ class Outcome:
     argv: list[str]
     code: int | None  # exit code; None when an exception escaped or time ran out
     seconds: float
-    output: str
+    output: str  # stdout and stderr
     problem: str | None = None  # "internal error", "uncaught exception", "hang", or None if clean
     error: str = ""  # the exception: "RecursionError: maximum recursion depth exceeded"
     where: str = ""  # the innermost einpar frame: "lower.py:lower_ops"
     trace: str = ""
+    stdout: str = ""  # what a script reads: the emitted module, the JSON document
 
 
 def _innermost_einpar_frame(tb) -> str:
@@ -385,7 +386,8 @@ def run_cli(argv: list[str], budget_s: float, debug: bool = True) -> Outcome:
         outcome.seconds = time.perf_counter() - started
         if debug and was is None:
             del os.environ["EINPAR_DEBUG"]
-    outcome.output = stdout.getvalue() + stderr.getvalue()
+    outcome.stdout = stdout.getvalue()
+    outcome.output = outcome.stdout + stderr.getvalue()
     if outcome.problem is None and (outcome.code == 3 or "This is a bug in einpar" in outcome.output):
         outcome.problem = "internal error"
         first = next((line for line in outcome.output.splitlines() if "internal error" in line), "")
@@ -410,7 +412,7 @@ def run_cli(argv: list[str], budget_s: float, debug: bool = True) -> Outcome:
 def _check_emitted_module(outcome: Outcome) -> None:
     """The module `--emit jax` printed must be Python (it is run as it is)."""
     try:
-        compile(outcome.output, "<emitted>", "exec")
+        compile(outcome.stdout, "<emitted>", "exec")
     except (SyntaxError, ValueError) as error:
         outcome.problem = "invalid emitted module"
         outcome.error = f"{type(error).__name__}: {error}"
@@ -528,7 +530,7 @@ def _compare_with_plain_name(outcome: Outcome, data: bytes, budget_s: float) -> 
                         budget_s)
     finally:
         os.remove(PLAIN_NAME)
-    if plain.problem is None and _code_shape(plain.output) != _code_shape(outcome.output):
+    if plain.problem is None and _code_shape(plain.stdout) != _code_shape(outcome.stdout):
         outcome.problem = "file name in emitted code"
         outcome.error = f"the module for {outcome.argv[1]!r} runs other code than for a plain name"
         outcome.where = "backends/jax_codegen.py:write_module"

@@ -236,3 +236,14 @@ def test_lower_case_layouts_are_shown_not_read_as_markup(capsys, tmp_path):
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
             if line.startswith(("x ", "y "))}
     assert "[b@dp,s,red]" in rows["x"] and "[b,s]" in rows["y"]
+
+
+def test_warnings_on_stderr_are_not_read_as_the_emitted_module(tmp_path, monkeypatch):
+    """`compile --emit jax` of a program with a warning (an input never read) prints the
+    module on stdout and the warning on stderr; only stdout is the module."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.ein").write_text("mesh x=2\ndim B=4\ninput a[B]\ninput b[B]\ny[B] = a[B]\n"
+                                    "output y\n")
+    outcome = fuzz.run_cli(["compile", "p.ein", "--emit", "jax"], 60)
+    assert "W100" in outcome.output and "W100" not in outcome.stdout
+    assert outcome.problem is None, outcome.error
