@@ -32,9 +32,13 @@ MAX_SOURCE_BYTES = 16 * 2**20
 
 def read_source(path: str | Path) -> str:
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_SOURCE_BYTES + 1)
-        if len(data) > MAX_SOURCE_BYTES:
+        chunks, size = [], 0
+        with open(path, "rb") as file:  # in pieces: read(n) would set aside n bytes at once
+            while size <= MAX_SOURCE_BYTES and (chunk := file.read(2**16)):
+                chunks.append(chunk)
+                size += len(chunk)
+        data = b"".join(chunks)
+        if size > MAX_SOURCE_BYTES:
             raise EinparError(Diagnostic(
                 "E302", f"{path} is larger than {MAX_SOURCE_BYTES // 2**20} MiB, too large for a "
                         ".ein program", hint="is it the right file?"))

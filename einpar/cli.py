@@ -380,7 +380,7 @@ def _explain(args, program: Program, text: str, out: Console, err: Console,
         resources.require_fits(work, args.max_memory, args.max_time)  # before allocating anything
         values = {}
         with ProgressBar(err, resources.simulator_steps(spmd.steps),
-                         f"{program.file} on {program.mesh.num_devices} simulated devices") as bar:
+                         f"{Path(program.file).name} on numpy") as bar:
             run_spmd(spmd, api.random_inputs(program, args.seed), record=values, tick=bar.tick)
     if args.json:
         document = explanation_json(explanation, numbers)
@@ -562,9 +562,8 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
         units += resources.simulator_steps(spmd.steps)
     elif args.backend == "jax":
         units += 1 + args.warmup + args.repeat
-    where = {"reference": "reference", "numpy": f"{program.mesh.num_devices} simulated devices",
-             "jax": "JAX"}[args.backend]
-    with ProgressBar(err, units, f"{program.file} on {where}", enabled=not args.json) as bar:
+    with ProgressBar(err, units, f"{Path(program.file).name} on {args.backend}",
+                     enabled=not args.json) as bar:
         if args.inputs:
             arrays = api.load_inputs(program, args.inputs)
         else:

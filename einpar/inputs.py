@@ -130,16 +130,17 @@ def load_inputs(program: Program, path: str) -> dict[str, np.ndarray]:
                     continue
                 with archive.open(info) as member:
                     shape, dtype = _npy_header(member)
-                    if dtype.hasobject:
-                        problems.append(Diagnostic("E300", f"'{name}' in {path} holds Python "
-                                                           "objects, not numbers", hint=hint))
-                    elif (name in expected and shape == expected[name].type.shape
-                          and (dtype.kind in "biuf" or dtype.kind == "V" and dtype.itemsize == 2)):
+                if dtype.hasobject:
+                    problems.append(Diagnostic("E300", f"'{name}' in {path} holds Python "
+                                                       "objects, not numbers", hint=hint))
+                elif (name in expected and shape == expected[name].type.shape
+                      and (dtype.kind in "biuf" or dtype.kind == "V" and dtype.itemsize == 2)):
+                    with archive.open(info) as member:
                         arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
-                    else:
-                        # Unknown, or of the wrong shape or kind, so never read: a stand-in of
-                        # its shape and dtype taking no memory, for check_inputs to report.
-                        arrays[name] = np.broadcast_to(np.zeros((), dtype), shape)
+                else:
+                    # Unknown, or of the wrong shape or kind, so never read: a stand-in of
+                    # its shape and dtype taking no memory, for check_inputs to report.
+                    arrays[name] = np.broadcast_to(np.zeros((), dtype), shape)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as error:
         raise EinparError(Diagnostic("E300", f"cannot read inputs file {path}: {error}",
                                      hint=hint)) from None
