@@ -305,8 +305,8 @@ def require_fits(work: Work, max_memory: int | None = None, max_time: float | No
         problems.append(Diagnostic(
             "E421", f"{work.what} would take at least {format_seconds(fastest)} "
                     f"({', '.join(parts)}); the limit is {format_seconds(max_time)}",
-            hint=f"make it smaller with --set (or --repeat), or pass --max-time "
-                 f"{_round_up_time(fastest)} to run it anyway"))
+            hint=f"make it smaller with --set{' or --repeat' if work.steps else ''}, or pass "
+                 f"--max-time {_round_up_time(fastest)} to run it anyway"))
     if problems:
         raise EinparError(problems)
 
