@@ -2,18 +2,19 @@
 
     einpar check FILE [--set D=4096 tp=8] [--json]
     einpar run FILE --backend reference|numpy|jax [--inputs in.npz] [--seed N] [--save out.npz]
+               [--max-memory SIZE] [--max-time DURATION]
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
     einpar compile FILE [--emit ast|ir|layouts|spmd|jax] [--json] [--svg OUT.svg] [--html OUT.html]
     einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
                    [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
-                   [--force] [--json]
+                   [--force] [--json] [--max-memory SIZE] [--max-time DURATION]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--json] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
-(a bug in einpar; EINPAR_DEBUG=1 shows its traceback).
+(a bug in einpar; EINPAR_DEBUG=1 shows its traceback), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
