@@ -282,19 +282,24 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
 
 
 def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
-        twin: bool = False, warmup: int = 2, repeat: int = 10,
+        twin: bool = False, warmup: int = 2, repeat: int = 10, tick=None,
         precision: str = DEFAULT_PRECISION) -> JaxRun:
     """Run einpar's per-device program (or with `twin`, the GSPMD twin) on `devices`:
-    compile, then `repeat` timed steps after `warmup` untimed ones, each waited for."""
+    compile, then `repeat` timed steps after `warmup` untimed ones, each waited for.
+    `tick`, if given, is called after compiling and after each step, for a progress bar."""
+    tick = tick or (lambda: None)
     compiled = compile_program(program, spmd, inputs, devices, twin=twin, precision=precision)
+    tick()
     outputs = None
     for _ in range(warmup):
         outputs = compiled.step()
+        tick()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         outputs = compiled.step()
         times.append(time.perf_counter() - start)
+        tick()
     if outputs is None:
         outputs = compiled.step()
     whole = None

@@ -624,14 +624,15 @@ def random_inputs(seed=0):
     rng = np.random.default_rng(seed)
     arrays = {}
     for name, (shape, dtype, _, fan_in) in INPUTS.items():
-        if jnp.issubdtype(dtype, jnp.floating):
-            array = rng.standard_normal(shape)
+        if jnp.issubdtype(dtype, jnp.floating):  # in float32 (float64 for f64), then rounded
+            wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+            array = rng.standard_normal(shape, dtype=wide)
             if fan_in is not None:
-                array = array / np.sqrt(fan_in)
+                array *= array.dtype.type(1 / np.sqrt(fan_in))
         elif dtype == jnp.int32:
-            array = rng.integers(0, 10, size=shape)
+            array = rng.integers(0, 10, size=shape, dtype=np.int32)
         else:
-            array = rng.random(shape) < 0.5
+            array = rng.integers(0, 2, size=shape, dtype=np.uint8).view(np.bool_)
         arrays[name] = np.asarray(array).astype(dtype)
     return arrays
 

@@ -155,7 +155,8 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
 # ---- running a whole SpmdProgram
 
 
-def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: dict | None) -> None:
+def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: dict | None,
+               tick=None) -> None:
     evaluator = _Evaluator()
     for step in steps:
         if isinstance(step, LocalStep):
@@ -181,7 +182,7 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
                     for name in [inside for _, inside, _, _ in step.carried] + \
                             [inside for _, inside in step.stacked]:
                         record.setdefault(name, [env[name] for env in inner])
-                _run_steps(step.body, inner, mesh, traffic, record)
+                _run_steps(step.body, inner, mesh, traffic, record, tick)
                 carried = [{inside: trip_env[result] for _, inside, result, _ in step.carried}
                            for trip_env in inner]
             for env, values in zip(envs, carried):
@@ -190,25 +191,28 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
             continue
         if record is not None:  # a loop body's values as its first trip made them
             record.setdefault(made, [env[made] for env in envs])
+        if tick is not None:
+            tick()
 
 
-def run_spmd(program, inputs: dict[str, np.ndarray],
-             record: dict | None = None) -> tuple[dict[str, np.ndarray], Traffic]:
+def run_spmd(program, inputs: dict[str, np.ndarray], record: dict | None = None,
+             tick=None) -> tuple[dict[str, np.ndarray], Traffic]:
     """Run an SpmdProgram on every simulated device; returns the assembled outputs
     (global arrays, by output name) and the bytes each device sent. With `record`,
-    also fills it with every local value: its name -> each device's block."""
+    also fills it with every local value: its name -> each device's block. `tick`,
+    if given, is called after each step (on all devices; a repeat body's once per trip)."""
     mesh = program.mesh
     envs: list[dict] = [{} for _ in range(mesh.num_devices)]
     for name in program.inputs:
         value = program.values[name]
-        array = np.asarray(inputs[name]).astype(numpy_dtype(value.type.dtype))
+        array = np.asarray(inputs[name]).astype(numpy_dtype(value.type.dtype), copy=False)
         for env, block in zip(envs, scatter(array, value.layout, mesh)):
             env[name] = block
         if record is not None:
             record[name] = [env[name] for env in envs]
     traffic = Traffic(mesh.num_devices)
     with np.errstate(all="ignore"), deep_recursion():
-        _run_steps(program.steps, envs, mesh, traffic, record)
+        _run_steps(program.steps, envs, mesh, traffic, record, tick)
     outputs = {}
     for output in program.outputs:
         value = program.values[output.value]

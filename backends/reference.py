@@ -176,6 +176,9 @@ def evaluate_route(op: Route, gates: np.ndarray) -> np.ndarray:
 
 
 class _Evaluator:
+    def __init__(self, tick=None):
+        self.tick = tick  # called after each op, for a progress bar
+
     def read(self, env: dict, operand: Operand, dtype: np.dtype) -> np.ndarray:
         return np.asarray(env[operand.value]).astype(dtype, copy=False)
 
@@ -221,6 +224,8 @@ class _Evaluator:
                 assert isinstance(op, Route)
                 value = evaluate_route(op, self.read(env, op.operand, work))
             self.store(env, rtype, op.result.name, value)
+            if self.tick is not None:
+                self.tick()
 
     def repeat(self, op: Repeat, env: dict) -> None:
         carried = {c.value: env[c.value] for c in op.carried}
@@ -235,11 +240,14 @@ class _Evaluator:
             env[c.result.name] = carried[c.value]
 
 
-def evaluate(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run `program` on whole arrays; returns its outputs by the program's names."""
+def evaluate(program: Program, inputs: dict[str, np.ndarray], tick=None) -> dict[str, np.ndarray]:
+    """Run `program` on whole arrays; returns its outputs by the program's names.
+    `tick`, if given, is called after each op (a repeat body's once per trip)."""
     env: dict[str, np.ndarray] = {}
     for value in program.inputs:
-        env[value.name] = np.asarray(inputs[value.name]).astype(numpy_dtype(value.type.dtype))
+        # No copy of an input already in its dtype: the caller keeps it, and ops never write in place.
+        env[value.name] = np.asarray(inputs[value.name]).astype(numpy_dtype(value.type.dtype),
+                                                                 copy=False)
     with np.errstate(all="ignore"), deep_recursion():
-        _Evaluator().run(program.ops, env)
+        _Evaluator(tick).run(program.ops, env)
     return {output.name: env[output.value] for output in program.outputs}

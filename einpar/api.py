@@ -36,10 +36,25 @@ def shown_path(path: str | Path) -> str:
                    for ch in text)
 
 
+# Far beyond any real program (the largest example is a few KiB); bounds what a device
+# such as /dev/zero, or a runaway generator, can make einpar read.
+MAX_SOURCE_BYTES = 16 * 2**20
+
+
 def read_source(path: str | Path) -> str:
     shown = shown_path(path)
     try:
-        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not program text
+        chunks, size = [], 0
+        with open(path, "rb") as file:  # in pieces: read(n) would set aside n bytes at once
+            while size <= MAX_SOURCE_BYTES and (chunk := file.read(2**16)):
+                chunks.append(chunk)
+                size += len(chunk)
+        data = b"".join(chunks)
+        if size > MAX_SOURCE_BYTES:
+            raise EinparError(Diagnostic(
+                "E302", f"{path} is larger than {MAX_SOURCE_BYTES // 2**20} MiB, too large for a "
+                        ".ein program", hint="is it the right file?"))
+        return data.decode("utf-8-sig")  # a byte-order mark is not program text
     except FileNotFoundError:
         raise EinparError(Diagnostic("E302", f"{shown} does not exist"), usage=True) from None
     except IsADirectoryError:
@@ -116,15 +131,16 @@ def emit_jax(program: Program, command: str = "", precision: str = DEFAULT_PRECI
 
 def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0, *,
             cpu_devices: int | None = None, platform: str | None = None, distributed=None,
-            twin: bool = False, warmup: int = 2, repeat: int = 10, started=None,
-            precision: str = DEFAULT_PRECISION):
+            twin: bool = False, warmup: int = 2, repeat: int = 10, started=None, spmd=None,
+            tick=None, precision: str = DEFAULT_PRECISION):
     """Run on the devices JAX sees (CPU devices made to measure when there is no accelerator).
 
     Returns a `einpar.backends.jax_backend.JaxRun`: outputs, compile time and step times.
     With `twin`, runs the GSPMD twin (XLA partitions the whole-array program) instead.
     `distributed` is a `jax_backend.Distributed` for one process of several; `started`,
-    if given, is called with the `Devices` once they are up (before compiling). Float32
-    contractions run at `precision` (see `emit_jax`).
+    if given, is called with the `Devices` once they are up (before compiling). `spmd` is
+    the compiled program if the caller has it; `tick`, if given, is called after compiling
+    and after each step. Float32 contractions run at `precision` (see `emit_jax`).
     """
     from .backends import jax_backend
 
@@ -135,7 +151,7 @@ def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed:
                                             platform=platform, distributed=distributed)
         if started is not None:
             started(devices)
-        return jax_backend.run(program, compile_spmd(program), arrays, devices, twin=twin,
-                               warmup=warmup, repeat=repeat, precision=precision)
+        return jax_backend.run(program, spmd or compile_spmd(program), arrays, devices, twin=twin,
+                               warmup=warmup, repeat=repeat, tick=tick, precision=precision)
     finally:
         watchdog.stop()

@@ -29,7 +29,7 @@ from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTION
                  UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
                  Output, Program, Reduce, Repeat, Route, TensorType, Value)
 from .layout import Layout, Mesh
-from .syntax import KEYWORDS, deep_recursion, gc_paused
+from .syntax import KEYWORDS, MAX_SIZE_DIGITS, deep_recursion, gc_paused
 from .syntax import (Binary, Call, DimDecl, DtypeDecl, IndexSpec, MeshDecl, Module, Negate,
                      Number, OutputDecl, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
 from .syntax import Repeat as RepeatItem
@@ -56,11 +56,17 @@ def parse_overrides(assignments: list[str] | None) -> dict[str, int]:
     for text in assignments or ():
         for part in text.split():
             name, sep, value = part.partition("=")
-            if not sep or not name.isidentifier() or not value.isdigit() or int(value) < 1:
+            # ASCII digits only: int() also reads other scripts' digits ('٣' is 3).
+            if (not sep or not name.isidentifier() or not (value.isascii() and value.isdigit())
+                    or int(value) < 1):
                 raise EinparError(Diagnostic(
                     "E301", f"cannot read --set '{part}'",
                     hint="write NAME=VALUE with a dim or mesh axis and a positive integer, e.g. --set D=4096 tp=8"),
                     usage=True)
+            if len(value) > MAX_SIZE_DIGITS:  # the limit on sizes written in a file
+                raise EinparError(Diagnostic(
+                    "E223", f"--set {name}={value[:12]}... has {len(value)} digits",
+                    hint=f"sizes have at most {MAX_SIZE_DIGITS} digits"), usage=True)
             overrides[name] = int(value)
     return overrides
 

@@ -2,6 +2,7 @@
 
     einpar check FILE [--set D=4096 tp=8] [--ignore W101,W102] [--json]
     einpar run FILE --backend reference|numpy|jax [--inputs in.npz] [--seed N] [--save out.npz]
+               [--max-memory SIZE] [--max-time DURATION]
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--precision highest|default]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
@@ -9,16 +10,16 @@
                    [--ignore CODES] [--json] [--svg OUT.svg] [--html OUT.html]
     einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
                    [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
-                   [--force] [--json]
+                   [--force] [--json] [--max-memory SIZE] [--max-time DURATION]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
                 [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
-(a bug in einpar; EINPAR_DEBUG=1 shows its traceback). Warnings (`check`,
-`compile`) never change the exit code. With --json every error prints as a
-JSON diagnostic on stdout, bad usage too (E303); only an internal error is text.
+(a bug in einpar; EINPAR_DEBUG=1 shows its traceback), 130 interrupted (Ctrl-C).
+Warnings (`check`, `compile`) never change the exit code. With --json every error prints
+as a JSON diagnostic on stdout, bad usage too (E303); only an internal error is text.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import api, lint
+from . import api, lint, resources
 from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
 from .flops import program_flops
 from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
+from .inputs import save_outputs
 from .lexer import highlight
 from .precision import DEFAULT_PRECISION, PRECISIONS
+from .progress import ProgressBar
 from .spmd import bytes_per_device, format_spmd, to_json
 from .tolerance import compare, program_tolerance
 from .units import format_bytes, format_count, format_seconds
@@ -60,26 +63,52 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: error: {message}", self.format_usage().rstrip())
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
+# Bounds on command-line numbers: far beyond any real use, and small enough that nothing
+# downstream (JAX's device count, rich's layout, NumPy's seed, a timer) overflows.
+MAX_DEVICES = 4096  # CPU devices or processes of one run
+MAX_STEPS = 10**6  # --repeat and --warmup
+MAX_WIDTH = 1000  # columns of a view
+MAX_SEED = 2**32 - 1  # the seeds NumPy's and every other common generator take
+MAX_TIMEOUT_S = 10**6  # about 11 days
 
 
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    return int(text)
+def _whole(low: int, high: int):
+    """An argparse type: a whole number from `low` to `high`, in ASCII digits only
+    (Python's int() also reads '٣' and other scripts' digits)."""
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high:,}, "
+                                             f"got {text!r}")
+        return int(text)
+    return parse
 
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        value = float(text) if text.isascii() else -1.0
     except ValueError:
         value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds up to "
+                                         f"{MAX_TIMEOUT_S:,}, got {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return resources.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return resources.parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_seed = _whole(0, MAX_SEED)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -91,6 +120,14 @@ def _build_parser() -> argparse.ArgumentParser:
                          help=f"{what} float32 contractions: highest (true float32, the default: "
                               "what the reference computes) or default (the accelerator's fast "
                               "mode: TF32 on GPUs, one bfloat16 pass on TPUs); see docs/cost.md")
+
+    def limits(sub):
+        sub.add_argument("--max-memory", type=_size, metavar="SIZE",
+                         help="refuse to start if the run would need more memory than this, e.g. "
+                              "512MiB or 64GiB (default: the memory this machine has available)")
+        sub.add_argument("--max-time", type=_duration, metavar="DURATION",
+                         help="refuse to start if the run could not finish within this, e.g. 90s, "
+                              "30min or 12h (default 1h)")
 
     def common(sub):
         sub.add_argument("file", help="the .ein program")
@@ -114,17 +151,19 @@ def _build_parser() -> argparse.ArgumentParser:
                           "simulated with NumPy; jax: the per-device program under jax.shard_map "
                           "on real devices. numpy and jax are checked against the reference")
     run.add_argument("--inputs", metavar="IN.npz", help="arrays keyed by tensor name (else random)")
-    run.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+    run.add_argument("--seed", type=_seed, default=0,
+                     help=f"seed for random inputs, 0 to {MAX_SEED} (default 0)")
     run.add_argument("--save", metavar="OUT.npz", help="write the outputs to an .npz file")
     run.add_argument("--force", action="store_true", help="let --save overwrite an existing file")
+    limits(run)
     jax = run.add_argument_group("jax backend")
-    jax.add_argument("--devices", type=_positive, metavar="N",
+    jax.add_argument("--devices", type=_whole(1, MAX_DEVICES), metavar="N",
                      help="CPU devices to start per process (default: as many as the mesh needs)")
     jax.add_argument("--platform", choices=["cpu", "gpu", "tpu"],
                      help="run on this platform only (default: accelerators if JAX finds any, else CPU)")
-    jax.add_argument("--repeat", type=_positive, default=10, metavar="N",
+    jax.add_argument("--repeat", type=_whole(1, MAX_STEPS), default=10, metavar="N",
                      help="timed steps after the warm-up (default 10); the median is reported")
-    jax.add_argument("--warmup", type=_count, default=2, metavar="N",
+    jax.add_argument("--warmup", type=_whole(0, MAX_STEPS), default=2, metavar="N",
                      help="untimed steps first (default 2)")
     precision(jax, "run")
     jax.add_argument("--twin", action="store_true",
@@ -133,9 +172,9 @@ def _build_parser() -> argparse.ArgumentParser:
     jax.add_argument("--coordinator", metavar="HOST:PORT",
                      help="join a run of several processes through jax.distributed; process 0 "
                           "serves at this address (or set JAX_COORDINATOR_ADDRESS)")
-    jax.add_argument("--num-processes", type=_positive, metavar="N",
+    jax.add_argument("--num-processes", type=_whole(1, MAX_DEVICES), metavar="N",
                      help="processes in the run (or JAX_NUM_PROCESSES)")
-    jax.add_argument("--process-id", type=_count, metavar="I",
+    jax.add_argument("--process-id", type=_whole(0, MAX_DEVICES - 1), metavar="I",
                      help="this process's number, 0 to N-1 (or JAX_PROCESS_ID)")
     jax.add_argument("--timeout", type=_seconds, default=120.0, metavar="SECONDS",
                      help="a run of several processes ends with an error after this long (default 120)")
@@ -151,7 +190,7 @@ def _build_parser() -> argparse.ArgumentParser:
     def slides(sub):
         sub.add_argument("--svg", metavar="OUT.svg", help="also save the view as an SVG slide")
         sub.add_argument("--html", metavar="OUT.html", help="also save the view as an HTML page")
-        sub.add_argument("--width", type=_positive, metavar="COLUMNS",
+        sub.add_argument("--width", type=_whole(1, MAX_WIDTH), metavar="COLUMNS",
                          help="lay the view out this many columns wide (default: the terminal's "
                               "width; 100 when the output is not a terminal; for --svg/--html at "
                               "least 100, or wider if the view's lines are)")
@@ -164,12 +203,14 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--statement", metavar="N|NAME[,...]",
                          help="only statement N (counting from 1) or the statement defining NAME; "
                               "several separated by commas")
-    explain.add_argument("--device", type=_count, metavar="D",
+    explain.add_argument("--device", type=_whole(0, 10**9), metavar="D",
                          help="highlight device D (with --values, only its numbers)")
     explain.add_argument("--values", action="store_true",
                          help="the numbers each device holds before and after each statement, "
                               "from the NumPy device simulator (random inputs)")
-    explain.add_argument("--seed", type=int, default=0, help="seed for --values' inputs (default 0)")
+    explain.add_argument("--seed", type=_seed, default=0,
+                         help=f"seed for --values' inputs, 0 to {MAX_SEED} (default 0)")
+    limits(explain)
     explain.add_argument("--cluster", metavar="NAME|FILE",
                          help="time each collective on a modeled cluster (see einpar cost)")
     slides(explain)
@@ -191,7 +232,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                                        "cluster file for `einpar cost`")
     calibrate.add_argument("--out", default="local-cpu.json", metavar="CLUSTER.json",
                            help="the cluster file to write (default local-cpu.json)")
-    calibrate.add_argument("--devices", type=_positive, default=8, metavar="N",
+    calibrate.add_argument("--devices", type=_whole(1, MAX_DEVICES), default=8, metavar="N",
                            help="CPU devices to measure, as `einpar run --devices` starts (default 8)")
     calibrate.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     calibrate.add_argument("--force", action="store_true", help="let --out overwrite an existing file")
@@ -199,14 +240,38 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _writable(path_text: str, force: bool, command: str) -> Path:
-    """A path the user asked einpar to write: never over their file unless --force."""
+    """A path the user asked einpar to write, checked before any work is done. einpar never
+    writes through a symbolic link (the file written would not be the one named), nor over
+    anything but a regular file, and over one of those only with --force."""
     path = Path(path_text)
-    if path.exists() and not force:
+    problem = None
+    if path.is_symlink():
+        problem = "it is a symbolic link; name the file itself"
+    elif path.is_dir():
+        problem = "it is a folder"
+    elif path.exists() and not path.is_file():
+        problem = "it is not a regular file"
+    elif path.exists() and not force:
         raise _UsageError(f"einpar {command}: error: {path} exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise _UsageError(f"einpar {command}: error: cannot write {path}: folder {path.parent} "
-                          "does not exist")
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = "permission denied"
+    elif not path.parent.is_dir():
+        problem = f"folder {path.parent} does not exist"
+    elif not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        problem = f"permission denied in folder {path.parent}"
+    if problem:
+        raise _UsageError(f"einpar {command}: error: cannot write {path}: {problem}")
     return path
+
+
+def _write(path: Path, command: str, write) -> None:
+    """`write(path)`, with what the system refuses (a full disk, a folder removed meanwhile)
+    reported as a usage error."""
+    try:
+        write(path)
+    except OSError as error:
+        raise _UsageError(f"einpar {command}: error: cannot write {path}: "
+                          f"{error.strerror or error}") from None
 
 
 def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
@@ -220,7 +285,7 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
     result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap,
                       precision=args.precision or DEFAULT_PRECISION)
     if trace is not None:
-        write_trace(result, trace)
+        _write(trace, "cost", lambda path: write_trace(result, path))
     if args.json:
         out.print(json.dumps(result.to_json(), indent=2), markup=False)
     else:
@@ -236,7 +301,7 @@ def _calibrate(args, out: Console, err: Console) -> int:
     target = _writable(args.out, args.force, "calibrate")
     with ProgressBar(err, measurement_count(args.quick)) as progress:
         document = calibrate(args.devices, quick=args.quick, progress=progress)
-    write_cluster_file(document, target)
+    _write(target, "calibrate", lambda path: write_cluster_file(document, path))
     chip = document["accelerator"]
     out.print(f"wrote {target}: {args.devices} CPU devices, "
               f"{chip['peak_flops']['f32'] / 1e9:.3g} GFLOP/s f32 and "
@@ -291,17 +356,17 @@ def _slide_targets(args) -> list[tuple[str, Path]]:
     return targets
 
 
-def _save_slides(console: Console, targets, title: str, out: Console) -> None:
+def _save_slides(console: Console, targets, title: str, out: Console, command: str) -> None:
     for kind, path in targets:
-        if kind == "svg":
-            path.write_text(console.export_svg(title=title, clear=False), encoding="utf-8")
-        else:
-            path.write_text(console.export_html(clear=False), encoding="utf-8")
+        text = (console.export_svg(title=title, clear=False) if kind == "svg"
+                else console.export_html(clear=False))
+        _write(path, command, lambda target: target.write_text(text, encoding="utf-8"))
     for kind, path in targets:
         out.print(f"{kind.upper()} written to {path}", markup=False, style="dim")
 
 
-def _explain(args, program: Program, text: str, out: Console, sources: SourceMap) -> int:
+def _explain(args, program: Program, text: str, out: Console, err: Console,
+             sources: SourceMap) -> int:
     from .explain import explain
     from .explain_view import explanation_json, print_explanation
 
@@ -323,7 +388,7 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
         numbers = []
         for item in args.statement.split(","):
             item = item.strip()
-            if item.isdigit() and 1 <= int(item) <= len(explanation.statements):
+            if item.isascii() and item.isdigit() and 1 <= int(item) <= len(explanation.statements):
                 numbers.append(int(item))
             elif item in names:
                 numbers.append(names[item])
@@ -338,15 +403,19 @@ def _explain(args, program: Program, text: str, out: Console, sources: SourceMap
     if args.values:
         from .backends.numpy_sim import run_spmd
 
+        work = resources.estimate_values(program, spmd)
+        resources.require_fits(work, args.max_memory, args.max_time)  # before allocating anything
         values = {}
-        run_spmd(spmd, api.random_inputs(program, args.seed), record=values)
+        with ProgressBar(err, resources.simulator_steps(spmd.steps),
+                         f"{Path(program.file).name} on numpy") as bar:
+            run_spmd(spmd, api.random_inputs(program, args.seed), record=values, tick=bar.tick)
     if args.json:
         document = explanation_json(explanation, numbers)
         out.print(json.dumps(document, indent=2), markup=False)
         return 0
     console = _view_console(args, out)
     print_explanation(explanation, console, statements=numbers, device=args.device, values=values)
-    _save_slides(console, targets, f"einpar explain {args.file}", out)
+    _save_slides(console, targets, f"einpar explain {args.file}", out, "explain")
     return 0
 
 
@@ -490,7 +559,7 @@ def _compile(args, program: Program, out: Console, warnings=()) -> int:
         _print_layouts(spmd, console)
     else:
         _print_spmd(spmd, console)
-    _save_slides(console, targets, f"einpar compile {args.file}", out)
+    _save_slides(console, targets, f"einpar compile {args.file}", out, "compile")
     return 0
 
 
@@ -529,26 +598,36 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
 
     save = None
     if args.save:
-        # NumPy adds .npz to a name without it; check the file it will really write.
-        save = Path(args.save if args.save.endswith(".npz") else args.save + ".npz")
-        if save.exists() and not args.force:
-            raise _UsageError(f"einpar run: error: {save} exists; pass --force to overwrite it")
-        if not save.parent.is_dir():
-            raise _UsageError(f"einpar run: error: cannot save to {save}: folder {save.parent} "
-                              "does not exist")
+        # NumPy adds .npz to a name without it; so does einpar, to the file it writes.
+        save = _writable(args.save if args.save.endswith(".npz") else args.save + ".npz",
+                         args.force, "run")
+    spmd = None if args.backend == "reference" else api.compile_spmd(program)
+    distributed = _distributed(args) if args.backend == "jax" else None
+    work = resources.estimate_run(program, args.backend, spmd, platform=args.platform,
+                                  processes=distributed.num_processes if distributed else 1,
+                                  warmup=args.warmup, repeat=args.repeat)
+    resources.require_fits(work, args.max_memory, args.max_time)  # before allocating anything
     if args.backend == "jax":
         code = _supervised(args, save)
         if code is not None:
             return code
-    if args.inputs:
-        arrays = api.load_inputs(program, args.inputs)
-    else:
-        arrays = api.random_inputs(program, args.seed)
-    outputs = evaluate(program, arrays)
+    # One bar for the whole run: the reference's ops, then the backend's steps.
+    units = resources.reference_calls(program.ops)
     if args.backend == "numpy":
-        return _run_simulated(args, program, arrays, outputs, out, save)
-    if args.backend == "jax":
-        return _run_jax(args, program, arrays, outputs, out, save)
+        units += resources.simulator_steps(spmd.steps)
+    elif args.backend == "jax":
+        units += 1 + args.warmup + args.repeat
+    with ProgressBar(err, units, f"{Path(program.file).name} on {args.backend}",
+                     enabled=not args.json) as bar:
+        if args.inputs:
+            arrays = api.load_inputs(program, args.inputs)
+        else:
+            arrays = api.random_inputs(program, args.seed)
+        outputs = evaluate(program, arrays, tick=bar.tick)
+        if args.backend == "numpy":
+            return _run_simulated(args, program, spmd, arrays, outputs, out, save, bar)
+        if args.backend == "jax":
+            return _run_jax(args, program, spmd, arrays, outputs, out, save, bar)
     if args.json:
         out.print(json.dumps({"backend": args.backend, "outputs": {
             name: {"dtype": str(a.dtype), "shape": list(a.shape),
@@ -558,14 +637,16 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
         source = args.inputs or f"random inputs, seed {args.seed}"
         out.print(f"{program.file} on backend {args.backend} ({source})", markup=False)
         _print_outputs(outputs, out)
-    if save is not None:
-        try:
-            np.savez(save, **outputs)
-        except OSError as error:
-            raise _UsageError(f"einpar run: error: cannot save to {save}: {error.strerror}") from None
-        if not args.json:
-            out.print(f"saved {', '.join(outputs)} to {save}")
+    _save_outputs(save, outputs, args, out)
     return 0
+
+
+def _save_outputs(save: Path | None, outputs: dict, args, out: Console) -> None:
+    if save is None:
+        return
+    _write(save, "run", lambda path: save_outputs(path, outputs))
+    if not args.json:
+        out.print(f"saved {', '.join(outputs)} to {save}")
 
 
 def _comparisons_json(results) -> dict:
@@ -584,13 +665,12 @@ def _print_comparisons(results, out: Console, then: str = "") -> None:
     out.print(f"largest error {max((r.error for r in results), default=0.0):.3g}{then}")
 
 
-def _run_simulated(args, program: Program, arrays, reference, out: Console, save) -> int:
-    import numpy as np
-
+def _run_simulated(args, program: Program, spmd, arrays, reference, out: Console, save,
+                   bar: ProgressBar) -> int:
     from .backends.numpy_sim import run_spmd
 
-    spmd = api.compile_spmd(program)
-    outputs, traffic = run_spmd(spmd, arrays)
+    outputs, traffic = run_spmd(spmd, arrays, tick=bar.tick)
+    bar.stop()
     tolerance = program_tolerance(program)
     results = [compare(name, reference[name], outputs[name], tolerance) for name in reference]
     sent = max(traffic.sent) if traffic.sent else 0
@@ -602,8 +682,7 @@ def _run_simulated(args, program: Program, arrays, reference, out: Console, save
         source = args.inputs or f"random inputs, seed {args.seed}"
         out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})", markup=False)
         _print_comparisons(results, out, f"; each device sent {sent:,} bytes")
-    if save is not None:
-        np.savez(save, **outputs)
+    _save_outputs(save, outputs, args, out)
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -614,16 +693,33 @@ def _distributed(args):
     given = [args.coordinator, args.num_processes, args.process_id]
     if all(value is None for value in given):
         found = Distributed.from_environment()
-        return None if found is None else Distributed(found.coordinator, found.num_processes,
-                                                      found.process_id, args.timeout)
+        if found is None:
+            return None
+        _check_address(found.coordinator, "JAX_COORDINATOR_ADDRESS")
+        if not (0 < found.num_processes <= MAX_DEVICES and 0 <= found.process_id < MAX_DEVICES):
+            raise _UsageError(f"einpar run: error: JAX_NUM_PROCESSES must be 1 to {MAX_DEVICES:,} "
+                              "and JAX_PROCESS_ID 0 to one less")
+        return Distributed(found.coordinator, found.num_processes, found.process_id, args.timeout)
     if any(value is None for value in given):
         raise _UsageError("einpar run: error: --coordinator, --num-processes and --process-id go "
                           "together")
+    _check_address(args.coordinator, "--coordinator")
     if args.process_id >= args.num_processes:
         raise EinparError(Diagnostic(
             "E401", f"process id {args.process_id} is not one of the {args.num_processes} processes "
                     f"(0 to {args.num_processes - 1})"), usage=True)
     return Distributed(args.coordinator, args.num_processes, args.process_id, args.timeout)
+
+
+# HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 address.
+ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})")
+
+
+def _check_address(address: str, where: str) -> None:
+    match = ADDRESS.fullmatch(address)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise _UsageError(f"einpar run: error: {where} must be HOST:PORT (e.g. 10.0.0.1:8476, "
+                          f"a port from 1 to 65535), got {address!r}")
 
 
 def _supervised(args, save) -> int | None:
@@ -649,9 +745,8 @@ def _supervised(args, save) -> int | None:
     return code
 
 
-def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> int:
-    import numpy as np
-
+def _run_jax(args, program: Program, spmd, arrays, reference, out: Console, save,
+             bar: ProgressBar) -> int:
     from .backends.jax_backend import shutdown
     from .tolerance import compare_blocks
 
@@ -665,12 +760,15 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
                      f"{devices.local_count} of {len(devices.devices)} {devices.platform} devices")
         if not args.json:
             source = args.inputs or f"random inputs, seed {args.seed}"
-            out.print(f"{program.file}: {what} on {where} ({source})", markup=False)
+            with bar.paused():
+                out.print(f"{program.file}: {what} on {where} ({source})", markup=False)
 
     precision = args.precision or DEFAULT_PRECISION
     result = api.run_jax(program, arrays, cpu_devices=args.devices, platform=args.platform,
                          distributed=distributed, twin=args.twin, warmup=args.warmup,
-                         repeat=args.repeat, started=started, precision=precision)
+                         repeat=args.repeat, started=started, spmd=spmd, tick=bar.tick,
+                         precision=precision)
+    bar.stop()
     tolerance = program_tolerance(program, precision)
     if result.outputs is not None:
         results = [compare(name, reference[name], result.outputs[name], tolerance) for name in reference]
@@ -694,8 +792,7 @@ def _run_jax(args, program: Program, arrays, reference, out: Console, save) -> i
         out.print(f"compile {format_seconds(result.compile_s)}; step {format_seconds(result.step_s)} "
                   f"(median of {len(times)} after {args.warmup} warm-up; "
                   f"{format_seconds(times[0])} to {format_seconds(times[-1])})")
-    if save is not None:
-        np.savez(save, **result.outputs)
+    _save_outputs(save, result.outputs, args, out)
     shutdown(distributed)
     return 0 if all(r.ok for r in results) else 1
 
@@ -757,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cost":
             return _cost(args, program, out, sources)
         if args.command == "explain":
-            return _explain(args, program, text, out, sources)
+            return _explain(args, program, text, out, err, sources)
         return _run(args, program, out, err)
     except EinparError as error:
         _print_diagnostics(error.diagnostics, sources, getattr(args, "json", False), out, err)
@@ -768,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             err.print(str(error), markup=False)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: stop, say so on one line, no traceback
+        err.print("einpar: interrupted", markup=False)
         return 130
     except Exception as error:  # a bug in einpar, not in the user's program
         if os.environ.get("EINPAR_DEBUG"):

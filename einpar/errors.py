@@ -53,6 +53,8 @@ CODES = {
     "E402": "a run of several processes failed",
     "E410": "bad cluster",
     "E411": "mesh does not fit the cluster",
+    "E420": "not enough memory",
+    "E421": "would take too long",
 }
 
 # Warnings: the program is valid but probably not what was meant. They never change

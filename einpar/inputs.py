@@ -34,15 +34,17 @@ def random_inputs(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
     for value in program.inputs:
         shape = value.type.shape
         dtype = value.type.dtype
+        # Drawn in the input's own dtype (half precision in float32, which NumPy draws and
+        # rounds), never in float64 and cast: a run's inputs take the memory they are declared in.
         if dtype in FLOAT_DTYPES:
-            array = rng.standard_normal(shape)
+            array = rng.standard_normal(shape, dtype=np.float64 if dtype == "f64" else np.float32)
             if value.kind == "param":
-                array = array / np.sqrt(fan_in.get(value.name, 1))
+                array *= array.dtype.type(1 / np.sqrt(fan_in.get(value.name, 1)))
         elif dtype == "i32":
-            array = rng.integers(0, 10, size=shape)
+            array = rng.integers(0, 10, size=shape, dtype=np.int32)
         else:
-            array = rng.random(shape) < 0.5
-        arrays[value.name] = array.astype(numpy_dtype(dtype))
+            array = rng.integers(0, 2, size=shape, dtype=np.uint8).view(np.bool_)
+        arrays[value.name] = array.astype(numpy_dtype(dtype), copy=False)
     return arrays
 
 
@@ -70,10 +72,7 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
             continue
         array = np.asarray(arrays[name])
         if tuple(array.shape) != value.type.shape:
-            problems.append(Diagnostic(
-                "E300", f"'{name}' in {source} has shape {_shape_text(array.shape)}, "
-                        f"but {program.file} declares {_shape_text(value.type.shape)}",
-                hint=_expected_hint(value)))
+            problems.append(_wrong_shape(program, value, array.shape, source))
             continue
         if array.dtype.kind in "cOUSM":
             problems.append(Diagnostic("E300", f"'{name}' in {source} has dtype {array.dtype}, "
@@ -95,22 +94,84 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
     return converted
 
 
+def _wrong_shape(program: Program, value: Value, shape, source: str) -> Diagnostic:
+    return Diagnostic("E300", f"'{value.name}' in {source} has shape {_shape_text(shape)}, "
+                              f"but {program.file} declares {_shape_text(value.type.shape)}",
+                      hint=_expected_hint(value))
+
+
 def _expected_hint(value: Value) -> str:
     stacked = f" (stacked by {','.join(value.stacked_by)})" if value.stacked_by else ""
     return f"'{value.name}' is {value.type.dtype}{_shape_text(value.type.shape)}{stacked}"
 
 
 def load_inputs(program: Program, path: str) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` file, checked against the program before any is read: each
+    member's `.npy` header (shape and dtype) is read from the archive first, so a file with
+    a wrong, extra or enormous array is refused without decompressing it."""
     hint = "write it with numpy.savez(path, name=array, ...)"
     if not Path(path).exists():
         raise EinparError(Diagnostic("E300", f"inputs file {path} does not exist")) from None
+    if not Path(path).is_file():  # a folder, /dev/zero, a pipe: nothing np.load can read
+        raise EinparError(Diagnostic("E300", f"inputs file {path} is not a regular file", hint=hint))
     if not zipfile.is_zipfile(path):
         raise EinparError(Diagnostic("E300", f"cannot read inputs file {path}: it is not an .npz "
                                              "archive", hint=hint))
+    expected = {value.name: value for value in program.inputs}
+    arrays: dict[str, np.ndarray] = {}
+    problems: list[Diagnostic] = []
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name == info.filename:
+                    problems.append(Diagnostic("E300", f"{path} holds {info.filename!r}, which is "
+                                                       "not an array (.npy)", hint=hint))
+                    continue
+                with archive.open(info) as member:
+                    shape, dtype = _npy_header(member)
+                if dtype.hasobject:
+                    problems.append(Diagnostic("E300", f"'{name}' in {path} holds Python "
+                                                       "objects, not numbers", hint=hint))
+                elif (name in expected and shape == expected[name].type.shape
+                      and (dtype.kind in "biuf" or dtype.kind == "V" and dtype.itemsize == 2)):
+                    with archive.open(info) as member:
+                        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                else:
+                    # Unknown, or of the wrong shape or kind, so never read: a stand-in of
+                    # its shape and dtype taking no memory, for check_inputs to report.
+                    arrays[name] = np.broadcast_to(np.zeros((), dtype), shape)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as error:
         raise EinparError(Diagnostic("E300", f"cannot read inputs file {path}: {error}",
                                      hint=hint)) from None
-    return check_inputs(program, arrays, path)
+    try:
+        checked = check_inputs(program, arrays, path)
+    except EinparError as error:
+        problems.extend(error.diagnostics)
+    if problems:
+        raise EinparError(problems)
+    return checked
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of an `.npy` stream, reading nothing past it."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    return tuple(shape), dtype
+
+
+def save_outputs(path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` as an `.npz` file, each under its own name, as `np.load` reads them back.
+
+    Not `np.savez(path, **arrays)`: that takes the names `file` and `allow_pickle` as its own
+    arguments. The archive is written member by member the way `np.savez` does it.
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)

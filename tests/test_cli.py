@@ -503,11 +503,466 @@ def test_run_on_simulated_devices_exits_1_on_a_mismatch(capsys, in_repo, monkeyp
 
     real = numpy_sim.run_spmd
 
-    def wrong(program, inputs):
-        outputs, traffic = real(program, inputs)
+    def wrong(program, inputs, **options):
+        outputs, traffic = real(program, inputs, **options)
         return {name: array + 1 for name, array in outputs.items()}, traffic
 
     monkeypatch.setattr(numpy_sim, "run_spmd", wrong)
     code, out, _ = einpar(capsys, "run", CASE3, "--backend", "numpy")
     assert code == 1
     assert "MISMATCH" in out
+
+
+# ---------------------------------------------------------------- bad input, nothing runs away
+
+import signal  # noqa: E402
+import tracemalloc  # noqa: E402
+import zipfile  # noqa: E402
+
+from einpar import resources  # noqa: E402
+from einpar.api import compile_source, compile_spmd, random_inputs  # noqa: E402
+
+# A repeat whose trips, not its FLOPs, are the work: L is set per test.
+LOOP = """\
+dim B=4 L=10
+input x[B]
+h[B] = x[B]
+repeat L {
+  h[B] = h[B] * 0.5
+}
+output h
+"""
+
+
+@pytest.fixture
+def loop(workdir):
+    (workdir / "loop.ein").write_text(LOOP)
+    return workdir
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "3²", "0x10", "+4", "-4", "4.0"])
+def test_set_takes_ascii_digits_only(capsys, workdir, value):
+    code, out, err = einpar(capsys, "run", "prog.ein", "--set", f"I={value}")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[0] == f"error[E301]: cannot read --set 'I={value}'"
+
+
+def test_set_sizes_obey_the_limit_on_sizes_in_a_file(capsys, workdir):
+    code, out, err = einpar(capsys, "check", "prog.ein", "--set", "I=1" + "0" * 30)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["error[E223]: --set I=100000000000... has 31 digits",
+                                "  = hint: sizes have at most 18 digits"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "prog.ein", "--seed", "-1"],
+    ["run", "prog.ein", "--seed", "4294967296"],
+    ["run", "prog.ein", "--seed", "٣"],
+    ["explain", "prog.ein", "--values", "--seed", "-1"],
+    ["run", "prog.ein", "--backend", "jax", "--devices", "9" * 20],
+    ["run", "prog.ein", "--backend", "jax", "--devices", "²"],
+    ["run", "prog.ein", "--backend", "jax", "--repeat", "9" * 21],
+    ["run", "prog.ein", "--backend", "jax", "--warmup", "9" * 21],
+    ["run", "prog.ein", "--backend", "jax", "--timeout", "nan"],
+    ["run", "prog.ein", "--backend", "jax", "--timeout", "inf"],
+    ["run", "prog.ein", "--backend", "jax", "--timeout", "1e300"],
+    ["run", "prog.ein", "--backend", "jax", "--coordinator", "garbage", "--num-processes", "2",
+     "--process-id", "0"],
+    ["run", "prog.ein", "--backend", "jax", "--coordinator", "host:99999", "--num-processes", "2",
+     "--process-id", "0"],
+    ["run", "prog.ein", "--backend", "jax", "--coordinator", "host:1", "--num-processes", "9" * 20,
+     "--process-id", "0"],
+    ["run", "prog.ein", "--max-memory", "lots"],
+    ["run", "prog.ein", "--max-memory", "0"],
+    ["run", "prog.ein", "--max-memory", "2iB"],
+    ["run", "prog.ein", "--max-time", "forever"],
+    ["run", "prog.ein", "--max-time", "0s"],
+    ["explain", "prog.ein", "--width", "1000000000"],
+    ["explain", "prog.ein", "--device", "²"],
+    ["explain", "prog.ein", "--statement", "²"],
+    ["compile", "prog.ein", "--width", "0"],
+    ["calibrate", "--devices", "9" * 20],
+])
+def test_command_line_values_are_usage_errors(capsys, workdir, argv):
+    code, out, err = einpar(capsys, *argv)
+    assert (code, out) == (2, ""), err
+    assert "error" in err
+    assert_no_traceback(err)
+
+
+def test_coordinator_from_the_environment_is_checked(capsys, workdir, monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "no port")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    code, out, err = einpar(capsys, "run", "prog.ein", "--backend", "jax")
+    assert (code, out) == (2, "")
+    assert err.strip() == ("einpar run: error: JAX_COORDINATOR_ADDRESS must be HOST:PORT (e.g. "
+                           "10.0.0.1:8476, a port from 1 to 65535), got 'no port'")
+
+
+def test_sizes_read_with_units():
+    assert resources.parse_size("2GiB") == 2 * 2**30
+    assert resources.parse_size("2 GiB") == 2 * 2**30
+    assert resources.parse_size("2G") == 2 * 2**30
+    assert resources.parse_size("1.5MB") == 1_500_000
+    assert resources.parse_size("512") == 512
+    assert resources.parse_size("3kB") == 3000
+    for bad in ("", "GiB", "2Q", "2iB", "2Gi", "-1", "0", "1e9", "２GiB", "nan"):
+        with pytest.raises(ValueError):
+            resources.parse_size(bad)
+    assert resources.parse_duration("90") == 90
+    assert resources.parse_duration("30min") == 1800
+    assert resources.parse_duration("2h") == 7200
+    assert resources.parse_duration("1d") == 86400
+    for bad in ("", "h", "0", "-5s", "inf", "nan", "5 years"):
+        with pytest.raises(ValueError):
+            resources.parse_duration(bad)
+
+
+def test_available_memory_is_the_least_of_the_kernel_and_the_cgroup(tmp_path):
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir()
+    cgroup.mkdir()
+    (proc / "meminfo").write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\n"
+                                  "MemAvailable:    8000000 kB\n")
+    assert resources.available_memory(str(proc), str(cgroup)) == 8_000_000 * 1024
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123\n")
+    assert resources.available_memory(str(proc), str(cgroup)) == 8_000_000 * 1024
+    (cgroup / "memory.max").write_text(f"{2**30}\n")
+    (cgroup / "memory.current").write_text(f"{2**28}\n")
+    assert resources.available_memory(str(proc), str(cgroup)) == 2**30 - 2**28
+
+
+def _no_inputs_made(monkeypatch):
+    """Fail the test if a run gets as far as making its inputs."""
+    import einpar.api as api
+
+    def refuse(*_, **__):
+        raise AssertionError("inputs were made before the memory check")
+
+    monkeypatch.setattr(api, "random_inputs", refuse)
+    monkeypatch.setattr(api, "load_inputs", refuse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy", "jax"])
+def test_run_needing_more_memory_than_the_machine_has_is_refused_before_it_starts(
+        capsys, workdir, monkeypatch, backend):
+    _no_inputs_made(monkeypatch)
+    monkeypatch.setattr(resources, "available_memory", lambda: 2**30)
+    code, out, err = einpar(capsys, "run", "prog.ein", "--backend", backend,
+                            "--set", "I=100000000", "J=100")
+    assert (code, out) == (1, "")
+    first, hint = err.splitlines()[:2]
+    assert first.startswith(f"error[E420]: running on backend {backend} needs about ")
+    assert first.endswith(" of memory; this machine has 1.00 GiB available")
+    assert hint.startswith("  = hint: make dims smaller with --set, or pass --max-memory ")
+
+
+def test_max_memory_sets_the_limit(capsys, workdir, monkeypatch):
+    monkeypatch.setattr(resources, "available_memory", lambda: 2**40)
+    # I=2**20, J=3: the inputs a (12 MiB) and b (12 B), the output c (4 MiB), and c's float64
+    # statistics (16 B an element, 16 MiB): 32 MiB and 12 B.
+    code, out, err = einpar(capsys, "run", "prog.ein", "--set", f"I={2**20}", "--max-memory", "1MiB")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "error[E420]: running on backend reference needs about 32.0 MiB of memory; --max-memory is 1.00 MiB",
+        "  = hint: make dims smaller with --set, or pass --max-memory 33MiB to try anyway"]
+    limit = str(32 * 2**20 + 12)
+    code, _, err = einpar(capsys, "run", "prog.ein", "--set", f"I={2**20}", "--max-memory", limit)
+    assert code == 0, err
+    code, _, err = einpar(capsys, "run", "prog.ein", "--set", f"I={2**20}", "--max-memory",
+                          str(int(limit) - 1))
+    assert code == 1
+
+
+def test_explain_values_needing_too_much_memory_is_refused(capsys, workdir, monkeypatch):
+    _no_inputs_made(monkeypatch)
+    code, out, err = einpar(capsys, "explain", "prog.ein", "--values", "--set", "I=100000000",
+                            "--max-memory", "1GiB")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0].startswith("error[E420]: simulating every device for --values "
+                                          "needs about ")
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_memory_estimate_covers_what_a_run_allocates(capsys, in_repo, backend):
+    """NumPy reports its allocations to tracemalloc: the peak of a real run is within the
+    estimate (give or take 4 MiB of the interpreter's own objects: compiling, printing), and
+    the estimate is not wildly above it."""
+    file, dims = "examples/matmul/case1_no_contracting_split.ein", ["I=4096"]
+    program = compile_source(Path(file).read_text(), file, {"I": 4096})
+    spmd = None if backend == "reference" else compile_spmd(program)
+    estimate = resources.estimate_run(program, backend, spmd).bytes
+    tracemalloc.start()
+    try:
+        code, _, err = einpar(capsys, "run", file, "--backend", backend, "--set", *dims)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 0, err
+    assert peak <= estimate + 4 * 2**20
+    assert estimate <= 2 * peak
+
+
+def test_random_inputs_are_drawn_in_their_own_dtype():
+    program = compile_source("dim I=262144\ninput a[I]\ninput h[I] : bf16\ninput k[I] : i32\n"
+                             "input m[I] : bool\ny[I] = a[I]\noutput y\n")
+    tracemalloc.start()
+    try:
+        arrays = random_inputs(program, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [str(arrays[n].dtype) for n in "ahkm"] == ["float32", "bfloat16", "int32", "bool"]
+    held = sum(array.nbytes for array in arrays.values())  # 4 + 2 + 4 + 1 bytes a point
+    # The largest temporary is the float32 draw of the bf16 input (4 bytes a point), not a
+    # float64 draw of any (8).
+    assert peak <= held + 4 * 262144 + 65536
+    assert np.all((arrays["k"] >= 0) & (arrays["k"] <= 9))
+
+
+def test_run_that_cannot_finish_within_the_limit_is_refused(capsys, loop):
+    code, out, err = einpar(capsys, "run", "loop.ein", "--set", "L=1000000000")
+    assert (code, out) == (1, "")
+    first, hint = err.splitlines()
+    assert first.startswith("error[E421]: running on backend reference would take at least ")
+    assert "1,000,000,001 NumPy calls" in first
+    assert hint == "  = hint: make it smaller with --set, or pass --max-time 2h to run it anyway"
+
+
+def test_max_time_sets_the_limit(capsys, loop):
+    # 1001 calls of at least 5 µs: more than a millisecond, less than a minute.
+    code, _, err = einpar(capsys, "run", "loop.ein", "--set", "L=1000", "--max-time", "0.001s")
+    assert code == 1
+    assert err.startswith("error[E421]: running on backend reference would take at least ")
+    code, _, err = einpar(capsys, "run", "loop.ein", "--set", "L=1000", "--max-time", "1min")
+    assert code == 0, err
+
+
+def test_jax_run_with_too_many_steps_is_refused(capsys, workdir):
+    code, _, err = einpar(capsys, "run", "prog.ein", "--backend", "jax", "--repeat", "1000000",
+                          "--max-time", "1s")
+    assert code == 1
+    assert err.startswith("error[E421]: running on backend jax would take at least ")
+    assert "1,000,003 JAX steps" in err
+
+
+def test_program_file_larger_than_any_program_is_refused(capsys, workdir):
+    Path("huge.ein").write_bytes(b" " * (16 * 2**20 + 1))
+    code, out, err = einpar(capsys, "check", "huge.ein")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == ["error[E302]: huge.ein is larger than 16 MiB, too large for a .ein "
+                                "program", "  = hint: is it the right file?"]
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_check_of_an_endless_file_stops(capsys, workdir):
+    code, _, err = einpar(capsys, "check", "/dev/zero")
+    assert code == 1
+    assert err.splitlines()[0] == ("error[E302]: /dev/zero is larger than 16 MiB, too large for a "
+                                   ".ein program")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_inputs_from_a_device_are_refused(capsys, workdir):
+    code, _, err = einpar(capsys, "run", "prog.ein", "--inputs", "/dev/zero")
+    assert code == 1
+    assert err.splitlines()[0] == "error[E300]: inputs file /dev/zero is not a regular file"
+
+
+def _npz_with_headers(path: str, members: dict[str, tuple[int, ...]]) -> None:
+    """An .npz whose members' headers claim these shapes (float32) and hold no data."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, shape in members.items():
+            with archive.open(name, "w") as member:
+                np.lib.format.write_array_header_1_0(
+                    member, {"descr": "<f4", "fortran_order": False, "shape": shape})
+
+
+def test_inputs_whose_headers_claim_huge_arrays_are_refused_unread(capsys, workdir):
+    _npz_with_headers("in.npz", {"a.npy": (2**40, 3), "b.npy": (0,), "c.npy": (2**50,),
+                                 "notes.txt": ()})
+    code, _, err = einpar(capsys, "run", "prog.ein", "--inputs", "in.npz")
+    assert code == 1
+    assert err.splitlines() == [
+        "error[E300]: in.npz holds 'notes.txt', which is not an array (.npy)",
+        "  = hint: write it with numpy.savez(path, name=array, ...)",
+        "error[E300]: 'a' in in.npz has shape [1099511627776, 3], but prog.ein declares [2, 3]",
+        "  = hint: 'a' is f32[2, 3]",
+        "error[E300]: 'b' in in.npz has shape [0], but prog.ein declares [3]",
+        "  = hint: 'b' is f32[3]",
+        "error[E300]: in.npz has an array 'c' that prog.ein does not declare",
+        "  = hint: inputs and params are: a, b",
+        "4 errors"]
+
+
+def test_inputs_file_of_compressed_zeros_is_refused_before_decompressing(capsys, workdir):
+    # 256 MiB of zeros in about 256 KiB, named as an input of the wrong shape.
+    with zipfile.ZipFile("in.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("a.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(
+                member, {"descr": "<f4", "fortran_order": False, "shape": (2**26,)})
+            zeros = bytes(2**24)
+            for _ in range(16):
+                member.write(zeros)
+        with archive.open("b.npy", "w") as member:
+            np.lib.format.write_array(member, np.zeros(3, np.float32))
+    tracemalloc.start()
+    try:
+        code, _, err = einpar(capsys, "run", "prog.ein", "--inputs", "in.npz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 1
+    assert err.splitlines()[0] == ("error[E300]: 'a' in in.npz has shape [67108864], but prog.ein "
+                                   "declares [2, 3]")
+    assert peak < 2**24
+
+
+KEYWORD_OUTPUTS = """\
+dim I=3
+input x[I]
+file[I] = x[I] * 2
+allow_pickle[I] = x[I] + 1
+output file
+output allow_pickle
+"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_save_keeps_outputs_named_like_savez_arguments(capsys, workdir, backend):
+    Path("kw.ein").write_text(KEYWORD_OUTPUTS)
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    np.savez("in.npz", x=x)
+    code, out, err = einpar(capsys, "run", "kw.ein", "--backend", backend, "--inputs", "in.npz",
+                            "--save", "out.npz")
+    assert code == 0, err
+    assert out.splitlines()[-1] == "saved file, allow_pickle to out.npz"
+    with np.load("out.npz") as saved:
+        assert saved.files == ["file", "allow_pickle"]
+        np.testing.assert_array_equal(saved["file"], x * 2)
+        np.testing.assert_array_equal(saved["allow_pickle"], x + 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy", "jax"])
+def test_save_never_writes_through_a_link(capsys, workdir, backend):
+    os.symlink(workdir / "elsewhere.npz", "out.npz")  # dangling
+    code, out, err = einpar(capsys, "run", "prog.ein", "--backend", backend, "--save", "out.npz",
+                            "--force")
+    assert (code, out) == (2, "")
+    assert err.strip() == ("einpar run: error: cannot write out.npz: it is a symbolic link; "
+                           "name the file itself")
+    assert not (workdir / "elsewhere.npz").exists()
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy", "jax"])
+def test_save_to_a_folder_is_a_usage_error(capsys, workdir, backend):
+    os.mkdir("out.npz")
+    code, out, err = einpar(capsys, "run", "prog.ein", "--backend", backend, "--save", "out.npz",
+                            "--force")
+    assert (code, out) == (2, "")
+    assert err.strip() == "einpar run: error: cannot write out.npz: it is a folder"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_save_into_a_read_only_folder_is_a_usage_error(capsys, workdir, backend):
+    os.mkdir("locked")
+    os.chmod("locked", 0o500)
+    try:
+        code, out, err = einpar(capsys, "run", "prog.ein", "--backend", backend, "--save",
+                                "locked/out.npz")
+    finally:
+        os.chmod("locked", 0o700)
+    assert (code, out) == (2, "")
+    assert err.strip() == "einpar run: error: cannot write locked/out.npz: permission denied in folder locked"
+
+
+def test_write_failing_midway_is_a_usage_error(capsys, workdir, monkeypatch):
+    import einpar.cli as cli
+
+    def full(path, arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "save_outputs", full)
+    code, _, err = einpar(capsys, "run", "prog.ein", "--backend", "numpy", "--save", "out.npz")
+    assert code == 2
+    assert err.strip() == "einpar run: error: cannot write out.npz: No space left on device"
+
+
+@pytest.mark.parametrize("argv", [
+    ["compile", "prog.ein", "--svg", "slide.svg"],
+    ["explain", "prog.ein", "--html", "slide.svg"],
+    ["cost", "prog.ein", "--cluster", "h100x8", "--trace", "slide.svg"],
+    ["calibrate", "--out", "slide.svg"],
+])
+def test_no_writer_follows_a_link(capsys, workdir, argv):
+    os.symlink(workdir / "elsewhere", "slide.svg")
+    code, _, err = einpar(capsys, *argv, "--force")
+    assert code == 2
+    assert err.strip().endswith("cannot write slide.svg: it is a symbolic link; name the file itself")
+    assert not (workdir / "elsewhere").exists()
+
+
+def test_ctrl_c_ends_a_command_with_one_line(capsys, workdir, monkeypatch):
+    import einpar.backends.reference as reference
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reference, "evaluate", interrupted)
+    code, out, err = einpar(capsys, "run", "prog.ein")
+    assert (code, out, err) == (130, "", "einpar: interrupted\n")
+
+
+def test_ctrl_c_stops_a_long_run(loop):
+    """A real SIGINT to the installed command, in the middle of a long repeat."""
+    command = [sys.executable, "-m", "einpar", "run", "loop.ein", "--set", "L=100000000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+
+        time.sleep(4)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert (process.returncode, out, err) == (130, "", "einpar: interrupted\n")
+
+
+def test_progress_ticks_once_per_op_and_step(in_repo):
+    from einpar.backends.numpy_sim import run_spmd
+    from einpar.backends.reference import evaluate
+
+    program = compile_source(LOOP, "loop.ein", {"L": 7})
+    spmd = compile_spmd(program)
+    inputs = random_inputs(program)
+    ticks = []
+    evaluate(program, inputs, tick=lambda: ticks.append(1))
+    assert len(ticks) == resources.reference_calls(program.ops) == 1 + 7
+    ticks.clear()
+    run_spmd(spmd, inputs, tick=lambda: ticks.append(1))
+    assert len(ticks) == resources.simulator_steps(spmd.steps) >= 8
+
+
+def test_a_long_run_shows_a_progress_bar_on_a_terminal(capsys, loop, monkeypatch):
+    import io
+
+    import einpar.cli as cli
+    import einpar.progress as progress
+    from rich.console import Console
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    monkeypatch.setattr(cli, "_consoles", lambda: (
+        Console(highlight=False, soft_wrap=True),
+        Console(file=terminal, force_terminal=True, width=120)))
+    code = main(["run", "loop.ein", "--set", "L=3000"])
+    assert code == 0
+    assert "loop.ein on reference" in terminal.getvalue()
+    assert "/3001" in terminal.getvalue()
+    terminal.truncate(0)
+    code = main(["run", "loop.ein", "--set", "L=3000", "--json"])
+    assert code == 0
+    assert terminal.getvalue().strip("\x00") == ""

@@ -1050,9 +1050,10 @@ def test_E402_a_peer_that_dies_during_the_run():
     from test_jax_processes import first_line, free_port, start
 
     port = free_port()
-    # Many steps, so that both are still running when one is killed.
-    survivor = start(0, port, "--repeat", "1000000", "--timeout", "40")
-    doomed = start(1, port, "--repeat", "1000000", "--timeout", "40")
+    # Many steps, so that both are still running when one is killed (past the hour a run
+    # may take by default).
+    survivor = start(0, port, "--repeat", "1000000", "--timeout", "40", "--max-time", "30d")
+    doomed = start(1, port, "--repeat", "1000000", "--timeout", "40", "--max-time", "30d")
     # Each prints its first line once it has joined the mesh.
     assert "on process 0 of 2" in first_line(survivor) and "on process 1 of 2" in first_line(doomed)
     time.sleep(1)
@@ -1188,6 +1189,33 @@ def test_E411_a_mesh_larger_than_the_cluster():
     (found,) = caught.value.diagnostics
     assert (found.code, found.message) == (
         "E411", "the mesh dp=2 tp=8 needs 16 devices; cluster tpu-v5e:2x4 has 8")
+
+
+def test_E420_a_run_larger_than_the_memory_limit():
+    from einpar.resources import estimate_run, require_fits
+
+    program = compile_source(PROGRAM, FILE, {"B": 2**20})  # x: f32[B=1048576, D=4], 16 MiB
+    work = estimate_run(program, "reference")
+    with pytest.raises(EinparError) as caught:
+        require_fits(work, max_memory=2**20)
+    (found,) = caught.value.diagnostics
+    assert found.code == "E420"
+    assert found.message.startswith("running on backend reference needs about ")
+    assert found.message.endswith("; --max-memory is 1.00 MiB")
+    require_fits(work, max_memory=work.bytes)
+
+
+def test_E421_a_run_longer_than_the_time_limit():
+    from einpar.resources import estimate_run, require_fits
+
+    program = compile_source("dim B=4 L=1000000\ninput x[B]\nh[B] = x[B]\nrepeat L {\n"
+                             "  h[B] = h[B] * 0.5\n}\noutput h\n", FILE)
+    with pytest.raises(EinparError) as caught:
+        require_fits(estimate_run(program, "reference"), max_time=1.0)
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message) == (
+        "E421", "running on backend reference would take at least 5.00 s (4.00M FLOPs, "
+                "1,000,001 NumPy calls); the limit is 1.00 s")
 
 
 def test_every_code_has_a_test_here():

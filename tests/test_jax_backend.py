@@ -190,9 +190,9 @@ def test_run_on_jax_saves_the_outputs(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id go together"),
-    (["--devices", "0"], "expected a positive whole number, got '0'"),
-    (["--repeat", "x"], "expected a positive whole number, got 'x'"),
-    (["--timeout", "0"], "expected a positive number of seconds, got '0'"),
+    (["--devices", "0"], "expected a whole number from 1 to 4,096, got '0'"),
+    (["--repeat", "x"], "expected a whole number from 1 to 1,000,000, got 'x'"),
+    (["--timeout", "0"], "expected a positive number of seconds up to 1,000,000, got '0'"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0", "--save", "y.npz"],
      "--save needs the whole outputs, which no one process of several holds"),
 ])
