@@ -264,47 +264,6 @@ def measurement_count(quick: bool) -> int:
         len(settings.memory_bytes) + 2 * len(settings.collective_bytes)
 
 
-class ProgressBar:
-    """`calibrate`'s progress on a console (stderr): a rich bar once it has taken more than
-    SHOW_AFTER_S, so a quick run prints nothing; on a console that is not a terminal, one
-    line per measurement. As a context manager it takes the bar down however the run ends,
-    and says so when Ctrl-C stopped it."""
-
-    SHOW_AFTER_S = 1.5
-
-    def __init__(self, console, total: int):
-        self.console, self.total, self.done = console, total, 0
-        self.began = time.perf_counter()
-        self.bar = self.task = None
-
-    def __call__(self, label: str) -> None:
-        self.done += 1
-        if not self.console.is_terminal:
-            self.console.print(label, style="dim", markup=False)
-            return
-        if self.bar is None and time.perf_counter() - self.began > self.SHOW_AFTER_S:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-            from rich.progress import TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.description}"),
-                                console=self.console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=self.total, completed=self.done - 1)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done - 1, description=label)
-
-    def __enter__(self) -> "ProgressBar":
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        if kind is KeyboardInterrupt:
-            self.console.print(f"calibrate: interrupted after {self.done - 1} of {self.total} "
-                               "measurements; nothing written", markup=False)
-
-
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -493,6 +493,16 @@ class _Checker:
             self.fail("E100", f"'{spec.name}' is a keyword and cannot name a tensor", spec.name.span,
                       hint="keywords are " + ", ".join(KEYWORDS))
         self.declare_check(spec.name, scope, allow_redefinition=False)
+        # Inputs and params are named once per program, whatever the scope: input files and
+        # the backends key their arrays by name (a block's param is not visible after the
+        # block, but its stacked array is still the program's `w`).
+        declared = next((value for value in self.inputs if value.name == spec.name.text), None)
+        if declared is not None:
+            self.fail("E230", f"'{spec.name}' is already declared as {'a' if declared.kind == 'param' else 'an'} "
+                              f"{declared.kind}", spec.name.span,
+                      hint="inputs and params are named once per program (arrays are passed by "
+                           "name); give this one a new name",
+                      labels=(Label(declared.span, "first declared here"),) if declared.span else ())
         if scope.repeat_dim is not None and item.kind == "input":
             self.fail("E236", "inputs are declared outside repeat blocks", item.span,
                       hint="a `param` inside repeat gets one copy per trip; an input does not")

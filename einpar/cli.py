@@ -296,11 +296,28 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
 
 
 def _calibrate(args, out: Console, err: Console) -> int:
-    from .cost_model.calibrate import ProgressBar, calibrate, measurement_count, write_cluster_file
+    from .cost_model.calibrate import calibrate, measurement_count, write_cluster_file
 
     target = _writable(args.out, args.force, "calibrate")
-    with ProgressBar(err, measurement_count(args.quick)) as progress:
-        document = calibrate(args.devices, quick=args.quick, progress=progress)
+    total = measurement_count(args.quick)
+    with ProgressBar(err, total, "calibrating") as bar:
+        begun = 0
+
+        def measuring(label: str) -> None:  # called before each measurement
+            nonlocal begun
+            if begun:
+                bar.tick()  # the one before has ended
+            begun += 1
+            if not bar.enabled:  # a log or a pipe: one line per measurement instead of a bar
+                err.print(label, style="dim")
+
+        try:
+            document = calibrate(args.devices, quick=args.quick, progress=measuring)
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print(f"calibrate: interrupted after {bar.done} of {total} measurements; "
+                      "nothing written")
+            return 130
     _write(target, "calibrate", lambda path: write_cluster_file(document, path))
     chip = document["accelerator"]
     out.print(f"wrote {target}: {args.devices} CPU devices, "

@@ -646,6 +646,21 @@ def test_E230_repeat_param_redefined_in_its_block():
     assert labels(found) == [(4, 9, "declared here")]
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_E230_a_blocks_param_declared_again_after_the_block(nested):
+    """A block's param is out of scope after the block, but the program still takes it by
+    its name (stacked by the block's dim): a second input or param of that name is E230."""
+    inner = ["  repeat M {", "    param w[D]", "    x[B,D] = x[B,D] * w[D]", "  }"] if nested \
+        else ["  param w[D]", "  x[B,D] = x[B,D] * w[D]"]
+    lines = ["dim B=4 D=2 L=3 M=2", "input x[B,D]", "repeat L {", *inner, "}", "input w[D]",
+             "output x"]
+    found = expect(program(*lines), "E230", "'w' is already declared as a param",
+                   len(lines) - 1, 7,
+                   hint="inputs and params are named once per program (arrays are passed by "
+                        "name); give this one a new name")
+    assert labels(found) == [(5 if nested else 4, 11 if nested else 9, "first declared here")]
+
+
 def test_E231_use_before_definition():
     found = expect(program("dim B=8",
                            "input x[B]",
