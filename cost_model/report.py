@@ -35,8 +35,9 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
     cluster = estimate.cluster
     out.print(Text(f"{estimate.file} on {cluster.describe()}", style="bold"))
     mode = "communication overlaps independent compute" if estimate.overlap else "no overlap"
-    out.print(f"{estimate.devices} devices; every device runs the same program ({mode}; "
-              f"f32 matmuls at {estimate.precision} precision)")
+    who = "one device" if estimate.devices == 1 else \
+        f"{estimate.devices} devices; every device runs the same program"
+    out.print(f"{who} ({mode}; f32 matmuls at {estimate.precision} precision)")
     repeats = any(op.trips > 1 for op in estimate.ops)
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     columns = ["#", "value", "op"] + (["×"] if repeats else []) + ["FLOPs", "bytes", "time", "bound",

@@ -16,7 +16,10 @@ The rules:
   of a product of two or more operands (`o[B,S,H] = p[B,H,S,T] * v[B,T,H,K]`
   sums K over v alone); in a one-operand statement (`s[B] = x[B,S]`) the sum is
   plainly meant, and is not flagged;
-- W103, `--set NAME=...` given twice (the last one wins).
+- W103, `--set NAME=...` given twice (the last one wins);
+- W104, an op with too many strategies to price them all (a mesh of many axes):
+  the partitioner searched part of them, so a better plan may exist
+  (`search_limits`, from the compiled program).
 """
 
 from __future__ import annotations
@@ -231,10 +234,27 @@ def lint(module: Module, source: str = "", ignore: Iterable[str] = ()) -> list[D
     with gc_paused():  # many small objects, none freed: the collector's passes are wasted
         placed = in_order(module)
         found = [warning for rule in RULES for warning in rule(placed)]
+    return _kept(found, source, ignore)
+
+
+def _kept(found: list[Diagnostic], source: str, ignore: Iterable[str]) -> list[Diagnostic]:
+    """`found` in source order, less the warnings `--ignore` or a line's pragma silences."""
     silenced = pragmas(source)
     kept = [w for w in found if not ignored(w, ignore)
             and not (w.span and ignored(w, silenced.get(w.span.line, ())))]
     return sorted(kept, key=lambda w: (w.span.line, w.span.col) if w.span else (0, 0))
+
+
+def search_limits(limits, source: str = "", ignore: Iterable[str] = ()) -> list[Diagnostic]:
+    """W104 for each op the partitioner searched only in part (partition.SearchLimit)."""
+    found = [_warning(
+        "W104", f"'{limit.value.name}' has {limit.strategies:,} ways to lay out its work over the "
+                f"mesh; the partitioner priced those that use at most {limit.axes} of its axes",
+        limit.value.span,
+        hint="a better plan may use more axes: pin this statement's layout (or its operands') "
+             "to the one you want, or set unused mesh axes to 1 with --set")
+        for limit in limits]
+    return _kept(found, source, ignore)
 
 
 def pragmas(source: str) -> dict[int, tuple[str, ...]]:

@@ -154,7 +154,7 @@ class _Lowering:
             self.move(move, steps)
             outputs.append(SpmdOutput(output.name, self.held[(output.value, layout)], layout))
         return SpmdProgram(self.program.file, self.mesh, self.values, inputs, tuple(steps),
-                           tuple(outputs))
+                           tuple(outputs), self.partitioned.limits)
 
 
 def lower(partitioned: PartitionedProgram) -> SpmdProgram:

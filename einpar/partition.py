@@ -39,7 +39,7 @@ from typing import Union
 from .expand import expand_library
 from .flops import op_flops
 from .ir import (Apply, Arg, Cast, Einsum, Library, Map, Op, Output, Program, Reduce, Repeat,
-                 Route, Scalar)
+                 Route, Scalar, Value)
 from .layout import Layout, Mesh
 from .reshard import ReshardPlan, plan_reshard
 
@@ -93,11 +93,23 @@ Step = Union[Decision, RepeatDecision]
 
 
 @dataclass(frozen=True)
+class SearchLimit:
+    """An op whose strategies were too many to price (more than MAX_CANDIDATES): only those
+    giving a role to at most `axes` mesh axes, and those its pinned layouts imply, were
+    searched, so a better plan may exist. `compile` says so (W104)."""
+
+    value: Value  # the op's result, where the warning points
+    strategies: int  # how many there were
+    axes: int  # the most mesh axes one searched strategy uses
+
+
+@dataclass(frozen=True)
 class PartitionedProgram:
     program: Program  # with library ops expanded
     inputs: tuple[Layout, ...]  # the layout of each input, as declared
     steps: tuple[Step, ...]
     outputs: tuple[tuple[Output, Layout, Move | None], ...]  # output, final layout, last move
+    limits: tuple[SearchLimit, ...] = ()  # ops searched only in part
 
 
 def _linear_in(expr: Scalar, partial: set[int]) -> str:
@@ -147,6 +159,7 @@ class _Partitioner:
         # Outputs' values and the layouts they leave in (None: whichever, but whole).
         self.output_layouts = {output.value: output.layout for output in program.outputs}
         self.choices: dict = {}  # decision_key -> the strategy chosen for ops alike
+        self.limits: dict[str, SearchLimit] = {}  # result value -> its search's limit
 
     # ---- bookkeeping
 
@@ -265,6 +278,8 @@ class _Partitioner:
             yield from itertools.product(*per_axis)
             return
         most = _most_roles(per_axis, MAX_CANDIDATES)
+        self.limits.setdefault(op.result.name, SearchLimit(
+            op.result, _product(len(options) for options in per_axis), most))
         seen = set()
         for choice in itertools.product(*per_axis) if most == len(per_axis) else \
                 _with_at_most(per_axis, most):
@@ -504,7 +519,8 @@ class _Partitioner:
             want = output.layout or Layout(now.dims)
             move = self.cheapest_move(output.value, want, f"output {output.name}")
             outputs.append((output, want, move))
-        return PartitionedProgram(self.program, tuple(inputs), tuple(steps), tuple(outputs))
+        return PartitionedProgram(self.program, tuple(inputs), tuple(steps), tuple(outputs),
+                                  tuple(self.limits.values()))
 
 
 # Candidates priced per op at most: each costs the planning of its reshards, and their

@@ -37,6 +37,9 @@ MAX_TIME_S = 3600.0  # the default --max-time: past an hour a run is a mistake m
 # a trip of a one-op repeat body takes about 50 µs on a laptop; 5 µs keeps the estimate a floor.
 CALL_FLOOR_S = 5e-6
 STEP_FLOOR_S = 1e-5  # dispatching one compiled JAX step and waiting for it
+# The least one trip of a repeat loop costs with an empty body (its dicts of values and
+# names): about 3 µs a simulated device on a busy 2-core host; 1 µs keeps it a floor.
+TRIP_FLOOR_S = 1e-6
 # Comparing an output with the reference works in float64: both widened, their difference,
 # its absolute value and the masks (einpar.tolerance); its statistics, the output widened
 # and its deviations.
@@ -153,6 +156,16 @@ def simulator_steps(steps) -> int:
                for step in steps)
 
 
+def repeat_trips(items) -> int:
+    """Trips of every repeat block among `items` (Program ops or SpmdProgram steps), a nested
+    block's once per trip of the one around it: each trip is a pass of the evaluator's loop,
+    which costs about a NumPy call even when the body is empty."""
+    from .spmd import RepeatStep
+
+    return sum(item.count * (1 + repeat_trips(item.body)) for item in items
+               if isinstance(item, (Repeat, RepeatStep)))
+
+
 def reference_bytes(program: Program) -> int:
     """Bytes the reference evaluator keeps at its peak."""
     held = sum(value.type.nbytes for value in program.values.values())
@@ -229,6 +242,7 @@ class Work:
     flops: int  # computed on this host by NumPy
     calls: int  # NumPy calls the evaluators' Python loops make
     steps: int = 0  # compiled JAX steps
+    trips: int = 0  # passes of the evaluators' repeat loops (on every device, simulated)
 
 
 def estimate_run(program: Program, backend: str, spmd=None, *, platform: str | None = None,
@@ -237,11 +251,12 @@ def estimate_run(program: Program, backend: str, spmd=None, *, platform: str | N
     the backend (keeping the reference's outputs), then the comparison of the two."""
     flops = program_flops(program)
     calls = reference_calls(program.ops)
+    trips = repeat_trips(program.ops)
     outputs = sum(program.values[o.value].type.nbytes for o in program.outputs)
     if backend == "reference":
         peak = max(reference_bytes(program),
                    _comparing_bytes(program, 1, STATISTICS_BYTES_PER_ELEMENT))
-        return Work("running on backend reference", peak, flops, calls)
+        return Work("running on backend reference", peak, flops, calls, trips=trips)
     from .spmd import local_flops
 
     if backend == "numpy":
@@ -249,7 +264,8 @@ def estimate_run(program: Program, backend: str, spmd=None, *, platform: str | N
                    _comparing_bytes(program, 2, COMPARE_BYTES_PER_ELEMENT))
         flops += program.mesh.num_devices * local_flops(spmd)
         calls += program.mesh.num_devices * simulator_steps(spmd.steps)
-        return Work("running on backend numpy", peak, flops, calls)
+        trips += program.mesh.num_devices * repeat_trips(spmd.steps)
+        return Work("running on backend numpy", peak, flops, calls, trips=trips)
     assert backend == "jax"
     on_host = platform in (None, "cpu")
     # The outputs come back whole and as blocks, besides the reference's.
@@ -258,7 +274,7 @@ def estimate_run(program: Program, backend: str, spmd=None, *, platform: str | N
     steps = warmup + repeat + 1
     if on_host:
         flops += steps * -(-program.mesh.num_devices // processes) * local_flops(spmd)
-    return Work("running on backend jax", peak, flops, calls, steps)
+    return Work("running on backend jax", peak, flops, calls, steps, trips)
 
 
 def estimate_values(program: Program, spmd) -> Work:
@@ -267,14 +283,16 @@ def estimate_values(program: Program, spmd) -> Work:
 
     devices = program.mesh.num_devices
     return Work("simulating every device for --values", simulator_bytes(spmd),
-                devices * local_flops(spmd), devices * simulator_steps(spmd.steps))
+                devices * local_flops(spmd), devices * simulator_steps(spmd.steps),
+                trips=devices * repeat_trips(spmd.steps))
 
 
 # ---------------------------------------------------------------- the limits
 
 
 def seconds_at_least(work: Work, rate: float) -> float:
-    return work.flops / rate + work.calls * CALL_FLOOR_S + work.steps * STEP_FLOOR_S
+    return (work.flops / rate + work.calls * CALL_FLOOR_S + work.steps * STEP_FLOOR_S
+            + work.trips * TRIP_FLOOR_S)
 
 
 def require_fits(work: Work, max_memory: int | None = None, max_time: float | None = None) -> None:
@@ -302,6 +320,8 @@ def require_fits(work: Work, max_memory: int | None = None, max_time: float | No
             parts.append(f"{work.calls:,} NumPy call{'s' * (work.calls != 1)}")
         if work.steps:
             parts.append(f"{work.steps:,} JAX step{'s' * (work.steps != 1)}")
+        if work.trips:
+            parts.append(f"{work.trips:,} repeat trip{'s' * (work.trips != 1)}")
         problems.append(Diagnostic(
             "E421", f"{work.what} would take at least {format_seconds(fastest)} "
                     f"({', '.join(parts)}); the limit is {format_seconds(max_time)}",

@@ -90,6 +90,9 @@ class SpmdProgram:
     inputs: tuple[str, ...]  # local names of inputs and params (global names)
     steps: tuple[Step, ...]
     outputs: tuple[SpmdOutput, ...]
+    # Ops whose strategies were searched only in part (partition.SearchLimit): a better
+    # program may exist; `einpar compile` warns (W104).
+    search_limits: tuple = ()
 
 
 def walk_steps(steps) -> list[Step]:

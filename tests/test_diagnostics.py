@@ -1229,8 +1229,26 @@ def test_E421_a_run_longer_than_the_time_limit():
         require_fits(estimate_run(program, "reference"), max_time=1.0)
     (found,) = caught.value.diagnostics
     assert (found.code, found.message) == (
-        "E421", "running on backend reference would take at least 5.00 s (4.00M FLOPs, "
-                "1,000,001 NumPy calls); the limit is 1.00 s")
+        "E421", "running on backend reference would take at least 6.00 s (4.00M FLOPs, "
+                "1,000,001 NumPy calls, 1,000,000 repeat trips); the limit is 1.00 s")
+
+
+def test_E421_counts_the_trips_of_empty_nested_repeat_blocks():
+    """Ten nested blocks of 4 trips run 4^10 trips of the innermost (and the rest) with no op
+    in them: no NumPy call, but still the evaluators' loop, about 3 µs a trip and device."""
+    from einpar.api import compile_spmd
+    from einpar.resources import estimate_run, require_fits
+
+    lines = ["mesh tp=4", "dim B=4 F=4", "param w[B, F@tp]"] + ["repeat B {"] * 10 + ["}"] * 10
+    nested = compile_source(program(*lines), "nest.ein")
+    trips = sum(4 ** depth for depth in range(1, 11))
+    work = estimate_run(nested, "numpy", compile_spmd(nested))
+    assert (work.calls, work.trips) == (0, trips + 4 * trips)
+    with pytest.raises(EinparError) as caught:
+        require_fits(work, max_time=3.0)
+    assert caught.value.diagnostics[0].message == (
+        "running on backend numpy would take at least 6.99 s (6,990,500 repeat trips); "
+        "the limit is 3.00 s")
 
 
 def test_every_code_has_a_test_here():

@@ -223,7 +223,7 @@ def test_ignore_of_an_unknown_code_is_bad_usage(capsys, tmp_path, monkeypatch):
     code, out, err = einpar(capsys, "check", "n.ein", "--ignore", "W101,E999")
     assert (code, out) == (2, "")
     assert err.strip() == ("einpar check: error: --ignore E999: no warning has that code; the "
-                           "codes are W100, W101, W102, W103")
+                           "codes are W100, W101, W102, W103, W104")
 
 
 # ---------------------------------------------------------------- how check and compile show them
@@ -317,6 +317,34 @@ def test_the_examples_have_no_warnings(capsys, example, monkeypatch):
     monkeypatch.chdir(REPO)
     code, out, err = einpar(capsys, "check", example, "--json")
     assert (code, err, json.loads(out)["warnings"]) == (0, "", [])
+
+
+EIGHT_AXES = program("mesh a=2 b=2 c=2 d=2 e=2 f=2 g=2 h=2", "dim M=256 N=256 K=256",
+                     "input x[M, K]", "param w[K, N]", "y[M, N] = x[M, K] * w[K, N]", "output y")
+
+
+def test_W104_an_op_searched_in_part_is_reported_by_compile(capsys, tmp_path, monkeypatch):
+    """A matmul on 8 axes has 4^8 strategies (each axis splits M, N or K, or none); the
+    partitioner prices those that use at most 2 axes, and compile says so, at the statement."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.ein").write_text(EIGHT_AXES)
+    code, out, err = einpar(capsys, "compile", "p.ein", "--json")
+    assert code == 0 and err == ""
+    (found,) = json.loads(out)["warnings"]
+    assert (found["code"], found["line"], found["col"]) == ("W104", 5, 1)
+    assert found["message"] == ("'y' has 65,536 ways to lay out its work over the mesh; the "
+                                "partitioner priced those that use at most 2 of its axes")
+    code, out, err = einpar(capsys, "compile", "p.ein", "--ignore", "W104")
+    assert code == 0 and "W104" not in err
+    code, out, err = einpar(capsys, "check", "p.ein")  # check plans nothing, so cannot know
+    assert code == 0 and "W104" not in err
+
+
+def test_W104_not_on_a_mesh_whose_strategies_fit_the_budget(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("p.ein").write_text(EIGHT_AXES.replace("e=2 f=2 g=2 h=2", "e=1 f=1 g=1 h=1"))
+    code, out, err = einpar(capsys, "compile", "p.ein", "--json")
+    assert (code, json.loads(out)["warnings"]) == (0, [])
 
 
 def test_a_deep_expression_is_linted_without_recursion():
