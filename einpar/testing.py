@@ -853,6 +853,11 @@ class _Builder:
                 return self.ref(free)
             index, summed_outside = fresh[0], self.sizes[fresh[0]]
             inner_free = free + fresh
+        if fn == "layernorm" and index not in free:
+            # Summed over its own index a layernorm is zero: its value would be rounding
+            # noise, which a norm around it scales up past any tolerance (rmsnorm of it
+            # divides by about sqrt(eps)). A sum of rmsnorms means something.
+            fn = "rmsnorm"
         size = self.sizes[index]
         child = self.node(inner_free, depth - 1)
         if fn == "cumsum" and child.bound * size * summed_outside > MAGNITUDE_LIMIT:

@@ -494,7 +494,10 @@ def mistakes(generated: GeneratedProgram):
             found.append(("not divisible", f"dim ZA={size + 1}\ninput zx[ZA@{axis}]\n", None, "E221"))
             found.append(("left side not divisible",
                           f"dim ZA={size + 1}\ninput zx[ZA]\nzq[ZA@{axis}] = zx[ZA]\n", None, "E221"))
-        found.append(("mesh axis of size zero", "", {axis: 0}, "E222"))
+        if axis not in generated.dims:  # a name both a dim and an axis: --set is ambiguous
+            found.append(("mesh axis of size zero", "", {axis: 0}, "E222"))
+        else:
+            found.append(("--set of a name both a dim and a mesh axis", "", {axis: 0}, "E301"))
         found.append(("second mesh", "mesh zaxis=2\n", None, "E233"))
     if dims[0] not in generated.mesh.names:  # `--set NAME` means the axis when both exist
         found.append(("dim of size zero", "", {dims[0]: 0}, "E222"))
