@@ -119,11 +119,14 @@ WRAPPERS = ("(", "exp(", "tanh(", "-", "sum[B](", "softmax[S](", "where(x[B] > 0
             "max2(1, ")
 
 
-def _tokens(text: str) -> list[str]:
+def split_tokens(text: str) -> list[str]:
+    """`text` as the lexer roughly sees it (names, numbers, operators, runs of space), joined
+    back to `text` exactly."""
     return TOKEN.findall(text)
 
 
-def _replace_random_match(text: str, pattern: re.Pattern, rng: random.Random, choices) -> str:
+def replace_random_match(text: str, pattern: re.Pattern, rng: random.Random, choices) -> str:
+    """One match of `pattern` in `text`, drawn at random, replaced by one of `choices`."""
     matches = list(pattern.finditer(text))
     if not matches:
         return text
@@ -148,14 +151,14 @@ def random_bytes(text, rng):
 
 
 def delete_token(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     if tokens:
         del tokens[rng.randrange(len(tokens))]
     return "".join(tokens)
 
 
 def duplicate_token(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     if tokens:
         i = rng.randrange(len(tokens))
         tokens.insert(rng.randint(0, len(tokens)), tokens[i])
@@ -163,7 +166,7 @@ def duplicate_token(text, rng):
 
 
 def swap_tokens(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     if len(tokens) > 1:
         i, j = rng.randrange(len(tokens)), rng.randrange(len(tokens))
         tokens[i], tokens[j] = tokens[j], tokens[i]
@@ -178,11 +181,11 @@ def substitute_name(text, rng):
     if names and rng.random() < 0.5:
         old, new = rng.choice(names), rng.choice(pool)
         return re.sub(rf"\b{re.escape(old)}\b", lambda _: new, text)
-    return _replace_random_match(text, NAME, rng, pool)
+    return replace_random_match(text, NAME, rng, pool)
 
 
 def substitute_number(text, rng):
-    return _replace_random_match(text, NUMBER, rng, HOSTILE_NUMBERS)
+    return replace_random_match(text, NUMBER, rng, HOSTILE_NUMBERS)
 
 
 def truncate(text, rng):
@@ -666,7 +669,7 @@ def minimize(finding: Finding, budget_s: float = 10.0, seconds: float = 60.0,
     previous = None
     while text != previous and time.perf_counter() < deadline:  # until no pass removes more
         previous = text
-        for split in (lambda t: t.splitlines(keepends=True), _tokens, list):
+        for split in (lambda t: t.splitlines(keepends=True), split_tokens, list):
             text = "".join(_ddmin(split(text), fails, deadline))
     return text.encode("utf-8", "surrogateescape")
 

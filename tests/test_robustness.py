@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from einpar.api import compile_source, parse_overrides
 from einpar.errors import CODES, EinparError, SourceMap, render_json, render_text
+from einpar.fuzz import NAME, NUMBER, replace_random_match, split_tokens
 from einpar.testing import programs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,10 +117,6 @@ class Failures:
 
 # ---------------------------------------------------------------- mutations
 
-TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?|>=|<=|==|!=|\s+|.",
-                   re.S)
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-NUMBER = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?")
 OPERATOR = re.compile(r">=|<=|==|!=|[-+*/<>=@,:()\[\]{}]")
 
 KEYWORDS = ("mesh", "dim", "dtype", "input", "param", "output", "repeat")
@@ -135,18 +132,6 @@ OPERATORS = ("+", "-", "*", "/", ">", ">=", "<", "<=", "==", "!=", "=", "@", ","
              "?", "\\", "@(", "[]", "()", "{}")
 CHARACTERS = string.printable + "é→λ\u00a0\u200b\x00\x7f\ufeff\u2028"
 VOCABULARY = KEYWORDS + FUNCTIONS + OTHER_NAMES + NUMBERS + OPERATORS + ("\n",) * 6 + (" ",) * 6
-
-
-def _tokens(text: str) -> list[str]:
-    return TOKEN.findall(text)
-
-
-def _replace_match(text: str, pattern: re.Pattern, rng: random.Random, choices) -> str:
-    matches = list(pattern.finditer(text))
-    if not matches:
-        return text
-    match = rng.choice(matches)
-    return text[:match.start()] + rng.choice(choices) + text[match.end():]
 
 
 def delete_char(text, rng):
@@ -176,7 +161,7 @@ def swap_chars(text, rng):
 
 
 def duplicate_token(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     if not tokens:
         return text
     i = rng.randrange(len(tokens))
@@ -185,7 +170,7 @@ def duplicate_token(text, rng):
 
 
 def delete_token(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     if not tokens:
         return text
     del tokens[rng.randrange(len(tokens))]
@@ -193,7 +178,7 @@ def delete_token(text, rng):
 
 
 def swap_tokens(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     if len(tokens) < 2:
         return text
     i, j = rng.randrange(len(tokens)), rng.randrange(len(tokens))
@@ -202,7 +187,7 @@ def swap_tokens(text, rng):
 
 
 def insert_token(text, rng):
-    tokens = _tokens(text)
+    tokens = split_tokens(text)
     tokens.insert(rng.randint(0, len(tokens)), rng.choice(VOCABULARY))
     return "".join(tokens)
 
@@ -210,15 +195,15 @@ def insert_token(text, rng):
 def replace_name(text, rng):
     names = NAME.findall(text)
     pool = names + list(KEYWORDS + FUNCTIONS + OTHER_NAMES) if names else list(OTHER_NAMES)
-    return _replace_match(text, NAME, rng, pool)
+    return replace_random_match(text, NAME, rng, pool)
 
 
 def replace_number(text, rng):
-    return _replace_match(text, NUMBER, rng, NUMBERS)
+    return replace_random_match(text, NUMBER, rng, NUMBERS)
 
 
 def replace_operator(text, rng):
-    return _replace_match(text, OPERATOR, rng, OPERATORS)
+    return replace_random_match(text, OPERATOR, rng, OPERATORS)
 
 
 def rename_everywhere(text, rng):
