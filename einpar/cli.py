@@ -544,9 +544,10 @@ def _print_outputs(outputs: dict, out: Console) -> None:
     out.print(table)
 
 
-def _compile(args, program: Program, text: str, out: Console, warnings: list) -> int:
-    """Print the stage `--emit` asks for. Warnings found while compiling (W104) are added
-    to `warnings`, which the caller prints after the output."""
+def _compile(args, program: Program, text: str, out: Console, warnings: list,
+             ignore: list[str]) -> int:
+    """Print the stage `--emit` asks for. Warnings found while compiling (W104, less the
+    `ignore`d) are added to `warnings`, which the caller prints after the output."""
     if args.emit == "jax":
         command = f"einpar compile {args.file} --emit jax" + "".join(
             f" --set {item}" for group in args.set for item in group)
@@ -566,7 +567,7 @@ def _compile(args, program: Program, text: str, out: Console, warnings: list) ->
         return 0
     targets = args.slides
     spmd = api.compile_spmd(program)
-    warnings.extend(lint.search_limits(spmd.search_limits, text, _ignored_codes(args)))
+    warnings.extend(lint.search_limits(spmd.search_limits, text, ignore))
     if args.json:
         document = to_json(spmd)
         if args.emit == "layouts":
@@ -862,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings = (lint.repeated_overrides(assignments, ignore)
                         + lint.lint(parse(text, args.file), text, ignore))
             if args.command == "compile":
-                code = _compile(args, program, text, out, warnings)
+                code = _compile(args, program, text, out, warnings, ignore)
             elif args.json:
                 out.print(json.dumps(_with_warnings(_summary(program), warnings), indent=2),
                           markup=False)

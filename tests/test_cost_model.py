@@ -668,9 +668,10 @@ def test_malformed_cluster_file_is_E410_at_its_position(tmp_path, capsys, file, 
 
 
 def test_valid_cluster_files_of_the_table_load(tmp_path):
-    for name, text in (("c.json", LINKS_JSON), ("c.toml", SWITCHED_TOML), ("l.toml", LINKS_TOML)):
+    for name, text, devices in (("c.json", LINKS_JSON, 2), ("c.toml", SWITCHED_TOML, 8),
+                                ("l.toml", LINKS_TOML, 2)):
         (tmp_path / name).write_text(text)
-        assert load_cluster(str(tmp_path / name)).num_devices in (2, 8)
+        assert load_cluster(str(tmp_path / name)).num_devices == devices
 
 
 def test_huge_presets_are_E410():
@@ -786,14 +787,11 @@ def test_a_repeat_laid_out_for_a_few_trips_prices_as_every_trip_laid_out(monkeyp
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_billion_trips_price_in_well_under_a_second_and_linearly(overlap):
-    import time
-
+def test_a_billion_trips_are_priced_from_four_laid_out_and_scale_linearly(overlap):
+    """The work does not grow with the count: 4 trips are laid out, whatever it is."""
     three = _priced("examples/transformer/block.ein", {"L": 3}, overlap=overlap)
-    began = time.perf_counter()
     billion = _priced("examples/transformer/block.ein", {"L": 10**9}, overlap=overlap)
     two_billion = _priced("examples/transformer/block.ein", {"L": 2 * 10**9}, overlap=overlap)
-    assert time.perf_counter() - began < 1.0  # pricing, and compiling twice
     assert billion.step_time_s == pytest.approx(three.step_time_s * 10**9 / 3, rel=1e-9)
     assert two_billion.step_time_s == pytest.approx(2 * billion.step_time_s, rel=1e-12)
     assert billion.flops_per_device == three.flops_per_device * 10**9 // 3
