@@ -365,12 +365,14 @@ def _other_way(graph: nx.Graph, path: list) -> list:
 
 
 def _path(graph: nx.Graph, a: str, b: str) -> list:
-    return _paths(graph)[a][b]
+    return _paths_from(graph, a)[b]
 
 
-@lru_cache(maxsize=8)
-def _paths(graph: nx.Graph) -> dict:
-    return dict(nx.all_pairs_shortest_path(graph))
+# Routed from the devices that send only (a group's members), not from every node of the
+# graph: the same paths all_pairs_shortest_path gives, at a fraction of its memory.
+@lru_cache(maxsize=1024)
+def _paths_from(graph: nx.Graph, source: str) -> dict:
+    return nx.single_source_shortest_path(graph, source)
 
 
 def routed_time(kind: str, groups: np.ndarray, local_bytes: float,

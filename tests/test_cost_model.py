@@ -556,7 +556,7 @@ MALFORMED_CLUSTERS = [
     ("links-a-number", "c.json", re.sub(r'"links": \[.*?\]', '"links": 5', LINKS_JSON, flags=re.S),
      "topology.links must be a list of at most 65,536 links, not 5", 7, 5),
     ("switches-a-number", "c.json", LINKS_JSON.replace('["s"]', "5"),
-     "topology.switches must be a list of at most 4,096 names, not 5", 6, 5),
+     "topology.switches must be a list of at most 512 names, not 5", 6, 5),
     ("switches-nested", "c.json", LINKS_JSON.replace('["s"]', "[[1]]"),
      "topology.switches[0] must be a non-empty string, not a list", 6, 18),
     ("link-end-a-list", "c.json", LINKS_JSON.replace('"b": "s", "bandwidth": 1e10, "latency": 1e-6}\n',
