@@ -59,6 +59,11 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # Options are spelled out: `--js` is not `--json`, so main can tell from argv alone
+        # whether a usage error must print as JSON.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # argparse would exit; the caller decides the exit code
         raise _UsageError(f"{self.prog}: error: {message}", self.format_usage().rstrip())
 

@@ -152,12 +152,17 @@ class SourceMap:
     """The text of every file a diagnostic may point into, for rendering."""
 
     texts: dict[str, str] = field(default_factory=dict)
+    # file -> (its text, that text's lines): split once, not once per diagnostic
+    _lines: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)
 
     def line(self, file: str, line: int) -> str | None:
         text = self.texts.get(file)
         if text is None:
             return None
-        lines = source_lines(text)
+        cached = self._lines.get(file)
+        if cached is None or cached[0] is not text:
+            cached = self._lines[file] = (text, source_lines(text))
+        lines = cached[1]
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
 

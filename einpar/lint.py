@@ -28,7 +28,7 @@ import re
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import WARNING_CODES, Diagnostic, Span, source_lines
-from .ir import LIBRARY_FUNCTIONS, REDUCTIONS
+from .ir import REDUCTIONS
 from .syntax import (Binary, Call, Expr, Module, Negate, OutputDecl, Statement, TensorDecl,
                      TensorRef, gc_paused)
 from .syntax import Repeat as RepeatItem
@@ -181,6 +181,7 @@ def summed_in_one_operand(placed: list[Placed]) -> Iterator[Diagnostic]:
         summed = free[id(statement.rhs)] - kept
         if not summed:
             continue
+        bound = _bound_above(statement.rhs)
         products = [node for node in _preorder(statement.rhs) if _is_product(node)]
         # `a * b * c` is one product, ((a * b) * c) in the tree: only its top node counts.
         inner = {id(child) for node in products for child in _children(node) if _is_product(child)}
@@ -191,7 +192,9 @@ def summed_in_one_operand(placed: list[Placed]) -> Iterator[Diagnostic]:
             operands = [f for f in _factors(node) if free[id(f)]]  # numbers and sizes only scale
             if len(operands) < 2:
                 continue
-            for index in sorted(summed - warned, key=lambda i: _position(statement.rhs, i)):
+            # An index a sum[...] around the product binds is summed there, on purpose.
+            candidates = summed - warned - bound[id(node)]
+            for index in sorted(candidates, key=lambda i: _position(statement.rhs, i)):
                 having = [f for f in operands if index in free[id(f)]]
                 if len(having) != 1:
                     continue
@@ -202,6 +205,19 @@ def summed_in_one_operand(placed: list[Placed]) -> Iterator[Diagnostic]:
                     "W102", f"index '{index}' is summed, but only one operand of the product has it",
                     where, hint=f"'{lhs}' does not have {index}: add it to the left-hand side to keep "
                                 f"it, or write sum[{index}](...) around that operand to sum it on purpose")
+
+
+def _bound_above(root: Expr) -> dict[int, frozenset[str]]:
+    """For every node (by id), the indices a reduction or logsumexp around it binds."""
+    bound = {id(root): frozenset()}
+    for node in _preorder(root):
+        inside = bound[id(node)]
+        if isinstance(node, Call) and node.indices is not None \
+                and node.func.text in _BINDING_FUNCTIONS:
+            inside = inside | {index.name.text for index in node.indices}
+        for child in _children(node):
+            bound[id(child)] = inside
+    return bound
 
 
 def _is_product(node: Expr) -> bool:

@@ -347,6 +347,14 @@ def test_W104_not_on_a_mesh_whose_strategies_fit_the_budget(capsys, tmp_path, mo
     assert (code, json.loads(out)["warnings"]) == (0, [])
 
 
+def test_W102_not_for_a_product_inside_a_sum_that_binds_the_index():
+    """D is free in the statement (from `+ x[B,D]`, summed by the rule), but inside sum[D](...)
+    the product's D is summed by the sum written there, on purpose."""
+    text = program("dim B=4 D=8", "input x[B,D]", "input v[B]",
+                   "q[B] = sum[D](x[B,D] * v[B]) + x[B,D]", "output q")
+    assert [w.code for w in lint(parse(text, FILE), text)] == []
+
+
 def test_a_deep_expression_is_linted_without_recursion():
     depth = 199  # calls inside one another, up to the parser's limit (E101 past 200)
     text = program("dim B=4 K=2", "input x[B]", "input a[B,K]",
