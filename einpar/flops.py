@@ -38,8 +38,10 @@ def _product(sizes) -> int:
 
 # Exhaustive search while it is cheap; beyond, opt_einsum's dynamic programming, which is
 # still exact for FLOPs among paths without outer products (opt_einsum docs, "The
-# Dynamic Programming Path"). Both are deterministic: no random restarts.
+# Dynamic Programming Path") but exponential in the worst case (13 operands that all share
+# indices took 27 s); past _DP_UP_TO operands, its greedy search. All are deterministic.
 _OPTIMAL_UP_TO = 4
+_DP_UP_TO = 8
 
 Path = tuple[tuple[int, ...], ...]
 
@@ -64,7 +66,8 @@ def _path(operands: tuple[tuple[str, ...], ...], out: tuple[str, ...],
     spec = ",".join("".join(symbols[i] for i in o) for o in operands) + "->" + \
         "".join(symbols[i] for i in out)
     shapes = [tuple(size_of[i] for i in o) for o in operands]
-    method = "optimal" if len(operands) <= _OPTIMAL_UP_TO else "dp"
+    method = "optimal" if len(operands) <= _OPTIMAL_UP_TO else \
+        "dp" if len(operands) <= _DP_UP_TO else "greedy"
     path, _ = opt_einsum.contract_path(spec, *shapes, shapes=True, optimize=method)
     return tuple(tuple(step) for step in path)
 

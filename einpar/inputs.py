@@ -8,6 +8,7 @@ A missing, extra or mis-shaped array is an E300 diagnostic naming the file.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,8 @@ def load_inputs(program: Program, path: str) -> dict[str, np.ndarray]:
                     # Unknown, or of the wrong shape or kind, so never read: a stand-in of
                     # its shape and dtype taking no memory, for check_inputs to report.
                     arrays[name] = np.broadcast_to(np.zeros((), dtype), shape)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError,
+            NotImplementedError) as error:  # zlib.error: a corrupt compressed member
         raise EinparError(Diagnostic("E300", f"cannot read inputs file {path}: {error}",
                                      hint=hint)) from None
     try:

@@ -343,6 +343,19 @@ def test_run_with_a_mis_shaped_input_exits_1(capsys, workdir):
     ]
 
 
+def test_run_with_a_corrupt_compressed_inputs_file_exits_1(capsys, workdir):
+    """A compressed member that does not inflate (zlib's error) is the file's problem."""
+    np.savez_compressed("in.npz", a=np.arange(600.0).reshape(2, 300)[:, :3].copy(),
+                        b=np.linspace(0, 1, 3))
+    data = bytearray(Path("in.npz").read_bytes())
+    start = data.index(b"PK\x03\x04") + 30 + len("a.npy") + 20  # inside a's deflated bytes
+    data[start:start + 30] = b"\xff" * 30
+    Path("in.npz").write_bytes(bytes(data))
+    code, out, err = einpar(capsys, "run", "prog.ein", "--inputs", "in.npz")
+    assert (code, out) == (1, "")
+    assert err.startswith("error[E300]: cannot read inputs file in.npz: ")
+
+
 def test_run_with_a_missing_inputs_file_exits_1(capsys, workdir):
     code, _, err = einpar(capsys, "run", "prog.ein", "--inputs", "missing.npz")
     assert code == 1
