@@ -89,10 +89,12 @@ def supervise(argv: list[str], coordinator: str, process_id: int, num_processes:
     # be set from the main thread; elsewhere the closing pipe still ends the worker).
     stopping = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, _raise_stopped) for signum in stopping} \
-        if main_thread else {}
+    previous: dict = {}
     child = None
     try:
+        if main_thread:  # inside the try: a signal right after this is handled like any other
+            for signum in stopping:
+                previous[signum] = signal.signal(signum, _raise_stopped)
         child = subprocess.Popen([sys.executable, "-m", "einpar", *argv], stdin=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env, text=True, errors="replace")
         lines: list[str] = []
@@ -104,9 +106,15 @@ def supervise(argv: list[str], coordinator: str, process_id: int, num_processes:
             child.kill()
             code = None
     except (KeyboardInterrupt, _Stopped) as stop:
+        # A second signal (schedulers send several) must not cut the clean-up short.
+        ignored = {signum: signal.signal(signum, signal.SIG_IGN)
+                   for signum in (*stopping, signal.SIGINT)} if main_thread else {}
         if child is not None:
             child.kill()
             child.wait()
+        for signum, handler in ignored.items():
+            if signum not in previous:  # the finally clause puts back the others
+                signal.signal(signum, handler)
         return 128 + getattr(stop, "signum", signal.SIGINT), []
     finally:
         for signum, handler in previous.items():

@@ -52,7 +52,7 @@ def read_source(path: str | Path) -> str:
         data = b"".join(chunks)
         if size > MAX_SOURCE_BYTES:
             raise EinparError(Diagnostic(
-                "E302", f"{path} is larger than {MAX_SOURCE_BYTES // 2**20} MiB, too large for a "
+                "E302", f"{shown} is larger than {MAX_SOURCE_BYTES // 2**20} MiB, too large for a "
                         ".ein program", hint="is it the right file?"))
         return data.decode("utf-8-sig")  # a byte-order mark is not program text
     except FileNotFoundError:
