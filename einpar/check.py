@@ -249,6 +249,7 @@ class _Checker:
         self.dim_spans: dict[str, Span] = {}
         self.dtype = "f32"
         self.inputs: list[Value] = []
+        self.declared_inputs: dict[str, Value] = {}  # name -> its per-trip value, for E230
         self.outputs: list[Output] = []
         self.versions: dict[str, int] = {}
         self.repeat_locals: dict[str, Span] = {}  # names that died with their repeat block
@@ -496,7 +497,7 @@ class _Checker:
         # Inputs and params are named once per program, whatever the scope: input files and
         # the backends key their arrays by name (a block's param is not visible after the
         # block, but its stacked array is still the program's `w`).
-        declared = next((value for value in self.inputs if value.name == spec.name.text), None)
+        declared = self.declared_inputs.get(spec.name.text)
         if declared is not None:
             self.fail("E230", f"'{spec.name}' is already declared as {'a' if declared.kind == 'param' else 'an'} "
                               f"{declared.kind}", spec.name.span,
@@ -524,6 +525,7 @@ class _Checker:
                 deeper.insert(0, enclosing.repeat_dim)
             enclosing = enclosing.parent
         self.inputs.append(self._stacked_view(per_trip, deeper))
+        self.declared_inputs[spec.name.text] = per_trip
 
     def _stacked_view(self, value: Value, stack: list[str]) -> Value:
         if not stack:
