@@ -404,7 +404,7 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
         notes.append(f"does not fit: {peak:,} bytes per device against "
                      f"{int(cluster.chip.hbm_capacity.value):,} of HBM")
     return Estimate(
-        file=spmd.file, cluster=cluster, devices=spmd.mesh.num_devices, overlap=overlap,
+        file=spmd.file, cluster=cluster, devices=spmd.mesh.num_devices, overlap=pricer.overlap,
         precision=precision,
         ops=pricer.ops, step_time_s=step_time, compute_s=compute_s, comm_s=comm_s,
         exposed_comm_s=max(0.0, end - compute_s), flops_per_device=flops,
