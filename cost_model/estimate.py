@@ -19,6 +19,11 @@ multiplies").
 Memory: inputs and params stay resident the whole step; every other value
 is live from the step that makes it to the last step that reads it
 (outputs to the end). The peak is the largest sum of live local bytes.
+
+Fusion (fusion.py, on by default): fused regions are priced as one kernel,
+a roofline of their FLOPs against the bytes they read from and write to HBM,
+and their intermediates take no memory; a flash-attention region is priced
+by attention.py's kernel model.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from einpar.spmd import format_collective
 
 from .cluster import Cluster, check_fits
 from .collectives import CollectiveTime, collective_time
+from .attention import flash_attention_time
 from .compute import ComputeTime, NoPeak, op_time
+from .fusion import DEFAULT_FUSION, FusedStep, fuse
 
 
 @dataclass
@@ -57,6 +64,8 @@ class OpCost:
     detail: str = ""  # the collective's algorithm, group and busiest link
     line: int | None = None
     starts: list = field(default_factory=list)  # one per trip, seconds
+    region: str = ""  # "fused" or "flash_attention" for a fused region, else ""
+    members: tuple = ()  # a region's steps, as `einpar compile` writes them
 
 
 @dataclass
@@ -66,7 +75,7 @@ class Estimate:
     devices: int
     overlap: bool
     precision: str  # the matmul precision f32 contractions are priced at (einpar.precision)
-    ops: list  # OpCost in program order
+    ops: list  # OpCost in program order (a fused region is one)
     step_time_s: float
     compute_s: float
     comm_s: float
@@ -79,6 +88,13 @@ class Estimate:
     input_bytes: int  # inputs and params resident on each device
     peak_flops_per_s: float  # the peak of the program's heaviest op's dtype
     notes: list
+    fusion: str = DEFAULT_FUSION  # "auto" (fused regions) or "none" (every step alone)
+
+    @property
+    def memory_bound_s(self) -> float:
+        """Time of the local ops (and regions) bound by HBM bandwidth, all trips."""
+        return sum(op.compute_s * op.trips for op in self.ops
+                   if op.stream == "compute" and op.bound == "memory")
 
     @property
     def achieved_flops_per_s(self) -> float:
@@ -97,6 +113,7 @@ class Estimate:
         return {
             "file": self.file, "cluster": self.cluster.name, "accelerator": chip.name,
             "devices": self.devices, "overlap": self.overlap, "precision": self.precision,
+            "fusion": self.fusion,
             "step_time_s": self.step_time_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
             "exposed_comm_s": self.exposed_comm_s, "step_overhead_s": self.cluster.step_overhead_s,
             "flops_per_device": self.flops_per_device,
@@ -112,7 +129,9 @@ class Estimate:
                 "line": op.line, "trips": op.trips, "flops": op.flops, "hbm_bytes": op.hbm_bytes,
                 "comm_bytes": op.comm_bytes, "compute_s": op.compute_s, "comm_s": op.comm_s,
                 "bound": op.bound, "detail": op.detail,
-                "start_s": op.starts[0] if op.starts else None} for op in self.ops],
+                "start_s": op.starts[0] if op.starts else None,
+                "region": {"kind": op.region, "members": list(op.members)} if op.region else None}
+                for op in self.ops],
             "notes": self.notes,
         }
 
@@ -137,7 +156,8 @@ class _Pricer:
 
     # -- pricing each step once
 
-    def price_local(self, step: LocalStep, trips: int) -> OpCost:
+    def local_time(self, step: LocalStep) -> ComputeTime:
+        """One local step priced alone: its operands read and its result written once."""
         op = step.op
         sizes = dict(zip(op.result.type.indices, op.result.type.shape))  # a local op's own shape
         hbm = op.result.type.nbytes
@@ -148,10 +168,33 @@ class _Pricer:
         cost: ComputeTime = op_time(op, flops, hbm, self.cluster, self.precision)
         if flops > self.peak_dtype_flops[0]:
             self.peak_dtype_flops = (flops, cost.peak)
-        text = format_op(op)[0].split("  # line")[0].partition(" = ")[2]
-        line = op.span.line if getattr(op, "span", None) else None
-        return OpCost(len(self.ops), op.result.name, text, "compute", trips, flops, hbm, 0,
-                      cost.time_s * self.compute_scale, 0.0, cost.bound, f"at {cost.peak_dtype} peak", line)
+        return cost
+
+    def price_local(self, step: LocalStep, trips: int) -> OpCost:
+        op = step.op
+        cost = self.local_time(step)
+        return OpCost(len(self.ops), op.result.name, _op_text(op), "compute", trips, cost.flops,
+                      cost.hbm_bytes, 0, cost.time_s * self.compute_scale, 0.0, cost.bound,
+                      f"at {cost.peak_dtype} peak", _line(op))
+
+    def price_fused(self, step: FusedStep, trips: int) -> OpCost:
+        """A fused region as one kernel: HBM traffic is what it reads from outside and what it
+        writes that is read outside; FLOPs are its members'."""
+        parts = [self.local_time(member) for member in step.members]
+        flops = sum(part.flops for part in parts)
+        hbm = sum(self.local_bytes(name) for name in step.reads) + \
+            sum(self.local_bytes(name) for name in step.writes)
+        if step.kind == "flash_attention":
+            last = step.members[-1].op
+            cost = flash_attention_time(self.cluster, last.result.type.dtype, step.shape, flops,
+                                        hbm, self.precision)
+        else:
+            cost = fused_time(parts, hbm, self.cluster)
+        members = tuple(f"{member.op.result.name} = {_op_text(member.op)}" for member in step.members)
+        return OpCost(len(self.ops), ", ".join(step.writes), step.describe(), "compute", trips,
+                      flops, hbm, 0, cost.time_s * self.compute_scale, 0.0, cost.bound,
+                      f"at {cost.peak_dtype} peak", _line(step.members[0].op), region=step.kind,
+                      members=members)
 
     def price_collective(self, step: CollectiveStep, trips: int) -> OpCost:
         move = step.step
@@ -174,6 +217,8 @@ class _Pricer:
                 continue
             if isinstance(step, LocalStep):
                 cost = self.price_local(step, trips)
+            elif isinstance(step, FusedStep):
+                cost = self.price_fused(step, trips)
             elif step.kind == "slice":
                 continue  # a local view: no time, no traffic
             else:
@@ -206,12 +251,15 @@ class _Pricer:
                     shift += shifts.get(id(step), 0.0)
                 continue
             if isinstance(step, LocalStep):
-                reads, made = [operand.value for operand in step.op.operands], step.op.result.name
+                reads, made = [operand.value for operand in step.op.operands], [step.op.result.name]
+            elif isinstance(step, FusedStep):
+                reads, made = list(step.reads), list(step.writes)
             else:
-                reads, made = [step.src], step.dst
+                reads, made = [step.src], [step.dst]
             nodes.append((cost, [rename.get(name, name + trip_tag) for name in reads],
-                          made + trip_tag, shift))
-            rename[made] = made + trip_tag
+                          [name + trip_tag for name in made], shift))
+            for name in made:
+                rename[name] = name + trip_tag
 
     def run(self, priced, caps: dict | None = None, shifts: dict | None = None,
             record: bool = True) -> float:
@@ -224,12 +272,13 @@ class _Pricer:
             free = 0.0
             for cost, reads, made, shift in nodes:
                 start = max([free] + [ready.get(name, 0.0) for name in reads])
-                free = ready[made] = start + (cost.compute_s or cost.comm_s)
+                free = start + (cost.compute_s or cost.comm_s)
+                ready.update(dict.fromkeys(made, free))
                 if record:
                     cost.starts.append(start + shift)
             return free
         # List scheduling: whichever step's operands are ready first goes next on its stream.
-        producer = {made: index for index, (_, _, made, _) in enumerate(nodes)}
+        producer = {name: index for index, (_, _, made, _) in enumerate(nodes) for name in made}
         waiting = [sum(1 for name in reads if name in producer) for _, reads, _, _ in nodes]
         readers: dict[int, list[int]] = {}
         for index, (_, reads, _, _) in enumerate(nodes):
@@ -244,8 +293,9 @@ class _Pricer:
             at, index = heapq.heappop(heap)
             cost, reads, made, shift = nodes[index]
             start = max(at, free[cost.stream])
-            free[cost.stream] = ready[made] = start + (cost.compute_s or cost.comm_s)
-            end = max(end, ready[made])
+            free[cost.stream] = done = start + (cost.compute_s or cost.comm_s)
+            ready.update(dict.fromkeys(made, done))
+            end = max(end, done)
             if record:
                 cost.starts.append(start + shift)
             for reader in readers.get(index, ()):
@@ -341,22 +391,25 @@ def _contains(repeat: RepeatStep, step: RepeatStep) -> bool:
 
 def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
     """(peak live bytes, resident input bytes) of one device; a repeat body counted once,
-    since every trip holds the same."""
-    order: list[tuple[str, list[str]]] = []  # (value made, values read) in program order
+    since every trip holds the same. A fused region's intermediates never live in HBM: only
+    the values it writes count."""
+    order: list[tuple[tuple[str, ...], list[str]]] = []  # (values made, values read), in order
 
     def flatten(steps) -> None:
         for step in steps:
             if isinstance(step, RepeatStep):
-                order.append(("", [before for before, _, _, _ in step.carried]))
+                order.append(((), [before for before, _, _, _ in step.carried]))
                 for before, inside, result, after in step.carried:
-                    order.append((inside, []))
+                    order.append(((inside,), []))
                 flatten(step.body)
                 for before, inside, result, after in step.carried:
-                    order.append((after, [result]))
+                    order.append(((after,), [result]))
             elif isinstance(step, LocalStep):
-                order.append((step.op.result.name, [o.value for o in step.op.operands]))
+                order.append(((step.op.result.name,), [o.value for o in step.op.operands]))
+            elif isinstance(step, FusedStep):
+                order.append((step.writes, list(step.reads)))
             else:  # a collective, or a slice: a new local value either way
-                order.append((step.dst, [step.src]))
+                order.append(((step.dst,), [step.src]))
     flatten(spmd.steps)
     inputs = set(spmd.inputs)
     resident = sum(bytes_of(name) for name in spmd.inputs)
@@ -366,24 +419,50 @@ def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
             last_use[name] = position
     for output in spmd.outputs:
         last_use[output.value] = len(order)
-    made_at = {made: position for position, (made, _) in enumerate(order) if made}
+    made_at = {name: position for position, (made, _) in enumerate(order) for name in made}
     peak = 0
     live: dict[str, int] = {}
     for position, (made, _) in enumerate(order):
-        if made and made not in inputs:
-            live[made] = bytes_of(made)
+        for name in made:
+            if name not in inputs:
+                live[name] = bytes_of(name)
         peak = max(peak, sum(live.values()))
         for name in [name for name in live if last_use.get(name, made_at[name]) <= position]:
             del live[name]
     return resident + peak, resident
 
 
+def fused_time(parts: list, hbm_bytes: int, cluster: Cluster) -> ComputeTime:
+    """Roofline of a fused region of `parts` (each member's ComputeTime priced alone) moving
+    `hbm_bytes`. Its math is its members' math; its bytes stream at the HBM efficiency of
+    its own size or of its largest member's, whichever is higher (the kernel walks at least
+    that member's iteration space), so a region never costs more than its parts."""
+    memory = cluster.efficiency.memory
+    fraction = max([cluster.efficiency.step(memory, hbm_bytes)] +
+                   [cluster.efficiency.step(memory, part.hbm_bytes) for part in parts])
+    heaviest = max(parts, key=lambda part: part.flops)
+    return ComputeTime(sum(part.flops for part in parts), hbm_bytes,
+                       sum(part.math_s for part in parts),
+                       hbm_bytes / (cluster.chip.hbm_bandwidth.value * fraction),
+                       heaviest.peak_dtype, heaviest.peak)
+
+
+def _op_text(op) -> str:
+    return format_op(op)[0].split("  # line")[0].partition(" = ")[2]
+
+
+def _line(op) -> int | None:
+    return op.span.line if getattr(op, "span", None) else None
+
+
 def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: bool = False,
-             precision: str = DEFAULT_PRECISION) -> Estimate:
+             precision: str = DEFAULT_PRECISION, fusion: str = DEFAULT_FUSION) -> Estimate:
     """Price `spmd` (the lowering of `program`) on `cluster`, its f32 matmuls at `precision`
-    (einpar.precision: what the JAX backend runs them at)."""
+    (einpar.precision: what the JAX backend runs them at), its fusible steps fused
+    (`fusion` "auto", fusion.py) or each priced alone ("none")."""
     check_precision(precision)
     check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
+    spmd = fuse(spmd, fusion)
     pricer = _Pricer(spmd, cluster, overlap, precision)
     try:
         priced = pricer.price(spmd.steps, 1)
@@ -410,4 +489,4 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
         exposed_comm_s=max(0.0, end - compute_s), flops_per_device=flops,
         model_flops=program_flops(program), bytes_per_device=bytes_per_device(spmd.steps),
         hbm_bytes_per_device=hbm, peak_memory_bytes=peak, input_bytes=resident,
-        peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes)
+        peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes, fusion=fusion)

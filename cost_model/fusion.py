@@ -1,0 +1,481 @@
+"""Fusion: which local steps run as one kernel (SpmdProgram -> SpmdProgram).
+
+A fused region is what XLA's loop and input fusion and PyTorch Inductor's
+scheduler make of a chain of elementwise maps, casts and reductions: one
+kernel that reads the values it needs from HBM once, keeps its intermediates
+in registers and on-chip memory, and writes only what is read outside it
+(XLA: "Operation Semantics"/fusion passes in xla/service/gpu/transforms
+instruction_fusion, multi_output_fusion; Inductor: torch/_inductor/scheduler.py
+can_fuse). Here:
+
+- elementwise maps, casts, reductions and einsums that sum nothing or read one
+  operand fuse with the fusible step that makes an operand of theirs
+  (producer-consumer fusion); a value read by several fused steps is read
+  once (multi-output regions write every value that is read outside them);
+- contractions (an einsum that multiplies two or more operands and sums an
+  index), collectives, slices, library ops and repeats are never fused with
+  their neighbours, and a region never crosses a repeat boundary;
+- a merge is refused when some step outside the two regions lies on a path
+  between them (the region would need that step's result before it could
+  finish itself);
+- the attention pattern (a scores einsum summing the head dim, maps and row
+  reductions over the key index such as the scale, a mask and the expanded
+  softmax, at least one such reduction, and the weighted-sum einsum summing
+  the key index) is one
+  flash-attention region (Dao et al., "FlashAttention", NeurIPS 2022): it
+  reads q, k, v (and any mask) and writes the output; the scores never reach
+  HBM.
+
+The grouping (`group`) sees only each step's reads, writes and whether it can
+fuse, so any step list (a backward pass's too) is grouped the same way; the
+attention matcher reads op structure (indices), never value names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from einpar.ir import Einsum, Map, Reduce
+from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram
+
+from .attention import AttentionShape
+
+FUSION_MODES = ("none", "auto")
+DEFAULT_FUSION = "auto"
+
+
+@dataclass(frozen=True)
+class FusedStep:
+    """Local steps that run as one kernel."""
+
+    kind: str  # "fused" (a loop/input fusion) or "flash_attention"
+    members: tuple[LocalStep, ...]  # in program order
+    reads: tuple[str, ...]  # values it reads from HBM: made outside it
+    writes: tuple[str, ...]  # values it writes to HBM: read outside it, outputs, carried
+    shape: AttentionShape | None = None  # a flash-attention region's problem
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(step.op.result.name for step in self.members)
+
+    @property
+    def internal(self) -> tuple[str, ...]:
+        """Values made and used inside: they never live in HBM."""
+        return tuple(name for name in self.names if name not in self.writes)
+
+    def describe(self) -> str:
+        return f"{self.kind}({', '.join(self.names)})"
+
+
+# ---- grouping, from reads and writes alone
+
+
+@dataclass(frozen=True)
+class Node:
+    """A step as grouping sees it."""
+
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    fusible: bool
+
+
+def _bits(mask: int):
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+def group(nodes: Sequence[Node], fixed: Sequence[Sequence[int]] = ()) -> list[tuple[int, ...]]:
+    """Positions of `nodes` (steps in program order) in fused regions, each region's positions
+    ascending, regions ordered by their first position. `fixed` are regions decided already
+    (flash attention): kept whole and fused with nothing else."""
+    count = len(nodes)
+    producer: dict[str, int] = {}
+    for position, node in enumerate(nodes):
+        for name in node.writes:
+            producer[name] = position
+    ancestors = [0] * count  # bit p: node p is upstream of this node
+    preds: list[list[int]] = []
+    for position, node in enumerate(nodes):
+        mine = sorted({producer[name] for name in node.reads
+                       if name in producer and producer[name] < position})
+        preds.append(mine)
+        for p in mine:
+            ancestors[position] |= ancestors[p] | (1 << p)
+    region = list(range(count))  # node -> region id
+    members = {position: 1 << position for position in range(count)}
+    upstream = {position: ancestors[position] for position in range(count)}
+    fusible = {position: nodes[position].fusible for position in range(count)}
+
+    def between(mask: int, up: int) -> bool:
+        """Whether a node outside `mask` is both downstream and upstream of it."""
+        low = (mask & -mask).bit_length() - 1
+        outside = up & ~mask & ~((1 << low) - 1)  # a node on a path lies after the first member
+        return any(ancestors[x] & mask for x in _bits(outside))
+
+    def merge(a: int, b: int, force: bool = False) -> bool:
+        mask, up = members[a] | members[b], upstream[a] | upstream[b]
+        if not force and between(mask, up):
+            return False
+        keep, gone = min(a, b), max(a, b)
+        members[keep], upstream[keep] = mask, up
+        for x in _bits(members[gone]):
+            region[x] = keep
+        del members[gone], upstream[gone], fusible[gone]
+        return True
+
+    for positions in fixed:
+        positions = sorted(positions)
+        mask = 0
+        for p in positions:
+            mask |= 1 << p
+        if between(mask, 0 if not positions else _or(ancestors[p] for p in positions)):
+            continue  # a step outside runs between its parts: price them apart
+        for p in positions[1:]:
+            merge(region[positions[0]], region[p], force=True)
+        fusible[region[positions[0]]] = False
+    for position in range(count):
+        if not nodes[position].fusible or not fusible.get(region[position], False):
+            continue
+        for p in preds[position]:
+            mine, theirs = region[position], region[p]
+            if mine != theirs and fusible.get(theirs, False):
+                merge(mine, theirs)
+    return sorted(tuple(_bits(mask)) for mask in members.values())
+
+
+def _or(masks) -> int:
+    total = 0
+    for mask in masks:
+        total |= mask
+    return total
+
+
+# ---- which local steps fuse
+
+
+def is_contraction(op) -> bool:
+    return isinstance(op, Einsum) and len(op.operands) > 1 and bool(op.summed)
+
+
+def fusible(step) -> bool:
+    """Elementwise maps and casts, reductions, and einsums that are one of those."""
+    if not isinstance(step, LocalStep):
+        return False
+    op = step.op
+    return isinstance(op, (Map, Reduce)) or (isinstance(op, Einsum) and not is_contraction(op))
+
+
+def _reads(step) -> tuple[str, ...]:
+    if isinstance(step, LocalStep):
+        return tuple(operand.value for operand in step.op.operands)
+    if isinstance(step, CollectiveStep):
+        return (step.src,)
+    if isinstance(step, FusedStep):
+        return step.reads
+    assert isinstance(step, RepeatStep)
+    made = {name for inner in _walk(step.body) for name in _writes(inner)}
+    made |= {inside for _, inside, _, _ in step.carried} | {inner for _, inner in step.stacked}
+    outer = [before for before, _, _, _ in step.carried] + [param for param, _ in step.stacked]
+    inner_reads = [name for inner in _walk(step.body) if not isinstance(inner, RepeatStep)
+                   for name in _reads(inner) if name not in made]
+    return tuple(dict.fromkeys(outer + inner_reads))
+
+
+def _writes(step) -> tuple[str, ...]:
+    if isinstance(step, LocalStep):
+        return (step.op.result.name,)
+    if isinstance(step, CollectiveStep):
+        return (step.dst,)
+    if isinstance(step, RepeatStep):
+        return tuple(after for _, _, _, after in step.carried)
+    return tuple(step.writes)
+
+
+def _walk(steps):
+    for step in steps:
+        yield step
+        if isinstance(step, RepeatStep):
+            yield from _walk(step.body)
+
+
+# ---- the attention pattern
+
+
+class _Local:
+    """Local index sizes of a step's op, as the cost model prices it."""
+
+    def __init__(self, spmd: SpmdProgram):
+        self.spmd = spmd
+
+    def sizes(self, op) -> dict[str, int]:
+        sizes = dict(zip(op.result.type.indices, op.result.type.shape))
+        for operand in op.operands:
+            sizes.update(zip(operand.indices,
+                             self.spmd.values[operand.value].local_shape(self.spmd.mesh)))
+        return sizes
+
+
+def _product(values) -> int:
+    total = 1
+    for value in values:
+        total *= value
+    return total
+
+
+def _match_attention(block: Sequence, weighted: int, escapes, local: _Local):
+    """The flash-attention region ending at the einsum `block[weighted]`, as (positions,
+    shape), or None. `escapes(name, positions)`: whether a value is read outside them."""
+    op = block[weighted].op
+    if len(op.operands) != 2 or len(op.summed) != 1:
+        return None
+    key = op.summed[0]
+    maker = {}
+    for position, step in enumerate(block[:weighted]):
+        for name in _writes(step):
+            maker[name] = position
+    for probs, values in (op.operands, op.operands[::-1]):
+        if key not in values.indices or probs.value not in maker:
+            continue
+        found = _match_scores(block, maker, probs, key, weighted, escapes, local)
+        if found:
+            return found
+    return None
+
+
+def _match_scores(block, maker, probs, key, weighted, escapes, local):
+    # Each value of the region: the position of the key index in its dims, or None for a
+    # per-row value (a max or sum over the key index). Filled from consumers to producers.
+    key_at: dict[str, int | None] = {probs.value: probs.indices.index(key)}
+
+    def note(name: str, position) -> bool:
+        if key_at.setdefault(name, position) != position:
+            return False  # two readers disagree on where the key index is
+        return True
+
+    body: list[int] = []
+    frontier = [maker[probs.value]]
+    seen = set(frontier)
+    contractions = []
+    while frontier:
+        position = max(frontier)  # consumers before producers
+        frontier.remove(position)
+        step = block[position]
+        if isinstance(step, LocalStep) and is_contraction(step.op):
+            contractions.append(position)
+            continue
+        if not fusible(step):
+            return None
+        op = step.op
+        made = op.result.name
+        if made not in key_at:
+            return None
+        at = key_at[made]
+        name_of_key = op.result.type.indices[at] if at is not None else None
+        if isinstance(op, Reduce) or (isinstance(op, Einsum) and op.summed):
+            over = op.over if isinstance(op, Reduce) else op.summed
+            kind = op.kind if isinstance(op, Reduce) else "sum"
+            if at is not None or len(over) != 1 or kind not in ("max", "sum"):
+                return None
+            name_of_key = over[0]
+        body.append(position)
+        for operand in op.operands:
+            where = operand.indices.index(name_of_key) \
+                if name_of_key is not None and name_of_key in operand.indices else None
+            if operand.value not in maker:
+                continue  # made outside the block (an input, a carried value): a read
+            source = maker[operand.value]
+            producer = block[source]
+            # Follow only what depends on the scores: a mask made elsewhere is a read.
+            if not (isinstance(producer, LocalStep) and
+                    (fusible(producer) or is_contraction(producer.op))):
+                continue
+            if not note(operand.value, where):
+                return None
+            if source not in seen:
+                seen.add(source)
+                frontier.append(source)
+    # The scores: the one contraction whose result carries the key index, on one side only.
+    candidates = [p for p in contractions if _scores_sides(block[p].op, key_at) is not None]
+    if len(candidates) != 1 or not body:
+        return None
+    scores = candidates[0]
+    # Keep the steps downstream of the scores; the rest (a mask computed from inputs) are reads.
+    downstream = {scores}
+    for position in sorted(body):
+        if any(maker.get(operand.value) in downstream for operand in block[position].op.operands):
+            downstream.add(position)
+    if maker[probs.value] not in downstream:
+        return None
+    body = sorted(p for p in body if p in downstream)
+    if not any(key_at.get(block[p].op.result.name, 0) is None for p in body):
+        return None  # no row reduction over the key index (a softmax): two matmuls, not attention
+    scores_op = block[scores].op
+    query_side, key_side = _scores_sides(scores_op, key_at)
+    positions = tuple(sorted([scores, *body, weighted]))
+    inside = [block[p].op.result.name for p in positions[:-1]]
+    if any(escapes(name, positions) for name in inside):
+        return None  # the probabilities (or scores) are needed elsewhere: they must be stored
+    sizes = local.sizes(scores_op)
+    kept = scores_op.result.type.indices
+    weighted_op = block[weighted].op
+    out_sizes = local.sizes(weighted_op)
+    shape = AttentionShape(
+        batch=_product(sizes[i] for i in kept if i in query_side.indices and i in key_side.indices),
+        seq_q=_product(sizes[i] for i in kept if i not in key_side.indices),
+        seq_k=_product(sizes[i] for i in kept if i not in query_side.indices),
+        head_dim=_product(sizes[i] for i in scores_op.summed),
+        value_dim=_product(out_sizes[i] for i in weighted_op.result.type.indices
+                           if i not in probs.indices))
+    return positions, shape
+
+
+def _scores_sides(op, key_at: dict):
+    """(query operand, key operand) of a scores einsum: two operands, every summed index (the
+    head dim) in both, the key index in its result and in the key operand only; else None."""
+    at = key_at.get(op.result.name)
+    if at is None or len(op.operands) != 2:
+        return None
+    key_name = op.result.type.indices[at]
+    query_side, key_side = op.operands
+    if key_name in query_side.indices:
+        query_side, key_side = key_side, query_side
+    if key_name in query_side.indices or key_name not in key_side.indices:
+        return None
+    if any(index not in query_side.indices or index not in key_side.indices
+           for index in op.summed):
+        return None
+    return query_side, key_side
+
+
+# ---- the pass
+
+
+def fuse(spmd: SpmdProgram, mode: str = DEFAULT_FUSION) -> SpmdProgram:
+    """`spmd` with its fused regions as FusedSteps (mode "auto"), or unchanged ("none")."""
+    if mode not in FUSION_MODES:
+        raise ValueError(f"fusion is one of {', '.join(FUSION_MODES)}, not {mode!r}")
+    if mode == "none":
+        return spmd
+    # Values read outside the block that makes them: outputs, loop-carried, read across a
+    # repeat boundary.
+    made_in: dict[str, int] = {}
+    read_in: dict[str, set] = {}
+    kept: set[str] = {output.value for output in spmd.outputs}
+
+    def scan(steps, block: int) -> None:
+        for step in steps:
+            for name in _writes(step):
+                made_in[name] = block
+            if isinstance(step, RepeatStep):
+                for before, inside, result, after in step.carried:
+                    kept.update((before, result))
+                scan(step.body, id(step.body))
+            else:
+                for name in _reads(step):
+                    read_in.setdefault(name, set()).add(block)
+    scan(spmd.steps, id(spmd.steps))
+    for name, blocks in read_in.items():
+        if name in made_in and blocks - {made_in[name]}:
+            kept.add(name)
+    local = _Local(spmd)
+    return replace(spmd, steps=_fuse_block(spmd.steps, kept, local))
+
+
+def _fuse_block(steps: tuple, kept: set, local: _Local) -> tuple:
+    steps = tuple(replace(step, body=_fuse_block(step.body, kept, local))
+                  if isinstance(step, RepeatStep) else step for step in steps)
+    readers: dict[str, list[int]] = {}
+    for position, step in enumerate(steps):
+        for name in _reads(step):
+            readers.setdefault(name, []).append(position)
+
+    def escapes(name: str, positions) -> bool:
+        return name in kept or any(p not in positions for p in readers.get(name, ()))
+
+    fixed, shapes, taken = [], {}, set()
+    for position in range(len(steps) - 1, -1, -1):
+        step = steps[position]
+        if position in taken or not (isinstance(step, LocalStep) and is_contraction(step.op)):
+            continue
+        found = _match_attention(steps, position, escapes, local)
+        if found and not taken.intersection(found[0]):
+            fixed.append(found[0])
+            shapes[found[0]] = found[1]
+            taken.update(found[0])
+    nodes = [Node(_reads(step), _writes(step), fusible(step)) for step in steps]
+    regions = group(nodes, fixed)
+    units = []
+    for positions in regions:
+        if len(positions) == 1:
+            units.append((positions, steps[positions[0]]))
+            continue
+        made = {name for p in positions for name in _writes(steps[p])}
+        reads = tuple(dict.fromkeys(name for p in positions for name in _reads(steps[p])
+                                    if name not in made))
+        writes = tuple(name for p in positions for name in _writes(steps[p])
+                       if escapes(name, positions))
+        shape = shapes.get(tuple(positions))
+        units.append((positions, FusedStep("flash_attention" if shape else "fused",
+                                           tuple(steps[p] for p in positions), reads, writes,
+                                           shape)))
+    return _in_dependency_order(units)
+
+
+def _in_dependency_order(units) -> tuple:
+    """Regions in program order where their reads allow (a region runs where its last input
+    is ready): Kahn's algorithm, the earliest first position first."""
+    import heapq
+
+    maker = {}
+    for index, (_, step) in enumerate(units):
+        for name in _writes(step):
+            maker[name] = index
+    waiting = []
+    after: dict[int, list[int]] = {}
+    for index, (_, step) in enumerate(units):
+        needs = {maker[name] for name in _reads(step) if name in maker and maker[name] != index}
+        waiting.append(len(needs))
+        for need in needs:
+            after.setdefault(need, []).append(index)
+    heap = [(units[index][0][0], index) for index, count in enumerate(waiting) if not count]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        _, index = heapq.heappop(heap)
+        order.append(units[index][1])
+        for reader in after.get(index, ()):
+            waiting[reader] -= 1
+            if not waiting[reader]:
+                heapq.heappush(heap, (units[reader][0][0], reader))
+    assert len(order) == len(units), "fused regions form a cycle"
+    return tuple(order)
+
+
+# ---- printing (the golden files, `einpar cost` notes)
+
+
+def format_fusion(spmd: SpmdProgram) -> str:
+    """Every fused region of a fused SpmdProgram, one a line, nested in repeats."""
+    lines = [f"# {spmd.file}: fused regions, per device"]
+
+    def emit(steps, indent: str) -> None:
+        for step in steps:
+            if isinstance(step, RepeatStep):
+                lines.append(f"{indent}repeat {step.dim}={step.count} {{")
+                emit(step.body, indent + "  ")
+                lines.append(f"{indent}}}")
+            elif isinstance(step, FusedStep):
+                text = f"{indent}{step.describe()}  reads {', '.join(step.reads)}" \
+                       f"  writes {', '.join(step.writes) or 'nothing'}"
+                if step.shape:
+                    s = step.shape
+                    text += (f"  [batch {s.batch}, seq_q {s.seq_q}, seq_k {s.seq_k}, "
+                             f"head_dim {s.head_dim}, value_dim {s.value_dim}]")
+                lines.append(text)
+    emit(spmd.steps, "")
+    if len(lines) == 1:
+        lines.append("no steps fuse")
+    return "\n".join(lines)
