@@ -454,7 +454,12 @@ def _in_dependency_order(units) -> tuple:
     return tuple(order)
 
 
-# ---- printing (the golden files, `einpar cost` notes)
+def fused_regions(spmd: SpmdProgram) -> list[FusedStep]:
+    """Every FusedStep of a fused SpmdProgram, repeat bodies included, in program order."""
+    return [step for step in _walk(spmd.steps) if isinstance(step, FusedStep)]
+
+
+# ---- printing (the golden files)
 
 
 def format_fusion(spmd: SpmdProgram) -> str:

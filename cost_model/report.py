@@ -37,7 +37,8 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
     mode = "communication overlaps independent compute" if estimate.overlap else "no overlap"
     who = "one device" if estimate.devices == 1 else \
         f"{estimate.devices} devices; every device runs the same program"
-    out.print(f"{who} ({mode}; f32 matmuls at {estimate.precision} precision)")
+    fused = "fused regions as one kernel each" if estimate.fusion == "auto" else "no fusion"
+    out.print(f"{who} ({mode}; f32 matmuls at {estimate.precision} precision; {fused})")
     repeats = any(op.trips > 1 for op in estimate.ops)
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     columns = ["#", "value", "op"] + (["×"] if repeats else []) + ["FLOPs", "bytes", "time", "bound",
@@ -56,6 +57,9 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
         table.add_row(*(Text(cell) for cell in cells), style=None if compute else "cyan")
     out.print(table)
     out.print("bytes: HBM traffic of a local op; bytes each device sends for a collective", style="dim")
+    if any(op.region for op in estimate.ops):
+        out.print("fused(...), flash_attention(...): steps run as one kernel; bytes are what it "
+                  "reads and writes, its intermediates stay on chip", style="dim")
     out.print()
     out.print(f"step time      {format_seconds(estimate.step_time_s)}")
     out.print(f"  compute      {format_seconds(estimate.compute_s)}")

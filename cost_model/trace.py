@@ -4,6 +4,7 @@ One process (a device: every device runs the same program), two threads:
 compute and communication. Each run of each step the estimate laid out is a
 complete event ("ph": "X") with its start and duration in microseconds, as
 the Trace Event Format specifies; its args carry FLOPs, bytes and the bound.
+A fused region is one event; its args list the steps it runs.
 A repeat of many trips shows the first few (the process's name and
 otherData.notes say so).
 """
@@ -34,6 +35,8 @@ def trace_events(estimate: Estimate) -> dict:
         compute = op.stream == "compute"
         duration = op.compute_s if compute else op.comm_s
         args = {"bound": op.bound, "detail": op.detail}
+        if op.region:  # a fused region: one slice, its steps listed
+            args.update(region=op.region, members=list(op.members))
         args.update({"flops": op.flops, "hbm_bytes": op.hbm_bytes} if compute else
                     {"bytes_per_device": op.comm_bytes})
         for trip, start in enumerate(op.starts):

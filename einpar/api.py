@@ -108,16 +108,17 @@ def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None,
     return outputs, traffic.sent
 
 
-def explain(program: Program, source: str | None = None, cluster=None):
+def explain(program: Program, source: str | None = None, cluster=None, fusion: str = "auto"):
     """What `einpar explain` shows, as data: an `einpar.explain.Explanation` of every statement
     (layouts, strategy, collectives, each device's blocks). `source` is the program's text
     (by default the text it was compiled from, `program.source`; a Program made without it
     reads `program.file`); `cluster` (`cost_model.cluster.load_cluster`) adds each
-    collective's time."""
+    collective's time; `fusion` "auto" says which steps run fused as one kernel (as
+    `cost_model.estimate` prices them), "none" leaves that out."""
     from .explain import explain as build
 
     text = source if source is not None else program.source or read_source(program.file)
-    return build(compile_spmd(program), text, cluster)
+    return build(compile_spmd(program), text, cluster, fusion)
 
 
 def emit_jax(program: Program, command: str = "", precision: str = DEFAULT_PRECISION) -> str:

@@ -12,7 +12,7 @@
                    [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
                    [--force] [--json] [--max-memory SIZE] [--max-time DURATION]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
-                [--trace OUT.json] [--force]
+                [--fusion auto|none] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
@@ -229,6 +229,9 @@ def _build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--overlap", action="store_true",
                       help="let collectives run beside compute that does not need their result")
     precision(cost, "price")
+    cost.add_argument("--fusion", choices=("auto", "none"), default="auto",
+                      help="auto (default): price fused regions and flash attention as one kernel "
+                           "each; none: every step alone, its operands and result in HBM")
     cost.add_argument("--trace", metavar="OUT.json",
                       help="write the timeline as a Chrome/Perfetto trace (ui.perfetto.dev)")
     cost.add_argument("--force", action="store_true", help="let --trace overwrite an existing file")
@@ -288,7 +291,7 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
     trace = _writable(args.trace, args.force, "cost") if args.trace else None
     cluster = load_cluster(args.cluster, sources)
     result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap,
-                      precision=args.precision or DEFAULT_PRECISION)
+                      precision=args.precision or DEFAULT_PRECISION, fusion=args.fusion)
     if trace is not None:
         _write(trace, "cost", lambda path: write_trace(result, path))
     if args.json:

@@ -76,6 +76,7 @@ class Statement:
     movements: list[Movement] = field(default_factory=list)
     made: set = field(default_factory=set)  # every local value made inside the statement
     steps: list = field(default_factory=list)  # its LocalSteps
+    fused: list[str] = field(default_factory=list)  # the kernels its steps fuse into, in words
 
     @property
     def bytes_per_device(self) -> int:
@@ -181,8 +182,9 @@ def _movement_sentence(step: CollectiveStep, src: Held, dst: Held) -> str:
 
 
 class _Builder:
-    def __init__(self, spmd: SpmdProgram, source: str, cluster=None):
+    def __init__(self, spmd: SpmdProgram, source: str, cluster=None, fusion: str = "auto"):
         self.spmd = spmd
+        self.fusion = fusion
         self.mesh = spmd.mesh
         self.lines = source_lines(source)  # as the spans count lines
         self.cluster = cluster
@@ -271,6 +273,7 @@ class _Builder:
             last = {m.dst.tensor: m.dst for m in outputs.movements}  # each output as delivered
             outputs.operands = list(last.values())
             self.statements.append(outputs)
+        self.fused()
         for statement in self.statements:
             statement.rules = _statement_rules(statement, self.spmd)
             for held in statement.operands:
@@ -280,7 +283,35 @@ class _Builder:
         return Explanation(self.spmd.file, self.mesh, inputs, self.statements, name)
 
 
-def explain(spmd: SpmdProgram, source: str, cluster=None) -> Explanation:
+    def fused(self) -> None:
+        """Say, on each statement with steps in a fused region, which kernel they run in and
+        with which statements (the regions the cost model prices, cost_model/fusion.py)."""
+        if self.fusion == "none":
+            return
+        from .cost_model.fusion import fuse, fused_regions
+
+        for region in fused_regions(fuse(self.spmd, self.fusion)):
+            statements = []
+            for name in region.names:
+                statement = self.by_op.get(name)
+                if statement is not None and all(s is not statement for s in statements):
+                    statements.append(statement)
+            written = ", ".join(region.writes) or "nothing"
+            if region.kind == "flash_attention":
+                what = (f"one flash-attention kernel: only {written} is written to HBM, "
+                        f"the scores never are")
+            else:
+                verb = "reach" if len(region.writes) > 1 else "reaches"
+                what = f"one kernel: only {written} {verb} HBM, its other values stay on chip"
+            for statement in statements:
+                others = [str(s.number) for s in statements if s is not statement]
+                together = f" with statement{'s' * (len(others) > 1)} {', '.join(others)}" \
+                    if others else ""
+                statement.fused.append(f"{region.describe()} runs{together} as {what}")
+
+
+def explain(spmd: SpmdProgram, source: str, cluster=None, fusion: str = "auto") -> Explanation:
     """Each statement of the program `spmd` runs, `source` being its text; each collective's
-    time on `cluster` if given."""
-    return _Builder(spmd, source, cluster).build()
+    time on `cluster` if given; the fused regions its steps run in (`fusion` "auto"), as the
+    cost model prices them."""
+    return _Builder(spmd, source, cluster, fusion).build()

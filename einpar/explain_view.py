@@ -190,6 +190,8 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
     parts.append(_labelled("layouts", layouts))
     if statement.rules:
         parts.append(_labelled("rule", Text("\n".join("• " + r for r in statement.rules))))
+    if statement.fused:
+        parts.append(_labelled("fused", Text("\n".join("• " + f for f in statement.fused))))
     if statement.movements:
         moves = []
         for movement in statement.movements:
@@ -280,6 +282,7 @@ def explanation_json(explanation, numbers: list[int] | None) -> dict:
             "operands": {h.tensor: h.text() for h in s.operands},
             "result": s.result.text() if s.result else None,
             "rules": s.rules,
+            "fused": s.fused,
             "collectives": [{"call": m.call, "kind": m.kind, "axes": list(m.axes),
                              "groups": [list(g) for g in m.groups],
                              "bytes_per_device": m.bytes_per_device, "time_s": m.time_s,
