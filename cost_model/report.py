@@ -37,8 +37,8 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
     mode = "communication overlaps independent compute" if estimate.overlap else "no overlap"
     who = "one device" if estimate.devices == 1 else \
         f"{estimate.devices} devices; every device runs the same program"
-    fused = "fused regions as one kernel each" if estimate.fusion == "auto" else "no fusion"
-    out.print(f"{who} ({mode}; f32 matmuls at {estimate.precision} precision; {fused})")
+    fused = "; no fusion" if estimate.fusion == "none" else ""
+    out.print(f"{who} ({mode}; f32 matmuls at {estimate.precision} precision{fused})")
     repeats = any(op.trips > 1 for op in estimate.ops)
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     columns = ["#", "value", "op"] + (["×"] if repeats else []) + ["FLOPs", "bytes", "time", "bound",
