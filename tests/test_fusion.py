@@ -236,4 +236,5 @@ def test_a_fused_region_never_costs_more_than_its_parts(case):
             assert op.hbm_bytes <= sum(part.hbm_bytes for part in parts)
             assert op.flops == sum(part.flops for part in parts)
     assert fused.compute_s <= alone.compute_s * (1 + 1e-12)
-    assert fused.peak_memory_bytes <= alone.peak_memory_bytes
+    assert fused.hbm_bytes_per_device <= alone.hbm_bytes_per_device
+    # (Peak memory may grow: a multi-output region makes all its outputs at once.)
