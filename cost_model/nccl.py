@@ -62,6 +62,9 @@ NET_OVERHEAD = {"LL": 1.0 * MICRO, "LL128": 1.0 * MICRO, "Simple": 3.0 * MICRO}
 # Tree bus-bandwidth factors (tuning.cc): all-reduce trees 0.92; LL a further 1/3.8, LL128
 # 120/128 (7/9 inside a node).
 TREE_EFFICIENCY = {"LL": 0.92 / 3.8, "LL128": 0.92 * 120 / 128, "Simple": 0.92}
+# The ring factors a tier's protocol efficiencies start from (LL 0.5, LL128 0.92): a tier
+# fitted to measurements scales the tree's rate by its own over these.
+TIER_DEFAULT_EFFICIENCY = {"LL": 0.5, "LL128": 0.92, "Simple": 1.0}
 NVLS_MAX_RANKS = 32  # NCCL_MAX_NVLS_ARITY: NVLS all-gather and reduce-scatter
 REDUCING = ("all_reduce", "reduce_scatter")
 
@@ -110,18 +113,19 @@ def ring_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
     size = nccl_bytes(kind, local_bytes, n)
     options = []
     for p in PROTOCOLS:
+        intra_s = sent / _rate(intra, p, intra_bus) * channel_factor(intra.protocols[p], size)
         if nodes == 1:
             latency = BASE_LATENCY["ring"][p] + steps * intra.protocols[p].latency.value
-            tier, name, bus = intra, "nvlink", intra_bus
-        else:
-            hop_intra = max(intra.protocols[p].latency.value, NET_OVERHEAD[p])
-            latency = (BASE_LATENCY["ring"][p] + (steps - inter_steps) * hop_intra
-                       + inter_steps * inter.protocols[p].latency.value)
-            # Each of a node's k GPUs drives its own NIC; the ring's bus rate is the slower.
-            tier, name, bus = (inter, "ib", per_node * inter_bus) \
-                if per_node * inter_bus < intra_bus else (intra, "nvlink", intra_bus)
-        seconds = sent / _rate(tier, p, bus) * channel_factor(tier.protocols[p], size)
-        options.append(Option("ring", p, latency, seconds, name, sent))
+            options.append(Option("ring", p, latency, intra_s, "nvlink", sent))
+            continue
+        hop_intra = max(intra.protocols[p].latency.value, NET_OVERHEAD[p])
+        latency = (BASE_LATENCY["ring"][p] + (steps - inter_steps) * hop_intra
+                   + inter_steps * inter.protocols[p].latency.value)
+        # Each of a node's k GPUs drives its own NIC: the ring's rate is the slower tier's.
+        inter_s = sent / _rate(inter, p, per_node * inter_bus) * channel_factor(inter.protocols[p],
+                                                                                 size)
+        name = "ib" if inter_s >= intra_s else "nvlink"
+        options.append(Option("ring", p, latency, max(intra_s, inter_s), name, sent))
     return options
 
 
@@ -129,12 +133,12 @@ def tree_options(n: int, nodes: int, per_node: int, local_bytes: float, intra: T
                  intra_bus: float, inter: Tier, inter_bus: float) -> list[Option]:
     """NCCL's double binary tree all-reduce across nodes (chains inside each node)."""
     depth = math.ceil(math.log2(nodes)) if nodes > 1 else 0
-    bus = min(intra_bus, per_node * inter_bus)
     options = []
     for p in PROTOCOLS:
         latency = BASE_LATENCY["tree"][p] + 2 * ((per_node - 1) * intra.tree_latency[p].value
                                                  + depth * inter.tree_latency[p].value)
-        rate = bus * TREE_EFFICIENCY[p]
+        efficiency = inter.protocols[p].efficiency.value / TIER_DEFAULT_EFFICIENCY[p]
+        rate = min(intra_bus, per_node * inter_bus * efficiency) * TREE_EFFICIENCY[p]
         if p == "LL":
             rate = min(rate, inter.ll_max_bandwidth.value)
         seconds = 2 * local_bytes / rate * channel_factor(inter.protocols[p], local_bytes)
@@ -164,7 +168,7 @@ def nvls_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
     if kind != "all_reduce" or inter is None or inter.nvls_tree_latency is None:
         return []  # NVLS between nodes needs CollNet (SHARP), which NCCL leaves off by default
     depth = math.ceil(math.log2(nodes))
-    nics = per_node * inter_bus * (2 if nodes <= 2 else 1)
+    nics = per_node * _rate(inter, "Simple", inter_bus) * (2 if nodes <= 2 else 1)
     bus = min(2 * switch, nics)
     seconds = collective_bytes(kind, local_bytes, n) / bus * channel_factor(nvls, size)
     latency = nvls.latency.value + 2 * depth * inter.nvls_tree_latency.value
@@ -236,13 +240,18 @@ def options(kind: str, n: int, per_node: int, nodes: int, local_bytes: float,
         if kind == "all_reduce":
             found += tree_options(n, nodes, per_node, local_bytes, intra, intra_bus, inter,
                                   inter_bus)
-        if per_node > 1:
+        if per_node > 1 and kind != "all_reduce":  # NCCL all-reduces across nodes by ring,
+            # tree or NVLS tree, never in two phases
             found += hierarchical_options(kind, per_node, nodes, local_bytes, intra, intra_bus,
                                           inter, inter_bus)
     return found
 
 
 def fastest(kind: str, n: int, per_node: int, nodes: int, local_bytes: float,
-            chip: Accelerator) -> Option:
-    """The option NCCL's tuner picks: the least time (ties to the first: ring before tree)."""
-    return min(options(kind, n, per_node, nodes, local_bytes, chip), key=lambda o: o.time_s)
+            chip: Accelerator, algorithms: tuple[str, ...] | None = None) -> Option:
+    """The option NCCL's tuner picks: the least time (ties to the first: ring before tree);
+    `algorithms`, if given, are the only ones allowed (as NCCL_ALGO allows)."""
+    found = options(kind, n, per_node, nodes, local_bytes, chip)
+    if algorithms is not None:
+        found = [option for option in found if option.algorithm in algorithms] or found
+    return min(found, key=lambda o: o.time_s)
