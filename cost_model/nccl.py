@@ -47,8 +47,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from einpar.reshard import collective_bytes
-
 from .hardware import MICRO, PROTOCOLS, Accelerator, Protocol, Tier
 
 # baseLat (tuning.cc), seconds: once per collective.
@@ -83,6 +81,14 @@ class Option:
     @property
     def time_s(self) -> float:
         return self.latency_s + self.bandwidth_s
+
+
+def collective_bytes(kind: str, local_bytes: float, n: int) -> float:
+    """Bytes each rank sends (einpar.reshard's convention, without rounding to whole elements:
+    nccl-tests' sizes go down to a byte)."""
+    return {"all_gather": (n - 1) * local_bytes, "reduce_scatter": (n - 1) / n * local_bytes,
+            "all_reduce": 2 * (n - 1) / n * local_bytes, "all_to_all": (n - 1) / n * local_bytes,
+            "permute": local_bytes}[kind]
 
 
 def nccl_bytes(kind: str, local_bytes: float, n: int) -> float:
