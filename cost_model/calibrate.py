@@ -333,3 +333,107 @@ def write_cluster_file(document: dict, path) -> None:
     with Path(path).open("w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2)
         handle.write("\n")
+
+
+# ---- a GPU cluster from nccl-tests output
+
+MAX_NCCL_TESTS_BYTES = 16 * 2**20
+# nccl-tests' header names each rank's device (`device 0 [0x1b] NVIDIA H100 80GB HBM3`).
+DEVICE_NAMES = (("GB200", "gb200"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100"),
+                ("A100", "a100"))
+
+
+def _read_text(path: Path) -> str:
+    from einpar.errors import Diagnostic, EinparError
+
+    try:
+        with path.open("rb") as handle:  # bounded: the path may name a device such as /dev/zero
+            data = handle.read(MAX_NCCL_TESTS_BYTES + 1)
+        if len(data) > MAX_NCCL_TESTS_BYTES:
+            raise EinparError(Diagnostic("E412", f"{path} is larger than "
+                                                 f"{MAX_NCCL_TESTS_BYTES // 2**20} MiB"))
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EinparError(Diagnostic("E412", f"{path} is not UTF-8 text ({error.reason} at byte "
+                                             f"{error.start})")) from None
+    except OSError as error:
+        raise EinparError(Diagnostic("E412", f"cannot read {path}: {error.strerror or error}")) \
+            from None
+
+
+def guess_accelerator(text: str) -> str | None:
+    """The preset of the GPUs nccl-tests' header names, if it names one einpar knows."""
+    devices = " ".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    for marker, name in DEVICE_NAMES:
+        if marker in devices:
+            return name
+    return None
+
+
+def calibrate_nccl_tests(paths: list, gpus_per_node: int | None = None,
+                         collective: str | None = None, accelerator_name: str | None = None,
+                         sources=None) -> dict:
+    """A cluster document whose collective constants are fitted to nccl-tests runs: runs
+    inside one node fit the scale-up tier, runs across nodes the scale-out tier (on the
+    scale-up tier as fitted). EinparError (E412) at a file's first mistake."""
+    from dataclasses import replace
+
+    from einpar.errors import Diagnostic, EinparError, Span
+
+    from .hardware import accelerator
+    from .nccl_fit import NcclTestsError, _constants, fit_tier, parse_nccl_tests
+
+    measurements, guessed = [], None
+    for path in map(Path, paths):
+        text = _read_text(path)
+        if sources is not None:
+            sources.texts[str(path)] = text
+        try:
+            measurements += parse_nccl_tests(text, collective, gpus_per_node)
+        except NcclTestsError as error:
+            span = Span(str(path), error.line, 1, error.line, 2) if error.line else None
+            raise EinparError(Diagnostic("E412", f"bad nccl-tests output: {error}", span,
+                                         hint=error.hint or "give nccl-tests' own output, "
+                                                            "header and table")) from None
+        guessed = guessed or guess_accelerator(text)
+    name = accelerator_name or guessed or "h100"
+    chip = accelerator(name)
+    today = datetime.date.today().isoformat()
+    source = f"einpar calibrate --nccl-tests, {today}, {len(paths)} file(s)"
+    inside = [m for m in measurements if m.nodes == 1]
+    across = [m for m in measurements if m.nodes > 1]
+    document_tiers, fits = {}, {}
+    for which, rows in (("up", inside), ("out", across)):
+        if not rows:
+            continue
+        tier = fit_tier(chip, rows, which, source)
+        chip = replace(chip, **{f"scale_{which}_tier": tier})
+        values = {constant: value for constant, value, _ in _constants(tier)}
+        section = {}
+        for protocol in ("LL", "LL128", "Simple", "NVLS"):
+            if f"{protocol}.latency" in values:
+                section[protocol] = {
+                    "latency": values[f"{protocol}.latency"],
+                    "efficiency": values[f"{protocol}.efficiency"],
+                    "saturation": max(0.0, values[f"{protocol}.saturation"] - 1.0)}
+        section["tree_latency"] = {p: values[f"tree.{p}"] for p in ("LL", "LL128", "Simple")}
+        if "nvls_tree" in values:
+            section["nvls_tree_latency"] = values["nvls_tree"]
+        document_tiers[f"scale_{which}"] = section
+        from .nccl_fit import predict
+        fits[which] = [round(predict(chip, row) / row.time_s - 1, 3) for row in rows]
+    per_node = max((m.gpus // m.nodes for m in measurements), default=1)
+    nodes = max((m.nodes for m in measurements), default=1)
+    return {
+        "name": f"{name}-nccl-tests",
+        "accelerator": {"base": name},
+        "topology": {"kind": "switched", "gpus_per_node": per_node, "nodes": nodes},
+        "collectives": {**document_tiers, "source": source},
+        "measurements": {
+            "files": [str(path) for path in paths],
+            "note": "nccl-tests out-of-place times; relative_errors: the fitted model's, per row",
+            "rows": [{"collective": m.kind, "gpus": m.gpus, "nodes": m.nodes, "bytes": m.bytes,
+                      "time_s": m.time_s} for m in measurements],
+            "relative_errors": fits,
+        },
+    }

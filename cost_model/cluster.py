@@ -36,7 +36,8 @@ import networkx as nx
 
 from einpar.errors import LINE_END, Diagnostic, EinparError, SourceMap, Span
 
-from .hardware import ALIASES, Accelerator, Figure, accelerator
+from .hardware import (ALIASES, INFINIBAND_NDR, NVLINK4, PROTOCOLS, Accelerator, Figure,
+                       Protocol, Tier, accelerator)
 
 # The DGX SuperPod's scalable unit: 32 nodes share one leaf switch per rail.
 NODES_PER_LEAF = 32
@@ -298,7 +299,12 @@ TOPOLOGY_KEYS = {"switched": ("kind", "gpus_per_node", "nodes"), "torus": ("kind
                  "links": ("kind", "devices", "switches", "links")}
 LINK_KEYS = ("a", "b", "bandwidth", "latency")
 DOCUMENT_KEYS = ("name", "accelerator", "topology", "efficiency", "device_order", "step_overhead_s",
-                 "shared_cores", "measurements")  # measurements: what `einpar calibrate` saw
+                 "shared_cores", "collectives", "measurements")  # measurements: what `einpar calibrate` saw
+# `collectives`: NCCL's constants per tier (cost_model/nccl.py), as `einpar calibrate
+# --nccl-tests` fits them; each value overrides the accelerator's.
+COLLECTIVE_TIERS = ("scale_up", "scale_out")
+TIER_KEYS = ("LL", "LL128", "Simple", "NVLS", "tree_latency", "nvls_tree_latency", "ll_max_bandwidth")
+PROTOCOL_KEYS = ("latency", "efficiency", "saturation")
 
 
 class ClusterFileError(Exception):
@@ -624,6 +630,8 @@ class _Schema:
         if "topology" not in document:
             self.fail((), "the file needs a `topology` table whose kind is switched, torus or links")
         chip = self.accelerator(document["accelerator"], file)
+        if "collectives" in document:
+            chip = self.collectives(document["collectives"], chip, file)
         topology = self.topology(document["topology"])
         if isinstance(topology, Switched) and topology.nodes > 1 and chip.scale_out_bandwidth is None:
             self.fail(("topology", "nodes"),
@@ -703,6 +711,62 @@ class _Schema:
                 and "scale_out_latency" not in changes:
             changes["scale_out_latency"] = Figure(0.0, source)
         return replace(chip, **changes) if changes else chip
+
+    def collectives(self, spec, chip: Accelerator, file: Path) -> Accelerator:
+        """NCCL's constants of the scale-up and scale-out tiers, each over the chip's own (or,
+        for a chip without them, NCCL's NVLink4 and InfiniBand NDR defaults)."""
+        path = ("collectives",)
+        self.table(path, spec, COLLECTIVE_TIERS + ("source",))
+        source = self.text(path + ("source",), spec["source"]) if "source" in spec \
+            else f"cluster file {file.name}"
+        changes = {}
+        for which, default in zip(COLLECTIVE_TIERS, (NVLINK4, INFINIBAND_NDR)):
+            if which in spec:
+                tier = getattr(chip, f"{which}_tier") or default
+                changes[f"{which}_tier"] = self.tier(path + (which,), spec[which], tier, source)
+        return replace(chip, **changes)
+
+    def tier(self, path: tuple, spec, tier: Tier, source: str) -> Tier:
+        self.table(path, spec, TIER_KEYS)
+        protocols = dict(tier.protocols)
+        nvls = tier.nvls
+        for name in PROTOCOLS + ("NVLS",):
+            if name not in spec:
+                continue
+            here = path + (name,)
+            values = self.table(here, spec[name], PROTOCOL_KEYS)
+            old = protocols.get(name) if name != "NVLS" else nvls
+            if old is None and set(values) != set(PROTOCOL_KEYS):
+                self.fail(here, f"{_dotted(here)} needs latency, efficiency and saturation "
+                                "(this tier has no NVLS to start from)")
+            figures = {}
+            for key, bounds, what, low_open in (
+                    ("latency", SECONDS_RANGE, "a time in seconds", False),
+                    ("efficiency", (0.0, 1.0), "a fraction of the tier's bandwidth", True),
+                    ("saturation", (0.0, 1e24), "a size in bytes", False)):
+                figures[key] = Figure(self.number(here + (key,), values[key], bounds, what,
+                                                  low_open), source) \
+                    if key in values else getattr(old, key)
+            made = Protocol(**figures)
+            if name == "NVLS":
+                nvls = made
+            else:
+                protocols[name] = made
+        trees = dict(tier.tree_latency)
+        if "tree_latency" in spec:
+            here = path + ("tree_latency",)
+            for name, value in self.table(here, spec["tree_latency"], PROTOCOLS).items():
+                trees[name] = Figure(self.number(here + (name,), value, SECONDS_RANGE,
+                                                 "a time in seconds"), source)
+        nvls_tree = tier.nvls_tree_latency
+        if "nvls_tree_latency" in spec:
+            nvls_tree = Figure(self.number(path + ("nvls_tree_latency",), spec["nvls_tree_latency"],
+                                           SECONDS_RANGE, "a time in seconds"), source)
+        ll_max = tier.ll_max_bandwidth
+        if "ll_max_bandwidth" in spec:
+            ll_max = Figure(self.number(path + ("ll_max_bandwidth",), spec["ll_max_bandwidth"],
+                                        RATE_RANGE, "a rate in bytes/s"), source)
+        return Tier(f"{tier.name} ({source})", protocols, trees, ll_max, nvls, nvls_tree)
 
     def topology(self, spec) -> Topology:
         path = ("topology",)

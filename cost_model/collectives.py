@@ -62,6 +62,7 @@ import numpy as np
 from einpar.layout import Mesh, mesh_groups
 from einpar.reshard import collective_bytes
 
+from . import nccl
 from .cluster import Cluster, Links, Torus
 
 
@@ -69,13 +70,14 @@ from .cluster import Cluster, Links, Torus
 class CollectiveTime:
     kind: str
     group_size: int
-    algorithm: str  # ring, tree, hierarchical, torus, routed, local
+    algorithm: str  # ring, tree, nvls, nvls_tree, hierarchical, direct, torus, routed, local
     latency_s: float
     bandwidth_s: float
     # The busiest link: its tier, the bytes it carries, and how many groups share it.
     tier: str
     link_bytes: float
     sharing: int
+    protocol: str = ""  # NCCL's protocol (LL, LL128, Simple) where the NCCL model priced it
 
     @property
     def time_s(self) -> float:
@@ -83,8 +85,10 @@ class CollectiveTime:
 
     @property
     def how(self) -> str:
-        """`ring of 4 on nvlink, 2 groups a link`: the algorithm, the busiest link, contention."""
-        return (f"{self.algorithm} of {self.group_size} on {self.tier}"
+        """`ring/LL128 of 8 on nvlink`, `torus of 4 on ici, 2 groups a link`: the algorithm and
+        protocol, the busiest link, contention."""
+        algorithm = f"{self.algorithm}/{self.protocol}" if self.protocol else self.algorithm
+        return (f"{algorithm} of {self.group_size} on {self.tier}"
                 + (f", {self.sharing} groups a link" if self.sharing > 1 else ""))
 
     @property
@@ -288,6 +292,11 @@ def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: 
     alpha_nvlink = chip.scale_up_latency.value
     worst = None
     for k, m in switched_shapes(groups, topo.gpus_per_node):
+        if chip.scale_up_tier is not None and (m == 1 or chip.scale_out_tier is not None):
+            best = _nccl_time(kind, n, k, m, local_bytes, chip)
+            if worst is None or best.time_s > worst.time_s:
+                worst = best
+            continue
         if m == 1:
             options = [ring(kind, n, sent, nvlink, alpha_nvlink, "nvlink")]
         else:
@@ -303,6 +312,13 @@ def collective_time(kind: str, axes: tuple[str, ...], local_bytes: float, mesh: 
         if worst is None or best.time_s > worst.time_s:
             worst = best
     return worst
+
+
+def _nccl_time(kind: str, n: int, k: int, m: int, local_bytes: float, chip) -> CollectiveTime:
+    """What NCCL's tuner runs for a group of n GPUs, at most k in each of m nodes (nccl.py)."""
+    best = nccl.fastest(kind, n, k, m, local_bytes, chip)
+    return CollectiveTime(kind, n, best.algorithm, best.latency_s, best.bandwidth_s, best.tier,
+                          best.link_bytes, 1, best.protocol)
 
 
 def _torus_period(topo: Torus) -> int:

@@ -32,6 +32,13 @@ CALCULON_H100 = "calculon-ai/calculon@caa4b11 systems/h100_80g_nvl8.json"
 GCP_V4 = "cloud.google.com/tpu/docs/v4 (system architecture table)"
 GCP_V5E = "cloud.google.com/tpu/docs/v5e (key chip and pod specifications)"
 GCP_V5P = "cloud.google.com/tpu/docs/v5p-training (key specifications)"
+NCCL_TUNING = "NVIDIA/nccl@5067397 src/graph/tuning.cc"
+NCCL_ENQUEUE = "NVIDIA/nccl@5067397 src/enqueue.cc (channel count by size) and src/include/comm.h"
+DGX_H200 = ("NVIDIA DGX H200 datasheet (8x H200 141 GB, NVLink 900 GB/s bidirectional, 8x ConnectX-7 "
+            "400 Gb/s); Azure ND H200 v5 the same (Azure/AI-benchmarking-guide)")
+NV_GB200 = ("NVIDIA GB200 NVL72 specifications (72 GPUs, 13.4 TB HBM3e, 130 TB/s NVLink, 360 PF fp8 "
+            "and 180 PF bf16 dense, the page's sparse figures halved), as quoted at "
+            "aiwiki.ai/wiki/nvidia_gb200_nvl72")
 
 TERA = 1e12
 GIGA = 1e9
@@ -45,6 +52,33 @@ class Figure:
     value: float
     source: str
     note: str = ""
+
+
+PROTOCOLS = ("LL", "LL128", "Simple")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One NCCL protocol (or NVLS) on one link tier: what a collective pays per step and
+    what it gets of the tier's bandwidth (cost_model/nccl.py says how they combine)."""
+
+    latency: Figure  # seconds per ring step (NCCL's hwLat), or once for NVLS
+    efficiency: Figure  # fraction of the tier's bus bandwidth the protocol carries
+    # NCCL's nBytes from which every channel is busy: NCCL runs fewer channels on a smaller
+    # buffer (enqueue.cc), so one below this size takes as long as one of this size.
+    saturation: Figure
+
+
+@dataclass(frozen=True)
+class Tier:
+    """NCCL's constants for one link tier: NVLink of a generation, or InfiniBand."""
+
+    name: str
+    protocols: dict = field(hash=False)  # "LL", "LL128", "Simple" -> Protocol (ring)
+    tree_latency: dict = field(hash=False)  # protocol -> Figure, s per tree step
+    ll_max_bandwidth: Figure = Figure(float("inf"), "no cap")  # LL's busbw cap, bytes/s
+    nvls: Protocol | None = None  # NVSwitch in-switch reduction (NVLink 4 and 5)
+    nvls_tree_latency: Figure | None = None  # per tree level between nodes (the net tier)
 
 
 @dataclass(frozen=True)
@@ -66,6 +100,10 @@ class Accelerator:
     # figure is published.
     scale_up_efficiency: Figure = Figure(1.0, "no published figure: line rate assumed")
     scale_out_efficiency: Figure = Figure(1.0, "no published figure: line rate assumed")
+    # NCCL's protocol constants of the scale-up and scale-out tiers (cost_model/nccl.py);
+    # None prices collectives with one latency per step (scale_up_latency), as for CPUs.
+    scale_up_tier: Tier | None = None
+    scale_out_tier: Tier | None = None
 
     def peak(self, dtype: str) -> Figure:
         """Peak dense FLOP/s for computing in `dtype`."""
@@ -86,6 +124,104 @@ def _figures(rates: dict[str, tuple[float, str, str]]) -> dict[str, Figure]:
     return {dtype: Figure(value * TERA, source, note) for dtype, (value, source, note) in rates.items()}
 
 
+# ---- NCCL's link tiers
+#
+# NCCL's own tuning model (tuning.cc): per ring step a hardware latency by link type and
+# protocol (hwLat: NVLINK and NET rows), LL carrying half the bus bandwidth up to a cap
+# (llMaxBws), LL128 0.92 of it, Simple all of it, NVLS (in-switch reduction) 0.85 (Hopper)
+# or 0.74 (Blackwell) of it on all but one of its channels. The saturation sizes are
+# channels x threads x NCCL's per-thread threshold (enqueue.cc, comm.h): 16 channels of 512
+# threads x 64 B for Simple, 640 x 8 B for LL128, 512 x 8 B x 8 ranks for LL.
+
+KIB = 1024
+
+
+def _protocol(latency_us: float, efficiency: float, saturation: float, source: str = NCCL_TUNING,
+              note: str = "") -> Protocol:
+    return Protocol(Figure(latency_us * MICRO, source, note), Figure(efficiency, source, note),
+                    Figure(saturation, NCCL_ENQUEUE if source == NCCL_TUNING else source, note))
+
+
+def _tier(name: str, ring_us: tuple, tree_us: tuple, ll_max_gbps: float,
+          nvls: Protocol | None = None, nvls_tree_us: float | None = None) -> Tier:
+    saturation = (512 * KIB, 80 * KIB, 512 * KIB)  # LL, LL128, Simple: 16 channels each
+    efficiency = (0.5, 0.92, 1.0)
+    return Tier(
+        name=name,
+        protocols={p: _protocol(lat, eff, sat) for p, lat, eff, sat
+                   in zip(PROTOCOLS, ring_us, efficiency, saturation)},
+        tree_latency={p: Figure(lat * MICRO, NCCL_TUNING) for p, lat in zip(PROTOCOLS, tree_us)},
+        ll_max_bandwidth=Figure(ll_max_gbps * GIGA, NCCL_TUNING, "llMaxBws"),
+        nvls=nvls,
+        nvls_tree_latency=None if nvls_tree_us is None else Figure(nvls_tree_us * MICRO, NCCL_TUNING))
+
+
+NVLINK_RING_US, NVLINK_TREE_US = (0.6, 1.9, 3.4), (0.6, 1.25, 4.0)
+NET_RING_US, NET_TREE_US = (2.7, 4.0, 14.0), (5.0, 8.5, 14.0)
+# NVLS: hwLat 25 us once per collective; 16 channels on Hopper, 24 on a Blackwell NVLink domain.
+NVLS_HOPPER = _protocol(25.0, 0.85 * 15 / 16, 0.0, note="nvlsEfficiency 0.85 on 15 of 16 channels")
+NVLS_BLACKWELL = _protocol(25.0, 0.74 * 23 / 24, 0.0,
+                           note="nvlsEfficiency 0.74 on 23 of 24 channels")
+
+NVLINK3 = _tier("NVLink3", NVLINK_RING_US, NVLINK_TREE_US, 87.7)
+NVLINK4 = _tier("NVLink4", NVLINK_RING_US, NVLINK_TREE_US, 141.0, NVLS_HOPPER)
+NVLINK5 = _tier("NVLink5", NVLINK_RING_US, NVLINK_TREE_US, 282.0, NVLS_BLACKWELL)
+# Between nodes LL's cap is by CPU (llMaxBws row 0, Intel, 2 nodes); NVLS trees 20.9 us a level.
+INFINIBAND_HDR = _tier("InfiniBand HDR", NET_RING_US, NET_TREE_US, 39.0, nvls_tree_us=20.9)
+INFINIBAND_NDR = _tier("InfiniBand NDR", NET_RING_US, NET_TREE_US, 39.0, nvls_tree_us=20.9)
+
+
+
+def _fitted(tier: Tier, name: str, values: dict, files: str) -> Tier:
+    """`tier` with the constants `values` (latencies in µs) fitted by
+    cost_model.nccl_fit.fit_tier (bench/fidelity_published.py --fit prints them)."""
+    source = f"fitted to the fit half of {files}"
+    protocols = {}
+    for p in PROTOCOLS + ("NVLS",):
+        if f"{p}.latency" in values:
+            protocols[p] = Protocol(Figure(values[f"{p}.latency"] * MICRO, source),
+                                    Figure(values[f"{p}.efficiency"], source),
+                                    Figure(values[f"{p}.saturation"], source))
+    nvls = protocols.pop("NVLS", None)
+    trees = {p: Figure(values[f"tree.{p}"] * MICRO, source) for p in PROTOCOLS}
+    nvls_tree = Figure(values["nvls_tree"] * MICRO, source) if "nvls_tree" in values \
+        else tier.nvls_tree_latency
+    return Tier(name, protocols, trees, tier.ll_max_bandwidth, nvls, nvls_tree)
+
+
+# Fitted where NCCL's constants do not reproduce the published curves (they are 1.3-2x
+# optimistic below 16 MiB): each preset's tiers on its own system's curves.
+AZURE = "bench/published/collectives/azure-ai-benchmarking-guide.csv"
+ISSUE_290 = "bench/published/collectives/nccl-tests-issue-290.csv"
+OCI = "bench/published/collectives/oracle-oci-hpc-oke.csv"
+NVLINK3_A100 = _fitted(NVLINK3, "NVLink3 (A100, fitted)", {
+    "LL.latency": 1.54, "LL.efficiency": 0.5, "LL.saturation": 781658,
+    "LL128.latency": 2.15, "LL128.efficiency": 0.557, "LL128.saturation": 72893,
+    "Simple.latency": 11.19, "Simple.efficiency": 0.987, "Simple.saturation": 524288,
+    "tree.LL": 0.6, "tree.LL128": 1.25, "tree.Simple": 4.0}, AZURE)
+NETWORK_A100 = _fitted(INFINIBAND_HDR, "A100 scale-out (RoCE, fitted)", {
+    "LL.latency": 2.7, "LL.efficiency": 0.29, "LL.saturation": 623945,
+    "LL128.latency": 4.0, "LL128.efficiency": 0.1, "LL128.saturation": 11437,
+    "Simple.latency": 15.4, "Simple.efficiency": 1.0, "Simple.saturation": 524288,
+    "tree.LL": 5.64, "tree.LL128": 4.32, "tree.Simple": 6.05, "nvls_tree": 20.9}, OCI)
+NVLINK4_H100 = _fitted(NVLINK4, "NVLink4 (H100, fitted)", {
+    "LL.latency": 2.35, "LL.efficiency": 0.5, "LL.saturation": 688398,
+    "LL128.latency": 0.81, "LL128.efficiency": 0.021, "LL128.saturation": 8338,
+    "Simple.latency": 2.11, "Simple.efficiency": 0.932, "Simple.saturation": 626615,
+    "NVLS.latency": 81.9, "NVLS.efficiency": 0.629, "NVLS.saturation": 1,
+    "tree.LL": 0.6, "tree.LL128": 1.25, "tree.Simple": 4.0}, f"{AZURE} and {ISSUE_290}")
+INFINIBAND_NDR_H100 = _fitted(INFINIBAND_NDR, "InfiniBand NDR (H100, fitted)", {
+    "LL.latency": 2.66, "LL.efficiency": 0.423, "LL.saturation": 521512,
+    "LL128.latency": 3.93, "LL128.efficiency": 0.299, "LL128.saturation": 81623,
+    "Simple.latency": 40.44, "Simple.efficiency": 0.234, "Simple.saturation": 521512,
+    "tree.LL": 4.91, "tree.LL128": 9.2, "tree.Simple": 13.65, "nvls_tree": 19.21}, ISSUE_290)
+NVLINK4_H200 = _fitted(NVLINK4, "NVLink4 (H200, fitted)", {
+    "LL.latency": 1.04, "LL.efficiency": 0.5, "LL.saturation": 777487,
+    "LL128.latency": 1.19, "LL128.efficiency": 0.873, "LL128.saturation": 82220,
+    "Simple.latency": 3.51, "Simple.efficiency": 0.952, "Simple.saturation": 524288,
+    "NVLS.latency": 68.53, "NVLS.efficiency": 0.638, "NVLS.saturation": 1,
+    "tree.LL": 0.6, "tree.LL128": 1.25, "tree.Simple": 4.0}, AZURE)
+
 A100 = Accelerator(
     name="A100-SXM-80GB", family="gpu",
     peak_flops=_figures({
@@ -105,6 +241,8 @@ A100 = Accelerator(
     scale_out_latency=Figure(20 * MICRO, CALCULON_A100, "model constant of the InfiniBand tier"),
     scale_up_efficiency=Figure(230 / 300, NCCL_149, "about 230 GB/s achieved of 300"),
     scale_out_efficiency=Figure(47 / 50, NCCL_290, "46-48 GB/s per NDR NIC; taken for HDR too"),
+    scale_up_tier=NVLINK3_A100,
+    scale_out_tier=NETWORK_A100,
 )
 
 H100 = Accelerator(
@@ -130,20 +268,24 @@ H100 = Accelerator(
     scale_out_latency=Figure(20 * MICRO, CALCULON_A100, "Calculon's InfiniBand-tier constant"),
     scale_up_efficiency=Figure(370 / 450, NCCL_212, "about 370 GB/s busbw of 450 (ring, non-allreduce)"),
     scale_out_efficiency=Figure(47 / 50, NCCL_290, "46-48 GB/s busbw per 400 Gb/s NDR NIC"),
+    scale_up_tier=NVLINK4_H100,
+    scale_out_tier=INFINIBAND_NDR_H100,
 )
 
 H200 = Accelerator(
     name="H200", family="gpu",
     peak_flops=H100.peak_flops,  # the same Hopper die (scaling book, gpus.md)
-    hbm_capacity=Figure(141 * GIGA, SB_GPUS, "glennklockwood.com lists 144 GB, physical"),
-    hbm_bandwidth=Figure(4.8 * TERA, SB_GPUS, "STREAM measures 4.01-4.48 (Azure AI-benchmarking-guide)"),
-    scale_up_bandwidth=Figure(450 * GIGA, SB_GPUS, "NVLink4"),
+    hbm_capacity=Figure(141 * GIGA, DGX_H200, "glennklockwood.com lists 144 GB, physical"),
+    hbm_bandwidth=Figure(4.8 * TERA, DGX_H200, "STREAM measures 4.01-4.48 (Azure AI-benchmarking-guide)"),
+    scale_up_bandwidth=Figure(450 * GIGA, DGX_H200, "NVLink4: 900 GB/s bidirectional"),
     scale_up_latency=H100.scale_up_latency,
-    scale_up_domain=Figure(8, SB_GPUS),
-    scale_out_bandwidth=Figure(50 * GIGA, SB_GPUS, "assumed as DGX H100: no H200 figure was found"),
+    scale_up_domain=Figure(8, DGX_H200),
+    scale_out_bandwidth=Figure(50 * GIGA, DGX_H200, "one 400 Gb/s ConnectX-7 NIC per GPU"),
     scale_out_latency=H100.scale_out_latency,
-    scale_up_efficiency=H100.scale_up_efficiency,  # assumed as H100: no figure of its own
+    scale_up_efficiency=H100.scale_up_efficiency,  # the same NVLink4 and NVSwitch as H100
     scale_out_efficiency=H100.scale_out_efficiency,
+    scale_up_tier=NVLINK4_H200,
+    scale_out_tier=INFINIBAND_NDR_H100,  # no H200 multi-node curve: H100's
 )
 
 B200 = Accelerator(
@@ -161,6 +303,31 @@ B200 = Accelerator(
     scale_out_latency=H100.scale_out_latency,
     scale_up_efficiency=H100.scale_up_efficiency,  # assumed as H100: no figure of its own
     scale_out_efficiency=H100.scale_out_efficiency,
+    scale_up_tier=NVLINK5,
+    scale_out_tier=INFINIBAND_NDR,
+)
+
+GB200 = Accelerator(
+    name="GB200", family="gpu",
+    peak_flops=_figures({
+        "bf16": (2500, NV_GB200, "180 PF dense per 72 GPUs"),
+        "f16": (2500, NV_GB200, "as bf16"),
+        "fp8": (5000, NV_GB200, "360 PF dense per 72 GPUs"),
+        "tf32": (1250, NV_GB200, "90 PF dense per 72 GPUs"),
+    }),
+    hbm_capacity=Figure(13.4e12 / 72, NV_GB200, "13.4 TB per 72 GPUs; 186 GB each"),
+    hbm_bandwidth=Figure(8.0 * TERA, NV_GB200, "576 TB/s per 72 GPUs"),
+    scale_up_bandwidth=Figure(900 * GIGA, SB_GPUS, "NVLink5: 1.8 TB/s bidirectional per GPU "
+                                                   "(130 TB/s per 72, NV_GB200)"),
+    scale_up_latency=H100.scale_up_latency,
+    scale_up_domain=Figure(72, SB_GPUS, "GB200 NVL72: one NVLink domain of 72 GPUs (appendix A)"),
+    scale_out_bandwidth=Figure(50 * GIGA, SB_GPUS, "appendix A: 4 x 18 x 400 Gb/s per 72 GPUs, "
+                                                   "one 400 Gb/s NIC per GPU"),
+    scale_out_latency=H100.scale_out_latency,
+    scale_up_efficiency=H100.scale_up_efficiency,  # assumed as NVLink4: no figure of its own
+    scale_out_efficiency=H100.scale_out_efficiency,
+    scale_up_tier=NVLINK5,
+    scale_out_tier=INFINIBAND_NDR,
 )
 
 TPU_V4 = Accelerator(
@@ -202,9 +369,9 @@ TPU_V5P = Accelerator(
     ici_links=6,
 )
 
-ACCELERATORS = {a.name: a for a in (A100, H100, H200, B200, TPU_V4, TPU_V5E, TPU_V5P)}
+ACCELERATORS = {a.name: a for a in (A100, H100, H200, B200, GB200, TPU_V4, TPU_V5E, TPU_V5P)}
 # Short names, as cluster presets spell them (`h100x8:64`, `tpu-v5e:16x16`).
-ALIASES = {"a100": A100, "h100": H100, "h200": H200, "b200": B200, "tpu-v4": TPU_V4,
+ALIASES = {"a100": A100, "h100": H100, "h200": H200, "b200": B200, "gb200": GB200, "tpu-v4": TPU_V4,
            "tpu-v5e": TPU_V5E, "tpu-v5p": TPU_V5P}
 
 

@@ -14,6 +14,7 @@
     einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
                 [--fusion auto|none] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
+    einpar calibrate --nccl-tests FILE [FILE ...] [--gpus-per-node N] --out CLUSTER.json [--force]
 
 `main(argv) -> int` so tests call it in-process. Exit codes: 0 success, 1 a
 problem in the user's program or inputs, 2 bad usage, 3 an internal error
@@ -236,13 +237,27 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="write the timeline as a Chrome/Perfetto trace (ui.perfetto.dev)")
     cost.add_argument("--force", action="store_true", help="let --trace overwrite an existing file")
 
-    calibrate = commands.add_parser("calibrate", help="measure this host (JAX CPU devices) into a "
+    calibrate = commands.add_parser("calibrate", help="measure this host (JAX CPU devices), or fit "
+                                                       "a GPU cluster's nccl-tests output, into a "
                                                        "cluster file for `einpar cost`")
     calibrate.add_argument("--out", default="local-cpu.json", metavar="CLUSTER.json",
                            help="the cluster file to write (default local-cpu.json)")
     calibrate.add_argument("--devices", type=_whole(1, MAX_DEVICES), default=8, metavar="N",
                            help="CPU devices to measure, as `einpar run --devices` starts (default 8)")
     calibrate.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    calibrate.add_argument("--nccl-tests", nargs="+", metavar="FILE",
+                           help="fit the collective constants to these nccl-tests outputs "
+                                "(all_reduce_perf, ... stdout) instead of measuring this host")
+    calibrate.add_argument("--gpus-per-node", type=_whole(1, MAX_DEVICES), metavar="N",
+                           help="GPUs per node of the nccl-tests runs (default: ranks per host "
+                                "in their headers)")
+    calibrate.add_argument("--collective", choices=("all_reduce", "all_gather", "reduce_scatter",
+                                                    "all_to_all"),
+                           help="the collective the nccl-tests files ran (default: from their "
+                                "headers)")
+    calibrate.add_argument("--accelerator", metavar="NAME",
+                           help="the GPU preset to start from (default: from the headers' device "
+                                "names, else h100)")
     calibrate.add_argument("--force", action="store_true", help="let --out overwrite an existing file")
     return parser
 
@@ -303,10 +318,30 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
     return 0
 
 
-def _calibrate(args, out: Console, err: Console) -> int:
-    from .cost_model.calibrate import calibrate, measurement_count, write_cluster_file
+def _calibrate(args, out: Console, err: Console, sources: SourceMap) -> int:
+    from .cost_model.calibrate import (calibrate, calibrate_nccl_tests, measurement_count,
+                                       write_cluster_file)
 
     target = _writable(args.out, args.force, "calibrate")
+    if args.nccl_tests:
+        if args.accelerator:
+            from .cost_model.hardware import accelerator
+
+            try:
+                if accelerator(args.accelerator).family != "gpu":
+                    raise KeyError(f"{args.accelerator} is not a GPU")
+            except KeyError as error:
+                raise _UsageError(f"einpar calibrate: error: --accelerator: {error.args[0]}") from None
+        document = calibrate_nccl_tests(args.nccl_tests, args.gpus_per_node, args.collective,
+                                        args.accelerator, sources)
+        _write(target, "calibrate", lambda path: write_cluster_file(document, path))
+        rows = len(document["measurements"]["rows"])
+        tiers = " and ".join(key.replace("_", "-") for key in document["collectives"]
+                             if key != "source")
+        out.print(f"wrote {target}: {document['accelerator']['base']} {tiers} collective constants "
+                  f"fitted to {rows} nccl-tests rows", markup=False)
+        out.print(f"price a program on it: einpar cost FILE --cluster {target}", markup=False)
+        return 0
     total = measurement_count(args.quick)
     with ProgressBar(err, total, "calibrating") as bar:
         begun = 0
@@ -847,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = SourceMap()
     try:
         if args.command == "calibrate":
-            return _calibrate(args, out, err)
+            return _calibrate(args, out, err, sources)
         args.slides = _slide_targets(args) if args.command in ("compile", "explain") else []
         if args.command == "compile" and args.precision and args.emit != "jax":
             raise _UsageError(f"einpar compile: error: --precision sets how the JAX module computes; "

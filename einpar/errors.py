@@ -53,6 +53,7 @@ CODES = {
     "E402": "a run of several processes failed",
     "E410": "bad cluster",
     "E411": "mesh does not fit the cluster",
+    "E412": "bad nccl-tests output",
     "E420": "not enough memory",
     "E421": "would take too long",
 }

@@ -1206,6 +1206,20 @@ def test_E411_a_mesh_larger_than_the_cluster():
         "E411", "the mesh dp=2 tp=8 needs 16 devices; cluster tpu-v5e:2x4 has 8")
 
 
+def test_E412_nccl_tests_output_without_a_table(tmp_path):
+    from einpar.cost_model.calibrate import calibrate_nccl_tests
+
+    log = tmp_path / "ar.txt"
+    log.write_text("# Collective test starting: all_reduce_perf\n#  Rank  0 Group  0 Pid 1 on a "
+                   "device  0 [0000:18:00] NVIDIA H100\n")
+    with pytest.raises(EinparError) as caught:
+        calibrate_nccl_tests([log])
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.span.line) == ("E412", 1)
+    assert found.message == ("bad nccl-tests output: no table of sizes and times (nccl-tests' "
+                             "`size count type ...` rows) was found")
+
+
 def test_E420_a_run_larger_than_the_memory_limit():
     from einpar.resources import estimate_run, require_fits
 

@@ -121,7 +121,7 @@ def test_a_cluster_times_each_collective_as_the_cost_model_does():
     o = spmd.values["o"]
     expected = collective_time("all_gather", ("tp",), 4 * 128 * 2 * 32 * 4, spmd.mesh, cluster)
     assert moves[0].time_s == expected.time_s > 0
-    assert moves[0].how == "ring of 4 on nvlink"
+    assert moves[0].how == expected.how == f"ring/{expected.protocol} of 4 on nvlink"
     assert o.local_shape(spmd.mesh) == (4, 128, 2, 32)
 
 
