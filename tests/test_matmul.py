@@ -1,0 +1,149 @@
+"""The shape-aware matmul model (cost_model/matmul.py) and the fp8 peak."""
+
+import dataclasses
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from einpar import api
+from einpar.cost_model.cluster import Efficiency, preset
+from einpar.cost_model.compute import matmul_time, op_time, peak_flops, prices_by_shape
+from einpar.cost_model.hardware import A100, B200, H100, TPU_V5E
+from einpar.cost_model.matmul import (DEFAULT_FIT, GEMM_CHIPS, GemmShape, einsum_gemms, gemm_fit,
+                                      gemm_math_time)
+from einpar.flops import op_flops
+
+
+def _einsum(statement: str, dims: str, inputs: str):
+    """The first op of a one-statement program, and the program's index sizes."""
+    text = f"dim {dims}\n{inputs}\n{statement}\noutput c\n"
+    program = api.compile_source(text, "shape.ein")
+    return program.ops[0], program.dim_sizes
+
+
+@pytest.mark.parametrize("statement, dims, inputs, expected", [
+    # a plain matmul: M the first operand's kept index, N the second's, K the summed one
+    ("c[I,K] = a[I,J] * b[J,K]", "I=8 J=16 K=32", "input a[I,J]\ninput b[J,K]",
+     [GemmShape(8, 32, 16, 1)]),
+    # several indices on each side multiply: M = B·S, N = H·E, K = D
+    ("c[B,S,H,E] = x[B,S,D] * w[D,H,E]", "B=2 S=3 D=5 H=7 E=11",
+     "input x[B,S,D]\ninput w[D,H,E]", [GemmShape(6, 77, 5, 1)]),
+    # two summed indices: K is their product
+    ("c[I,K] = a[I,J,L] * b[J,L,K]", "I=2 J=3 L=4 K=5", "input a[I,J,L]\ninput b[J,L,K]",
+     [GemmShape(2, 5, 12, 1)]),
+    # batched (attention scores): the indices kept in both are the batch
+    ("c[B,H,Q,T] = q[B,H,Q,D] * k[B,H,T,D]", "B=2 H=4 Q=8 T=16 D=32",
+     "input q[B,H,Q,D]\ninput k[B,H,T,D]", [GemmShape(8, 16, 32, 8)]),
+    # a one-operand sum and an elementwise product are no GEMM
+    ("c[I] = a[I,J]", "I=4 J=8", "input a[I,J]", []),
+    ("c[I,J] = a[I,J] * b[I,J]", "I=4 J=8", "input a[I,J]\ninput b[I,J]", []),
+])
+def test_gemm_shape_of_an_einsum(statement, dims, inputs, expected):
+    op, sizes = _einsum(statement, dims, inputs)
+    assert einsum_gemms(op, sizes) == expected
+
+
+def test_a_chain_of_three_is_a_gemm_per_step_of_its_path():
+    # with I small opt_einsum contracts x·v first, then w with that product (the path puts a
+    # step's result last: w[K,L] is the step's first operand, so M = L and N = I)
+    op, sizes = _einsum("c[I,L] = x[I,J] * v[J,K] * w[K,L]", "I=2 J=64 K=64 L=64",
+                        "input x[I,J]\ninput v[J,K]\ninput w[K,L]")
+    gemms = einsum_gemms(op, sizes)
+    assert gemms == [GemmShape(2, 64, 64, 1), GemmShape(64, 2, 64, 1)]
+    assert sum(g.flops for g in gemms) == op_flops(op, sizes)
+
+
+# ---- the model, by hand
+
+def test_a100_4096_cubed_by_hand():
+    sms, fit = gemm_fit(A100.name, "f16")
+    assert sms.value == 108
+    assert (fit.sustained.value, fit.k_overhead.value, fit.launch.value) == (0.82, 160, 1.5e-6)
+    # 128x128 tiles: 32·32 = 1024 tiles in 10 waves of 108; 128x256: 512 tiles in 5 waves of
+    # twice the work. Both: 10 waves of 2·128·128·(4096 + 160) FLOPs at 312e12·0.82/108 per SM.
+    per_sm = 312e12 * 0.82 / 108
+    expected = 1.5e-6 + 10 * 2 * 128 * 128 * (4096 + 160) / per_sm
+    assert gemm_math_time(GemmShape(4096, 4096, 4096), 312e12, 108, fit) == pytest.approx(expected)
+
+
+def test_a_small_c_splits_k():
+    _, fit = gemm_fit(A100.name, "f16")
+    per_sm = 312e12 * 0.82 / 108
+    # C is one 128x128 tile: split K=8192 in 64 blocks (one wave), each 128 of K plus K0 = 160;
+    # 128 blocks would take two waves of (64 + 160), 32 one wave of (256 + 160).
+    expected = 1.5e-6 + 2 * 128 * 128 * (128 + 160) / per_sm
+    assert gemm_math_time(GemmShape(128, 128, 8192), 312e12, 108, fit) == pytest.approx(expected)
+
+
+def test_the_fit_reproduces_the_held_out_azure_table():
+    # 4096^3 fp16 on A100 (Azure ND A100 v4: 228.0 TFLOP/s) is in the held-out half.
+    cost = matmul_time(preset("a100x8"), GemmShape(4096, 4096, 4096), "f16", 2)
+    assert cost.bound == "compute"
+    assert cost.flops / cost.time_s / 1e12 == pytest.approx(228.0, rel=0.05)
+
+
+# ---- laws
+
+FITS = [(chip.sms.value, fit) for chip in GEMM_CHIPS.values() for fit in chip.fits.values()]
+sizes = st.integers(1, 40000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(FITS), sizes, sizes, sizes, st.integers(1, 64),
+       st.sampled_from(["m", "n", "k", "batch"]), st.integers(1, 5000))
+def test_a_bigger_gemm_never_takes_less_time(chip_fit, m, n, k, batch, which, more):
+    sms, fit = chip_fit
+    shape = GemmShape(m, n, k, batch)
+    bigger = dataclasses.replace(shape, **{which: getattr(shape, which) + more})
+    assert gemm_math_time(bigger, 1e15, int(sms), fit) >= gemm_math_time(shape, 1e15, int(sms), fit)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(FITS), sizes, sizes, sizes, st.integers(1, 64))
+def test_no_gemm_beats_the_sustained_fraction_of_peak(chip_fit, m, n, k, batch):
+    sms, fit = chip_fit
+    shape = GemmShape(m, n, k, batch)
+    efficiency = shape.flops / (1e15 * gemm_math_time(shape, 1e15, int(sms), fit))
+    assert 0 < efficiency <= fit.sustained.value
+
+
+# ---- where the model applies, and the fp8 peak
+
+def test_fp8_contractions_run_at_the_fp8_peak():
+    assert peak_flops(H100, "f8e4m3", True) == ("fp8", 1979e12)
+    assert peak_flops(B200, "f8e5m2", True) == ("fp8", 4500e12)
+    assert peak_flops(A100, "f8e4m3", True) == ("bf16", 312e12)  # no fp8 units: upcast
+    assert peak_flops(H100, "f8e4m3", False) == ("bf16", 989e12)  # elementwise: not tensor cores
+    fp8 = matmul_time(preset("h100x8"), GemmShape(8192, 8192, 8192), "f8e4m3", 1, 2)
+    bf16 = matmul_time(preset("h100x8"), GemmShape(8192, 8192, 8192), "bf16", 2)
+    assert (fp8.peak_dtype, fp8.peak, bf16.peak_dtype) == ("fp8", 1979e12, "bf16")
+    assert fp8.time_s < bf16.time_s
+
+
+def test_measured_tables_and_tpus_keep_their_step_tables():
+    op, sizes = _einsum("c[I,K] = a[I,J] * b[J,K]", "I=4096 J=4096 K=4096",
+                        "input a[I,J]\ninput b[J,K]")
+    flops = op_flops(op, sizes)
+    h100 = preset("h100x8")
+    assert prices_by_shape(h100) and not prices_by_shape(preset("tpu-v5e:2x4"))
+    measured = dataclasses.replace(h100, efficiency=Efficiency(
+        matrix=((0, 0.5),), vector=((0, 0.5),), memory=((0, 0.5),), source="measured"))
+    assert not prices_by_shape(measured)
+    cost = op_time(op, flops, 0, measured, "highest", sizes)
+    assert cost.math_s == pytest.approx(flops / (66.9e12 * 0.5))
+    tpu = op_time(op, flops, 0, preset("tpu-v5e:2x4"), "default", sizes)
+    # 137 GFLOP: Calculon's step of 128 GFLOP and more, 0.95
+    assert tpu.math_s == pytest.approx(flops / (TPU_V5E.peak_flops["bf16"].value * 0.95))
+    shaped = op_time(op, flops, 0, h100, "highest", sizes)
+    _, fit = gemm_fit(H100.name, "f32")
+    assert shaped.math_s == pytest.approx(gemm_math_time(GemmShape(4096, 4096, 4096), 66.9e12,
+                                                         132, fit))
+
+
+def test_a_chip_without_data_takes_the_default_fit():
+    sms, fit = gemm_fit("some future GPU", "bf16")
+    assert (sms.value, fit) == (132, DEFAULT_FIT)
+    assert all("fit half" in f.source for f in (fit.sustained, fit.k_overhead, fit.launch))
+    assert math.isclose(gemm_fit(B200.name, "bf16")[0].value, 148)
