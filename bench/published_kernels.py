@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from cost_model.attention import AttentionShape, flash_attention_time  # noqa: E402
 from cost_model.cluster import preset  # noqa: E402
-from cost_model.compute import matmul_time  # noqa: E402
+from cost_model.compute import matmul_time, peak_flops  # noqa: E402
 from cost_model.hardware import Figure  # noqa: E402
 from cost_model.matmul import GemmFit, GemmShape, gemm_fit, gemm_math_time  # noqa: E402
 
@@ -88,11 +88,13 @@ def read_rows(directory: Path) -> list[Row]:
     """Every kernel row, with its half: the loader of bench/published/ where there is one,
     else the same rule read here."""
     try:
-        from bench.published import load  # the data's own loader
-        rows = [Row(r.file, r.fields, r.half) for r in load.kernel_rows(directory)]  # type: ignore
-        return rows
-    except (ImportError, AttributeError, TypeError):
-        pass
+        from bench.published import load  # the data's own loader (typed; None where empty)
+    except ImportError:
+        load = None
+    if load is not None:
+        return [Row(row["file"], {key: "" if value is None else str(value)
+                                  for key, value in row.items()}, row["half"])
+                for row in load.kernel_rows(directory)]
     curves: dict[tuple, list[tuple[str, dict]]] = {}
     for path in sorted(directory.glob("*.csv")):
         lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
@@ -272,7 +274,47 @@ def fit_matmul(rows: list[Row]) -> dict[tuple[str, str], tuple[GemmFit, float, i
     return fits
 
 
+def fit_attention(rows: list[Row]) -> dict[str, tuple[float, dict, float, int]]:
+    """chip name -> (L0, {(peak dtype, direction, head_dim): top}, mean |log error|, rows):
+    for each L0 of a grid, each top is the one minimizing the mean |log error| of its rows
+    (the median of their implied tops), on the fit half only."""
+    groups: dict[str, list] = {}
+    for row in rows:
+        fields = row.fields
+        name = preset_of(fields.get("system", ""))
+        dtype = DTYPES.get((fields.get("dtype") or "").strip().lower())
+        if row.half != "fit" or fields.get("kernel", "").strip() != "flash_attention" \
+                or name is None or dtype is None or measured_s(fields) is None:
+            continue
+        cluster = preset(name)
+        shape = attention_shape(fields)
+        peak_dtype, peak = peak_flops(cluster.chip, dtype, True)
+        reached = kernel_flops(fields) / measured_s(fields) / peak
+        keys = shape.seq_k / 2 if shape.causal else shape.seq_k
+        groups.setdefault(cluster.chip.name, []).append(
+            ((peak_dtype, direction(fields), shape.head_dim), keys, reached))
+    fits = {}
+    for chip, members in groups.items():
+        best = (math.inf, 0.0, {})
+        for overhead in _frange(0, 2048, 8):
+            implied: dict[tuple, list[float]] = {}
+            for key, keys, reached in members:
+                implied.setdefault(key, []).append(math.log(reached * (keys + overhead) / keys))
+            tops = {key: math.exp(statistics.median(logs)) for key, logs in implied.items()}
+            loss = statistics.fmean(
+                abs(math.log(tops[key] * keys / (keys + overhead) / reached))
+                for key, keys, reached in members)
+            if loss < best[0] - 1e-12:
+                best = (loss, overhead, tops)
+        fits[chip] = (best[1], best[2], best[0], len(members))
+    return fits
+
+
 def print_fit(rows: list[Row]) -> None:
+    for chip, (overhead, tops, loss, count) in sorted(fit_attention(rows).items()):
+        print(f"flash_attention {chip}: keys_overhead {overhead:.0f}  " + "  ".join(
+            f"{dtype} {way} d{head_dim}: {top:.3f}" for (dtype, way, head_dim), top in sorted(tops.items()))
+            + f"  (mean |log error| {loss:.3f} on {count} fit rows)")
     for (chip, dtype), (fit, loss, count) in sorted(fit_matmul(rows).items()):
         print(f"matmul {chip} {dtype}: sustained {fit.sustained.value:.3f}  "
               f"k_overhead {fit.k_overhead.value:.0f}  launch {fit.launch.value * 1e6:.1f} us  "
