@@ -127,7 +127,23 @@ def attention_shape(fields: dict) -> AttentionShape:
     return AttentionShape(batch=_count(fields, "batch", 1) * _count(fields, "heads", 1),
                           seq_q=seq_q, seq_k=_count(fields, "seq_k", seq_q),
                           head_dim=_count(fields, "head_dim"), value_dim=_count(fields, "head_dim"),
-                          causal=(fields.get("causal") or "").strip().lower() in ("1", "true", "yes"))
+                          causal=(fields.get("causal") or "").strip().lower() in ("1", "true", "yes"),
+                          direction="bwd" if direction(fields) == "bwd" else "fwd")
+
+
+# Which implementation a row's `system` names, most specific first.
+IMPLEMENTATIONS = (("flashattention-3", "flash3"), ("flash_v3", "flash3"), ("colfax", "cutlass"),
+                   ("cutlass", "cutlass"), ("thunderkittens", "thunderkittens"),
+                   ("flexattention", "flex"), ("flex_attention", "flex"), ("triton", "triton"),
+                   ("flashattention-2", "flash2"), ("flash_v2", "flash2"), ("sdpa", "flash2"))
+
+
+def implementation(fields: dict) -> str | None:
+    system = (fields.get("system") or "").lower()
+    for text, kernel in IMPLEMENTATIONS:
+        if text in system:
+            return kernel
+    return None  # the chip's best kernel
 
 
 def direction(fields: dict) -> str:
@@ -167,12 +183,8 @@ def predicted_s(fields: dict, cluster) -> float:
     width = WIDTH[dtype]
     hbm = shape.batch * width * (shape.seq_q * (shape.head_dim + shape.value_dim)
                                  + shape.seq_k * (shape.head_dim + shape.value_dim))
-    return flash_attention_time(cluster, dtype, shape, int(flops), hbm).time_s * \
-        _direction_factor(fields)
-
-
-def _direction_factor(fields: dict) -> float:
-    return 1.0  # the FLOPs already count the direction; the efficiency is the forward pass's
+    return flash_attention_time(cluster, dtype, shape, int(flops), hbm,
+                                kernel=implementation(fields)).time_s
 
 
 @dataclass
@@ -235,6 +247,13 @@ def report(directory: Path = KERNELS) -> list[dict]:
 
 # -- fitting (on the fit half only)
 
+def _preset_or_none(name: str):
+    try:
+        return preset(name)
+    except ValueError:  # a chip whose preset this tree does not have yet
+        return None
+
+
 def _frange(start: float, stop: float, step: float) -> list[float]:
     return [start + step * k for k in range(int(round((stop - start) / step)) + 1)]
 
@@ -250,7 +269,9 @@ def fit_matmul(rows: list[Row]) -> dict[tuple[str, str], tuple[GemmFit, float, i
         if row.half != "fit" or fields.get("kernel", "").strip() != "matmul" or name is None \
                 or dtype is None or measured_s(fields) is None:
             continue
-        cluster = preset(name)
+        cluster = _preset_or_none(name)
+        if cluster is None:
+            continue
         shape = GemmShape(_count(fields, "m"), _count(fields, "n"), _count(fields, "k"),
                           _count(fields, "batch", 1))
         out = 2 if WIDTH[dtype] == 1 else WIDTH[dtype]
@@ -261,10 +282,10 @@ def fit_matmul(rows: list[Row]) -> dict[tuple[str, str], tuple[GemmFit, float, i
     fits = {}
     for key, members in groups.items():
         best = (math.inf, None)
-        for k0 in _frange(0, 512, 16):
+        for block in _frange(0, 8e-6, 0.2e-6):
             for launch in _frange(0, 12e-6, 0.5e-6):
                 for sustained in _frange(0.40, 1.0, 0.005):
-                    fit = GemmFit(Figure(sustained, ""), Figure(k0, ""), Figure(launch, ""))
+                    fit = GemmFit(Figure(sustained, ""), Figure(block, ""), Figure(launch, ""))
                     loss = statistics.fmean(
                         abs(math.log(max(gemm_math_time(shape, peak, sms, fit), memory) / measured))
                         for shape, peak, sms, memory, measured in members)
@@ -274,8 +295,9 @@ def fit_matmul(rows: list[Row]) -> dict[tuple[str, str], tuple[GemmFit, float, i
     return fits
 
 
-def fit_attention(rows: list[Row]) -> dict[str, tuple[float, dict, float, int]]:
-    """chip name -> (L0, {(peak dtype, direction, head_dim): top}, mean |log error|, rows):
+def fit_attention(rows: list[Row]) -> dict[tuple[str, str], tuple]:
+    """(chip name, kernel) -> (L0, {(peak dtype, direction, head_dim): top}, mean |log error|,
+    rows, files):
     for each L0 of a grid, each top is the one minimizing the mean |log error| of its rows
     (the median of their implied tops), on the fit half only."""
     groups: dict[str, list] = {}
@@ -286,38 +308,42 @@ def fit_attention(rows: list[Row]) -> dict[str, tuple[float, dict, float, int]]:
         if row.half != "fit" or fields.get("kernel", "").strip() != "flash_attention" \
                 or name is None or dtype is None or measured_s(fields) is None:
             continue
-        cluster = preset(name)
+        cluster = _preset_or_none(name)
+        if cluster is None:
+            continue
         shape = attention_shape(fields)
         peak_dtype, peak = peak_flops(cluster.chip, dtype, True)
         reached = kernel_flops(fields) / measured_s(fields) / peak
         keys = shape.seq_k / 2 if shape.causal else shape.seq_k
-        groups.setdefault(cluster.chip.name, []).append(
-            ((peak_dtype, direction(fields), shape.head_dim), keys, reached))
+        kernel = implementation(fields) or "best"
+        groups.setdefault((cluster.chip.name, kernel), []).append(
+            ((peak_dtype, direction(fields), shape.head_dim), keys, reached, row.file))
     fits = {}
-    for chip, members in groups.items():
+    for chip, members in groups.items():  # chip: (chip name, kernel)
         best = (math.inf, 0.0, {})
         for overhead in _frange(0, 2048, 8):
             implied: dict[tuple, list[float]] = {}
-            for key, keys, reached in members:
+            for key, keys, reached, _ in members:
                 implied.setdefault(key, []).append(math.log(reached * (keys + overhead) / keys))
             tops = {key: math.exp(statistics.median(logs)) for key, logs in implied.items()}
             loss = statistics.fmean(
                 abs(math.log(tops[key] * keys / (keys + overhead) / reached))
-                for key, keys, reached in members)
+                for key, keys, reached, _ in members)
             if loss < best[0] - 1e-12:
                 best = (loss, overhead, tops)
-        fits[chip] = (best[1], best[2], best[0], len(members))
+        files = sorted({member[3] for member in members})
+        fits[chip] = (best[1], best[2], best[0], len(members), files)
     return fits
 
 
 def print_fit(rows: list[Row]) -> None:
-    for chip, (overhead, tops, loss, count) in sorted(fit_attention(rows).items()):
-        print(f"flash_attention {chip}: keys_overhead {overhead:.0f}  " + "  ".join(
+    for (chip, kernel), (overhead, tops, loss, count, files) in sorted(fit_attention(rows).items()):
+        print(f"flash_attention {chip} {kernel}: keys_overhead {overhead:.0f}  " + "  ".join(
             f"{dtype} {way} d{head_dim}: {top:.3f}" for (dtype, way, head_dim), top in sorted(tops.items()))
-            + f"  (mean |log error| {loss:.3f} on {count} fit rows)")
+            + f"  (mean |log error| {loss:.3f} on {count} fit rows of {', '.join(files)})")
     for (chip, dtype), (fit, loss, count) in sorted(fit_matmul(rows).items()):
         print(f"matmul {chip} {dtype}: sustained {fit.sustained.value:.3f}  "
-              f"k_overhead {fit.k_overhead.value:.0f}  launch {fit.launch.value * 1e6:.1f} us  "
+              f"block {fit.block.value * 1e6:.1f} us  launch {fit.launch.value * 1e6:.1f} us  "
               f"(mean |log error| {loss:.3f} on {count} fit rows)")
 
 

@@ -8,20 +8,21 @@ Guide", sections "Tile Quantization" and "Wave Quantization"). So:
 
     tiles   = ceil(M / Tm) · ceil(N / Tn) · batch
     waves   = ceil(tiles / SMs)
-    time    = launch + waves · 2·Tm·Tn·(K + K0) / (peak · sustained / SMs)
+    time    = launch + waves · (2·Tm·Tn·K / (peak · sustained / SMs) + block)
 
 for the tile (Tm, Tn) that is fastest (cuBLAS's heuristics choose among its
 kernels; we take the best of the large tiles its Ampere and Hopper kernels
 use). A C of fewer tiles than SMs splits K (split-K: each tile's K loop
-shared by 2, 4, ... thread blocks, each paying K0; the partial sums' own
-traffic is left out). Three constants per chip and dtype are fitted to public cuBLASLt
+shared by 2, 4, ... thread blocks, each paying `block`; the partial sums'
+own traffic is left out). Three constants per chip and dtype are fitted to public cuBLASLt
 measurements (bench/published/kernels/), on the fit half only:
 
 - `sustained`: the fraction of peak an SM's tensor cores keep up in the main
   loop (clocks under power limits, instruction issue);
-- `k_overhead` (K0): each tile's prologue and epilogue (filling the
-  pipeline, writing C) as a number of extra K steps, which is why a short K
-  is slow even on a large C;
+- `block`: each wave's fixed cost in seconds, a thread block's prologue
+  and epilogue (filling the operand pipeline, writing its C tile), which is
+  why a short K is slow even on a large C. Seconds, not steps of K: it is
+  memory latency, so it does not scale with the dtype's peak;
 - `launch`: the kernel's fixed cost, which dominates a small problem.
 
 The HBM side (operands read once, the result written once) stays the
@@ -40,7 +41,6 @@ from einpar.ir import Einsum
 from .hardware import Figure
 
 KERNELS_SOURCE = "bench/published/kernels"
-AZURE = "Azure/AI-benchmarking-guide@8fd0c6e Azure_Results"
 NV_GEMM_GUIDE = ("NVIDIA Deep Learning Performance docs, 'Matrix Multiplication Background "
                  "User's Guide' (tile and wave quantization)")
 
@@ -98,7 +98,7 @@ class GemmFit:
     """A chip's fitted constants for one peak (dtype)."""
 
     sustained: Figure  # fraction of the peak in the main loop
-    k_overhead: Figure  # K0, in elements of K
+    block: Figure  # seconds per wave: a block's prologue and epilogue
     launch: Figure  # seconds
 
 
@@ -121,25 +121,25 @@ def _fitted(csv: str, value: float, note: str = "") -> Figure:
     return Figure(value, f"fitted to the fit half of {KERNELS_SOURCE}/{csv}", note)
 
 
+def _fit(sustained: float, block: float, launch: float, note: str = "",
+         csv: str = "azure-ai-benchmarking-guide.csv") -> GemmFit:
+    return GemmFit(_fitted(csv, sustained), _fitted(csv, block), _fitted(csv, launch, note))
+
+
 # Filled by bench/published_kernels.py --fit (see docs/cost.md, Compute): the constants below
 # are its output on the fit half of each curve.
-AZURE_CSV = "azure-ai-benchmarking-guide.csv"
 GEMM_CHIPS: dict[str, GemmChip] = {
     "A100-SXM-80GB": GemmChip(Figure(108, A100_WHITEPAPER), {
-        "f16": GemmFit(_fitted(AZURE_CSV, 0.820), _fitted(AZURE_CSV, 160),
-                       _fitted(AZURE_CSV, 1.5e-6)),
+        "f16": _fit(0.830, 4.0e-6, 0.0, "the fit puts the whole fixed cost per wave"),
     }),
     "H100-SXM": GemmChip(Figure(132, H100_WHITEPAPER), {
-        "fp8": GemmFit(_fitted(AZURE_CSV, 0.710), _fitted(AZURE_CSV, 416),
-                       _fitted(AZURE_CSV, 5.0e-6)),
+        "fp8": _fit(0.735, 2.8e-6, 3.5e-6),
     }),
     "H200": GemmChip(Figure(132, H100_WHITEPAPER, "the same GH100 die as H100 SXM5"), {
-        "fp8": GemmFit(_fitted(AZURE_CSV, 0.690), _fitted(AZURE_CSV, 304),
-                       _fitted(AZURE_CSV, 4.5e-6)),
+        "fp8": _fit(0.700, 2.0e-6, 3.5e-6),
     }),
     "GB200": GemmChip(Figure(148, B200_SMS, "GB200's GPUs are B200 dies"), {
-        "fp8": GemmFit(_fitted(AZURE_CSV, 0.615), _fitted(AZURE_CSV, 416),
-                       _fitted(AZURE_CSV, 3.0e-6)),
+        "fp8": _fit(0.620, 1.4e-6, 2.0e-6),
     }),
 }
 # A GPU without measurements takes H100's fit (the most measured chip of the set): its
@@ -175,9 +175,9 @@ def gemm_math_time(shape: GemmShape, peak: float, sms: int, fit: GemmFit) -> flo
         split = 1
         while True:  # split-K: `split` blocks per tile, each summing K/split, while it pays
             waves = math.ceil(tiles * split / sms)
-            best = min(best, waves * 2 * tm * tn * (math.ceil(shape.k / split)
-                                                     + fit.k_overhead.value) / per_sm)
+            best = min(best, waves * (2 * tm * tn * math.ceil(shape.k / split) / per_sm
+                                      + fit.block.value))
             if tiles * split >= sms or split >= shape.k:
                 break
-            split *= 2  # K0 per block stops a split that does not pay
+            split *= 2  # each wave's `block` stops a split that does not pay
     return fit.launch.value + best

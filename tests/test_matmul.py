@@ -60,21 +60,27 @@ def test_a_chain_of_three_is_a_gemm_per_step_of_its_path():
 def test_a100_4096_cubed_by_hand():
     sms, fit = gemm_fit(A100.name, "f16")
     assert sms.value == 108
-    assert (fit.sustained.value, fit.k_overhead.value, fit.launch.value) == (0.82, 160, 1.5e-6)
+    assert (fit.sustained.value, fit.block.value, fit.launch.value) == (0.83, 4.0e-6, 0.0)
     # 128x128 tiles: 32·32 = 1024 tiles in 10 waves of 108; 128x256: 512 tiles in 5 waves of
-    # twice the work. Both: 10 waves of 2·128·128·(4096 + 160) FLOPs at 312e12·0.82/108 per SM.
-    per_sm = 312e12 * 0.82 / 108
-    expected = 1.5e-6 + 10 * 2 * 128 * 128 * (4096 + 160) / per_sm
+    # twice the work. 128x128 wins on the fixed cost: 10 waves of 2·128·128·4096 FLOPs at
+    # 312e12·0.83/108 per SM and 4 us each (128x256: 5 waves of twice the FLOPs, 4 us each:
+    # the same FLOP time, half the fixed cost; so 128x256 wins).
+    per_sm = 312e12 * 0.83 / 108
+    expected = 5 * (2 * 128 * 256 * 4096 / per_sm + 4.0e-6)
     assert gemm_math_time(GemmShape(4096, 4096, 4096), 312e12, 108, fit) == pytest.approx(expected)
 
 
 def test_a_small_c_splits_k():
-    _, fit = gemm_fit(A100.name, "f16")
-    per_sm = 312e12 * 0.82 / 108
-    # C is one 128x128 tile: split K=8192 in 64 blocks (one wave), each 128 of K plus K0 = 160;
-    # 128 blocks would take two waves of (64 + 160), 32 one wave of (256 + 160).
-    expected = 1.5e-6 + 2 * 128 * 128 * (128 + 160) / per_sm
-    assert gemm_math_time(GemmShape(128, 128, 8192), 312e12, 108, fit) == pytest.approx(expected)
+    _, fit = gemm_fit(H100.name, "fp8")
+    assert (fit.sustained.value, fit.block.value, fit.launch.value) == (0.735, 2.8e-6, 3.5e-6)
+    per_sm = 1979e12 * 0.735 / 132
+    # C is one 128x128 tile and K = 65536: splits of 1, 2, ..., 128 blocks all fit in one wave
+    # of 132 SMs, so the most (128 blocks of 512 of K each) is fastest; 256 would take two.
+    expected = 3.5e-6 + 2 * 128 * 128 * 512 / per_sm + 2.8e-6
+    assert gemm_math_time(GemmShape(128, 128, 65536), 1979e12, 132, fit) == \
+        pytest.approx(expected)
+    # the same without splitting would be 128 times the FLOP time
+    assert expected < 3.5e-6 + 2.8e-6 + 2 * 128 * 128 * 65536 / per_sm / 100
 
 
 def test_the_fit_reproduces_the_held_out_azure_table():
@@ -145,5 +151,39 @@ def test_measured_tables_and_tpus_keep_their_step_tables():
 def test_a_chip_without_data_takes_the_default_fit():
     sms, fit = gemm_fit("some future GPU", "bf16")
     assert (sms.value, fit) == (132, DEFAULT_FIT)
-    assert all("fit half" in f.source for f in (fit.sustained, fit.k_overhead, fit.launch))
+    assert all("fit half" in f.source for f in (fit.sustained, fit.block, fit.launch))
     assert math.isclose(gemm_fit(B200.name, "bf16")[0].value, 148)
+
+
+# ---- flash attention's efficiency (cost_model/attention.py)
+
+def test_flash_attention_efficiency_by_hand():
+    from einpar.cost_model.attention import DEFAULT_EFFICIENCY, AttentionShape, attention_efficiency
+    shape = AttentionShape(batch=16, seq_q=4096, seq_k=4096, head_dim=128, value_dim=128)
+    # H100 is priced with FlashAttention-3: top 0.639 at head_dim 128, L0 = 240 keys
+    h100 = attention_efficiency(preset("h100x8"), "bf16", shape)
+    assert h100.value == pytest.approx(0.639 * 4096 / (4096 + 240))
+    assert "fit half" in h100.source
+    # causal: a query sees half the keys on average
+    causal = attention_efficiency(preset("h100x8"), "bf16", dataclasses.replace(shape, causal=True))
+    assert causal.value == pytest.approx(0.639 * 2048 / (2048 + 240))
+    # head_dim 96 has no figure: the nearest one's, and 96 is as far from 64 as from 128, so
+    # the smaller (the lower efficiency) wins the tie
+    d96 = attention_efficiency(preset("h100x8"), "bf16", dataclasses.replace(shape, head_dim=96))
+    assert d96.value == pytest.approx(0.428 * 4096 / (4096 + 240))
+    # a named kernel, and a chip without data
+    flash2 = attention_efficiency(preset("h100x8"), "bf16", shape, kernel="flash2")
+    assert flash2.value == pytest.approx(0.309 * 4096 / (4096 + 64))
+    assert attention_efficiency(preset("a100x8"), "bf16", shape) == DEFAULT_EFFICIENCY
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 1 << 17), st.integers(1, 1 << 17), st.sampled_from([64, 96, 128, 256]),
+       st.booleans())
+def test_longer_keys_never_lower_flash_attention_efficiency(seq_k, more, head_dim, causal):
+    from einpar.cost_model.attention import AttentionShape, attention_efficiency
+    h100 = preset("h100x8")
+    shape = AttentionShape(8, 1024, seq_k, head_dim, head_dim, causal)
+    longer = dataclasses.replace(shape, seq_k=seq_k + more)
+    low, high = (attention_efficiency(h100, "bf16", s).value for s in (shape, longer))
+    assert 0 < low <= high < 1
