@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from einpar.ir import Einsum
+from einpar.ir import HALF_DTYPES, Einsum, work_dtype
 from einpar.precision import DEFAULT_PRECISION, TPU_HIGHEST_PASSES, check_precision
 
 from .cluster import CALCULON_EFFICIENCY, Cluster
@@ -125,13 +125,28 @@ def _shape_math_s(gemms: list[GemmShape], flops: int, cluster: Cluster, peak_dty
     return math_s
 
 
+def computed_dtype(op, operand_dtypes=None) -> str:
+    """The dtype an op's arithmetic runs in: its result's, except a contraction of narrow
+    operands of one dtype into a float32 result, which the backends run on the operands'
+    units accumulating in float32 (preferred_element_type, backends/jax_codegen.py)."""
+    result = op.result.type.dtype
+    if isinstance(op, Einsum) and operand_dtypes and len(set(operand_dtypes)) == 1 \
+            and work_dtype(result) == "f32":
+        [operands] = set(operand_dtypes)
+        if operands in HALF_DTYPES:
+            return operands
+    return result
+
+
 def op_time(op, flops: int, hbm_bytes: int, cluster: Cluster,
-            precision: str = DEFAULT_PRECISION, sizes: dict[str, int] | None = None) -> ComputeTime:
+            precision: str = DEFAULT_PRECISION, sizes: dict[str, int] | None = None,
+            operand_dtypes=None) -> ComputeTime:
     """Roofline time of one local op of `flops` FLOPs moving `hbm_bytes`, its f32 matmuls
     at `precision` (einpar.precision). Given the op's local index `sizes`, a contraction
-    on a GPU preset is priced by its shape (module docstring)."""
+    on a GPU preset is priced by its shape (module docstring); given its operands' dtypes,
+    a contraction of narrow operands at their peak (computed_dtype)."""
     matrix = isinstance(op, Einsum) and (bool(op.summed) or len(op.operands) > 1)
-    dtype, peak = peak_flops(cluster.chip, op.result.type.dtype, matrix, precision)
+    dtype, peak = peak_flops(cluster.chip, computed_dtype(op, operand_dtypes), matrix, precision)
     efficiency = cluster.efficiency
     gemms = einsum_gemms(op, sizes) if matrix and sizes is not None and prices_by_shape(cluster) \
         else []

@@ -41,8 +41,6 @@ from einpar.ir import Einsum
 from .hardware import Figure
 
 KERNELS_SOURCE = "bench/published/kernels"
-NV_GEMM_GUIDE = ("NVIDIA Deep Learning Performance docs, 'Matrix Multiplication Background "
-                 "User's Guide' (tile and wave quantization)")
 
 
 @dataclass(frozen=True)
