@@ -1,7 +1,10 @@
 """The shape-aware matmul model (cost_model/matmul.py) and the fp8 peak."""
 
 import dataclasses
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -187,3 +190,42 @@ def test_longer_keys_never_lower_flash_attention_efficiency(seq_k, more, head_di
     longer = dataclasses.replace(shape, seq_k=seq_k + more)
     low, high = (attention_efficiency(h100, "bf16", s).value for s in (shape, longer))
     assert 0 < low <= high < 1
+
+
+# ---- the constants are the fit of the published data's fit half
+
+KERNELS = Path(__file__).resolve().parent.parent / "bench" / "published" / "kernels"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "published_kernels", KERNELS.parent.parent / "published_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not KERNELS.is_dir(), reason="no published kernel measurements in this tree")
+def test_the_constants_are_the_fit_of_the_fit_half():
+    bench = _bench()
+    rows = bench.read_rows(KERNELS)
+    for (chip, dtype), (fit, _, _) in bench.fit_matmul(rows).items():
+        [held] = [f for name, c in GEMM_CHIPS.items() if name == chip for d, f in c.fits.items()
+                  if d == dtype]
+        assert (held.sustained.value, held.block.value, held.launch.value) == pytest.approx(
+            (fit.sustained.value, fit.block.value, fit.launch.value), abs=1e-9), (chip, dtype)
+    from einpar.cost_model.attention import ATTENTION_FITS
+    for (chip, kernel), (overhead, tops, _, _, _) in bench.fit_attention(rows).items():
+        held = ATTENTION_FITS[(chip, kernel)]
+        assert held.keys_overhead.value == overhead
+        for (dtype, direction, head_dim), top in tops.items():
+            assert held.top[(dtype, direction)][head_dim].value == pytest.approx(top, abs=5e-4)
+
+
+@pytest.mark.skipif(not KERNELS.is_dir(), reason="no published kernel measurements in this tree")
+def test_held_out_kernels_within_15_percent():
+    for entry in _bench().report(KERNELS):
+        if entry["half"] == "held_out":
+            assert entry["median_abs_error"] < 0.15, entry
