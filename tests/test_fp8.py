@@ -5,6 +5,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from einpar import api
 from einpar.backends.reference import evaluate
@@ -12,7 +13,10 @@ from einpar.cost_model.cluster import preset
 from einpar.cost_model.estimate import estimate
 from einpar.errors import EinparError
 from einpar.inputs import load_inputs
+from einpar.testing import programs
 from einpar.tolerance import compare, program_tolerance
+
+from test_generated_programs import check_and_evaluate, compile_generated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +105,18 @@ def test_fp8_contractions_are_priced_at_the_fp8_peak(cluster, peak):
     # h.1 is an fp8 contraction; y's fp8 operands accumulate into f32 on the same units
     assert details["h.1"] == details["y"] == f"at {peak} peak"
     assert details["h"] == "at bf16 peak"  # elementwise fp8 work: the half-precision rules
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(dtypes=("f8e4m3", "f8e5m2", "bf16"), max_statements=4))
+def test_generated_fp8_programs_check_and_simulate_as_the_reference(generated):
+    """The generator's promotion (einpar.testing) agrees with the checker's on fp8, and the
+    simulated devices compute what the reference does."""
+    check_and_evaluate(generated)
+    program = compile_generated(generated)
+    inputs = api.random_inputs(program, 0)
+    reference = evaluate(program, inputs)
+    outputs, _ = api.run_simulated(program, inputs)
+    for output in program.outputs:
+        assert compare(output.name, reference[output.name], outputs[output.name],
+                       program_tolerance(program)).ok
