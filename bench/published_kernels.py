@@ -66,14 +66,6 @@ class Row:
     fields: dict
     half: str  # fit or held_out
 
-    def int(self, name: str, default: int = 0) -> int:
-        text = (self.fields.get(name) or "").strip()
-        return int(float(text)) if text else default
-
-    def float(self, name: str) -> float | None:
-        text = (self.fields.get(name) or "").strip()
-        return float(text) if text else None
-
 
 def _curve_key(file: str, fields: dict) -> tuple:
     return (file, fields.get("system", ""), fields.get("kernel", ""), fields.get("dtype", ""))
@@ -127,7 +119,8 @@ def attention_shape(fields: dict) -> AttentionShape:
     return AttentionShape(batch=_count(fields, "batch", 1) * _count(fields, "heads", 1),
                           seq_q=seq_q, seq_k=_count(fields, "seq_k", seq_q),
                           head_dim=_count(fields, "head_dim"), value_dim=_count(fields, "head_dim"),
-                          causal=(fields.get("causal") or "").strip().lower() in ("1", "true", "yes"),
+                          causal=(fields.get("causal") or "").strip().lower()
+                          in ("1", "true", "yes"),
                           direction="bwd" if direction(fields) == "bwd" else "fwd")
 
 
@@ -339,7 +332,8 @@ def fit_attention(rows: list[Row]) -> dict[tuple[str, str], tuple]:
 def print_fit(rows: list[Row]) -> None:
     for (chip, kernel), (overhead, tops, loss, count, files) in sorted(fit_attention(rows).items()):
         print(f"flash_attention {chip} {kernel}: keys_overhead {overhead:.0f}  " + "  ".join(
-            f"{dtype} {way} d{head_dim}: {top:.3f}" for (dtype, way, head_dim), top in sorted(tops.items()))
+            f"{dtype} {way} d{head_dim}: {top:.3f}"
+            for (dtype, way, head_dim), top in sorted(tops.items()))
             + f"  (mean |log error| {loss:.3f} on {count} fit rows of {', '.join(files)})")
     for (chip, dtype), (fit, loss, count) in sorted(fit_matmul(rows).items()):
         print(f"matmul {chip} {dtype}: sustained {fit.sustained.value:.3f}  "
@@ -357,8 +351,9 @@ def print_rows(priced: list[Priced]) -> None:
             shape = f"{fields['m']}x{fields['n']}x{fields['k']}" + \
                 (f" b{fields['batch']}" if _count(fields, "batch", 1) > 1 else "")
         else:
+            causal = " causal" if attention_shape(fields).causal else ""
             shape = (f"b{fields.get('batch')} h{fields.get('heads')} s{fields.get('seq_q')} "
-                     f"d{fields.get('head_dim')}{' causal' if attention_shape(fields).causal else ''}"
+                     f"d{fields.get('head_dim')}{causal}"
                      f" {direction(fields)}")
         flops = kernel_flops(fields)
         print(f"{item.row.half:8} {item.preset.split('x')[0]:6} {fields['kernel']:16} "

@@ -26,10 +26,10 @@ Which peak a dtype gets: bf16 and f16 their own; f32 matmuls what the
 matmul precision (einpar.precision) computes them in: at `highest` the FP32
 peak on a GPU and a sixth of the bf16 MXU peak on a TPU (6 bf16 passes), at
 `default` the TF32 tensor-core peak on a GPU (FP32 where it has none) and the
-bf16 peak on a TPU; elementwise f32 the f32 peak where there is one; f8e4m3 and f8e5m2 contractions the fp8
-tensor-core peak (a chip without one upcasts, as XLA does, and gets its
-bf16 or f16 peak), their elementwise work the f16/bf16 rules. A chip
-with no figure for a dtype gets a clear error.
+bf16 peak on a TPU; elementwise f32 the f32 peak where there is one;
+f8e4m3 and f8e5m2 contractions the fp8 tensor-core peak (a chip without one
+upcasts, as XLA does, and gets its bf16 or f16 peak), their elementwise work
+the f16/bf16 rules. A chip with no figure for a dtype gets a clear error.
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@ in waves; a last partial wave, or a tile hanging over the edge of C, leaves
 tensor cores idle (NVIDIA's "Matrix Multiplication Background User's
 Guide", sections "Tile Quantization" and "Wave Quantization"). So:
 
-    tiles   = ceil(M / Tm) · ceil(N / Tn) · batch
-    waves   = ceil(tiles / SMs)
-    time    = launch + waves · (2·Tm·Tn·K / (peak · sustained / SMs) + block)
+    blocks  = ceil(M / Tm) · ceil(N / Tn) · batch · split
+    waves   = ceil(blocks / SMs)
+    time    = launch + waves · (2·Tm·Tn·ceil(K / split) / (peak · sustained / SMs) + block)
 
-for the tile (Tm, Tn) that is fastest (cuBLAS's heuristics choose among its
-kernels; we take the best of the large tiles its Ampere and Hopper kernels
-use). A C of fewer tiles than SMs splits K (split-K: each tile's K loop
-shared by 2, 4, ... thread blocks, each paying `block`; the partial sums'
-own traffic is left out). Three constants per chip and dtype are fitted to public cuBLASLt
+for the tile (Tm, Tn) and split that are fastest (cuBLAS's heuristics choose
+among its kernels; we take the best of the large tiles its Ampere and Hopper
+kernels use). A C of fewer tiles than SMs splits K (split-K: each tile's K
+loop shared by 2, 4, ... thread blocks; the partial sums' own traffic is
+left out). Three constants per chip and dtype are fitted to public cuBLASLt
 measurements (bench/published/kernels/), on the fit half only:
 
 - `sustained`: the fraction of peak an SM's tensor cores keep up in the main
@@ -45,7 +45,7 @@ KERNELS_SOURCE = "bench/published/kernels"
 
 @dataclass(frozen=True)
 class GemmShape:
-    """One pairwise contraction as a batched GEMM: C[batch, m, n] = Σ_k A[batch, m, k] B[batch, k, n]."""
+    """One pairwise contraction as a batched GEMM: C[b, m, n] = Σ_k A[b, m, k] · B[b, k, n]."""
 
     m: int
     n: int
@@ -145,10 +145,6 @@ GEMM_CHIPS: dict[str, GemmChip] = {
 GEMM_CHIPS["B200"] = GemmChip(Figure(148, B200_SMS), GEMM_CHIPS["H100-SXM"].fits)
 DEFAULT_SMS = Figure(132, H100_WHITEPAPER, "assumed for a GPU without a published SM count")
 DEFAULT_FIT = GEMM_CHIPS["H100-SXM"].fits["fp8"]
-
-
-def gemm_chip(chip_name: str) -> GemmChip | None:
-    return GEMM_CHIPS.get(chip_name)
 
 
 def gemm_fit(chip_name: str, peak_dtype: str) -> tuple[Figure, GemmFit]:

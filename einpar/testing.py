@@ -45,8 +45,8 @@ from hypothesis.strategies import SearchStrategy
 from .layout import Mesh
 
 __all__ = [
-    "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo", "Contraction",
-    "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
+    "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo",
+    "Contraction", "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
 ]
 
 FLOAT_DTYPES = ("f32", "f64", "bf16", "f16", "f8e4m3", "f8e5m2")
