@@ -30,14 +30,16 @@ import string
 from einpar.flops import einsum_path
 from einpar.inputs import fan_in_of
 from einpar.precision import DEFAULT_PRECISION, JAX_PRECISION, check_precision
-from einpar.ir import (Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON, Operand, Program,
-                       Reduce, Repeat, Route, Scalar, einsum_subscripts, walk_ops, work_dtype)
+from einpar.ir import (HALF_DTYPES, Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON,
+                       Operand, Program, Reduce, Repeat, Route, Scalar, einsum_subscripts, walk_ops,
+                       work_dtype)
 from einpar.layout import Layout, Mesh
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
 
 JNP_DTYPES = {"f64": "jnp.float64", "f32": "jnp.float32", "bf16": "jnp.bfloat16",
-              "f16": "jnp.float16", "i32": "jnp.int32", "bool": "jnp.bool_"}
+              "f16": "jnp.float16", "f8e4m3": "jnp.float8_e4m3fn", "f8e5m2": "jnp.float8_e5m2",
+              "i32": "jnp.int32", "bool": "jnp.bool_"}
 
 # Names the module defines or imports, and the locals its functions use besides the program's
 # values (`_` for what lax.scan returns unused, `mesh` for global_program's keyword): a program
@@ -192,7 +194,7 @@ class OpWriter:
             # Three operands or more: the pairwise path einpar counts (einpar.flops), on the
             # shapes this code holds, so the device computes the FLOPs the cost model prices.
             path = self.path(op) if len(op.operands) > 2 else ""
-            if work == "f32" and len(dtypes) == 1 and dtypes <= {"f16", "bf16"}:
+            if work == "f32" and len(dtypes) == 1 and dtypes <= set(HALF_DTYPES):
                 # Products of half values are exact in float32: accumulate there, as the reference does.
                 args = ", ".join(self.names(o.value) for o in op.operands)
                 expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION, " \
@@ -292,7 +294,7 @@ class OpWriter:
         """The text and dtype of `expr` applied to its arguments' texts and dtypes."""
         if isinstance(expr, Cast):
             text = f"jnp.asarray({args[0][0]}).astype({JNP_DTYPES[expr.dtype]})"
-            if expr.dtype in ("f16", "bf16"):  # rounded to the half type, computed in float32
+            if expr.dtype in HALF_DTYPES:  # rounded to the narrow type, computed in float32
                 text += ".astype(jnp.float32)"
             return text, work_dtype(expr.dtype)
         texts = [text for text, _ in args]

@@ -23,7 +23,9 @@ from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, M
                        work_dtype)
 
 _NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
-                 "bf16": ml_dtypes.bfloat16, "i32": np.int32, "bool": np.bool_}
+                 "bf16": ml_dtypes.bfloat16, "f8e4m3": ml_dtypes.float8_e4m3fn,
+                 "f8e5m2": ml_dtypes.float8_e5m2, "i32": np.int32, "bool": np.bool_}
+_NARROW = (np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
@@ -37,7 +39,7 @@ def compute_dtype(dtype: str) -> np.dtype:
 
 def widen(array: np.ndarray) -> np.ndarray:
     """Half-precision arrays as float32; others unchanged."""
-    if array.dtype in (np.float16, ml_dtypes.bfloat16):
+    if array.dtype in _NARROW:
         return array.astype(np.float32)
     return array
 

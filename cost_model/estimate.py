@@ -165,7 +165,8 @@ class _Pricer:
             sizes.update(zip(operand.indices, self.spmd.values[operand.value].local_shape(self.mesh)))
             hbm += self.local_bytes(operand.value)
         flops = op_flops(op, sizes)
-        cost: ComputeTime = op_time(op, flops, hbm, self.cluster, self.precision)
+        cost: ComputeTime = op_time(op, flops, hbm, self.cluster, self.precision, sizes,
+                                    [self.spmd.values[o.value].type.dtype for o in op.operands])
         if flops > self.peak_dtype_flops[0]:
             self.peak_dtype_flops = (flops, cost.peak)
         return cost

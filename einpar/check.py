@@ -74,7 +74,7 @@ def parse_overrides(assignments: list[str] | None) -> dict[str, int]:
 # ---------------------------------------------------------------- dtypes
 
 _WEAK_INT, _WEAK_FLOAT = "~int", "~float"  # untyped numbers and sizes: they adopt the other side's type
-_RANK = {"bool": 0, "i32": 1, "f16": 2, "bf16": 2, "f32": 3, "f64": 4}
+_RANK = {"bool": 0, "i32": 1, "f8e4m3": 2, "f8e5m2": 2, "f16": 3, "bf16": 3, "f32": 4, "f64": 5}
 
 
 def _promote(a: str, b: str, default_float: str) -> str:
@@ -93,6 +93,8 @@ def _promote(a: str, b: str, default_float: str) -> str:
         return a
     if {a, b} == {"f16", "bf16"}:
         return "f32"
+    if {a, b} == {"f8e4m3", "f8e5m2"}:  # neither holds the other; bf16 holds both exactly
+        return "bf16"
     return a if _RANK[a] > _RANK[b] else b
 
 

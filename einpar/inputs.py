@@ -16,6 +16,7 @@ import numpy as np
 from einpar.backends.reference import numpy_dtype
 from .errors import Diagnostic, EinparError
 from .ir import FLOAT_DTYPES, Einsum, Program, Value, walk_ops
+from .layout import DTYPE_BYTES
 
 
 def _shape_text(shape) -> str:
@@ -79,8 +80,9 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
             problems.append(Diagnostic("E300", f"'{name}' in {source} has dtype {array.dtype}, "
                                                f"which does not convert to {value.type.dtype}"))
             continue
-        if array.dtype.kind == "V" and array.dtype.itemsize == 2 and value.type.dtype == "bf16":
-            array = array.view(numpy_dtype("bf16"))  # bf16 saved raw by np.savez
+        if array.dtype.kind == "V" and array.dtype.itemsize == DTYPE_BYTES[value.type.dtype] \
+                and value.type.dtype in ("bf16", "f8e4m3", "f8e5m2"):
+            array = array.view(numpy_dtype(value.type.dtype))  # ml_dtypes saved raw by np.savez
         try:
             converted[name] = array.astype(numpy_dtype(value.type.dtype))
         except (TypeError, ValueError):
@@ -135,7 +137,8 @@ def load_inputs(program: Program, path: str) -> dict[str, np.ndarray]:
                     problems.append(Diagnostic("E300", f"'{name}' in {path} holds Python "
                                                        "objects, not numbers", hint=hint))
                 elif (name in expected and shape == expected[name].type.shape
-                      and (dtype.kind in "biuf" or dtype.kind == "V" and dtype.itemsize == 2)):
+                      and (dtype.kind in "biuf" or dtype.kind == "V" and dtype.itemsize
+                           == DTYPE_BYTES[expected[name].type.dtype] <= 2)):
                     with archive.open(info) as member:
                         arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
                 else:

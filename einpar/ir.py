@@ -27,14 +27,16 @@ from typing import Iterator, Union
 from .errors import Span
 from .layout import DTYPE_BYTES, Layout, Mesh, format_dims
 
-FLOAT_DTYPES = ("f64", "f32", "bf16", "f16")
+FLOAT_DTYPES = ("f64", "f32", "bf16", "f16", "f8e4m3", "f8e5m2")
+# Narrow floats: computed in float32 and rounded on storing (fp8 as ml_dtypes rounds it).
+HALF_DTYPES = ("f16", "bf16", "f8e4m3", "f8e5m2")
 DTYPES = FLOAT_DTYPES + ("i32", "bool")
 
 
 def work_dtype(dtype: str) -> str:
     """The dtype a value of `dtype` is computed in: half precision in f32, rounded on storing
     (every backend and the library expansion follow this)."""
-    return "f32" if dtype in ("f16", "bf16") else dtype
+    return "f32" if dtype in HALF_DTYPES else dtype
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # Bytes per element of each dtype of the language.
-DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "bool": 1}
+DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "f8e4m3": 1, "f8e5m2": 1, "i32": 4,
+               "bool": 1}
 
 
 @dataclass(frozen=True)

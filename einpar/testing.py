@@ -24,7 +24,9 @@ divisions are by quantities of at least one, and the generator tracks a bound
 on the magnitude of every value the program stores (assuming inputs of
 magnitude at most 6, which `einpar.api.random_inputs` draws with
 overwhelming probability) and wraps a subexpression in `tanh` where that
-bound would grow past 3e4, so even f16 programs stay finite.
+bound would grow past 3e4, so even f16 programs stay finite. The fp8 types
+(largest values 448 and 57344) are below that bound, so `programs()` draws
+them only when asked (`dtypes=`).
 
 This module imports hypothesis, and nothing of JAX.
 """
@@ -43,11 +45,14 @@ from hypothesis.strategies import SearchStrategy
 from .layout import Mesh
 
 __all__ = [
-    "FLOAT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo", "Contraction",
-    "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
+    "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo",
+    "Contraction", "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
 ]
 
-FLOAT_DTYPES = ("f32", "f64", "bf16", "f16")
+FLOAT_DTYPES = ("f32", "f64", "bf16", "f16", "f8e4m3", "f8e5m2")
+# What `programs()` draws from unless told: the float types whose range holds the generator's
+# magnitude bound.
+DEFAULT_DTYPES = ("f32", "f64", "bf16", "f16")
 
 # What statements draw from (the `kinds` argument of `programs`):
 #   contraction  products of tensors with implicit sums (einsums), constant scales
@@ -337,7 +342,7 @@ class _Expr:
     kind: str = "ref"
 
 
-_RANK = {"f16": 1, "bf16": 1, "f32": 2, "f64": 3}
+_RANK = {"f8e4m3": 0, "f8e5m2": 0, "f16": 1, "bf16": 1, "f32": 2, "f64": 3}
 
 
 def _promote(a: str, b: str) -> str:
@@ -350,6 +355,8 @@ def _promote(a: str, b: str) -> str:
         return a
     if {a, b} == {"f16", "bf16"}:
         return "f32"
+    if {a, b} == {"f8e4m3", "f8e5m2"}:
+        return "bf16"
     return a if _RANK[a] > _RANK[b] else b
 
 
@@ -1076,7 +1083,7 @@ def _draw_dims(draw, mesh: MeshSpec, max_dims: int, max_dim_size: int, aliases: 
 
 def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_statements: int = 1,
              max_statements: int = 8, kinds: Iterable[str] | None = None, repeat: bool = True,
-             layouts: bool = True, dtypes: Iterable[str] = FLOAT_DTYPES, max_dims: int = 7,
+             layouts: bool = True, dtypes: Iterable[str] = DEFAULT_DTYPES, max_dims: int = 7,
              max_dim_size: int = 12, max_rank: int = 3, max_depth: int = 2,
              aliases: bool = True, formatting: bool = True,
              name_collisions: bool = True) -> SearchStrategy[GeneratedProgram]:
@@ -1094,8 +1101,9 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
         may appear.
       layouts: whether inputs, params, left sides and outputs get random layouts
         (single axes and `B@(dp,fsdp)`; never one axis twice in a tensor).
-      dtypes: float dtypes to draw from: the program's default (`dtype ...`) and, now
-        and then, a tensor's own (`input x[B] : f16`) or a statement's cast.
+      dtypes: float dtypes to draw from (of FLOAT_DTYPES; by default DEFAULT_DTYPES):
+        the program's default (`dtype ...`) and, now and then, a tensor's own
+        (`input x[B] : f16`) or a statement's cast.
       max_dims: at most this many dims besides aliases and the repeat count L.
       max_dim_size: the largest dim size; sizes are products of mesh axis sizes times
         a small factor, so layouts often fit.

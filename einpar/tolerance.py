@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 # About a dozen units in the last place of each float type, for chains of rounded ops.
-RELATIVE_TOLERANCE = {"f64": 1e-9, "f32": 1e-4, "f16": 6e-3, "bf16": 5e-2, "i32": 0.0, "bool": 0.0}
+RELATIVE_TOLERANCE = {"f64": 1e-9, "f32": 1e-4, "f16": 6e-3, "bf16": 5e-2, "i32": 0.0, "bool": 0.0,
+                      # fp8: two units in the last place at the top of the scale (3 and 2
+                      # mantissa bits): another summation order may round a value one unit away
+                      "f8e4m3": 0.25, "f8e5m2": 0.5}
 
 
 def program_tolerance(program, precision: str = "highest") -> float:

@@ -21,6 +21,7 @@ from einpar.cost_model.collectives import (collective_time, distinct_groups, mes
                                            torus_shapes)
 from einpar.cost_model.estimate import estimate
 from einpar.cost_model.hardware import H100, TPU_V5E
+from einpar.cost_model.matmul import GemmShape, gemm_fit, gemm_math_time
 from einpar.cost_model.trace import trace_events
 from einpar.errors import EinparError
 from einpar.layout import Mesh
@@ -209,9 +210,14 @@ def test_roofline_of_one_matmul_on_h100():
     flops = 2 * 128 * 512 * 256  # local [128,512] x [512,256]
     hbm = 4 * (128 * 512 + 512 * 256 + 128 * 256)
     assert (op.flops, op.hbm_bytes) == (flops, hbm)
-    # Calculon's steps: under 1 GFLOP runs at 0.10 of peak (f32 matmuls at the default precision,
-    # highest: FP32's 66.9 TFLOP/s); under 1 MB of traffic at 0.30 of HBM's 3.35 TB/s.
-    math_s = flops / (66.9e12 * 0.10)
+    # A GPU preset prices a contraction by its shape (cost_model/matmul.py): C is 128x256, two
+    # 128x128 tiles on H100's 132 SMs, so K = 512 splits: 64 blocks per tile (128 blocks in one
+    # wave), each 8 of K, plus the wave's fixed cost and the launch; the f32 matmul at the
+    # default precision, highest, runs at FP32's 66.9 TFLOP/s, H100's fit per SM.
+    _, fit = gemm_fit(H100.name, "f32")
+    per_sm = 66.9e12 * fit.sustained.value / 132
+    math_s = fit.launch.value + 2 * 128 * 128 * (512 / 64) / per_sm + fit.block.value
+    # under 1 MB of traffic at 0.30 of HBM's 3.35 TB/s (Calculon's steps)
     memory_s = hbm / (3.35e12 * 0.30)
     assert op.compute_s == pytest.approx(max(math_s, memory_s))
     assert op.bound == ("compute" if math_s > memory_s else "memory")
@@ -241,7 +247,16 @@ def test_f32_matmuls_are_priced_at_the_precision_they_run_at(cluster, highest, f
     [slow_op], [fast_op] = exact.ops, quick.ops
     assert (slow_op.detail, fast_op.detail) == (f"at {highest} peak", f"at {fast} peak")
     assert slow_op.bound == fast_op.bound == "compute"  # 137 GFLOP against 201 MB: compute-bound
-    assert slow_op.compute_s / fast_op.compute_s == pytest.approx(ratio)
+    chip = preset(cluster).chip
+    if chip.family == "gpu":  # by shape (cost_model/matmul.py): its fixed costs do not scale
+        sms, fit = gemm_fit(chip.name, "f32")
+        slow_s, fast_s = (gemm_math_time(GemmShape(4096, 4096, 4096), chip.peak_flops[dtype].value,
+                                         int(sms.value), fit) for dtype in (highest, fast))
+        assert (slow_op.compute_s, fast_op.compute_s) == (pytest.approx(slow_s),
+                                                          pytest.approx(fast_s))
+        assert chip.peak_flops[highest].value * ratio == pytest.approx(chip.peak_flops[fast].value)
+    else:
+        assert slow_op.compute_s / fast_op.compute_s == pytest.approx(ratio)
     assert (exact.precision, quick.precision) == ("highest", "default")
 
 

@@ -330,21 +330,21 @@ def test_E204_unknown_function():
 def test_E205_unknown_default_dtype():
     expect(program("dtype f8"),
            "E205", "unknown dtype 'f8'", 1, 7, length=2,
-           hint="dtypes are f64, f32, bf16, f16, i32, bool")
+           hint="dtypes are f64, f32, bf16, f16, f8e4m3, f8e5m2, i32, bool")
 
 
 def test_E205_unknown_tensor_dtype():
     expect(program("dim B=8",
                    "input x[B] : int32"),
            "E205", "unknown dtype 'int32'", 2, 14, length=5,
-           hint="dtypes are f64, f32, bf16, f16, i32, bool")
+           hint="dtypes are f64, f32, bf16, f16, f8e4m3, f8e5m2, i32, bool")
 
 
 def test_E205_unknown_cast_on_the_left():
     expect(program("dim B=8",
                    "input x[B]",
                    "y[B] : float = x[B]"),
-           "E205", "unknown dtype 'float'", 3, 8, hint="dtypes are f64, f32, bf16, f16, i32, bool")
+           "E205", "unknown dtype 'float'", 3, 8, hint="dtypes are f64, f32, bf16, f16, f8e4m3, f8e5m2, i32, bool")
 
 
 # ---------------------------------------------------------------- E21x indices and arguments

@@ -37,9 +37,11 @@ SLOW = settings(max_examples=1000, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
 
-NUMPY_DTYPE_NAMES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bfloat16"}
+NUMPY_DTYPE_NAMES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bfloat16",
+                     "f8e4m3": "float8_e4m3fn", "f8e5m2": "float8_e5m2"}
 # The largest finite value of each dtype, with margin; bf16 has f32's range.
-FINITE_LIMIT = {"f16": 6e4, "bf16": 3e38, "f32": 3e38, "f64": 1e308}
+FINITE_LIMIT = {"f8e4m3": 440, "f8e5m2": 5.7e4, "f16": 6e4, "bf16": 3e38, "f32": 3e38,
+                "f64": 1e308}
 
 
 def compile_generated(generated: GeneratedProgram, text: str | None = None, **kwargs):

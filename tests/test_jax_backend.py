@@ -49,7 +49,7 @@ def test_every_examples_gspmd_twin_equals_the_reference(path):
     check_on_jax(load(path), twin=True)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f8e4m3", "f8e5m2"])
 def test_half_precision_examples_on_jax_equal_the_reference(dtype):
     for name in ("mlp/megatron.ein", "attention/tensor_parallel.ein", "moe/gshard.ein"):
         text = (ROOT / "examples" / name).read_text()
