@@ -237,7 +237,8 @@ def _match_attention(block: Sequence, weighted: int, escapes, local: _Local):
         for name in _writes(step):
             maker[name] = position
     for probs, values in (op.operands, op.operands[::-1]):
-        if key not in values.indices or probs.value not in maker:
+        # The key index is summed between the probabilities and the values: in both.
+        if key not in values.indices or key not in probs.indices or probs.value not in maker:
             continue
         found = _match_scores(block, maker, probs, key, weighted, escapes, local)
         if found:

@@ -130,6 +130,22 @@ def test_a_mask_computed_from_inputs_is_read_not_fused_into_attention():
     assert "keep" in regions[0].reads
 
 
+def test_a_reduction_whose_key_index_is_on_one_operand_only_is_not_attention():
+    # The summed index S is on h8 alone: no probabilities to match (found by
+    # test_any_program_prices_consistently).
+    text = """mesh dp=2
+dim B=2 S=4 D=2
+input x1[S]
+input x5[B, S, D]
+input x6[D]
+h4[B] = x5[B, S, D] * x6[D] * x1[S]
+h8[S] = x1[S]
+h10[B] = sum[S](h8[S] * (h4[B] > 0.5))
+output h10
+"""
+    assert all(region.kind == "fused" for region in regions_of(text))
+
+
 def test_a_gelu_mlp_is_not_attention():
     assert regions_of((ROOT / "examples/mlp/megatron.ein").read_text()) == []
 
