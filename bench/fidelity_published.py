@@ -39,10 +39,8 @@ from einpar.layout import Mesh  # noqa: E402
 
 BANDS = (("<=64KiB", 0, 64 * 2**10), ("64KiB-16MiB", 64 * 2**10 + 1, 16 * 2**20),
          (">16MiB", 16 * 2**20 + 1, float("inf")))
-# The tiers hardware.py holds as fitted: (chip preset, tier, the rows' presets).
-FITTED = (("a100x8", "up", ("a100x8",)), ("a100x8:2", "out", ("a100x8:2",)),
-          ("h100x8", "up", ("h100x8",)), ("h100x8:2", "out", ("h100x8:2",)),
-          ("h200x8", "up", ("h200x8",)))
+# The presets whose NVLink tier hardware.py holds as fitted (on their single-node curves).
+FITTED = ("a100x8", "h100x8", "h200x8")
 
 
 def load_published(folder: Path):
@@ -78,30 +76,89 @@ def band_of(size: int) -> str:
     return next(name for name, low, high in BANDS if low <= size <= high)
 
 
+def band_stats(errors: list[tuple[int, float]], band: str) -> tuple[float, float, int] | None:
+    values = [abs(e) for size, e in errors if band_of(size) == band]
+    return (statistics.median(values), max(values), len(values)) if values else None
+
+
 def summarize(errors: list[tuple[int, float]]) -> str:
     parts = []
     for name, _, _ in BANDS:
-        band = [abs(e) for size, e in errors if band_of(size) == name]
-        parts.append(f"{name} median {statistics.median(band):5.1%} max {max(band):5.1%} (n={len(band)})"
-                     if band else f"{name} -")
+        stats = band_stats(errors, name)
+        parts.append(f"{name} median {stats[0]:5.1%} max {stats[1]:5.1%} (n={stats[2]})"
+                     if stats else f"{name} -")
     return "; ".join(parts)
 
 
-def collectives_report(rows: list[dict], verbose: bool) -> list[dict]:
-    """Per (file, system, half): the band summaries; prints the rows if `verbose`."""
-    summary = []
+def measurement(row: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kind=row["collective"], gpus=row["gpus"], nodes=row["nodes"],
+                           bytes=row["bytes"], local_bytes=local_bytes(row),
+                           time_s=row["time_us_implied"] * 1e-6)
+
+
+def curves_of(rows: list[dict]) -> dict:
+    """The priced rows by (file, system): one system's curve (or curves) from one source."""
     curves: dict = {}
-    skipped = 0
     for row in rows:
-        if not row["preset"] or row["time_us_implied"] is None:
-            skipped += 1
+        if row["time_us_implied"] is not None:
+            curves.setdefault((row["file"], row["system"]), []).append(row)
+    return curves
+
+
+def chip_of(curve: list[dict]):
+    """The preset chip a curve runs on: its preset's, or the GPU its system names."""
+    from einpar.cost_model.hardware import accelerator
+
+    if curve[0]["preset"]:
+        return preset(curve[0]["preset"]).chip
+    for marker in ("GB200", "B200", "H200", "H100", "A100"):
+        if marker in curve[0]["system"]:
+            return accelerator(marker.lower())
+    return None
+
+
+def calibrated_chip(curve: list[dict]):
+    """What `einpar calibrate --nccl-tests` makes of the curve's fit half: the tier its runs
+    cross (NVLink inside a node, the network across nodes) fitted, bus bandwidth included."""
+    from einpar.cost_model import nccl_fit
+
+    chip = chip_of(curve)
+    fit_rows = [r for r in curve if r["half"] == "fit"]
+    which = "up" if curve[0]["nodes"] == 1 else "out"
+    fitted, values = nccl_fit.fit(chip, [measurement(r) for r in fit_rows], which,
+                                  "calibrated on the fit half", [forced_algorithms(r) for r in fit_rows],
+                                  nccl_fit.CALIBRATION_KNOBS)
+    return fitted, which, values
+
+
+def collectives_report(rows: list[dict], verbose: bool, mode: str = "presets") -> list[dict]:
+    """Per (file, system, half): the band summaries, with each curve priced on its preset
+    (`mode` "presets") or on a tier calibrated on its own fit half ("calibrated"); prints the
+    rows if `verbose`."""
+    summary = []
+    skipped = 0
+    for (file, system), curve in sorted(curves_of(rows).items()):
+        if mode == "presets" and not curve[0]["preset"]:
+            skipped += len(curve)
             continue
-        curves.setdefault((row["file"], row["system"]), []).append(row)
-    for (file, system), curve in sorted(curves.items()):
-        print(f"\n{file} | {system} | preset {curve[0]['preset']}")
+        if mode == "presets":
+            print(f"\n{file} | {system} | preset {curve[0]['preset']}")
+            chip = None
+        else:
+            chip, which, values = calibrated_chip(curve)
+            shown = ", ".join(f"{k} {v * 1e6:.2f} us" if "latency" in k else f"{k} {v:.3f}"
+                              for k, v in values.items())
+            print(f"\n{file} | {system} | {chip.name}, scale-{which} fitted: {shown}")
         errors = {"fit": [], "held_out": []}
         for row in sorted(curve, key=lambda r: (r["collective"], r["bytes"])):
-            seconds, how = predicted_s(row)
+            if chip is None:
+                seconds, how = predicted_s(row)
+            else:
+                option = nccl.fastest(row["collective"], row["gpus"], row["gpus"] // row["nodes"],
+                                      row["nodes"], local_bytes(row), chip, forced_algorithms(row))
+                seconds, how = option.time_s, f"{option.algorithm}/{option.protocol}"
             measured = row["time_us_implied"] * 1e-6
             error = seconds / measured - 1
             errors[row["half"]].append((row["bytes"], error))
@@ -111,38 +168,49 @@ def collectives_report(rows: list[dict], verbose: bool) -> list[dict]:
         for half in ("fit", "held_out"):
             if errors[half]:
                 print(f"  {half:<8}: {summarize(errors[half])}")
-                summary.append({"file": file, "system": system, "half": half,
+                summary.append({"file": file, "system": system, "half": half, "mode": mode,
                                 "errors": errors[half]})
     if skipped:
-        print(f"\n{skipped} rows with no preset (or no time) were not priced")
+        print(f"\n{skipped} rows of systems with no preset are priced under 'calibrated' only")
     return summary
 
 
-def refit(rows: list[dict]) -> None:
-    """Fit each fitted tier on the fit half of its rows and print its constants."""
-    from types import SimpleNamespace
+def summary_table(summary: list[dict]) -> None:
+    """System x band: the held-out median absolute error, presets and calibrated."""
+    print("\nsummary: held-out median |error| per size band (n rows); presets / calibrated")
+    print(f"  {'system':<72} " + " ".join(f"{name:>22}" for name, _, _ in BANDS))
+    systems = sorted({(s["file"], s["system"]) for s in summary})
+    for file, system in systems:
+        cells = []
+        for band, _, _ in BANDS:
+            parts = []
+            for mode in ("presets", "calibrated"):
+                entry = next((s for s in summary if (s["file"], s["system"], s["half"], s["mode"])
+                              == (file, system, "held_out", mode)), None)
+                stats = band_stats(entry["errors"], band) if entry else None
+                parts.append(f"{stats[0]:5.1%}" if stats else "  -  ")
+            count = next((band_stats(s["errors"], band) for s in summary
+                          if (s["file"], s["system"], s["half"]) == (file, system, "held_out")
+                          and band_stats(s["errors"], band)), None)
+            cells.append(f"{parts[0]} / {parts[1]} (n={count[2] if count else 0})")
+        label = f"{system[:60]} [{file.split('.')[0][:10]}]"
+        print(f"  {label:<72} " + " ".join(f"{cell:>22}" for cell in cells))
 
+
+def refit(rows: list[dict]) -> None:
+    """Fit each preset's NVLink tier on the fit half of its system's single-node curves and
+    print the fitted values (hardware.py's `_fitted(...)` takes them, latencies in µs)."""
     from einpar.cost_model import nccl_fit
 
-    fitted_up: dict = {}
-    for name, which, presets in FITTED:
+    for name in FITTED:
         chip = preset(name).chip
-        if which == "out":  # on the node's tier as just fitted
-            chip = replace(chip, scale_up_tier=fitted_up[chip.name])
-        chosen = [r for r in rows if r["preset"] in presets and r["half"] == "fit"]
-        measurements = [SimpleNamespace(kind=r["collective"], gpus=r["gpus"], nodes=r["nodes"],
-                                        bytes=r["bytes"], local_bytes=local_bytes(r),
-                                        time_s=r["time_us_implied"] * 1e-6) for r in chosen]
-        tier = nccl_fit.fit_tier(chip, measurements, which, "fit half",
-                                 [forced_algorithms(r) for r in chosen])
-        if which == "up":
-            fitted_up[chip.name] = tier
-        print(f"{chip.name} scale-{which} ({len(chosen)} fit rows):")
-        for constant, value, _ in nccl_fit._constants(tier):
-            shown = (f"{value * 1e6:.2f} us" if "latency" in constant or "tree" in constant
-                     else f"{max(0.0, value - 1):.0f} B" if "saturation" in constant
-                     else f"{value:.3f}")
-            print(f"  {constant:<18} {shown}")
+        chosen = [r for r in rows if r["preset"] == name and r["half"] == "fit"
+                  and r["time_us_implied"] is not None]
+        fitted, values = nccl_fit.fit(chip, [measurement(r) for r in chosen], "up", "fit half",
+                                      [forced_algorithms(r) for r in chosen])
+        print(f"{chip.name} scale-up ({len(chosen)} fit rows):")
+        print("  {" + ", ".join(f'"{k}": {v * 1e6 if "latency" in k else v:.3g}'
+                               for k, v in values.items()) + "}")
 
 
 def main(argv=None) -> int:
@@ -159,7 +227,12 @@ def main(argv=None) -> int:
         return 0
     print("collectives: predicted vs measured (out-of-place time, or nccl-tests' busbw turned back "
           "into time)")
-    collectives_report(rows, not args.quiet)
+    print("\n== presets: each curve priced on its system's preset")
+    summary = collectives_report(rows, not args.quiet, "presets")
+    print("\n== calibrated: each curve priced on a tier fitted to its own fit half "
+          "(as einpar calibrate --nccl-tests fits)")
+    summary += collectives_report(rows, not args.quiet, "calibrated")
+    summary_table(summary)
     kernels = ROOT / "bench" / "published_kernels.py"
     if kernels.exists():  # the kernel half: shape-aware matmul and flash-attention pricing
         spec = importlib.util.spec_from_file_location("published_kernels", kernels)

@@ -376,12 +376,11 @@ def calibrate_nccl_tests(paths: list, gpus_per_node: int | None = None,
     """A cluster document whose collective constants are fitted to nccl-tests runs: runs
     inside one node fit the scale-up tier, runs across nodes the scale-out tier (on the
     scale-up tier as fitted). EinparError (E412) at a file's first mistake."""
-    from dataclasses import replace
 
     from einpar.errors import Diagnostic, EinparError, Span
 
     from .hardware import accelerator
-    from .nccl_fit import NcclTestsError, _constants, fit_tier, parse_nccl_tests
+    from .nccl_fit import CALIBRATION_KNOBS, NcclTestsError, _constants, fit, parse_nccl_tests
 
     measurements, guessed = [], None
     for path in map(Path, paths):
@@ -402,20 +401,23 @@ def calibrate_nccl_tests(paths: list, gpus_per_node: int | None = None,
     source = f"einpar calibrate --nccl-tests, {today}, {len(paths)} file(s)"
     inside = [m for m in measurements if m.nodes == 1]
     across = [m for m in measurements if m.nodes > 1]
-    document_tiers, fits = {}, {}
+    document_tiers, fits, bandwidths = {}, {}, {}
     for which, rows in (("up", inside), ("out", across)):
         if not rows:
             continue
-        tier = fit_tier(chip, rows, which, source)
-        chip = replace(chip, **{f"scale_{which}_tier": tier})
-        values = {constant: value for constant, value, _ in _constants(tier)}
+        # Within nccl_fit's bounds: the protocols stay NCCL's in kind; the bus bandwidth is
+        # what this cluster achieves.
+        chip, fitted = fit(chip, rows, which, source, knobs=CALIBRATION_KNOBS)
+        bandwidths[f"scale_{which}_efficiency"] = round(fitted["bandwidth"], 4)
+        tier = getattr(chip, f"scale_{which}_tier")
+        values = dict(_constants(tier))
         section = {}
         for protocol in ("LL", "LL128", "Simple", "NVLS"):
             if f"{protocol}.latency" in values:
                 section[protocol] = {
                     "latency": values[f"{protocol}.latency"],
                     "efficiency": values[f"{protocol}.efficiency"],
-                    "saturation": max(0.0, values[f"{protocol}.saturation"] - 1.0)}
+                    "saturation": values[f"{protocol}.saturation"]}
         section["tree_latency"] = {p: values[f"tree.{p}"] for p in ("LL", "LL128", "Simple")}
         if "nvls_tree" in values:
             section["nvls_tree_latency"] = values["nvls_tree"]
@@ -426,7 +428,7 @@ def calibrate_nccl_tests(paths: list, gpus_per_node: int | None = None,
     nodes = max((m.nodes for m in measurements), default=1)
     return {
         "name": f"{name}-nccl-tests",
-        "accelerator": {"base": name},
+        "accelerator": {"base": name, **bandwidths},
         "topology": {"kind": "switched", "gpus_per_node": per_node, "nodes": nodes},
         "collectives": {**document_tiers, "source": source},
         "measurements": {

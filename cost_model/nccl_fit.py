@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import nccl
-from .hardware import PROTOCOLS, Accelerator, Figure, Protocol, Tier
+from .hardware import (MICRO, NCCL_RING_US, NCCL_SATURATION, PROTOCOLS, Accelerator, Figure,
+                       Tier, tier_with)
 
 KINDS = {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
 # nccl-tests binaries and the collective each runs (alltoall_perf is all_to_all).
@@ -120,49 +121,115 @@ def parse_nccl_tests(text: str, collective: str | None = None,
 
 
 # ---- the fit
+#
+# What the fit may move, and how far. A free constant per protocol per tier (15 of them) on a
+# dozen rows of one collective fits anything, with constants that mean nothing (an LL128 at 2%
+# of NVLink, a 80 µs NVLS). So the fit moves a few knobs, each bounded to what its physical
+# meaning allows around NCCL's own constants (NVIDIA/nccl src/graph/tuning.cc, src/enqueue.cc),
+# and leaves the rest at NCCL's values:
+#
+# - latency.LL, latency.LL128, latency.Simple: a ring step's latency (hwLat), 0.5-5x NCCL's
+#   (NVLink 0.6/1.9/3.4 µs, network 2.7/4.0/14 µs). NCCL's figures are its tuner's, not
+#   measurements; measured small-buffer times on these systems are 2-4x what they imply
+#   (launch and synchronisation the tuner does not price). On the network a protocol's tree
+#   step scales with its ring step, and an NVLS-tree level with Simple's.
+# - efficiency.LL128: 0.6-0.95 of the bus bandwidth (a 128-byte line carries 120 bytes of data:
+#   0.9375 at most; NCCL uses 0.92). LL is fixed at NCCL's 0.5 (8 bytes of data in each
+#   16-byte line: 0.5 at most).
+# - efficiency.Simple: 0.6-1.0 of the bus bandwidth (NCCL: 1.0).
+# - saturation: NCCL's channel-threshold sizes (16 channels x threads x bytes per thread:
+#   512 KiB LL, 80 KiB LL128, 512 KiB Simple) times 0.5-2, as NCCL runs 8 to 32 channels on
+#   these systems.
+# - nvls.latency: 12.5-75 µs (NCCL's hwLat 25 µs, 0.5-3x). nvls.efficiency: 0.55-0.80 of the
+#   bus bandwidth per direction (NCCL's nvlsEfficiency is 0.85 on Hopper and 0.74 on Blackwell,
+#   times 15/16 of the channels: 0.80 and 0.71; the nccl-tests maintainer calls 476 GB/s busbw
+#   the expected H100 NVLS all-reduce (nccl-tests#290), which is 0.64 of the 370 GB/s ring bus
+#   bandwidth pipelined twice, so NCCL's top figure overstates it and 0.55 is the floor).
+# - bandwidth (calibration only): the fraction of the tier's line rate that Simple achieves
+#   (the accelerator's scale_up/scale_out_efficiency), 0.02-1.0: a user's cluster achieves
+#   what it achieves (a RoCE or TCP network, fewer NICs, a misconfigured fabric), and nccl-tests'
+#   busbw plateau measures it; with it fitted, efficiency.Simple stays at NCCL's 1.0. Presets
+#   take it from the spec and published figures instead.
+#
+# Fitted on log(predicted/measured), so a 10 µs and a 10 ms row count alike, with a weak pull
+# toward the starting value (NCCL's) so that a knob the rows do not exercise keeps it.
 
-SATURATION_RANGE = (1.0, 1e10)
-LATENCY_RANGE = (1e-8, 1e-3)
-EFFICIENCY_RANGE = (1e-3, 1.0)
-PULL = 0.05  # weight of log(constant / starting constant) against log errors of the rows
+PULL = 0.05  # weight of log(value / starting value) against log errors of the rows
 
 
-def _protocols(tier: Tier) -> list[tuple[str, Protocol]]:
-    found = [(p, tier.protocols[p]) for p in PROTOCOLS]
-    return found + ([("NVLS", tier.nvls)] if tier.nvls is not None else [])
+@dataclass(frozen=True)
+class Knob:
+    low: float  # for latencies: times NCCL's value of the tier
+    high: float
+    relative: bool = False  # bounds times NCCL's constant rather than absolute
 
 
-def _constants(tier: Tier) -> list[tuple[str, float, tuple[float, float]]]:
-    """(name, value, range) of every constant of `tier` the fit moves: per protocol its latency,
-    efficiency and saturation (+1: it may be 0), tree latencies, NVLS trees' latency."""
-    found = []
-    for name, protocol in _protocols(tier):
-        found += [(f"{name}.latency", protocol.latency.value, LATENCY_RANGE),
-                  (f"{name}.efficiency", protocol.efficiency.value, EFFICIENCY_RANGE),
-                  (f"{name}.saturation", protocol.saturation.value + 1.0,
-                   (SATURATION_RANGE[0] + 1.0, SATURATION_RANGE[1]))]
-    found += [(f"tree.{p}", tier.tree_latency[p].value, LATENCY_RANGE) for p in PROTOCOLS]
-    if tier.nvls_tree_latency is not None:
-        found.append(("nvls_tree", tier.nvls_tree_latency.value, LATENCY_RANGE))
+KNOBS = {
+    "latency.LL": Knob(0.5, 5.0, True), "latency.LL128": Knob(0.5, 5.0, True),
+    "latency.Simple": Knob(0.5, 5.0, True),
+    "efficiency.LL128": Knob(0.6, 0.95), "efficiency.Simple": Knob(0.6, 1.0),
+    "saturation": Knob(0.5, 2.0),
+    "nvls.latency": Knob(12.5 * MICRO, 75.0 * MICRO), "nvls.efficiency": Knob(0.55, 0.80),
+    "bandwidth": Knob(0.02, 1.0),
+}
+# What a preset fits (its NVLink tier, on its system's single-node curves): everything the
+# rows exercise but the bus bandwidth, which is the spec's and published figures'.
+PRESET_KNOBS = ("latency.LL", "latency.LL128", "latency.Simple", "efficiency.LL128",
+                "efficiency.Simple", "saturation", "nvls.latency", "nvls.efficiency")
+# What calibration fits: the same, with the bus bandwidth instead of Simple's efficiency.
+CALIBRATION_KNOBS = ("latency.LL", "latency.LL128", "latency.Simple", "efficiency.LL128",
+                     "saturation", "nvls.latency", "nvls.efficiency", "bandwidth")
+
+
+def bounds(knob: str, which: str) -> tuple[float, float]:
+    """The range `knob` of a scale-`which` tier may take (seconds for latencies)."""
+    spec = KNOBS[knob]
+    if not spec.relative:
+        return spec.low, spec.high
+    nccl_value = NCCL_RING_US[which][knob.split(".")[1]] * MICRO
+    return spec.low * nccl_value, spec.high * nccl_value
+
+
+def knob_values(chip: Accelerator, which: str, knobs) -> dict:
+    """The current value of each of `knobs` in `chip`'s scale-`which` tier."""
+    tier = getattr(chip, f"scale_{which}_tier")
+    found = {}
+    for knob in knobs:
+        kind, _, protocol = knob.partition(".")
+        if knob == "bandwidth":
+            found[knob] = getattr(chip, f"scale_{which}_efficiency").value
+        elif knob == "saturation":
+            found[knob] = tier.protocols["Simple"].saturation.value / NCCL_SATURATION["Simple"]
+        elif kind == "nvls":
+            found[knob] = getattr(tier.nvls, protocol).value
+        else:
+            found[knob] = getattr(tier.protocols[protocol], kind).value
     return found
 
 
-def tier_vector(tier: Tier) -> np.ndarray:
-    """The log of each constant the fit moves (`_constants`)."""
-    return np.log(np.array([value for _, value, _ in _constants(tier)]))
+def with_values(chip: Accelerator, which: str, values: dict, source: str) -> Accelerator:
+    """`chip` with its scale-`which` tier (and bus bandwidth, for `bandwidth`) set to `values`."""
+    tier = tier_with(getattr(chip, f"scale_{which}_tier"), which, values, source)
+    changes = {f"scale_{which}_tier": tier}
+    if "bandwidth" in values:
+        changes[f"scale_{which}_efficiency"] = Figure(values["bandwidth"], source)
+    return replace(chip, **changes)
 
 
-def tier_from_vector(tier: Tier, vector: np.ndarray, source: str) -> Tier:
-    values = dict(zip([name for name, _, _ in _constants(tier)], np.exp(vector).tolist()))
-    fitted = {name: Protocol(Figure(values[f"{name}.latency"], source),
-                             Figure(values[f"{name}.efficiency"], source),
-                             Figure(max(0.0, values[f"{name}.saturation"] - 1.0), source))
-              for name, _ in _protocols(tier)}
-    nvls = fitted.pop("NVLS", None)
-    trees = {p: Figure(values[f"tree.{p}"], source) for p in PROTOCOLS}
-    nvls_tree = Figure(values["nvls_tree"], source) if "nvls_tree" in values else None
-    return replace(tier, protocols=fitted, nvls=nvls, tree_latency=trees,
-                   nvls_tree_latency=nvls_tree)
+def _constants(tier: Tier) -> list[tuple[str, float]]:
+    """(name, value) of every NCCL constant of `tier`, as a cluster file's collectives section
+    names them: per protocol its latency, efficiency and saturation, tree latencies, NVLS
+    trees' latency."""
+    found = []
+    protocols = [(p, tier.protocols[p]) for p in PROTOCOLS]
+    for name, protocol in protocols + ([("NVLS", tier.nvls)] if tier.nvls is not None else []):
+        found += [(f"{name}.latency", protocol.latency.value),
+                  (f"{name}.efficiency", protocol.efficiency.value),
+                  (f"{name}.saturation", protocol.saturation.value)]
+    found += [(f"tree.{p}", tier.tree_latency[p].value) for p in PROTOCOLS]
+    if tier.nvls_tree_latency is not None:
+        found.append(("nvls_tree", tier.nvls_tree_latency.value))
+    return found
 
 
 def predict(chip: Accelerator, row, algorithms: tuple[str, ...] | None = None) -> float:
@@ -171,32 +238,47 @@ def predict(chip: Accelerator, row, algorithms: tuple[str, ...] | None = None) -
                         algorithms).time_s
 
 
-def fit_tier(chip: Accelerator, rows: list, which: str, source: str,
-             algorithms: list | None = None) -> Tier:
-    """`chip`'s scale-up or scale-out tier (`which`) with its constants fitted to `rows`
-    (Measurements, or anything with kind, gpus, nodes, bytes, local_bytes, time_s);
-    `algorithms`, if given, the algorithms each row's run allowed (None: the tuner's choice)."""
+def fit(chip: Accelerator, rows: list, which: str, source: str, algorithms: list | None = None,
+        knobs=PRESET_KNOBS) -> tuple[Accelerator, dict]:
+    """`chip` with the `knobs` of its scale-up or scale-out tier (`which`) fitted to `rows`
+    (Measurements, or anything with kind, gpus, nodes, bytes, local_bytes, time_s) within
+    their bounds, and the fitted values; `algorithms`, if given, the algorithms each row's run
+    allowed (None: the tuner's choice). Knobs the tier lacks (NVLS off NVSwitch) are left out."""
     from scipy.optimize import least_squares
 
-    attribute = f"scale_{which}_tier"
-    start_tier = getattr(chip, attribute)
-    start = tier_vector(start_tier)
+    tier = getattr(chip, f"scale_{which}_tier")
+    knobs = [k for k in knobs if not (k.startswith("nvls.") and tier.nvls is None)]
+    ranges = [bounds(k, which) for k in knobs]
+    low, high = np.log([lo for lo, _ in ranges]), np.log([hi for _, hi in ranges])
+    start_values = knob_values(chip, which, knobs)
+    start = np.clip(np.log([start_values[k] for k in knobs]), low, high)
     measured = np.log([row.time_s for row in rows])
     allowed = algorithms or [None] * len(rows)
-    ranges = [bounds for _, _, bounds in _constants(start_tier)]
-    low = np.log([lo for lo, _ in ranges])
-    high = np.log([hi for _, hi in ranges])
+
+    def trial(vector: np.ndarray) -> Accelerator:
+        values = dict(zip(knobs, np.exp(np.clip(vector, low, high)).tolist()))
+        return with_values(chip, which, values, source)
 
     def residuals(vector: np.ndarray) -> np.ndarray:
-        trial = replace(chip, **{attribute: tier_from_vector(start_tier, vector, source)})
-        predicted = np.log([predict(trial, row, algos) for row, algos in zip(rows, allowed)])
+        candidate = trial(vector)
+        predicted = np.log([predict(candidate, row, algos) for row, algos in zip(rows, allowed)])
         return np.concatenate([predicted - measured, PULL * (vector - start)])
 
     best = None
-    for attempt in (np.clip(start, low, high), np.clip(start + math.log(2.0), low, high),
+    # The model is piecewise (the tuner's choice): start from NCCL's values and from either
+    # side of them, keep the best.
+    for attempt in (start, np.clip(start + math.log(2.0), low, high),
                     np.clip(start - math.log(2.0), low, high)):
         result = least_squares(residuals, attempt, bounds=(low, high), diff_step=0.05,
                                max_nfev=400)
         if best is None or result.cost < best.cost:
             best = result
-    return tier_from_vector(start_tier, best.x, source)
+    values = dict(zip(knobs, np.exp(np.clip(best.x, low, high)).tolist()))
+    return with_values(chip, which, values, source), values
+
+
+def fit_tier(chip: Accelerator, rows: list, which: str, source: str,
+             algorithms: list | None = None, knobs=PRESET_KNOBS) -> Tier:
+    """`fit`'s tier alone."""
+    fitted, _ = fit(chip, rows, which, source, algorithms, knobs)
+    return getattr(fitted, f"scale_{which}_tier")
