@@ -237,10 +237,13 @@ def main(argv=None) -> int:
     if kernels.exists():  # the kernel half: shape-aware matmul and flash-attention pricing
         spec = importlib.util.spec_from_file_location("published_kernels", kernels)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up by name
         spec.loader.exec_module(module)
-        print("\nkernels:")
+        print("\n== kernels: each row priced on its chip's preset (bench/published_kernels.py)")
+        print(f"  {'kernel':16} {'chip':6} {'half':9} {'rows':>4}  {'median |err|':>12}  {'max |err|':>9}")
         for row in module.report():
-            print("  " + (row if isinstance(row, str) else ", ".join(f"{k} {v}" for k, v in row.items())))
+            print(f"  {row['kernel']:16} {row['chip']:6} {row['half']:9} {row['rows']:4d}  "
+                  f"{row['median_abs_error']:12.1%}  {row['max_abs_error']:9.1%}")
     return 0
 
 

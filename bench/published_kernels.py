@@ -243,7 +243,7 @@ def report(directory: Path = KERNELS) -> list[dict]:
 def _preset_or_none(name: str):
     try:
         return preset(name)
-    except ValueError:  # a chip whose preset this tree does not have yet
+    except ValueError:  # a system with no einpar preset
         return None
 
 

@@ -421,6 +421,7 @@ def calibrate_nccl_tests(paths: list, gpus_per_node: int | None = None,
         section["tree_latency"] = {p: values[f"tree.{p}"] for p in ("LL", "LL128", "Simple")}
         if "nvls_tree" in values:
             section["nvls_tree_latency"] = values["nvls_tree"]
+        section["channels"] = values["channels"]
         document_tiers[f"scale_{which}"] = section
         from .nccl_fit import predict
         fits[which] = [round(predict(chip, row) / row.time_s - 1, 3) for row in rows]

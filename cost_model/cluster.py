@@ -303,7 +303,8 @@ DOCUMENT_KEYS = ("name", "accelerator", "topology", "efficiency", "device_order"
 # `collectives`: NCCL's constants per tier (cost_model/nccl.py), as `einpar calibrate
 # --nccl-tests` fits them; each value overrides the accelerator's.
 COLLECTIVE_TIERS = ("scale_up", "scale_out")
-TIER_KEYS = ("LL", "LL128", "Simple", "NVLS", "tree_latency", "nvls_tree_latency", "ll_max_bandwidth")
+TIER_KEYS = ("LL", "LL128", "Simple", "NVLS", "tree_latency", "nvls_tree_latency", "ll_max_bandwidth",
+             "channels")
 PROTOCOL_KEYS = ("latency", "efficiency", "saturation")
 
 
@@ -766,7 +767,11 @@ class _Schema:
         if "ll_max_bandwidth" in spec:
             ll_max = Figure(self.number(path + ("ll_max_bandwidth",), spec["ll_max_bandwidth"],
                                         RATE_RANGE, "a rate in bytes/s"), source)
-        return Tier(f"{tier.name} ({source})", protocols, trees, ll_max, nvls, nvls_tree)
+        channels = tier.channels
+        if "channels" in spec:
+            channels = Figure(self.number(path + ("channels",), spec["channels"], (1.0, 64.0),
+                                          "a number of channels (NCCL runs at most 32)"), source)
+        return Tier(f"{tier.name} ({source})", protocols, trees, ll_max, nvls, nvls_tree, channels)
 
     def topology(self, spec) -> Topology:
         path = ("topology",)

@@ -80,6 +80,10 @@ class Tier:
     ll_max_bandwidth: Figure = Figure(float("inf"), "no cap")  # LL's busbw cap, bytes/s
     nvls: Protocol | None = None  # NVSwitch in-switch reduction (NVLink 4 and 5)
     nvls_tree_latency: Figure | None = None  # per tree level between nodes (the net tier)
+    # The channels NCCL runs a saturated collective on: a buffer below saturation/channels
+    # runs on one channel (enqueue.cc), at that channel's share of the rate.
+    channels: Figure = Figure(16, "NVIDIA/nccl@5067397 src/enqueue.cc (channels per collective)",
+                              "the 16 channels the saturation sizes are derived for")
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,8 @@ def tier_with(tier: Tier, which: str, values: dict, source: str, name: str | Non
     `values` (cost_model/nccl_fit.KNOBS; latencies in seconds), the others kept:
     `latency.P` a protocol's per-step latency (on the network its tree step scales with it,
     and NVLS trees' level with Simple's), `efficiency.P` its fraction of the bus bandwidth,
-    `saturation` NCCL's channel-threshold sizes scaled (the channels NCCL runs), and
-    `nvls.latency`, `nvls.efficiency`."""
+    `saturation` NCCL's channel-threshold sizes scaled (the channels NCCL runs), `channels`
+    the channels of a saturated collective, and `nvls.latency`, `nvls.efficiency`."""
     def figure(key, old):
         return Figure(values[key], source) if key in values else old
 
@@ -209,7 +213,9 @@ def tier_with(tier: Tier, which: str, values: dict, source: str, name: str | Non
     if which == "out" and nvls_tree is not None and "latency.Simple" in values:
         ratio = values["latency.Simple"] / (NCCL_RING_US["out"]["Simple"] * MICRO)
         nvls_tree = Figure(NCCL_NVLS_TREE_US * MICRO * ratio, source)
-    return Tier(name or tier.name, protocols, trees, tier.ll_max_bandwidth, nvls, nvls_tree)
+    channels = Figure(values["channels"], source) if "channels" in values else tier.channels
+    return Tier(name or tier.name, protocols, trees, tier.ll_max_bandwidth, nvls, nvls_tree,
+                channels)
 
 
 def _fitted(tier: Tier, name: str, values: dict, files: str) -> Tier:
@@ -229,16 +235,16 @@ def _fitted(tier: Tier, name: str, values: dict, files: str) -> Tier:
 AZURE = "bench/published/collectives/azure-ai-benchmarking-guide.csv"
 ISSUE_290 = "bench/published/collectives/nccl-tests-issue-290.csv"
 NVLINK3_A100 = _fitted(NVLINK3, "NVLink3 (A100, fitted)", {
-    "latency.LL": 1.64, "latency.LL128": 2.53, "latency.Simple": 13.1, "efficiency.LL128": 0.6,
-    "efficiency.Simple": 1, "saturation": 1.33}, AZURE)
+    "latency.LL": 2.57, "latency.LL128": 2, "latency.Simple": 13.6, "efficiency.LL128": 0.6,
+    "efficiency.Simple": 1, "saturation": 1.07, "channels": 16}, AZURE)
 NVLINK4_H100 = _fitted(NVLINK4, "NVLink4 (H100, fitted)", {
-    "latency.LL": 1.42, "latency.LL128": 1.27, "latency.Simple": 3.68, "efficiency.LL128": 0.777,
-    "efficiency.Simple": 0.984, "saturation": 1.29, "nvls.latency": 61.5,
-    "nvls.efficiency": 0.617}, f"{AZURE} and {ISSUE_290} (single node)")
+    "latency.LL": 1.44, "latency.LL128": 2.11, "latency.Simple": 1.93, "efficiency.LL128": 0.777,
+    "efficiency.Simple": 0.908, "saturation": 2, "channels": 18, "nvls.latency": 68.9,
+    "nvls.efficiency": 0.621}, f"{AZURE} and {ISSUE_290} (single node)")
 NVLINK4_H200 = _fitted(NVLINK4, "NVLink4 (H200, fitted)", {
-    "latency.LL": 1.07, "latency.LL128": 1.17, "latency.Simple": 3.68, "efficiency.LL128": 0.869,
-    "efficiency.Simple": 1, "saturation": 1.4, "nvls.latency": 68.6, "nvls.efficiency": 0.638},
-    AZURE)
+    "latency.LL": 1.79, "latency.LL128": 1.13, "latency.Simple": 3.85, "efficiency.LL128": 0.862,
+    "efficiency.Simple": 1, "saturation": 1.51, "channels": 18, "nvls.latency": 73.2,
+    "nvls.efficiency": 0.641}, AZURE)
 A100 = Accelerator(
     name="A100-SXM-80GB", family="gpu",
     peak_flops=_figures({

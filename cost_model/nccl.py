@@ -11,7 +11,7 @@ enqueue.h `ncclFuncMaxSendRecvCount`), the size column of nccl-tests. Here,
 with n ranks in m nodes of k, V the bytes each rank holds before (einpar's
 convention), B a tier's bus bandwidth (what Simple achieves) and, per
 protocol p of a tier, hop(p) its latency per step, eff(p) its fraction of B
-and sat(p) its saturation size:
+and sat(p) its saturation size, C the channels a saturated collective runs on:
 
 - ring: latency base(p) + (steps − inter steps)·hop_intra(p) + inter steps·
   hop_inter(p), steps 2(n−1) for all-reduce and n−1 for all-gather and
@@ -32,7 +32,9 @@ and sat(p) its saturation size:
 - channels: NCCL runs fewer channels on a small buffer (enqueue.cc: nc drops
   while nBytes < nc·threads·threshold), so the bandwidth term of a buffer
   below sat(p) is that of a buffer of sat(p): time is flat up to it, as the
-  published curves are. With sat = 0 the term is the plain α–β one.
+  published curves are, down to sat(p)/C, below which one channel carries the
+  whole buffer at 1/C of the rate (the 8-GPU curves rise from 8 to 64 KiB).
+  With sat = 0 the term is the plain α–β one.
 
 The tuner's per-size correction factors for trees and the 1.4x "plateau"
 of multi-node ring all-reduces are left out: both can make a larger buffer
@@ -96,11 +98,21 @@ def nccl_bytes(kind: str, local_bytes: float, n: int) -> float:
     return n * local_bytes if kind == "all_gather" else local_bytes
 
 
-def channel_factor(protocol: Protocol, size: float) -> float:
-    """How much longer than at full rate a buffer of `size` (nBytes) moves: below the
-    protocol's saturation size NCCL runs fewer channels, each with its minimum of work."""
+def channel_factor(protocol: Protocol, size: float, channels: float) -> float:
+    """How much longer than at full rate a buffer of `size` (nBytes) moves. NCCL divides a
+    buffer among channels, one more for each `saturation / channels` bytes of it (enqueue.cc:
+    nc drops while nBytes < nc·threads·threshold), so below the saturation size each channel
+    has that much work, whatever the size, and the time is flat; below one channel's share,
+    one channel carries the whole buffer at 1/channels of the rate, and the time grows with
+    the size from nothing."""
     saturation = protocol.saturation.value
-    return max(1.0, saturation / size) if size > 0 else 1.0
+    if size <= 0:
+        return 1.0
+    return min(max(1.0, saturation / size), max(1.0, channels))
+
+
+def _channels(tier: Tier, protocol: str, size: float) -> float:
+    return channel_factor(tier.protocols[protocol], size, tier.channels.value)
 
 
 def _rate(tier: Tier, protocol: str, bus: float) -> float:
@@ -119,7 +131,7 @@ def ring_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
     size = nccl_bytes(kind, local_bytes, n)
     options = []
     for p in PROTOCOLS:
-        intra_s = sent / _rate(intra, p, intra_bus) * channel_factor(intra.protocols[p], size)
+        intra_s = sent / _rate(intra, p, intra_bus) * _channels(intra, p, size)
         if nodes == 1:
             latency = BASE_LATENCY["ring"][p] + steps * intra.protocols[p].latency.value
             options.append(Option("ring", p, latency, intra_s, "nvlink", sent))
@@ -128,8 +140,7 @@ def ring_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
         latency = (BASE_LATENCY["ring"][p] + (steps - inter_steps) * hop_intra
                    + inter_steps * inter.protocols[p].latency.value)
         # Each of a node's k GPUs drives its own NIC: the ring's rate is the slower tier's.
-        inter_s = sent / _rate(inter, p, per_node * inter_bus) * channel_factor(inter.protocols[p],
-                                                                                 size)
+        inter_s = sent / _rate(inter, p, per_node * inter_bus) * _channels(inter, p, size)
         name = "ib" if inter_s >= intra_s else "nvlink"
         options.append(Option("ring", p, latency, max(intra_s, inter_s), name, sent))
     return options
@@ -147,7 +158,7 @@ def tree_options(n: int, nodes: int, per_node: int, local_bytes: float, intra: T
         rate = min(intra_bus, per_node * inter_bus * efficiency) * TREE_EFFICIENCY[p]
         if p == "LL":
             rate = min(rate, inter.ll_max_bandwidth.value)
-        seconds = 2 * local_bytes / rate * channel_factor(inter.protocols[p], local_bytes)
+        seconds = 2 * local_bytes / rate * _channels(inter, p, local_bytes)
         options.append(Option("tree", p, latency, seconds, "ib", 2 * local_bytes))
     return options
 
@@ -168,7 +179,7 @@ def nvls_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
             seconds = size / (switch * (n - 1) / n)
         else:
             return []
-        seconds *= channel_factor(nvls, size)
+        seconds *= channel_factor(nvls, size, intra.channels.value)
         return [Option("nvls", "Simple", nvls.latency.value, seconds, "nvlink",
                        seconds * intra_bus)]
     if kind != "all_reduce" or inter is None or inter.nvls_tree_latency is None:
@@ -176,7 +187,8 @@ def nvls_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
     depth = math.ceil(math.log2(nodes))
     nics = per_node * _rate(inter, "Simple", inter_bus) * (2 if nodes <= 2 else 1)
     bus = min(2 * switch, nics)
-    seconds = collective_bytes(kind, local_bytes, n) / bus * channel_factor(nvls, size)
+    seconds = (collective_bytes(kind, local_bytes, n) / bus
+               * channel_factor(nvls, size, intra.channels.value))
     latency = nvls.latency.value + 2 * depth * inter.nvls_tree_latency.value
     tier = "ib" if nics < 2 * switch else "nvlink"
     return [Option("nvls_tree", "Simple", latency, seconds, tier, seconds * min(nics, intra_bus))]
@@ -205,8 +217,8 @@ def hierarchical_options(kind: str, per_node: int, nodes: int, local_bytes: floa
     size = nccl_bytes(kind, local_bytes, n)
     options = []
     for p in PROTOCOLS:
-        t_intra = intra_bytes / _rate(intra, p, intra_bus) * channel_factor(intra.protocols[p], size)
-        t_inter = inter_bytes / _rate(inter, p, inter_bus) * channel_factor(inter.protocols[p], size)
+        t_intra = intra_bytes / _rate(intra, p, intra_bus) * _channels(intra, p, size)
+        t_inter = inter_bytes / _rate(inter, p, inter_bus) * _channels(inter, p, size)
         latency = (BASE_LATENCY["ring"][p] + steps_intra * intra.protocols[p].latency.value
                    + steps_inter * inter.protocols[p].latency.value)
         tier, carried = ("ib", inter_bytes) if t_inter >= t_intra else ("nvlink", intra_bytes)

@@ -140,6 +140,8 @@ def parse_nccl_tests(text: str, collective: str | None = None,
 # - saturation: NCCL's channel-threshold sizes (16 channels x threads x bytes per thread:
 #   512 KiB LL, 80 KiB LL128, 512 KiB Simple) times 0.5-2, as NCCL runs 8 to 32 channels on
 #   these systems.
+# - channels: the channels of a saturated collective, 2-32 (NCCL's MAXCHANNELS is 32): a buffer
+#   below saturation/channels runs on one channel, at 1/channels of the rate.
 # - nvls.latency: 12.5-75 µs (NCCL's hwLat 25 µs, 0.5-3x). nvls.efficiency: 0.55-0.80 of the
 #   bus bandwidth per direction (NCCL's nvlsEfficiency is 0.85 on Hopper and 0.74 on Blackwell,
 #   times 15/16 of the channels: 0.80 and 0.71; the nccl-tests maintainer calls 476 GB/s busbw
@@ -168,26 +170,34 @@ KNOBS = {
     "latency.LL": Knob(0.5, 5.0, True), "latency.LL128": Knob(0.5, 5.0, True),
     "latency.Simple": Knob(0.5, 5.0, True),
     "efficiency.LL128": Knob(0.6, 0.95), "efficiency.Simple": Knob(0.6, 1.0),
-    "saturation": Knob(0.5, 2.0),
+    "saturation": Knob(0.5, 2.0), "channels": Knob(2.0, 32.0),
     "nvls.latency": Knob(12.5 * MICRO, 75.0 * MICRO), "nvls.efficiency": Knob(0.55, 0.80),
     "bandwidth": Knob(0.02, 1.0),
 }
 # What a preset fits (its NVLink tier, on its system's single-node curves): everything the
 # rows exercise but the bus bandwidth, which is the spec's and published figures'.
 PRESET_KNOBS = ("latency.LL", "latency.LL128", "latency.Simple", "efficiency.LL128",
-                "efficiency.Simple", "saturation", "nvls.latency", "nvls.efficiency")
+                "efficiency.Simple", "saturation", "channels", "nvls.latency", "nvls.efficiency")
 # What calibration fits: the same, with the bus bandwidth instead of Simple's efficiency.
 CALIBRATION_KNOBS = ("latency.LL", "latency.LL128", "latency.Simple", "efficiency.LL128",
-                     "saturation", "nvls.latency", "nvls.efficiency", "bandwidth")
+                     "saturation", "channels", "nvls.latency", "nvls.efficiency", "bandwidth")
 
 
-def bounds(knob: str, which: str) -> tuple[float, float]:
-    """The range `knob` of a scale-`which` tier may take (seconds for latencies)."""
+# A user's network may be no InfiniBand at all (RoCE, TCP offload: GCP's TCPXO floor is about
+# 120 µs, 15-20x InfiniBand's): calibrating a scale-out tier lets its step latencies go this
+# far above NCCL's, as its bandwidth goes down to 2% of line rate.
+CALIBRATION_NETWORK_LATENCY = 50.0
+
+
+def bounds(knob: str, which: str, calibration: bool = False) -> tuple[float, float]:
+    """The range `knob` of a scale-`which` tier may take (seconds for latencies); a
+    calibration's network tier may be slower than any preset's."""
     spec = KNOBS[knob]
     if not spec.relative:
         return spec.low, spec.high
     nccl_value = NCCL_RING_US[which][knob.split(".")[1]] * MICRO
-    return spec.low * nccl_value, spec.high * nccl_value
+    high = CALIBRATION_NETWORK_LATENCY if calibration and which == "out" else spec.high
+    return spec.low * nccl_value, high * nccl_value
 
 
 def knob_values(chip: Accelerator, which: str, knobs) -> dict:
@@ -198,6 +208,8 @@ def knob_values(chip: Accelerator, which: str, knobs) -> dict:
         kind, _, protocol = knob.partition(".")
         if knob == "bandwidth":
             found[knob] = getattr(chip, f"scale_{which}_efficiency").value
+        elif knob == "channels":
+            found[knob] = tier.channels.value
         elif knob == "saturation":
             found[knob] = tier.protocols["Simple"].saturation.value / NCCL_SATURATION["Simple"]
         elif kind == "nvls":
@@ -229,6 +241,7 @@ def _constants(tier: Tier) -> list[tuple[str, float]]:
     found += [(f"tree.{p}", tier.tree_latency[p].value) for p in PROTOCOLS]
     if tier.nvls_tree_latency is not None:
         found.append(("nvls_tree", tier.nvls_tree_latency.value))
+    found.append(("channels", tier.channels.value))
     return found
 
 
@@ -248,7 +261,7 @@ def fit(chip: Accelerator, rows: list, which: str, source: str, algorithms: list
 
     tier = getattr(chip, f"scale_{which}_tier")
     knobs = [k for k in knobs if not (k.startswith("nvls.") and tier.nvls is None)]
-    ranges = [bounds(k, which) for k in knobs]
+    ranges = [bounds(k, which, calibration="bandwidth" in knobs) for k in knobs]
     low, high = np.log([lo for lo, _ in ranges]), np.log([hi for _, hi in ranges])
     start_values = knob_values(chip, which, knobs)
     start = np.clip(np.log([start_values[k] for k in knobs]), low, high)

@@ -54,6 +54,18 @@ def test_saturation_makes_small_buffers_as_slow_as_the_saturation_size():
     assert full.bandwidth_s == pytest.approx(2 * 7 / 8 * 512 * 1024 / BUS)
 
 
+def test_a_buffer_below_one_channels_share_runs_on_one_channel():
+    # 16 channels share Simple's 512 KiB: below 32 KiB one channel carries the whole buffer
+    # at 1/16 of the rate, so the time grows from nothing up to the flat part.
+    one = by("all_reduce", 8, 8, 1, 8 * 1024, "ring", "Simple")
+    assert one.bandwidth_s == pytest.approx(2 * 7 / 8 * 8 * 1024 * 16 / BUS)
+    share = by("all_reduce", 8, 8, 1, 32 * 1024, "ring", "Simple")
+    flat = by("all_reduce", 8, 8, 1, 512 * 1024, "ring", "Simple")
+    assert share.bandwidth_s == pytest.approx(flat.bandwidth_s)
+    assert one.bandwidth_s == pytest.approx(share.bandwidth_s / 4)
+    assert nccl.channel_factor(CHIP.scale_up_tier.protocols["Simple"], 1024, 1) == 1.0
+
+
 def test_nvls_by_hand():
     v = 64 * MIB
     switch = BUS * 0.85 * 15 / 16
@@ -287,7 +299,7 @@ def test_fitted_constants_stay_within_their_bounds(scales, slope, which):
     fitted_chip, fitted = nccl_fit.fit(H100, rows, which, "test",
                                        knobs=nccl_fit.CALIBRATION_KNOBS)
     for knob, value in fitted.items():
-        low, high = nccl_fit.bounds(knob, which)
+        low, high = nccl_fit.bounds(knob, which, calibration=True)
         assert low * (1 - 1e-9) <= value <= high * (1 + 1e-9), knob
     tier = getattr(fitted_chip, f"scale_{which}_tier")
     assert tier.protocols["LL"].efficiency.value == 0.5  # fixed at NCCL's
