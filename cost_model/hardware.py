@@ -218,6 +218,17 @@ def tier_with(tier: Tier, which: str, values: dict, source: str, name: str | Non
                 channels)
 
 
+def knob_values_of(tier: Tier) -> dict:
+    """The values `tier_with` takes that reproduce `tier`'s latencies, saturation and channels
+    (latencies in seconds)."""
+    values = {f"latency.{p}": tier.protocols[p].latency.value for p in PROTOCOLS}
+    values["saturation"] = tier.protocols["Simple"].saturation.value / NCCL_SATURATION["Simple"]
+    values["channels"] = tier.channels.value
+    if tier.nvls is not None:
+        values["nvls.latency"] = tier.nvls.latency.value
+    return values
+
+
 def _fitted(tier: Tier, name: str, values: dict, files: str) -> Tier:
     """`tier` with the constants `values` (latencies in µs) that cost_model.nccl_fit.fit
     fitted within its bounds (bench/fidelity_published.py --fit prints them); the rest
@@ -245,6 +256,15 @@ NVLINK4_H200 = _fitted(NVLINK4, "NVLink4 (H200, fitted)", {
     "latency.LL": 1.79, "latency.LL128": 1.13, "latency.Simple": 3.85, "efficiency.LL128": 0.862,
     "efficiency.Simple": 1, "saturation": 1.51, "channels": 18, "nvls.latency": 73.2,
     "nvls.efficiency": 0.641}, AZURE)
+# No NVLink5 curve is in bench/published: Blackwell's tier takes the H100 fit's step latencies,
+# channels and saturation (what NCCL's software adds to NCCL's constants on every system
+# measured, 1.3-3x, is no property of the link generation) and keeps NCCL's NVLink5 rates
+# and Blackwell NVLS efficiency.
+NVLINK5_FROM_H100 = tier_with(NVLINK5, "up", {
+    key: value for key, value in knob_values_of(NVLINK4_H100).items()
+    if key.startswith("latency.") or key in ("channels", "saturation", "nvls.latency")},
+    "the H100 fit's latencies (no NVLink5 curve published in bench/published)",
+    "NVLink5 (H100's fitted latencies)")
 A100 = Accelerator(
     name="A100-SXM-80GB", family="gpu",
     peak_flops=_figures({
@@ -327,7 +347,7 @@ B200 = Accelerator(
     scale_out_latency=H100.scale_out_latency,
     scale_up_efficiency=H100.scale_up_efficiency,  # assumed as H100: no figure of its own
     scale_out_efficiency=H100.scale_out_efficiency,
-    scale_up_tier=NVLINK5,
+    scale_up_tier=NVLINK5_FROM_H100,
     scale_out_tier=INFINIBAND_NDR,
 )
 
@@ -350,7 +370,7 @@ GB200 = Accelerator(
     scale_out_latency=H100.scale_out_latency,
     scale_up_efficiency=H100.scale_up_efficiency,  # assumed as NVLink4: no figure of its own
     scale_out_efficiency=H100.scale_out_efficiency,
-    scale_up_tier=NVLINK5,
+    scale_up_tier=NVLINK5_FROM_H100,
     scale_out_tier=INFINIBAND_NDR,
 )
 
