@@ -233,17 +233,12 @@ def main(argv=None) -> int:
           "(as einpar calibrate --nccl-tests fits)")
     summary += collectives_report(rows, not args.quiet, "calibrated")
     summary_table(summary)
-    kernels = ROOT / "bench" / "published_kernels.py"
-    if kernels.exists():  # the kernel half: shape-aware matmul and flash-attention pricing
-        spec = importlib.util.spec_from_file_location("published_kernels", kernels)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up by name
-        spec.loader.exec_module(module)
-        print("\n== kernels: each row priced on its chip's preset (bench/published_kernels.py)")
-        print(f"  {'kernel':16} {'chip':6} {'half':9} {'rows':>4}  {'median |err|':>12}  {'max |err|':>9}")
-        for row in module.report():
-            print(f"  {row['kernel']:16} {row['chip']:6} {row['half']:9} {row['rows']:4d}  "
-                  f"{row['median_abs_error']:12.1%}  {row['max_abs_error']:9.1%}")
+    from bench import published_kernels  # the kernel half: matmul and flash-attention pricing
+    print("\n== kernels: each row priced on its chip's preset (bench/published_kernels.py)")
+    print(f"  {'kernel':16} {'chip':6} {'half':9} {'rows':>4}  {'median |err|':>12}  {'max |err|':>9}")
+    for row in published_kernels.report():
+        print(f"  {row['kernel']:16} {row['chip']:6} {row['half']:9} {row['rows']:4d}  "
+              f"{row['median_abs_error']:12.1%}  {row['max_abs_error']:9.1%}")
     return 0
 
 

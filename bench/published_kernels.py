@@ -27,7 +27,6 @@ half and odd ones `held_out`. Constants are fitted on `fit` rows only
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -67,37 +66,12 @@ class Row:
     half: str  # fit or held_out
 
 
-def _curve_key(file: str, fields: dict) -> tuple:
-    return (file, fields.get("system", ""), fields.get("kernel", ""), fields.get("dtype", ""))
-
-
-def _size(fields: dict) -> float:
-    """A row's size within its curve: its FLOPs as counted here."""
-    return kernel_flops(fields) or 0.0
-
-
 def read_rows(directory: Path) -> list[Row]:
-    """Every kernel row, with its half: the loader of bench/published/ where there is one,
-    else the same rule read here."""
-    try:
-        from bench.published import load  # the data's own loader (typed; None where empty)
-    except ImportError:
-        load = None
-    if load is not None:
-        return [Row(row["file"], {key: "" if value is None else str(value)
-                                  for key, value in row.items()}, row["half"])
-                for row in load.kernel_rows(directory)]
-    curves: dict[tuple, list[tuple[str, dict]]] = {}
-    for path in sorted(directory.glob("*.csv")):
-        lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-        for fields in csv.DictReader(lines):
-            curves.setdefault(_curve_key(path.name, fields), []).append((path.name, fields))
-    rows = []
-    for members in curves.values():
-        members.sort(key=lambda item: _size(item[1]))
-        rows += [Row(file, fields, "fit" if k % 2 == 0 else "held_out")
-                 for k, (file, fields) in enumerate(members)]
-    return rows
+    """Every kernel row, with its half, as bench/published/load.py splits them."""
+    from bench.published import load
+    return [Row(row["file"], {key: "" if value is None else str(value)
+                              for key, value in row.items()}, row["half"])
+            for row in load.kernel_rows(directory)]
 
 
 def preset_of(system: str) -> str | None:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from einpar.precision import DEFAULT_PRECISION
 
 from .cluster import Cluster
-from .compute import ComputeTime, peak_flops
+from .compute import ComputeTime, peak_flops, prices_by_shape
+from .matmul import gemm_fit
 from .hardware import Figure
 
 # The fraction of the matrix peak a flash-attention forward pass sustains, where no
@@ -124,10 +125,16 @@ def attention_efficiency(cluster: Cluster, dtype: str, shape: AttentionShape,
 def flash_attention_time(cluster: Cluster, dtype: str, shape: AttentionShape, flops: int,
                          hbm_bytes: int, precision: str = DEFAULT_PRECISION,
                          kernel: str | None = None) -> ComputeTime:
-    """Roofline time of the fused kernel: `flops` at the kernel's efficiency, `hbm_bytes`
-    (its inputs and outputs only) at the HBM bandwidth."""
+    """Roofline time of the fused kernel: `flops` at the kernel's efficiency, plus on a GPU
+    preset a kernel's launch (matmul.py's, fitted to cuBLASLt's), so a small attention costs
+    what a small GEMM does; `hbm_bytes` (its inputs and outputs only) at the HBM bandwidth
+    as large a transfer reaches (the cluster's memory efficiency)."""
     peak_dtype, peak = peak_flops(cluster.chip, dtype, True, precision)
     efficiency = attention_efficiency(cluster, dtype, shape, precision, kernel).value
     math_s = flops / (peak * efficiency) if flops else 0.0
-    memory_s = hbm_bytes / cluster.chip.hbm_bandwidth.value
+    if flops and prices_by_shape(cluster):
+        math_s += gemm_fit(cluster.chip.name, peak_dtype.partition("/")[0])[1].launch.value
+    memory = cluster.efficiency
+    memory_s = hbm_bytes / (cluster.chip.hbm_bandwidth.value
+                            * memory.step(memory.memory, hbm_bytes))
     return ComputeTime(flops, hbm_bytes, math_s, memory_s, peak_dtype, peak)

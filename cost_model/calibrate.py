@@ -331,7 +331,7 @@ def calibrate(devices: int = 8, quick: bool = False, progress=None) -> dict:
 def write_cluster_file(document: dict, path) -> None:
     """Write `document` as a JSON cluster file (`--cluster FILE` reads it back)."""
     with Path(path).open("w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2)
+        json.dump(document, handle, indent=2, allow_nan=False)  # a NaN is no JSON number
         handle.write("\n")
 
 
@@ -344,21 +344,8 @@ DEVICE_NAMES = (("GB200", "gb200"), ("B200", "b200"), ("H200", "h200"), ("H100",
 
 
 def _read_text(path: Path) -> str:
-    from einpar.errors import Diagnostic, EinparError
-
-    try:
-        with path.open("rb") as handle:  # bounded: the path may name a device such as /dev/zero
-            data = handle.read(MAX_NCCL_TESTS_BYTES + 1)
-        if len(data) > MAX_NCCL_TESTS_BYTES:
-            raise EinparError(Diagnostic("E412", f"{path} is larger than "
-                                                 f"{MAX_NCCL_TESTS_BYTES // 2**20} MiB"))
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise EinparError(Diagnostic("E412", f"{path} is not UTF-8 text ({error.reason} at byte "
-                                             f"{error.start})")) from None
-    except OSError as error:
-        raise EinparError(Diagnostic("E412", f"cannot read {path}: {error.strerror or error}")) \
-            from None
+    from .cluster import read_text_file
+    return read_text_file(path, MAX_NCCL_TESTS_BYTES, "E412")
 
 
 def guess_accelerator(text: str) -> str | None:

@@ -240,6 +240,24 @@ def torus_wraps(chip: Accelerator, dims: tuple[int, ...]) -> tuple[bool, ...]:
     return tuple(size % 4 == 0 for size in dims)
 
 
+def read_text_file(path: Path, limit: int, code: str, what: str = "") -> str:
+    """The UTF-8 text of a file of at most `limit` bytes; EinparError (`code`) if it is
+    larger, not text, or unreadable. `what` names it in the messages ("cluster file ")."""
+    try:
+        with path.open("rb") as handle:  # bounded: the path may name a device such as /dev/zero
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise EinparError(Diagnostic(code, f"{what}{path} is larger than "
+                                               f"{limit // 2**20} MiB"))
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EinparError(Diagnostic(code, f"{what}{path} is not UTF-8 text ({error.reason} at "
+                                           f"byte {error.start})")) from None
+    except OSError as error:
+        raise EinparError(Diagnostic(code, f"cannot read {what}{path}: "
+                                           f"{error.strerror or error}")) from None
+
+
 def preset(name: str) -> Cluster:
     """A named cluster; raises ValueError with the known forms when `name` is not one."""
     key = name.strip().lower()
@@ -325,19 +343,7 @@ def load_cluster(name_or_path: str, sources: SourceMap | None = None) -> Cluster
             raise EinparError(Diagnostic(
                 "E410", str(error),
                 hint="or give a cluster file (.toml or .json); see docs/cost.md")) from None
-    try:
-        with path.open("rb") as handle:  # bounded: the path may name a device such as /dev/zero
-            data = handle.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise EinparError(Diagnostic("E410", f"cluster file {path} is larger than "
-                                                 f"{MAX_FILE_BYTES // 2**20} MiB"))
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise EinparError(Diagnostic("E410", f"cluster file {path} is not UTF-8 text "
-                                             f"({error.reason} at byte {error.start})")) from None
-    except OSError as error:
-        raise EinparError(Diagnostic("E410", f"cannot read cluster file {path}: "
-                                             f"{error.strerror or error}")) from None
+    text = read_text_file(path, MAX_FILE_BYTES, "E410", "cluster file ")
     if sources is not None:
         sources.texts[str(path)] = text
     try:
@@ -715,13 +721,18 @@ class _Schema:
 
     def collectives(self, spec, chip: Accelerator, file: Path) -> Accelerator:
         """NCCL's constants of the scale-up and scale-out tiers, each over the chip's own (or,
-        for a chip without them, NCCL's NVLink4 and InfiniBand NDR defaults)."""
+        for a GPU without them, NCCL's NVLink4 without NVLS and InfiniBand NDR defaults)."""
         path = ("collectives",)
+        if chip.family != "gpu":
+            self.fail(path, f"a collectives section sets NCCL's constants, for GPUs; "
+                            f"{chip.name} is a {chip.family.upper()} accelerator, whose collectives "
+                            f"this file prices by its latency and bandwidth")
         self.table(path, spec, COLLECTIVE_TIERS + ("source",))
         source = self.text(path + ("source",), spec["source"]) if "source" in spec \
             else f"cluster file {file.name}"
         changes = {}
-        for which, default in zip(COLLECTIVE_TIERS, (NVLINK4, INFINIBAND_NDR)):
+        # A GPU of the file's own has no NVSwitch reduction unless the section gives one.
+        for which, default in zip(COLLECTIVE_TIERS, (replace(NVLINK4, nvls=None), INFINIBAND_NDR)):
             if which in spec:
                 tier = getattr(chip, f"{which}_tier") or default
                 changes[f"{which}_tier"] = self.tier(path + (which,), spec[which], tier, source)

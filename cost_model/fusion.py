@@ -65,6 +65,10 @@ class FusedStep:
         return tuple(name for name in self.names if name not in self.writes)
 
     def describe(self) -> str:
+        """`fused(a, b, c)`: the steps it runs; `flash_attention(q, k, v -> o)`: what the
+        kernel reads and writes (its steps are the scores and softmax it never stores)."""
+        if self.kind == "flash_attention":
+            return f"flash_attention({', '.join(self.reads)} -> {', '.join(self.writes)})"
         return f"{self.kind}({', '.join(self.names)})"
 
 

@@ -173,8 +173,9 @@ NVLINK4 = _tier("NVLink4", NVLINK_RING_US, NVLINK_TREE_US, 141.0, NVLS_HOPPER)
 NVLINK5 = _tier("NVLink5", NVLINK_RING_US, NVLINK_TREE_US, 282.0, NVLS_BLACKWELL)
 # Between nodes LL's cap is by CPU (llMaxBws row 0, Intel, 2 nodes); NVLS trees 20.9 us a level.
 INFINIBAND_HDR = _tier("InfiniBand HDR", NET_RING_US, NET_TREE_US, 39.0, nvls_tree_us=20.9)
+# NCCL has one NET row, whatever the generation: HDR and NDR differ only in the bandwidth the
+# accelerator gives them (scale_out_bandwidth).
 INFINIBAND_NDR = _tier("InfiniBand NDR", NET_RING_US, NET_TREE_US, 39.0, nvls_tree_us=20.9)
-
 
 
 # What NCCL derives each tier's constants from, for a fit to scale from (cost_model/nccl_fit.py).

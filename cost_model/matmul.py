@@ -148,8 +148,9 @@ DEFAULT_FIT = GEMM_CHIPS["H100-SXM"].fits["fp8"]
 
 
 def gemm_fit(chip_name: str, peak_dtype: str) -> tuple[Figure, GemmFit]:
-    """(SM count, constants) for a chip and the peak its GEMM runs at; DEFAULT_FIT where the
-    chip or the dtype has no data."""
+    """(SM count, constants) for a chip and the peak its GEMM runs at: DEFAULT_FIT for a chip
+    with no data; a dtype with none takes the chip's bf16 fit, or its first (H100's bf16,
+    f16 and tf32 run on its fp8 fit)."""
     chip = GEMM_CHIPS.get(chip_name)
     if chip is None:
         return DEFAULT_SMS, DEFAULT_FIT

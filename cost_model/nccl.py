@@ -46,7 +46,6 @@ step of the slowest tier and (n−1)/n·V (a permute V) at its bandwidth.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .hardware import MICRO, PROTOCOLS, Accelerator, Protocol, Tier
@@ -111,6 +110,11 @@ def channel_factor(protocol: Protocol, size: float, channels: float) -> float:
     return min(max(1.0, saturation / size), max(1.0, channels))
 
 
+def _log2i(nodes: int) -> int:
+    """Tree levels between nodes: NCCL's log2i, the floor of log2 (tuning.cc)."""
+    return max(0, int(nodes).bit_length() - 1)
+
+
 def _channels(tier: Tier, protocol: str, size: float) -> float:
     return channel_factor(tier.protocols[protocol], size, tier.channels.value)
 
@@ -149,7 +153,7 @@ def ring_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
 def tree_options(n: int, nodes: int, per_node: int, local_bytes: float, intra: Tier,
                  intra_bus: float, inter: Tier, inter_bus: float) -> list[Option]:
     """NCCL's double binary tree all-reduce across nodes (chains inside each node)."""
-    depth = math.ceil(math.log2(nodes)) if nodes > 1 else 0
+    depth = _log2i(nodes)
     options = []
     for p in PROTOCOLS:
         latency = BASE_LATENCY["tree"][p] + 2 * ((per_node - 1) * intra.tree_latency[p].value
@@ -184,7 +188,7 @@ def nvls_options(kind: str, n: int, nodes: int, per_node: int, local_bytes: floa
                        seconds * intra_bus)]
     if kind != "all_reduce" or inter is None or inter.nvls_tree_latency is None:
         return []  # NVLS between nodes needs CollNet (SHARP), which NCCL leaves off by default
-    depth = math.ceil(math.log2(nodes))
+    depth = _log2i(nodes)
     nics = per_node * _rate(inter, "Simple", inter_bus) * (2 if nodes <= 2 else 1)
     bus = min(2 * switch, nics)
     seconds = (collective_bytes(kind, local_bytes, n) / bus

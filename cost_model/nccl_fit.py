@@ -6,10 +6,11 @@ Pid ... device 0 [0x..] NVIDIA H100` line per rank), the table of sizes
 (`size count type redop root time algbw busbw #wrong` out of place, then
 the same in place), and the collective from the binary's name in the
 header's command line or the caller's. `fit_tier` fits a tier's protocol
-constants (per protocol: latency, efficiency, saturation size; NVLS's too)
-to measured times: least squares on log(predicted/measured), so a 10 µs and
-a 10 ms row count alike, with a weak pull toward the starting constants
-(NCCL's) so that a protocol the measurements never exercise keeps NCCL's.
+constants (a few knobs, each within bounds around NCCL's: KNOBS below) to
+measured times: least squares on log(predicted/measured), so a 10 µs and a
+10 ms row count alike, with a weak pull toward the starting constants (the
+accelerator preset's tier) so that a knob the measurements never exercise
+keeps the preset's value.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Measurement:
         return self.bytes / self.gpus if self.kind == "all_gather" else float(self.bytes)
 
 
+MIN_TIME_US = 0.001
+
+
 def parse_nccl_tests(text: str, collective: str | None = None,
                      gpus_per_node: int | None = None) -> list[Measurement]:
     """The out-of-place rows of one nccl-tests run; NcclTestsError with the line of the first
@@ -89,8 +93,10 @@ def parse_nccl_tests(text: str, collective: str | None = None,
         if rest[0] == "N/A":
             raise NcclTestsError(f"size {size}: no out-of-place time", number)
         time_us = float(rest[0])
-        if not math.isfinite(time_us) or time_us <= 0:
-            raise NcclTestsError(f"size {size}: a time must be above 0 µs, not {rest[0]}", number)
+        # nccl-tests prints µs to two decimals: no collective takes under a nanosecond.
+        if not math.isfinite(time_us) or time_us < MIN_TIME_US:
+            raise NcclTestsError(f"size {size}: a time must be at least {MIN_TIME_US} µs, not "
+                                 f"{rest[0]}", number)
         if size > 0:
             pending.append((number, size, time_us * 1e-6))
     if not pending:
@@ -106,6 +112,9 @@ def parse_nccl_tests(text: str, collective: str | None = None,
         raise NcclTestsError("the header lists no ranks (`#  Rank  0 Group  0 Pid ... on HOST "
                              "device ...` lines)", 1)
     gpus = len(ranks)
+    if gpus < 2:
+        raise NcclTestsError("the run has one rank: it moves nothing, so it says nothing of the "
+                             "links (run nccl-tests on 2 or more GPUs, `-g 8` or under mpirun)", 1)
     if gpus_per_node:
         if gpus % gpus_per_node:
             raise NcclTestsError(f"{gpus} ranks do not fill nodes of {gpus_per_node}", 1)
@@ -150,11 +159,11 @@ def parse_nccl_tests(text: str, collective: str | None = None,
 # - bandwidth (calibration only): the fraction of the tier's line rate that Simple achieves
 #   (the accelerator's scale_up/scale_out_efficiency), 0.02-1.0: a user's cluster achieves
 #   what it achieves (a RoCE or TCP network, fewer NICs, a misconfigured fabric), and nccl-tests'
-#   busbw plateau measures it; with it fitted, efficiency.Simple stays at NCCL's 1.0. Presets
+#   busbw plateau measures it; with it fitted, efficiency.Simple stays the preset's. Presets
 #   take it from the spec and published figures instead.
 #
 # Fitted on log(predicted/measured), so a 10 µs and a 10 ms row count alike, with a weak pull
-# toward the starting value (NCCL's) so that a knob the rows do not exercise keeps it.
+# toward the starting value (the preset's) so that a knob the rows do not exercise keeps it.
 
 PULL = 0.05  # weight of log(value / starting value) against log errors of the rows
 

@@ -195,7 +195,7 @@ def test_cli_fusion_flag(capsys):
     fused = json.loads(capsys.readouterr().out)
     (flash,) = [op for op in fused["per_op"] if op["region"]]
     assert flash["region"]["kind"] == "flash_attention"
-    assert flash["op"] == "flash_attention(s.1, s, m, e, p.1, p, o)"
+    assert flash["op"] == "flash_attention(q, k, v -> o)"
     assert [m.split(" = ")[0] for m in flash["region"]["members"]] == \
         ["s.1", "s", "m", "e", "p.1", "p", "o"]
     assert main(["cost", "examples/attention/tensor_parallel.ein", "--cluster", "h100x8",

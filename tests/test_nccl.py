@@ -200,7 +200,9 @@ def test_parser_reads_the_out_of_place_rows():
      "a table row needs", 18),
     (sample().replace("# Collective test starting: all_reduce_perf\n", "")
      .replace("# Collective test concluded: all_reduce_perf\n", ""), "which collective", 1),
-    (sample(rows=ROWS.replace("    27.10", "     0.00")), "above 0", 17),
+    (sample(rows=ROWS.replace("    27.10", "     0.00")), "at least 0.001 µs", 17),
+    (sample(rows=ROWS.replace("    27.10", " 1e-310 ")), "at least 0.001 µs", 17),
+    (sample(per_host=1), "one rank", 1),
 ])
 def test_parser_refuses_malformed_output(text, message, line):
     with pytest.raises(NcclTestsError) as caught:
@@ -257,6 +259,25 @@ def test_cluster_file_collectives_section(tmp_path):
                     ' "collectives": {"scale_up": {"LL": {"latency": -1}}}}')
     code, out, err = run_cli("cost", "examples/attention/tensor_parallel.ein", "--cluster", str(path))
     assert code == 1 and "E410" in err and "collectives.scale_up.LL.latency" in err and ":2:" in err
+
+
+def test_a_collectives_section_is_for_gpus_and_brings_no_nvls_of_its_own(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"accelerator": {"base": "tpu-v5e"},\n'
+                    ' "topology": {"kind": "torus", "dims": [4, 4], "wrap": [false, false]},\n'
+                    ' "collectives": {"scale_up": {"LL": {"latency": 5e-6}}}}')
+    code, out, err = run_cli("cost", "examples/attention/tensor_parallel.ein", "--cluster", str(path))
+    assert code == 1 and "error[E410]" in err and "for GPUs; TPU-v5e is a TPU accelerator" in err
+    assert f"{path}:3:" in err
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({
+        "accelerator": {"family": "gpu", "peak_flops": {"f32": 1e13}, "hbm_capacity": 1e10,
+                        "hbm_bandwidth": 1e12, "scale_up_bandwidth": 1e11},
+        "topology": {"kind": "switched", "gpus_per_node": 8},
+        "collectives": {"scale_up": {"LL": {"latency": 5e-6}}}}))
+    chip = load_cluster(str(path)).chip
+    assert chip.scale_up_tier.nvls is None
+    assert chip.scale_up_tier.protocols["LL"].latency.value == 5e-6
 
 
 # ---- the fit stays within its bounds and recovers what made a curve
