@@ -571,9 +571,9 @@ def _dotted(path: tuple) -> str:
 # -- the schema, one section at a time
 
 
-class _Schema:
-    """The document walked once: each section's function reads its values, checks each for
-    type and range as it goes, and fails at the first mistake with the value's position."""
+class _Values:
+    """Reading one value of the document: its type and range checked, a failure at its
+    position."""
 
     def __init__(self, document: dict, where: _Positions):
         self.document, self.where = document, where
@@ -629,35 +629,9 @@ class _Schema:
 
     # sections
 
-    def cluster(self, file: Path) -> Cluster:
-        document = self.table((), self.document, DOCUMENT_KEYS)
-        if "accelerator" not in document:
-            self.fail((), "the file needs `accelerator`: a preset name or a table",
-                      hint="known presets: " + ", ".join(sorted(ALIASES)))
-        if "topology" not in document:
-            self.fail((), "the file needs a `topology` table whose kind is switched, torus or links")
-        chip = self.accelerator(document["accelerator"], file)
-        if "collectives" in document:
-            chip = self.collectives(document["collectives"], chip, file)
-        topology = self.topology(document["topology"])
-        if isinstance(topology, Switched) and topology.nodes > 1 and chip.scale_out_bandwidth is None:
-            self.fail(("topology", "nodes"),
-                      "a cluster of several nodes needs accelerator.scale_out_bandwidth")
-        order = None
-        if "device_order" in document:
-            order = self.device_order(document["device_order"], topology.num_devices)
-        name = self.text(("name",), document["name"]) if "name" in document else file.stem
-        overhead = 0.0
-        if "step_overhead_s" in document:
-            overhead = self.number(("step_overhead_s",), document["step_overhead_s"], SECONDS_RANGE)
-        cores = None
-        if "shared_cores" in document:
-            cores = self.whole(("shared_cores",), document["shared_cores"], MAX_DEVICES)
-        efficiency = self.efficiency(document["efficiency"]) if "efficiency" in document \
-            else CALCULON_EFFICIENCY
-        return Cluster(name=name, chip=chip, topology=topology, efficiency=efficiency,
-                       device_order=order, step_overhead_s=overhead, shared_cores=cores,
-                       source=str(file))
+
+class _ChipSection(_Values):
+    """The `accelerator` and `collectives` sections: what one chip computes, holds and moves."""
 
     def accelerator(self, spec, file: Path) -> Accelerator:
         path = ("accelerator",)
@@ -784,6 +758,10 @@ class _Schema:
                                           "a number of channels (NCCL runs at most 32)"), source)
         return Tier(f"{tier.name} ({source})", protocols, trees, ll_max, nvls, nvls_tree, channels)
 
+
+class _NetworkSection(_Values):
+    """The `topology` section: a switched cluster, a torus or a graph of links."""
+
     def topology(self, spec) -> Topology:
         path = ("topology",)
         kind = spec.get("kind") if isinstance(spec, dict) else None
@@ -867,6 +845,41 @@ class _Schema:
         if not nx.is_connected(graph):
             self.fail(path + ("links",), "the links leave some devices unreachable from others")
         return Links(devices, switches, tuple(links))
+
+
+class _Schema(_ChipSection, _NetworkSection):
+    """The document walked once: each section's function reads its values, checks each for
+    type and range as it goes, and fails at the first mistake with the value's position."""
+
+    def cluster(self, file: Path) -> Cluster:
+        document = self.table((), self.document, DOCUMENT_KEYS)
+        if "accelerator" not in document:
+            self.fail((), "the file needs `accelerator`: a preset name or a table",
+                      hint="known presets: " + ", ".join(sorted(ALIASES)))
+        if "topology" not in document:
+            self.fail((), "the file needs a `topology` table whose kind is switched, torus or links")
+        chip = self.accelerator(document["accelerator"], file)
+        if "collectives" in document:
+            chip = self.collectives(document["collectives"], chip, file)
+        topology = self.topology(document["topology"])
+        if isinstance(topology, Switched) and topology.nodes > 1 and chip.scale_out_bandwidth is None:
+            self.fail(("topology", "nodes"),
+                      "a cluster of several nodes needs accelerator.scale_out_bandwidth")
+        order = None
+        if "device_order" in document:
+            order = self.device_order(document["device_order"], topology.num_devices)
+        name = self.text(("name",), document["name"]) if "name" in document else file.stem
+        overhead = 0.0
+        if "step_overhead_s" in document:
+            overhead = self.number(("step_overhead_s",), document["step_overhead_s"], SECONDS_RANGE)
+        cores = None
+        if "shared_cores" in document:
+            cores = self.whole(("shared_cores",), document["shared_cores"], MAX_DEVICES)
+        efficiency = self.efficiency(document["efficiency"]) if "efficiency" in document \
+            else CALCULON_EFFICIENCY
+        return Cluster(name=name, chip=chip, topology=topology, efficiency=efficiency,
+                       device_order=order, step_overhead_s=overhead, shared_cores=cores,
+                       source=str(file))
 
     def efficiency(self, spec) -> Efficiency:
         path = ("efficiency",)
