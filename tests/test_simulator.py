@@ -16,21 +16,77 @@ from einpar.tolerance import compare, program_tolerance
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("**/*.ein"))
 
 
+def perturbed(inputs: dict, seed: int) -> dict:
+    """The inputs with every float value moved by a few float32 units in the last place."""
+    rng = np.random.default_rng(seed)
+    moved = {}
+    for name, array in inputs.items():
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating):
+            signs = rng.choice([-1.0, 1.0], size=array.shape)
+            array = (array * (1 + 4 * np.finfo(np.float32).eps * signs)).astype(array.dtype)
+        moved[name] = array
+    return moved
+
+
+def sensitivity(program, name: str, inputs: dict, reference: dict, seed: int = 1) -> float:
+    """How far the reference's own `name` moves when its inputs move by rounding: an output
+    that cancels to noise (a sum over the index a normalization just centred) is set by
+    rounding, so another summation order may change it by as much."""
+    again = evaluate(program, perturbed(inputs, seed))
+    return compare(name, reference[name], again[name], 0.0).error
+
+
 def check_against_reference(program, seed=0):
     inputs = random_inputs(program, seed)
     reference = evaluate(program, inputs)
     spmd = compile_spmd(program)
     outputs, traffic = run_spmd(spmd, inputs)
     for output in program.outputs:
-        result = compare(output.name, reference[output.name], outputs[output.name],
-                         program_tolerance(program))
-        assert result.ok, (output.name, result.error, result.tolerance)
+        tolerance = program_tolerance(program)
+        result = compare(output.name, reference[output.name], outputs[output.name], tolerance)
+        if not result.ok:  # judged at what rounding alone does to the reference, if more
+            tolerance = max(tolerance, 4 * sensitivity(program, output.name, inputs, reference))
+        assert result.error <= tolerance, (output.name, result.error, tolerance)
     assert traffic.sent == [bytes_per_device(spmd.steps)] * program.mesh.num_devices
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(p.parent.parent)))
 def test_every_example_on_simulated_devices_equals_the_reference(path):
     check_against_reference(load(path))
+
+
+def test_examples_are_far_from_rounding_noise():
+    # The widened bound never applies to the examples: rounding moves their outputs by a
+    # twentieth of the tolerance at most (about 1e-6 of 1e-4).
+    for path in EXAMPLES:
+        program = load(path)
+        inputs = random_inputs(program, 0)
+        reference = evaluate(program, inputs)
+        for output in program.outputs:
+            assert sensitivity(program, output.name, inputs, reference) \
+                < program_tolerance(program) / 20, (path.name, output.name)
+
+
+# Found by test_many_random_programs_on_simulated_devices_equal_the_reference: the sum over B
+# of a layernorm over B is rounding noise (about 1e-6), which the layernorm over D scales up.
+NOISE = """mesh dp=2 sp=2
+dim B=8 S=12 D=12
+input x7[S@sp, B]
+input x[D, S] : f64
+input w[S]
+h6[S@dp, B] = layernorm[B](x7[S, B])
+out[D@sp, S@dp] = layernorm[D](h6[S, B] * x[D, S] * w[S])
+output out
+"""
+
+
+def test_an_output_of_rounding_noise_is_judged_at_what_rounding_does_to_it():
+    program = compile_source(NOISE, file="noise.ein")
+    inputs = random_inputs(program, 0)
+    reference = evaluate(program, inputs)
+    assert sensitivity(program, "out", inputs, reference) > program_tolerance(program)
+    check_against_reference(program)
 
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
