@@ -337,7 +337,11 @@ B200 = Accelerator(
     name="B200", family="gpu",
     peak_flops=_figures({
         "bf16": (2250, SB_GPUS, "HGX B200 at 1000 W; 4500 with sparsity (glennklockwood.com)"),
+        "f16": (2250, GLK_B200, "HGX B200 at 1000 W, tensor cores"),
         "fp8": (4500, SB_GPUS, ""),
+        "tf32": (1100, GLK_B200, "HGX B200 at 1000 W, tensor cores"),
+        "f32": (80, GLK_B200, "HGX B200 at 1000 W: FP32 vector FMA, as at Precision.HIGHEST"),
+        "f64": (40, GLK_B200, "HGX B200 at 1000 W"),
     }),
     hbm_capacity=Figure(192 * GIGA, SB_GPUS, "uncertain: shipping parts may expose less"),
     hbm_bandwidth=Figure(8.0 * TERA, SB_GPUS, "uncertain: the same chapter's prose says 9 TB/s"),
@@ -359,6 +363,9 @@ GB200 = Accelerator(
         "f16": (2500, NV_GB200, "as bf16"),
         "fp8": (5000, NV_GB200, "360 PF dense per 72 GPUs"),
         "tf32": (1250, NV_GB200, "90 PF dense per 72 GPUs"),
+        "f32": (90, GLK_B200, "the GB200 variant at 1200 W: FP32 vector FMA, as at "
+                              "Precision.HIGHEST"),
+        "f64": (45, GLK_B200, "the GB200 variant at 1200 W"),
     }),
     hbm_capacity=Figure(13.4e12 / 72, NV_GB200, "13.4 TB per 72 GPUs; 186 GB each"),
     hbm_bandwidth=Figure(8.0 * TERA, NV_GB200, "576 TB/s per 72 GPUs"),

@@ -286,8 +286,11 @@ def test_a_gpu_without_an_f32_peak_says_which_precision_has_one():
     assert "H100-SXM has no published peak for f32" in diagnostic.message
     assert diagnostic.hint.endswith("or price the other matmul precision (--precision default)")
     assert estimate(program, spmd, cluster, precision="default").ops[0].detail == "at tf32 peak"
-    with pytest.raises(EinparError) as caught:  # B200: neither; no precision to suggest
-        estimate(program, spmd, preset("b200x8"))
+    b200 = preset("b200x8")  # a chip with neither: no precision to suggest
+    low_only = {dtype: b200.chip.peak_flops[dtype] for dtype in ("bf16", "fp8")}
+    cluster = dataclasses.replace(b200, chip=dataclasses.replace(b200.chip, peak_flops=low_only))
+    with pytest.raises(EinparError) as caught:
+        estimate(program, spmd, cluster)
     assert "--precision" not in caught.value.diagnostics[0].hint
 
 

@@ -1183,9 +1183,14 @@ def test_E410_a_chip_with_no_peak_for_the_programs_dtype():
     from einpar.cost_model.cluster import preset
     from einpar.cost_model.estimate import estimate
 
+    import dataclasses
+
     program = load("examples/mlp/megatron.ein")
+    b200 = preset("b200x8")  # a chip with no f32 or tf32 figure, as a cluster file may give
+    low_only = {dtype: b200.chip.peak_flops[dtype] for dtype in ("bf16", "fp8")}
+    cluster = dataclasses.replace(b200, chip=dataclasses.replace(b200.chip, peak_flops=low_only))
     with pytest.raises(EinparError) as caught:
-        estimate(program, compile_spmd(program), preset("b200x8"))
+        estimate(program, compile_spmd(program), cluster)
     (found,) = caught.value.diagnostics
     assert (found.code, found.message, found.hint) == (
         "E410", "B200 has no published peak for f32 arithmetic (it has: bf16, fp8)",
