@@ -14,7 +14,7 @@ found.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SB_GPUS = "jax-ml/scaling-book gpus.md @1a55377 (ch.12 'How to Think About GPUs', 2025-08)"
 SB_TPUS = "jax-ml/scaling-book tpus.md @0819a7d (ch.2)"
@@ -356,8 +356,9 @@ B200 = Accelerator(
     scale_out_tier=INFINIBAND_NDR,
 )
 
-GB200 = Accelerator(
-    name="GB200", family="gpu",
+# A GB200 NVL72 rack's GPUs are B200 dies at 1200 W in one NVLink domain of 72.
+GB200 = replace(
+    B200, name="GB200",
     peak_flops=_figures({
         "bf16": (2500, NV_GB200, "180 PF dense per 72 GPUs"),
         "f16": (2500, NV_GB200, "as bf16"),
@@ -371,15 +372,9 @@ GB200 = Accelerator(
     hbm_bandwidth=Figure(8.0 * TERA, NV_GB200, "576 TB/s per 72 GPUs"),
     scale_up_bandwidth=Figure(900 * GIGA, SB_GPUS, "NVLink5: 1.8 TB/s bidirectional per GPU "
                                                    "(130 TB/s per 72, NV_GB200)"),
-    scale_up_latency=H100.scale_up_latency,
     scale_up_domain=Figure(72, SB_GPUS, "GB200 NVL72: one NVLink domain of 72 GPUs (appendix A)"),
     scale_out_bandwidth=Figure(50 * GIGA, SB_GPUS, "appendix A: 4 x 18 x 400 Gb/s per 72 GPUs, "
                                                    "one 400 Gb/s NIC per GPU"),
-    scale_out_latency=H100.scale_out_latency,
-    scale_up_efficiency=H100.scale_up_efficiency,  # assumed as NVLink4: no figure of its own
-    scale_out_efficiency=H100.scale_out_efficiency,
-    scale_up_tier=NVLINK5_FROM_H100,
-    scale_out_tier=INFINIBAND_NDR,
 )
 
 TPU_V4 = Accelerator(
