@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from einpar.api import compile_source, emit_jax, random_inputs, run_jax, run_reference, shown_path
+from einpar.api import compile_source, emit_jax, random_inputs, run_jax, shown_path
 from einpar.backends.jax_codegen import _RESERVED, Names, literal_text
 from einpar.cli import main
-from einpar.tolerance import compare, program_tolerance
+
+from helpers import assert_matches_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,14 +86,6 @@ sum[B,D] = """ + "tanh(" * 80 + "print[B,D]" + ")" * 80 + """
 output sum
 output print
 """
-
-
-def assert_matches_reference(program, outputs, inputs):
-    reference = run_reference(program, inputs)
-    for output in program.outputs:
-        found = compare(output.name, reference[output.name], outputs[output.name],
-                        program_tolerance(program))
-        assert found.ok, (output.name, found.error, found.tolerance)
 
 
 @pytest.mark.parametrize("twin", [False, True], ids=["per-device", "twin"])

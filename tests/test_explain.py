@@ -20,9 +20,7 @@ from einpar.layout import group_of
 from einpar.lower import compile_program
 from einpar.spmd import bytes_per_device
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("**/*.ein"))
-GOLDENS = Path(__file__).resolve().parent / "goldens"
+from helpers import EXAMPLES, GOLDENS, ROOT, golden_path
 
 
 def explained(example: Path, cluster=None):
@@ -31,20 +29,15 @@ def explained(example: Path, cluster=None):
     return program, partitioned, spmd, explain(spmd, example.read_text(), cluster)
 
 
-def golden_path(example: Path) -> Path:
-    relative = example.relative_to(ROOT / "examples").with_suffix(".explain")
-    return GOLDENS / str(relative).replace("/", "__")
-
-
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_explain_matches_its_golden_file(example, golden, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["explain", str(example.relative_to(ROOT))]) == 0
-    golden(golden_path(example), capsys.readouterr().out)
+    golden(golden_path(example, ".explain"), capsys.readouterr().out)
 
 
 def test_every_explain_golden_has_its_example():
-    expected = {golden_path(example).name for example in EXAMPLES}
+    expected = {golden_path(example, ".explain").name for example in EXAMPLES}
     assert {path.name for path in GOLDENS.glob("*.explain")} <= expected
 
 

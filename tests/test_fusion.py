@@ -3,7 +3,6 @@ attention's pricing, `--fusion none` as the unfused pricing, and a fused region 
 more than its steps priced alone."""
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,14 +15,7 @@ from einpar.cost_model.cluster import preset
 from einpar.cost_model.estimate import estimate
 from einpar.cost_model.fusion import FusedStep, Node, format_fusion, fuse, fused_regions, group
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("**/*.ein"))
-GOLDENS = Path(__file__).resolve().parent / "goldens"
-
-
-def golden_path(example: Path) -> Path:
-    relative = example.relative_to(ROOT / "examples").with_suffix(".fusion")
-    return GOLDENS / str(relative).replace("/", "__")
+from helpers import EXAMPLES, GOLDENS, ROOT, golden_path
 
 
 def regions_of(text: str, file: str = "<test>") -> list[FusedStep]:
@@ -34,11 +26,11 @@ def regions_of(text: str, file: str = "<test>") -> list[FusedStep]:
 def test_fused_regions_match_their_golden_file(example, golden, monkeypatch):
     monkeypatch.chdir(ROOT)
     spmd = api.compile_spmd(api.load(example.relative_to(ROOT)))
-    golden(golden_path(example), format_fusion(fuse(spmd)) + "\n")
+    golden(golden_path(example, ".fusion"), format_fusion(fuse(spmd)) + "\n")
 
 
 def test_every_fusion_golden_has_its_example():
-    expected = {golden_path(example).name for example in EXAMPLES}
+    expected = {golden_path(example, ".fusion").name for example in EXAMPLES}
     assert {path.name for path in GOLDENS.glob("*.fusion")} <= expected
 
 

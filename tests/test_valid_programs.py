@@ -22,7 +22,8 @@ from einpar.cli import main
 from einpar.errors import EinparError
 from einpar.spmd import RepeatStep
 from einpar.syntax import MAX_EXPRESSION_DEPTH, MAX_REPEAT_DEPTH
-from einpar.tolerance import compare, program_tolerance
+
+from helpers import assert_matches_reference
 
 # The example of nested blocks in docs/language.md.
 DOCS_NESTED = """\
@@ -71,14 +72,6 @@ output x
 """
 
 NESTED = {"docs": DOCS_NESTED, "inner param only": INNER_PARAM_ONLY, "sharded": SHARDED_NESTED}
-
-
-def assert_matches_reference(program, outputs, inputs):
-    reference = run_reference(program, inputs)
-    for output in program.outputs:
-        found = compare(output.name, reference[output.name], outputs[output.name],
-                        program_tolerance(program))
-        assert found.ok, (output.name, found.error, found.tolerance)
 
 
 # ---------------------------------------------------------------- nested repeat blocks
