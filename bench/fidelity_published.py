@@ -23,10 +23,8 @@ its `report()` rows are printed after the collectives.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +34,8 @@ from einpar.cost_model import nccl  # noqa: E402
 from einpar.cost_model.cluster import preset  # noqa: E402
 from einpar.cost_model.collectives import collective_time  # noqa: E402
 from einpar.layout import Mesh  # noqa: E402
+from bench import published_kernels  # noqa: E402
+from bench.published import load  # noqa: E402
 
 BANDS = (("<=64KiB", 0, 64 * 2**10), ("64KiB-16MiB", 64 * 2**10 + 1, 16 * 2**20),
          (">16MiB", 16 * 2**20 + 1, float("inf")))
@@ -43,19 +43,12 @@ BANDS = (("<=64KiB", 0, 64 * 2**10), ("64KiB-16MiB", 64 * 2**10 + 1, 16 * 2**20)
 FITTED = ("a100x8", "h100x8", "h200x8")
 
 
-def load_published(folder: Path):
-    spec = importlib.util.spec_from_file_location("published_load", folder / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def forced_algorithms(row: dict) -> tuple[str, ...] | None:
     return ("ring",) if "NCCL_ALGO=RING" in row["system"] else None
 
 
 def local_bytes(row: dict) -> float:
-    return row["bytes"] / row["gpus"] if row["collective"] == "all_gather" else float(row["bytes"])
+    return nccl.rank_bytes(row["collective"], row["bytes"], row["gpus"])
 
 
 def predicted_s(row: dict, cluster=None) -> tuple[float, str]:
@@ -220,8 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fit", action="store_true", help="refit the fitted tiers and print them")
     parser.add_argument("--quiet", action="store_true", help="summaries only, not every row")
     args = parser.parse_args(argv)
-    published = load_published(args.published)
-    rows = published.collective_rows(args.published / "collectives")
+    rows = load.collective_rows(args.published / "collectives")
     if args.fit:
         refit(rows)
         return 0
@@ -233,10 +225,9 @@ def main(argv=None) -> int:
           "(as einpar calibrate --nccl-tests fits)")
     summary += collectives_report(rows, not args.quiet, "calibrated")
     summary_table(summary)
-    from bench import published_kernels  # the kernel half: matmul and flash-attention pricing
     print("\n== kernels: each row priced on its chip's preset (bench/published_kernels.py)")
     print(f"  {'kernel':16} {'chip':6} {'half':9} {'rows':>4}  {'median |err|':>12}  {'max |err|':>9}")
-    for row in published_kernels.report():
+    for row in published_kernels.report(args.published / "kernels"):
         print(f"  {row['kernel']:16} {row['chip']:6} {row['half']:9} {row['rows']:4d}  "
               f"{row['median_abs_error']:12.1%}  {row['max_abs_error']:9.1%}")
     return 0

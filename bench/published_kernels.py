@@ -37,11 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cost_model.attention import AttentionShape, flash_attention_time  # noqa: E402
-from cost_model.cluster import preset  # noqa: E402
-from cost_model.compute import matmul_time, peak_flops  # noqa: E402
-from cost_model.hardware import Figure  # noqa: E402
-from cost_model.matmul import GemmFit, GemmShape, gemm_fit, gemm_math_time  # noqa: E402
+from einpar.cost_model.attention import AttentionShape, flash_attention_time  # noqa: E402
+from einpar.cost_model.cluster import preset  # noqa: E402
+from einpar.cost_model.compute import matmul_time, peak_flops  # noqa: E402
+from einpar.cost_model.hardware import Figure  # noqa: E402
+from einpar.cost_model.matmul import GemmFit, GemmShape, gemm_fit, gemm_math_time  # noqa: E402
 
 KERNELS = ROOT / "bench" / "published" / "kernels"
 # The preset of each chip a `system` names, most specific first.

@@ -97,6 +97,12 @@ def nccl_bytes(kind: str, local_bytes: float, n: int) -> float:
     return n * local_bytes if kind == "all_gather" else local_bytes
 
 
+def rank_bytes(kind: str, size: float, n: int) -> float:
+    """What each of n ranks holds before a collective of nccl-tests' size (nccl_bytes's
+    inverse)."""
+    return size / n if kind == "all_gather" else float(size)
+
+
 def channel_factor(protocol: Protocol, size: float, channels: float) -> float:
     """How much longer than at full rate a buffer of `size` (nBytes) moves. NCCL divides a
     buffer among channels, one more for each `saturation / channels` bytes of it (enqueue.cc:

@@ -53,7 +53,7 @@ class Measurement:
     @property
     def local_bytes(self) -> float:
         """What each rank holds before the collective (einpar's convention)."""
-        return self.bytes / self.gpus if self.kind == "all_gather" else float(self.bytes)
+        return nccl.rank_bytes(self.kind, self.bytes, self.gpus)
 
 
 MIN_TIME_US = 0.001
