@@ -18,7 +18,7 @@ import numpy as np
 
 from einpar.flops import einsum_path
 from einpar.syntax import deep_recursion
-from einpar.ir import (NORM_EPSILON, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand,
+from einpar.ir import (NORM_EPSILON, Arg, Cast, Const, Einsum, Library, Map, Operand,
                        Program, Reduce, Repeat, Route, Scalar, TensorType, einsum_subscripts,
                        work_dtype)
 

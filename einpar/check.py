@@ -23,7 +23,6 @@ import difflib
 from dataclasses import dataclass, field, replace
 from typing import Union
 
-from . import ir
 from .errors import Diagnostic, EinparError, Label, Span
 from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTIONS, REDUCTIONS,
                  UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,

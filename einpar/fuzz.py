@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .syntax import KEYWORDS  # the language's keywords, which mutations insert
+
 __all__ = ["Seed", "load_seeds", "MUTATIONS", "mutate", "mutant", "Outcome", "run_cli",
            "run_input", "minimize", "Finding", "Report", "Campaign", "KNOWN_ISSUES",
            "known_issue"]
@@ -96,7 +98,9 @@ NUMBER = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?")
 # 100,000-character name would take minutes.
 TERM = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*+\[[^\]\n]*\]")
 
-KEYWORDS = ("mesh", "dim", "dtype", "input", "param", "output", "repeat")
+# The checker's functions, in an order of their own: a campaign's inputs follow from it, so
+# reordering would change what every index of a published campaign means (tests/test_fuzz.py
+# checks it is the same set as einpar.check.ALL_FUNCTIONS).
 FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs",
              "square", "where", "max2", "min2", "sum", "max", "min", "mean", "softmax",
              "logsumexp", "rmsnorm", "layernorm", "cumsum", "route")

@@ -247,3 +247,8 @@ def test_warnings_on_stderr_are_not_read_as_the_emitted_module(tmp_path, monkeyp
     outcome = fuzz.run_cli(["compile", "p.ein", "--emit", "jax"], 60)
     assert "W100" in outcome.output and "W100" not in outcome.stdout
     assert outcome.problem is None, outcome.error
+
+
+def test_the_fuzzers_vocabulary_is_the_languages():
+    from einpar.check import ALL_FUNCTIONS
+    assert set(fuzz.FUNCTIONS) == set(ALL_FUNCTIONS) and len(fuzz.FUNCTIONS) == len(ALL_FUNCTIONS)
