@@ -92,11 +92,15 @@ def run_reference(program: Program, inputs: dict[str, np.ndarray] | None = None,
     return evaluate(program, arrays)
 
 
-def compile_spmd(program: Program):
-    """Partition and lower `program` to the SpmdProgram every device runs."""
+def compile_spmd(program: Program, cluster=None, objective: str = "time"):
+    """Partition and lower `program` to the SpmdProgram every device runs. The plan minimizes
+    `objective`: "time" on `cluster` (a cost_model Cluster, e.g. from
+    `cost_model.cluster.load_cluster`; None: einpar.objective.default_cluster of the mesh),
+    or "bytes" sent per device."""
     from .lower import compile_program
+    from .objective import make_objective
 
-    return compile_program(program)[1]
+    return compile_program(program, make_objective(program, objective, cluster))[1]
 
 
 def run_simulated(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0):
@@ -121,13 +125,15 @@ def explain(program: Program, source: str | None = None, cluster=None, fusion: s
     return build(compile_spmd(program), text, cluster, fusion)
 
 
-def emit_jax(program: Program, command: str = "", precision: str = DEFAULT_PRECISION) -> str:
+def emit_jax(program: Program, command: str = "", precision: str = DEFAULT_PRECISION,
+             spmd=None) -> str:
     """The program as a standalone JAX module (shard_map program and GSPMD twin); imports no JAX.
     Its float32 contractions run at `precision`: "highest" (true float32) or "default" (the
-    accelerator's fast mode); see einpar.precision."""
+    accelerator's fast mode); see einpar.precision. `spmd`: the compiled program if the caller
+    has it (planned for a cluster of its choice)."""
     from .backends.jax_codegen import write_module
 
-    return write_module(program, compile_spmd(program), command, precision)
+    return write_module(program, spmd or compile_spmd(program), command, precision)
 
 
 def run_jax(program: Program, inputs: dict[str, np.ndarray] | None = None, seed: int = 0, *,

@@ -43,6 +43,7 @@ from .ir import Program, format_program, walk_ops
 from .layout import DTYPE_BYTES, format_dims
 from .inputs import save_outputs
 from .lexer import highlight
+from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .precision import DEFAULT_PRECISION, PRECISIONS
 from .progress import ProgressBar
 from .spmd import bytes_per_device, format_spmd, to_json
@@ -127,6 +128,16 @@ def _build_parser() -> argparse.ArgumentParser:
                               "what the reference computes) or default (the accelerator's fast "
                               "mode: TF32 on GPUs, one bfloat16 pass on TPUs); see docs/cost.md")
 
+    def planning(sub, cluster: bool = True):
+        if cluster:
+            sub.add_argument("--cluster", metavar="NAME|FILE",
+                             help="plan (and time collectives) for this cluster: a preset (h100x8, "
+                                  "h100x8:64, tpu-v5p:8x8x8, ...) or a cluster file (default: "
+                                  "one node of H100s sized to the mesh; see docs/compile.md)")
+        sub.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                         help="what the partitioner minimizes: time (default: the cost model's "
+                              "time on the cluster) or bytes sent per device (then FLOPs)")
+
     def limits(sub):
         sub.add_argument("--max-memory", type=_size, metavar="SIZE",
                          help="refuse to start if the run would need more memory than this, e.g. "
@@ -152,6 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a program on a backend")
     common(run)
+    planning(run)
     run.add_argument("--backend", choices=["reference", "numpy", "jax"], default="reference",
                      help="reference: unsharded NumPy evaluation (the oracle); numpy: every device "
                           "simulated with NumPy; jax: the per-device program under jax.shard_map "
@@ -191,6 +203,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="which stage to print (default: the per-device program); jax: a "
                            "standalone Python module running it under jax.shard_map")
     precision(comp, "with --emit jax: the module runs its")
+    planning(comp)
     warnings(comp)
 
     def slides(sub):
@@ -217,8 +230,7 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--seed", type=_seed, default=0,
                          help=f"seed for --values' inputs, 0 to {MAX_SEED} (default 0)")
     limits(explain)
-    explain.add_argument("--cluster", metavar="NAME|FILE",
-                         help="time each collective on a modeled cluster (see einpar cost)")
+    planning(explain)
     slides(explain)
 
     cost = commands.add_parser("cost", help="price the program on a modeled cluster: time, "
@@ -230,6 +242,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--overlap", action="store_true",
                       help="let collectives run beside compute that does not need their result")
     precision(cost, "price")
+    planning(cost, cluster=False)
     cost.add_argument("--fusion", choices=("auto", "none"), default="auto",
                       help="auto (default): price fused regions and flash attention as one kernel "
                            "each; none: every step alone, its operands and result in HBM")
@@ -297,15 +310,33 @@ def _write(path: Path, command: str, write) -> None:
                           f"{error.strerror or error}") from None
 
 
+def _cluster(args, program: Program, sources: SourceMap):
+    """The cluster of --cluster (checked to hold the mesh), or None."""
+    if not getattr(args, "cluster", None):
+        return None
+    from .cost_model.cluster import check_fits, load_cluster
+
+    cluster = load_cluster(args.cluster, sources)
+    check_fits(cluster, program.mesh.num_devices, str(program.mesh))
+    return cluster
+
+
+def _plan(args, program: Program, cluster):
+    """The per-device program, planned for `cluster` (None: the default) by --objective."""
+    return api.compile_spmd(program, cluster, args.objective)
+
+
 def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
-    from .cost_model.cluster import load_cluster
+    from .cost_model.cluster import check_fits, load_cluster
     from .cost_model.estimate import estimate
     from .cost_model.report import print_estimate
     from .cost_model.trace import write_trace
 
     trace = _writable(args.trace, args.force, "cost") if args.trace else None
     cluster = load_cluster(args.cluster, sources)
-    result = estimate(program, api.compile_spmd(program), cluster, overlap=args.overlap,
+    check_fits(cluster, program.mesh.num_devices, str(program.mesh))
+    spmd = api.compile_spmd(program, cluster, args.objective)
+    result = estimate(program, spmd, cluster, overlap=args.overlap,
                       precision=args.precision or DEFAULT_PRECISION, fusion=args.fusion)
     if trace is not None:
         _write(trace, "cost", lambda path: write_trace(result, path))
@@ -434,13 +465,8 @@ def _explain(args, program: Program, text: str, out: Console, err: Console,
     if args.values and args.json:
         raise _UsageError("einpar explain: error: --values shows the numbers in the view; it "
                           "does not go with --json")
-    cluster = None
-    if args.cluster:
-        from .cost_model.cluster import check_fits, load_cluster
-
-        cluster = load_cluster(args.cluster, sources)
-        check_fits(cluster, program.mesh.num_devices, str(program.mesh))
-    spmd = api.compile_spmd(program)
+    cluster = _cluster(args, program, sources)
+    spmd = _plan(args, program, cluster)
     explanation = explain(spmd, text, cluster)
     numbers = None
     if args.statement is not None:
@@ -588,7 +614,7 @@ def _print_outputs(outputs: dict, out: Console) -> None:
 
 
 def _compile(args, program: Program, text: str, out: Console, warnings: list,
-             ignore: list[str]) -> int:
+             ignore: list[str], sources: SourceMap) -> int:
     """Print the stage `--emit` asks for. Warnings found while compiling (W104, less the
     `ignore`d) are added to `warnings`, which the caller prints after the output."""
     if args.emit == "jax":
@@ -596,7 +622,12 @@ def _compile(args, program: Program, text: str, out: Console, warnings: list,
             f" --set {item}" for group in args.set for item in group)
         if args.precision:
             command += f" --precision {args.precision}"
-        text = api.emit_jax(program, command, args.precision or DEFAULT_PRECISION)
+        if args.cluster:
+            command += f" --cluster {args.cluster}"
+        if args.objective != DEFAULT_OBJECTIVE:
+            command += f" --objective {args.objective}"
+        spmd = _plan(args, program, _cluster(args, program, sources))
+        text = api.emit_jax(program, command, args.precision or DEFAULT_PRECISION, spmd)
         if args.json:
             out.print(json.dumps(_with_warnings({"jax": text}, warnings)), markup=False)
         else:
@@ -609,7 +640,7 @@ def _compile(args, program: Program, text: str, out: Console, warnings: list,
                   markup=False)
         return 0
     targets = args.slides
-    spmd = api.compile_spmd(program)
+    spmd = _plan(args, program, _cluster(args, program, sources))
     warnings.extend(lint.search_limits(spmd.search_limits, text, ignore))
     if args.json:
         document = to_json(spmd)
@@ -655,7 +686,7 @@ def _print_spmd(spmd, out: Console) -> None:
             out.print(Text(line))
 
 
-def _run(args, program: Program, out: Console, err: Console) -> int:
+def _run(args, program: Program, out: Console, err: Console, sources: SourceMap) -> int:
     import numpy as np
 
     from .backends.reference import evaluate
@@ -665,7 +696,8 @@ def _run(args, program: Program, out: Console, err: Console) -> int:
         # NumPy adds .npz to a name without it; so does einpar, to the file it writes.
         save = _writable(args.save if args.save.endswith(".npz") else args.save + ".npz",
                          args.force, "run")
-    spmd = None if args.backend == "reference" else api.compile_spmd(program)
+    spmd = None if args.backend == "reference" else \
+        _plan(args, program, _cluster(args, program, sources))
     distributed = _distributed(args) if args.backend == "jax" else None
     work = resources.estimate_run(program, args.backend, spmd, platform=args.platform,
                                   processes=distributed.num_processes if distributed else 1,
@@ -906,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings = (lint.repeated_overrides(assignments, ignore)
                         + lint.lint(parse(text, args.file), text, ignore))
             if args.command == "compile":
-                code = _compile(args, program, text, out, warnings, ignore)
+                code = _compile(args, program, text, out, warnings, ignore, sources)
             elif args.json:
                 out.print(json.dumps(_with_warnings(_summary(program), warnings), indent=2),
                           markup=False)
@@ -919,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cost(args, program, out, sources)
         if args.command == "explain":
             return _explain(args, program, text, out, err, sources)
-        return _run(args, program, out, err)
+        return _run(args, program, out, err, sources)
     except EinparError as error:
         _print_diagnostics(error.diagnostics, sources, getattr(args, "json", False), out, err)
         return 2 if error.usage else 1

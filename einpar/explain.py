@@ -77,6 +77,8 @@ class Statement:
     made: set = field(default_factory=set)  # every local value made inside the statement
     steps: list = field(default_factory=list)  # its LocalSteps
     fused: list[str] = field(default_factory=list)  # the kernels its steps fuse into, in words
+    choices: list[str] = field(default_factory=list)  # what each op's strategy costs, and the
+    # best one rejected, in words (the partitioner's objective)
 
     @property
     def bytes_per_device(self) -> int:
@@ -90,9 +92,29 @@ class Explanation:
     inputs: list[Held]
     statements: list[Statement]
     cluster: str | None = None
+    objective: str = ""  # what the plan minimizes, in words
 
 
 # ---- words
+
+
+def choice_sentence(step: LocalStep) -> str | None:
+    """`h: costs 7.71 us; the best rejected (tp: F) adds 13.2 us`."""
+    priced = step.priced
+    if priced is None:
+        return None
+    text = f"{step.op.result.name}: costs {_amount(priced.price, priced.objective)}"
+    if priced.alternative is not None:
+        text += (f"; the best rejected strategy ({priced.alternative}) would add "
+                 f"{_amount(priced.extra, priced.objective)} to the program")
+    return text
+
+
+def _amount(value: float, objective: str) -> str:
+    if objective == "bytes":
+        return f"{round(value):,} B"
+    from .units import format_seconds
+    return format_seconds(value)
 
 
 def _roles_sentences(step: LocalStep, subject: str, spmd: SpmdProgram) -> list[str]:
@@ -276,11 +298,14 @@ class _Builder:
         self.fused()
         for statement in self.statements:
             statement.rules = _statement_rules(statement, self.spmd)
+            statement.choices = [sentence for step in statement.steps
+                                 if (sentence := choice_sentence(step)) is not None]
             for held in statement.operands:
                 if not any(r.tensor == held.tensor for r in statement.reads):
                     statement.reads.append(held)
         name = getattr(self.cluster, "name", None)
-        return Explanation(self.spmd.file, self.mesh, inputs, self.statements, name)
+        return Explanation(self.spmd.file, self.mesh, inputs, self.statements, name,
+                           self.spmd.objective)
 
 
     def fused(self) -> None:

@@ -190,6 +190,8 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
     parts.append(_labelled("layouts", layouts))
     if statement.rules:
         parts.append(_labelled("rule", Text("\n".join("• " + r for r in statement.rules))))
+    if statement.choices:
+        parts.append(_labelled("choice", Text("\n".join("• " + c for c in statement.choices))))
     if statement.fused:
         parts.append(_labelled("fused", Text("\n".join("• " + f for f in statement.fused))))
     if statement.movements:
@@ -243,6 +245,8 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
     head.append(f"{mesh} ({mesh.num_devices} devices)" if mesh.axes else "one device")
     if explanation.cluster:
         head.append(f", times on {explanation.cluster}")
+    if explanation.objective:
+        head.append(f"; plan minimizes {explanation.objective}")
     if device is not None:
         head.append(f", device {device} highlighted")
     parts.append(head)
@@ -282,6 +286,7 @@ def explanation_json(explanation, numbers: list[int] | None) -> dict:
             "operands": {h.tensor: h.text() for h in s.operands},
             "result": s.result.text() if s.result else None,
             "rules": s.rules,
+            "choices": s.choices,
             "fused": s.fused,
             "collectives": [{"call": m.call, "kind": m.kind, "axes": list(m.axes),
                              "groups": [list(g) for g in m.groups],
@@ -292,4 +297,4 @@ def explanation_json(explanation, numbers: list[int] | None) -> dict:
                          for name, held, moved in shown_values(s)} for d in range(mesh.num_devices)],
         })
     return {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
-            "statements": statements}
+            "objective": explanation.objective, "statements": statements}

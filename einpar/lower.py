@@ -12,9 +12,8 @@ from dataclasses import replace
 
 from .ir import Operand, Program, TensorType, Value
 from .layout import Layout
-from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partitions
-from .spmd import (CollectiveStep, LocalStep, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue,
-                   bytes_per_device, local_flops)
+from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partition
+from .spmd import CollectiveStep, LocalStep, Priced, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue
 
 
 class _Lowering:
@@ -82,8 +81,15 @@ class _Lowering:
         else:
             local = replace(op, operands=operands, result=result)
         self.define(op.result.name, op.result.name, op.stmt, decision.result_layout)
-        steps.append(LocalStep(local, decision.rule, decision.assignment))
+        steps.append(LocalStep(local, decision.rule, decision.assignment, self.priced(decision)))
         self.move(decision.constraint, steps, op.result.name)
+
+    def priced(self, decision) -> Priced:
+        """The decision's price in the plan's units (seconds for time, kept in ns while solving)."""
+        scale = 1e-9 if self.partitioned.objective == "time" else 1.0
+        other = decision.alternative
+        return Priced(self.partitioned.objective, decision.price * scale,
+                      other.rule if other else None, other.extra * scale if other else None)
 
     def forget(self, value: str) -> None:
         for key in [key for key in self.held if key[0] == value]:
@@ -127,7 +133,7 @@ class _Lowering:
             op.dim, op.count,
             tuple((start, name, result, c.result.name)
                   for c, start, name, result in zip(op.carried, starts, inside, results)),
-            tuple(zip(sources, trips)), tuple(body)))
+            tuple(zip(sources, trips)), tuple(body), self.priced(decision)))
 
     def held_in(self, value: str) -> str:
         """The local name of the one copy of `value` held here (a stacked param is
@@ -153,18 +159,19 @@ class _Lowering:
         for output, layout, move in self.partitioned.outputs:
             self.move(move, steps)
             outputs.append(SpmdOutput(output.name, self.held[(output.value, layout)], layout))
+        plan = self.partitioned
+        scale = 1e-9 if plan.objective == "time" else 1.0
         return SpmdProgram(self.program.file, self.mesh, self.values, inputs, tuple(steps),
-                           tuple(outputs), self.partitioned.limits)
+                           tuple(outputs), plan.limits, plan.objective_text,
+                           Priced(plan.objective, plan.price * scale))
 
 
 def lower(partitioned: PartitionedProgram) -> SpmdProgram:
     return _Lowering(partitioned).run()
 
 
-def compile_program(program: Program) -> tuple[PartitionedProgram, SpmdProgram]:
-    """Partition `program` under every tie-break policy, lower each walk, and keep the
-    per-device program that sends the fewest bytes per device, then computes the fewest
-    FLOPs per device (then the first policy's): the price is what the program really
-    sends, moved copies reused."""
-    lowered = [(plan, lower(plan)) for plan in partitions(program)]
-    return min(lowered, key=lambda pair: (bytes_per_device(pair[1].steps), local_flops(pair[1])))
+def compile_program(program: Program, objective=None) -> tuple[PartitionedProgram, SpmdProgram]:
+    """Partition `program` for the whole program at once, minimizing `objective`
+    (einpar.objective; default: time on the default cluster of its mesh), and lower it."""
+    plan = partition(program, objective)
+    return plan, lower(plan)

@@ -1,49 +1,53 @@
-"""The partitioner: a layout for every value and a strategy for every op.
+"""The partitioner: a layout for every value and a strategy for every op, chosen together.
 
-For each op (after library ops are expanded), a strategy assigns every mesh
-axis one role, in the op's index space (the shardy way of writing sharding
-rules as einsums over factors):
+Each op's strategies (strategies.py: one role per mesh axis) are priced by
+an objective (objective.py: time on a cluster by default, or bytes), and the
+strategies of all ops are chosen at once by an integer program (solve.py):
+a value moved into a layout is paid once for every consumer that reads it
+there, a partial sum is carried through linear ops when that is cheaper, and
+an early choice is priced by what it forces later. Layouts the user wrote
+are constraints: a statement's layout (with `{sum: tp}` pins and `{}`) and
+an output's.
 
-- split an index: every operand and the result that have that index are
-  split along the axis (an operand without it holds copies);
-- split a reduced index (a contraction's summed index, a reduction's index):
-  each device reduces its block, and the result is partial over the axis;
-- keep a partial value partial (`PARTIAL`), where the op is linear in it: a
-  sum of partial sums, a partial sum times a whole value, a contraction or a
-  sum of one partial operand, a max of partial maxima;
-- nothing: the axis holds copies and repeats the work.
+How the search scales with the mesh (docs/compile.md):
 
-Every candidate is priced: the bytes of the reshards its operands need (a
-layout a value was already moved into is free to reuse), plus the bytes to
-deliver the result in the layout the program asks for there, then the FLOPs
-per device, then fewer collectives, then a fixed order of candidates, so the
-choice is deterministic. Layouts the user wrote are constraints; partial
-results stay partial until a consumer needs them whole, so the consumer's
-reshard picks a reduce-scatter when it wants the result split.
+- axes of size 1 have one role (copies) and cost nothing;
+- while the level's ops have at most JOINT_LIMIT strategies in all (each a
+  product over the axes), it is solved over all of them at once: the optimum;
+- beyond, the search goes axis by axis: each axis's roles are chosen for the
+  whole program with the other axes' held, sweeping the axes until the price
+  stops falling (at most MAX_SWEEPS). Each sweep is an integer program with a
+  few choices per op, so the work grows linearly with the number of axes;
+  the plan is optimal along each axis, not necessarily jointly (W104).
 
-Choosing op by op is greedy, and one tie-break does not suit every program:
-splitting a value that every device holds whole is free and saves FLOPs now,
-but can force gathers later (slicing a transformer's residual stream over
-`tp` turns Megatron's two all-reduces per layer into gathers of weights and
-all-to-alls). So the walk runs twice, once preferring fewer FLOPs and once
-preferring to keep copies whole when bytes tie, and `lower.compile_program`
-keeps the program with fewer bytes per device (then FLOPs per device).
+A `repeat` body is solved once per layout its carried values may cross the
+loop in (its last statement's pin, the layout it enters in, or whole), its
+price counted once per trip.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Union
 
+from .errors import Diagnostic, EinparError
 from .expand import expand_library
-from .flops import op_flops
-from .ir import (Apply, Arg, Cast, Einsum, Library, Map, Op, Output, Program, Reduce, Repeat,
-                 Route, Scalar, Value)
-from .layout import Layout, Mesh
+from .ir import Op, Output, Program, Repeat, TensorType, Value
+from .layout import Layout, Mesh, format_dims, local_bytes
+from .objective import Objective, make_objective
 from .reshard import ReshardPlan, plan_reshard
+from .solve import Choice, Infeasible, Problem, evaluate, solve
+from .strategies import PARTIAL, Partial, Strategy, axis_roles, build, describe, op_indices, short, strip
 
-PARTIAL = "(partial)"
+__all__ = ["PARTIAL", "Move", "Decision", "RepeatDecision", "PartitionedProgram", "partition"]
+
+# The exact search takes every op's strategies over all axes while the program has at most
+# this many in all (a matmul on 2 axes has 5^2 = 25); beyond, it goes axis by axis. HiGHS
+# solves 300 choices in tens of milliseconds; the 553 of the attention example take 1.2 s.
+JOINT_LIMIT = 300
+MAX_SWEEPS = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,14 @@ class Move:
 
 
 @dataclass(frozen=True)
+class Alternative:
+    """The best strategy not taken for an op, and what the program would cost with it."""
+
+    rule: str
+    extra: float  # price of the program with it, minus the plan's (>= 0)
+
+
+@dataclass(frozen=True)
 class Decision:
     op: Op
     assignment: tuple[tuple[str, str | None], ...]  # mesh axis -> index, PARTIAL or None
@@ -73,6 +85,8 @@ class Decision:
     result_layout: Layout  # as the op computes it
     constraint: Move | None  # the result moved into the layout the program asks for
     rule: str  # the strategy in words
+    price: float = 0.0  # its local work, its pin's move and the moves it is first to need
+    alternative: Alternative | None = None
 
     @property
     def final_layout(self) -> Layout:
@@ -82,11 +96,13 @@ class Decision:
 @dataclass(frozen=True)
 class RepeatDecision:
     op: Repeat
-    entry: tuple[Move, ...]  # carried values made whole before the loop
+    entry: tuple[Move, ...]  # carried values (and outer values the body reads) moved before the loop
     carried_layouts: tuple[Layout, ...]
     stacked_layouts: tuple[Layout, ...]
     body: tuple["Step", ...]
     exit: tuple[Move, ...]  # each trip's results moved back to the carried layouts
+    price: float = 0.0  # all trips
+    alternative: Alternative | None = None
 
 
 Step = Union[Decision, RepeatDecision]
@@ -94,13 +110,13 @@ Step = Union[Decision, RepeatDecision]
 
 @dataclass(frozen=True)
 class SearchLimit:
-    """An op whose strategies were too many to price (more than MAX_CANDIDATES): only those
-    giving a role to at most `axes` mesh axes, and those its pinned layouts imply, were
-    searched, so a better plan may exist. `compile` says so (W104)."""
+    """The program was searched axis by axis (its ops have too many strategies over all
+    axes at once), so the plan is optimal along each axis but a better joint one may
+    exist. `compile` says so (W104)."""
 
-    value: Value  # the op's result, where the warning points
-    strategies: int  # how many there were
-    axes: int  # the most mesh axes one searched strategy uses
+    value: Value  # the op with the most strategies, where the warning points
+    strategies: int  # how many it has over all axes
+    axes: int  # mesh axes of size > 1
 
 
 @dataclass(frozen=True)
@@ -109,476 +125,467 @@ class PartitionedProgram:
     inputs: tuple[Layout, ...]  # the layout of each input, as declared
     steps: tuple[Step, ...]
     outputs: tuple[tuple[Output, Layout, Move | None], ...]  # output, final layout, last move
-    limits: tuple[SearchLimit, ...] = ()  # ops searched only in part
+    limits: tuple[SearchLimit, ...] = ()
+    objective: str = "time"  # what was minimized (objective.OBJECTIVES)
+    objective_text: str = ""  # in words, e.g. "time on h100x8"
+    price: float = 0.0  # the plan's price under it (ns or bytes)
 
 
-def _linear_in(expr: Scalar, partial: set[int]) -> str:
-    """'partial' if the expression of partial sums `partial` is itself a partial sum,
-    'whole' if it reads none of them, 'no' otherwise."""
-    if isinstance(expr, Arg):
-        return "partial" if expr.index in partial else "whole"
-    if isinstance(expr, Cast):
-        return _linear_in(expr.arg, partial)
-    if not isinstance(expr, Apply):
-        return "whole"
-    kinds = [_linear_in(arg, partial) for arg in expr.args]
-    if "no" in kinds:
-        return "no"
-    if all(kind == "whole" for kind in kinds):
-        return "whole"
-    if expr.fn in ("add", "sub"):
-        return "partial" if all(kind == "partial" for kind in kinds) else "no"
-    if expr.fn == "mul":
-        return "partial" if kinds.count("partial") == 1 else "no"
-    if expr.fn == "div":
-        return "partial" if kinds == ["partial", "whole"] else "no"
-    if expr.fn == "neg":
-        return "partial"
-    return "no"
+# ---- one level of ops (the program, or a repeat body)
 
 
-def _axis_order(mesh: Mesh, axes: list[str]) -> tuple[str, ...]:
-    return tuple(a for a in mesh.names if a in axes)
+@dataclass
+class _Plan:
+    """A level's solution: one pick per node, the price of the level."""
+
+    picks: list[int]
+    price: float
+    nodes: list  # per node: the list of (label, Choice) it chose among
 
 
-# Tie-breaks between candidates that move equal bytes (see the module's docstring).
-POLICIES = ("fewest_flops", "keep_copies")
+class _Level:
+    """The ops of one level as a Problem; `fixed` holds the values defined outside it."""
+
+    def __init__(self, part: "_Partitioner", ops: tuple[Op, ...], fixed: dict[str, Layout],
+                 required: dict[str, Layout | None]):
+        self.part, self.ops = part, ops
+        self.fixed = fixed  # value -> its (actual) layout
+        self.required = required  # value -> the layout asked for at the end (None: whole)
+
+    def problem(self, nodes: list) -> Problem:
+        part = self.part
+        required = []
+        finals = {value: layout for value, layout in self.fixed.items()}
+        for value, want in self.required.items():
+            if want is not None:
+                required.append((value, part.key(want)))
+        return Problem([[choice for _, choice in node] for node in nodes],
+                       {v: part.key(layout) for v, layout in finals.items()},
+                       part.move_price, tuple(required))
+
+    def node_choices(self, op, roles_list) -> list:
+        return self.part.op_choices(op, roles_list, self.required.get(op.result.name, "-"),
+                                    op.result.name in self.required)
 
 
 class _Partitioner:
-    def __init__(self, program: Program, policy: str = "fewest_flops"):
+    def __init__(self, program: Program, objective: Objective):
         self.program = program
-        self.policy = policy
-        self.mesh = program.mesh
+        self.objective = objective
+        self.mesh: Mesh = program.mesh
         self.sizes = program.dim_sizes
         self.values = program.values
-        self.available: dict[str, list[Layout]] = {}  # value -> layouts it is held in
-        self.tensor_names = {value.name: value.name for value in program.inputs}
-        # Inside a repeat body a stacked param's name means one trip's slice of it.
-        self.types = {}
-        # Outputs' values and the layouts they leave in (None: whichever, but whole).
-        self.output_layouts = {output.value: output.layout for output in program.outputs}
-        self.choices: dict = {}  # decision_key -> the strategy chosen for ops alike
-        self.limits: dict[str, SearchLimit] = {}  # result value -> its search's limit
+        self.types: dict[str, TensorType] = {}  # per-trip types of stacked params
+        self.limits: dict[str, SearchLimit] = {}
+        self.axes = [axis for axis, size in self.mesh.axes if size > 1]
+        self._strategies: dict = {}
+        self._choices: dict = {}
+        self._bodies: dict = {}
 
-    # ---- bookkeeping
+    # ---- prices
 
-    def hold(self, value: str, layout: Layout) -> None:
-        held = self.available.setdefault(value, [])
-        if layout not in held:
-            held.append(layout)
+    def vtype(self, value: str) -> TensorType:
+        return self.types.get(value) or self.values[value].type
 
-    def current(self, value: str) -> Layout:
-        return self.available[value][0]
+    def key(self, layout: Layout) -> Layout:
+        return strip(layout, self.mesh)
 
-    def tensor(self, value: str) -> str:
-        return self.tensor_names[value]
+    def move_price(self, value: str, src: Layout, dst: Layout) -> float | None:
+        if src == dst:
+            return 0.0
+        vtype = self.vtype(value)
+        return self.objective.move(src, dst, vtype.shape, vtype.dtype)
 
-    def cheapest_plan(self, value: str, want: Layout) -> ReshardPlan | None:
-        """The cheapest reshard from a layout `value` is held in to `want`; None if held."""
-        held = self.available[value]
-        if want in held:
-            return None
-        vtype = self.types.get(value) or self.values[value].type
-        best = None
-        for src in held:
-            try:
-                plan = plan_reshard(src, want, vtype.shape, vtype.dtype, self.mesh)
-            except ValueError:
-                continue
-            if best is None or (plan.bytes_per_device, len(plan.steps)) < \
-                    (best.bytes_per_device, len(best.steps)):
-                best = plan
-        assert best is not None, (value, held, want)
-        return best
+    def strategy(self, op: Op, roles: tuple) -> Strategy | None:
+        key = (id(op), roles)
+        if key not in self._strategies:
+            self._strategies[key] = build(op, self.mesh, self.sizes, roles)
+        return self._strategies[key]
 
-    def cheapest_move(self, value: str, want: Layout, reason: str) -> Move | None:
-        plan = self.cheapest_plan(value, want)
-        return None if plan is None else Move(value, self.tensor(value), plan, reason)
-
-    # ---- candidates
-
-    def op_indices(self, op: Op) -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
-        """(index space, reduced indices, indices that must stay whole)."""
-        result = op.result.type.indices
-        space: list[str] = []
-        for operand in op.operands:
-            space.extend(i for i in operand.indices if i not in space)
-        space.extend(i for i in result if i not in space)
-        reduced = tuple(i for i in space if i not in result)
-        whole: set[str] = set()
-        if isinstance(op, Library):  # cumsum
-            whole.add(op.index)
-        if isinstance(op, Route):
-            whole |= {op.expert, op.capacity, op.token}
-        return tuple(space), reduced, whole
-
-    def partial_choice(self, op: Op, axis: str) -> tuple[str, tuple[int, ...]] | None:
-        """(kind, operands that stay partial) if `op` can keep values partial over `axis`."""
-        kinds = [self.current(o.value).partial_kind(axis) for o in op.operands]
-        partial = tuple(k for k, kind in enumerate(kinds) if kind is not None)
-        if not partial:
-            return None
-        kind = kinds[partial[0]]
-        if any(kinds[k] != kind for k in partial):
-            return None
-        if isinstance(op, Einsum) and kind == "sum" and len(partial) == 1:
-            return kind, partial
-        if isinstance(op, Reduce) and op.kind == kind:
-            return kind, partial
-        if isinstance(op, Map) and kind == "sum" and _linear_in(op.expr, set(partial)) == "partial":
-            return kind, partial
-        return None
-
-    def axis_options(self, op: Op, space, whole, partial_choices) -> list[list]:
-        """The roles each mesh axis may take in `op`. An axis of size 1 splits nothing, so it
-        only keeps what the op's operands or its constraint already do with it."""
-        per_axis = []
-        for axis in self.mesh.names:
-            options: list = [None]
-            if self.mesh.size(axis) > 1:
-                options += [i for i in space if i not in whole]
-            else:
-                layouts = [layout for o in op.operands for layout in self.available[o.value]]
-                layouts += [op.result.layout] if op.result.layout is not None else []
-                options += [i for i in space if i not in whole and any(
-                    axis in axes for layout in layouts
-                    for axes, index in zip(layout.dims, self._indices_of(op, layout)) if index == i)]
-            if partial_choices[axis] is not None:
-                options.append(PARTIAL)
-            per_axis.append(options)
-        return per_axis
-
-    def _indices_of(self, op: Op, layout: Layout) -> tuple:
-        """The op's indices that `layout` (of an operand or the result) splits, dim by dim."""
-        for operand in op.operands:
-            if layout in self.available[operand.value]:
-                return operand.indices
-        return op.result.type.indices
-
-    def candidates(self, op: Op, space, whole, partial_choices):
-        per_axis = self.axis_options(op, space, whole, partial_choices)
-        for choice in self.assignments(op, per_axis):
-            assignment = dict(zip(self.mesh.names, choice))
-            split: dict[str, list[str]] = {}
-            for axis, index in assignment.items():
-                if index not in (None, PARTIAL):
-                    split.setdefault(index, []).append(axis)
-            if any(self.sizes[i] % _product(self.mesh.size(a) for a in axes)
-                   for i, axes in split.items()):
-                continue
-            yield assignment, {i: _axis_order(self.mesh, axes) for i, axes in split.items()}
-
-    def assignments(self, op: Op, per_axis: list[list]):
-        """Every choice of one option per axis, if there are at most MAX_CANDIDATES;
-        otherwise the choices that give a role to at most k axes (the largest k that fits
-        the budget), in the same order, then the assignments the op's operands and its
-        constraint already imply, so a program whose layouts the user pinned keeps them."""
-        if _product(len(options) for options in per_axis) <= MAX_CANDIDATES:
-            yield from itertools.product(*per_axis)
-            return
-        most = _most_roles(per_axis, MAX_CANDIDATES)
-        self.limits.setdefault(op.result.name, SearchLimit(
-            op.result, _product(len(options) for options in per_axis), most))
-        seen = set()
-        for choice in itertools.product(*per_axis) if most == len(per_axis) else \
-                _with_at_most(per_axis, most):
-            seen.add(choice)
-            yield choice
-        for choice in self.implied_assignments(op, per_axis):
-            if choice not in seen:
-                seen.add(choice)
-                yield choice
-
-    def implied_assignments(self, op: Op, per_axis: list[list]):
-        """For the result's constraint and each operand's layouts: every axis on the index
-        that layout splits over it, the others None."""
-        layouts = [(op.result.layout, op.result.type.indices)] if op.result.layout else []
-        layouts += [(layout, o.indices) for o in op.operands for layout in self.available[o.value]]
-        for layout, indices in layouts:
-            roles = {axis: index for axes, index in zip(layout.dims, indices) for axis in axes}
-            choice = tuple(roles.get(axis) for axis in self.mesh.names)
-            if all(role in options for role, options in zip(choice, per_axis)):
-                yield choice
-
-    def strategy_layouts(self, op: Op, assignment, split, reduced, partial_choices):
-        reduce_kind = "sum" if isinstance(op, Einsum) else getattr(op, "kind", "sum")
-        operand_layouts = []
-        for position, operand in enumerate(op.operands):
-            partial = [(axis, partial_choices[axis][0]) for axis, role in assignment.items()
-                       if role == PARTIAL and position in partial_choices[axis][1]]
-            operand_layouts.append(Layout(tuple(split.get(i, ()) for i in operand.indices),
-                                          tuple(partial)))
-        partial = []
-        for axis, role in assignment.items():
-            if role in reduced:
-                partial.append((axis, reduce_kind))
-            elif role == PARTIAL:
-                partial.append((axis, partial_choices[axis][0]))
-        result = op.result.type.indices
-        # A layout that differs from a held one only in axes of size 1 holds the same blocks:
-        # read the held one rather than move the value (a move of 0 bytes, but a step).
-        for position, operand in enumerate(op.operands):
-            for held in self.available[operand.value]:
-                if self.without_unit_axes(held) == self.without_unit_axes(operand_layouts[position]):
-                    operand_layouts[position] = held
-                    break
-        result_layout = Layout(tuple(split.get(i, ()) for i in result), tuple(partial))
+    def op_choices(self, op: Op, roles_list, output, is_output: bool) -> list:
+        """(roles, Choice) for each valid strategy of `op` among `roles_list`: its price is its
+        local work, plus the move into its pinned layout, plus, for an output asked for in
+        no layout, the move that makes it whole."""
+        choices = []
         constraint = op.result.layout
-        if constraint is not None and \
-                self.without_unit_axes(constraint) == self.without_unit_axes(result_layout):
-            result_layout = constraint
-        return operand_layouts, result_layout
-
-    def without_unit_axes(self, layout: Layout) -> Layout:
-        ones = {axis for axis in self.mesh.names if self.mesh.size(axis) == 1}
-        if not ones:
-            return layout
-        return Layout(tuple(tuple(a for a in axes if a not in ones) for axes in layout.dims),
-                      tuple((a, kind) for a, kind in layout.partial if a not in ones))
-
-    def decision_key(self, op: Op):
-        """Everything `choose` depends on, so that ops alike (the same layer, repeated)
-        are priced once: the op's kind and parameters, its operands' indices, dtypes and
-        held layouts, its result's indices and dtype, and what is asked of the result."""
-        if isinstance(op, Map):
-            detail = op.expr
-        elif isinstance(op, Reduce):
-            detail = (op.kind, op.over)
-        elif isinstance(op, Library):
-            detail = (op.kind, op.index)
-        elif isinstance(op, Route):
-            detail = (op.expert, op.capacity, op.k)
-        else:
-            detail = None
-        operands = tuple((o.indices, (self.types.get(o.value) or self.values[o.value].type).dtype,
-                          tuple(self.available[o.value])) for o in op.operands)
-        output = self.output_layouts.get(op.result.name, "-") \
-            if op.result.name in self.output_layouts else "not an output"
-        return (type(op), detail, operands, op.result.type.indices, op.result.type.dtype,
-                op.result.layout, output)
-
-    def decide(self, op: Op) -> Decision:
-        key = self.decision_key(op)
-        if key not in self.choices:
-            self.choices[key] = self.choose(op)
-        assignment, operand_layouts, result_layout, after, reduced = self.choices[key]
-        moves = []
-        for value, want in dict.fromkeys((o.value, want) for o, want in zip(op.operands, operand_layouts)):
-            plan = self.cheapest_plan(value, want)
-            if plan is not None:
-                moves.append(Move(value, self.tensor(value), plan, f"{op.stmt} reads {self.tensor(value)}"))
-        constraint_move = None if after is None else \
-            Move(op.result.name, op.stmt, after, f"{op.stmt} is asked for in this layout")
-        return Decision(op, tuple(assignment.items()), tuple(moves), tuple(operand_layouts),
-                        result_layout, constraint_move, self.describe(op, assignment, reduced))
-
-    def choose(self, op: Op):
-        """The cheapest strategy: (assignment, operand layouts, result layout, plan to the
-        constraint or None, reduced indices)."""
-        space, reduced, whole = self.op_indices(op)
-        partial_choices = {axis: self.partial_choice(op, axis) for axis in self.mesh.names}
-        constraint = op.result.layout
-        vtype = op.result.type
-        plans: dict = {}  # (value, layout) -> plan, within this op
-        # Axes some operand is already split or partial over: splitting over any other
-        # axis slices values every device holds whole.
-        sharded = {axis for o in op.operands for layout in self.available[o.value]
-                   for axes in layout.dims for axis in axes} | \
-                  {axis for o in op.operands for layout in self.available[o.value]
-                   for axis, _ in layout.partial}
-        best = None
-        for order, (assignment, split) in enumerate(self.candidates(op, space, whole, partial_choices)):
-            operand_layouts, result_layout = self.strategy_layouts(op, assignment, split, reduced,
-                                                                   partial_choices)
-            cost = steps = 0
-            # A value read twice in one layout (x[S,D] * x[S,D]) is moved once.
-            for key in dict.fromkeys((o.value, want) for o, want in zip(op.operands, operand_layouts)):
-                if key not in plans:
-                    plans[key] = self.cheapest_plan(*key)
-                if plans[key] is not None:
-                    cost += plans[key].bytes_per_device
-                    steps += len(plans[key].steps)
-            after = None
-            if constraint is not None and constraint != result_layout:
-                after = plan_reshard(result_layout, constraint, vtype.shape, vtype.dtype, self.mesh)
-                cost += after.bytes_per_device
-                steps += len(after.steps)
-            elif constraint is None:
-                cost += self.finishing_cost(op.result.name, result_layout)
-            local_sizes = {i: self.sizes[i] // _product(self.mesh.size(a) for a in split.get(i, ()))
-                           for i in space}
-            flops = op_flops(op, local_sizes)
-            if self.policy == "keep_copies":
-                fresh = sum(1 for a, role in assignment.items()
-                            if role not in (None, PARTIAL) and a not in sharded)
-                key = (cost, fresh, flops, steps, order)
-            else:
-                key = (cost, flops, steps, order)
-            if best is None or key < best[0]:
-                best = (key, assignment, operand_layouts, result_layout, after)
-        _, assignment, operand_layouts, result_layout, after = best
-        return assignment, operand_layouts, result_layout, after, reduced
-
-    def finishing_cost(self, value: str, layout: Layout) -> int:
-        """What the result will still cost to deliver, priced now so that deferring it
-        is not mistaken for free: exactly, for an output (into its layout, or whole);
-        for a partial value, the cheapest way to make it whole (a reduce-scatter into
-        some dimension, or an all-reduce); otherwise nothing."""
-        vtype = self.values[value].type
-        whole = Layout(layout.dims)
-        if value in self.output_layouts:
-            targets = [self.output_layouts[value] or whole]
-        elif layout.partial:
-            targets = [whole]
-            axes = _axis_order(self.mesh, [axis for axis, _ in layout.partial])
-            for dim, size in enumerate(vtype.shape):
-                split = whole.dims[dim] + axes
-                if size % _product(self.mesh.size(a) for a in split) == 0:
-                    targets.append(Layout(whole.dims[:dim] + (split,) + whole.dims[dim + 1:]))
-        else:
-            return 0
-        return min(plan_reshard(layout, target, vtype.shape, vtype.dtype, self.mesh).bytes_per_device
-                   for target in targets)
-
-    def describe(self, op: Op, assignment, reduced) -> str:
-        words = []
-        for axis, role in assignment.items():
-            if role is None:
-                words.append(f"{axis}: copies")
-            elif role == PARTIAL:
-                words.append(f"{axis}: stays partial (the op is linear in it)")
-            elif role in reduced:
-                words.append(f"{axis}: splits {role}, which is reduced, so each device computes a "
-                             "partial result")
-            else:
-                words.append(f"{axis}: splits {role}")
-        return "; ".join(words) or "one device"
-
-    # ---- the walk
-
-    def run_ops(self, ops) -> list[Step]:
-        steps: list[Step] = []
-        for op in ops:
-            if isinstance(op, Repeat):
-                steps.append(self.repeat(op))
+        vtype = self.vtype(op.result.name)
+        operand_types = [self.vtype(o.value) for o in op.operands]
+        for roles in roles_list:
+            strategy = self.strategy(op, roles)
+            if strategy is None:
                 continue
-            decision = self.decide(op)
-            for move in decision.moves:
-                self.hold(move.value, move.dst)
-            self.tensor_names[op.result.name] = op.stmt
-            self.available[op.result.name] = [decision.final_layout]
-            if decision.constraint is not None:
-                self.hold(op.result.name, decision.result_layout)
-            steps.append(decision)
-        return steps
+            cached = self._choices.get((id(op), roles))
+            if cached is None:
+                price = self.objective.compute(op, dict(strategy.local_sizes), strategy.flops,
+                                               strategy.operand_layouts, strategy.result_layout,
+                                               operand_types)
+                final = self.key(strategy.result_layout)
+                if constraint is not None and self.key(constraint) != final:
+                    extra = self.move_price(op.result.name, final, self.key(constraint))
+                    if extra is None:
+                        self._choices[(id(op), roles)] = False
+                        continue
+                    price += extra
+                    final = self.key(constraint)
+                if is_output and output is None and final.partial:
+                    price += self.move_price(op.result.name, final, Layout(final.dims))
+                needs = tuple((o.value, self.key(layout))
+                              for o, layout in zip(op.operands, strategy.operand_layouts))
+                memory = local_bytes(final, vtype.shape, vtype.dtype, self.mesh)
+                cached = Choice(price, needs, ((op.result.name, final),), memory)
+                self._choices[(id(op), roles)] = cached
+            if cached is not False:
+                choices.append((roles, cached))
+        return choices
 
-    def repeat(self, op: Repeat) -> RepeatDecision:
-        entry, carried_layouts = [], []
+    # ---- the search
+
+    def joint_roles(self, op: Op) -> list[tuple]:
+        return list(itertools.product(*(axis_roles(op, self.mesh, axis) for axis in self.mesh.names)))
+
+    def joint_count(self, op: Op) -> int:
+        return math.prod(len(axis_roles(op, self.mesh, axis)) for axis in self.mesh.names)
+
+    def solve_level(self, level: _Level) -> _Plan:
+        """The level's plan: exact over all axes while its ops allow, else axis by axis."""
+        ops = [op for op in level.ops if not isinstance(op, Repeat)]
+        counts = [(self.joint_count(op), op) for op in ops]
+        most = max(counts, key=lambda pair: pair[0], default=(1, None))
+        if sum(count for count, _ in counts) <= JOINT_LIMIT:
+            nodes = [self.repeat_choices(op, level) if isinstance(op, Repeat)
+                     else level.node_choices(op, self.joint_roles(op)) for op in level.ops]
+            return self.solve_nodes(level, nodes, level.ops)
+        self.limits.setdefault("program", SearchLimit(most[1].result, most[0], len(self.axes)))
+        return self.axis_by_axis(level)
+
+    def solve_nodes(self, level: _Level, nodes: list, ops) -> _Plan:
+        for op, node in zip(ops, nodes):
+            if not node:
+                self.no_strategy(op)
+        problem = level.problem(nodes)
+        try:
+            picks = solve(problem)
+        except Infeasible:
+            self.infeasible(ops, nodes)
+        return _Plan(picks, evaluate(problem, picks), nodes)
+
+    def axis_by_axis(self, level: _Level) -> _Plan:
+        base = {id(op): self.initial_roles(op) for op in level.ops if not isinstance(op, Repeat)}
+        repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
+        plan, last = None, math.inf
+        for _ in range(MAX_SWEEPS):
+            for position, axis in enumerate(self.mesh.names):
+                if self.mesh.size(axis) == 1:
+                    continue
+                nodes = []
+                for op in level.ops:
+                    if isinstance(op, Repeat):
+                        nodes.append(repeats[id(op)])
+                        continue
+                    current = base[id(op)]
+                    options = [current] + [current[:position] + (role,) + current[position + 1:]
+                                           for role in axis_roles(op, self.mesh, axis)
+                                           if role != current[position]]
+                    nodes.append(level.node_choices(op, options))
+                plan = self.solve_nodes(level, nodes, level.ops)
+                for op, node, pick in zip(level.ops, nodes, plan.picks):
+                    if not isinstance(op, Repeat):
+                        base[id(op)] = node[pick][0]
+            if plan.price >= last * (1 - 1e-9):
+                break
+            last = plan.price
+        return plan
+
+    def initial_roles(self, op: Op) -> tuple:
+        """Copies on every axis, except what the op's pinned layout implies (so each
+        axis's step starts from a plan that meets the pin)."""
+        constraint = op.result.layout
+        roles: list = [None] * len(self.mesh.names)
+        if constraint is None:
+            return tuple(roles)
+        _, reduced, _ = op_indices(op)
+        for position, axis in enumerate(self.mesh.names):
+            if self.mesh.size(axis) == 1:
+                continue
+            dim = constraint.dim_of(axis)
+            kind = constraint.partial_kind(axis)
+            if dim is not None:
+                roles[position] = op.result.type.indices[dim]
+            elif kind is not None:
+                options = [role for role in axis_roles(op, self.mesh, axis)
+                           if (role in reduced) or (isinstance(role, Partial) and role.kind == kind)]
+                roles[position] = options[0] if options else None
+        if self.strategy(op, tuple(roles)) is None:
+            return (None,) * len(self.mesh.names)
+        return tuple(roles)
+
+    # ---- repeat
+
+    def repeat_choices(self, op: Repeat, level: _Level) -> list:
+        """One choice per layout the carried values may cross the loop in, each priced by
+        solving the body once (all trips)."""
+        choices = []
+        for layouts in self.carried_candidates(op, level):
+            body = self.body_plan(op, layouts)
+            if body is None:
+                continue
+            plan, outer, _ = body
+            needs = tuple((c.value, self.key(layout)) for c, layout in zip(op.carried, layouts)) + \
+                tuple((value, self.key(layout)) for value, layout in outer.items())
+            makes = tuple((c.result.name, self.key(layout)) for c, layout in zip(op.carried, layouts))
+            choices.append((layouts, Choice(plan.price * op.count, needs, makes)))
+        if not choices:
+            self.no_strategy(op)
+        return choices
+
+    def carried_candidates(self, op: Repeat, level: _Level) -> list[tuple[Layout, ...]]:
+        """The layouts a loop's carried values may have: the pin of the body's last
+        statement for it, else the layout it enters in if that is fixed (an input), made
+        whole; and all whole."""
+        body_pins = {inner.result.name: inner.result.layout for inner in op.body
+                     if not isinstance(inner, Repeat)}
+        preferred = []
         for carried in op.carried:
-            now = self.current(carried.value)
-            whole = Layout(now.dims)
-            if now.partial:
-                move = self.cheapest_move(carried.value, whole, "a loop carries whole values")
-                entry.append(move)
-            self.available[carried.value] = [whole]
-            carried_layouts.append(whole)
-        # What the body moves or makes lives only inside it (the lowering drops it after).
-        saved = {value: list(layouts) for value, layouts in self.available.items()}
-        stacked_layouts = []
+            rank = self.vtype(carried.value).rank
+            pin = body_pins.get(carried.body_result)
+            if pin is not None:
+                preferred.append(Layout(pin.dims))
+            elif carried.value in level.fixed:
+                preferred.append(Layout(level.fixed[carried.value].dims))
+            else:
+                preferred.append(Layout.replicated(rank))
+        whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
+        return list(dict.fromkeys([tuple(preferred), whole]))
+
+    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...]):
+        """(the body's plan, outer values it reads and the layout it reads them in), or None
+        where the body cannot run with these carried layouts."""
+        key = (id(op), layouts)
+        if key in self._bodies:
+            return self._bodies[key]
+        fixed: dict[str, Layout] = {}
+        for carried, layout in zip(op.carried, layouts):
+            fixed[carried.value] = layout
         for view in op.stacked:
             full = self.values[view.name].layout
             depth = len(self.values[view.name].stacked_by) - len(view.stacked_by)
-            layout = Layout(full.dims[depth:]) if full else Layout.replicated(view.type.rank)
-            self.available[view.name] = [layout]
+            fixed[view.name] = Layout(full.dims[depth:]) if full else Layout.replicated(view.type.rank)
             self.types[view.name] = view.type
-            stacked_layouts.append(layout)
-        body = self.run_ops(op.body)
+        outer: dict[str, Layout] = {}
+        defined = _defined(op.body)
+        for value in _read(op.body):
+            if value in fixed or value in defined:
+                continue
+            source = self.values[value]
+            # An input is read where it lives; a value made outside the loop is read whole.
+            layout = (source.layout or Layout.replicated(source.type.rank)) \
+                if source.kind != "def" else Layout.replicated(source.type.rank)
+            fixed[value] = layout
+            if source.kind == "def":
+                outer[value] = layout
+        required = {c.body_result: layout for c, layout in zip(op.carried, layouts)}
+        level = _Level(self, op.body, fixed, required)
+        try:
+            plan = self.solve_level(level)
+        except EinparError:
+            if all(layout.is_replicated for layout in layouts):
+                raise
+            self._bodies[key] = None
+            return None
+        self._bodies[key] = (plan, outer, level)
+        return self._bodies[key]
+
+    # ---- diagnostics
+
+    def no_strategy(self, op) -> None:
+        where = op.result if not isinstance(op, Repeat) else None
+        pin = format_dims(where.type.indices, where.layout) if where is not None else "the loop"
+        raise EinparError(Diagnostic(
+            "E240", f"no strategy of '{getattr(op, 'stmt', 'repeat')}' makes it in the layout it is "
+                    f"asked for ({pin})",
+            where.span if where is not None else op.span,
+            hint="a partial pin needs an op that can leave its result partial over that axis "
+                 "(a contraction over a split index, or a sum of partial values)"))
+
+    def infeasible(self, ops, nodes) -> None:
+        for op in ops:
+            if not isinstance(op, Repeat) and op.result.layout is not None and op.result.layout.partial:
+                self.no_strategy(op)
+        op = next(op for op in ops if not isinstance(op, Repeat))
+        raise EinparError(Diagnostic(
+            "E240", "no plan meets every layout the program asks for", op.span,
+            hint="a partial pin must be made by its statement and read by ops linear in it"))
+
+    # ---- the plan as steps
+
+    def materialize(self, level: _Level, plan: _Plan, tensors: dict[str, str],
+                    held: dict[str, Layout]) -> list[Step]:
+        """The level's Decisions in program order; `held` maps values to their actual
+        layouts (updated), `tensors` to the program's names for them."""
+        problem = level.problem([node for node in plan.nodes])
+        steps: list[Step] = []
+        first_need: set = set()
+        for index, (op, node, pick) in enumerate(zip(level.ops, plan.nodes, plan.picks)):
+            label, choice = node[pick]
+            alternative = self.alternative(problem, plan, index, op)
+            if isinstance(op, Repeat):
+                steps.append(self.materialize_repeat(op, label, choice, tensors, held, alternative))
+                continue
+            strategy = self.strategy(op, label)
+            operand_layouts, moves, price = [], [], choice.price
+            for operand, layout in zip(op.operands, strategy.operand_layouts):
+                now = held[operand.value]
+                if self.key(now) == self.key(layout):
+                    operand_layouts.append(now)
+                    continue
+                want = self.key(layout)
+                operand_layouts.append(want)
+                move = Move(operand.value, tensors[operand.value], self.plan(operand.value, now, want),
+                            f"{op.stmt} reads {tensors[operand.value]}")
+                if (operand.value, want) not in first_need:
+                    first_need.add((operand.value, want))
+                    price += self.move_price(operand.value, self.key(now), want)
+                if move not in moves:
+                    moves.append(move)
+            result = strategy.result_layout
+            constraint = op.result.layout
+            after = None
+            if constraint is not None:
+                if self.key(constraint) == self.key(result):
+                    result = constraint
+                else:
+                    after = Move(op.result.name, op.stmt, self.plan(op.result.name, result, constraint),
+                                 f"{op.stmt} is asked for in this layout")
+            tensors[op.result.name] = op.stmt
+            decision = Decision(op, strategy.assignment(self.mesh), tuple(moves),
+                                tuple(operand_layouts), result, after,
+                                describe(op, label, self.mesh), price, alternative)
+            held[op.result.name] = decision.final_layout
+            steps.append(decision)
+        return steps
+
+    def plan(self, value: str, src: Layout, dst: Layout) -> ReshardPlan:
+        vtype = self.vtype(value)
+        return plan_reshard(src, dst, vtype.shape, vtype.dtype, self.mesh)
+
+    def materialize_repeat(self, op: Repeat, layouts, choice, tensors, held, alternative) -> RepeatDecision:
+        plan, outer, level = self.body_plan(op, layouts)
+        entry = []
+        for value, layout in [(c.value, lay) for c, lay in zip(op.carried, layouts)] + list(outer.items()):
+            if held[value] != layout:
+                entry.append(Move(value, tensors[value], self.plan(value, held[value], layout),
+                                  "a loop carries it in this layout" if value not in outer else
+                                  "the loop reads it whole"))
+        inside = dict(held)
+        inside.update(level.fixed)
+        inside_tensors = dict(tensors)
+        for view in op.stacked:
+            inside_tensors[view.name] = view.name
+        for carried in op.carried:
+            inside_tensors[carried.value] = tensors[carried.value]
+        body = self.materialize(level, plan, inside_tensors, inside)
         exit_moves = []
-        for carried, layout in zip(op.carried, carried_layouts):
-            move = self.cheapest_move(carried.body_result, layout, "the next trip reads it")
-            if move is not None:
-                exit_moves.append(move)
-        self.available = saved
-        for carried, layout in zip(op.carried, carried_layouts):
-            self.available[carried.result.name] = [layout]
-            self.tensor_names[carried.result.name] = self.tensor(carried.value)
-        return RepeatDecision(op, tuple(entry), tuple(carried_layouts), tuple(stacked_layouts),
-                              tuple(body), tuple(exit_moves))
+        for carried, layout in zip(op.carried, layouts):
+            now = inside[carried.body_result]
+            if now != layout:
+                exit_moves.append(Move(carried.body_result, inside_tensors[carried.body_result],
+                                       self.plan(carried.body_result, now, layout),
+                                       "the next trip reads it"))
+        for carried, layout in zip(op.carried, layouts):
+            held[carried.result.name] = layout
+            tensors[carried.result.name] = tensors[carried.value]
+        stacked = tuple(level.fixed[view.name] for view in op.stacked)
+        return RepeatDecision(op, tuple(entry), tuple(layouts), stacked, tuple(body),
+                              tuple(exit_moves), choice.price, alternative)
+
+    def alternative(self, problem: Problem, plan: _Plan, index: int, op) -> Alternative | None:
+        """The cheapest other choice of node `index`, the rest of the plan held."""
+        node = plan.nodes[index]
+        if len(node) < 2:
+            return None
+        best = None
+        picks = list(plan.picks)
+        for other in range(len(node)):
+            if other == plan.picks[index]:
+                continue
+            picks[index] = other
+            price = evaluate(problem, picks)
+            if best is None or price < best[0]:
+                best = (price, other)
+        if best is None or math.isinf(best[0]):
+            return None
+        label = node[best[1]][0]
+        rule = short(op, label, self.mesh) if not isinstance(op, Repeat) else \
+            "carried " + ", ".join(str(layout) for layout in label)
+        return Alternative(rule, max(best[0] - plan.price, 0.0))
+
+    # ---- the program
 
     def run(self) -> PartitionedProgram:
-        inputs = []
-        for value in self.program.inputs:
-            layout = value.layout or Layout.replicated(value.type.rank)
-            self.available[value.name] = [layout]
-            inputs.append(layout)
-        steps = self.run_ops(self.program.ops)
+        program = self.program
+        fixed = {value.name: value.layout or Layout.replicated(value.type.rank)
+                 for value in program.inputs}
+        required = {output.value: output.layout for output in program.outputs}
+        level = _Level(self, program.ops, fixed, required)
+        plan = self.solve_level(level)
+        held = dict(fixed)
+        tensors = {value.name: value.name for value in program.inputs}
+        steps = self.materialize(level, plan, tensors, held)
         outputs = []
-        for output in self.program.outputs:
-            now = self.current(output.value)
+        for output in program.outputs:
+            now = held[output.value]
             want = output.layout or Layout(now.dims)
-            move = self.cheapest_move(output.value, want, f"output {output.name}")
+            move = None if now == want else Move(output.value, tensors[output.value],
+                                                 self.plan(output.value, now, want),
+                                                 f"output {output.name}")
             outputs.append((output, want, move))
-        return PartitionedProgram(self.program, tuple(inputs), tuple(steps), tuple(outputs),
-                                  tuple(self.limits.values()))
+        return PartitionedProgram(program, tuple(fixed[v.name] for v in program.inputs), tuple(steps),
+                                  tuple(outputs), tuple(self.limits.values()), self.objective.name,
+                                  self.objective.describe(), plan.price)
 
 
-# Candidates priced per op at most: each costs the planning of its reshards, and their
-# number is a product over the mesh axes (4^8 for a matmul on 8 axes of size 2).
-MAX_CANDIDATES = 1024
+def _defined(ops) -> set[str]:
+    names: set[str] = set()
+    for op in ops:
+        if isinstance(op, Repeat):
+            names |= _defined(op.body)
+            names |= {c.result.name for c in op.carried}
+            names |= {view.name for view in op.stacked}
+        else:
+            names.add(op.result.name)
+    return names
 
 
-def _most_roles(per_axis: list[list], budget: int) -> int:
-    """The largest k such that the choices giving a role to at most k axes number at most
-    `budget`: elementary symmetric sums of each axis's roles besides None."""
-    counts = [1]  # counts[k]: choices with exactly k axes given a role
-    for options in per_axis:
-        roles = len(options) - 1
-        counts = [a + roles * b for a, b in zip(counts + [0], [0] + counts)]
-    total = 0
-    for k, count in enumerate(counts):
-        total += count
-        if total > budget:
-            return max(k - 1, 0)
-    return len(per_axis)
+def _read(ops) -> list[str]:
+    """Values the ops read (nested bodies included), in order of first reading."""
+    seen: dict[str, None] = {}
+    for op in ops:
+        if isinstance(op, Repeat):
+            for carried in op.carried:
+                seen.setdefault(carried.value)
+            seen.update(dict.fromkeys(_read(op.body)))
+        else:
+            for operand in op.operands:
+                seen.setdefault(operand.value)
+    return list(seen)
 
 
-def _with_at_most(per_axis: list[list], most: int):
-    """Choices (one option per axis, None first in each) with at most `most` axes not None,
-    in the order itertools.product would give them."""
-    free = [position for position, options in enumerate(per_axis) if len(options) > 1]
-
-    def extend(depth: int, left: int, choice: list):
-        if depth == len(free) or not left:
-            yield tuple(choice)
-            return
-        position = free[depth]
-        for option in per_axis[position]:
-            if option is None:
-                yield from extend(depth + 1, left, choice)
-            else:
-                choice[position] = option
-                yield from extend(depth + 1, left - 1, choice)
-                choice[position] = None
-
-    yield from extend(0, most, [None] * len(per_axis))
-
-
-def _product(values) -> int:
-    total = 1
-    for value in values:
-        total *= value
-    return total
-
-
-def partition(program: Program, policy: str = POLICIES[0]) -> PartitionedProgram:
-    """Expand library ops, then choose a strategy for every op of `program`, breaking
-    ties by `policy`. `lower.compile_program` walks under every policy and keeps the
-    cheapest program."""
-    return _Partitioner(expand_library(program), policy).run()
-
-
-def partitions(program: Program) -> list[PartitionedProgram]:
-    """One walk per tie-break policy (library ops expanded once)."""
+def joint_problem(program: Program, objective: Objective) -> Problem:
+    """The integer program over every strategy of every op of `program` (library ops expanded,
+    no `repeat`), as the exact search poses it: for checking a plan against an exhaustive
+    search of the same prices."""
     expanded = expand_library(program)
-    return [_Partitioner(expanded, policy).run() for policy in POLICIES]
+    part = _Partitioner(expanded, objective)
+    assert not any(isinstance(op, Repeat) for op in expanded.ops)
+    level = _Level(part, expanded.ops,
+                   {v.name: v.layout or Layout.replicated(v.type.rank) for v in expanded.inputs},
+                   {output.value: output.layout for output in expanded.outputs})
+    nodes = [level.node_choices(op, part.joint_roles(op)) for op in expanded.ops]
+    return level.problem(nodes)
+
+
+def partition(program: Program, objective: Objective | None = None) -> PartitionedProgram:
+    """Expand library ops, then choose every op's strategy for the whole program, minimizing
+    `objective` (default: time on objective.default_cluster of the program's mesh)."""
+    expanded = expand_library(program)
+    return _Partitioner(expanded, objective or make_objective(expanded)).run()

@@ -37,12 +37,31 @@ class SpmdValue:
 
 
 @dataclass(frozen=True)
+class Priced:
+    """What the partitioner's objective charged for one decision (its local work, the move
+    into its pinned layout, the moves it is first to need), and the best strategy it
+    rejected: the whole program's price with that one instead, minus the plan's."""
+
+    objective: str  # "time" (seconds) or "bytes" (bytes per device)
+    price: float
+    alternative: str | None = None  # the rejected strategy, in short (`dp: B, tp: H`)
+    extra: float | None = None  # what it would have added
+
+    def to_json(self) -> dict:
+        unit = "s" if self.objective == "time" else "bytes"
+        return {"objective": self.objective, "unit": unit, "price": self.price,
+                "alternative": None if self.alternative is None else
+                {"strategy": self.alternative, "extra": self.extra}}
+
+
+@dataclass(frozen=True)
 class LocalStep:
     op: Op  # on local shapes
     rule: str  # why this strategy, in words
     # What each mesh axis does in this op: an index it splits, PARTIAL (the operand's
     # pending reduction stays pending) or None (copies); see einpar.partition.
     roles: tuple[tuple[str, str | None], ...] = ()
+    priced: Priced | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class RepeatStep:
     carried: tuple[tuple[str, str, str, str], ...]
     stacked: tuple[tuple[str, str], ...]  # (stacked param, the name of one trip's slice in the body)
     body: tuple["Step", ...]
+    priced: Priced | None = None  # the loop's carried layouts, as a decision
 
 
 Step = Union[LocalStep, CollectiveStep, RepeatStep]
@@ -93,6 +113,8 @@ class SpmdProgram:
     # Ops whose strategies were searched only in part (partition.SearchLimit): a better
     # program may exist; `einpar compile` warns (W104).
     search_limits: tuple = ()
+    objective: str = ""  # what the plan minimizes, in words ("time on h100x8")
+    price: Priced | None = None  # the whole plan's price under it
 
 
 def walk_steps(steps) -> list[Step]:
@@ -202,7 +224,8 @@ def to_json(program: SpmdProgram) -> dict:
             return {"repeat": step.dim, "count": step.count,
                     "carried": [{"before": b, "inside": i, "result": r, "after": a}
                                 for b, i, r, a in step.carried],
-                    "body": [step_json(inner) for inner in step.body]}
+                    "body": [step_json(inner) for inner in step.body],
+                    "price": step.priced.to_json() if step.priced else None}
         if isinstance(step, CollectiveStep):
             value = program.values[step.dst]
             return {"collective": step.kind, "axes": list(step.step.axes), "tensor": step.tensor,
@@ -212,7 +235,7 @@ def to_json(program: SpmdProgram) -> dict:
         op = step.op
         return {"op": type(op).__name__.lower(), "result": op.result.name, "tensor": op.stmt,
                 "operands": [str(o) for o in op.operands], "text": format_op(op)[0].split("  # line")[0],
-                "rule": step.rule}
+                "rule": step.rule, "price": step.priced.to_json() if step.priced else None}
 
     return {
         "mesh": dict(mesh.axes),
@@ -229,4 +252,6 @@ def to_json(program: SpmdProgram) -> dict:
                     for o in program.outputs],
         "totals": {"bytes_per_device": bytes_per_device(program.steps),
                    "flops_per_device": local_flops(program)},
+        "plan": {"objective": program.objective,
+                 "price": program.price.to_json() if program.price else None},
     }
