@@ -248,6 +248,7 @@ class _Checker:
         self.source = source
         self.diagnostics: list[Diagnostic] = []
         self.mesh = Mesh()
+        self.axis_names: frozenset[str] = frozenset()  # the mesh's, for lookups in O(1)
         self.dims: dict[str, int] = {}
         self.dim_spans: dict[str, Span] = {}
         self.dtype = "f32"
@@ -374,6 +375,7 @@ class _Checker:
                 self.error("E222", f"dimension '{name}' has size {size}", self.dim_spans[name],
                            hint="dimensions need a positive size")
         self.mesh = Mesh(tuple(axes))
+        self.axis_names = frozenset(self.mesh.names)
         if self.mesh.num_devices > MAX_MESH_DEVICES:
             self.error("E223", f"the mesh has {self.mesh.num_devices:,} devices; einpar handles at "
                                f"most {MAX_MESH_DEVICES:,}", mesh_decl.span,
@@ -404,7 +406,7 @@ class _Checker:
         """E202 for a name that is not an axis of the mesh."""
         if axis.text in self.bad_axes:
             raise _Abort()  # its declaration already failed
-        if axis.text not in self.mesh.names:
+        if axis.text not in self.axis_names:
             if self.mesh.axes:
                 hint = (_did_you_mean(axis.text, self.mesh.names)
                         or f"the mesh has axes {', '.join(self.mesh.names)}")
@@ -896,8 +898,8 @@ class _Checker:
         layout = None
         if item.pin is not None:
             self.fail("E225", "braces on an output", item.pin.span,
-                      hint=f"an output is delivered whole, or split as its `@` say; to leave '{name}' "
-                           f"partial earlier, pin it on the statement that defines it: {name}[...]{{sum: ...}} = ...")
+                      hint=f"an output is delivered whole or split as its `@` say, never partial; "
+                           f"a partial is pinned on the statement that defines '{name}'")
         if item.indices is not None:
             if len(item.indices) != value.type.rank:
                 self.fail("E210", f"output '{name}' has {value.type.rank} dimensions "

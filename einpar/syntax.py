@@ -464,7 +464,8 @@ def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lar
         return Diagnostic("E100", f"unexpected character {char!r}", span,
                           hint="names are letters, digits and '_'; see docs/language.md for the operators")
     token = getattr(error, "token", None)
-    expected = sorted({_describe_terminal(parser, name) for name in _expected_terminals(error, parser)})
+    terminals = _expected_terminals(error, parser)
+    expected = sorted({_describe_terminal(parser, name) for name in terminals})
     if isinstance(error, UnexpectedEOF) or token is None or token.type == "$END":
         # Point just past the last line with text on it, where something is missing.
         lines = source_lines(text) or [""]
@@ -486,8 +487,19 @@ def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lar
     hint = None
     if expected:
         listed = ", ".join(expected[:-1]) + (" or " if len(expected) > 1 else "") + expected[-1]
-        hint = f"expected {listed}"
+        hint = f"expected {listed}" + _pin_advice(token, terminals)
     return Diagnostic("E100", message, span, hint=hint)
+
+
+def _pin_advice(token: Token | None, expected: set[str]) -> str:
+    """What to write instead of a common slip in a statement's braces, after the hint."""
+    if token is None:
+        return ""
+    if token.type == "COLON" and "SEMICOLON" in expected:  # {sum: tp, max: sp}
+        return "; kinds in braces are apart by ';', as in {sum: tp; max: sp}"
+    if token.type == "LBRACE" and expected == {"EQUAL"}:  # y[B] : bf16 {sum: tp} = ...
+        return "; braces come right after the indices, as in y[B]{sum: tp} : bf16 = ..."
+    return ""
 
 
 @contextmanager
