@@ -938,27 +938,37 @@ class _Checker:
 
 
 def constrain_inner_ops(ops: list, result: Value) -> list:
-    """The statement's layout on the ops inside it whose results have its indices.
+    """The statement's layout on the ops inside it that the result is computed from alone.
 
-    A statement lowered to several ops (`s = q*k / sqrt(K)`: a contraction, then a
-    map) constrains each op whose result has exactly the left side's indices, in any
-    order, to the same splits, so that the compiler does not move the operands of the
-    contraction to another layout and back. A partial pin stays on the op that
-    produces the result: an inner op is asked for its splits only. Ops with other
-    indices, and ops already constrained, are left as they are.
+    A statement lowered to several ops (`s = q*k / sqrt(K)`: a contraction, then a map
+    of it) constrains, besides its last op, each op up the chain of ops with its indices
+    that feed it: walking back from the last op, while an op reads exactly one value with
+    the left side's indices (in any order) and this statement computed it, that value is
+    asked for the same splits, so the compiler does not move the operands of the
+    contraction to another layout and back. Where an op reads two such values (a
+    residual add, `x = x + h*w`), the chain stops: which one to move is the compiler's
+    choice to make. A partial pin stays on the op that produces the result (the scaled
+    contraction of `lower_statement` carries it already); inner ops are asked for their
+    splits only.
     """
     layout = result.layout
     if layout is None or len(ops) < 2:
         return ops
     split = dict(zip(result.type.indices, layout.dims))
-    constrained = []
-    for op in ops:
-        inner = op.result
-        if inner.name != result.name and inner.layout is None \
-                and sorted(inner.type.indices) == sorted(result.type.indices):
-            op = replace(op, result=replace(inner, layout=Layout(tuple(split[i] for i in inner.type.indices))))
-        constrained.append(op)
-    return constrained
+    wanted = sorted(result.type.indices)
+    position = {op.result.name: i for i, op in enumerate(ops)}
+    ops = list(ops)
+    current = ops[-1]
+    while True:
+        full = [operand for operand in current.operands if sorted(operand.indices) == wanted]
+        if len(full) != 1 or full[0].value not in position:
+            return ops
+        i = position[full[0].value]
+        inner = ops[i].result
+        if inner.layout is None:
+            inner = replace(inner, layout=Layout(tuple(split[index] for index in inner.type.indices)))
+            ops[i] = replace(ops[i], result=inner)
+        current = ops[i]
 
 
 class _StatementLowering:

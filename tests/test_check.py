@@ -252,7 +252,8 @@ class TestLayoutPins:
 
 
 class TestStatementLayoutOnInnerOps:
-    """A statement's layout constrains every op inside it whose result has its indices."""
+    """A statement's layout constrains the ops inside it that its result is computed from
+    alone, when they have its indices."""
 
     SCORES = ("mesh dp=2 cp=2\ndim B=4 S=8 T=8 H=2 K=4\n"
               "input q[B,S,H,K]\ninput k[B,T,H,K]\n")
@@ -266,25 +267,34 @@ class TestStatementLayoutOnInnerOps:
         assert contraction.result.layout == Layout((("dp",), ("cp",), (), ()))
         assert scale.result.layout == Layout((("dp",), (), ("cp",), ()))
 
-    def test_ops_with_other_indices_stay_free(self):
+    def test_the_chain_the_result_is_computed_from_is_constrained_and_nothing_else(self):
+        program = compile_source(
+            "mesh tp=2\ndim B=4 D=8 E=8 F=16\ninput u[B,E]\nparam w1[E,F]\nparam w2[F,D]\n"
+            "param g[D]\ny[B,D@tp] = gelu(relu(u[B,E] * w1[E,F]) * w2[F,D]) * g[D]\noutput y\n")
+        found = [(op.result.name, op.result.type.indices, op.result.layout) for op in program.ops]
+        by_tp = Layout(((), ("tp",)))
+        assert found == [
+            ("y.2", ("B", "F"), None),   # u * w1: other indices
+            ("y.3", ("B", "F"), None),   # relu
+            ("y.1", ("B", "D"), by_tp),  # * w2, which the last op reads besides g[D]
+            ("y", ("B", "D"), by_tp),    # gelu(...) * g
+        ]
+
+    def test_an_op_reading_two_values_with_the_result_indices_stops_the_chain(self):
+        # A residual add: the compiler chooses which of x and the contraction to move (a
+        # reduce-scatter of the contraction and a gather after the add, in sequence parallelism).
         program = compile_source(
             "mesh tp=2\ndim B=4 D=8 E=8 F=16\ninput x[B,D]\ninput u[B,E]\nparam w1[E,F]\n"
             "param w2[F,D]\ny[B,D@tp] = rmsnorm[D](x[B,D]) + gelu(u[B,E] * w1[E,F]) * w2[F,D]\n"
             "output y\n")
-        found = [(op.result.name, op.result.type.indices, op.result.layout) for op in program.ops]
-        by_tp = Layout(((), ("tp",)))
-        assert found == [
-            ("y.1", ("B", "D"), by_tp),  # rmsnorm
-            ("y.3", ("B", "F"), None),   # u * w1
-            ("y.4", ("B", "F"), None),   # gelu
-            ("y.2", ("B", "D"), by_tp),  # * w2
-            ("y", ("B", "D"), by_tp),    # +
-        ]
+        found = [(op.result.name, op.result.layout) for op in program.ops]
+        assert found == [("y.1", None), ("y.3", None), ("y.4", None), ("y.2", None),
+                         ("y", Layout(((), ("tp",))))]
 
     def test_a_partial_pin_stays_on_the_op_that_makes_the_result(self):
         program = compile_source(
-            "mesh tp=2\ndim B=4 D=8 F=16\ninput x[B,F]\nparam w[F,D]\ninput r[B,D]\n"
-            "y[B,D]{sum: tp} = exp(x[B,F] * w[F,D]) * r[B,D]\noutput y\n")
+            "mesh tp=2\ndim B=4 D=8 F=16\ninput x[B,F]\nparam w[F,D]\n"
+            "y[B,D]{sum: tp} = exp(x[B,F] * w[F,D]) * 2\noutput y\n")
         inner, last = program.ops
         assert inner.result.layout == Layout.replicated(2)
         assert last.result.layout == Layout(((), ()), (("tp", "sum"),))
