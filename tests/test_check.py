@@ -314,3 +314,41 @@ class TestStatementLayoutOnInnerOps:
         program = compile_source(self.SCORES + "s[B,H,S,T] = q[B,S,H,K] * k[B,T,H,K] / sqrt(K)\n"
                                                "output s\n")
         assert [op.result.layout for op in program.ops] == [None, None]
+
+
+class TestPinsEndToEnd:
+    """Pins through the partitioner: the value is made in the pinned layout, and the
+    program still computes what the reference does."""
+
+    MEGATRON = ("mesh dp=2 tp=2\ndim B=4 S=4 D=8 F=16\n"
+                "input x[B@dp,S,D]\nparam w1[D,F@tp]\nparam w2[F@tp,D]\n"
+                "h[B,S,F] = gelu(x[B,S,D] * w1[D,F])\n"
+                "y[B@dp,S,D]{sum: tp} = h[B,S,F] * w2[F,D]\n"
+                "z[B@dp,S,D] = y[B,S,D] * 2\noutput z\n")
+
+    @staticmethod
+    def made_layout(spmd, value: str):
+        """The layout of `value` (an IR name) as the op that makes it leaves it."""
+        from einpar.spmd import LocalStep, walk_steps
+        (layout,) = [spmd.values[step.op.result.name].layout for step in walk_steps(spmd.steps)
+                     if isinstance(step, LocalStep) and step.op.result.name == value]
+        return layout
+
+    def test_empty_braces_make_the_value_whole(self):
+        from einpar.api import compile_spmd, random_inputs, run_simulated
+        from helpers import assert_matches_reference
+        program = compile_source(TestStatementLayoutOnInnerOps.SCORES
+                                 + "s[B@dp,H,S@cp,T] = q[B,S,H,K] * k[B,T,H,K] / sqrt(K)\n"
+                                   "m[B,H,S]{} = sum[T](s[B,H,S,T]) * 2\noutput s\noutput m\n")
+        spmd = compile_spmd(program)
+        assert self.made_layout(spmd, "m") == Layout.replicated(3)
+        assert self.made_layout(spmd, "s.1") == Layout((("dp",), ("cp",), (), ()))
+        inputs = random_inputs(program, 1)
+        outputs, _ = run_simulated(program, inputs)
+        assert_matches_reference(program, outputs, inputs)
+
+    @pytest.mark.xfail(reason="partitioner II", strict=False)
+    def test_a_partial_pin_leaves_the_value_partial(self):
+        from einpar.api import compile_spmd
+        spmd = compile_spmd(compile_source(self.MEGATRON))
+        assert self.made_layout(spmd, "y") == Layout((("dp",), (), ()), (("tp", "sum"),))
