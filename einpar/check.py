@@ -30,12 +30,14 @@ from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTION
 from .layout import Layout, Mesh
 from .syntax import KEYWORDS, MAX_SIZE_DIGITS, deep_recursion, gc_paused
 from .syntax import (Binary, Call, DimDecl, DtypeDecl, IndexSpec, MeshDecl, Module, Negate,
-                     Number, OutputDecl, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
+                     Number, OutputDecl, Pin, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
 from .syntax import Repeat as RepeatItem
 
 ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2}
 ALL_FUNCTIONS = tuple(ELEMENTWISE_FUNCTIONS) + REDUCTIONS + LIBRARY_FUNCTIONS + ("route",)
 DEFAULT_TOP_K = 2  # route's k when not given: GShard's top-2
+# The reductions a value may be left pending over a mesh axis (Layout.partial).
+PARTIAL_KINDS = ("sum", "max", "min")
 # About ten times today's largest machines; larger meshes are mistakes (2^64 devices).
 MAX_MESH_DEVICES = 2**20
 
@@ -246,6 +248,7 @@ class _Checker:
         self.source = source
         self.diagnostics: list[Diagnostic] = []
         self.mesh = Mesh()
+        self.axis_names: frozenset[str] = frozenset()  # the mesh's, for lookups in O(1)
         self.dims: dict[str, int] = {}
         self.dim_spans: dict[str, Span] = {}
         self.dtype = "f32"
@@ -372,6 +375,7 @@ class _Checker:
                 self.error("E222", f"dimension '{name}' has size {size}", self.dim_spans[name],
                            hint="dimensions need a positive size")
         self.mesh = Mesh(tuple(axes))
+        self.axis_names = frozenset(self.mesh.names)
         if self.mesh.num_devices > MAX_MESH_DEVICES:
             self.error("E223", f"the mesh has {self.mesh.num_devices:,} devices; einpar handles at "
                                f"most {MAX_MESH_DEVICES:,}", mesh_decl.span,
@@ -398,24 +402,32 @@ class _Checker:
                       hint=_did_you_mean(name.text, self.dims) or "declare it with `dim`")
         return self.dims[name.text]
 
-    def check_layout(self, specs: tuple[IndexSpec, ...], shape: tuple[int, ...], what: str) -> Layout | None:
-        """Validate `D@tp`-style annotations: known axes, each once, dividing the size."""
-        if not any(spec.axes for spec in specs):
+    def check_axis(self, axis) -> None:
+        """E202 for a name that is not an axis of the mesh."""
+        if axis.text in self.bad_axes:
+            raise _Abort()  # its declaration already failed
+        if axis.text not in self.axis_names:
+            if self.mesh.axes:
+                hint = (_did_you_mean(axis.text, self.mesh.names)
+                        or f"the mesh has axes {', '.join(self.mesh.names)}")
+            else:
+                hint = f"declare the mesh first, e.g. `mesh {axis.text}=4`"
+            self.fail("E202", f"unknown mesh axis '{axis}'", axis.span, hint=hint)
+
+    def check_layout(self, specs: tuple[IndexSpec, ...], shape: tuple[int, ...], what: str,
+                     pin: Pin | None = None) -> Layout | None:
+        """Validate `D@tp`-style annotations: known axes, each once, dividing the size.
+
+        None when nothing is asked: no `@` and no braces. Braces make the layout exact,
+        `{}` a whole value and `{sum: tp}` one partial over tp (see _check_pin)."""
+        if pin is None and not any(spec.axes for spec in specs):
             return None
         used: dict[str, Span] = {}
         dims = []
         for spec, size in zip(specs, shape):
             axes = []
             for axis in spec.axes:
-                if axis.text in self.bad_axes:
-                    raise _Abort()  # its declaration already failed
-                if axis.text not in self.mesh.names:
-                    if self.mesh.axes:
-                        hint = (_did_you_mean(axis.text, self.mesh.names)
-                                or f"the mesh has axes {', '.join(self.mesh.names)}")
-                    else:
-                        hint = f"declare the mesh first, e.g. `mesh {axis.text}=4`"
-                    self.fail("E202", f"unknown mesh axis '{axis}'", axis.span, hint=hint)
+                self.check_axis(axis)
                 if axis.text in used:
                     self.fail("E220", f"mesh axis '{axis}' is used twice in the layout of {what}",
                               axis.span, hint="an axis can split only one dimension of a tensor",
@@ -432,7 +444,34 @@ class _Checker:
                           spec.span, hint="pick sizes the axes divide (use --set to change them) "
                                           "or leave this dimension unsplit")
             dims.append(tuple(axes))
-        return Layout(tuple(dims))
+        partial = self._check_pin(pin, used, what) if pin is not None else ()
+        return Layout(tuple(dims), partial)
+
+    def _check_pin(self, pin: Pin, used: dict[str, Span], what: str) -> tuple[tuple[str, str], ...]:
+        """The (axis, kind) pairs of `{sum: tp; max: sp}`: known kinds (E224) over mesh axes
+        (E202) that split no dimension and are listed once (E220)."""
+        partial = []
+        split = dict(used)
+        for entry in pin.entries:
+            kind = entry.kind.text
+            if kind not in PARTIAL_KINDS:
+                axes = entry.axes[0].text if len(entry.axes) == 1 else \
+                    "(" + ",".join(axis.text for axis in entry.axes) + ")"
+                if kind == "mean":
+                    hint = f"a mean is a sum scaled by a constant: write {{sum: {axes}}}"
+                else:
+                    hint = _did_you_mean(kind, PARTIAL_KINDS) or "a result can be partial as a sum, max or min"
+                self.fail("E224", f"'{kind}' is not a kind of partial result", entry.kind.span, hint=hint)
+            for axis in entry.axes:
+                self.check_axis(axis)
+                if axis.text in used:
+                    hint = ("an axis either splits a dimension or leaves the value partial, not both"
+                            if axis.text in split else "list each axis once in the braces")
+                    self.fail("E220", f"mesh axis '{axis}' is used twice in the layout of {what}",
+                              axis.span, hint=hint, labels=(Label(used[axis.text], "first used here"),))
+                used[axis.text] = axis.span
+                partial.append((axis.text, kind))
+        return tuple(partial)
 
     def check_dtype(self, name) -> str | None:
         if name is None:
@@ -508,6 +547,11 @@ class _Checker:
         if scope.repeat_dim is not None and item.kind == "input":
             self.fail("E236", "inputs are declared outside repeat blocks", item.span,
                       hint="a `param` inside repeat gets one copy per trip; an input does not")
+        if spec.pin is not None:
+            article = "an" if item.kind == "input" else "a"
+            self.error("E225", f"braces on {article} {item.kind}", spec.pin.span,
+                       hint=f"{article} {item.kind}'s layout is its `@` annotations; braces pin the "
+                            "result of a statement, as in y[B,D]{sum: tp} = ...")
         shape = tuple(self.dim_size(index.name) for index in spec.indices)
         layout = self.check_layout(spec.indices, shape, f"'{spec.name}'")
         dtype = self.check_dtype(item.dtype) or self.dtype
@@ -600,6 +644,9 @@ class _Checker:
                       spec.indices_span, hint=f"write {spec.name}[{declared}] (indices bind by position)",
                       labels=(Label(value.span, "declared here"),) if value.span else ())
         seen: dict[str, Span] = {}
+        if spec.pin is not None:
+            self.fail("E216", f"layout braces in an expression: '{spec.name}[...]{{...}}'", spec.pin.span,
+                      hint="braces go on the left of a statement, as in y[B,D]{sum: tp} = ...")
         for position, index in enumerate(spec.indices):
             if index.axes:
                 self.fail("E216", f"layout annotation in an expression: '{index.name}@...'",
@@ -774,7 +821,7 @@ class _Checker:
                           index.name.span, labels=(Label(seen[index.name.text], "first here"),))
             seen[index.name.text] = index.name.span
         shape = tuple(self.dim_size(index.name) for index in lhs.indices)
-        layout = self.check_layout(lhs.indices, shape, f"'{lhs.name}'")
+        layout = self.check_layout(lhs.indices, shape, f"'{lhs.name}'", lhs.pin)
         cast = self.check_dtype(item.dtype)
         rhs = self.type_expr(item.rhs, scope)
         out_indices = tuple(index.name.text for index in lhs.indices)
@@ -791,7 +838,7 @@ class _Checker:
         name = self.new_value_name(lhs.name.text)
         result = Value(name, result_type, "def", layout, lhs.name.span)
         lowering = _StatementLowering(self, lhs.name.text, item.span, name)
-        ops = lowering.lower_statement(rhs, result)
+        ops = constrain_inner_ops(lowering.lower_statement(rhs, result), result)
         if previous is not None and scope.owner_of(lhs.name.text) is not scope:
             scope.carried.setdefault(self._outer_value(scope, lhs.name.text), lhs.name.text)
         scope.names[lhs.name.text] = _Binding(result, lhs.name.span)
@@ -849,6 +896,10 @@ class _Checker:
             raise _Abort()
         value = binding.value
         layout = None
+        if item.pin is not None:
+            self.fail("E225", "braces on an output", item.pin.span,
+                      hint=f"an output is delivered whole or split as its `@` say, never partial; "
+                           f"a partial is pinned on the statement that defines '{name}'")
         if item.indices is not None:
             if len(item.indices) != value.type.rank:
                 self.fail("E210", f"output '{name}' has {value.type.rank} dimensions "
@@ -886,6 +937,40 @@ class _Checker:
 # ---------------------------------------------------------------- typed tree -> ops
 
 
+def constrain_inner_ops(ops: list, result: Value) -> list:
+    """The statement's layout on the ops inside it that the result is computed from alone.
+
+    A statement lowered to several ops (`s = q*k / sqrt(K)`: a contraction, then a map
+    of it) constrains, besides its last op, each op up the chain of ops with its indices
+    that feed it: walking back from the last op, while an op reads exactly one value with
+    the left side's indices (in any order) and this statement computed it, that value is
+    asked for the same splits, so the compiler does not move the operands of the
+    contraction to another layout and back. Where an op reads two such values (a
+    residual add, `x = x + h*w`), the chain stops: which one to move is the compiler's
+    choice to make. A partial pin stays on the op that produces the result (the scaled
+    contraction of `lower_statement` carries it already); inner ops are asked for their
+    splits only.
+    """
+    layout = result.layout
+    if layout is None or len(ops) < 2:
+        return ops
+    split = dict(zip(result.type.indices, layout.dims))
+    wanted = sorted(result.type.indices)
+    position = {op.result.name: i for i, op in enumerate(ops)}
+    ops = list(ops)
+    current = ops[-1]
+    while True:
+        full = [operand for operand in current.operands if sorted(operand.indices) == wanted]
+        if len(full) != 1 or full[0].value not in position:
+            return ops
+        i = position[full[0].value]
+        inner = ops[i].result
+        if inner.layout is None:
+            inner = replace(inner, layout=Layout(tuple(split[index] for index in inner.type.indices)))
+            ops[i] = replace(ops[i], result=inner)
+        current = ops[i]
+
+
 class _StatementLowering:
     """Emit the ops of one statement: einsums for products under sums, fused maps."""
 
@@ -919,9 +1004,10 @@ class _StatementLowering:
             # The statement's own op produces the result directly, in the left-hand side's order.
             scale = self.emit_structured(root, result)
             if scale is not None:
-                # Constant factors of a product under a sum: scale the contraction after.
-                temp = replace(result, name=self.temp_value(indices, result.type.dtype).name,
-                               layout=None)
+                # Constant factors of a product under a sum: scale the contraction after. The
+                # contraction takes the statement's whole layout, partial pin included: scaling
+                # is linear, so a pinned partial sum can only come from the contraction itself.
+                temp = replace(result, name=self.temp_value(indices, result.type.dtype).name)
                 self.ops[-1] = replace(self.ops[-1], result=temp)
                 expr = Apply("mul", (Arg(0), scale))
                 self.ops.append(Map(result, (Operand(temp.name, indices),), expr, self.stmt, self.span))

@@ -37,6 +37,8 @@ CODES = {
     "E221": "dimension not divisible by its mesh axes",
     "E222": "size must be positive",
     "E223": "number too large",
+    "E224": "unknown kind of partial result",
+    "E225": "braces not on a statement's left side",
     "E230": "duplicate definition",
     "E231": "use before definition",
     "E232": "output never defined",

@@ -121,7 +121,10 @@ def format_dims(labels: tuple[str, ...], layout: Layout | None) -> str:
         by_kind: dict[str, list[str]] = {}
         for axis, kind in layout.partial:
             by_kind.setdefault(kind, []).append(axis)
-        text += " {" + "; ".join(f"{kind}: {','.join(axes)}" for kind, axes in by_kind.items()) + "}"
+        # Several axes in parentheses, as in `D@(tp,sp)`, so the printed form pastes back
+        # onto a statement's left side as a constraint.
+        text += " {" + "; ".join(f"{kind}: {_format_axes(tuple(axes))}"
+                                 for kind, axes in by_kind.items()) + "}"
     return text
 
 

@@ -45,13 +45,33 @@ class IndexSpec:
 
 
 @dataclass(frozen=True)
+class PinEntry:
+    """`sum: tp` or `max: (tp,sp)` inside a pin: a reduction and the axes it is pending over."""
+
+    kind: Name
+    axes: tuple[Name, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Pin:
+    """`{sum: tp}` or `{}` after a statement's left-hand indices: the result's layout is
+    exactly as written, partial over the listed axes and over no others."""
+
+    entries: tuple[PinEntry, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """`x[B@dp, S, D]`: a tensor name with one spec per dimension."""
+    """`x[B@dp, S, D]`: a tensor name with one spec per dimension, and the braces
+    (`{sum: tp}`) written after them, if any."""
 
     name: Name
     indices: tuple[IndexSpec, ...]
     span: Span
     indices_span: Span
+    pin: Pin | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,7 @@ class OutputDecl:
     name: Name
     indices: tuple[IndexSpec, ...] | None
     span: Span
+    pin: Pin | None = None  # parsed to be refused: an output is delivered whole
 
 
 @dataclass(frozen=True)
@@ -283,8 +304,8 @@ class _ToAst:
         return self._name(children[0])
 
     def tensor_decl(self, meta, children):
-        kind, spec, dtype = children
-        return TensorDecl(kind, spec, dtype, _span(self.file, meta))
+        kind, spec, pin, dtype = children
+        return TensorDecl(kind, self._pinned(spec, pin), dtype, _span(self.file, meta))
 
     def input_kind(self, meta, _):
         return "input"
@@ -293,13 +314,31 @@ class _ToAst:
         return "param"
 
     def output_decl(self, meta, children):
-        name, specs = children
+        name, specs, pin = children
         indices = specs[0] if specs is not None else None
-        return OutputDecl(self._name(name), indices, _span(self.file, meta))
+        return OutputDecl(self._name(name), indices, _span(self.file, meta), pin)
 
     def statement(self, meta, children):
-        lhs, dtype, rhs = children
-        return Statement(lhs, dtype, rhs, _span(self.file, meta))
+        lhs, pin, dtype, rhs = children
+        return Statement(self._pinned(lhs, pin), dtype, rhs, _span(self.file, meta))
+
+    @staticmethod
+    def _pinned(spec: TensorSpec, pin: Pin | None) -> TensorSpec:
+        """The spec with its braces, its span reaching to the closing one."""
+        if pin is None:
+            return spec
+        span = Span(spec.span.file, spec.span.line, spec.span.col, pin.span.end_line, pin.span.end_col)
+        return TensorSpec(spec.name, spec.indices, span, spec.indices_span, pin)
+
+    def pin(self, meta, entries):
+        return Pin(tuple(entry for entry in entries if entry is not None), _span(self.file, meta))
+
+    def pin_entry(self, meta, children):
+        kind, axes = children
+        return PinEntry(self._name(kind), axes, _span(self.file, meta))
+
+    def pin_axes(self, meta, names):
+        return tuple(self._name(name) for name in names)
 
     def repeat(self, meta, children):
         dim, *body = children
@@ -337,6 +376,11 @@ class _ToAst:
 
     def tensor_ref(self, meta, children):
         return TensorRef(children[0], _span(self.file, meta))
+
+    def pinned_ref(self, meta, children):
+        # Braces in an expression parse, so that the checker can say where they belong (E216).
+        spec, pin = children
+        return TensorRef(self._pinned(spec, pin), _span(self.file, meta))
 
     def call(self, meta, children):
         func, (args, kwargs) = children
@@ -420,7 +464,8 @@ def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lar
         return Diagnostic("E100", f"unexpected character {char!r}", span,
                           hint="names are letters, digits and '_'; see docs/language.md for the operators")
     token = getattr(error, "token", None)
-    expected = sorted({_describe_terminal(parser, name) for name in _expected_terminals(error, parser)})
+    terminals = _expected_terminals(error, parser)
+    expected = sorted({_describe_terminal(parser, name) for name in terminals})
     if isinstance(error, UnexpectedEOF) or token is None or token.type == "$END":
         # Point just past the last line with text on it, where something is missing.
         lines = source_lines(text) or [""]
@@ -442,8 +487,19 @@ def _syntax_diagnostic(error: UnexpectedInput, file: str, text: str, parser: Lar
     hint = None
     if expected:
         listed = ", ".join(expected[:-1]) + (" or " if len(expected) > 1 else "") + expected[-1]
-        hint = f"expected {listed}"
+        hint = f"expected {listed}" + _pin_advice(token, terminals)
     return Diagnostic("E100", message, span, hint=hint)
+
+
+def _pin_advice(token: Token | None, expected: set[str]) -> str:
+    """What to write instead of a common slip in a statement's braces, after the hint."""
+    if token is None:
+        return ""
+    if token.type == "COLON" and "SEMICOLON" in expected:  # {sum: tp, max: sp}
+        return "; kinds in braces are apart by ';', as in {sum: tp; max: sp}"
+    if token.type == "LBRACE" and expected == {"EQUAL"}:  # y[B] : bf16 {sum: tp} = ...
+        return "; braces come right after the indices, as in y[B]{sum: tp} : bf16 = ..."
+    return ""
 
 
 @contextmanager
@@ -574,7 +630,12 @@ def format_ast(module: Module) -> str:
     lines: list[str] = []
 
     def spec(s: TensorSpec) -> str:
-        return f"{s.name}[{', '.join(index(i) for i in s.indices)}]"
+        return f"{s.name}[{', '.join(index(i) for i in s.indices)}]" + (f" {pin(s.pin)}" if s.pin else "")
+
+    def pin(p: Pin) -> str:
+        return "{" + "; ".join(f"{e.kind}: " + (str(e.axes[0]) if len(e.axes) == 1 else
+                                                 f"({','.join(map(str, e.axes))})")
+                               for e in p.entries) + "}"
 
     def index(i: IndexSpec) -> str:
         if not i.axes:
@@ -623,6 +684,7 @@ def format_ast(module: Module) -> str:
             lines.append(f"{pad}{it.kind.capitalize()} {spec(it.spec)}{dtype}{where}")
         elif isinstance(it, OutputDecl):
             shown = f"[{', '.join(index(i) for i in it.indices)}]" if it.indices is not None else ""
+            shown += f" {pin(it.pin)}" if it.pin is not None else ""
             lines.append(f"{pad}Output {it.name}{shown}{where}")
         elif isinstance(it, Statement):
             dtype = f" : {it.dtype}" if it.dtype else ""

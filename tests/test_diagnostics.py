@@ -613,6 +613,111 @@ def test_E222_dimension_of_size_zero():
            "E222", "dimension 'B' has size 0", 1, 5, length=3, hint="dimensions need a positive size")
 
 
+# ---------------------------------------------------------------- layout pins: braces on a left side
+
+PIN = ("mesh dp=2 tp=2",
+       "dim B=8",
+       "input x[B]")
+
+
+def test_E224_unknown_kind_of_partial_suggests_a_close_one():
+    expect(program(*PIN, "y[B]{summ: tp} = x[B]"),
+           "E224", "'summ' is not a kind of partial result", 4, 6, length=4,
+           hint="did you mean 'sum'?")
+
+
+def test_E224_unknown_kind_of_partial_lists_the_kinds():
+    expect(program(*PIN, "y[B]{prod: tp} = x[B]"),
+           "E224", "'prod' is not a kind of partial result", 4, 6, length=4,
+           hint="a result can be partial as a sum, max or min")
+
+
+def test_E224_mean_is_pinned_as_a_sum():
+    expect(program(*PIN, "y[B] {mean: (tp,dp)} = x[B]"),
+           "E224", "'mean' is not a kind of partial result", 4, 7, length=4,
+           hint="a mean is a sum scaled by a constant: write {sum: (tp,dp)}")
+
+
+def test_E202_unknown_mesh_axis_in_braces():
+    expect(program(*PIN, "y[B]{sum: dp; max: tq} = x[B]"),
+           "E202", "unknown mesh axis 'tq'", 4, 20, length=2, hint="the mesh has axes dp, tp")
+
+
+def test_E220_axis_both_splitting_and_partial():
+    found = expect(program(*PIN, "y[B@tp]{sum: tp} = x[B]"),
+                   "E220", "mesh axis 'tp' is used twice in the layout of 'y'", 4, 14, length=2,
+                   hint="an axis either splits a dimension or leaves the value partial, not both")
+    assert labels(found) == [(4, 5, "first used here")]
+
+
+def test_E220_axis_listed_twice_in_braces():
+    found = expect(program(*PIN, "y[B]{sum: tp; max: (dp,tp)} = x[B]"),
+                   "E220", "mesh axis 'tp' is used twice in the layout of 'y'", 4, 24, length=2,
+                   hint="list each axis once in the braces")
+    assert labels(found) == [(4, 11, "first used here")]
+
+
+def test_E225_braces_on_an_input():
+    expect(program(*PIN[:2], "input x[B]{}", "output x"),
+           "E225", "braces on an input", 3, 11, length=2,
+           hint="an input's layout is its `@` annotations; braces pin the result of a statement, "
+                "as in y[B,D]{sum: tp} = ...")
+
+
+def test_E225_braces_on_a_param():
+    expect(program(*PIN[:2], "param w[B] {sum: tp} : bf16", "output w"),
+           "E225", "braces on a param", 3, 12, length=9,
+           hint="a param's layout is its `@` annotations; braces pin the result of a statement, "
+                "as in y[B,D]{sum: tp} = ...")
+
+
+def test_E225_braces_on_an_output():
+    expect(program(*PIN, "y[B] = x[B] * 2", "output y[B]{sum: tp}"),
+           "E225", "braces on an output", 5, 12, length=9,
+           hint="an output is delivered whole or split as its `@` say, never partial; "
+                "a partial is pinned on the statement that defines 'y'")
+
+
+def test_E216_braces_in_an_expression():
+    expect(program(*PIN, "y[B] = x[B] {sum: tp} * 2"),
+           "E216", "layout braces in an expression: 'x[...]{...}'", 4, 13, length=9,
+           hint="braces go on the left of a statement, as in y[B,D]{sum: tp} = ...")
+
+
+def test_E100_kinds_in_braces_apart_by_a_comma():
+    expect(program(*PIN, "y[B]{sum: tp, max: dp} = x[B]"),
+           "E100", "unexpected ':'", 4, 18, length=1,
+           hint="expected ',', ';' or '}'; kinds in braces are apart by ';', as in {sum: tp; max: sp}")
+
+
+def test_E100_braces_after_the_dtype():
+    expect(program(*PIN, "y[B] : f32 {sum: tp} = x[B]"),
+           "E100", "unexpected '{'", 4, 12, length=1,
+           hint="expected '='; braces come right after the indices, as in y[B]{sum: tp} : bf16 = ...")
+
+
+@pytest.mark.parametrize("body, col, hint", [
+    ("y[B]{sum: } = x[B]", 11, "expected '(' or a name"),
+    ("y[B]{sum tp} = x[B]", 10, "expected ':'"),
+    ("y[B]{sum: tp;} = x[B]", 14, "expected a name"),
+    ("y[B]{{sum: tp}} = x[B]", 6, "expected '}' or a name"),
+])
+def test_E100_malformed_braces(body, col, hint):
+    found = the_error(program(*PIN, body))
+    assert (found.code, found.span.line, found.span.col, found.hint) == ("E100", 4, col, hint)
+
+
+def test_errors_in_braces_do_not_cascade():
+    found = diagnostics_of(program(*PIN,
+                                   "y[B]{sum: tq} = x[B]",
+                                   "z[B] = y[B] * 2",
+                                   "input v[B]{}",
+                                   "w[B]{prod: tp} = v[B]",
+                                   "output z"))
+    assert [(d.code, d.span.line, d.span.col) for d in found] == [
+        ("E202", 4, 11), ("E225", 6, 11), ("E224", 7, 6)]
+
+
 # ---------------------------------------------------------------- E23x definitions
 
 

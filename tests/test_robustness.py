@@ -438,6 +438,20 @@ EXTREME_INPUTS = {
     "5000-digit mesh size": "mesh dp=" + "9" * 5000 + "\n" + HEADER + "output x\n",
     "5000-digit number": HEADER + "y[B] = x[B] * " + "9" * 5000 + "\noutput y\n",
     "number beyond float range": HEADER + "y[B] = x[B] * 1e999\noutput y\n",
+    # Braces on a statement's left side (layout pins).
+    "20000 axes in braces": "mesh tp=1\n" + HEADER + "y[B]{sum: " + ",".join(["tp"] * 20_000)
+                            + "} = x[B]\noutput y\n",
+    "20000 kinds in braces": "mesh tp=1\n" + HEADER + "y[B]{" + "; ".join(
+        f"sum: a{i}" for i in range(20_000)) + "} = x[B]\noutput y\n",
+    "5000 size-1 axes pinned": "mesh " + " ".join(f"a{i}=1" for i in range(5_000)) + "\n" + HEADER
+                               + "y[B]{sum: (" + ",".join(f"a{i}" for i in range(5_000))
+                               + ")} = x[B]\noutput y\n",
+    "3000 nested braces": HEADER + "y[B]" + "{" * 3000 + "}" * 3000 + " = x[B]\noutput y\n",
+    "3000 nested parentheses in braces": "mesh tp=1\n" + HEADER + "y[B]{sum: " + "(" * 3000 + "tp"
+                                         + ")" * 3000 + "} = x[B]\noutput y\n",
+    "braces spanning lines": "mesh tp=1\n" + HEADER + "y[B]{sum:\ntp} = x[B]\noutput y\n",
+    "unicode in braces": "mesh tp=1\n" + HEADER + "y[B]{σum: tp; max: ｔｐ\u202e} = x[B]\noutput y\n",
+    "long kind in braces": "mesh tp=1\n" + HEADER + "y[B]{" + "s" * 100_000 + ": tp} = x[B]\noutput y\n",
 }
 
 
