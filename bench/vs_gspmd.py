@@ -1,7 +1,7 @@
 """einpar's per-device programs against XLA's own partitioner (GSPMD), in bytes, priced time and step time.
 
     .venv/bin/python bench/vs_gspmd.py [FILE ...] [--programs examples|set|all]
-                                       [--cluster h100x8] [--rounds 20] [--platform cpu]
+                                       [--cluster h100x8] [--rounds 30] [--platform cpu]
 
 The programs: every example (examples/**/*.ein, `--programs examples`), the
 partitioner's program set (tests/partition_programs/*.ein, `--programs set`:
@@ -61,10 +61,16 @@ def program_paths(files: list[str], which: str) -> list[Path]:
 
 
 def shown(path: Path) -> str:
+    """`attention/fsdp`, `partition_programs/p1_cp_qkv`: a program of the default sets
+    without its common prefix and suffix; another file as given."""
     try:
-        return str(path.resolve().relative_to(ROOT))
+        name = path.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         return str(path)
+    for prefix in ("examples/", "tests/"):
+        if name.startswith(prefix) and name.endswith(".ein"):
+            return name[len(prefix):-len(".ein")]
+    return name
 
 
 def compile_for(compile_spmd, program, cluster):
@@ -107,7 +113,7 @@ def main() -> int:
     parser.add_argument("--programs", choices=sorted(PROGRAM_SETS), default="all",
                         help="the examples, the partitioner's program set, or both (default)")
     parser.add_argument("--cluster", default="h100x8", help="cluster preset or file to price on")
-    parser.add_argument("--rounds", type=int, default=20, help="timed steps of each, alternating")
+    parser.add_argument("--rounds", type=int, default=30, help="timed steps of each, alternating")
     parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's)")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -145,7 +151,7 @@ def main() -> int:
           f"{cluster.name}")
     print("# bytes per device; collectives priced in µs; matmul GFLOP per device from the HLO; "
           "step ms measured here")
-    print(f"{'program':<44} {'plan B':>10} {'einpar HLO':>10} {'GSPMD HLO':>10} "
+    print(f"{'program':<40} {'plan B':>10} {'einpar HLO':>10} {'GSPMD HLO':>10} "
           f"{'einpar µs':>9} {'GSPMD µs':>9} {'einpar GF':>9} {'GSPMD GF':>9} "
           f"{'einpar ms':>9} {'GSPMD ms':>9} {'ratio':>6}  GSPMD's collectives")
     bytes_above, slower_priced, ratios, failed = [], [], [], []
@@ -164,7 +170,7 @@ def main() -> int:
             ours_s, twin_s = time_both(ours, twin, args.rounds)
         except Exception as error:  # noqa: BLE001 - one program's failure is reported, not fatal
             failed.append(name)
-            print(f"{name:<44} failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            print(f"{name:<40} failed: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
         plan, twin_bytes = bytes_per_device(spmd.steps), hlo_bytes(twin_hlo)
         twin_priced = sum(cost.time_s for cost in priced_twin)
@@ -174,7 +180,7 @@ def main() -> int:
             bytes_above.append(name)
         if priced_ours > twin_priced * (1 + 1e-9):
             slower_priced.append(name)
-        print(f"{name:<44} {plan:>10,} {hlo_bytes(ours_hlo):>10,} {twin_bytes:>10,} "
+        print(f"{name:<40} {plan:>10,} {hlo_bytes(ours_hlo):>10,} {twin_bytes:>10,} "
               f"{priced_ours * 1e6:>9.2f} {twin_priced * 1e6:>9.2f} "
               f"{hlo_dot_flops(ours_text) / 1e9:>9.4f} {hlo_dot_flops(twin_text) / 1e9:>9.4f} "
               f"{ours_s * 1e3:>9.3f} {twin_s * 1e3:>9.3f} {ratio:>6.2f}  "
