@@ -101,8 +101,9 @@ def _arrays(type_text: str) -> list[tuple[int, int]]:
     return found
 
 
-def _group_size(attributes: str, devices: int) -> int:
-    groups = replica_groups(attributes, devices)
+def _group_size(attributes: str, groups: np.ndarray | None, devices: int) -> int:
+    """Devices in each group, given the groups `replica_groups` read (a permute's pairs
+    are not groups)."""
     if groups is not None and groups.size and "source_target_pairs" not in attributes:
         return int(groups.shape[1])
     listed = re.search(r"replica_groups=\{\{([\d,]*)\}", attributes)
@@ -240,7 +241,7 @@ def hlo_collectives(text: str, devices: int) -> list[HloCollective]:
                 arrays = arrays[:1]  # (operand, result, contexts...): one block
             groups = replica_groups(rest, devices)
             found.append(HloCollective(
-                _OPS[base], tuple(arrays), _group_size(rest, devices), runs,
+                _OPS[base], tuple(arrays), _group_size(rest, groups, devices), runs,
                 None if groups is None else tuple(map(tuple, groups.tolist()))))
 
     visit(entry, 1, (entry,))
