@@ -23,7 +23,7 @@ same devices:
   priced: GSPMD may split the compute differently from einpar (repeat a
   matmul on every device, or not), so adding einpar's compute time to
   GSPMD's collectives would price a plan GSPMD did not make. Instead the
-  matmul GFLOP each device runs is read from both HLO modules (every `dot`,
+  matmul FLOPs each device runs is read from both HLO modules (every `dot`,
   `hlo_collectives.hlo_dot_flops`), which shows repeated work. A `~` marks a
   GSPMD collective whose groups are not exactly the groups of some mesh
   axes (priced over the axes that cover them);
@@ -149,10 +149,10 @@ def main() -> int:
           f"({jax.devices()[0].device_kind}); host: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; jax {jax.__version__}; {args.rounds} rounds; priced on "
           f"{cluster.name}")
-    print("# bytes per device; collectives priced in µs; matmul GFLOP per device from the HLO; "
+    print("# bytes per device; collectives priced in µs; matmul MFLOP per device from the HLO; "
           "step ms measured here")
     print(f"{'program':<40} {'plan B':>10} {'einpar HLO':>10} {'GSPMD HLO':>10} "
-          f"{'einpar µs':>9} {'GSPMD µs':>9} {'einpar GF':>9} {'GSPMD GF':>9} "
+          f"{'einpar µs':>9} {'GSPMD µs':>9} {'einpar MF':>9} {'GSPMD MF':>9} "
           f"{'einpar ms':>9} {'GSPMD ms':>9} {'ratio':>6}  GSPMD's collectives")
     bytes_above, slower_priced, ratios, failed = [], [], [], []
     for name, program in programs:
@@ -182,7 +182,7 @@ def main() -> int:
             slower_priced.append(name)
         print(f"{name:<40} {plan:>10,} {hlo_bytes(ours_hlo):>10,} {twin_bytes:>10,} "
               f"{priced_ours * 1e6:>9.2f} {twin_priced * 1e6:>9.2f} "
-              f"{hlo_dot_flops(ours_text) / 1e9:>9.4f} {hlo_dot_flops(twin_text) / 1e9:>9.4f} "
+              f"{hlo_dot_flops(ours_text) / 1e6:>9.2f} {hlo_dot_flops(twin_text) / 1e6:>9.2f} "
               f"{ours_s * 1e3:>9.3f} {twin_s * 1e3:>9.3f} {ratio:>6.2f}  "
               f"{described(priced_twin, program.mesh)}")
     ran = len(ratios)
