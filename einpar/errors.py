@@ -46,6 +46,7 @@ CODES = {
     "E234": "value used outside its repeat block",
     "E235": "redefinition changes the type",
     "E236": "declaration not allowed here",
+    "E240": "no plan makes a pinned layout",
     "E300": "bad inputs file",
     "E301": "bad --set",
     "E302": "cannot read the program file",

@@ -4,7 +4,8 @@
 collective by its algorithm, protocol, latency and bandwidth on the cluster
 (cost_model.collectives.collective_time), each local op by its roofline
 (cost_model.compute.op_time, FLOPs against HBM traffic), so repeated FLOPs
-and the latency of every collective count. Times are in nanoseconds, the
+and the latency of every collective count. A local slice is free (the op
+that reads it reads its block), as in the byte count. Times are in nanoseconds, the
 unit the integer program is solved in.
 
 `ByteObjective` is the plan for teaching: bytes each device sends first,
@@ -74,11 +75,7 @@ class ByteObjective(Objective):
     def __init__(self, mesh: Mesh, program: Program | None = None):
         super().__init__(mesh)
         # FLOPs weigh less than one byte in total, so they only settle ties of bytes.
-        total = 0
-        if program is not None:
-            from .flops import program_flops
-            total = program_flops(program)
-        self.flop_weight = 0.5 / (total + 1)
+        self.flop_weight = 0.5 / (_flops(program) + 1)
 
     def price_plan(self, plan, shape, dtype) -> float:
         return float(plan.bytes_per_device)
@@ -96,10 +93,15 @@ class ByteObjective(Objective):
 class TimeObjective(Objective):
     name, unit = "time", "s"
 
-    def __init__(self, mesh: Mesh, cluster, precision: str | None = None):
+    def __init__(self, mesh: Mesh, cluster, precision: str | None = None,
+                 program: Program | None = None):
         super().__init__(mesh)
         from .precision import DEFAULT_PRECISION
         self.cluster = cluster
+        # Ops too small to be faster split (their time is the kernel's floor) tie: FLOPs per
+        # device settle it, weighing 0.01 ns for the whole program, far below any real
+        # difference and far above the solver's tolerance (1e-6).
+        self.flop_weight = 0.01 / (_flops(program) + 1)
         self.precision = precision or DEFAULT_PRECISION
         self._collectives: dict = {}
 
@@ -114,24 +116,36 @@ class TimeObjective(Objective):
     def price_plan(self, plan, shape, dtype) -> float:
         total, layout = 0.0, plan.src
         for step in plan.steps:
-            if step.kind != "slice":
+            after = step.apply(layout)
+            if step.kind != "slice":  # a slice is free: the op reading it reads its block
                 total += self.collective_ns(step.kind, step.axes,
                                             local_bytes(layout, shape, dtype, self.mesh))
-            layout = step.apply(layout)
+            layout = after
         return total
+
+    @property
+    def hbm_bandwidth(self) -> float:
+        return self.cluster.chip.hbm_bandwidth.value
 
     def compute(self, op, local_sizes, flops, operand_layouts, result_layout, operand_types) -> float:
         hbm = local_bytes(result_layout, op.result.type.shape, op.result.type.dtype, self.mesh)
         for layout, vtype in zip(operand_layouts, operand_types):
             hbm += local_bytes(layout, vtype.shape, vtype.dtype, self.mesh)
         return _op_ns(op, flops, hbm, self.cluster, self.precision, tuple(local_sizes.items()),
-                      tuple(t.dtype for t in operand_types))
+                      tuple(t.dtype for t in operand_types)) + flops * self.flop_weight
 
     def describe(self) -> str:
         return f"time on {self.cluster.name}"
 
     def format(self, price: float) -> str:
         return format_ns(price)
+
+
+def _flops(program: Program | None) -> int:
+    if program is None:
+        return 0
+    from .flops import program_flops
+    return program_flops(program)
 
 
 def _op_ns(op, flops, hbm, cluster, precision, sizes, dtypes) -> float:
@@ -156,4 +170,4 @@ def make_objective(program: Program, objective: str = DEFAULT_OBJECTIVE, cluster
     if objective != "time":
         raise ValueError(f"objective {objective!r}: one of {', '.join(OBJECTIVES)}")
     return TimeObjective(program.mesh, cluster if cluster is not None else
-                         default_cluster(program.mesh), precision)
+                         default_cluster(program.mesh), precision, program)

@@ -147,8 +147,9 @@ class _Level:
     """The ops of one level as a Problem; `fixed` holds the values defined outside it."""
 
     def __init__(self, part: "_Partitioner", ops: tuple[Op, ...], fixed: dict[str, Layout],
-                 required: dict[str, Layout | None]):
+                 required: dict[str, Layout | None], types: dict[str, TensorType] | None = None):
         self.part, self.ops = part, ops
+        self.types = types or {}  # per-trip types of stacked params (a name means a slice here)
         self.fixed = fixed  # value -> its (actual) layout
         self.required = required  # value -> the layout asked for at the end (None: whole)
 
@@ -248,6 +249,13 @@ class _Partitioner:
 
     def solve_level(self, level: _Level) -> _Plan:
         """The level's plan: exact over all axes while its ops allow, else axis by axis."""
+        saved, self.types = self.types, level.types
+        try:
+            return self._solve_level(level)
+        finally:
+            self.types = saved
+
+    def _solve_level(self, level: _Level) -> _Plan:
         ops = [op for op in level.ops if not isinstance(op, Repeat)]
         counts = [(self.joint_count(op), op) for op in ops]
         most = max(counts, key=lambda pair: pair[0], default=(1, None))
@@ -364,13 +372,14 @@ class _Partitioner:
         if key in self._bodies:
             return self._bodies[key]
         fixed: dict[str, Layout] = {}
+        types = dict(self.types)
         for carried, layout in zip(op.carried, layouts):
             fixed[carried.value] = layout
         for view in op.stacked:
             full = self.values[view.name].layout
             depth = len(self.values[view.name].stacked_by) - len(view.stacked_by)
             fixed[view.name] = Layout(full.dims[depth:]) if full else Layout.replicated(view.type.rank)
-            self.types[view.name] = view.type
+            types[view.name] = view.type
         outer: dict[str, Layout] = {}
         defined = _defined(op.body)
         for value in _read(op.body):
@@ -384,7 +393,7 @@ class _Partitioner:
             if source.kind == "def":
                 outer[value] = layout
         required = {c.body_result: layout for c, layout in zip(op.carried, layouts)}
-        level = _Level(self, op.body, fixed, required)
+        level = _Level(self, op.body, fixed, required, types)
         try:
             plan = self.solve_level(level)
         except EinparError:
@@ -399,7 +408,8 @@ class _Partitioner:
 
     def no_strategy(self, op) -> None:
         where = op.result if not isinstance(op, Repeat) else None
-        pin = format_dims(where.type.indices, where.layout) if where is not None else "the loop"
+        pin = getattr(op, "stmt", "") + format_dims(where.type.indices, where.layout) \
+            if where is not None else "the loop"
         raise EinparError(Diagnostic(
             "E240", f"no strategy of '{getattr(op, 'stmt', 'repeat')}' makes it in the layout it is "
                     f"asked for ({pin})",
@@ -422,6 +432,14 @@ class _Partitioner:
                     held: dict[str, Layout]) -> list[Step]:
         """The level's Decisions in program order; `held` maps values to their actual
         layouts (updated), `tensors` to the program's names for them."""
+        saved, self.types = self.types, level.types
+        try:
+            return self._materialize(level, plan, tensors, held)
+        finally:
+            self.types = saved
+
+    def _materialize(self, level: _Level, plan: _Plan, tensors: dict[str, str],
+                     held: dict[str, Layout]) -> list[Step]:
         problem = level.problem([node for node in plan.nodes])
         steps: list[Step] = []
         first_need: set = set()

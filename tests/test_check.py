@@ -347,8 +347,25 @@ class TestPinsEndToEnd:
         outputs, _ = run_simulated(program, inputs)
         assert_matches_reference(program, outputs, inputs)
 
-    @pytest.mark.xfail(reason="partitioner II", strict=False)
-    def test_a_partial_pin_leaves_the_value_partial(self):
-        from einpar.api import compile_spmd
-        spmd = compile_spmd(compile_source(self.MEGATRON))
+    @pytest.mark.parametrize("objective", ["time", "bytes"])
+    def test_a_partial_pin_leaves_the_value_partial(self, objective):
+        from einpar.api import compile_spmd, random_inputs, run_simulated
+        from helpers import assert_matches_reference
+        program = compile_source(self.MEGATRON)
+        spmd = compile_spmd(program, objective=objective)
         assert self.made_layout(spmd, "y") == Layout((("dp",), (), ()), (("tp", "sum"),))
+        inputs = random_inputs(program, 2)
+        outputs, _ = run_simulated(program, inputs)
+        assert_matches_reference(program, outputs, inputs)
+
+    def test_a_pin_no_strategy_can_make_is_E240(self):
+        from einpar.api import compile_spmd
+        from einpar.errors import EinparError
+        program = compile_source("mesh tp=2\ndim B=4 D=8\ninput x[B,D]\n"
+                                 "y[B,D]{sum: tp} = gelu(x[B,D])\noutput y\n")
+        with pytest.raises(EinparError) as caught:
+            compile_spmd(program)
+        (found,) = caught.value.diagnostics
+        assert (found.code, found.span.line, found.span.col) == ("E240", 4, 1)
+        assert found.message == ("no strategy of 'y' makes it in the layout it is asked for "
+                                 "(y[B,D] {sum: tp})")
