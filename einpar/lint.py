@@ -17,9 +17,9 @@ The rules:
   sums K over v alone); in a one-operand statement (`s[B] = x[B,S]`) the sum is
   plainly meant, and is not flagged;
 - W103, `--set NAME=...` given twice (the last one wins);
-- W104, an op with too many strategies to price them all (a mesh of many axes):
-  the partitioner searched part of them, so a better plan may exist
-  (`search_limits`, from the compiled program).
+- W104, an op with too many strategies to search them all at once (a mesh of
+  many axes): the partitioner chose the plan axis by axis, optimal along each
+  axis but not proven jointly (`search_limits`, from the compiled program).
 """
 
 from __future__ import annotations
@@ -262,13 +262,14 @@ def _kept(found: list[Diagnostic], source: str, ignore: Iterable[str]) -> list[D
 
 
 def search_limits(limits, source: str = "", ignore: Iterable[str] = ()) -> list[Diagnostic]:
-    """W104 for each op the partitioner searched only in part (partition.SearchLimit)."""
+    """W104 where the partitioner searched axis by axis (partition.SearchLimit)."""
     found = [_warning(
         "W104", f"'{limit.value.name}' has {limit.strategies:,} ways to lay out its work over the "
-                f"mesh; the partitioner priced those that use at most {limit.axes} of its axes",
+                f"mesh's {limit.axes} axes, too many to search together; the partitioner chose "
+                "the plan axis by axis (optimal along each axis, not proven jointly)",
         limit.value.span,
-        hint="a better plan may use more axes: pin this statement's layout (or its operands') "
-             "to the one you want, or set unused mesh axes to 1 with --set")
+        hint="a better plan may change several axes at once: pin this statement's layout (or "
+             "its operands') to the one you want, or set unused mesh axes to 1 with --set")
         for limit in limits]
     return _kept(found, source, ignore)
 

@@ -123,10 +123,6 @@ class TimeObjective(Objective):
             layout = after
         return total
 
-    @property
-    def hbm_bandwidth(self) -> float:
-        return self.cluster.chip.hbm_bandwidth.value
-
     def compute(self, op, local_sizes, flops, operand_layouts, result_layout, operand_types) -> float:
         hbm = local_bytes(result_layout, op.result.type.shape, op.result.type.dtype, self.mesh)
         for layout, vtype in zip(operand_layouts, operand_types):
