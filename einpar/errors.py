@@ -68,7 +68,7 @@ WARNING_CODES = {
     "W101": "value never used",
     "W102": "index summed in one operand of a product",
     "W103": "--set given twice",
-    "W104": "layouts searched in part",
+    "W104": "layouts searched axis by axis",
 }
 
 # A line ends at `\n`, `\r\n` or a lone `\r` (as Python's universal newlines, which

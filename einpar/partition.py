@@ -472,13 +472,13 @@ class _Partitioner:
                     continue
                 want = self.key(layout)
                 operand_layouts.append(want)
-                move = Move(operand.value, tensors[operand.value], self.plan(operand.value, now, want),
-                            f"{op.stmt} reads {tensors[operand.value]}")
-                if (operand.value, want) not in first_need:
-                    first_need.add((operand.value, want))
-                    price += self.move_price(operand.value, self.key(now), want)
-                if move not in moves:
-                    moves.append(move)
+                if (operand.value, want) in first_need:
+                    continue  # moved for an earlier op, and reused
+                first_need.add((operand.value, want))
+                price += self.move_price(operand.value, self.key(now), want)
+                moves.append(Move(operand.value, tensors[operand.value],
+                                  self.plan(operand.value, now, want),
+                                  f"{op.stmt} reads {tensors[operand.value]}"))
             result = strategy.result_layout
             constraint = op.result.layout
             after = None

@@ -252,6 +252,7 @@ def to_json(program: SpmdProgram) -> dict:
                     for o in program.outputs],
         "totals": {"bytes_per_device": bytes_per_device(program.steps),
                    "flops_per_device": local_flops(program)},
-        "plan": {"objective": program.objective,
-                 "price": program.price.to_json() if program.price else None},
+        "plan": None if program.price is None else {
+            "objective": program.objective, "unit": program.price.to_json()["unit"],
+            "price": program.price.price},
     }

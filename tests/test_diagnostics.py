@@ -916,6 +916,25 @@ def test_E236_dim_inside_repeat():
            "E236", "mesh, dim and dtype are declared outside repeat blocks", 4, 3)
 
 
+def test_E240_a_partial_pin_no_strategy_makes(tmp_path, capsys):
+    from einpar.api import compile_spmd
+    from einpar.cli import main
+
+    text = program("mesh tp=2", "dim B=4 D=8", "input x[B, D]",
+                   "y[B, D]{sum: tp} = gelu(x[B, D])", "output y")
+    with pytest.raises(EinparError) as caught:
+        compile_spmd(compile_source(text, FILE))
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.span.line, found.span.col) == ("E240", 4, 1)
+    assert found.message == ("no strategy of 'y' makes it in the layout it is asked for "
+                             "(y[B,D] {sum: tp})")
+    path = tmp_path / "pin.ein"
+    path.write_text(text)
+    for command in ("compile", "run --backend numpy", "explain", "cost --cluster h100x8"):
+        assert main([*command.split()[:1], str(path), *command.split()[1:]]) == 1
+        assert "error[E240]" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- E3xx inputs, --set, files
 
 PROGRAM = program("dim B=8 D=4",
