@@ -25,7 +25,7 @@ from einpar.cost_model.matmul import GemmShape, gemm_fit, gemm_math_time
 from einpar.cost_model.trace import trace_events
 from einpar.errors import EinparError
 from einpar.layout import Mesh
-from einpar.spmd import bytes_per_device, local_flops
+from einpar.spmd import CollectiveStep, bytes_per_device, local_flops
 from einpar.testing import programs
 
 MB = 2**20
@@ -337,9 +337,12 @@ def test_without_overlap_the_step_is_compute_plus_communication(example):
 
 
 def test_overlap_hides_a_weight_gather_behind_independent_compute():
+    # The byte-minimal plan gathers o and wo for y (the time-minimal one all-reduces y instead).
     # wo's all-gather needs nothing computed, so it runs while q, k, v, s... are computed.
     program = api.load("examples/attention/tensor_parallel.ein")
-    spmd = api.compile_spmd(program)
+    spmd = api.compile_spmd(program, objective="bytes")
+    assert [(step.kind, step.tensor) for step in spmd.steps if isinstance(step, CollectiveStep)] == \
+        [("all_gather", "o"), ("all_gather", "wo")]
     serial = estimate(program, spmd, preset("h100x8"))
     overlapped = estimate(program, spmd, preset("h100x8"), overlap=True)
     gather_wo = next(op for op in overlapped.ops if op.what.startswith("all_gather[tp](wo"))
@@ -384,9 +387,13 @@ def test_cost_json_has_the_documented_keys(capsys):
     for key in ("step_time_s", "compute_s", "comm_s", "exposed_comm_s", "flops_per_device",
                 "bytes_per_device", "peak_memory_bytes", "per_op"):
         assert key in document
-    assert document["bytes_per_device"] == 589824  # as `einpar compile` counts it
+    # Megatron's all-reduce of y over tp=4: 2 * 3/4 of its local [4,128,256] f32 (ring).
+    assert document["bytes_per_device"] == 2 * 3 * (4 * 128 * 256 * 4) // 4 == 786432
+    assert main(["compile", "examples/attention/tensor_parallel.ein", "--json"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert document["bytes_per_device"] == compiled["totals"]["bytes_per_device"]
     kinds = [row["op"].split("[")[0] for row in document["per_op"] if row["stream"] == "comm"]
-    assert kinds == ["all_gather", "all_gather"]
+    assert kinds == [c["kind"] for c in compiled["collectives"]] == ["all_reduce"]
 
 
 def test_cost_table_and_trace_file(tmp_path, capsys):

@@ -110,12 +110,12 @@ def test_a_cluster_times_each_collective_as_the_cost_model_does():
     cluster = preset("h100x8")
     _, _, spmd, explanation = explained(ROOT / "examples/attention/tensor_parallel.ein", cluster)
     moves = [m for s in explanation.statements for m in s.movements]
-    assert [m.call for m in moves] == ["all_gather[tp](o, H)", "all_gather[tp](wo, H)"]
-    o = spmd.values["o"]
-    expected = collective_time("all_gather", ("tp",), 4 * 128 * 2 * 32 * 4, spmd.mesh, cluster)
+    assert [m.call for m in moves] == ["all_reduce[tp](y, sum)"]  # Megatron's y, partial over tp
+    y = spmd.values["y"]
+    expected = collective_time("all_reduce", ("tp",), 4 * 128 * 256 * 4, spmd.mesh, cluster)
     assert moves[0].time_s == expected.time_s > 0
     assert moves[0].how == expected.how == f"ring/{expected.protocol} of 4 on nvlink"
-    assert o.local_shape(spmd.mesh) == (4, 128, 2, 32)
+    assert y.local_shape(spmd.mesh) == (4, 128, 256)
 
 
 def test_groups_are_the_devices_that_differ_only_along_the_axes():
@@ -182,7 +182,7 @@ def test_slides_are_valid_svg_and_html_with_every_device(command, tmp_path, caps
         for device in range(8):
             assert re.search(rf"\bd{device}\b", text)
             assert re.search(rf"\bd{device}\b", page)
-    assert "all_gather[tp](o, H)" in text and "all_gather[tp](o, H)" in page
+    assert "all_reduce[tp](y, sum)" in text and "all_reduce[tp](y, sum)" in page
     assert f"SVG written to {svg}" in capsys.readouterr().out
 
 
@@ -238,10 +238,16 @@ def test_options_that_do_not_go_together_are_usage_errors(argv, message, tmp_pat
 def test_a_compile_slide_is_as_wide_as_its_longest_line(tmp_path, capsys):
     svg = tmp_path / "c.svg"
     assert main(["compile", "examples/transformer/block.ein", "--svg", str(svg)]) == 0
-    printed = capsys.readouterr().out
-    longest = max(len(line) for line in printed.splitlines())
-    assert "reduce_scatter[tp](x#2.1, sum -> S)  # 49,152 B/device: x reads x" in printed
-    assert longest > 100  # not wrapped at the slide's default width
+    printed = capsys.readouterr().out.splitlines()[:-1]  # less "SVG written to ..."
+    longest = max(printed, key=len)
+    assert longest.endswith("= all_reduce[tp](x#2.1, sum)  # 98,304 B/device: x reads x")
+    assert len(longest) > 100  # wider than the slide's default width
+    # Each line of the slide is one row of text: none is wrapped.
+    rows: dict[float, str] = {}
+    for text in ElementTree.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text"):
+        y = float(text.get("y"))
+        rows[y] = rows.get(y, "") + "".join(text.itertext()).replace("\xa0", " ")
+    assert longest + "\n" in rows.values()
 
 
 def test_a_mesh_too_big_to_draw_shows_one_device_on_request(capsys):
@@ -252,7 +258,9 @@ def test_a_mesh_too_big_to_draw_shows_one_device_on_request(capsys):
     assert main(argv + ["--device", "77"]) == 0
     printed = capsys.readouterr().out
     assert "(device 77 of 512, at dp=19, tp=1)" in printed
-    assert re.search(r"x#2 B 38:40 · S 16:32", printed)
+    # B=256 over dp=128 gives it rows 38:40; H=8 over tp=4, heads 2:4; x#2 is whole over tp.
+    assert re.search(r"^o +B 38:40 · H 2:4$", printed, re.MULTILINE)
+    assert re.search(r"^x#2 +B 38:40$", printed, re.MULTILINE)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -272,8 +280,9 @@ def test_a_folded_grid_titles_each_cell_with_its_coordinates(capsys):
 
 
 def test_outputs_moved_to_their_layouts_get_an_entry_of_their_own(tmp_path):
-    source = ("mesh tp=4\ndim I=8 J=8\ninput x[I@tp, J]\ny[I,J] = x[I,J] * 2\nz[I,J] = x[I,J] + 1\n"
-              "output y[I, J@tp]\noutput z[I, J]\n")
+    # y and z are pinned split along I, so each output's layout needs a move of its own.
+    source = ("mesh tp=4\ndim I=8 J=8\ninput x[I@tp, J]\ny[I@tp,J] = x[I,J] * 2\n"
+              "z[I@tp,J] = x[I,J] + 1\noutput y[I, J@tp]\noutput z[I, J]\n")
     program = compile_source(source, "two.ein")
     spmd = compile_spmd(program)
     outputs = explain(spmd, source).statements[-1]
