@@ -348,7 +348,7 @@ class _Partitioner:
         solving the body once (all trips)."""
         choices = []
         for layouts in self.carried_candidates(op, level):
-            body = self.body_plan(op, layouts)
+            body = self.body_plan(op, layouts, level)
             if body is None:
                 continue
             plan, outer, _ = body
@@ -379,7 +379,7 @@ class _Partitioner:
         whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
         return list(dict.fromkeys([tuple(preferred), whole]))
 
-    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...]):
+    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...], parent: _Level):
         """(the body's plan, outer values it reads and the layout it reads them in), or None
         where the body cannot run with these carried layouts."""
         key = (id(op), layouts)
@@ -401,8 +401,13 @@ class _Partitioner:
                 continue
             source = self.values[value]
             # An input is read where it lives; a value made outside the loop is read whole.
-            layout = (source.layout or Layout.replicated(source.type.rank)) \
-                if source.kind != "def" else Layout.replicated(source.type.rank)
+            # (An outer block's param is its trip's slice, as the enclosing level holds it.)
+            if source.kind == "def":
+                layout = Layout.replicated(source.type.rank)
+            elif value in parent.fixed:
+                layout = parent.fixed[value]
+            else:
+                layout = source.layout or Layout.replicated(source.type.rank)
             fixed[value] = layout
             if source.kind == "def":
                 outer[value] = layout
@@ -461,7 +466,8 @@ class _Partitioner:
             label, choice = node[pick]
             alternative = self.alternative(problem, plan, index, op)
             if isinstance(op, Repeat):
-                steps.append(self.materialize_repeat(op, label, choice, tensors, held, alternative))
+                steps.append(self.materialize_repeat(op, label, choice, tensors, held, alternative,
+                                                     level))
                 continue
             strategy = self.strategy(op, label)
             operand_layouts, moves, price = [], [], choice.price
@@ -500,8 +506,9 @@ class _Partitioner:
         vtype = self.vtype(value)
         return plan_reshard(src, dst, vtype.shape, vtype.dtype, self.mesh)
 
-    def materialize_repeat(self, op: Repeat, layouts, choice, tensors, held, alternative) -> RepeatDecision:
-        plan, outer, level = self.body_plan(op, layouts)
+    def materialize_repeat(self, op: Repeat, layouts, choice, tensors, held, alternative,
+                           parent: _Level) -> RepeatDecision:
+        plan, outer, level = self.body_plan(op, layouts, parent)
         entry = []
         for value, layout in [(c.value, lay) for c, lay in zip(op.carried, layouts)] + list(outer.items()):
             if held[value] != layout:
