@@ -38,7 +38,7 @@ from .ir import Op, Output, Program, Repeat, TensorType, Value
 from .layout import Layout, Mesh, format_dims, local_bytes
 from .objective import Objective, make_objective
 from .reshard import ReshardPlan, plan_reshard
-from .solve import Choice, Infeasible, Problem, evaluate, solve
+from .solve import Choice, Evaluation, Infeasible, Problem, evaluate, solve
 from .strategies import PARTIAL, Partial, Strategy, axis_roles, build, describe, op_indices, short, strip
 
 __all__ = ["PARTIAL", "Move", "Decision", "RepeatDecision", "PartitionedProgram", "partition"]
@@ -459,12 +459,12 @@ class _Partitioner:
 
     def _materialize(self, level: _Level, plan: _Plan, tensors: dict[str, str],
                      held: dict[str, Layout]) -> list[Step]:
-        problem = level.problem([node for node in plan.nodes])
+        evaluation = Evaluation(level.problem(plan.nodes), plan.picks)
         steps: list[Step] = []
         first_need: set = set()
         for index, (op, node, pick) in enumerate(zip(level.ops, plan.nodes, plan.picks)):
             label, choice = node[pick]
-            alternative = self.alternative(problem, plan, index, op)
+            alternative = self.alternative(evaluation, plan, index, op)
             if isinstance(op, Repeat):
                 steps.append(self.materialize_repeat(op, label, choice, tensors, held, alternative,
                                                      level))
@@ -537,26 +537,21 @@ class _Partitioner:
         return RepeatDecision(op, tuple(entry), tuple(layouts), stacked, tuple(body),
                               tuple(exit_moves), choice.price, alternative)
 
-    def alternative(self, problem: Problem, plan: _Plan, index: int, op) -> Alternative | None:
+    def alternative(self, evaluation: Evaluation, plan: _Plan, index: int, op) -> Alternative | None:
         """The cheapest other choice of node `index`, the rest of the plan held."""
         node = plan.nodes[index]
-        if len(node) < 2:
-            return None
         best = None
-        picks = list(plan.picks)
         for other in range(len(node)):
-            if other == plan.picks[index]:
-                continue
-            picks[index] = other
-            price = evaluate(problem, picks)
-            if best is None or price < best[0]:
-                best = (price, other)
+            if other != plan.picks[index]:
+                price = evaluation.swapped(index, other)
+                if best is None or price < best[0]:
+                    best = (price, other)
         if best is None or math.isinf(best[0]):
             return None
         label = node[best[1]][0]
         rule = short(op, label, self.mesh) if not isinstance(op, Repeat) else \
             "carried " + ", ".join(str(layout) for layout in label)
-        return Alternative(rule, max(best[0] - plan.price, 0.0))
+        return Alternative(rule, max(best[0] - evaluation.price, 0.0))
 
     # ---- the program
 

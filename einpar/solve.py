@@ -83,6 +83,58 @@ def evaluate(problem: Problem, picks: list[int]) -> float:
     return total
 
 
+class Evaluation:
+    """A plan's price, kept so that the price with one node's choice swapped is found from
+    that node's reads and what it makes alone (for the best rejected alternative per op)."""
+
+    def __init__(self, problem: Problem, picks: list[int]):
+        self.problem, self.picks = problem, list(picks)
+        self.made = dict(problem.fixed)
+        self.readers: dict[str, dict[Layout, int]] = {}  # value -> layout -> how many read it
+        for need in problem.required:
+            self._count(need, 1)
+        for node, pick in zip(problem.nodes, picks):
+            self.made.update(node[pick].makes)
+            for need in dict.fromkeys(node[pick].needs):
+                self._count(need, 1)
+        self.price = evaluate(problem, picks)
+
+    def _count(self, need, step: int) -> int:
+        value, layout = need
+        layouts = self.readers.setdefault(value, {})
+        layouts[layout] = layouts.get(layout, 0) + step
+        return layouts[layout]
+
+    def _moves(self, value: str, made: Layout) -> float:
+        total = 0.0
+        for layout, count in self.readers.get(value, {}).items():
+            if count:
+                cost = self.problem.move(value, made, layout)
+                if cost is None:
+                    return math.inf
+                total += cost
+        return total
+
+    def swapped(self, index: int, other: int) -> float:
+        """The plan's price with node `index` taking choice `other`."""
+        old = self.problem.nodes[index][self.picks[index]]
+        new = self.problem.nodes[index][other]
+        values = {value for value, _ in old.needs + new.needs + old.makes + new.makes}
+        before = sum(self._moves(v, self.made[v]) for v in values if v in self.made)
+        for need in dict.fromkeys(old.needs):
+            self._count(need, -1)
+        for need in dict.fromkeys(new.needs):
+            self._count(need, 1)
+        made = dict(self.made)
+        made.update(new.makes)
+        after = sum(self._moves(v, made[v]) for v in values if v in made)
+        for need in dict.fromkeys(new.needs):
+            self._count(need, -1)
+        for need in dict.fromkeys(old.needs):
+            self._count(need, 1)
+        return self.price - old.price + new.price - before + after
+
+
 def exhaustive(problem: Problem) -> tuple[float, list[int]]:
     """The cheapest combination by enumerating them all (for small problems)."""
     best = (math.inf, [])
