@@ -24,7 +24,7 @@ SIZES = {"B": 8, "S": 4096, "D": 4096, "H": 32, "K": 128}
 SCHEMES = [  # (scheme, example, the bytes per device as a formula, f32 = 4 bytes)
     ("data parallel", "attention/data_parallel.ein", "0"),
     ("Megatron tensor parallel", "attention/tensor_parallel.ein",
-     "4(tp-1)/tp (B/dp·S·H·K + H·K·D)"),
+     "4(tp-1)/tp (B/dp·S·H/tp·K + H·K·D + B/dp·S·D)"),
     ("Megatron sequence parallel", "attention/sequence_parallel.ein",
      "2 · 4(tp-1)/tp · B/dp·S·D"),
     ("context parallel (gather K/V)", "attention/context_parallel.ein",
