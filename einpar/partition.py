@@ -34,7 +34,7 @@ from typing import Union
 
 from .errors import Diagnostic, EinparError
 from .expand import expand_library
-from .ir import Op, Output, Program, Repeat, TensorType, Value
+from .ir import Library, Map, Op, Output, Program, Reduce, Repeat, Route, TensorType, Value
 from .layout import Layout, Mesh, format_dims, local_bytes
 from .objective import Objective, make_objective
 from .reshard import ReshardPlan, plan_reshard
@@ -46,7 +46,7 @@ __all__ = ["PARTIAL", "Move", "Decision", "RepeatDecision", "PartitionedProgram"
 # The exact search takes every op's strategies over all axes while the program has at most
 # this many in all (a matmul on 2 axes has 5^2 = 25); beyond, it goes axis by axis. HiGHS
 # solves 300 choices in tens of milliseconds; the 553 of the attention example take 1.2 s.
-JOINT_LIMIT = 300
+JOINT_LIMIT = 100
 MAX_SWEEPS = 4
 # An op with more strategies than this over all axes (6^5 for a matmul on 5 axes) could never
 # be searched jointly: `compile` says the plan is optimal only axis by axis (W104). Below it
@@ -146,6 +146,7 @@ class _Plan:
     picks: list[int]
     price: float
     nodes: list  # per node: the list of (label, Choice) it chose among
+    alternatives: list  # per node: its best rejected choice (Alternative) or None
 
 
 class _Level:
@@ -187,6 +188,7 @@ class _Partitioner:
         self._strategies: dict = {}
         self._choices: dict = {}
         self._bodies: dict = {}
+        self._solved: dict = {}  # a part's signature -> its candidate roles and chosen roles
 
     # ---- prices
 
@@ -268,6 +270,110 @@ class _Partitioner:
             self.types = saved
 
     def _solve_level(self, level: _Level) -> _Plan:
+        """Each independent part of the level alone (`parts`), a part alike one solved
+        before (the same layer again) reusing its plan: its choices renamed, not priced
+        again."""
+        size = len(level.ops)
+        picks: list = [None] * size
+        nodes: list = [None] * size
+        alternatives: list = [None] * size
+        for members in self.parts(level):
+            ops = tuple(level.ops[i] for i in members)
+            part = level if len(members) == size else self.sub_level(level, ops)
+            key = self.signature(part)
+            if key in self._solved:
+                first_ops, plan = self._solved[key]
+                names = _renaming(first_ops, ops)
+                part_nodes = [[(label, _renamed(choice, names)) for label, choice in node]
+                              for node in plan.nodes]
+                plan = _Plan(plan.picks, plan.price, part_nodes, plan.alternatives)
+            else:
+                plan = self.solve_part(part)
+                evaluation = Evaluation(part.problem(plan.nodes), plan.picks)
+                plan.alternatives = [self.alternative(evaluation, plan, i, op)
+                                     for i, op in enumerate(ops)]
+                if key is not None:
+                    self._solved[key] = (ops, plan)
+            for i, node, pick, other in zip(members, plan.nodes, plan.picks, plan.alternatives):
+                nodes[i], picks[i], alternatives[i] = node, pick, other
+        return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, alternatives)
+
+    def parts(self, level: _Level) -> list[list[int]]:
+        """The level's ops in groups whose prices do not depend on each other's choices:
+        an op is grouped with the readers of what it makes unless that is pinned (made in
+        its pinned layout whatever the strategy), and the readers of one value with each
+        other (a move into a layout they share is paid once)."""
+        parent = list(range(len(level.ops)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        def union(i: int, j: int) -> None:
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+
+        maker: dict[str, int] = {}
+        readers: dict[str, list[int]] = {}
+        for i, op in enumerate(level.ops):
+            if isinstance(op, Repeat):
+                for carried in op.carried:
+                    maker[carried.result.name] = i
+                read = [c.value for c in op.carried] + _read(op.body)
+            else:
+                if op.result.layout is None:
+                    maker[op.result.name] = i
+                read = [o.value for o in op.operands]
+            for value in dict.fromkeys(read):
+                readers.setdefault(value, []).append(i)
+        for value, ops in readers.items():
+            for i in ops[1:]:
+                union(ops[0], i)
+            if value in maker:
+                union(maker[value], ops[0])
+        groups: dict[int, list[int]] = {}
+        for i in range(len(level.ops)):
+            groups.setdefault(find(i), []).append(i)
+        return list(groups.values())
+
+    def sub_level(self, level: _Level, ops: tuple) -> _Level:
+        """A part of `level` as a level of its own: what other parts make reaches it pinned."""
+        made = {op.result.name for op in ops if not isinstance(op, Repeat)} | \
+            {c.result.name for op in ops if isinstance(op, Repeat) for c in op.carried}
+        fixed = dict(level.fixed)
+        for op in level.ops:
+            if not isinstance(op, Repeat) and op.result.name not in made and op.result.layout:
+                fixed[op.result.name] = op.result.layout
+        required = {value: layout for value, layout in level.required.items() if value in made}
+        return _Level(self, ops, fixed, required, level.types)
+
+    def signature(self, level: _Level):
+        """What a part's plan depends on, with its values renamed by first appearance, so two
+        layers alike (names aside) share one; None for a part with a `repeat`."""
+        names: dict[str, int] = {}
+        parts = []
+        for op in level.ops:
+            if isinstance(op, Repeat):
+                return None
+            operands = []
+            for o in op.operands:
+                vtype = self.vtype(o.value)
+                if o.value in names:
+                    operands.append((names[o.value], o.indices))
+                else:
+                    operands.append((vtype.shape, vtype.dtype, o.indices,
+                                     level.fixed.get(o.value)))
+            names[op.result.name] = len(names)
+            output = ("output", level.required[op.result.name]) \
+                if op.result.name in level.required else None
+            parts.append((type(op), _detail(op), tuple(operands), op.result.type,
+                          op.result.layout, output))
+        return tuple(parts)
+
+    def solve_part(self, level: _Level) -> _Plan:
         ops = [op for op in level.ops if not isinstance(op, Repeat)]
         counts = [(self.joint_count(op, level), op) for op in ops]
         most = max(counts, key=lambda pair: pair[0], default=(1, None))
@@ -288,34 +394,48 @@ class _Partitioner:
             picks = solve(problem)
         except Infeasible:
             self.infeasible(ops, nodes)
-        return _Plan(picks, evaluate(problem, picks), nodes)
+        return _Plan(picks, evaluate(problem, picks), nodes, [None] * len(nodes))
 
     def axis_by_axis(self, level: _Level) -> _Plan:
+        """Choose one axis's roles at a time for the whole level, the others held; an axis is
+        solved again only after another axis changed the plan, until none can lower its price
+        (at most MAX_SWEEPS solves per axis)."""
         base = {id(op): self.initial_roles(op, level) for op in level.ops
                 if not isinstance(op, Repeat)}
         repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
-        plan, last = None, math.inf
-        for _ in range(MAX_SWEEPS):
-            for position, axis in enumerate(self.mesh.names):
-                if self.mesh.size(axis) == 1:
+        axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
+        dirty = set(axes)
+        plan, solves = None, 0
+        while dirty and solves < MAX_SWEEPS * len(axes):
+            position = next(p for p in axes if p in dirty)  # mesh order, deterministic
+            axis = self.mesh.names[position]
+            nodes = []
+            for op in level.ops:
+                if isinstance(op, Repeat):
+                    nodes.append(repeats[id(op)])
                     continue
-                nodes = []
-                for op in level.ops:
-                    if isinstance(op, Repeat):
-                        nodes.append(repeats[id(op)])
-                        continue
-                    current = base[id(op)]
-                    options = [current] + [current[:position] + (role,) + current[position + 1:]
-                                           for role in self.roles(op, axis, level)
-                                           if role != current[position]]
-                    nodes.append(level.node_choices(op, options))
-                plan = self.solve_nodes(level, nodes, level.ops)
-                for op, node, pick in zip(level.ops, nodes, plan.picks):
+                current = base[id(op)]
+                options = [current] + [current[:position] + (role,) + current[position + 1:]
+                                       for role in self.roles(op, axis, level)
+                                       if role != current[position]]
+                nodes.append(level.node_choices(op, options))
+            found = self.solve_nodes(level, nodes, level.ops)
+            solves += 1
+            dirty.discard(position)
+            # A plan no cheaper than the one held is not taken (no change, no cycling on ties).
+            if plan is None or found.price < plan.price * (1 - 1e-9):
+                if plan is not None:
+                    dirty |= set(axes) - {position}
+                plan = found
+                for op, node, pick in zip(level.ops, nodes, found.picks):
                     if not isinstance(op, Repeat):
                         base[id(op)] = node[pick][0]
-            if plan.price >= last * (1 - 1e-9):
+            elif plan is not None and not dirty:
                 break
-            last = plan.price
+        if plan is None:  # no axis of size > 1
+            nodes = [repeats[id(op)] if isinstance(op, Repeat) else
+                     level.node_choices(op, [base[id(op)]]) for op in level.ops]
+            plan = self.solve_nodes(level, nodes, level.ops)
         return plan
 
     def initial_roles(self, op: Op, level: _Level) -> tuple:
@@ -459,12 +579,11 @@ class _Partitioner:
 
     def _materialize(self, level: _Level, plan: _Plan, tensors: dict[str, str],
                      held: dict[str, Layout]) -> list[Step]:
-        evaluation = Evaluation(level.problem(plan.nodes), plan.picks)
         steps: list[Step] = []
         first_need: set = set()
         for index, (op, node, pick) in enumerate(zip(level.ops, plan.nodes, plan.picks)):
             label, choice = node[pick]
-            alternative = self.alternative(evaluation, plan, index, op)
+            alternative = plan.alternatives[index]
             if isinstance(op, Repeat):
                 steps.append(self.materialize_repeat(op, label, choice, tensors, held, alternative,
                                                      level))
@@ -576,6 +695,34 @@ class _Partitioner:
         return PartitionedProgram(program, tuple(fixed[v.name] for v in program.inputs), tuple(steps),
                                   tuple(outputs), tuple(self.limits.values()), self.objective.name,
                                   self.objective.describe(), plan.price)
+
+
+def _renaming(first: tuple, alike: tuple) -> dict[str, str]:
+    """Value names of a part to those of a part alike (the same ops in the same order)."""
+    names: dict[str, str] = {}
+    for a, b in zip(first, alike):
+        names[a.result.name] = b.result.name
+        for x, y in zip(a.operands, b.operands):
+            names[x.value] = y.value
+    return names
+
+
+def _renamed(choice: Choice, names: dict[str, str]) -> Choice:
+    return Choice(choice.price, tuple((names[v], layout) for v, layout in choice.needs),
+                  tuple((names[v], layout) for v, layout in choice.makes), choice.memory)
+
+
+def _detail(op: Op):
+    """An op's parameters besides its operands and result."""
+    if isinstance(op, Map):
+        return op.expr
+    if isinstance(op, Reduce):
+        return (op.kind, op.over)
+    if isinstance(op, Library):
+        return (op.kind, op.index)
+    if isinstance(op, Route):
+        return (op.expert, op.capacity, op.k)
+    return None
 
 
 def _defined(ops) -> set[str]:

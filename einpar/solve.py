@@ -229,11 +229,43 @@ def solve(problem: Problem) -> list[int]:
                     for choice, col in zip(node, cols_) if choice.memory],
                    -math.inf, problem.memory_limit)
     matrix = coo_matrix((vals, (rows, cols)), shape=(len(row_lo), len(costs))).tocsr()
-    result = milp(np.array(costs), integrality=np.array(integer),
-                  bounds=Bounds(np.array(lower), np.array(upper)),
-                  constraints=LinearConstraint(matrix, np.array(row_lo), np.array(row_hi)),
+    costs_, lower_, upper_ = np.array(costs), np.array(lower), np.array(upper)
+    lo_, hi_ = np.array(row_lo), np.array(row_hi)
+    problem.stats.update(variables=len(costs), constraints=len(row_lo))
+    picks = _relaxed(costs_, lower_, upper_, matrix, lo_, hi_, x)
+    if picks is not None:  # the LP's optimum is integral: it is the integer program's
+        problem.stats.update(solved_by="LP")
+        return picks
+    result = milp(costs_, integrality=np.array(integer), bounds=Bounds(lower_, upper_),
+                  constraints=LinearConstraint(matrix, lo_, hi_),
                   options={"mip_rel_gap": 0.0, "time_limit": TIME_LIMIT_S})
-    problem.stats.update(variables=len(costs), constraints=len(row_lo), status=result.status)
+    problem.stats.update(status=result.status, solved_by="MILP")
     if result.x is None:
         raise Infeasible()
     return [int(np.argmax([result.x[col] for col in node])) for node in x]
+
+
+def _relaxed(costs, lower, upper, matrix, row_lo, row_hi, x) -> list[int] | None:
+    """The picks of the LP relaxation (HiGHS' dual simplex) if it is integral, else None.
+    The formulation is tight enough that it often is, and the LP is several times faster
+    than the integer program's search."""
+    from scipy.optimize import linprog
+    from scipy.sparse import vstack
+
+    equal = row_lo == row_hi
+    above = ~equal & np.isfinite(row_hi)
+    below = ~equal & np.isfinite(row_lo)
+    result = linprog(costs, A_ub=vstack([matrix[above], -matrix[below]]),
+                     b_ub=np.concatenate([row_hi[above], -row_lo[below]]),
+                     A_eq=matrix[equal], b_eq=row_lo[equal], bounds=np.stack([lower, upper], 1),
+                     method="highs-ds", options={"time_limit": TIME_LIMIT_S})
+    if result.status != 0:
+        return None
+    picks = []
+    for node in x:
+        values = result.x[node]
+        best = int(np.argmax(values))
+        if abs(values[best] - 1.0) > 1e-7:
+            return None
+        picks.append(best)
+    return picks
