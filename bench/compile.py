@@ -9,7 +9,9 @@ a naive plan that gathers every sharded input to every device and computes
 everything replicated (the ratio is what partitioning saves; a naive plan
 moves no bytes for a program whose inputs are all replicated).
 
-Then two series, each point compiled in a child process stopped after
+Then two series, each point compiled in a child process (which imports the
+integer-program solver and the cost model before timing: a one-time cost of
+a process, about a second here) stopped after
 `--limit` seconds (a series stops at its first point over the limit,
 printed `> 60 s`), each with the growth ratio between successive points, so
 polynomial and exponential growth tell apart (exponential in the number of
@@ -32,8 +34,8 @@ the exponent stays bounded, near the polynomial's degree):
 Then meshes of many axes, each against the same program on a small mesh (the
 ratio): a matmul on 8 axes of size 2, on 64 axes (20 of size 2, 44 of size
 1; 64 of size 2 are 2^64 devices, refused at check), and the Megatron MLP
-with 5 more axes of size 1. Goal: axes of size 1 cost nothing, and the
-candidates priced per op are bounded (partition.MAX_CANDIDATES).
+with 5 more axes of size 1. Goal: axes of size 1 cost nothing, and a mesh
+of many axes is searched axis by axis in bounded time (docs/compile.md).
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ STARTUP_S = 10.0
 
 def time_one(path: str) -> None:
     """The child's side: print the median compile seconds of the program at `path`."""
+    import scipy.optimize  # noqa: F401 - imported once per process, not per compile
+    import einpar.cost_model.collectives  # noqa: F401
+
     text = read_source(path)
     times = []
     while len(times) < 3 and sum(times) < 1.0:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .ir import Operand, Program, TensorType, Value
-from .layout import Layout
+from .errors import EinparError
+from .layout import Layout, local_bytes
 from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partition
 from .spmd import CollectiveStep, LocalStep, Priced, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue
 
@@ -172,6 +173,32 @@ def lower(partitioned: PartitionedProgram) -> SpmdProgram:
 
 def compile_program(program: Program, objective=None) -> tuple[PartitionedProgram, SpmdProgram]:
     """Partition `program` for the whole program at once, minimizing `objective`
-    (einpar.objective; default: time on the default cluster of its mesh), and lower it."""
+    (einpar.objective; default: time on the default cluster of its mesh), and lower it.
+    Memory is a constraint: when the plan's peak memory per device is more than the
+    objective's device holds, the program is planned again with its values and moved
+    copies bounded by what the inputs leave free, and that plan is kept if it fits."""
     plan = partition(program, objective)
-    return plan, lower(plan)
+    spmd = lower(plan)
+    capacity = getattr(objective, "capacity", None)
+    if capacity is None:
+        return plan, spmd
+    peak, resident = _peak_memory(spmd)
+    if peak <= capacity or resident >= capacity:
+        return plan, spmd
+    try:
+        limited = partition(program, objective, memory_limit=capacity - resident)
+    except EinparError:  # no plan's values fit: keep the fastest (`einpar cost` says it does not fit)
+        return plan, spmd
+    limited_spmd = lower(limited)
+    return (limited, limited_spmd) if _peak_memory(limited_spmd)[0] <= capacity else (plan, spmd)
+
+
+def _peak_memory(spmd: SpmdProgram) -> tuple[int, int]:
+    """(peak bytes, resident input bytes) of one device, as `einpar cost` counts them."""
+    from .cost_model.estimate import peak_memory
+
+    def bytes_of(name: str) -> int:
+        value = spmd.values[name]
+        return local_bytes(value.layout, value.type.shape, value.type.dtype, spmd.mesh)
+
+    return peak_memory(spmd, bytes_of)

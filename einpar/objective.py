@@ -40,6 +40,7 @@ def default_cluster(mesh: Mesh):
 class Objective:
     name = ""
     unit = ""
+    capacity: float | None = None  # bytes of memory per device a plan must fit in, if known
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
@@ -98,6 +99,7 @@ class TimeObjective(Objective):
         super().__init__(mesh)
         from .precision import DEFAULT_PRECISION
         self.cluster = cluster
+        self.capacity = cluster.chip.hbm_capacity.value
         # Ops too small to be faster split (their time is the kernel's floor) tie: FLOPs per
         # device settle it, weighing 0.01 ns for the whole program, far below any real
         # difference and far above the solver's tolerance (1e-6).

@@ -166,9 +166,10 @@ class _Level:
         for value, want in self.required.items():
             if want is not None:
                 required.append((value, part.key(want)))
+        limit = part.memory_limit if self is part.top else None
         return Problem([[choice for _, choice in node] for node in nodes],
                        {v: part.key(layout) for v, layout in finals.items()},
-                       part.move_price, tuple(required))
+                       part.move_price, tuple(required), limit, part.layout_bytes)
 
     def node_choices(self, op, roles_list) -> list:
         return self.part.op_choices(op, roles_list, self.required.get(op.result.name, "-"),
@@ -176,9 +177,12 @@ class _Level:
 
 
 class _Partitioner:
-    def __init__(self, program: Program, objective: Objective):
+    def __init__(self, program: Program, objective: Objective, memory_limit: float | None = None):
         self.program = program
         self.objective = objective
+        # Bytes per device the program's values may take besides its inputs (None: no limit):
+        # a bound on the sum of every value made and copy moved at the top level.
+        self.memory_limit = memory_limit
         self.mesh: Mesh = program.mesh
         self.sizes = program.dim_sizes
         self.values = program.values
@@ -188,7 +192,8 @@ class _Partitioner:
         self._strategies: dict = {}
         self._choices: dict = {}
         self._bodies: dict = {}
-        self._solved: dict = {}  # a part's signature -> its candidate roles and chosen roles
+        self._solved: dict = {}  # a part's signature -> its first ops and their plan
+        self.top: _Level | None = None
 
     # ---- prices
 
@@ -197,6 +202,10 @@ class _Partitioner:
 
     def key(self, layout: Layout) -> Layout:
         return strip(layout, self.mesh)
+
+    def layout_bytes(self, value: str, layout: Layout) -> int:
+        vtype = self.vtype(value)
+        return local_bytes(layout, vtype.shape, vtype.dtype, self.mesh)
 
     def move_price(self, value: str, src: Layout, dst: Layout) -> float | None:
         if src == dst:
@@ -277,7 +286,10 @@ class _Partitioner:
         picks: list = [None] * size
         nodes: list = [None] * size
         alternatives: list = [None] * size
-        for members in self.parts(level):
+        # A memory limit binds the whole level: it is solved as one part.
+        groups = [list(range(size))] if level is self.top and self.memory_limit is not None \
+            else self.parts(level)
+        for members in groups:
             ops = tuple(level.ops[i] for i in members)
             part = level if len(members) == size else self.sub_level(level, ops)
             key = self.signature(part)
@@ -680,6 +692,7 @@ class _Partitioner:
                  for value in program.inputs}
         required = {output.value: output.layout for output in program.outputs}
         level = _Level(self, program.ops, fixed, required)
+        self.top = level
         plan = self.solve_level(level)
         held = dict(fixed)
         tensors = {value.name: value.name for value in program.inputs}
@@ -765,8 +778,11 @@ def joint_problem(program: Program, objective: Objective) -> Problem:
     return level.problem(nodes)
 
 
-def partition(program: Program, objective: Objective | None = None) -> PartitionedProgram:
+def partition(program: Program, objective: Objective | None = None,
+              memory_limit: float | None = None) -> PartitionedProgram:
     """Expand library ops, then choose every op's strategy for the whole program, minimizing
-    `objective` (default: time on objective.default_cluster of the program's mesh)."""
+    `objective` (default: time on objective.default_cluster of the program's mesh); with
+    `memory_limit`, among plans whose values and moved copies take at most that many bytes
+    per device (EinparError if none does)."""
     expanded = expand_library(program)
-    return _Partitioner(expanded, objective or make_objective(expanded)).run()
+    return _Partitioner(expanded, objective or make_objective(expanded), memory_limit).run()

@@ -22,9 +22,11 @@ section 4.2) with one change: Alpa prices each edge (producer, consumer), so
 a value read by three consumers in one layout pays three moves; here the
 move is a variable of the (value, layout) pair, shared by its consumers.
 
-It is solved by HiGHS (scipy.optimize.milp) to a zero gap, so the plan is
-optimal for the prices given; `exhaustive` enumerates every combination
-instead, for tests on small programs.
+It is solved exactly, first by dynamic programming over the program's graph
+(eliminate.py: fast where each value has few readers, as in a transformer
+layer), else by HiGHS (scipy.optimize.milp) to a zero gap, its LP relaxation
+first; either way the plan is optimal for the prices given. `exhaustive`
+enumerates every combination instead, for tests on small programs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from .eliminate import eliminate
 from .layout import Layout
 
 # HiGHS stops here and keeps the best plan found (it says so): no input hangs the compiler.
@@ -56,7 +59,10 @@ class Problem:
     fixed: dict[str, Layout]  # values held from the start, and their layouts
     move: Callable[[str, Layout, Layout], float | None]  # None: no reshard reaches it
     required: tuple[tuple[str, Layout], ...] = ()  # needs no choice avoids (outputs)
-    memory_limit: float | None = None  # bytes per device the values made may take
+    # Bytes per device the values made and the copies moved may take together, and the
+    # bytes of a value in a layout (for the copies); None: no limit.
+    memory_limit: float | None = None
+    layout_bytes: Callable[[str, Layout], int] | None = None
     stats: dict = field(default_factory=dict)
 
 
@@ -152,6 +158,13 @@ def solve(problem: Problem) -> list[int]:
         if math.isinf(evaluate(problem, picks)):
             raise Infeasible()
         return picks
+    if problem.memory_limit is None:  # a sum over the whole program is no small factor
+        picks = eliminate(problem)
+        if picks is not None:
+            problem.stats.update(solved_by="elimination")
+            if math.isinf(evaluate(problem, picks)):
+                raise Infeasible()
+            return picks
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
@@ -225,9 +238,10 @@ def solve(problem: Problem) -> list[int]:
             constraint([(m, 1.0)] + [(c, -1.0) for c in made_cols], -math.inf, 0.0)
         constraint(sources + [(col, -1.0)], 0.0, 0.0)
     if problem.memory_limit is not None:
-        constraint([(col, float(choice.memory)) for node, cols_ in zip(problem.nodes, x)
-                    for choice, col in zip(node, cols_) if choice.memory],
-                   -math.inf, problem.memory_limit)
+        terms = [(col, float(choice.memory)) for node, cols_ in zip(problem.nodes, x)
+                 for choice, col in zip(node, cols_) if choice.memory]
+        terms += [(col, float(problem.layout_bytes(value, layout))) for (value, layout), col in y.items()]
+        constraint(terms, -math.inf, problem.memory_limit)
     matrix = coo_matrix((vals, (rows, cols)), shape=(len(row_lo), len(costs))).tocsr()
     costs_, lower_, upper_ = np.array(costs), np.array(lower), np.array(upper)
     lo_, hi_ = np.array(row_lo), np.array(row_hi)

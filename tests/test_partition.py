@@ -316,3 +316,37 @@ def test_the_axis_by_axis_search_finds_the_joint_optimum_on_the_set(name):
         module.JOINT_LIMIT = saved
     assert plan.price == pytest.approx(exact.price, rel=1e-9)
     assert all(step.alternative is None or step.alternative.extra >= 0 for step in plan.steps)
+
+
+# ---- memory is a constraint
+
+SMALL_H100 = """{"name": "h100-2mib", "accelerator": {"base": "h100", "hbm_capacity": 2097152},
+ "topology": {"kind": "switched", "gpus_per_node": 4, "nodes": 1}}"""
+
+
+def test_a_plan_that_does_not_fit_is_not_chosen_when_one_that_fits_exists(tmp_path):
+    from einpar.cost_model.cluster import load_cluster, preset
+    from einpar.cost_model.estimate import estimate
+
+    program = load("examples/matmul/case4_same_axis_noncontracting.ein")
+    roomy = estimate(program, compile_spmd(program, preset("h100x4")), preset("h100x4"))
+    (tmp_path / "small.json").write_text(SMALL_H100)
+    small = load_cluster(str(tmp_path / "small.json"))
+    tight = estimate(program, compile_spmd(program, small), small)
+    # The fastest plan needs 2.9 MiB per device; on a device of 2 MiB a slower one that fits.
+    assert roomy.peak_memory_bytes > 2 * 2**20 >= tight.peak_memory_bytes
+    assert tight.fits and tight.step_time_s > roomy.step_time_s
+    outputs, _ = run_simulated(program, seed=0)
+    assert np.allclose(outputs["c"], run_reference(program, seed=0)["c"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_memory_limit_bounds_the_values_and_copies_of_the_plan():
+    from einpar.errors import EinparError
+
+    program = load("examples/matmul/case4_same_axis_noncontracting.ein")
+    objective = make_objective(program)
+    free = partition(program, objective)
+    limited = partition(program, objective, memory_limit=2_200_000)
+    assert limited.price > free.price
+    with pytest.raises(EinparError):  # less than the result's own block: no plan
+        partition(program, objective, memory_limit=1_000)
