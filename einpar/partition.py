@@ -444,11 +444,22 @@ class _Partitioner:
                         base[id(op)] = node[pick][0]
             elif plan is not None and not dirty:
                 break
-        if plan is None:  # no axis of size > 1
-            nodes = [repeats[id(op)] if isinstance(op, Repeat) else
-                     level.node_choices(op, [base[id(op)]]) for op in level.ops]
-            plan = self.solve_nodes(level, nodes, level.ops)
-        return plan
+        # The plan over every strategy one axis away from each op's (the best rejected
+        # alternative of an op is among them, whichever axis was solved last).
+        nodes, picks = [], []
+        for op, pick in zip(level.ops, plan.picks if plan else [0] * len(level.ops)):
+            if isinstance(op, Repeat):
+                nodes.append(repeats[id(op)])
+                picks.append(pick)
+                continue
+            current = base[id(op)]
+            options = [current] + [current[:position] + (role,) + current[position + 1:]
+                                   for position in axes
+                                   for role in self.roles(op, self.mesh.names[position], level)
+                                   if role != current[position]]
+            nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
+            picks.append(0)
+        return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
 
     def initial_roles(self, op: Op, level: _Level) -> tuple:
         """Copies on every axis, except what the op's pinned layout implies (so each
