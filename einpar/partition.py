@@ -224,7 +224,7 @@ class _Partitioner:
         local work, plus the move into its pinned layout, plus, for an output asked for in
         no layout, the move that makes it whole."""
         choices = []
-        constraint = op.result.layout
+        constraint = self.pin(op)
         vtype = self.vtype(op.result.name)
         operand_types = [self.vtype(o.value) for o in op.operands]
         for roles in roles_list:
@@ -257,12 +257,25 @@ class _Partitioner:
 
     # ---- the search
 
+    def pin(self, op: Op) -> Layout | None:
+        """The layout the program asks of `op`'s result, a partial over an axis of size 1
+        dropped (a sum over one device is the value itself)."""
+        layout = op.result.layout
+        if layout is None or not layout.partial:
+            return layout
+        return Layout(layout.dims, tuple((axis, kind) for axis, kind in layout.partial
+                                         if self.mesh.size(axis) > 1))
+
     def roles(self, op: Op, axis: str, level: _Level) -> list:
         """The roles of `axis` in `op`, less those keeping partial a value held from outside
-        the level (an input, a carried or stacked value: never partial)."""
+        the level that is not partial there (an input, a carried or stacked value never is;
+        a value pinned partial by another part of the level is)."""
+        def can_stay(role: Partial) -> bool:
+            return all(op.operands[k].value not in level.fixed or
+                       level.fixed[op.operands[k].value].partial_kind(axis) == role.kind
+                       for k in role.positions)
         return [role for role in axis_roles(op, self.mesh, axis)
-                if not isinstance(role, Partial) or
-                not any(op.operands[k].value in level.fixed for k in role.positions)]
+                if not isinstance(role, Partial) or can_stay(role)]
 
     def joint_roles(self, op: Op, level: _Level) -> list[tuple]:
         return list(itertools.product(*(self.roles(op, axis, level) for axis in self.mesh.names)))
@@ -358,7 +371,7 @@ class _Partitioner:
         fixed = dict(level.fixed)
         for op in level.ops:
             if not isinstance(op, Repeat) and op.result.name not in made and op.result.layout:
-                fixed[op.result.name] = op.result.layout
+                fixed[op.result.name] = self.pin(op)
         required = {value: layout for value, layout in level.required.items() if value in made}
         return _Level(self, ops, fixed, required, level.types)
 
@@ -366,6 +379,7 @@ class _Partitioner:
         """What a part's plan depends on, with its values renamed by first appearance, so two
         layers alike (names aside) share one; None for a part with a `repeat`."""
         names: dict[str, int] = {}
+        outside: dict[str, int] = {}  # values from outside the part, by first reading
         parts = []
         for op in level.ops:
             if isinstance(op, Repeat):
@@ -376,13 +390,14 @@ class _Partitioner:
                 if o.value in names:
                     operands.append((names[o.value], o.indices))
                 else:
-                    operands.append((vtype.shape, vtype.dtype, o.indices,
+                    which = outside.setdefault(o.value, len(outside))
+                    operands.append(("outside", which, vtype.shape, vtype.dtype, o.indices,
                                      level.fixed.get(o.value)))
             names[op.result.name] = len(names)
             output = ("output", level.required[op.result.name]) \
                 if op.result.name in level.required else None
             parts.append((type(op), _detail(op), tuple(operands), op.result.type,
-                          op.result.layout, output))
+                          self.pin(op), output))
         return tuple(parts)
 
     def solve_part(self, level: _Level) -> _Plan:
@@ -464,7 +479,7 @@ class _Partitioner:
     def initial_roles(self, op: Op, level: _Level) -> tuple:
         """Copies on every axis, except what the op's pinned layout implies (so each
         axis's step starts from a plan that meets the pin)."""
-        constraint = op.result.layout
+        constraint = self.pin(op)
         roles: list = [None] * len(self.mesh.names)
         if constraint is None:
             return tuple(roles)
@@ -474,10 +489,12 @@ class _Partitioner:
                 continue
             dim = constraint.dim_of(axis)
             kind = constraint.partial_kind(axis)
+            allowed = self.roles(op, axis, level)
             if dim is not None:
-                roles[position] = op.result.type.indices[dim]
+                index = op.result.type.indices[dim]
+                roles[position] = index if index in allowed else None
             elif kind is not None:
-                options = [role for role in self.roles(op, axis, level)
+                options = [role for role in allowed
                            if (role in reduced) or (isinstance(role, Partial) and role.kind == kind)]
                 roles[position] = options[0] if options else None
         if self.strategy(op, tuple(roles)) is None:
@@ -581,7 +598,7 @@ class _Partitioner:
 
     def infeasible(self, ops, nodes) -> None:
         for op in ops:
-            if not isinstance(op, Repeat) and op.result.layout is not None and op.result.layout.partial:
+            if not isinstance(op, Repeat) and op.result.layout is not None and self.pin(op).partial:
                 self.no_strategy(op)
         op = next(op for op in ops if not isinstance(op, Repeat))
         raise EinparError(Diagnostic(
@@ -628,7 +645,7 @@ class _Partitioner:
                                   self.plan(operand.value, now, want),
                                   f"{op.stmt} reads {tensors[operand.value]}"))
             result = strategy.result_layout
-            constraint = op.result.layout
+            constraint = self.pin(op)
             after = None
             if constraint is not None:
                 if self.key(constraint) == self.key(result):
@@ -693,7 +710,10 @@ class _Partitioner:
         label = node[best[1]][0]
         rule = short(op, label, self.mesh) if not isinstance(op, Repeat) else \
             "carried " + ", ".join(str(layout) for layout in label)
-        return Alternative(rule, max(best[0] - evaluation.price, 0.0))
+        extra = best[0] - evaluation.price
+        # Rounding aside, no alternative is cheaper than the plan (a negative one would show).
+        return Alternative(rule, 0.0 if abs(extra) <= 1e-9 * max(1.0, abs(evaluation.price))
+                           else extra)
 
     # ---- the program
 

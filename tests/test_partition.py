@@ -359,3 +359,59 @@ def test_a_memory_limit_bounds_the_values_and_copies_of_the_plan():
     assert limited.price > free.price
     with pytest.raises(EinparError):  # less than the result's own block: no plan
         partition(program, objective, memory_limit=1_000)
+
+
+# ---- found in review: each once a wrong result, a crash or a costlier plan
+
+def _matches_reference(text: str, objective: str = "time"):
+    from helpers import assert_matches_reference
+
+    from einpar.api import random_inputs
+    from einpar.backends.numpy_sim import run_spmd
+
+    program = compile_source(text, "review.ein")
+    spmd = compile_spmd(program, objective=objective)
+    inputs = random_inputs(program, 3)
+    outputs, _ = run_spmd(spmd, inputs)
+    assert_matches_reference(program, outputs, inputs)
+    return spmd
+
+
+@pytest.mark.parametrize("last", ["h[T@a, E] = 2 * cumsum[T](g[T,E])",
+                                  "h[T@a, E, C@b] = 2 * route[E,C](g[T,E], k=1)"])
+def test_the_axis_by_axis_search_never_splits_an_index_that_must_stay_whole(last):
+    # The pin asks for T split over a; cumsum runs along T and route's tokens are T, so they
+    # must compute with T whole (and move after), even when the search starts from the pin.
+    _matches_reference("mesh a=2 b=2 c=2\ndim T=8 D=4 E=4 C=4\ninput x[T@a,D]\ninput w[D,E]\n"
+                       "g[T,E] = x[T,D] * w[D,E] + x[T,D] * w[D,E]\n" + last + "\noutput h\n")
+
+
+def test_a_partial_pin_over_an_axis_of_size_one_is_the_value_itself():
+    from einpar.spmd import collectives
+
+    for rhs in ("x[A]", "x[A] * 2"):
+        spmd = _matches_reference(f"mesh tp=2 pp=1\ndim A=4\ninput x[A@tp]\n"
+                                  f"y[A]{{sum: pp}} = {rhs}\noutput y\n")
+        assert not any("pp" in c.step.axes for c in collectives(spmd))
+
+
+def test_a_value_pinned_partial_stays_partial_through_the_linear_ops_after_it():
+    text = ("mesh dp=2 tp=2\ndim B=4 D=8 F=8\ninput x[B@dp, D]\nparam w1[D@tp, F]\n"
+            "y[B,F]{sum: tp} = x[B,D] * w1[D,F]\nz[B,F]{sum: tp} = y[B,F] / 4\noutput z\n")
+    _matches_reference(text)
+    # Megatron's pin costs nothing more than leaving the choice to einpar.
+    pinned = ("mesh tp=4\ndim B=64 D=64 F=64 G=64\ninput x[B, D@tp]\nparam w1[D@tp, F]\n"
+              "param w2[F, G]\ny[B,F]{sum: tp} = x[B,D] * w1[D,F]\nz[B,F] = y[B,F] * 3\n"
+              "u[B,G@tp] = z[B,F] * w2[F,G]\noutput u\n")
+    free = pinned.replace("{sum: tp}", "")
+    assert bytes_per_device(_matches_reference(pinned, "bytes").steps) == \
+        bytes_per_device(_matches_reference(free, "bytes").steps) == 12_288
+
+
+def test_parts_alike_but_for_which_inputs_they_read_are_priced_apart():
+    # a reads x twice, b reads z and u: alike in shapes, not in what moves.
+    program = compile_source("mesh tp=4\ndim I=8 J=I K=I\ninput x[I@tp,J]\ninput z[I@tp,J]\n"
+                             "input u[I@tp,J]\na[I,K]{} = x[I,J] * x[J,K]\n"
+                             "b[I,K]{} = z[I,J] * u[J,K]\noutput a\noutput b\n", "alike.ein")
+    plan, spmd = compile_program(program, make_objective(program, "bytes"))
+    assert round(plan.price) == bytes_per_device(spmd.steps) == 576
