@@ -313,7 +313,7 @@ def test_the_byte_objective_reaches_the_hand_derived_minimum(name):
 def test_the_axis_by_axis_search_finds_the_joint_optimum_on_the_set(name):
     """The set's programs are solved axis by axis by default; over all axes at once (slower,
     exact) the integer program finds no cheaper plan."""
-    import einpar.partition as module
+    import einpar.search as module
 
     program = load(SET / name)
     plan = partition(program, make_objective(program, "time"))

@@ -1,0 +1,197 @@
+"""The partitioner's plan as the steps the lowering reads.
+
+A solved level (search.py) is a choice of strategy per op; `Materializer`
+turns it into Decisions in program order: the operands each op reads and
+the moves that bring them there (a move into a layout is made for the first
+op that needs it and reused after), the move of its result into a pinned
+layout, and, for the explanation, what the op's strategy costs and the best
+strategy one axis away that the plan rejected. A `repeat` becomes a
+RepeatDecision: the moves before the loop, its body's Decisions, and the
+moves that bring each trip's results back to the layouts the loop carries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+from .ir import Op, Repeat
+from .layout import Layout
+from .reshard import ReshardPlan, plan_reshard
+from .solve import Evaluation
+from .strategies import describe, short
+
+if TYPE_CHECKING:
+    from .search import _Level, _Plan
+
+
+@dataclass(frozen=True)
+class Move:
+    """A value moved from one layout to another, before an op reads it or after it is made."""
+
+    value: str
+    tensor: str  # the program's name for it
+    plan: ReshardPlan
+    reason: str
+
+    @property
+    def src(self) -> Layout:
+        return self.plan.src
+
+    @property
+    def dst(self) -> Layout:
+        return self.plan.dst
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """The best strategy not taken for an op, and what the program would cost with it."""
+
+    rule: str
+    extra: float  # price of the program with it, minus the plan's (>= 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    op: Op
+    assignment: tuple[tuple[str, str | None], ...]  # mesh axis -> index, PARTIAL or None
+    moves: tuple[Move, ...]  # operands moved into the layouts the strategy needs
+    operand_layouts: tuple[Layout, ...]
+    result_layout: Layout  # as the op computes it
+    constraint: Move | None  # the result moved into the layout the program asks for
+    rule: str  # the strategy in words
+    price: float = 0.0  # its local work, its pin's move and the moves it is first to need
+    alternative: Alternative | None = None
+
+    @property
+    def final_layout(self) -> Layout:
+        return self.constraint.dst if self.constraint else self.result_layout
+
+
+@dataclass(frozen=True)
+class RepeatDecision:
+    op: Repeat
+    entry: tuple[Move, ...]  # carried values (and outer values the body reads) moved before the loop
+    carried_layouts: tuple[Layout, ...]
+    stacked_layouts: tuple[Layout, ...]
+    body: tuple["Step", ...]
+    exit: tuple[Move, ...]  # each trip's results moved back to the carried layouts
+    price: float = 0.0  # all trips
+    alternative: Alternative | None = None
+
+
+Step = Union[Decision, RepeatDecision]
+
+
+class Materializer:
+    """The plan as Decisions: a part of `partition._Partitioner` (it reads the partitioner's
+    mesh, types, prices and the body plans of search.Search)."""
+
+    def materialize(self, level: _Level, plan: _Plan, tensors: dict[str, str],
+                    held: dict[str, Layout]) -> list[Step]:
+        """The level's Decisions in program order; `held` maps values to their actual
+        layouts (updated), `tensors` to the program's names for them."""
+        saved, self.types = self.types, level.types
+        try:
+            return self._materialize(level, plan, tensors, held)
+        finally:
+            self.types = saved
+
+    def _materialize(self, level: _Level, plan: _Plan, tensors: dict[str, str],
+                     held: dict[str, Layout]) -> list[Step]:
+        steps: list[Step] = []
+        first_need: set = set()
+        for index, (op, node, pick) in enumerate(zip(level.ops, plan.nodes, plan.picks)):
+            label, choice = node[pick]
+            alternative = plan.alternatives[index]
+            if isinstance(op, Repeat):
+                steps.append(self.materialize_repeat(op, label, choice, tensors, held, alternative,
+                                                     level))
+                continue
+            strategy = self.strategy(op, label)
+            operand_layouts, moves, price = [], [], choice.price
+            for operand, layout in zip(op.operands, strategy.operand_layouts):
+                now = held[operand.value]
+                if self.key(now) == self.key(layout):
+                    operand_layouts.append(now)
+                    continue
+                want = self.key(layout)
+                operand_layouts.append(want)
+                if (operand.value, want) in first_need:
+                    continue  # moved for an earlier op, and reused
+                first_need.add((operand.value, want))
+                price += self.move_price(operand.value, self.key(now), want)
+                moves.append(Move(operand.value, tensors[operand.value],
+                                  self.plan(operand.value, now, want),
+                                  f"{op.stmt} reads {tensors[operand.value]}"))
+            result = strategy.result_layout
+            constraint = self.pin(op)
+            after = None
+            if constraint is not None:
+                if self.key(constraint) == self.key(result):
+                    result = constraint
+                else:
+                    after = Move(op.result.name, op.stmt, self.plan(op.result.name, result, constraint),
+                                 f"{op.stmt} is asked for in this layout")
+            tensors[op.result.name] = op.stmt
+            decision = Decision(op, strategy.assignment(self.mesh), tuple(moves),
+                                tuple(operand_layouts), result, after,
+                                describe(op, label, self.mesh), price, alternative)
+            held[op.result.name] = decision.final_layout
+            steps.append(decision)
+        return steps
+
+    def plan(self, value: str, src: Layout, dst: Layout) -> ReshardPlan:
+        vtype = self.vtype(value)
+        return plan_reshard(src, dst, vtype.shape, vtype.dtype, self.mesh)
+
+    def materialize_repeat(self, op: Repeat, layouts, choice, tensors, held, alternative,
+                           parent: _Level) -> RepeatDecision:
+        plan, outer, level = self.body_plan(op, layouts, parent)
+        entry = []
+        for value, layout in [(c.value, lay) for c, lay in zip(op.carried, layouts)] + list(outer.items()):
+            if held[value] != layout:
+                entry.append(Move(value, tensors[value], self.plan(value, held[value], layout),
+                                  "a loop carries it in this layout" if value not in outer else
+                                  "the loop reads it whole"))
+        inside = dict(held)
+        inside.update(level.fixed)
+        inside_tensors = dict(tensors)
+        for view in op.stacked:
+            inside_tensors[view.name] = view.name
+        for carried in op.carried:
+            inside_tensors[carried.value] = tensors[carried.value]
+        body = self.materialize(level, plan, inside_tensors, inside)
+        exit_moves = []
+        for carried, layout in zip(op.carried, layouts):
+            now = inside[carried.body_result]
+            if now != layout:
+                exit_moves.append(Move(carried.body_result, inside_tensors[carried.body_result],
+                                       self.plan(carried.body_result, now, layout),
+                                       "the next trip reads it"))
+        for carried, layout in zip(op.carried, layouts):
+            held[carried.result.name] = layout
+            tensors[carried.result.name] = tensors[carried.value]
+        stacked = tuple(level.fixed[view.name] for view in op.stacked)
+        return RepeatDecision(op, tuple(entry), tuple(layouts), stacked, tuple(body),
+                              tuple(exit_moves), choice.price, alternative)
+
+    def alternative(self, evaluation: Evaluation, plan: _Plan, index: int, op) -> Alternative | None:
+        """The cheapest other choice of node `index`, the rest of the plan held."""
+        node = plan.nodes[index]
+        best = None
+        for other in range(len(node)):
+            if other != plan.picks[index]:
+                price = evaluation.swapped(index, other)
+                if best is None or price < best[0]:
+                    best = (price, other)
+        if best is None or math.isinf(best[0]):
+            return None
+        label = node[best[1]][0]
+        rule = short(op, label, self.mesh) if not isinstance(op, Repeat) else \
+            "carried " + ", ".join(str(layout) for layout in label)
+        extra = best[0] - evaluation.price
+        # Rounding aside, no alternative is cheaper than the plan (a negative one would show).
+        return Alternative(rule, 0.0 if abs(extra) <= 1e-9 * max(1.0, abs(evaluation.price))
+                           else extra)

@@ -1,0 +1,484 @@
+"""How the partitioner searches one level of a program (the program, or a repeat body).
+
+A level is split into parts whose prices do not depend on each other's
+choices (a pinned value is made in its pinned layout whatever its op does,
+so it cuts the program there); parts alike (the same layer again, names
+aside) are solved once. Each part is an integer program over its ops'
+strategies (solve.py), solved exactly:
+
+- axes of size 1 have one role (copies) and cost nothing;
+- while the part's ops have at most JOINT_LIMIT strategies in all (each a
+  product over the axes), it is solved over all of them at once: the optimum;
+- beyond, axis by axis: each axis's roles are chosen for the whole part with
+  the other axes' held, an axis solved again only after another changed the
+  plan, until none lowers its price (at most MAX_SWEEPS solves per axis).
+  Each step has a few choices per op, so the work grows with the number of
+  axes, not exponentially; the plan is optimal along each axis, not proven
+  jointly (W104 where an op has more than WARN_STRATEGIES strategies).
+
+A `repeat` is one choice among the layouts its carried values may cross the
+loop in (its last statement's pin, the layout it enters in, or whole), each
+priced by solving the body once, times the trips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Diagnostic, EinparError
+from .ir import Library, Map, Op, Reduce, Repeat, Route, TensorType, Value
+from .layout import Layout, format_dims
+from .solve import Choice, Evaluation, Infeasible, Problem, evaluate, solve
+from .strategies import Partial, op_indices
+
+# A part is searched over all axes at once while its ops have at most this many strategies
+# in all (a matmul on 2 axes has up to 6^2 = 36); beyond, axis by axis. Over all axes an op
+# has tens of strategies, the dynamic program's tables outgrow it and the integer program
+# takes seconds (43 s for the transformer block, which compiles in 0.13 s axis by axis).
+JOINT_LIMIT = 100
+MAX_SWEEPS = 4
+# An op with more strategies than this over all axes (6^5 for a matmul on 5 axes) could never
+# be searched jointly: `compile` says the plan is optimal only axis by axis (W104). Below it
+# the axis-by-axis search is used for speed; on every example and every program of
+# tests/partition_programs it finds the joint optimum (tests/test_partition.py).
+WARN_STRATEGIES = 4096
+
+
+@dataclass(frozen=True)
+class SearchLimit:
+    """The program was searched axis by axis (its ops have too many strategies over all
+    axes at once), so the plan is optimal along each axis but a better joint one may
+    exist. `compile` says so (W104)."""
+
+    value: Value  # the op with the most strategies, where the warning points
+    strategies: int  # how many it has over all axes
+    axes: int  # mesh axes of size > 1
+
+
+# ---- one level of ops (the program, or a repeat body)
+
+
+@dataclass
+class _Plan:
+    """A level's solution: one pick per node, the price of the level."""
+
+    picks: list[int]
+    price: float
+    nodes: list  # per node: the list of (label, Choice) it chose among
+    alternatives: list  # per node: its best rejected choice (Alternative) or None
+
+
+class _Level:
+    """The ops of one level as a Problem; `fixed` holds the values defined outside it, `part`
+    is the partitioner that prices them."""
+
+    def __init__(self, part, ops: tuple[Op, ...], fixed: dict[str, Layout],
+                 required: dict[str, Layout | None], types: dict[str, TensorType] | None = None):
+        self.part, self.ops = part, ops
+        self.types = types or {}  # per-trip types of stacked params (a name means a slice here)
+        self.fixed = fixed  # value -> its (actual) layout
+        self.required = required  # value -> the layout asked for at the end (None: whole)
+
+    def problem(self, nodes: list) -> Problem:
+        part = self.part
+        required = []
+        finals = {value: layout for value, layout in self.fixed.items()}
+        for value, want in self.required.items():
+            if want is not None:
+                required.append((value, part.key(want)))
+        limit = part.memory_limit if self is part.top else None
+        return Problem([[choice for _, choice in node] for node in nodes],
+                       {v: part.key(layout) for v, layout in finals.items()},
+                       part.move_price, tuple(required), limit, part.layout_bytes)
+
+    def node_choices(self, op, roles_list) -> list:
+        return self.part.op_choices(op, roles_list, self.required.get(op.result.name, "-"),
+                                    op.result.name in self.required)
+
+
+class Search:
+    """The search: a part of `partition._Partitioner` (it reads the partitioner's prices,
+    choices and roles, and its materializer's `alternative`)."""
+
+    def solve_level(self, level: _Level) -> _Plan:
+        """The level's plan: exact over all axes while its ops allow, else axis by axis."""
+        saved, self.types = self.types, level.types
+        try:
+            return self._solve_level(level)
+        finally:
+            self.types = saved
+
+    def _solve_level(self, level: _Level) -> _Plan:
+        """Each independent part of the level alone (`parts`), a part alike one solved
+        before (the same layer again) reusing its plan: its choices renamed, not priced
+        again."""
+        size = len(level.ops)
+        picks: list = [None] * size
+        nodes: list = [None] * size
+        alternatives: list = [None] * size
+        # A memory limit binds the whole level: it is solved as one part.
+        groups = [list(range(size))] if level is self.top and self.memory_limit is not None \
+            else self.parts(level)
+        for members in groups:
+            ops = tuple(level.ops[i] for i in members)
+            part = level if len(members) == size else self.sub_level(level, ops)
+            key = self.signature(part)
+            if key in self._solved:
+                first_ops, plan = self._solved[key]
+                names = _renaming(first_ops, ops)
+                part_nodes = [[(label, _renamed(choice, names)) for label, choice in node]
+                              for node in plan.nodes]
+                plan = _Plan(plan.picks, plan.price, part_nodes, plan.alternatives)
+            else:
+                plan = self.solve_part(part)
+                evaluation = Evaluation(part.problem(plan.nodes), plan.picks)
+                plan.alternatives = [self.alternative(evaluation, plan, i, op)
+                                     for i, op in enumerate(ops)]
+                if key is not None:
+                    self._solved[key] = (ops, plan)
+            for i, node, pick, other in zip(members, plan.nodes, plan.picks, plan.alternatives):
+                nodes[i], picks[i], alternatives[i] = node, pick, other
+        return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, alternatives)
+
+    def parts(self, level: _Level) -> list[list[int]]:
+        """The level's ops in groups whose prices do not depend on each other's choices:
+        an op is grouped with the readers of what it makes unless that is pinned (made in
+        its pinned layout whatever the strategy), and the readers of one value with each
+        other (a move into a layout they share is paid once)."""
+        parent = list(range(len(level.ops)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        def union(i: int, j: int) -> None:
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+
+        maker: dict[str, int] = {}
+        readers: dict[str, list[int]] = {}
+        for i, op in enumerate(level.ops):
+            if isinstance(op, Repeat):
+                for carried in op.carried:
+                    maker[carried.result.name] = i
+                read = [c.value for c in op.carried] + _read(op.body)
+            else:
+                if op.result.layout is None:
+                    maker[op.result.name] = i
+                read = [o.value for o in op.operands]
+            for value in dict.fromkeys(read):
+                readers.setdefault(value, []).append(i)
+        for value, ops in readers.items():
+            for i in ops[1:]:
+                union(ops[0], i)
+            if value in maker:
+                union(maker[value], ops[0])
+        groups: dict[int, list[int]] = {}
+        for i in range(len(level.ops)):
+            groups.setdefault(find(i), []).append(i)
+        return list(groups.values())
+
+    def sub_level(self, level: _Level, ops: tuple) -> _Level:
+        """A part of `level` as a level of its own: what other parts make reaches it pinned."""
+        made = {op.result.name for op in ops if not isinstance(op, Repeat)} | \
+            {c.result.name for op in ops if isinstance(op, Repeat) for c in op.carried}
+        fixed = dict(level.fixed)
+        for op in level.ops:
+            if not isinstance(op, Repeat) and op.result.name not in made and op.result.layout:
+                fixed[op.result.name] = self.pin(op)
+        read = {o.value for op in ops if not isinstance(op, Repeat) for o in op.operands} | \
+            {value for op in ops if isinstance(op, Repeat)
+             for value in [c.value for c in op.carried] + _read(op.body)}
+        # What is asked of a value made here, or of an input read here (a move into its
+        # output layout serves this part's reads too).
+        required = {value: layout for value, layout in level.required.items()
+                    if value in made or value in read}
+        return _Level(self, ops, fixed, required, level.types)
+
+    def signature(self, level: _Level):
+        """What a part's plan depends on, with its values renamed by first appearance, so two
+        layers alike (names aside) share one; None for a part with a `repeat`."""
+        names: dict[str, int] = {}
+        outside: dict[str, int] = {}  # values from outside the part, by first reading
+        parts = []
+        for op in level.ops:
+            if isinstance(op, Repeat):
+                return None
+            operands = []
+            for o in op.operands:
+                vtype = self.vtype(o.value)
+                if o.value in names:
+                    operands.append((names[o.value], o.indices))
+                else:
+                    which = outside.setdefault(o.value, len(outside))
+                    operands.append(("outside", which, vtype.shape, vtype.dtype, o.indices,
+                                     level.fixed.get(o.value),
+                                     level.required.get(o.value, "not asked for")))
+            names[op.result.name] = len(names)
+            output = ("output", level.required[op.result.name]) \
+                if op.result.name in level.required else None
+            parts.append((type(op), _detail(op), tuple(operands), op.result.type,
+                          self.pin(op), output))
+        return tuple(parts)
+
+    def solve_part(self, level: _Level) -> _Plan:
+        ops = [op for op in level.ops if not isinstance(op, Repeat)]
+        counts = [(self.joint_count(op, level), op) for op in ops]
+        most = max(counts, key=lambda pair: pair[0], default=(1, None))
+        if sum(count for count, _ in counts) <= JOINT_LIMIT:
+            nodes = [self.repeat_choices(op, level) if isinstance(op, Repeat)
+                     else level.node_choices(op, self.joint_roles(op, level)) for op in level.ops]
+            return self.solve_nodes(level, nodes, level.ops)
+        if most[0] > WARN_STRATEGIES:
+            self.limits.setdefault("program", SearchLimit(most[1].result, most[0], len(self.axes)))
+        return self.axis_by_axis(level)
+
+    def solve_nodes(self, level: _Level, nodes: list, ops) -> _Plan:
+        for op, node in zip(ops, nodes):
+            if not node:
+                self.no_strategy(op)
+        problem = level.problem(nodes)
+        try:
+            picks = solve(problem)
+        except Infeasible:
+            self.infeasible(ops, nodes)
+        return _Plan(picks, evaluate(problem, picks), nodes, [None] * len(nodes))
+
+    def axis_by_axis(self, level: _Level) -> _Plan:
+        """Choose one axis's roles at a time for the whole level, the others held; an axis is
+        solved again only after another axis changed the plan, until none can lower its price
+        (at most MAX_SWEEPS solves per axis)."""
+        base = {id(op): self.initial_roles(op, level) for op in level.ops
+                if not isinstance(op, Repeat)}
+        repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
+        axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
+        dirty = set(axes)
+        plan, solves = None, 0
+        while dirty and solves < MAX_SWEEPS * len(axes):
+            position = next(p for p in axes if p in dirty)  # mesh order, deterministic
+            axis = self.mesh.names[position]
+            nodes = []
+            for op in level.ops:
+                if isinstance(op, Repeat):
+                    nodes.append(repeats[id(op)])
+                    continue
+                current = base[id(op)]
+                options = [current] + [current[:position] + (role,) + current[position + 1:]
+                                       for role in self.roles(op, axis, level)
+                                       if role != current[position]]
+                nodes.append(level.node_choices(op, options))
+            found = self.solve_nodes(level, nodes, level.ops)
+            solves += 1
+            dirty.discard(position)
+            # A plan no cheaper than the one held is not taken (no change, no cycling on ties).
+            if plan is None or found.price < plan.price * (1 - 1e-9):
+                if plan is not None:
+                    dirty |= set(axes) - {position}
+                plan = found
+                for op, node, pick in zip(level.ops, nodes, found.picks):
+                    if not isinstance(op, Repeat):
+                        base[id(op)] = node[pick][0]
+            elif plan is not None and not dirty:
+                break
+        # The plan over every strategy one axis away from each op's (the best rejected
+        # alternative of an op is among them, whichever axis was solved last).
+        nodes, picks = [], []
+        for op, pick in zip(level.ops, plan.picks if plan else [0] * len(level.ops)):
+            if isinstance(op, Repeat):
+                nodes.append(repeats[id(op)])
+                picks.append(pick)
+                continue
+            current = base[id(op)]
+            options = [current] + [current[:position] + (role,) + current[position + 1:]
+                                   for position in axes
+                                   for role in self.roles(op, self.mesh.names[position], level)
+                                   if role != current[position]]
+            nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
+            picks.append(0)
+        return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
+
+    def initial_roles(self, op: Op, level: _Level) -> tuple:
+        """Copies on every axis, except what the op's pinned layout implies (so each
+        axis's step starts from a plan that meets the pin)."""
+        constraint = self.pin(op)
+        roles: list = [None] * len(self.mesh.names)
+        if constraint is None:
+            return tuple(roles)
+        _, reduced, _ = op_indices(op)
+        for position, axis in enumerate(self.mesh.names):
+            if self.mesh.size(axis) == 1:
+                continue
+            dim = constraint.dim_of(axis)
+            kind = constraint.partial_kind(axis)
+            allowed = self.roles(op, axis, level)
+            if dim is not None:
+                index = op.result.type.indices[dim]
+                roles[position] = index if index in allowed else None
+            elif kind is not None:
+                options = [role for role in allowed
+                           if (role in reduced) or (isinstance(role, Partial) and role.kind == kind)]
+                roles[position] = options[0] if options else None
+        if self.strategy(op, tuple(roles)) is None:
+            return (None,) * len(self.mesh.names)
+        return tuple(roles)
+
+    # ---- repeat
+
+    def repeat_choices(self, op: Repeat, level: _Level) -> list:
+        """One choice per layout the carried values may cross the loop in, each priced by
+        solving the body once (all trips)."""
+        choices = []
+        for layouts in self.carried_candidates(op, level):
+            body = self.body_plan(op, layouts, level)
+            if body is None:
+                continue
+            plan, outer, _ = body
+            needs = tuple((c.value, self.key(layout)) for c, layout in zip(op.carried, layouts)) + \
+                tuple((value, self.key(layout)) for value, layout in outer.items())
+            makes = tuple((c.result.name, self.key(layout)) for c, layout in zip(op.carried, layouts))
+            choices.append((layouts, Choice(plan.price * op.count, needs, makes)))
+        if not choices:
+            self.no_strategy(op)
+        return choices
+
+    def carried_candidates(self, op: Repeat, level: _Level) -> list[tuple[Layout, ...]]:
+        """The layouts a loop's carried values may have: the pin of the body's last
+        statement for it, else the layout it enters in if that is fixed (an input), made
+        whole; and all whole."""
+        body_pins = {inner.result.name: inner.result.layout for inner in op.body
+                     if not isinstance(inner, Repeat)}
+        preferred = []
+        for carried in op.carried:
+            rank = self.vtype(carried.value).rank
+            pin = body_pins.get(carried.body_result)
+            if pin is not None:
+                preferred.append(Layout(pin.dims))
+            elif carried.value in level.fixed:
+                preferred.append(Layout(level.fixed[carried.value].dims))
+            else:
+                preferred.append(Layout.replicated(rank))
+        whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
+        return list(dict.fromkeys([tuple(preferred), whole]))
+
+    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...], parent: _Level):
+        """(the body's plan, outer values it reads and the layout it reads them in), or None
+        where the body cannot run with these carried layouts."""
+        key = (id(op), layouts)
+        if key in self._bodies:
+            return self._bodies[key]
+        fixed: dict[str, Layout] = {}
+        types = dict(self.types)
+        for carried, layout in zip(op.carried, layouts):
+            fixed[carried.value] = layout
+        for view in op.stacked:
+            full = self.values[view.name].layout
+            depth = len(self.values[view.name].stacked_by) - len(view.stacked_by)
+            fixed[view.name] = Layout(full.dims[depth:]) if full else Layout.replicated(view.type.rank)
+            types[view.name] = view.type
+        outer: dict[str, Layout] = {}
+        defined = _defined(op.body)
+        for value in _read(op.body):
+            if value in fixed or value in defined:
+                continue
+            source = self.values[value]
+            # An input is read where it lives; a value made outside the loop is read whole.
+            # (An outer block's param is its trip's slice, as the enclosing level holds it.)
+            if source.kind == "def":
+                layout = Layout.replicated(source.type.rank)
+            elif value in parent.fixed:
+                layout = parent.fixed[value]
+            else:
+                layout = source.layout or Layout.replicated(source.type.rank)
+            fixed[value] = layout
+            if source.kind == "def":
+                outer[value] = layout
+        required = {c.body_result: layout for c, layout in zip(op.carried, layouts)}
+        level = _Level(self, op.body, fixed, required, types)
+        try:
+            plan = self.solve_level(level)
+        except EinparError:
+            if all(layout.is_replicated for layout in layouts):
+                raise
+            self._bodies[key] = None
+            return None
+        self._bodies[key] = (plan, outer, level)
+        return self._bodies[key]
+
+    # ---- diagnostics
+
+    def no_strategy(self, op) -> None:
+        where = op.result if not isinstance(op, Repeat) else None
+        pin = getattr(op, "stmt", "") + format_dims(where.type.indices, where.layout) \
+            if where is not None else "the loop"
+        raise EinparError(Diagnostic(
+            "E240", f"no strategy of '{getattr(op, 'stmt', 'repeat')}' makes it in the layout it is "
+                    f"asked for ({pin})",
+            where.span if where is not None else op.span,
+            hint="a partial pin needs an op that can leave its result partial over that axis "
+                 "(a contraction over a split index, or a sum of partial values)"))
+
+    def infeasible(self, ops, nodes) -> None:
+        for op in ops:
+            if not isinstance(op, Repeat) and op.result.layout is not None and self.pin(op).partial:
+                self.no_strategy(op)
+        op = next(op for op in ops if not isinstance(op, Repeat))
+        raise EinparError(Diagnostic(
+            "E240", "no plan meets every layout the program asks for", op.span,
+            hint="a partial pin must be made by its statement and read by ops linear in it"))
+
+
+def _renaming(first: tuple, alike: tuple) -> dict[str, str]:
+    """Value names of a part to those of a part alike (the same ops in the same order)."""
+    names: dict[str, str] = {}
+    for a, b in zip(first, alike):
+        names[a.result.name] = b.result.name
+        for x, y in zip(a.operands, b.operands):
+            names[x.value] = y.value
+    return names
+
+
+def _renamed(choice: Choice, names: dict[str, str]) -> Choice:
+    return Choice(choice.price, tuple((names[v], layout) for v, layout in choice.needs),
+                  tuple((names[v], layout) for v, layout in choice.makes), choice.memory)
+
+
+def _detail(op: Op):
+    """An op's parameters besides its operands and result."""
+    if isinstance(op, Map):
+        return op.expr
+    if isinstance(op, Reduce):
+        return (op.kind, op.over)
+    if isinstance(op, Library):
+        return (op.kind, op.index)
+    if isinstance(op, Route):
+        return (op.expert, op.capacity, op.k)
+    return None
+
+
+def _defined(ops) -> set[str]:
+    names: set[str] = set()
+    for op in ops:
+        if isinstance(op, Repeat):
+            names |= _defined(op.body)
+            names |= {c.result.name for c in op.carried}
+            names |= {view.name for view in op.stacked}
+        else:
+            names.add(op.result.name)
+    return names
+
+
+def _read(ops) -> list[str]:
+    """Values the ops read (nested bodies included), in order of first reading."""
+    seen: dict[str, None] = {}
+    for op in ops:
+        if isinstance(op, Repeat):
+            for carried in op.carried:
+                seen.setdefault(carried.value)
+            seen.update(dict.fromkeys(_read(op.body)))
+        else:
+            for operand in op.operands:
+                seen.setdefault(operand.value)
+    return list(seen)
