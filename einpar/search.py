@@ -126,9 +126,10 @@ class Search:
             if key in self._solved:
                 first_ops, plan = self._solved[key]
                 names = _renaming(first_ops, ops)
-                part_nodes = [[(label, _renamed(choice, names)) for label, choice in node]
-                              for node in plan.nodes]
-                plan = _Plan(plan.picks, plan.price, part_nodes, plan.alternatives)
+                # Only the choices taken are renamed (the alternatives come with the plan).
+                part_nodes = [[(node[pick][0], _renamed(node[pick][1], names))]
+                              for node, pick in zip(plan.nodes, plan.picks)]
+                plan = _Plan([0] * len(ops), plan.price, part_nodes, plan.alternatives)
             else:
                 plan = self.solve_part(part)
                 evaluation = Evaluation(part.problem(plan.nodes), plan.picks)
