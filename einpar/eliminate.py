@@ -111,9 +111,24 @@ def _value_table(problem, value: str, scope: list[int], maker: int | None,
         return cache[key]
 
     shape = tuple(len(problem.nodes[i]) for i in scope)
-    table = np.empty(shape)
     rows = [masks[i] for i in scope]
     position = scope.index(maker) if maker is not None else None
+    if len(layouts) < 63:  # bit sets fit a machine word: the whole table at once
+        mask = np.full(shape, required_mask, dtype=np.uint64)
+        for axis, row in enumerate(rows):
+            view = [1] * len(shape)
+            view[axis] = len(row)
+            mask = mask | np.array(row, dtype=np.uint64).reshape(view)
+        source = np.zeros(shape, dtype=np.uint64)
+        if position is not None:
+            view = [1] * len(shape)
+            view[position] = len(source_of)
+            source = source + np.array(source_of, dtype=np.uint64).reshape(view)
+        pairs, inverse = np.unique(np.stack([source.ravel(), mask.ravel()]), axis=1,
+                                   return_inverse=True)
+        prices_of = np.array([price(int(s), int(m)) for s, m in pairs.T])
+        return prices_of[inverse.ravel()].reshape(shape)
+    table = np.empty(shape)
     for combo in itertools.product(*(range(size) for size in shape)):
         mask = required_mask
         for row, pick in zip(rows, combo):

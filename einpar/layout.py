@@ -12,6 +12,7 @@ Printed in the project's notation: `f32[8@dp,128,256@tp] {sum: tp}`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -31,10 +32,12 @@ class Mesh:
         return tuple(name for name, _ in self.axes)
 
     def size(self, axis: str) -> int:
-        for name, size in self.axes:
-            if name == axis:
-                return size
-        raise KeyError(axis)
+        return self._sizes[axis]  # KeyError for an axis not in the mesh
+
+    @cached_property
+    def _sizes(self) -> dict[str, int]:
+        # Asked for on every layout's local shape, so a lookup, not a scan of the axes.
+        return dict(self.axes)
 
     @property
     def num_devices(self) -> int:
