@@ -11,12 +11,10 @@ from hypothesis import HealthCheck, given, settings
 
 from einpar.api import compile_source, compile_spmd, load, run_reference, run_simulated
 from einpar.errors import EinparError
-from einpar.layout import Layout
-from einpar.lower import compile_program, lower
-from einpar.objective import ByteObjective, TimeObjective, make_objective
-from einpar.partition import Decision, RepeatDecision, partition
-from einpar.spmd import bytes_per_device, local_flops
-from einpar.reshard import AllGather, AllReduce, AllToAll, ReduceScatter
+from einpar.lower import compile_program
+from einpar.objective import make_objective
+from einpar.partition import RepeatDecision, partition
+from einpar.spmd import bytes_per_device
 from einpar.testing import programs
 
 MATMUL = """\
