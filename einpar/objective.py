@@ -87,9 +87,6 @@ class ByteObjective(Objective):
     def describe(self) -> str:
         return "bytes sent per device (then FLOPs per device)"
 
-    def format(self, price: float) -> str:
-        return f"{round(price):,} B"
-
 
 class TimeObjective(Objective):
     name, unit = "time", "s"
@@ -135,9 +132,6 @@ class TimeObjective(Objective):
     def describe(self) -> str:
         return f"time on {self.cluster.name}"
 
-    def format(self, price: float) -> str:
-        return format_ns(price)
-
 
 def _flops(program: Program | None) -> int:
     if program is None:
@@ -149,14 +143,6 @@ def _flops(program: Program | None) -> int:
 def _op_ns(op, flops, hbm, cluster, precision, sizes, dtypes) -> float:
     from .cost_model.compute import op_time
     return op_time(op, flops, hbm, cluster, precision, dict(sizes), list(dtypes)).time_s * 1e9
-
-
-def format_ns(ns: float) -> str:
-    seconds = ns / 1e9
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if abs(seconds) >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds * 1e9:.3g} ns"
 
 
 def make_objective(program: Program, objective: str = DEFAULT_OBJECTIVE, cluster=None,

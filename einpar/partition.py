@@ -25,14 +25,13 @@ from .expand import expand_library
 from .ir import Op, Output, Program, Repeat, TensorType
 from .layout import Layout, Mesh, local_bytes
 from .objective import Objective, make_objective
-from .search import (JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _Level,
-                     _Plan)
+from .search import JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _Level
 from .solve import Choice, Problem
 from .strategies import PARTIAL, Partial, Strategy, axis_roles, build, strip
 
 __all__ = ["PARTIAL", "Move", "Alternative", "Decision", "RepeatDecision", "Step", "SearchLimit",
            "PartitionedProgram", "partition", "joint_problem", "JOINT_LIMIT", "MAX_SWEEPS",
-           "WARN_STRATEGIES", "_Plan"]
+           "WARN_STRATEGIES"]
 
 
 @dataclass(frozen=True)
