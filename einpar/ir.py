@@ -74,7 +74,9 @@ class Value:
 
     name: str
     type: TensorType
-    kind: str = "def"  # "input", "param" or "def"
+    # "input", "param", "state" (optimizer state and master copies: zeros, or the param
+    # itself for a master copy, when not supplied) or "def"
+    kind: str = "def"
     layout: Layout | None = None  # the layout the user wrote, a constraint
     span: Span | None = None
     # For a param declared inside `repeat`, the repeat dims stacked in front.
@@ -127,17 +129,25 @@ class Cast:
     arg: "Scalar"
 
 
-Scalar = Union[Arg, Const, Apply, Cast]
+@dataclass(frozen=True)
+class Pos:
+    """`pos(S)`: the 0-based position along index `S` of the Map's result, as i32 (a causal
+    mask compares `pos(S) >= pos(T)`). A device holding a block of `S` adds its block's offset."""
+
+    index: str
+
+
+Scalar = Union[Arg, Const, Apply, Cast, Pos]
 
 # Primitive elementwise functions and their arity.
 BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div",
               ">": "gt", ">=": "ge", "<": "lt", "<=": "le", "==": "eq", "!=": "ne"}
 UNARY_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu",
-                   "abs", "square")
+                   "abs", "square", "sin", "cos", "erf")
 ELEMENTWISE = {
     **{name: 2 for name in BINARY_OPS.values()},
     **{name: 1 for name in UNARY_FUNCTIONS},
-    "neg": 1, "where": 3, "max2": 2, "min2": 2,
+    "neg": 1, "where": 3, "max2": 2, "min2": 2, "pow": 2,
 }
 COMPARISONS = ("gt", "ge", "lt", "le", "eq", "ne")
 REDUCTIONS = ("sum", "max", "min", "mean")
@@ -243,22 +253,70 @@ class Carried:
 
 
 @dataclass(frozen=True)
+class Take:
+    """`take[V](table[V,D], ids[B,S])`: the rows of `table` at the integer `ids` (an
+    embedding lookup). The result's indices are the ids' and the table's other than `index`,
+    in the order the statement names them. An id outside [0, V) is an error in `run`."""
+
+    result: Value
+    table: Operand
+    ids: Operand
+    index: str  # V, the table's index the ids select along
+    stmt: str
+    span: Span | None = None
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        return (self.table, self.ids)
+
+
+@dataclass(frozen=True)
+class ScatterAdd:
+    """The adjoint of Take (the gradient of an embedding table): `result[V,D]` is the sum of
+    the rows of `update[B,S,D]` whose id is `V`. The result has the table's type."""
+
+    result: Value
+    update: Operand
+    ids: Operand
+    index: str
+    stmt: str
+    span: Span | None = None
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        return (self.update, self.ids)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A body value kept from every trip: after the loop, `result` (the repeat dim in
+    front of the body value's own) holds trip i's `body_value` at index i."""
+
+    body_value: str
+    result: Value
+
+
+@dataclass(frozen=True)
 class Repeat:
     dim: str
     count: int
     carried: tuple[Carried, ...]
-    # Per-trip views of the params declared inside the block: inside the body,
-    # the name of a stacked param denotes this trip's slice.
+    # Per-trip views of stacked values (the params declared inside the block, or values
+    # made before it with the repeat dim in front): inside the body, the name of a
+    # stacked value denotes this trip's slice.
     stacked: tuple[Value, ...]
     body: tuple["Op", ...]
     span: Span | None = None
+    saved: tuple[Saved, ...] = ()
+    reverse: bool = False  # trips run L-1 down to 0 (a backward pass), slices as their trip
+    remat: bool = False  # `repeat L remat`: the backward pass recomputes the body
 
     @property
     def operands(self) -> tuple[Operand, ...]:
         return ()
 
 
-Op = Union[Einsum, Map, Reduce, Library, Route, Repeat]
+Op = Union[Einsum, Map, Reduce, Library, Route, Take, ScatterAdd, Repeat]
 
 
 @dataclass(frozen=True)
@@ -266,6 +324,32 @@ class Output:
     name: str  # the program's name for it
     value: str  # the SSA value it refers to
     layout: Layout | None = None
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """`optimizer sgd|adamw ...` (LANGUAGE.md, Training): PyTorch's SGD and AdamW."""
+
+    kind: str  # "sgd" or "adamw"
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    wd: float = 0.0
+    step: int = 1  # the step number t of Adam's bias correction
+    shard: tuple[str, ...] = ()  # ZeRO: mesh axes the state and master copies split over
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Training:
+    """What makes a program a training step: its loss, and how the step is taken."""
+
+    loss: str  # the scalar value whose gradient is taken
+    optimizer: Optimizer | None = None
+    microbatches: tuple[str, int] | None = None  # (batch index, number of micro-batches)
+    remat: frozenset[str] = frozenset()  # statements recomputed in the backward pass
     span: Span | None = None
 
 
@@ -279,6 +363,11 @@ class Program:
     ops: tuple[Op, ...]
     outputs: tuple[Output, ...]
     source: str = field(default="", repr=False, compare=False)
+    # A training step as written (loss, optimizer...); None for a forward program and for
+    # the derived step, whose ops already include the backward pass and the update.
+    training: Training | None = None
+    # The derived step's forward program (with its `training`), for oracles and printing.
+    forward: "Program | None" = field(default=None, repr=False, compare=False)
 
     @cached_property
     def dim_sizes(self) -> dict[str, int]:
@@ -291,6 +380,7 @@ class Program:
         for op in walk_ops(self.ops):
             if isinstance(op, Repeat):
                 table.update((c.result.name, c.result) for c in op.carried)
+                table.update((saved.result.name, saved.result) for saved in op.saved)
             else:
                 table[op.result.name] = op.result
         return table
@@ -358,13 +448,16 @@ def format_scalar(expr: Scalar, operands: tuple[Operand, ...]) -> str:
 
 def format_op(op: Op, indent: str = "") -> list[str]:
     if isinstance(op, Repeat):
-        lines = [f"{indent}repeat {op.dim}={op.count} {{"]
+        flags = "".join(f" {flag}" for flag, on in (("reverse", op.reverse), ("remat", op.remat)) if on)
+        lines = [f"{indent}repeat {op.dim}={op.count}{flags} {{"]
         for value in op.stacked:
             lines.append(f"{indent}  stacked {value}")
         for carried in op.carried:
             lines.append(f"{indent}  carry {carried.value} <- {carried.body_result}")
         for inner in op.body:
             lines.extend(format_op(inner, indent + "  "))
+        for saved in op.saved:
+            lines.append(f"{indent}  save {saved.body_value} -> {saved.result}")
         lines.append(f"{indent}}} -> " + ", ".join(str(c.result) for c in op.carried))
         return lines
     head = f"{indent}{op.result}"
@@ -376,6 +469,10 @@ def format_op(op: Op, indent: str = "") -> list[str]:
         body = f"{op.kind}[{','.join(op.over)}]({op.operand})"
     elif isinstance(op, Library):
         body = f"{op.kind}[{op.index}]({op.operand})"
+    elif isinstance(op, Take):
+        body = f"take[{op.index}]({op.table}, {op.ids})"
+    elif isinstance(op, ScatterAdd):
+        body = f"scatter_add[{op.index}]({op.update}, {op.ids})"
     else:
         body = f"route[{op.expert},{op.capacity}]({op.operand}, k={op.k})"
     where = f"  # line {op.span.line}" if op.span else ""
