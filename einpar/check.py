@@ -27,10 +27,12 @@ from .errors import Diagnostic, EinparError, Label, Span
 from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTIONS, REDUCTIONS,
                  UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
                  Output, Program, Reduce, Repeat, Route, TensorType, Value)
+from .check_training import TrainingChecker
 from .layout import Layout, Mesh
 from .syntax import KEYWORDS, MAX_SIZE_DIGITS, deep_recursion, gc_paused
-from .syntax import (Binary, Call, DimDecl, DtypeDecl, IndexSpec, MeshDecl, Module, Negate,
-                     Number, OutputDecl, Pin, SizeRef, Statement, TensorDecl, TensorRef, TensorSpec)
+from .syntax import (Binary, Call, DimDecl, Directive, DtypeDecl, IndexSpec, MeshDecl, Module,
+                     Negate, Number, OutputDecl, Pin, SizeRef, Statement, TensorDecl, TensorRef,
+                     TensorSpec)
 from .syntax import Repeat as RepeatItem
 
 ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2}
@@ -260,6 +262,11 @@ class _Checker:
         self.current_lhs: str | None = None  # the name the statement being checked defines
         self.bad_axes: set[str] = set()  # mesh axes whose declaration failed (not reported again)
         self.all_definitions = self._collect_definitions(module.items)
+        # The training declarations, checked after the statements (check_training.py).
+        self.directives: list[Directive] = []
+        self.remat: list[tuple] = []  # (modifier, statement name) of `remat p[...] = ...`
+        self.remat_repeats: list[Span] = []
+        self.grad_outputs: list[OutputDecl] = []
 
     # ---- diagnostics
 
@@ -510,6 +517,12 @@ class _Checker:
                     if scope.repeat_dim is not None:
                         self.fail("E236", "an output cannot be declared inside repeat", item.span,
                                   hint="declare outputs after the block")
+                elif isinstance(item, Directive):
+                    if scope.repeat_dim is not None:
+                        self.fail("E236", f"'{item.word}' is declared outside repeat blocks",
+                                  item.span, hint="a training step has one loss, optimizer and "
+                                                  "micro-batch count, declared at the top level")
+                    self.directives.append(item)
                 elif scope.repeat_dim is not None:
                     self.fail("E236", "mesh, dim and dtype are declared outside repeat blocks", item.span)
             except RecursionError:
@@ -836,6 +849,8 @@ class _Checker:
                           lhs.span, hint="a value redefined in a repeat block keeps its shape and dtype",
                           labels=(Label(previous.span, "first defined here"),) if previous.span else ())
         name = self.new_value_name(lhs.name.text)
+        if item.modifier is not None:
+            self.remat.append((item.modifier, lhs.name.text))
         result = Value(name, result_type, "def", layout, lhs.name.span)
         lowering = _StatementLowering(self, lhs.name.text, item.span, name)
         ops = constrain_inner_ops(lowering.lower_statement(rhs, result), result)
@@ -857,6 +872,12 @@ class _Checker:
                 raise _Abort()
             self.fail("E203", f"unknown dimension '{dim}'", dim.span,
                       hint=_did_you_mean(dim.text, self.dims) or "declare the trip count with `dim`")
+        if item.modifier is not None:
+            if item.modifier.text != "remat":
+                self.error("E250", f"unknown repeat modifier '{item.modifier}'", item.modifier.span,
+                           hint="`repeat L remat { ... }` recomputes each trip in the backward pass")
+            else:
+                self.remat_repeats.append(item.modifier.span)
         inner = _Scope(parent=scope, repeat_dim=dim.text)
         body = self.body(item.body, inner)
         carried = []
@@ -875,10 +896,13 @@ class _Checker:
             if name not in inner.carried.values():
                 self.repeat_locals.setdefault(name, binding.span)
         stacked = tuple(inner.stacked)
-        return [Repeat(dim.text, self.dims[dim.text], tuple(carried), stacked, tuple(body), item.span)]
+        return [Repeat(dim.text, self.dims[dim.text], tuple(carried), stacked, tuple(body), item.span,
+                       remat=item.modifier is not None and item.modifier.text == "remat")]
 
     def output(self, item: OutputDecl, scope: _Scope, seen: dict[str, Span]) -> None:
         name = item.name
+        if item.suffix is not None:
+            return self.derived_output(item, seen)
         if name.text in seen:
             self.fail("E233", f"'{name}' is declared as an output twice", name.span,
                       labels=(Label(seen[name.text], "first declared here"),))
@@ -895,26 +919,47 @@ class _Checker:
         if binding.value is None:
             raise _Abort()
         value = binding.value
-        layout = None
         if item.pin is not None:
             self.fail("E225", "braces on an output", item.pin.span,
                       hint=f"an output is delivered whole or split as its `@` say, never partial; "
                            f"a partial is pinned on the statement that defines '{name}'")
-        if item.indices is not None:
-            if len(item.indices) != value.type.rank:
-                self.fail("E210", f"output '{name}' has {value.type.rank} dimensions "
-                                  f"[{', '.join(value.type.indices)}] but {len(item.indices)} are given",
-                          item.span, hint=f"write output {name}[{', '.join(value.type.indices)}]")
-            for position, spec in enumerate(item.indices):
-                size = self.dim_size(spec.name)
-                if size != value.type.shape[position]:
-                    self.fail("E211", f"index {spec.name} has size {size} but dimension {position + 1} "
-                                      f"of '{name}' ({value.type.indices[position]}) has size "
-                                      f"{value.type.shape[position]}", spec.name.span)
-            # Listed indices are a layout even without any `@`: a whole (replicated) output.
-            layout = (self.check_layout(item.indices, value.type.shape, f"output '{name}'")
-                      or Layout.replicated(value.type.rank))
+        layout = self.output_layout(item, value, str(name))
         self.outputs.append(Output(name.text, value.name, layout, item.span))
+
+    def output_layout(self, item: OutputDecl, value: Value, name: str) -> Layout | None:
+        """The layout an output's listed indices ask for (checked against `value`)."""
+        if item.indices is None:
+            return None
+        if len(item.indices) != value.type.rank:
+            self.fail("E210", f"output '{name}' has {value.type.rank} dimensions "
+                              f"[{', '.join(value.type.indices)}] but {len(item.indices)} are given",
+                      item.span, hint=f"write output {name}[{', '.join(value.type.indices)}]")
+        for position, spec in enumerate(item.indices):
+            size = self.dim_size(spec.name)
+            if size != value.type.shape[position]:
+                self.fail("E211", f"index {spec.name} has size {size} but dimension {position + 1} "
+                                  f"of '{name}' ({value.type.indices[position]}) has size "
+                                  f"{value.type.shape[position]}", spec.name.span)
+        # Listed indices are a layout even without any `@`: a whole (replicated) output.
+        return (self.check_layout(item.indices, value.type.shape, f"output '{name}'")
+                or Layout.replicated(value.type.rank))
+
+    def derived_output(self, item: OutputDecl, seen: dict[str, Span]) -> None:
+        """`output w.grad[...]`: a gradient the training step derives, in the layout given
+        (by default its param's). check_training.py says whether it is one."""
+        name = f"{item.name}.{item.suffix}"
+        if name in seen:
+            self.fail("E233", f"'{name}' is declared as an output twice", item.name.span,
+                      labels=(Label(seen[name], "first declared here"),))
+        seen[name] = item.name.span
+        self.grad_outputs.append(item)
+        param = next((v for v in self.inputs if v.name == item.name.text), None)
+        if item.suffix.text != "grad" or param is None or param.kind != "param":
+            return  # check_training says why
+        if item.pin is not None:
+            self.fail("E225", "braces on an output", item.pin.span,
+                      hint="an output is delivered whole or split as its `@` say, never partial")
+        self.outputs.append(Output(name, name, self.output_layout(item, param, name), item.span))
 
     def run(self) -> Program:
         self.declarations()
@@ -927,11 +972,16 @@ class _Checker:
                     self.output(item, top, seen)
                 except _Abort:
                     pass
+        program = Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype,
+                          tuple(self.inputs), tuple(ops), tuple(self.outputs), self.source)
+        top_values = {name: binding.value for name, binding in top.names.items()
+                      if binding.value is not None}
+        training = TrainingChecker(self.error, program, self.dims).check(
+            self.directives, self.remat, self.remat_repeats, self.grad_outputs, top_values)
         if self.diagnostics:
             self.diagnostics.sort(key=lambda d: (d.span.line, d.span.col) if d.span else (0, 0))
             raise EinparError(self.diagnostics)
-        return Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype, tuple(self.inputs),
-                       tuple(ops), tuple(self.outputs), self.source)
+        return replace(program, training=training)
 
 
 # ---------------------------------------------------------------- typed tree -> ops

@@ -123,6 +123,7 @@ class OutputDecl:
     indices: tuple[IndexSpec, ...] | None
     span: Span
     pin: Pin | None = None  # parsed to be refused: an output is delivered whole
+    suffix: Name | None = None  # `output w.grad`: the derived value's kind ("grad")
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class Statement:
     dtype: Name | None
     rhs: Expr
     span: Span
+    modifier: Name | None = None  # `remat p[...] = ...`
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,29 @@ class Repeat:
     dim: Name
     body: tuple["Item", ...]
     span: Span
+    modifier: Name | None = None  # `repeat L remat { ... }`
 
 
-Item = Union[MeshDecl, DimDecl, DtypeDecl, TensorDecl, OutputDecl, Statement, Repeat]
+@dataclass(frozen=True)
+class Setting:
+    """`lr=1e-3`, `shard=(dp,fsdp)`, `B=8`: a value is a number, or a tuple of names."""
+
+    name: Name
+    value: Union[int, float, tuple[Name, ...]]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Directive:
+    """`loss l`, `optimizer adamw lr=1e-3 ...`, `microbatches B=8`: a word and its arguments
+    (names and settings, in order). The checker knows the words."""
+
+    word: Name
+    args: tuple[Union[Name, Setting], ...]
+    span: Span
+
+
+Item = Union[MeshDecl, DimDecl, DtypeDecl, TensorDecl, OutputDecl, Statement, Repeat, Directive]
 
 
 @dataclass(frozen=True)
@@ -314,13 +336,37 @@ class _ToAst:
         return "param"
 
     def output_decl(self, meta, children):
-        name, specs, pin = children
+        name, suffix, specs, pin = children
         indices = specs[0] if specs is not None else None
-        return OutputDecl(self._name(name), indices, _span(self.file, meta), pin)
+        return OutputDecl(self._name(name), indices, _span(self.file, meta), pin,
+                          self._name(suffix) if suffix is not None else None)
 
     def statement(self, meta, children):
-        lhs, pin, dtype, rhs = children
-        return Statement(self._pinned(lhs, pin), dtype, rhs, _span(self.file, meta))
+        modifier, lhs, pin, dtype, rhs = children
+        return Statement(self._pinned(lhs, pin), dtype, rhs, _span(self.file, meta),
+                         self._name(modifier) if modifier is not None else None)
+
+    def directive(self, meta, children):
+        word, *args = children
+        return Directive(self._name(word), tuple(
+            arg if isinstance(arg, Setting) else self._name(arg) for arg in args),
+            _span(self.file, meta))
+
+    def setting(self, meta, children):
+        name, value = children
+        return Setting(self._name(name), value, _span(self.file, meta))
+
+    def number_setting(self, meta, children):
+        return self.number(meta, children).value
+
+    def negative_setting(self, meta, children):
+        return -self.number(meta, children).value
+
+    def name_setting(self, meta, children):
+        return (self._name(children[0]),)
+
+    def names_setting(self, meta, children):
+        return tuple(self._name(name) for name in children)
 
     @staticmethod
     def _pinned(spec: TensorSpec, pin: Pin | None) -> TensorSpec:
@@ -341,8 +387,9 @@ class _ToAst:
         return tuple(self._name(name) for name in names)
 
     def repeat(self, meta, children):
-        dim, *body = children
-        return Repeat(self._name(dim), tuple(body), _span(self.file, meta))
+        dim, modifier, *body = children
+        return Repeat(self._name(dim), tuple(body), _span(self.file, meta),
+                      self._name(modifier) if modifier is not None else None)
 
     def tensor_spec(self, meta, children):
         name, (indices, indices_span) = children

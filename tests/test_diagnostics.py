@@ -1665,3 +1665,84 @@ def test_error_text_names_every_code():
     with pytest.raises(EinparError) as caught:
         compile_source(program("dim B=8", "input x[B]", "y[B] = z[B]", "output q"), file=FILE)
     assert str(caught.value) == "E201: unknown tensor 'z'\nE232: output 'q' is never defined"
+
+
+# ---------------------------------------------------------------- training declarations
+
+TRAIN = ("mesh dp=2", "dim B=8 D=4 E=4", "input x[B@dp, D]", "param w[D, E]",
+         "y[B,E] = x[B,D] * w[D,E]", "l[] = mean[B,E](square(y[B,E]))")
+
+
+def test_E250_unknown_declaration_word():
+    expect(program(*TRAIN, "los l"), "E250", "unknown declaration 'los'", 7, 1, length=3,
+           hint="did you mean 'loss'?")
+
+
+def test_E250_unknown_statement_modifier_and_derived_output():
+    found = diagnostics_of(program(*TRAIN[:4], "keep y[B,E] = x[B,D] * w[D,E]",
+                                   "l[] = mean[B,E](square(y[B,E]))", "loss l", "output w.m"))
+    assert [(d.code, d.message, d.span.line, d.span.col) for d in found] == [
+        ("E250", "unknown statement modifier 'keep'", 5, 1),
+        ("E250", "'w.m' is not a value einpar derives", 8, 10)]
+    assert found[1].hint == "write `output w.grad` for a gradient"
+
+
+def test_E251_loss_not_scalar():
+    expect(program(*TRAIN, "loss y"), "E251",
+           "the loss 'y' has dimensions [B, E]; a loss is a scalar", 7, 6, length=1,
+           hint="reduce it, e.g. `y_total[] = sum[B,E](y[B,E])`")
+
+
+def test_E251_loss_unknown_or_a_param():
+    expect(program(*TRAIN, "loss m"), "E251", "the loss 'm' is not a value of the program", 7, 6,
+           hint="define it at the top level, e.g. `l[] = mean[B](square(y[B]))`")
+    expect(program("dim D=4", "param w[]", "loss w"), "E251",
+           "the loss 'w' is a param, not computed from the params", 3, 6)
+
+
+def test_E252_bad_optimizer_settings():
+    expect(program(*TRAIN, "loss l", "optimizer adam lr=1"), "E252", "unknown optimizer 'adam'",
+           8, 11, hint="did you mean 'adamw'?")
+    expect(program(*TRAIN, "loss l", "optimizer adamw lr=-1e-3"), "E252",
+           "lr=-0.001 is not a learning rate above 0", 8, 17)
+    expect(program(*TRAIN, "loss l", "optimizer sgd lr=0.1 b1=0.9"), "E252",
+           "sgd has no setting 'b1'", 8, 22, hint="sgd takes lr, wd, shard")
+    expect(program(*TRAIN, "loss l", "optimizer adamw b2=0.95"), "E252",
+           "adamw needs a learning rate", 8, 1,
+           hint="add lr=..., e.g. `optimizer adamw lr=1e-3`")
+    expect(program(*TRAIN, "loss l", "optimizer adamw lr=1e-3 shard=tp"), "E202",
+           "unknown mesh axis 'tp'", 8, 31, hint="the mesh's axes are dp")
+
+
+def test_E253_optimizer_without_a_loss():
+    expect(program(*TRAIN, "optimizer sgd lr=0.1"), "E253", "an optimizer needs a loss", 7, 1,
+           hint="name the scalar to minimize with `loss l` (l[] = ...)")
+
+
+def test_E254_microbatches_that_do_not_divide():
+    expect(program(*TRAIN, "loss l", "microbatches B=3"), "E254",
+           "B=8 does not split into 3 micro-batches", 8, 14, hint="use a count that divides 8")
+    expect(program(*TRAIN, "loss l", "microbatches D=2"), "E254",
+           "D is not a batch index: param 'w' has it", 8, 14,
+           hint="micro-batches split the inputs' batch index; params are whole")
+
+
+def test_E255_gradient_of_an_input():
+    expect(program(*TRAIN, "loss l", "output x.grad"), "E255",
+           "'x' is not a param, so 'x.grad' is not taken", 8, 8,
+           hint="gradients are taken of params; declare it with `param`")
+
+
+def test_training_declarations_make_a_training_step():
+    from einpar.ir import Optimizer, Training
+    source = program(*TRAIN[:4], "remat y[B,E] = x[B,D] * w[D,E]", TRAIN[5], "loss l",
+                     "optimizer adamw lr=1e-3 b2=0.95 shard=dp", "microbatches B=2",
+                     "output w.grad[D@dp, E]")
+    checked = compile_source(source, file=FILE)
+    training = checked.forward.training if checked.forward is not None else checked.training
+    assert training == Training("l", Optimizer("adamw", lr=1e-3, b2=0.95, wd=0.01, shard=("dp",),
+                                               span=training.optimizer.span),
+                                ("B", 2), frozenset({"y"}), training.span)
+    loss = compile_source(program(*TRAIN[:4], "loss[] = sum[B,E](x[B,D] * w[D,E])", "loss loss"),
+                          file=FILE)
+    assert (loss.forward or loss).training.loss == "loss"  # the words are not reserved

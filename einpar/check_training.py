@@ -1,0 +1,249 @@
+"""Check the declarations that make a program a training step (LANGUAGE.md, Training).
+
+`loss l`, `optimizer adamw lr=... shard=dp`, `microbatches B=8`, the `remat`
+modifier of statements and repeat blocks, and `output w.grad[...]` are checked
+here, after the statements (they name values and dims the statements define),
+into one `einpar.ir.Training`. The checker proper (einpar/check.py) collects
+these items and hands them over; the training step itself is derived later, by
+einpar/train.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+from .errors import Diagnostic, Label, Span
+from .ir import FLOAT_DTYPES, Optimizer, Program, Training
+from .syntax import Directive, Name, OutputDecl, Setting
+
+DIRECTIVES = ("loss", "optimizer", "microbatches")
+MODIFIERS = ("remat",)
+OPTIMIZERS = ("sgd", "adamw")
+# Each optimizer's settings and their defaults (PyTorch's SGD and AdamW). lr has no
+# default in PyTorch's SGD; einpar asks for it in both, as the two differ.
+SETTINGS = {
+    "sgd": {"lr": None, "wd": 0.0, "shard": ()},
+    "adamw": {"lr": None, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "wd": 0.01, "step": 1, "shard": ()},
+}
+# What each number must satisfy: (test, words for the hint).
+_RANGES = {
+    "lr": (lambda x: x > 0, "a learning rate above 0"),
+    "b1": (lambda x: 0 <= x < 1, "a decay in [0, 1)"),
+    "b2": (lambda x: 0 <= x < 1, "a decay in [0, 1)"),
+    "eps": (lambda x: x > 0, "a number above 0"),
+    "wd": (lambda x: x >= 0, "a weight decay of 0 or more"),
+    "step": (lambda x: isinstance(x, int) and x >= 1, "a whole step number of 1 or more"),
+}
+
+
+def _closest(word: str, choices) -> str | None:
+    found = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean '{found[0]}'?" if found else None
+
+
+class TrainingChecker:
+    """Checks the training declarations of one module; `error(code, message, span, hint,
+    labels)` records a diagnostic in the checker's list."""
+
+    def __init__(self, error, program: Program, dims: dict[str, int]):
+        self.error = error
+        self.program = program
+        self.dims = dims
+        self.values = {value.name: value for value in program.inputs}
+        self.top_level = {output.name: output for output in program.outputs}
+
+    def check(self, directives: list[Directive], remat: list[tuple[Name, str]],
+              remat_repeats: list[Span], grad_outputs: list[OutputDecl],
+              top_values: dict[str, object]) -> Training | None:
+        """`remat`: (modifier, statement name) of each statement written with a modifier;
+        `remat_repeats`: the spans of `repeat L remat` blocks; `grad_outputs`: the
+        `output w.grad` declarations; `top_values`: the program's names at the top level
+        (name -> Value) after its last statement."""
+        loss = optimizer = microbatches = None
+        first: dict[str, Span] = {}
+        for item in directives:
+            word = item.word.text
+            if word not in DIRECTIVES:
+                self.error("E250", f"unknown declaration '{word}'", item.word.span,
+                           hint=_closest(word, DIRECTIVES) or
+                           "a line starting with two names declares a training step: "
+                           + ", ".join(f"`{w} ...`" for w in DIRECTIVES))
+                continue
+            if word in first:
+                self.error("E233", f"'{word}' is declared twice", item.word.span,
+                           labels=(Label(first[word], "first declared here"),))
+                continue
+            first[word] = item.word.span
+            if word == "loss":
+                loss = self.loss(item, top_values)
+            elif word == "optimizer":
+                optimizer = self.optimizer(item)
+            else:
+                microbatches = self.microbatches(item)
+        for modifier, _ in remat:
+            if modifier.text not in MODIFIERS:
+                self.error("E250", f"unknown statement modifier '{modifier}'", modifier.span,
+                           hint=_closest(modifier.text, MODIFIERS)
+                           or "`remat p[...] = ...` recomputes p in the backward pass")
+        without_loss = [(span, what) for span, what in
+                        [(first.get("optimizer"), "an optimizer"),
+                         (first.get("microbatches"), "micro-batches")]
+                        + [(m.span, "remat") for m, _ in remat if m.text in MODIFIERS]
+                        + [(span, "remat") for span in remat_repeats]
+                        + [(o.suffix.span, "a gradient output") for o in grad_outputs]
+                        if span is not None]
+        if "loss" not in first:
+            for span, what in without_loss:
+                self.error("E253", f"{what} needs a loss", span,
+                           hint="name the scalar to minimize with `loss l` (l[] = ...)")
+            return None
+        for output in grad_outputs:
+            self.grad_output(output)
+        if loss is None:
+            return None
+        names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
+        return Training(loss, optimizer, microbatches, names, first["loss"])
+
+    # ---- each declaration
+
+    def loss(self, item: Directive, top_values: dict) -> str | None:
+        if len(item.args) != 1 or not isinstance(item.args[0], Name):
+            self.error("E251", "`loss` takes one name", item.span, hint="write `loss l`, where l[] = ...")
+            return None
+        name = item.args[0]
+        value = top_values.get(name.text)
+        if value is None:
+            self.error("E251", f"the loss '{name}' is not a value of the program", name.span,
+                       hint=_closest(name.text, top_values) or
+                       "define it at the top level, e.g. `l[] = mean[B](square(y[B]))`")
+            return None
+        if value.type.rank != 0:
+            self.error("E251", f"the loss '{name}' has dimensions [{', '.join(value.type.indices)}]; "
+                               "a loss is a scalar", name.span,
+                       hint=f"reduce it, e.g. `{name}_total[] = sum[{','.join(value.type.indices)}]"
+                            f"({name}[{','.join(value.type.indices)}])`")
+            return None
+        if value.type.dtype not in FLOAT_DTYPES:
+            self.error("E251", f"the loss '{name}' is {value.type.dtype}; a loss is a float",
+                       name.span, hint=f"cast it: `{name}f[] : f32 = {name}[]`")
+            return None
+        if value.kind != "def":
+            self.error("E251", f"the loss '{name}' is {'a' if value.kind == 'param' else 'an'} "
+                               f"{value.kind}, not computed from the params", name.span)
+            return None
+        return value.name
+
+    def optimizer(self, item: Directive) -> Optimizer | None:
+        if not item.args or not isinstance(item.args[0], Name):
+            self.error("E252", "`optimizer` needs a kind", item.span,
+                       hint="write `optimizer sgd lr=0.1` or `optimizer adamw lr=1e-3`")
+            return None
+        kind = item.args[0]
+        if kind.text not in OPTIMIZERS:
+            self.error("E252", f"unknown optimizer '{kind}'", kind.span,
+                       hint=_closest(kind.text, OPTIMIZERS) or "einpar knows " + ", ".join(OPTIMIZERS))
+            return None
+        allowed = SETTINGS[kind.text]
+        given: dict[str, object] = {}
+        ok = True
+        for arg in item.args[1:]:
+            if not isinstance(arg, Setting):
+                self.error("E252", f"'{arg}' is not a setting of the optimizer", arg.span,
+                           hint="settings are written name=value, e.g. lr=1e-3")
+                ok = False
+                continue
+            name = arg.name.text
+            if name not in allowed:
+                self.error("E252", f"{kind} has no setting '{name}'", arg.name.span,
+                           hint=_closest(name, allowed) or
+                           f"{kind} takes " + ", ".join(allowed))
+                ok = False
+            elif name in given:
+                self.error("E233", f"setting '{name}' is given twice", arg.name.span)
+                ok = False
+            elif not self.setting_ok(arg):
+                ok = False
+            else:
+                given[name] = arg.value
+        if "lr" not in given and "lr" in allowed and ok:
+            self.error("E252", f"{kind} needs a learning rate", item.span, hint=f"add lr=..., e.g. "
+                       f"`optimizer {kind} lr={'1e-3' if kind.text == 'adamw' else '0.1'}`")
+            return None
+        if not ok:
+            return None
+        settings = {**allowed, **given}
+        shard = tuple(name.text for name in settings.pop("shard"))
+        return Optimizer(kind.text, **{key: (float(value) if key != "step" else value)
+                                       for key, value in settings.items()},
+                         shard=shard, span=item.span)
+
+    def setting_ok(self, setting: Setting) -> bool:
+        name, value = setting.name.text, setting.value
+        if name == "shard":
+            if not isinstance(value, tuple):
+                self.error("E252", "shard= takes mesh axes", setting.span,
+                           hint="write shard=dp or shard=(dp,fsdp)")
+                return False
+            seen: set[str] = set()
+            for axis in value:
+                if axis.text not in self.program.mesh.names:
+                    self.error("E202", f"unknown mesh axis '{axis}'", axis.span,
+                               hint=_closest(axis.text, self.program.mesh.names)
+                               or "the mesh's axes are " + ", ".join(self.program.mesh.names))
+                    return False
+                if axis.text in seen:
+                    self.error("E220", f"mesh axis '{axis}' appears twice in shard=", axis.span)
+                    return False
+                seen.add(axis.text)
+            return True
+        test, words = _RANGES[name]
+        if isinstance(value, tuple) or not math.isfinite(value) or not test(value):
+            shown = value[0] if isinstance(value, tuple) else value
+            self.error("E252", f"{name}={shown} is not {words}", setting.span)
+            return False
+        return True
+
+    def microbatches(self, item: Directive) -> tuple[str, int] | None:
+        if len(item.args) != 1 or not isinstance(item.args[0], Setting) \
+                or isinstance(item.args[0].value, tuple):
+            self.error("E254", "`microbatches` takes one batch index and a count", item.span,
+                       hint="write `microbatches B=8`")
+            return None
+        setting = item.args[0]
+        index, count = setting.name.text, setting.value
+        if index not in self.dims:
+            self.error("E203", f"unknown dimension '{index}'", setting.name.span,
+                       hint=_closest(index, self.dims) or "name the batch index, declared with `dim`")
+            return None
+        if not isinstance(count, int) or count < 1:
+            self.error("E254", f"{count} micro-batches: the count is a whole number of 1 or more",
+                       setting.span)
+            return None
+        if self.dims[index] % count:
+            self.error("E254", f"{index}={self.dims[index]} does not split into {count} micro-batches",
+                       setting.span, hint=f"use a count that divides {self.dims[index]}")
+            return None
+        for value in self.program.inputs:
+            if value.kind == "param" and index in value.type.indices:
+                self.error("E254", f"{index} is not a batch index: param '{value.name}' has it",
+                           setting.name.span,
+                           hint="micro-batches split the inputs' batch index; params are whole")
+                return None
+        if not any(index in value.type.indices for value in self.program.inputs
+                   if value.kind == "input"):
+            self.error("E254", f"no input has the index {index}", setting.name.span,
+                       hint="micro-batches split a batch index of the inputs")
+            return None
+        return index, count
+
+    def grad_output(self, output: OutputDecl) -> None:
+        if output.suffix.text != "grad":
+            self.error("E250", f"'{output.name}.{output.suffix}' is not a value einpar derives",
+                       output.suffix.span, hint=f"write `output {output.name}.grad` for a gradient")
+            return
+        value = self.values.get(output.name.text)
+        if value is None or value.kind != "param":
+            self.error("E255", f"'{output.name}' is not a param, so '{output.name}.grad' is not taken",
+                       output.name.span,
+                       hint="gradients are taken of params; declare it with `param`")
