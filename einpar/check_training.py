@@ -102,6 +102,8 @@ class TrainingChecker:
             self.grad_output(output)
         if loss is None:
             return None
+        if microbatches is not None and not self.microbatch_outputs(loss):
+            return None
         names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
         return Training(loss, optimizer, microbatches, names, first["loss"])
 
@@ -235,7 +237,29 @@ class TrainingChecker:
             self.error("E254", f"no input has the index {index}", setting.name.span,
                        hint="micro-batches split a batch index of the inputs")
             return None
+        rows = self.dims[index] // count
+        for value in self.program.values.values():
+            if value.layout is None or index not in value.type.indices:
+                continue
+            axes = value.layout.dims[value.type.indices.index(index)]
+            split = math.prod(self.program.mesh.size(axis) for axis in axes)
+            if rows % split:
+                self.error("E254", f"a micro-batch of {rows} rows of {index} does not split over "
+                                   f"{', '.join(axes)} ({split} devices), as '{value.name}' asks",
+                           setting.span, hint=f"use fewer micro-batches: {index}/{count} must be a "
+                                              f"multiple of {split}")
+                return None
         return index, count
+
+    def microbatch_outputs(self, loss: str) -> bool:
+        """A step of micro-batches outputs what it accumulates: its loss and gradients."""
+        for output in self.program.outputs:
+            if output.value != loss and "." not in output.name:
+                self.error("E254", f"output '{output.name}' is one micro-batch's: a step of "
+                                   "micro-batches outputs its loss, gradients and updated params",
+                           output.span, hint="remove this output, or the micro-batches")
+                return False
+        return True
 
     def grad_output(self, output: OutputDecl) -> None:
         if output.suffix.text != "grad":

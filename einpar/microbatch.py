@@ -1,0 +1,97 @@
+"""Gradient accumulation over micro-batches (`microbatches B=M`), Program -> Program.
+
+The pass runs after the gradient pass and before the optimizer. It puts the
+whole forward and backward program in one `repeat` of M trips over a new
+index `B.micro`; inside it the batch index `B` has size B/M. Every input with
+`B` is taken stacked, `[B.micro, B/M, ...]` (the user still supplies it as
+`[B, ...]`: micro-batch m is rows m·B/M ... (m+1)·B/M − 1), and the loop
+carries one float32 accumulator per gradient and one for the loss. After the
+loop each is divided by M: the step's loss is the mean of the micro-batches'
+losses, and its gradients are those of that mean, which for a loss that is a
+mean over `B` are the whole batch's (a sum over `B` gives 1/M of it).
+
+Nothing else changes: params are read inside the loop from outside it, so the
+partitioner and the cost model see (and price) a weight gather that happens
+per micro-batch, and the update after the loop runs once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass, replace
+
+from .ir import (Apply, Arg, Carried, Cast, Const, Map, Operand, Output, Program, Repeat,
+                 TensorType, Value)
+from .layout import Layout
+
+
+def micro_index(index: str) -> str:
+    """The index that counts micro-batches (a dotted name: no user name has a dot)."""
+    return f"{index}.micro"
+
+
+def split_inputs(program: Program, index: str, count: int) -> tuple[tuple[Value, ...], tuple[Value, ...]]:
+    """The step's inputs (those with `index` stacked by the micro-batch index) and the
+    per-micro-batch views the loop body reads."""
+    micro, size = micro_index(index), program.dim_sizes[index] // count
+    inputs, views = [], []
+    for value in program.inputs:
+        if value.kind != "input" or index not in value.type.indices:
+            inputs.append(value)
+            continue
+        vtype = value.type
+        shape = tuple(size if i == index else n for i, n in zip(vtype.indices, vtype.shape))
+        view = replace(value, type=TensorType(vtype.dtype, vtype.indices, shape))
+        stacked = TensorType(vtype.dtype, (micro,) + vtype.indices, (count,) + shape)
+        layout = Layout(((),) + value.layout.dims) if value.layout is not None else None
+        inputs.append(replace(value, type=stacked, layout=layout, stacked_by=(micro,)))
+        views.append(view)
+    return tuple(inputs), tuple(views)
+
+
+def accumulate(program: Program, index: str, count: int) -> Program:
+    """The training step `program` (forward, backward: outputs the loss and `w.grad`) run
+    as `count` micro-batches along `index`, with one accumulated result of each output."""
+    micro = micro_index(index)
+    inputs, views = split_inputs(program, index, count)
+    before, body, after, carried, outputs = [], list(program.ops), [], [], []
+    for output in program.outputs:
+        result = program.values[output.value]
+        rtype = result.type
+        work = TensorType("f32" if rtype.dtype != "f64" else "f64", rtype.indices, rtype.shape)
+        start = Value(f"{output.name}.acc", work)
+        inside = Value(f"{output.name}.acc#2", work)
+        final = Value(f"{output.name}.acc#3", work)
+        mean = Value(f"{output.name}.mean", rtype)
+        every = tuple(rtype.indices)
+        before.append(Map(start, (), Const(0.0), output.name, None))
+        body.append(Map(inside, (Operand(start.name, every), Operand(result.name, every)),
+                        Apply("add", (Arg(0), Cast(work.dtype, Arg(1)))), output.name, None))
+        carried.append(Carried(start.name, inside.name, final))
+        after.append(Map(mean, (Operand(final.name, every),), Apply("div", (Arg(0), Const(count))),
+                         output.name, None))
+        outputs.append(replace(output, value=mean.name))
+    size = program.dim_sizes[index] // count
+    loop = Repeat(micro, count, tuple(carried), views, _resized(tuple(body), index, size))
+    dims = tuple((name, size if name == index else n) for name, n in program.dims)
+    return replace(program, dims=dims + ((micro, count),), inputs=inputs,
+                   ops=tuple(before) + (loop,) + tuple(after), outputs=tuple(outputs))
+
+
+def _resized(node, index: str, size: int):
+    """`node` (ops, and everything in them) with every tensor type's `index` of `size`."""
+    if isinstance(node, TensorType):
+        if index not in node.indices:
+            return node
+        return replace(node, shape=tuple(size if i == index else n
+                                         for i, n in zip(node.indices, node.shape)))
+    if isinstance(node, tuple):
+        return tuple(_resized(item, index, size) for item in node)
+    if is_dataclass(node) and not isinstance(node, type):
+        changes = {}
+        for field in fields(node):
+            old = getattr(node, field.name)
+            new = _resized(old, index, size)
+            if new is not old:
+                changes[field.name] = new
+        return replace(node, **changes) if changes else node
+    return node
