@@ -1178,6 +1178,9 @@ class _StatementLowering:
 
 
 def check(module: Module, overrides: dict[str, int] | None = None, source: str = "") -> Program:
-    """Check a parsed module and build its Program; raises EinparError with diagnostics."""
+    """Check a parsed module and build its Program; raises EinparError with diagnostics. A
+    program with a loss becomes its training step (einpar/train.py)."""
+    from .train import derive
+
     with gc_paused(), deep_recursion():
-        return _Checker(module, overrides or {}, source).run()
+        return derive(_Checker(module, overrides or {}, source).run())

@@ -6,7 +6,7 @@
                [--devices N] [--platform cpu|gpu|tpu] [--repeat N] [--twin]
                [--precision highest|default]
                [--coordinator HOST:PORT --num-processes N --process-id I] [--timeout S]
-    einpar compile FILE [--emit ast|ir|layouts|spmd|jax [--precision highest|default]]
+    einpar compile FILE [--emit ast|ir|grad|layouts|spmd|jax [--precision highest|default]]
                    [--ignore CODES] [--json] [--svg OUT.svg] [--html OUT.html]
     einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
                    [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
@@ -199,8 +199,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     comp = commands.add_parser("compile", help="print a stage of the compiler")
     common(comp)
-    comp.add_argument("--emit", choices=["ast", "ir", "layouts", "spmd", "jax"], default="spmd",
-                      help="which stage to print (default: the per-device program); jax: a "
+    comp.add_argument("--emit", choices=["ast", "ir", "grad", "layouts", "spmd", "jax"],
+                      default="spmd",
+                      help="which stage to print (default: the per-device program); grad: the "
+                           "backward program a loss derives, as .ein text; jax: a "
                            "standalone Python module running it under jax.shard_map")
     precision(comp, "with --emit jax: the module runs its")
     planning(comp)
@@ -637,6 +639,17 @@ def _compile(args, program: Program, text: str, out: Console, warnings: list,
     if args.emit == "ir":
         text = format_program(program)
         out.print(json.dumps(_with_warnings({"ir": text}, warnings)) if args.json else text,
+                  markup=False)
+        return 0
+    if args.emit == "grad":
+        if program.forward is None:
+            raise EinparError(Diagnostic(
+                "E303", f"{args.file} has no loss, so no backward program to print",
+                hint="add `loss l` for a scalar l[] = ... to make it a training step"), usage=True)
+        from .grad import format_grad
+
+        text = format_grad(program)
+        out.print(json.dumps(_with_warnings({"grad": text}, warnings)) if args.json else text,
                   markup=False)
         return 0
     targets = args.slides
