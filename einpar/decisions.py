@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from .search import _Level, _Plan
 
 
+# Why a partial sum a loop saves is made whole in its body (explain words it so).
+SAVE_REASON = "the loop saves it"
+
+
 @dataclass(frozen=True)
 class Move:
     """A value moved from one layout to another, before an op reads it or after it is made."""
@@ -78,11 +82,12 @@ class RepeatDecision:
     carried_layouts: tuple[Layout, ...]
     stacked_layouts: tuple[Layout, ...]  # one trip's slice of each stacked value, in the body
     body: tuple["Step", ...]
-    exit: tuple[Move, ...]  # each trip's results moved back to the carried layouts, saved ones whole
+    exit: tuple[Move, ...]  # each trip's results moved back to the carried layouts
     price: float = 0.0  # all trips
     alternative: Alternative | None = None
     stacked_sources: tuple[Layout, ...] = ()  # the layout each stacked value is sliced from
     saved_layouts: tuple[Layout, ...] = ()  # each saved value's layout in the body (per trip)
+    saves: tuple[Move, ...] = ()  # at the end of each trip, a partial sum it saves made whole
 
 
 Step = Union[Decision, RepeatDecision]
@@ -159,7 +164,7 @@ class Materializer:
         for value, layout in [(c.value, lay) for c, lay in zip(op.carried, layouts)] + list(outer.items()):
             if held[value] != layout:
                 reason = "a loop carries it in this layout" if value not in outer else \
-                    "the loop slices it, one trip at a time" if value in sliced else \
+                    "the loop reads it a trip's slice at a time" if value in sliced else \
                     "the loop reads it whole"
                 entry.append(Move(value, tensors[value], self.plan(value, held[value], layout), reason))
         sources = tuple(outer.get(view.name, held[view.name]) for view in op.stacked)
@@ -182,14 +187,13 @@ class Materializer:
                                            "the next trip reads it"))
             ends = dict(inside)
             ends.update((c.body_result, layout) for c, layout in zip(op.carried, layouts))
-            saved_layouts = []
+            saved_layouts, saves = [], []
             for saved in op.saved:
                 now = ends[saved.body_value]
                 if now.partial:  # each trip's slice is saved whole
                     whole = Layout(now.dims)
-                    exit_moves.append(Move(saved.body_value, inside_tensors[saved.body_value],
-                                           self.plan(saved.body_value, now, whole),
-                                           "the loop saves it"))
+                    saves.append(Move(saved.body_value, inside_tensors[saved.body_value],
+                                      self.plan(saved.body_value, now, whole), SAVE_REASON))
                     ends[saved.body_value] = now = whole
                 saved_layouts.append(now)
         finally:
@@ -203,7 +207,7 @@ class Materializer:
         stacked = tuple(level.fixed[view.name] for view in op.stacked)
         return RepeatDecision(op, tuple(entry), tuple(layouts), stacked, tuple(body),
                               tuple(exit_moves), choice.price, alternative, sources,
-                              tuple(saved_layouts))
+                              tuple(saved_layouts), tuple(saves))
 
     def alternative(self, evaluation: Evaluation, plan: _Plan, index: int, op) -> Alternative | None:
         """The cheapest other choice of node `index`, the rest of the plan held."""

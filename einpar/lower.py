@@ -126,6 +126,8 @@ class _Lowering:
         self.steps(decision.body, body)
         for move in decision.exit:
             self.move(move, body)
+        for move in decision.saves:  # the op's result, moved for the loop to save
+            self.move(move, body, move.value)
         results = [self.held[(c.body_result, layout)] for c, layout in zip(op.carried, layouts)]
         kept = [self.held[(s.body_value, layout)] for s, layout in zip(op.saved, decision.saved_layouts)]
         # Values made inside the body do not outlive it; the enclosing level's
