@@ -157,8 +157,8 @@ class Materializer:
 
     def materialize_repeat(self, op: Repeat, label, choice, tensors, held, alternative,
                            parent: _Level) -> RepeatDecision:
-        layouts, views = label
-        plan, outer, level, _ = self.body_plan(op, layouts, views, parent)
+        layouts, views, targets = label
+        plan, outer, level, _ = self.body_plan(op, layouts, views, targets, parent)
         entry = []
         sliced = {view.name for view in op.stacked}
         for value, layout in [(c.value, lay) for c, lay in zip(op.carried, layouts)] + list(outer.items()):
@@ -188,13 +188,13 @@ class Materializer:
             ends = dict(inside)
             ends.update((c.body_result, layout) for c, layout in zip(op.carried, layouts))
             saved_layouts, saves = [], []
-            for saved in op.saved:
+            for saved, target in zip(op.saved, targets):
                 now = ends[saved.body_value]
-                if now.partial:  # each trip's slice is saved whole
-                    whole = Layout(now.dims)
+                want = target or Layout(now.dims)  # each trip's slice is saved whole
+                if self.key(now) != self.key(want):
                     saves.append(Move(saved.body_value, inside_tensors[saved.body_value],
-                                      self.plan(saved.body_value, now, whole), SAVE_REASON))
-                    ends[saved.body_value] = now = whole
+                                      self.plan(saved.body_value, now, want), SAVE_REASON))
+                    ends[saved.body_value] = now = want
                 saved_layouts.append(now)
         finally:
             self.types = outer_types
@@ -230,7 +230,9 @@ class Materializer:
 
 def _loop_rule(label) -> str:
     """A loop's choice in short: its carried layouts, and its stacked views' where chosen."""
-    layouts, views = label
+    layouts, views, targets = label
     text = "carried " + ", ".join(str(layout) for layout in layouts)
     chosen = [str(view) for view in views if view is not None]
-    return text + ("; sliced " + ", ".join(chosen) if chosen else "")
+    kept = [str(target) for target in targets if target is not None]
+    return text + ("; sliced " + ", ".join(chosen) if chosen else "") + \
+        ("; saved " + ", ".join(kept) if kept else "")

@@ -27,6 +27,7 @@ partial sum), the repeat dim unsplit in front.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from .errors import Diagnostic, EinparError
@@ -333,24 +334,27 @@ class Search:
     # ---- repeat
 
     def repeat_choices(self, op: Repeat, level: _Level) -> list:
-        """One choice per layout the carried values may cross the loop in and the stacked
-        views of values made before it may be sliced in, each priced by solving the body
-        once (all trips). A choice's label is (carried layouts, per-trip layouts of the
-        stacked views, None for an input's)."""
+        """One choice per layout the carried values may cross the loop in, the stacked
+        views of values made before it may be sliced in and the saved values may be kept
+        in, each priced by solving the body once (all trips). A choice's label is (carried
+        layouts, per-trip layouts of the stacked views (None for an input's), per-trip
+        layouts of the saved values (None: as the body holds them, made whole))."""
         choices = []
-        for layouts in self.carried_candidates(op, level):
-            for views in self.stacked_candidates(op, level):
-                body = self.body_plan(op, layouts, views, level)
-                if body is None:
-                    continue
-                plan, outer, _, saved = body
-                needs = tuple((c.value, self.key(layout)) for c, layout in zip(op.carried, layouts)) + \
-                    tuple((value, self.key(layout)) for value, layout in outer.items())
-                stacks = tuple((s.result.name, self.key(_stacked(layout))) for s, layout in zip(op.saved, saved))
-                makes = tuple((c.result.name, self.key(layout))
-                              for c, layout in zip(op.carried, layouts)) + stacks
-                memory = sum(self.layout_bytes(name, layout) for name, layout in stacks)
-                choices.append(((layouts, views), Choice(plan.price * op.count, needs, makes, memory)))
+        for layouts, views, targets in itertools.product(self.carried_candidates(op, level),
+                                                         self.stacked_candidates(op, level),
+                                                         self.saved_candidates(op, level)):
+            body = self.body_plan(op, layouts, views, targets, level)
+            if body is None:
+                continue
+            plan, outer, _, saved = body
+            needs = tuple((c.value, self.key(layout)) for c, layout in zip(op.carried, layouts)) + \
+                tuple((value, self.key(layout)) for value, layout in outer.items())
+            stacks = tuple((s.result.name, self.key(_stacked(layout))) for s, layout in zip(op.saved, saved))
+            makes = tuple((c.result.name, self.key(layout))
+                          for c, layout in zip(op.carried, layouts)) + stacks
+            memory = sum(self.layout_bytes(name, layout) for name, layout in stacks)
+            choices.append(((layouts, views, targets),
+                             Choice(plan.price * op.count, needs, makes, memory)))
         if not choices:
             self.no_strategy(op)
         return choices
@@ -392,6 +396,22 @@ class Search:
         return list(dict.fromkeys(tuple(layouts[min(i, len(layouts) - 1)] for layouts in options)
                                   for i in range(count)))
 
+    def saved_candidates(self, op: Repeat, level: _Level) -> list[tuple]:
+        """The per-trip layouts a loop's saved values may be kept in: as the body holds them
+        at the end of a trip (None: made whole where partial), and the layout asked of the
+        stack at this level (an output's; a param's gradient in the param's layout), the
+        repeat dim whole, for a value a statement of the body makes (so that a partial sum
+        is reduce-scattered into it each trip)."""
+        made = {inner.result.name for inner in op.body if not isinstance(inner, Repeat)}
+        made -= {c.body_result for c in op.carried}
+        asked = []
+        for saved in op.saved:
+            want = level.required.get(saved.result.name)
+            usable = want is not None and not want.partial and not want.dims[0] \
+                and saved.body_value in made
+            asked.append(Layout(want.dims[1:]) if usable else None)
+        return list(dict.fromkeys([tuple(asked), (None,) * len(op.saved)]))
+
     def made_layouts(self, value: str, level: _Level) -> list[Layout]:
         """The layouts `value` may be made in at `level`: where it is fixed, its layout;
         a statement's pin; a repeat's saved result, as each of the loop's choices makes it."""
@@ -406,11 +426,12 @@ class Search:
                 return [self.pin(op)] if op.result.layout is not None else []
         return []
 
-    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...], views: tuple, parent: _Level):
+    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...], views: tuple, targets: tuple,
+                  parent: _Level):
         """(the body's plan, outer values it reads and the layout it reads them in, the body
         level, the per-trip layout of each saved value), or None where the body cannot run
-        with these carried layouts and stacked views."""
-        key = (id(op), layouts, views)
+        with these carried layouts, stacked views and saved layouts."""
+        key = (id(op), layouts, views, targets)
         if key in self._bodies:
             return self._bodies[key]
         fixed: dict[str, Layout] = {}
@@ -449,14 +470,15 @@ class Search:
                 outer[value] = layout
         required: dict[str, Layout | None] = {c.body_result: layout
                                               for c, layout in zip(op.carried, layouts)}
-        for saved in op.saved:  # saved whole where the body leaves it partial
-            required.setdefault(saved.body_value, None)
+        for saved, target in zip(op.saved, targets):  # None: whole where the body leaves it partial
+            required.setdefault(saved.body_value, target)
         level = _Level(self, op.body, fixed, required, types)
         try:
             plan = self.solve_level(level)
         except EinparError:
             if all(layout.is_replicated for layout in layouts) and \
-                    all(view is None or view.is_replicated for view in views):
+                    all(view is None or view.is_replicated for view in views) and \
+                    not any(targets):
                 raise
             self._bodies[key] = None
             return None
@@ -464,7 +486,7 @@ class Search:
         for node, pick in zip(plan.nodes, plan.picks):
             held.update(node[pick][1].makes)
         held.update((c.body_result, layout) for c, layout in zip(op.carried, layouts))
-        saved = tuple(Layout(held[s.body_value].dims) for s in op.saved)
+        saved = tuple(target or Layout(held[s.body_value].dims) for s, target in zip(op.saved, targets))
         self._bodies[key] = (plan, outer, level, saved)
         return self._bodies[key]
 

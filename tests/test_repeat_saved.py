@@ -24,7 +24,7 @@ from einpar.spmd import RepeatStep, bytes_per_device, collectives, format_spmd, 
 from einpar.tolerance import compare, program_tolerance
 
 FORWARD = """mesh dp=2 tp=4
-dim B=8 D=16 F=32 L={L}
+dim B=256 D=32 F=128 L={L}
 input x[B@dp, D]
 repeat L {{
   param w[D, F@tp]
@@ -133,32 +133,32 @@ def test_simulated_devices_equal_the_reference_and_move_the_declared_bytes(progr
 def test_saved_values_leave_the_loop_in_the_bodys_layout_and_are_sliced_where_they_are(spmd):
     values = spmd.values
     # Each trip's h is split over dp (B) and tp (F): the stack keeps that, L whole in front.
-    assert values["hs"].format() == "f32[3,8@dp,32@tp]"
-    assert values["hs"].local_shape(spmd.mesh) == (3, 4, 8)
-    assert values["xs"].format() == "f32[3,8@dp,16]"
+    assert values["hs"].format() == "f32[3,256@dp,128@tp]"
+    assert values["hs"].local_shape(spmd.mesh) == (3, 128, 32)
+    assert values["xs"].format() == "f32[3,256@dp,32]"
     # Partial over dp in the body (a contraction over B), dw is saved whole: the gradient's
     # all-reduce, each trip; F stays split over tp as the body made it.
-    assert values["dws"].format() == "f32[3,16,32@tp]"
+    assert values["dws"].format() == "f32[3,32,128@tp]"
     forward, backward = [step for step in spmd.steps if isinstance(step, RepeatStep)]
     assert (forward.reverse, backward.reverse) == (False, True)
     assert forward.saved == (("x~in", "xs"), ("h", "hs"))
     assert backward.saved == (("dw~1", "dws"), ("du~1", "dus"))
     sliced = dict(backward.stacked)
     assert sliced["hs"] == "hs~trip" and sliced["xs"] == "xs~trip"  # no move before the loop
-    assert values["hs~trip"].format() == "f32[8@dp,32@tp]"
+    assert values["hs~trip"].format() == "f32[256@dp,128@tp]"
 
 
 def test_exact_collectives(spmd):
     found = [(c.kind, c.step.axes, c.tensor, c.bytes_per_device, c.reason) for c in collectives(spmd)]
     # An all-reduce over n devices sends 2·(n−1)/n of its local bytes per device.
     assert found == [
-        ("all_reduce", ("tp",), "x", 2 * 3 * (4 * 16 * 4) // 4, "x reads x"),  # forward
-        ("all_reduce", ("tp",), "g", 2 * 3 * (4 * 16 * 4) // 4, "g reads g"),  # backward
-        # dw [16, 32@tp] and du [32@tp, 16], partial over dp (n = 2), saved whole
-        ("all_reduce", ("dp",), "dw", 16 * 8 * 4, "the loop saves it"),
-        ("all_reduce", ("dp",), "du", 16 * 8 * 4, "the loop saves it"),
+        ("all_reduce", ("tp",), "x", 2 * 3 * (128 * 32 * 4) // 4, "x reads x"),  # forward
+        ("all_reduce", ("tp",), "g", 2 * 3 * (128 * 32 * 4) // 4, "g reads g"),  # backward
+        # dw [32, 128@tp] and du [128@tp, 32], partial over dp (n = 2), saved whole
+        ("all_reduce", ("dp",), "dw", 2 * 1 * (32 * 32 * 4) // 2, "the loop saves it"),
+        ("all_reduce", ("dp",), "du", 2 * 1 * (32 * 32 * 4) // 2, "the loop saves it"),
     ]
-    assert bytes_per_device(spmd.steps) == 3 * (384 + 384 + 512 + 512)
+    assert bytes_per_device(spmd.steps) == 3 * (24576 + 24576 + 4096 + 4096)
 
 
 def test_printed_with_its_slices_saves_and_order(spmd):
@@ -166,8 +166,8 @@ def test_printed_with_its_slices_saves_and_order(spmd):
     assert "repeat L=3 {" in text and "repeat L=3 reverse {" in text
     assert "  slice hs~trip = hs[trip]\n  slice xs~trip = xs[trip]\n" in text
     assert "slice w" not in text  # a param's slices go without saying
-    assert "  save h -> hs: f32[3,8@dp,32@tp] local [3,4,8]\n" in text
-    assert "  save dw~1 -> dws: f32[3,16,32@tp] local [3,16,8]\n" in text
+    assert "  save h -> hs: f32[3,256@dp,128@tp] local [3,128,32]\n" in text
+    assert "  save dw~1 -> dws: f32[3,32,128@tp] local [3,32,32]\n" in text
     steps = json.loads(json.dumps(to_json(spmd)))["steps"]
     backward = [step for step in steps if "repeat" in step][1]
     assert backward["reverse"] is True
@@ -192,13 +192,14 @@ def test_peak_memory_holds_the_saved_stacks_from_the_forward_loop_to_their_last_
         return 0 if name in leaving_out else \
             local_bytes(value.layout, value.type.shape, value.type.dtype, spmd.mesh)
 
-    stacks = {"xs": 3 * 4 * 16 * 4, "hs": 3 * 4 * 8 * 4, "dws": 3 * 16 * 8 * 4, "dus": 3 * 8 * 16 * 4}
+    stacks = {"xs": 3 * 128 * 32 * 4, "hs": 3 * 128 * 32 * 4, "dws": 3 * 32 * 32 * 4,
+              "dus": 3 * 32 * 32 * 4}
     assert {name: bytes_of(name) for name in stacks} == stacks
     peak, resident = peak_memory(spmd, bytes_of)
     without, _ = peak_memory(spmd, lambda name: bytes_of(name, stacks))
     # All four are live at once (through the backward loop), on top of everything else.
-    assert peak - without == sum(stacks.values()) == 4224
-    assert resident == 4 * 16 * 4 + 2 * 3 * 16 * 8 * 4
+    assert peak - without == sum(stacks.values()) == 122880
+    assert resident == 128 * 32 * 4 + 2 * 3 * 32 * 32 * 4
     cost = estimate(program, spmd, preset("h100x8"))
     assert cost.peak_memory_bytes == peak
 
@@ -268,5 +269,24 @@ def test_explain_words_a_saved_partial_sum_on_the_statement_that_makes_it(progra
     dw = next(s for s in statements if s.name == "dw")
     assert dw.trips == 3
     assert [m.call for m in dw.movements] == ["all_reduce[dp](dw, sum)"]
-    assert "the loop saves every trip's f32[16,32@tp]" in dw.movements[0].sentence
-    assert dw.made_as.text() == "f32[16,32@tp] {sum: dp}" and dw.result.text() == "f32[16,32@tp]"
+    assert "the loop saves every trip's f32[32,128@tp]" in dw.movements[0].sentence
+    assert dw.made_as.text() == "f32[32,128@tp] {sum: dp}" and dw.result.text() == "f32[32,128@tp]"
+
+
+def test_a_stack_asked_for_split_is_reduce_scattered_into_its_layout_each_trip():
+    # FSDP: the gradient stack asked for in the layout of a param split over dp; each trip's
+    # partial sum is reduce-scattered into it, half the bytes of saving it whole.
+    program = forward_backward()
+    program = replace(program, outputs=tuple(
+        Output("dws", "dws", Layout(((), ("dp",), ("tp",)))) if output.name == "dws" else output
+        for output in program.outputs))
+    spmd = compile_spmd(program)
+    found = [(c.kind, c.step.axes, c.tensor, c.bytes_per_device) for c in collectives(spmd)
+             if c.tensor == "dw"]
+    assert found == [("reduce_scatter", ("dp",), "dw", (32 * 32 * 4) // 2)]
+    assert spmd.values["dws"].format() == "f32[3,32@dp,128@tp]"
+    assert [output.value for output in spmd.outputs if output.name == "dws"] == ["dws"]  # no move
+    inputs = random_inputs(program, 2)
+    outputs, traffic = run_spmd(spmd, inputs)
+    assert_close(program, evaluate(program, inputs), outputs)
+    assert traffic.sent == [bytes_per_device(spmd.steps)] * 8
