@@ -22,7 +22,8 @@ the layouts its stacked views of values made before it are sliced in (the
 layouts their maker may make them in, or whole), each priced by solving the
 body once, times the trips. A value the loop saves from every trip leaves it
 in the layout the body holds it in at the end of a trip (whole where it is a
-partial sum), the repeat dim unsplit in front.
+partial sum) or in the layout asked of its stack (a choice too), the repeat
+dim unsplit in front.
 """
 
 from __future__ import annotations
