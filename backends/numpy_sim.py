@@ -199,8 +199,8 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
                     env[after] = values[inside]
                 for _, after in step.saved:
                     env[after] = np.stack(stacks[after])
-            if record is not None:
-                for _, after in step.saved:
+            if record is not None:  # what the loop leaves: its carried results and stacks
+                for after in [a for _, _, _, a in step.carried] + [a for _, a in step.saved]:
                     record.setdefault(after, [env[after] for env in envs])
             continue
         if record is not None:  # a loop body's values as its first trip made them

@@ -290,3 +290,32 @@ def test_a_stack_asked_for_split_is_reduce_scattered_into_its_layout_each_trip()
     outputs, traffic = run_spmd(spmd, inputs)
     assert_close(program, evaluate(program, inputs), outputs)
     assert traffic.sent == [bytes_per_device(spmd.steps)] * 8
+
+
+NESTED = """mesh dp=2 tp=2
+dim B=4 D=4 F=8 L=3 M=2
+input x[B@dp,D]
+repeat L {
+  param u[D@tp]
+  x[B,D] = x[B,D] * u[D]
+  repeat M {
+    param w[D,F@tp]
+    param v[F@tp,D]
+    h[B,F] = x[B,D] * w[D,F]
+    x[B,D] = h[B,F] * v[F,D]
+  }
+  x[B,D] = x[B,D] + u[D]
+}
+output x
+"""
+
+
+@pytest.mark.parametrize("make", [forward_backward, lambda: compile_source(NESTED, file="nested.ein")],
+                         ids=["saving", "nested"])
+def test_explain_counts_each_move_at_a_loops_edge_as_often_as_it_runs(make):
+    # The inner loop's all-reduce back to the carried layout runs L·M = 6 times; the gather
+    # before the outer loop once. Explain's statements send what the program sends.
+    program = make()
+    statements = explain(program, source=program.source or "\n" * 20).statements
+    assert sum(s.bytes_per_device * s.trips for s in statements) == \
+        bytes_per_device(compile_spmd(program).steps)
