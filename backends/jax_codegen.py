@@ -389,12 +389,26 @@ class _SpmdWriter:
             self.lines.append(f"{indent}    {_pack(sliced)} = stacked")
         self.steps(step.body, indent + "    ")
         results = _pack([self.names(result) for _, _, result, _ in step.carried])
-        self.lines.append(f"{indent}    return {results}, None")
+        ys = _pack([self.names(inside) for inside, _ in step.saved]) if step.saved else "None"
+        self.lines.append(f"{indent}    return {results}, {ys}")
         before = _pack([self.names(b) for b, _, _, _ in step.carried])
         xs = _pack([self.names(s) for s, _ in step.stacked]) if step.stacked else "None"
-        length = "" if step.stacked else f", length={step.count}"
-        after = _pack([self.names(a) for _, _, _, a in step.carried]) if step.carried else "_"
-        self.lines.append(f"{indent}{after}, _ = lax.scan({body}, {before}, {xs}{length})")
+        self.lines.append(_scan_call(indent, body, before, xs, step.count, bool(step.stacked),
+                                     step.reverse,
+                                     [self.names(a) for _, _, _, a in step.carried],
+                                     [self.names(after) for _, after in step.saved]))
+
+
+def _scan_call(indent: str, body: str, init: str, xs: str, count: int, sliced: bool, reverse: bool,
+               carried: list[str], saved: list[str]) -> str:
+    """`(x,), (hs,) = lax.scan(trip_1, (x,), (w,), reverse=True)`: the carried values after the
+    loop and the saved ones stacked by trip (lax.scan's ys, at their trip's index however
+    the trips run)."""
+    length = "" if sliced else f", length={count}"
+    order = ", reverse=True" if reverse else ""
+    after = _pack(carried) if carried else "_"
+    ys = _pack(saved) if saved else "_"
+    return f"{indent}{after}, {ys} = lax.scan({body}, {init}, {xs}{length}{order})"
 
 
 def _pack(names: list[str]) -> str:
@@ -411,12 +425,10 @@ class _GlobalWriter:
         self.program = program
         self.names = names
         self.lines: list[str] = []
-        values = dict(program.values)
-        for op in walk_ops(program.ops):
-            if isinstance(op, Repeat):
-                values.update((v.name, v) for v in op.stacked)
-        self.ops = OpWriter(names, lambda name: values[name].type.dtype,
-                            lambda name: values[name].type.shape, self.lines)
+        # A stacked value's name means one trip's slice inside its loop, the whole stack outside.
+        self.values = dict(program.values)
+        self.ops = OpWriter(names, lambda name: self.values[name].type.dtype,
+                            lambda name: self.values[name].type.shape, self.lines)
 
     def body(self, ops, indent: str) -> None:
         for op in ops:
@@ -438,12 +450,16 @@ class _GlobalWriter:
         self.lines.append(f"{indent}    {_pack(carried)} = carry")
         if stacked:
             self.lines.append(f"{indent}    {_pack(stacked)} = stacked")
+        outside = dict(self.values)
+        self.values.update((v.name, v) for v in op.stacked)
         self.body(op.body, indent + "    ")
-        self.lines.append(f"{indent}    return {_pack([self.names(c.body_result) for c in op.carried])}, None")
+        self.values = outside
+        ys = _pack([self.names(s.body_value) for s in op.saved]) if op.saved else "None"
+        self.lines.append(f"{indent}    return {_pack([self.names(c.body_result) for c in op.carried])}, {ys}")
         xs = _pack(stacked) if stacked else "None"
-        length = "" if stacked else f", length={op.count}"
-        after = _pack([self.names(c.result.name) for c in op.carried]) if op.carried else "_"
-        self.lines.append(f"{indent}{after}, _ = lax.scan({body}, {_pack(carried)}, {xs}{length})")
+        self.lines.append(_scan_call(indent, body, _pack(carried), xs, op.count, bool(stacked),
+                                     op.reverse, [self.names(c.result.name) for c in op.carried],
+                                     [self.names(s.result.name) for s in op.saved]))
 
 
 # ---- helpers the module defines when its ops call them

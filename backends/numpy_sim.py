@@ -155,6 +155,11 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
 # ---- running a whole SpmdProgram
 
 
+def trips(count: int, reverse: bool) -> range:
+    """A loop's trip indices in the order they run (a reverse loop from the last)."""
+    return range(count - 1, -1, -1) if reverse else range(count)
+
+
 def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: dict | None,
                tick=None) -> None:
     evaluator = _Evaluator()
@@ -171,7 +176,8 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
         else:
             assert isinstance(step, RepeatStep)
             carried = [{inside: env[before] for before, inside, _, _ in step.carried} for env in envs]
-            for trip in range(step.count):
+            kept = [{after: [None] * step.count for _, after in step.saved} for _ in envs]
+            for trip in trips(step.count, step.reverse):
                 inner = []
                 for env, values in zip(envs, carried):
                     trip_env = dict(env)
@@ -185,9 +191,17 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
                 _run_steps(step.body, inner, mesh, traffic, record, tick)
                 carried = [{inside: trip_env[result] for _, inside, result, _ in step.carried}
                            for trip_env in inner]
-            for env, values in zip(envs, carried):
+                for trip_env, stacks in zip(inner, kept):
+                    for inside, after in step.saved:
+                        stacks[after][trip] = trip_env[inside]
+            for env, values, stacks in zip(envs, carried, kept):
                 for _, inside, _, after in step.carried:
                     env[after] = values[inside]
+                for _, after in step.saved:
+                    env[after] = np.stack(stacks[after])
+            if record is not None:  # what the loop leaves: its carried results and stacks
+                for after in [a for _, _, _, a in step.carried] + [a for _, a in step.saved]:
+                    record.setdefault(after, [env[after] for env in envs])
             continue
         if record is not None:  # a loop body's values as its first trip made them
             record.setdefault(made, [env[made] for env in envs])

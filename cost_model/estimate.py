@@ -18,7 +18,11 @@ multiplies").
 
 Memory: inputs and params stay resident the whole step; every other value
 is live from the step that makes it to the last step that reads it
-(outputs to the end). The peak is the largest sum of live local bytes.
+(outputs to the end). The peak is the largest sum of live local bytes. A
+loop's saved values (every trip's activations kept for a backward loop) are
+live from the loop's start to the last read of them (the backward loop's
+end), so the peak shows them; a reverse loop is laid out from its last trip,
+each trip's slice of a saved value ready when the trip that saved it ends.
 
 Fusion (fusion.py, on by default): fused regions are priced as one kernel,
 a roofline of their FLOPs against the bytes they read from and write to HBM,
@@ -241,13 +245,27 @@ class _Pricer:
             if isinstance(step, RepeatStep):
                 carried = {inside: rename.get(before, before)
                            for before, inside, _, _ in step.carried}
-                for trip in range(caps.get(id(step), step.count)):
+                kept: dict[str, dict[int, str]] = {after: {} for _, after in step.saved}
+                order = range(step.count - 1, -1, -1) if step.reverse else range(step.count)
+                laid = order[:caps.get(id(step), step.count)]
+                for trip in laid:
                     tag = f"{trip_tag}@{trip}"
                     inner = dict(rename, **carried)
+                    for source, inside in step.stacked:
+                        # A trip's slice of a value an earlier loop saved is ready when the
+                        # trip that saved it ends (the trip laid out nearest, when capped).
+                        whole = rename.get(source, source)
+                        made = self.trip_values.get(whole)
+                        inner[inside] = made[min(made, key=lambda k: abs(k - trip))] if made else whole
                     self.unroll(cost, inner, tag, nodes, caps)
                     carried = {inside: f"{result}{tag}" for _, inside, result, _ in step.carried}
+                    for inside, after in step.saved:
+                        kept[after][trip] = inner.get(inside, inside + tag)
                 for before, inside, result, after in step.carried:
                     rename[after] = carried[inside]
+                for _, after in step.saved:  # read whole, it is ready with its last trip's slice
+                    rename[after] = kept[after][laid[-1]]
+                    self.trip_values[rename[after]] = kept[after]
                 if shifts is not None:
                     shift += shifts.get(id(step), 0.0)
                 continue
@@ -267,6 +285,7 @@ class _Pricer:
         """Lay every run of every step out in time (a capped repeat's first trips only);
         the end of the last. `record` keeps each run's start in its OpCost."""
         nodes: list = []
+        self.trip_values: dict[str, dict[int, str]] = {}  # a saved value's slices, by trip
         self.unroll(priced, {}, "", nodes, caps or {}, shifts or {})
         ready: dict[str, float] = {}  # values not made by a step (inputs) are ready at 0
         if not self.overlap:
@@ -402,9 +421,14 @@ def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
                 order.append(((), [before for before, _, _, _ in step.carried]))
                 for before, inside, result, after in step.carried:
                     order.append(((inside,), []))
+                # The stacks of saved values are allocated whole as the loop starts (as
+                # lax.scan's ys are), and live until their last reader after it.
+                order.append((tuple(after for _, after in step.saved), []))
                 flatten(step.body)
                 for before, inside, result, after in step.carried:
                     order.append(((after,), [result]))
+                # What the loop slices lives until its last trip.
+                order.append(((), [source for source, _ in step.stacked]))
             elif isinstance(step, LocalStep):
                 order.append(((step.op.result.name,), [o.value for o in step.op.operands]))
             elif isinstance(step, FusedStep):

@@ -194,7 +194,7 @@ def _writes(step) -> tuple[str, ...]:
     if isinstance(step, CollectiveStep):
         return (step.dst,)
     if isinstance(step, RepeatStep):
-        return tuple(after for _, _, _, after in step.carried)
+        return tuple(after for _, _, _, after in step.carried) + tuple(after for _, after in step.saved)
     return tuple(step.writes)
 
 
@@ -377,6 +377,7 @@ def fuse(spmd: SpmdProgram, mode: str = DEFAULT_FUSION) -> SpmdProgram:
             if isinstance(step, RepeatStep):
                 for before, inside, result, after in step.carried:
                     kept.update((before, result))
+                kept.update(inside for inside, _ in step.saved)  # each trip writes it to its stack
                 scan(step.body, id(step.body))
             else:
                 for name in _reads(step):

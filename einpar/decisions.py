@@ -7,7 +7,8 @@ op that needs it and reused after), the move of its result into a pinned
 layout, and, for the explanation, what the op's strategy costs and the best
 strategy one axis away that the plan rejected. A `repeat` becomes a
 RepeatDecision: the moves before the loop, its body's Decisions, and the
-moves that bring each trip's results back to the layouts the loop carries.
+moves that bring each trip's results back to the layouts the loop carries
+(and a partial sum it saves to whole).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from .strategies import describe, short
 
 if TYPE_CHECKING:
     from .search import _Level, _Plan
+
+
+# Why a partial sum a loop saves is made whole in its body (explain words it so).
+SAVE_REASON = "the loop saves it"
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,17 @@ class Decision:
 @dataclass(frozen=True)
 class RepeatDecision:
     op: Repeat
-    entry: tuple[Move, ...]  # carried values (and outer values the body reads) moved before the loop
+    # carried values, stacked values and outer values the body reads, moved before the loop
+    entry: tuple[Move, ...]
     carried_layouts: tuple[Layout, ...]
-    stacked_layouts: tuple[Layout, ...]
+    stacked_layouts: tuple[Layout, ...]  # one trip's slice of each stacked value, in the body
     body: tuple["Step", ...]
     exit: tuple[Move, ...]  # each trip's results moved back to the carried layouts
     price: float = 0.0  # all trips
     alternative: Alternative | None = None
+    stacked_sources: tuple[Layout, ...] = ()  # the layout each stacked value is sliced from
+    saved_layouts: tuple[Layout, ...] = ()  # each saved value's layout in the body (per trip)
+    saves: tuple[Move, ...] = ()  # at the end of each trip, a partial sum it saves made whole
 
 
 Step = Union[Decision, RepeatDecision]
@@ -146,15 +155,19 @@ class Materializer:
         vtype = self.vtype(value)
         return plan_reshard(src, dst, vtype.shape, vtype.dtype, self.mesh)
 
-    def materialize_repeat(self, op: Repeat, layouts, choice, tensors, held, alternative,
+    def materialize_repeat(self, op: Repeat, label, choice, tensors, held, alternative,
                            parent: _Level) -> RepeatDecision:
-        plan, outer, level = self.body_plan(op, layouts, parent)
+        layouts, views, targets = label
+        plan, outer, level, _ = self.body_plan(op, layouts, views, targets, parent)
         entry = []
+        sliced = {view.name for view in op.stacked}
         for value, layout in [(c.value, lay) for c, lay in zip(op.carried, layouts)] + list(outer.items()):
             if held[value] != layout:
-                entry.append(Move(value, tensors[value], self.plan(value, held[value], layout),
-                                  "a loop carries it in this layout" if value not in outer else
-                                  "the loop reads it whole"))
+                reason = "a loop carries it in this layout" if value not in outer else \
+                    "the loop reads it a trip's slice at a time" if value in sliced else \
+                    "the loop reads it whole"
+                entry.append(Move(value, tensors[value], self.plan(value, held[value], layout), reason))
+        sources = tuple(outer.get(view.name, held[view.name]) for view in op.stacked)
         inside = dict(held)
         inside.update(level.fixed)
         inside_tensors = dict(tensors)
@@ -164,18 +177,37 @@ class Materializer:
             inside_tensors[carried.value] = tensors[carried.value]
         body = self.materialize(level, plan, inside_tensors, inside)
         exit_moves = []
-        for carried, layout in zip(op.carried, layouts):
-            now = inside[carried.body_result]
-            if now != layout:
-                exit_moves.append(Move(carried.body_result, inside_tensors[carried.body_result],
-                                       self.plan(carried.body_result, now, layout),
-                                       "the next trip reads it"))
+        outer_types, self.types = self.types, level.types  # a stacked view is its slice here
+        try:
+            for carried, layout in zip(op.carried, layouts):
+                now = inside[carried.body_result]
+                if now != layout:
+                    exit_moves.append(Move(carried.body_result, inside_tensors[carried.body_result],
+                                           self.plan(carried.body_result, now, layout),
+                                           "the next trip reads it"))
+            ends = dict(inside)
+            ends.update((c.body_result, layout) for c, layout in zip(op.carried, layouts))
+            saved_layouts, saves = [], []
+            for saved, target in zip(op.saved, targets):
+                now = ends[saved.body_value]
+                want = target or Layout(now.dims)  # each trip's slice is saved whole
+                if self.key(now) != self.key(want):
+                    saves.append(Move(saved.body_value, inside_tensors[saved.body_value],
+                                      self.plan(saved.body_value, now, want), SAVE_REASON))
+                    ends[saved.body_value] = now = want
+                saved_layouts.append(now)
+        finally:
+            self.types = outer_types
         for carried, layout in zip(op.carried, layouts):
             held[carried.result.name] = layout
             tensors[carried.result.name] = tensors[carried.value]
+        for saved, layout in zip(op.saved, saved_layouts):
+            held[saved.result.name] = Layout(((),) + layout.dims)
+            tensors[saved.result.name] = saved.result.name
         stacked = tuple(level.fixed[view.name] for view in op.stacked)
         return RepeatDecision(op, tuple(entry), tuple(layouts), stacked, tuple(body),
-                              tuple(exit_moves), choice.price, alternative)
+                              tuple(exit_moves), choice.price, alternative, sources,
+                              tuple(saved_layouts), tuple(saves))
 
     def alternative(self, evaluation: Evaluation, plan: _Plan, index: int, op) -> Alternative | None:
         """The cheapest other choice of node `index`, the rest of the plan held."""
@@ -189,9 +221,18 @@ class Materializer:
         if best is None or math.isinf(best[0]):
             return None
         label = node[best[1]][0]
-        rule = short(op, label, self.mesh) if not isinstance(op, Repeat) else \
-            "carried " + ", ".join(str(layout) for layout in label)
+        rule = short(op, label, self.mesh) if not isinstance(op, Repeat) else _loop_rule(label)
         extra = best[0] - evaluation.price
         # Rounding aside, no alternative is cheaper than the plan (a negative one would show).
         return Alternative(rule, 0.0 if abs(extra) <= 1e-9 * max(1.0, abs(evaluation.price))
                            else extra)
+
+
+def _loop_rule(label) -> str:
+    """A loop's choice in short: its carried layouts, and its stacked views' where chosen."""
+    layouts, views, targets = label
+    text = "carried " + ", ".join(str(layout) for layout in layouts)
+    chosen = [str(view) for view in views if view is not None]
+    kept = [str(target) for target in targets if target is not None]
+    return text + ("; sliced " + ", ".join(chosen) if chosen else "") + \
+        ("; saved " + ", ".join(kept) if kept else "")

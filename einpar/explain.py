@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from .errors import source_lines
 from .ir import Einsum, Reduce
 from .layout import Layout, Mesh, block_slices, format_type, local_bytes, mesh_groups
+from .decisions import SAVE_REASON
 from .partition import PARTIAL
 from .spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
 from .units import format_bytes
@@ -170,6 +171,8 @@ def _movement_sentence(step: CollectiveStep, src: Held, dst: Held) -> str:
     tensor = step.tensor
     if step.reason.endswith(" is asked for in this layout"):
         need = f"the program asks for {dst.text()}"
+    elif step.reason == SAVE_REASON:
+        need = f"the loop saves every trip's {dst.text()}"
     else:
         reader = step.reason.split(" reads ")[0]
         need = f"{reader} reads it as {dst.text()}"
@@ -276,13 +279,29 @@ class _Builder:
     def walk(self, steps, trips: int) -> None:
         for step in steps:
             if isinstance(step, RepeatStep):
+                self.loop_edge(step, trips, "before the loop")
                 self.walk(step.body, trips * step.count)
+                self.loop_edge(step, trips * step.count, "at the end of each trip")
             elif isinstance(step, LocalStep):
                 self.local(step, trips)
             elif step.serves in self.by_op:  # the result, moved where the program asks for it
                 self.attach(step, self.by_op[step.serves], of_result=True)
             else:
                 self.pending.append(step)
+
+    def loop_edge(self, step: RepeatStep, trips: int, when: str) -> None:
+        """Moves pending at a loop's edge (into the layouts it carries and slices values in,
+        or back to them after a trip) as a statement of their own, run as often as they are."""
+        if not self.pending:
+            return
+        order = " reverse" if step.reverse else ""
+        edge = Statement(len(self.statements) + 1, f"repeat {step.dim}", 0,
+                         f"repeat {step.dim}={step.count}{order}: {when}", trips)
+        for move in self.pending:
+            self.attach(move, edge, of_result=False)
+        edge.operands = list({m.dst.tensor: m.dst for m in edge.movements}.values())
+        self.statements.append(edge)
+        self.pending = []
 
     def build(self) -> Explanation:
         inputs = [self.held(name) for name in self.spmd.inputs]

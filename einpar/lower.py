@@ -103,11 +103,13 @@ class _Lowering:
         layouts = decision.carried_layouts
         starts = [self.held[(c.value, layout)] for c, layout in zip(op.carried, layouts)]
         tensors = [self.values[start].tensor for start in starts]
-        # A stacked param's slice is cut from what the enclosing level holds: the
-        # program's input, or in a nested block the enclosing trip's slice.
-        sources = [self.held_in(view.name) for view in op.stacked]
+        # A stacked value's slice is cut from the copy the loop reads: the program's input
+        # (in a nested block, the enclosing trip's slice), or a value made before the loop
+        # in the layout the plan slices it from.
+        sources = [self.held[(view.name, layout)]
+                   for view, layout in zip(op.stacked, decision.stacked_sources)]
         saved, saved_types = dict(self.held), dict(self.types)
-        # Inside the body a carried name means this trip's value, a stacked param's
+        # Inside the body a carried name means this trip's value, a stacked value's
         # name this trip's slice: other copies of them are not valid there.
         inside = []
         for carried, layout, tensor in zip(op.carried, layouts, tensors):
@@ -124,24 +126,23 @@ class _Lowering:
         self.steps(decision.body, body)
         for move in decision.exit:
             self.move(move, body)
+        for move in decision.saves:  # the op's result, moved for the loop to save
+            self.move(move, body, move.value)
         results = [self.held[(c.body_result, layout)] for c, layout in zip(op.carried, layouts)]
+        kept = [self.held[(s.body_value, layout)] for s, layout in zip(op.saved, decision.saved_layouts)]
         # Values made inside the body do not outlive it; the enclosing level's
-        # types of stacked params (its own slices) come back.
+        # types of stacked values (its own slices) come back.
         self.held, self.types = saved, saved_types
         for carried, layout, tensor in zip(op.carried, layouts, tensors):
             self.define(carried.result.name, carried.result.name, tensor, layout)
+        for s, layout in zip(op.saved, decision.saved_layouts):
+            self.define(s.result.name, s.result.name, s.result.name, Layout(((),) + layout.dims))
         steps.append(RepeatStep(
             op.dim, op.count,
             tuple((start, name, result, c.result.name)
                   for c, start, name, result in zip(op.carried, starts, inside, results)),
-            tuple(zip(sources, trips)), tuple(body), self.priced(decision)))
-
-    def held_in(self, value: str) -> str:
-        """The local name of the one copy of `value` held here (a stacked param is
-        never moved, so it has exactly one)."""
-        names = [name for (held, _), name in self.held.items() if held == value]
-        assert len(names) == 1, (value, names)
-        return names[0]
+            tuple(zip(sources, trips)), tuple(body), self.priced(decision),
+            tuple(zip(kept, (s.result.name for s in op.saved))), op.reverse))
 
     def steps(self, decisions, steps: list) -> None:
         for decision in decisions:

@@ -100,11 +100,14 @@ class _Partitioner(Search, Materializer):
         constraint = self.pin(op)
         vtype = self.vtype(op.result.name)
         operand_types = [self.vtype(o.value) for o in op.operands]
+        # Whether the result must end whole (an output asked for in no layout, or a value a
+        # loop saves) changes the price: a loop body is solved with either (saved values).
+        whole = is_output and output is None
         for roles in roles_list:
             strategy = self.strategy(op, roles)
             if strategy is None:
                 continue
-            cached = self._choices.get((id(op), roles))
+            cached = self._choices.get((id(op), roles, whole))
             if cached is None:
                 price = self.objective.compute(op, dict(strategy.local_sizes), strategy.flops,
                                                strategy.operand_layouts, strategy.result_layout,
@@ -113,17 +116,17 @@ class _Partitioner(Search, Materializer):
                 if constraint is not None and self.key(constraint) != final:
                     extra = self.move_price(op.result.name, final, self.key(constraint))
                     if extra is None:
-                        self._choices[(id(op), roles)] = False
+                        self._choices[(id(op), roles, whole)] = False
                         continue
                     price += extra
                     final = self.key(constraint)
-                if is_output and output is None and final.partial:
+                if whole and final.partial:
                     price += self.move_price(op.result.name, final, Layout(final.dims))
                 needs = tuple((o.value, self.key(layout))
                               for o, layout in zip(op.operands, strategy.operand_layouts))
                 memory = local_bytes(final, vtype.shape, vtype.dtype, self.mesh)
                 cached = Choice(price, needs, ((op.result.name, final),), memory)
-                self._choices[(id(op), roles)] = cached
+                self._choices[(id(op), roles, whole)] = cached
             if cached is not False:
                 choices.append((roles, cached))
         return choices

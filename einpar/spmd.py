@@ -87,9 +87,12 @@ class RepeatStep:
     count: int
     # (value before the loop, name inside the body, body's result, value after the loop)
     carried: tuple[tuple[str, str, str, str], ...]
-    stacked: tuple[tuple[str, str], ...]  # (stacked param, the name of one trip's slice in the body)
+    stacked: tuple[tuple[str, str], ...]  # (stacked value, the name of one trip's slice in the body)
     body: tuple["Step", ...]
     priced: Priced | None = None  # the loop's carried layouts, as a decision
+    # (body value, the value after the loop that stacks it from every trip, trip i at index i)
+    saved: tuple[tuple[str, str], ...] = ()
+    reverse: bool = False  # trips run count-1 down to 0
 
 
 Step = Union[LocalStep, CollectiveStep, RepeatStep]
@@ -174,10 +177,17 @@ def format_spmd(program: SpmdProgram) -> str:
     def emit(steps, indent: str) -> None:
         for step in steps:
             if isinstance(step, RepeatStep):
-                lines.append(f"{indent}repeat {step.dim}={step.count} {{")
+                order = " reverse" if step.reverse else ""
+                lines.append(f"{indent}repeat {step.dim}={step.count}{order} {{")
                 for before, inside, result, after in step.carried:
                     lines.append(f"{indent}  carry {inside} = {before}, then {result}")
+                for source, inside in step.stacked:
+                    # A param's slices go without saying; a value made before the loop's do not.
+                    if program.values[source].tensor not in program.inputs:
+                        lines.append(f"{indent}  slice {inside} = {source}[trip]")
                 emit(step.body, indent + "  ")
+                for inside, after in step.saved:
+                    lines.append(f"{indent}  save {inside} -> {value_text(after)}")
                 lines.append(f"{indent}}}")
             elif isinstance(step, CollectiveStep):
                 call = format_collective(step, program.values[step.dst].type.indices)
@@ -221,9 +231,12 @@ def to_json(program: SpmdProgram) -> dict:
 
     def step_json(step) -> dict:
         if isinstance(step, RepeatStep):
-            return {"repeat": step.dim, "count": step.count,
+            return {"repeat": step.dim, "count": step.count, "reverse": step.reverse,
                     "carried": [{"before": b, "inside": i, "result": r, "after": a}
                                 for b, i, r, a in step.carried],
+                    "stacked": [{"source": source, "inside": inside}
+                                for source, inside in step.stacked],
+                    "saved": [{"inside": inside, "after": after} for inside, after in step.saved],
                     "body": [step_json(inner) for inner in step.body],
                     "price": step.priced.to_json() if step.priced else None}
         if isinstance(step, CollectiveStep):
