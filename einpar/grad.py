@@ -806,8 +806,140 @@ class _Level:
 
 # ---- printing (`einpar compile --emit grad`)
 
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
+          "le": "<=", "eq": "==", "ne": "!="}
+
+
+class _Text:
+    """`.ein` text for IR values and ops: each value name as an identifier of its own
+    (`h.grad` -> `h_grad`, `x#2` -> `x_2`)."""
+
+    def __init__(self, program: Program):
+        self.names: dict[str, str] = {}
+        self.taken: set[str] = set(program.dim_sizes) | set(program.mesh.names)
+
+    def __call__(self, name: str) -> str:
+        if name not in self.names:
+            base = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name) or "v"
+            if base[0].isdigit():
+                base = "v" + base
+            ident, number = base, 1
+            while ident in self.taken:
+                number += 1
+                ident = f"{base}_{number}"
+            self.taken.add(ident)
+            self.names[name] = ident
+        return self.names[name]
+
+    def spec(self, name: str, value_type: TensorType, layout=None) -> str:
+        indices = []
+        for position, index in enumerate(value_type.indices):
+            axes = layout.dims[position] if layout is not None else ()
+            split = "" if not axes else "@" + (axes[0] if len(axes) == 1 else f"({','.join(axes)})")
+            indices.append(index + split)
+        return f"{self(name)}[{', '.join(indices)}]"
+
+    def operand(self, operand: Operand) -> str:
+        return f"{self(operand.value)}[{','.join(operand.indices)}]"
+
+    def scalar(self, expr: Scalar, operands: tuple[Operand, ...]) -> str:
+        if isinstance(expr, Arg):
+            return self.operand(operands[expr.index])
+        if isinstance(expr, Const):
+            if expr.label:
+                return expr.label
+            value = expr.value
+            if isinstance(value, float) and math.isinf(value):
+                return "inf" if value > 0 else "-inf"
+            return repr(value) if not isinstance(value, bool) else repr(int(value))
+        if isinstance(expr, Pos):
+            return f"pos({expr.index})"
+        if isinstance(expr, Cast):  # the checker inserts casts where dtypes differ
+            return self.scalar(expr.arg, operands)
+        args = [self.scalar(a, operands) for a in expr.args]
+        if expr.fn in _INFIX:
+            return f"({args[0]} {_INFIX[expr.fn]} {args[1]})"
+        if expr.fn == "neg":
+            return f"-{args[0]}"
+        return f"{expr.fn}({', '.join(args)})"
+
+    def op(self, op: Op, indent: str) -> list[str]:
+        if isinstance(op, Repeat):
+            return self.repeat(op, indent)
+        result = op.result
+        head = f"{indent}{self.spec(result.name, result.type, result.layout)}: {result.type.dtype} = "
+        if isinstance(op, Einsum):
+            product = " * ".join(self.operand(o) for o in op.operands)
+            body = f"sum[{','.join(op.summed)}]({product})" if len(op.operands) == 1 and op.summed \
+                else product
+        elif isinstance(op, Map):
+            body = self.scalar(op.expr, op.operands)
+        elif isinstance(op, Reduce):
+            body = f"{op.kind}[{','.join(op.over)}]({self.operand(op.operand)})"
+        elif isinstance(op, Library):
+            body = f"{op.kind}[{op.index}]({self.operand(op.operand)})"
+        elif isinstance(op, Route):
+            body = f"route[{op.expert},{op.capacity}]({self.operand(op.operand)}, k={op.k})"
+        elif isinstance(op, Take):
+            body = f"take[{op.index}]({self.operand(op.table)}, {self.operand(op.ids)})"
+        else:  # no .ein syntax: the adjoint of take
+            body = f"scatter_add[{op.index}]({self.operand(op.update)}, {self.operand(op.ids)})"
+        line = f"  # {op.stmt}, line {op.span.line}" if op.span else f"  # {op.stmt}"
+        return [head + body + line]
+
+    def repeat(self, op: Repeat, indent: str) -> list[str]:
+        # .ein has no syntax for a reversed loop, stacked views of values or saved values:
+        # they are shown as comments around the body.
+        flags = " reverse" if op.reverse else ""
+        lines = [f"{indent}repeat {op.dim}{flags} {{"]
+        inner = indent + "  "
+        for view in op.stacked:
+            lines.append(f"{inner}# stacked: {self(view.name)} is this trip's slice")
+        for c in op.carried:
+            lines.append(f"{inner}# carried: {self(c.value)} <- {self(c.body_result)}, "
+                         f"after the loop {self(c.result.name)}")
+        for inner_op in op.body:
+            lines.extend(self.op(inner_op, inner))
+        for s in op.saved:
+            lines.append(f"{inner}# saved: {self(s.body_value)} of every trip as "
+                         f"{self.spec(s.result.name, s.result.type)}")
+        lines.append(f"{indent}}}")
+        return lines
+
 
 def format_grad(program: Program) -> str:
-    """The derived program as `.ein`-like text."""
-    from .ir import format_program
-    return format_program(program)
+    """`program` (as `grad` returns it) as `.ein`-like text: valid `.ein` for programs without
+    repeats; a repeat's stacked views, carried and saved values are comments, and the
+    adjoint of take is written `scatter_add[V](...)`."""
+    text = _Text(program)
+    lines = [f"# {program.file} with its backward pass (einpar grad)"]
+    if program.mesh.axes:
+        lines.append("mesh " + " ".join(f"{a}={n}" for a, n in program.mesh.axes))
+    lines.append("dim  " + " ".join(f"{name}={size}" for name, size in program.dims))
+    lines.append(f"dtype {program.dtype}")
+    lines.append("")
+    for value in program.inputs:
+        kind = "param" if value.kind == "param" else "input"
+        stacked = f"  # stacked by {','.join(value.stacked_by)}" if value.stacked_by else ""
+        lines.append(f"{kind} {text.spec(value.name, value.type, value.layout)}: {value.type.dtype}"
+                     f"{stacked}")
+    lines.append("")
+    first_backward = next((i for i, op in enumerate(program.ops)
+                           if not isinstance(op, Repeat) and op.stmt.endswith(".grad")), None)
+    for position, op in enumerate(program.ops):
+        if position == first_backward:
+            lines.extend(["", "# the backward pass"])
+        lines.extend(text.op(op, ""))
+    lines.append("")
+    values = program.values
+    for output in program.outputs:
+        name = text(output.name)
+        if text(output.value) != name:
+            vtype = values[output.value].type
+            lines.append(f"{text.spec(output.name, vtype, output.layout)}: {vtype.dtype} = "
+                         f"{text.spec(output.value, vtype)}")
+        if output.layout is not None:
+            lines.append(f"output {text.spec(output.name, values[output.value].type, output.layout)}")
+        else:
+            lines.append(f"output {name}")
+    return "\n".join(lines) + "\n"
