@@ -557,7 +557,7 @@ class _Level:
             elif isinstance(op, ScatterAdd):
                 self.scatter_add(op, cot)
 
-    def contribution(self, op: Op, operand: Operand, make) -> None:
+    def contribution(self, operand: Operand, make) -> None:
         """Emit `operand`'s contribution: `make(name, vtype)` returns the op that defines it."""
         vtype = self.type_of(operand.value)
         name = self.new_part(operand.value, operand.indices)
@@ -731,7 +731,7 @@ class _Level:
         if not self.active(table.value):
             return
         ids = Operand(self.resolve(op.ids.value), op.ids.indices)
-        self.contribution(op, table, lambda name, vtype: ScatterAdd(
+        self.contribution(table, lambda name, vtype: ScatterAdd(
             self.new_value(name, vtype, table.indices), cot, ids, op.index, f"{op.stmt}.grad",
             op.span))
 
@@ -740,7 +740,7 @@ class _Level:
         if not self.active(update.value):
             return
         ids = Operand(self.resolve(op.ids.value), op.ids.indices)
-        self.contribution(op, update, lambda name, vtype: Take(
+        self.contribution(update, lambda name, vtype: Take(
             self.new_value(name, vtype, update.indices), cot, ids, op.index, f"{op.stmt}.grad",
             op.span))
 
