@@ -230,41 +230,24 @@ class _Evaluator:
                 self.tick()
 
     def repeat(self, op: Repeat, env: dict) -> None:
-        if op.saved or op.reverse:
-            return repeat_saving(self, op, env)
+        """Trips in order (L-1 down to 0 when `reverse`, as lax.scan(reverse=True)); each sees
+        trip i's slice of every stacked value, and `saved` keeps trip i's values at index i."""
         carried = {c.value: env[c.value] for c in op.carried}
         stacked = {value.name: env[value.name] for value in op.stacked}
-        for trip in range(op.count):
+        kept: dict[str, list] = {s.result.name: [None] * op.count for s in op.saved}
+        trips = range(op.count - 1, -1, -1) if op.reverse else range(op.count)
+        for trip in trips:
             inner = dict(env)
             inner.update(carried)
             inner.update((name, array[trip]) for name, array in stacked.items())
             self.run(op.body, inner)
             carried = {c.value: inner[c.body_result] for c in op.carried}
+            for s in op.saved:
+                kept[s.result.name][trip] = inner[s.body_value]
         for c in op.carried:
             env[c.result.name] = carried[c.value]
-
-
-def repeat_saving(evaluator: _Evaluator, op: Repeat, env: dict) -> None:
-    """A repeat that saves body values from every trip (stacked, trip i at index i, as
-    lax.scan's ys) and may run its trips from the last (lax.scan(reverse=True)); its stacked
-    values are sliced by trip index either way."""
-    carried = {c.value: env[c.value] for c in op.carried}
-    stacked = {value.name: env[value.name] for value in op.stacked}
-    kept: dict[str, list] = {s.result.name: [None] * op.count for s in op.saved}
-    order = range(op.count - 1, -1, -1) if op.reverse else range(op.count)
-    for trip in order:
-        inner = dict(env)
-        inner.update(carried)
-        inner.update((name, array[trip]) for name, array in stacked.items())
-        evaluator.run(op.body, inner)
-        carried = {c.value: inner[c.body_result] for c in op.carried}
         for s in op.saved:
-            kept[s.result.name][trip] = inner[s.body_value]
-    for c in op.carried:
-        env[c.result.name] = carried[c.value]
-    for s in op.saved:
-        env[s.result.name] = np.stack(kept[s.result.name]).astype(
-            numpy_dtype(s.result.type.dtype), copy=False)
+            self.store(env, s.result.type, s.result.name, np.stack(kept[s.result.name]))
 
 
 def evaluate(program: Program, inputs: dict[str, np.ndarray], tick=None) -> dict[str, np.ndarray]:
