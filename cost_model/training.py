@@ -141,9 +141,11 @@ def _step_names(step) -> tuple[str, ...]:
 def step_parts(steps, program: Program, forward, after_backward: bool = False,
                parts: dict | None = None) -> tuple[dict, bool]:
     """The part of every step (by id) and of every local value made, in program order; and
-    whether a backward step was seen. A moved copy of an input (a weight gathered) is in the
-    part of the step it serves."""
+    whether a backward step was seen. A collective that moves an input or a forward value is
+    in the part of the step it serves (the value's own when it is moved to be an output); one
+    that moves a gradient is in the backward pass."""
     parts = {} if parts is None else parts
+    inputs = {value.name for value in program.inputs}
     for step in steps:
         if isinstance(step, RepeatStep):
             _, seen = step_parts(step.body, program, forward, after_backward, parts)
@@ -153,11 +155,16 @@ def step_parts(steps, program: Program, forward, after_backward: bool = False,
                 parts.setdefault(after, step_part(after, program, forward, after_backward))
             continue
         names = _step_names(step)
-        if isinstance(step, CollectiveStep) and step.serves and \
-                program_value(step.dst) in {v.name for v in program.inputs}:
+        moved = isinstance(step, CollectiveStep)
+        # A value moved to be delivered (an output; serves nothing) is in its own part.
+        part = step_part(names[-1], program, forward,
+                         after_backward and not (moved and not step.serves))
+        if moved and step.serves and (
+                part == "forward" or program_value(step.dst) in inputs):
+            # An input or a forward value is moved for whichever op needs it (a weight
+            # gathered again, or an activation, for the backward pass); a gradient's move
+            # (its all-reduce or reduce-scatter) stays in the backward pass.
             part = step_part(step.serves, program, forward, after_backward)
-        else:
-            part = step_part(names[-1], program, forward, after_backward)
         parts[id(step)] = part
         for name in names:
             parts[name] = part

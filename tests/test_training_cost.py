@@ -160,3 +160,21 @@ def test_memory_kinds_by_the_naming_contract():
     assert step_part("y", step, forward, after_backward=True) == "backward"
     assert step_part("w.m.new", step, forward, after_backward=True) == "update"
     assert step_part("w.grad", step, forward, after_backward=False) == "backward"
+
+
+def test_each_collective_is_in_the_part_it_serves_a_gradients_in_the_backward_pass():
+    """FSDP: w gathered for y (forward, and kept for the backward's xg), w.grad
+    reduce-scattered (backward), the loss all-reduced to be delivered (forward)."""
+    from einpar.cost_model.training import forward_values, step_parts
+    from einpar.spmd import collectives
+
+    text = FORWARD.format(mesh="mesh dp=4", split="@dp").replace("param w[D,F]", "param w[D@dp,F]")
+    backward = BACKWARD.replace("output wg\n", "xg[B,D] = yg[B,F] * w[D,F]\noutput xg\noutput wg\n")
+    forward = ein.compile_source(text, "fsdp.ein", {"B": 512})
+    step = _renamed(ein.compile_source(text + backward, "fsdp.ein", {"B": 512}), "yg", "y.grad")
+    step = replace(apply_optimizer(with_gradients(step, {"w": "wg"}), ADAM), forward=forward)
+    spmd = ein.compile_spmd(step, objective="bytes")
+    parts, _ = step_parts(spmd.steps, step, forward_values(step))
+    assert [(c.kind, c.src, c.serves, parts[id(c)]) for c in collectives(spmd)] == [
+        ("all_gather", "w", "y", "forward"), ("reduce_scatter", "w.grad", "w.m.new", "backward"),
+        ("all_reduce", "l", "", "forward")]
