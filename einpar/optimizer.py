@@ -226,6 +226,8 @@ def apply_optimizer(program: Program, optimizer: Optimizer) -> Program:
     outputs; `w.grad` outputs the program did not ask for are dropped."""
     if optimizer.kind not in OPTIMIZER_STATE:
         raise ValueError(f"unknown optimizer '{optimizer.kind}'")
+    if optimizer.step < 1:
+        raise ValueError(f"Adam's step number t is at least 1, not {optimizer.step}")
     for axis in optimizer.shard:
         if axis not in program.mesh.names:
             raise ValueError(f"optimizer shard axis '{axis}' is not a mesh axis")

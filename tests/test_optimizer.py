@@ -15,6 +15,7 @@ from einpar.ir import Einsum, Map, Optimizer, Output, Program, Reduce, Repeat
 from einpar.layout import Layout
 from einpar.optimizer import apply_optimizer, param_of_state, state_layout
 from einpar.spmd import collectives
+from einpar.tolerance import compare, program_tolerance
 
 # A forward program and its gradient written by hand: y = x·w, the loss's gradient dy given;
 # `wg` becomes the value `w.grad`, as einpar.grad names it.
@@ -317,8 +318,6 @@ def test_stacked_param_has_stacked_state():
 
 @pytest.mark.parametrize("twin", [False, True], ids=["shard_map", "gspmd"])
 def test_jax_runs_the_zero_update_as_the_reference(twin):
-    from einpar.tolerance import compare, program_tolerance
-
     step = training(BF16, replace(ADAMW, shard=("dp",)))
     arrays = inputs_with_state(step)
     reference = ein.run_reference(step, arrays)
@@ -328,3 +327,50 @@ def test_jax_runs_the_zero_update_as_the_reference(twin):
                         program_tolerance(step))
         assert found.ok, (output.name, found.error, found.tolerance)
         assert result.outputs[output.name].dtype == reference[output.name].dtype
+
+
+TWO_LAYERS = """
+mesh dp=4
+dim B=512 D=16 F=32 E=8
+input x[B@dp,D]
+input dz[B@dp,E]
+param w1[D,F]
+param w2[F,E] : bf16
+y[B,F] = x[B,D] * w1[D,F]
+z[B,E] = y[B,F] * w2[F,E]
+g2[F,E] : bf16 = y[B,F] * dz[B,E]
+dy[B,F] = dz[B,E] * w2[F,E]
+g1[D,F] = x[B,D] * dy[B,F]
+output z
+output g1
+output g2
+"""
+
+
+def test_zero1_moves_each_param_once_each_way():
+    step = training(TWO_LAYERS, replace(ADAMW, shard=("dp",)), grads={"w1": "g1", "w2": "g2"})
+    moves = sorted(_moves(step, "time"))
+    assert moves == sorted([
+        ("reduce_scatter", "w1.grad", 3 * 16 * 32 * 4 // 4), ("all_gather", "w1.new", 3 * 16 * 32 * 4 // 4),
+        ("reduce_scatter", "w2.grad", 3 * 32 * 8 * 2 // 4), ("all_gather", "w2.new", 3 * 32 * 8 * 2 // 4)])
+    arrays = inputs_with_state(step)
+    expected = ein.run_reference(step, arrays)
+    got, _ = ein.run_simulated(step, arrays)
+    # w2's bf16 gradient is summed in bf16 blocks on the devices: equal within bf16's tolerance
+    for output in step.outputs:
+        found = compare(output.name, expected[output.name], got[output.name],
+                        program_tolerance(step))
+        assert found.ok, (output.name, found.error, found.tolerance)
+
+
+def test_a_gradient_pinned_only_to_be_delivered_goes_straight_into_the_sharded_update():
+    """A gradient value pinned whole (as if for its output) is unpinned when its output is
+    dropped, so ZeRO reduce-scatters it rather than all-reducing it first."""
+    program = with_gradients(ein.compile_source(MLP, "step.ein", {"B": 512}), {"w": "wg"})
+    pinned = tuple(replace(op, result=replace(op.result, layout=Layout(((), ()))))
+                   if op.result.name == "w.grad" else op for op in program.ops)
+    step = apply_optimizer(replace(program, ops=pinned), replace(ADAMW, shard=("dp",)))
+    assert program.values["w.grad"].layout is None
+    assert replace(program, ops=pinned).values["w.grad"].layout == Layout(((), ()))
+    assert step.values["w.grad"].layout is None
+    assert [kind for kind, _, _ in _moves(step, "time")] == ["reduce_scatter", "all_gather"]
