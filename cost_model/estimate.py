@@ -37,6 +37,7 @@ from einpar.errors import Diagnostic, EinparError
 from einpar.flops import op_flops, program_flops
 from einpar.precision import DEFAULT_PRECISION, check_precision
 from einpar.ir import Program, format_op
+from einpar.optimizer import updated_name
 from einpar.layout import local_bytes
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
 from einpar.spmd import format_collective
@@ -444,13 +445,14 @@ def peak_memory(spmd: SpmdProgram, bytes_of, observe=None) -> tuple[int, int]:
 
 
 def in_place_updates(spmd: SpmdProgram, bytes_of) -> set[str]:
-    """The local values of outputs that update an input in place: an output named as an
-    input (a training step's updated param or optimizer state, `output w`) whose block has
-    the input's size is written into the input's buffer (as a jitted step with donated
+    """The local values of outputs that update an input in place: a training step's updated
+    param or optimizer state (`output w` of the value `w.new`, einpar.optimizer) whose block
+    has the input's size is written into the input's buffer (as a jitted step with donated
     arguments, or PyTorch's in-place update, does), so it takes no memory of its own."""
     inputs = set(spmd.inputs)
     return {output.value for output in spmd.outputs
             if output.name in inputs and output.value not in inputs
+            and output.value.split("~")[0] == updated_name(output.name)
             and bytes_of(output.value) == bytes_of(output.name)}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import einpar.api as ein
 from einpar.cost_model.cluster import load_cluster
-from einpar.cost_model.estimate import estimate, peak_memory
+from einpar.cost_model.estimate import estimate, in_place_updates, peak_memory
 from einpar.cost_model.training import memory_kind, step_part
 from einpar.ir import Optimizer, Program
 from einpar.optimizer import apply_optimizer
@@ -178,3 +178,34 @@ def test_each_collective_is_in_the_part_it_serves_a_gradients_in_the_backward_pa
     assert [(c.kind, c.src, c.serves, parts[id(c)]) for c in collectives(spmd)] == [
         ("all_gather", "w", "y", "forward"), ("reduce_scatter", "w.grad", "w.m.new", "backward"),
         ("all_reduce", "l", "", "forward")]
+
+
+def test_trips_not_laid_out_go_to_their_part():
+    """A repeat of 5,000 trips lays out 4: the rest of its time is the forward pass's."""
+    from test_optimizer import STACKED
+
+    forward = ein.compile_source(STACKED, "stacked.ein", {"L": 5000})
+    step = with_gradients(ein.compile_source(STACKED, "stacked.ein", {"L": 5000}), {"s": "wg"})
+    step = replace(apply_optimizer(step, ADAM), forward=forward)
+    for overlap in (False, True):
+        result = priced(step, overlap=overlap)
+        assert any("laid out for 4 trips" in note for note in result.notes)
+        times = result.training.time_s
+        assert sum(times.values()) == pytest.approx(result.step_time_s - result.cluster.step_overhead_s)
+        body = sum((op.compute_s or op.comm_s) * op.trips for op in result.ops if op.trips > 1)
+        assert times["forward"] >= body * 0.99
+
+
+def test_an_output_redefining_an_input_is_not_an_update_in_place():
+    """Only the optimizer's updates (`w.new` for output `w`) take their input's buffer: a
+    forward program's `x = ...; output x` keeps its own."""
+    program = ein.compile_source("dim B=8 D=16 L=2\ninput x[B,D]\n"
+                                 "repeat L {\n  x[B,D] = x[B,D] * 2\n}\noutput x", "redefine.ein")
+    spmd = ein.compile_spmd(program)
+    bytes_of = {name: value.type.nbytes for name, value in spmd.values.items()}.__getitem__
+    assert in_place_updates(spmd, bytes_of) == set()
+    step = train_step(ADAM)
+    step_spmd = ein.compile_spmd(step)
+    step_bytes = {name: value.type.nbytes for name, value in step_spmd.values.items()}.__getitem__
+    assert in_place_updates(step_spmd, step_bytes) == {"w.new", "w.m.new", "w.v.new",
+                                                       "w.master.new"}
