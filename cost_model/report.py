@@ -95,7 +95,8 @@ def print_memory_and_training(estimate: Estimate, out: Console) -> None:
     if memory is not None:
         kinds = ", ".join(f"{KIND_NAMES[kind]} {format_bytes(size)}"
                           for kind, size in memory.by_kind.items() if size)
-        where = f"; at {memory.peak_value} ({memory.peak_part})" if memory.peak_value else ""
+        part = f" ({memory.peak_part})" if estimate.training is not None else ""
+        where = f"; at {memory.peak_value}{part}" if memory.peak_value else ""
         out.print(f"  at the peak  {kinds or 'nothing'}{where}", markup=False)
         if memory.saved_activations_bytes is not None:
             out.print(f"  saved activations {format_bytes(memory.saved_activations_bytes)} "
