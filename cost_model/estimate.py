@@ -18,7 +18,9 @@ multiplies").
 
 Memory: inputs and params stay resident the whole step; every other value
 is live from the step that makes it to the last step that reads it
-(outputs to the end). The peak is the largest sum of live local bytes. A
+(outputs to the end; an output that updates an input, a training step's
+param or optimizer state, in place takes the input's buffer). The peak is
+the largest sum of live local bytes; training.py says of what kinds. A
 loop's saved values (every trip's activations kept for a backward loop) are
 live from the loop's start to the last read of them (the backward loop's
 end), so the peak shows them; a reverse loop is laid out from its last trip,
@@ -39,6 +41,7 @@ from einpar.errors import Diagnostic, EinparError
 from einpar.flops import op_flops, program_flops
 from einpar.precision import DEFAULT_PRECISION, check_precision
 from einpar.ir import Program, format_op
+from einpar.optimizer import updated_name
 from einpar.layout import local_bytes
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
 from einpar.spmd import format_collective
@@ -48,6 +51,7 @@ from .collectives import CollectiveTime, collective_time
 from .attention import flash_attention_time
 from .compute import ComputeTime, NoPeak, op_time
 from .fusion import DEFAULT_FUSION, FusedStep, fuse
+from .training import Memory, MemoryWatch, TrainingFigures, training_figures
 
 
 @dataclass
@@ -93,6 +97,8 @@ class Estimate:
     peak_flops_per_s: float  # the peak of the program's heaviest op's dtype
     notes: list
     fusion: str = DEFAULT_FUSION  # "auto" (fused regions) or "none" (every step alone)
+    memory: Memory | None = None  # by kind, at the peak (training.py)
+    training: TrainingFigures | None = None  # a training step's parts, model FLOPs, MFU
 
     @property
     def memory_bound_s(self) -> float:
@@ -136,6 +142,8 @@ class Estimate:
                 "start_s": op.starts[0] if op.starts else None,
                 "region": {"kind": op.region, "members": list(op.members)} if op.region else None}
                 for op in self.ops],
+            "memory": self.memory.to_json() if self.memory else None,
+            "training": self.training.to_json() if self.training else None,
             "notes": self.notes,
         }
 
@@ -409,10 +417,11 @@ def _contains(repeat: RepeatStep, step: RepeatStep) -> bool:
                                  for inner in repeat.body)
 
 
-def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
+def peak_memory(spmd: SpmdProgram, bytes_of, observe=None) -> tuple[int, int]:
     """(peak live bytes, resident input bytes) of one device; a repeat body counted once,
     since every trip holds the same. A fused region's intermediates never live in HBM: only
-    the values it writes count."""
+    the values it writes count. `observe(made, live)`, if given, sees the values live (by
+    name, bytes; inputs aside) after each step makes its values (training.MemoryWatch)."""
     order: list[tuple[tuple[str, ...], list[str]]] = []  # (values made, values read), in order
 
     def flatten(steps) -> None:
@@ -436,7 +445,7 @@ def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
             else:  # a collective, or a slice: a new local value either way
                 order.append(((step.dst,), [step.src]))
     flatten(spmd.steps)
-    inputs = set(spmd.inputs)
+    inputs = set(spmd.inputs) | in_place_updates(spmd, bytes_of)
     resident = sum(bytes_of(name) for name in spmd.inputs)
     last_use: dict[str, int] = {}
     for position, (_, reads) in enumerate(order):
@@ -452,9 +461,23 @@ def peak_memory(spmd: SpmdProgram, bytes_of) -> tuple[int, int]:
             if name not in inputs:
                 live[name] = bytes_of(name)
         peak = max(peak, sum(live.values()))
+        if observe is not None:
+            observe(made, live)
         for name in [name for name in live if last_use.get(name, made_at[name]) <= position]:
             del live[name]
     return resident + peak, resident
+
+
+def in_place_updates(spmd: SpmdProgram, bytes_of) -> set[str]:
+    """The local values of outputs that update an input in place: a training step's updated
+    param or optimizer state (`output w` of the value `w.new`, einpar.optimizer) whose block
+    has the input's size is written into the input's buffer (as a jitted step with donated
+    arguments, or PyTorch's in-place update, does), so it takes no memory of its own."""
+    inputs = set(spmd.inputs)
+    return {output.value for output in spmd.outputs
+            if output.name in inputs and output.value not in inputs
+            and output.value.split("~")[0] == updated_name(output.name)
+            and bytes_of(output.value) == bytes_of(output.name)}
 
 
 def fused_time(parts: list, hbm_bytes: int, cluster: Cluster) -> ComputeTime:
@@ -499,7 +522,10 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
     comm_s = sum(op.comm_s * op.trips for op in pricer.ops)
     flops = sum(op.flops * op.trips for op in pricer.ops)
     hbm = sum(op.hbm_bytes * op.trips for op in pricer.ops)
-    peak, resident = peak_memory(spmd, pricer.local_bytes)
+    watch = MemoryWatch(program, spmd, pricer.local_bytes)
+    peak, resident = peak_memory(spmd, pricer.local_bytes, watch.observe)
+    training = training_figures(program, priced, watch.parts, end, step_time,
+                                pricer.peak_dtype_flops[1], spmd.mesh.num_devices)
     notes = list(trip_notes)
     if spmd.mesh.num_devices < cluster.num_devices:
         notes.append(f"the mesh uses {spmd.mesh.num_devices} of the cluster's {cluster.num_devices} "
@@ -514,4 +540,5 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
         exposed_comm_s=max(0.0, end - compute_s), flops_per_device=flops,
         model_flops=program_flops(program), bytes_per_device=bytes_per_device(spmd.steps),
         hbm_bytes_per_device=hbm, peak_memory_bytes=peak, input_bytes=resident,
-        peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes, fusion=fusion)
+        peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes, fusion=fusion,
+        memory=watch.result(peak), training=training)

@@ -79,5 +79,37 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
     out.print(Text(f"memory         {format_bytes(estimate.peak_memory_bytes)} peak per device "
                    f"({format_bytes(estimate.input_bytes)} inputs and params) of "
                    f"{format_bytes(capacity)}: ") + fits)
+    print_memory_and_training(estimate, out)
     for note in estimate.notes:
         out.print(Text(f"note: {note}", style="yellow"))
+
+
+KIND_NAMES = {"params": "params", "gradients": "gradients", "optimizer_state": "optimizer state",
+              "master": "master copies", "inputs": "inputs", "activations": "activations",
+              "temporaries": "temporaries"}
+
+
+def print_memory_and_training(estimate: Estimate, out: Console) -> None:
+    """Memory by kind at the peak, and a training step's parts, model FLOPs and MFU."""
+    memory = estimate.memory
+    if memory is not None:
+        kinds = ", ".join(f"{KIND_NAMES[kind]} {format_bytes(size)}"
+                          for kind, size in memory.by_kind.items() if size)
+        part = f" ({memory.peak_part})" if estimate.training is not None else ""
+        where = f"; at {memory.peak_value}{part}" if memory.peak_value else ""
+        out.print(f"  at the peak  {kinds or 'nothing'}{where}", markup=False)
+        if memory.saved_activations_bytes is not None:
+            out.print(f"  saved activations {format_bytes(memory.saved_activations_bytes)} "
+                      "live when the backward pass starts", markup=False)
+    training = estimate.training
+    if training is None:
+        return
+    parts = ", ".join(f"{part} {format_seconds(seconds)}" for part, seconds in training.time_s.items())
+    out.print(f"training       {parts}", markup=False)
+    tokens = "·".join(training.token_dims) or "1"
+    out.print(f"model FLOPs    {format_count(training.model_flops)} (3 × the forward's "
+              f"{format_count(training.forward_flops)} of contractions), MFU "
+              f"{significant(100 * training.mfu, 2)}%; 6·N·tokens "
+              f"{format_count(training.flops_6nt)} (N {format_count(training.params)} params, "
+              f"{format_count(training.tokens)} tokens {tokens}), MFU "
+              f"{significant(100 * training.mfu_6nt, 2)}%", markup=False)

@@ -3,6 +3,8 @@
 Inputs are keyed by tensor name, in global (unsharded) shape; a param
 declared inside `repeat L` is stacked, with L as an extra leading dimension.
 A missing, extra or mis-shaped array is an E300 diagnostic naming the file.
+Optimizer state (inputs of kind "state": `w.m`, `w.v`, `w.master`) may be
+left out: it starts as zeros, and a master copy as its param in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from einpar.backends.reference import numpy_dtype
 from .errors import Diagnostic, EinparError
 from .ir import FLOAT_DTYPES, Einsum, Program, Value, walk_ops
+from .optimizer import MASTER, param_of_state
 from .layout import DTYPE_BYTES
 
 
@@ -34,6 +37,8 @@ def random_inputs(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
     fan_in = fan_in_of(program)
     arrays: dict[str, np.ndarray] = {}
     for value in program.inputs:
+        if value.kind == "state":
+            continue  # drawn from nothing: the same seed gives a training step its forward's inputs
         shape = value.type.shape
         dtype = value.type.dtype
         # Drawn in the input's own dtype (half precision in float32, which NumPy draws and
@@ -47,6 +52,27 @@ def random_inputs(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
         else:
             array = rng.integers(0, 2, size=shape, dtype=np.uint8).view(np.bool_)
         arrays[value.name] = array.astype(numpy_dtype(dtype), copy=False)
+    return with_default_state(program, arrays)
+
+
+def default_state(value: Value, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The array a state input starts as: zeros for `w.m` and `w.v`, and the param `w`
+    itself in the state's dtype for its master copy `w.master` (einpar.optimizer)."""
+    dtype = numpy_dtype(value.type.dtype)
+    named = param_of_state(value.name)
+    if named is not None and named[1] == MASTER and named[0] in arrays:
+        return np.asarray(arrays[named[0]]).astype(dtype)
+    return np.zeros(value.type.shape, dtype)
+
+
+def with_default_state(program: Program, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays` with every state input it lacks at its default (after the params it copies)."""
+    missing = [value for value in program.inputs if value.kind == "state" and value.name not in arrays]
+    if not missing:
+        return arrays
+    arrays = dict(arrays)
+    for value in missing:
+        arrays[value.name] = default_state(value, arrays)
     return arrays
 
 
@@ -68,6 +94,8 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
     expected = {value.name: value for value in program.inputs}
     converted: dict[str, np.ndarray] = {}
     for name, value in expected.items():
+        if name not in arrays and value.kind == "state":
+            continue  # its default, below, once the param it may copy is converted
         if name not in arrays:
             problems.append(Diagnostic("E300", f"{source} has no array '{name}'",
                                        hint=_expected_hint(value)))
@@ -94,7 +122,7 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
                                    hint="inputs and params are: " + ", ".join(expected)))
     if problems:
         raise EinparError(problems)
-    return converted
+    return with_default_state(program, converted)
 
 
 def _wrong_shape(program: Program, value: Value, shape, source: str) -> Diagnostic:
