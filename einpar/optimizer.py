@@ -184,10 +184,13 @@ class _Update:
 
     def param(self, param: Value) -> None:
         values = self.program.values
-        if grad_name(param.name) not in values:
+        # The gradient is the value output as `w.grad` (after micro-batches, their mean).
+        delivered = {output.name: output.value for output in self.program.outputs}
+        name = delivered.get(grad_name(param.name), grad_name(param.name))
+        if name not in values:
             raise ValueError(f"the program has no gradient '{grad_name(param.name)}' of param "
                              f"'{param.name}' to update it with")
-        grad = values[grad_name(param.name)]
+        grad = values[name]
         state = {value.name.rpartition(".")[2]: value
                  for value in state_inputs(param, self.optimizer, self.program.mesh)}
         self.inputs.extend(state.values())
