@@ -57,7 +57,7 @@ DEFAULT_DTYPES = ("f32", "f64", "bf16", "f16")
 # What statements draw from (the `kinds` argument of `programs`):
 #   contraction  products of tensors with implicit sums (einsums), constant scales
 #   elementwise  + - * /, unary minus, exp log sqrt rsqrt tanh sigmoid relu gelu silu abs square,
-#                max2, min2, broadcasting by index name
+#                sin cos erf, pow(abs(e) + 1, p), max2, min2, broadcasting by index name
 #   comparison   > >= < <= == != inside where(c, a, b) or as a 0/1 mask `(c) * a`
 #   reduction    sum[...], max[...], min[...], mean[...]
 #   library      softmax, logsumexp, rmsnorm, layernorm, cumsum, and softmax written out
@@ -761,9 +761,20 @@ class _Builder:
 
     def function(self, free: tuple[str, ...], depth: int) -> _Expr:
         fn = self.pick(["tanh", "relu", "exp", "gelu", "silu", "sigmoid", "abs", "square",
-                        "log", "sqrt", "rsqrt", "neg"])
+                        "log", "sqrt", "rsqrt", "neg", "sin", "cos", "erf", "pow"])
         child = self.node(free, depth - 1)
         b = child.bound
+        if fn in ("sin", "cos") and b > 64:
+            # Backends agree on sin and cos of moderate arguments; far out, float32 range
+            # reduction differs between libraries by more than a few ulps.
+            child, b = self.tame(child), 1.0
+        if fn == "pow":
+            exponent = self.pick(["2", "0.5", "1.5", "3"])
+            if (b + 1) ** float(exponent) > MAGNITUDE_LIMIT:
+                child, b = self.tame(child), 1.0
+            text = self.call("pow", self.call("abs", child.text) + " + 1", exponent)
+            return _Expr(text, free, child.dtype, self.note((b + 1) ** float(exponent)), _ATOM,
+                         kind="elementwise")
         if fn == "neg":
             return _Expr("-" + _paren(child, _UNARY), free, child.dtype, b, _UNARY,
                          kind="elementwise")
@@ -784,7 +795,7 @@ class _Builder:
             if b * b > MAGNITUDE_LIMIT:
                 child, b = self.tame(child), 1.0
             text, bound = self.call("square", child.text), b * b
-        elif fn in ("tanh", "sigmoid"):
+        elif fn in ("tanh", "sigmoid", "sin", "cos", "erf"):
             text, bound = self.call(fn, child.text), 1.0
         else:  # relu gelu silu abs: |f(x)| <= |x|
             text, bound = self.call(fn, child.text), b
