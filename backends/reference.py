@@ -118,12 +118,15 @@ def evaluate_scalar(expr: Scalar, args: list[np.ndarray], positions=None):
 # ---- take and its adjoint
 
 
-def check_ids(op: Take | ScatterAdd, ids: np.ndarray, size: int) -> None:
-    """An id outside [0, size) is the user's error, never a silent wrap or clamp."""
+def check_ids(op: Take | ScatterAdd, ids: np.ndarray, size: int, starts=None) -> None:
+    """An id outside [0, size) is the user's error, never a silent wrap or clamp. `starts`:
+    where the block of ids held here starts in the whole ids, along each dimension."""
     bad = (ids < 0) | (ids >= size)
     if bad.any():
         where = tuple(int(k) for k in np.argwhere(bad)[0])
-        position = ",".join(f"{index}={k}" for index, k in zip(op.ids.indices, where))
+        starts = starts or (0,) * ids.ndim
+        position = ",".join(f"{index}={k + start}"
+                            for index, k, start in zip(op.ids.indices, where, starts))
         raise EinparError(Diagnostic(
             "E310", f"id {int(ids[where])} at {op.ids.value}[{position}] is outside "
                     f"[0, {size}) for {op.index}={size} in '{op.stmt}'", op.span,
@@ -131,11 +134,12 @@ def check_ids(op: Take | ScatterAdd, ids: np.ndarray, size: int) -> None:
                  f"less than {size}"))
 
 
-def take_rows(op: Take, table: np.ndarray, ids: np.ndarray, offset: int, size: int) -> np.ndarray:
+def take_rows(op: Take, table: np.ndarray, ids: np.ndarray, offset: int, size: int,
+              starts=None) -> np.ndarray:
     """`take[V](table, ids)` on a block of rows `offset...` of the table's `size` rows along
     V: an id in the block reads its row, any other gives zeros (its row is another
     block's), so the blocks' results sum to the whole lookup. In op's result order."""
-    check_ids(op, ids, size)
+    check_ids(op, ids, size, starts)
     axis = op.table.indices.index(op.index)
     rows = ids.astype(np.int64) - offset
     mine = (rows >= 0) & (rows < table.shape[axis])
@@ -148,10 +152,10 @@ def take_rows(op: Take, table: np.ndarray, ids: np.ndarray, offset: int, size: i
 
 
 def scatter_add_rows(op: ScatterAdd, update: np.ndarray, ids: np.ndarray, offset: int,
-                     rows: int, size: int) -> np.ndarray:
+                     rows: int, size: int, starts=None) -> np.ndarray:
     """The adjoint of take: row v (of `rows` rows from `offset`, of `size` in all) sums the
     rows of `update` whose id is v; ids in other blocks add nothing here."""
-    check_ids(op, ids, size)
+    check_ids(op, ids, size, starts)
     rest = tuple(i for i in op.update.indices if i not in op.ids.indices)
     update = aligned(update, op.update.indices, op.ids.indices + rest)
     update = np.broadcast_to(update, ids.shape + update.shape[ids.ndim:])
@@ -264,20 +268,24 @@ class _Evaluator:
 
         return position
 
+    def starts(self, value: str, array: np.ndarray) -> tuple[int, ...]:
+        return tuple(self.offset(value, dim, size) for dim, size in enumerate(array.shape))
+
     def take(self, env: dict, op: Take) -> np.ndarray:
-        table = np.asarray(env[op.table.value])
+        table, ids = np.asarray(env[op.table.value]), np.asarray(env[op.ids.value])
         dim = op.table.indices.index(op.index)
         rows = table.shape[dim]
-        return take_rows(op, table, np.asarray(env[op.ids.value]),
-                         self.offset(op.table.value, dim, rows),
-                         self.global_size(op.table.value, dim, rows))
+        return take_rows(op, table, ids, self.offset(op.table.value, dim, rows),
+                         self.global_size(op.table.value, dim, rows), self.starts(op.ids.value, ids))
 
     def scatter_add(self, env: dict, op: ScatterAdd, work: np.dtype) -> np.ndarray:
+        ids = np.asarray(env[op.ids.value])
         dim = op.result.type.indices.index(op.index)
         rows = op.result.type.shape[dim]
-        return scatter_add_rows(op, self.read(env, op.update, work), np.asarray(env[op.ids.value]),
-                                self.offset(op.result.name, dim, rows),
-                                rows, self.global_size(op.result.name, dim, rows))
+        return scatter_add_rows(op, self.read(env, op.update, work), ids,
+                                self.offset(op.result.name, dim, rows), rows,
+                                self.global_size(op.result.name, dim, rows),
+                                self.starts(op.ids.value, ids))
 
     def read(self, env: dict, operand: Operand, dtype: np.dtype) -> np.ndarray:
         return np.asarray(env[operand.value]).astype(dtype, copy=False)
