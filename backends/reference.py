@@ -127,8 +127,10 @@ def check_ids(op: Take | ScatterAdd, ids: np.ndarray, size: int, starts=None) ->
         starts = starts or (0,) * ids.ndim
         position = ",".join(f"{index}={k + start}"
                             for index, k, start in zip(op.ids.indices, where, starts))
+        # A value the statement made on the way has no name of the user's (`x.1`).
+        label = "the ids" if "." in op.ids.value else op.ids.value
         raise EinparError(Diagnostic(
-            "E310", f"id {int(ids[where])} at {op.ids.value}[{position}] is outside "
+            "E310", f"id {int(ids[where])} at {label}[{position}] is outside "
                     f"[0, {size}) for {op.index}={size} in '{op.stmt}'", op.span,
             hint=f"ids index the {size} rows along {op.index}: each must be at least 0 and "
                  f"less than {size}"))

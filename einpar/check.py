@@ -1136,7 +1136,7 @@ class _StatementLowering:
         """The node as a value of its own (a plain reference needs no op)."""
         if node.kind == "ref":
             return node.operand
-        if node.kind not in ("apply", "pos"):
+        if node.kind not in ("apply", "pos", "const"):
             value = self.temp_value(node.free, node.dtype)
             scale = self.emit_structured(node, value)
             operand = Operand(self.ops[-1].result.name, node.free)

@@ -160,6 +160,15 @@ class TestValues:
         row = np.exp(s[3, :4] - s[3, :4].max())
         np.testing.assert_allclose(p[3, :4], row / row.sum(), rtol=1e-6)
 
+    def test_a_number_as_the_ids_and_pos_under_a_sum(self):
+        program = compile_source("dim S=4 V=6 D=2\nparam e[V,D]\na[D] = take[V](e[V,D], 3)\n"
+                                 "b[] = sum[S](pos(S))\nc[] = sum[S](pos(S) * pos(S))\n"
+                                 "output a\noutput b\noutput c\n")
+        e = np.arange(12, dtype=np.float32).reshape(6, 2)
+        got = evaluate(program, {"e": e})
+        np.testing.assert_array_equal(got["a"], e[3])
+        assert (got["b"], got["b"].dtype, got["c"]) == (6, np.int32, 14)
+
     def test_inf_literals(self):
         program = compile_source("dim S=3\ninput x[S]\ny[S] = min2(x[S], inf)\n"
                                  "z[S] = max2(x[S], -inf) + 0 * inf\noutput y\noutput z\n")
@@ -196,6 +205,15 @@ class TestIdsOutOfRange:
             (found,) = caught.value.diagnostics
             assert found.code == "E310"
             assert found.message == f"id {bad} at j[B=1] is outside [0, 4) for V=4 in 'y'"
+
+    def test_an_id_the_statement_computes_is_named_as_the_ids(self):
+        program = compile_source("dim B=2 V=4 D=2\ninput ids[B] : i32\nparam e[V,D]\n"
+                                 "y[B,D] = take[V](e[V,D], ids[B] + 3)\noutput y\n", file="p.ein")
+        with pytest.raises(EinparError) as caught:
+            evaluate(program, {"ids": np.array([0, 1], np.int32), "e": np.ones((4, 2), np.float32)})
+        (found,) = caught.value.diagnostics
+        assert found.message == "id 4 at the ids[B=1] is outside [0, 4) for V=4 in 'y'"
+        assert (found.span.line, found.span.col) == (4, 10)
 
 
 # ---------------------------------------------------------------- the simulator
