@@ -280,6 +280,20 @@ class TestSimulator:
         assert_matches_reference(program, outputs, inputs)
 
 
+# ---------------------------------------------------------------- pricing
+
+
+def test_a_take_is_priced_by_the_rows_it_moves_not_the_table():
+    from einpar.cost_model.cluster import preset
+    from einpar.cost_model.estimate import estimate
+
+    program = compile_source(EMBEDDING.replace("B=4 S=8 V=256 D=16", "B=8 S=512 V=32768 D=1024"))
+    spmd = compile_spmd(program)
+    (take,) = [op for op in estimate(program, spmd, preset("h100x8")).ops if op.what.startswith("take")]
+    result, ids = 4 * 512 * 1024 * 4, 4 * 512 * 4
+    assert (take.flops, take.hbm_bytes, take.bound) == (0, 2 * result + ids, "memory")
+
+
 # ---------------------------------------------------------------- scatter-add
 
 
