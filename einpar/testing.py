@@ -58,7 +58,8 @@ DEFAULT_DTYPES = ("f32", "f64", "bf16", "f16")
 #   contraction  products of tensors with implicit sums (einsums), constant scales
 #   elementwise  + - * /, unary minus, exp log sqrt rsqrt tanh sigmoid relu gelu silu abs square,
 #                sin cos erf, pow(abs(e) + 1, p), max2, min2, broadcasting by index name
-#   comparison   > >= < <= == != inside where(c, a, b) or as a 0/1 mask `(c) * a`
+#   comparison   > >= < <= == != inside where(c, a, b) or as a 0/1 mask `(c) * a`, of
+#                values or of positions (`pos(S) >= pos(T)`, a causal mask)
 #   reduction    sum[...], max[...], min[...], mean[...]
 #   library      softmax, logsumexp, rmsnorm, layernorm, cumsum, and softmax written out
 #   route        route[E,C](softmax[E](g), k=...)
@@ -810,8 +811,13 @@ class _Builder:
                      self.note(max(left.bound, right.bound)), _ATOM, kind="elementwise")
 
     def comparison(self, free: tuple[str, ...], depth: int) -> str:
-        left = self.node(free, depth - 1)
         op = self.pick([">", "<", ">=", "<=", "==", "!="])
+        if 1 <= len(free) <= 2 and self.chance(5):
+            # Positions, as a causal mask compares them: pos(S) >= pos(T).
+            left = f"pos({self.dim(free[0])})"
+            right = f"pos({self.dim(free[-1])})" if len(free) == 2 else self.pick(["1", "2", "3"])
+            return f"{left} {op} {right}"
+        left = self.node(free, depth - 1)
         if free and self.chance(2):
             right_free = tuple(i for i in free if not self.chance(2))
             right = self.node(right_free, depth - 1)
