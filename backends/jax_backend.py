@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from einpar.errors import Diagnostic, EinparError
+from einpar.inputs import check_ids
 from einpar.ir import Program
 from einpar.precision import DEFAULT_PRECISION
 from einpar.spmd import SpmdProgram
@@ -267,6 +268,7 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
     """Compile einpar's per-device program (or with `twin`, the GSPMD twin) for `devices`,
     and place `inputs` (whole arrays; each process places only its devices' blocks).
     Float32 contractions run at `precision` (einpar.precision)."""
+    check_ids(program, inputs)  # on the host: a device's lookup fills instead of failing
     jax = _jax()
     module = load_module(program, spmd, precision=precision)
     with _x64(jax, module.X64):

@@ -28,11 +28,11 @@ import math
 import string
 
 from einpar.flops import einsum_path
-from einpar.inputs import fan_in_of
+from einpar.inputs import fan_in_of, id_readers
 from einpar.precision import DEFAULT_PRECISION, JAX_PRECISION, check_precision
-from einpar.ir import (HALF_DTYPES, Apply, Arg, Cast, Const, Einsum, Library, Map, NORM_EPSILON,
-                       Operand, Program, Reduce, Repeat, Route, Scalar, einsum_subscripts, walk_ops,
-                       work_dtype)
+from einpar.ir import (HALF_DTYPES, Apply, Arg, Cast, Const, Einsum, Library, Map,
+                       NORM_EPSILON, Operand, Pos, Program, Reduce, Repeat, Route, Scalar, ScatterAdd,
+                       Take, einsum_subscripts, walk_ops, work_dtype)
 from einpar.layout import Layout, Mesh
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
@@ -45,9 +45,10 @@ JNP_DTYPES = {"f64": "jnp.float64", "f32": "jnp.float32", "bf16": "jnp.bfloat16"
 # values (`_` for what lax.scan returns unused, `mesh` for global_program's keyword): a program
 # value never takes one of them, nor a builtin's name.
 _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "lax", "P", "AxisType",
-             "NamedSharding", "PRECISION", "X64", "MESH", "INPUTS", "OUTPUTS", "DEVICES", "make_mesh",
+             "NamedSharding", "PRECISION", "X64", "MESH", "INPUTS", "IDS", "OUTPUTS", "DEVICES", "make_mesh",
              "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
+             "take_rows", "scatter_add",
              "timed", "main", "carry", "stacked", "mesh", "_", *dir(builtins)}
 
 
@@ -152,19 +153,38 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=",
           "le": "<=", "eq": "==", "ne": "!="}
 _CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.tanh",
           "sigmoid": "jax.nn.sigmoid", "silu": "jax.nn.silu", "abs": "jnp.abs",
-          "square": "jnp.square", "where": "jnp.where", "max2": "jnp.maximum", "min2": "jnp.minimum"}
+          "square": "jnp.square", "where": "jnp.where", "max2": "jnp.maximum", "min2": "jnp.minimum",
+          "sin": "jnp.sin", "cos": "jnp.cos", "erf": "lax.erf", "pow": "jnp.power"}
+
+
+def _positions(expr: Scalar) -> set[str]:
+    """The indices `pos(...)` reads in an expression."""
+    if isinstance(expr, Pos):
+        return {expr.index}
+    if isinstance(expr, Cast):
+        return _positions(expr.arg)
+    if isinstance(expr, Apply):
+        return set().union(*(_positions(arg) for arg in expr.args))
+    return set()
 
 
 class OpWriter:
     """Lines of Python for IR ops. `dtype_of(name)` gives a value's dtype, `shape_of(name)` the
-    shape the code holds it in (local blocks in the per-device program, whole arrays in the twin)."""
+    shape the code holds it in (local blocks in the per-device program, whole arrays in the twin),
+    `block_start(name, dim)` the Python text of where the held block of dimension `dim` starts in
+    the whole value (None for a whole dimension) and `whole_size(name, dim)` that dimension's
+    size in the whole value."""
 
-    def __init__(self, names: Names, dtype_of, shape_of, lines: list[str]):
+    def __init__(self, names: Names, dtype_of, shape_of, lines: list[str], block_start=None,
+                 whole_size=None):
         self.names = names
         self.dtype_of = dtype_of
         self.shape_of = shape_of
         self.lines = lines
+        self.block_start = block_start or (lambda name, dim: None)
+        self.whole_size = whole_size or (lambda name, dim: self.shape_of(name)[dim])
         self.helpers: set[str] = set()  # module-level helpers the ops call
+        self.result: str | None = None  # the Map being written (pos(S) counts along its result)
 
     def emit(self, indent: str, target: str, expr: str, comment: str = "") -> None:
         line = f"{indent}{target} = {expr}"
@@ -204,10 +224,12 @@ class OpWriter:
                 expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION)"
             self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
         elif isinstance(op, Map):
+            self.result = result.name
             expr, have = self.scalar(op.expr, op.operands, rtype.indices, indent)
-            covered = {i for o in op.operands for i in o.indices}
+            positions = _positions(op.expr)
+            covered = {i for o in op.operands for i in o.indices} | positions
             shape = "(" + "".join(f"{n}, " for n in rtype.shape) + ")"
-            if not op.operands:
+            if not op.operands and not positions:
                 expr = f"jnp.full({shape}, {expr}, {JNP_DTYPES[rtype.dtype]})"
                 have = rtype.dtype
             elif not set(rtype.indices) <= covered:
@@ -234,9 +256,49 @@ class OpWriter:
                 call = f"{op.kind}({array}, axis={axis})"
             self.emit(indent, target, self.store(align(call, kept, rtype.indices), work, rtype.dtype),
                       comment)
+        elif isinstance(op, Take):
+            self.take(op, indent, target, comment)
+        elif isinstance(op, ScatterAdd):
+            self.scatter_add(op, indent, target, comment)
         else:
             assert isinstance(op, Route)
             self.route(op, indent, target, comment)
+
+    def take(self, op: Take, indent: str, target: str, comment: str) -> None:
+        """A lookup of whole rows: jnp.take, its out-of-range ids filled (NaN for floats)
+        rather than clamped; of a block of rows, take_rows (zeros for other blocks' ids)."""
+        axis = op.table.indices.index(op.index)
+        table, ids = self.names(op.table.value), self.read(op.ids, "i32")
+        start = self.block_start(op.table.value, axis)
+        if start is None:
+            call = f"jnp.take({table}, {ids}, axis={axis}, mode='fill')"
+        else:
+            self.helpers.add("take_rows")
+            size = self.whole_size(op.table.value, axis)
+            call = f"take_rows({table}, {ids}, axis={axis}, start={start}, size={size})"
+        order = op.table.indices[:axis] + op.ids.indices + op.table.indices[axis + 1:]
+        expr = align(call, order, op.result.type.indices)
+        self.emit(indent, target, self.store(expr, self.dtype_of(op.table.value),
+                                             op.result.type.dtype), comment)
+
+    def scatter_add(self, op: ScatterAdd, indent: str, target: str, comment: str) -> None:
+        """Rows of the result (the block this code holds) sum the update's rows by id."""
+        self.helpers.add("scatter_add")
+        rtype = op.result.type
+        work = work_dtype(rtype.dtype)
+        rest = tuple(i for i in op.update.indices if i not in op.ids.indices)
+        update = align(self.read(op.update, work), op.update.indices, op.ids.indices + rest)
+        if not set(op.ids.indices) <= set(op.update.indices):  # one update row for several ids
+            sizes = dict(zip(op.ids.indices, self.shape_of(op.ids.value)))
+            sizes.update(zip(op.update.indices, self.shape_of(op.update.value)))
+            shape = ", ".join(str(sizes[i]) for i in op.ids.indices + rest)
+            update = f"jnp.broadcast_to({update}, ({shape},))"
+        dim = rtype.indices.index(op.index)
+        rows = self.shape_of(op.result.name)[dim]
+        start = self.block_start(op.result.name, dim) or "0"
+        call = f"scatter_add({update}, {self.read(op.ids, 'i32')}, rows={rows}, start={start})"
+        expr = align(call, (op.index,) + rest, rtype.indices)
+        self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
 
     def path(self, op: Einsum) -> str:
         sizes = {i: n for o in op.operands for i, n in zip(o.indices, self.shape_of(o.value))}
@@ -265,7 +327,7 @@ class OpWriter:
 
     def _scalar(self, expr: Scalar, operands, out, indent: str):
         """(text, dtype, height): height counts the calls and operators nested in the text."""
-        if isinstance(expr, (Arg, Const)):
+        if isinstance(expr, (Arg, Const, Pos)):
             return (*self.leaf(expr, operands, out), 0)
         children = [self._scalar(arg, operands, out, indent)
                     for arg in ((expr.arg,) if isinstance(expr, Cast) else expr.args)]
@@ -277,7 +339,14 @@ class OpWriter:
             text, height = temporary, 0
         return text, dtype, height
 
-    def leaf(self, expr: Arg | Const, operands, out):
+    def leaf(self, expr: Arg | Const | Pos, operands, out):
+        if isinstance(expr, Pos):  # positions along the result's index, from the block's start
+            dim = out.index(expr.index)
+            text = f"jnp.arange({self.shape_of(self.result)[dim]}, dtype=jnp.int32)"
+            start = self.block_start(self.result, dim)
+            if start is not None:
+                text = f"({text} + {start})"
+            return align(text, (expr.index,), out), "i32"
         if isinstance(expr, Arg):
             operand = operands[expr.index]
             dtype = self.dtype_of(operand.value)
@@ -358,7 +427,20 @@ class _SpmdWriter:
         self.names = names
         self.lines: list[str] = []
         self.ops = OpWriter(names, lambda name: program.values[name].type.dtype,
-                            lambda name: program.values[name].local_shape(program.mesh), self.lines)
+                            lambda name: program.values[name].local_shape(program.mesh), self.lines,
+                            self.block_start, lambda name, dim: program.values[name].type.shape[dim])
+
+    def block_start(self, name: str, dim: int) -> str | None:
+        """Where this device's block of dimension `dim` of `name` starts: its block number
+        along the splitting axes (major first) times the block's size."""
+        value = self.program.values[name]
+        axes = value.layout.dims[dim]
+        if not axes:
+            return None
+        block = f"lax.axis_index({axes[0]!r})"
+        for axis in axes[1:]:
+            block = f"({block} * {self.program.mesh.size(axis)} + lax.axis_index({axis!r}))"
+        return f"{block} * {value.local_shape(self.program.mesh)[dim]}"
 
     def steps(self, steps, indent: str) -> None:
         mesh = self.program.mesh
@@ -465,6 +547,30 @@ class _GlobalWriter:
 # ---- helpers the module defines when its ops call them
 
 _HELPERS = {
+    "take_rows": '''
+def take_rows(table, ids, axis, start, size):
+    """take along `axis` of a block of a table's rows, from row `start` of `size` in all: an id
+    in the block reads its row and any other gives zeros (another block's row), so the blocks'
+    lookups sum to the whole one (vocabulary-parallel embedding). An id outside [0, size) gives
+    NaN in a float table, never a clamped row."""
+    rows = ids - start
+    mine = (rows >= 0) & (rows < table.shape[axis])
+    taken = jnp.take(table, jnp.where(mine, rows, 0), axis=axis)
+    shape = (1,) * axis + ids.shape + (1,) * (table.ndim - axis - 1)
+    outside = jnp.zeros((), table.dtype)
+    if jnp.issubdtype(table.dtype, jnp.inexact):
+        outside = jnp.where((ids < 0) | (ids >= size), jnp.nan, 0).astype(table.dtype).reshape(shape)
+    return jnp.where(mine.reshape(shape), taken, outside)
+''',
+    "scatter_add": '''
+def scatter_add(update, ids, rows, start):
+    """The adjoint of take: row v of the `rows` rows from `start` sums the rows of `update`
+    (the ids' dimensions first) whose id is start + v; other ids add nothing here."""
+    local = ids - start
+    local = jnp.where((local >= 0) & (local < rows), local, rows)  # past the end: dropped
+    out = jnp.zeros((rows,) + update.shape[ids.ndim:], update.dtype)
+    return out.at[local].add(update, mode="drop")
+''',
     "rmsnorm": f'''
 def rmsnorm(x, axis):
     return x / jnp.sqrt(jnp.mean(x * x, axis=axis, keepdims=True) + {NORM_EPSILON!r})
@@ -569,6 +675,9 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
         add(f"    {name!r}: ({tuple(value.type.shape)!r}, {JNP_DTYPES[value.type.dtype]}, "
             f"{partition_spec(value.layout)}, {fan_ins[name]!r}),")
     add("}")
+    ids = {name: min(size for size, _ in readers) for name, readers in id_readers(program).items()
+           if name in spmd.inputs}
+    add(f"IDS = {ids!r}  # inputs read as ids by a take: name -> the rows they index")
     add("OUTPUTS = {")
     for output in spmd.outputs:
         add(f"    {output.name!r}: {partition_spec(output.layout)},")
@@ -647,8 +756,8 @@ def random_inputs(seed=0):
             array = rng.standard_normal(shape, dtype=wide)
             if fan_in is not None:
                 array *= array.dtype.type(1 / np.sqrt(fan_in))
-        elif dtype == jnp.int32:
-            array = rng.integers(0, 10, size=shape, dtype=np.int32)
+        elif dtype == jnp.int32:  # ids among the rows they index, other integers in [0, 10)
+            array = rng.integers(0, IDS.get(name, 10), size=shape, dtype=np.int32)
         else:
             array = rng.integers(0, 2, size=shape, dtype=np.uint8).view(np.bool_)
         arrays[name] = np.asarray(array).astype(dtype)

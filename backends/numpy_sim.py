@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype
-from einpar.layout import Layout, Mesh, block_slices, device_at, device_coords, group_of
+from einpar.layout import (Layout, Mesh, block_index, block_slices, device_at, device_coords,
+                           group_of)
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice, Step
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep
 
@@ -160,12 +161,30 @@ def trips(count: int, reverse: bool) -> range:
     return range(count - 1, -1, -1) if reverse else range(count)
 
 
+class _Device(_Evaluator):
+    """The local ops of one simulated device, which holds blocks: `pos(S)` over a split S
+    counts from the device's block, and a take from a table split along its rows looks up
+    only the rows the device holds (Megatron's vocabulary-parallel embedding)."""
+
+    def __init__(self, values: dict, mesh: Mesh, device: int):
+        super().__init__()
+        self.values = values  # local name -> SpmdValue (its layout and global type)
+        self.mesh = mesh
+        self.coords = device_coords(mesh, device)
+
+    def offset(self, value: str, dim: int, size: int) -> int:
+        return block_index(self.values[value].layout, dim, self.mesh, self.coords) * size
+
+    def global_size(self, value: str, dim: int, size: int) -> int:
+        return self.values[value].type.shape[dim]
+
+
 def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: dict | None,
-               tick=None) -> None:
-    evaluator = _Evaluator()
+               tick=None, values: dict | None = None) -> None:
+    evaluators = [_Device(values or {}, mesh, device) for device in range(len(envs))]
     for step in steps:
         if isinstance(step, LocalStep):
-            for env in envs:
+            for evaluator, env in zip(evaluators, envs):
                 evaluator.run((step.op,), env)
             made = step.op.result.name
         elif isinstance(step, CollectiveStep):
@@ -188,15 +207,15 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
                     for name in [inside for _, inside, _, _ in step.carried] + \
                             [inside for _, inside in step.stacked]:
                         record.setdefault(name, [env[name] for env in inner])
-                _run_steps(step.body, inner, mesh, traffic, record, tick)
+                _run_steps(step.body, inner, mesh, traffic, record, tick, values)
                 carried = [{inside: trip_env[result] for _, inside, result, _ in step.carried}
                            for trip_env in inner]
                 for trip_env, stacks in zip(inner, kept):
                     for inside, after in step.saved:
                         stacks[after][trip] = trip_env[inside]
-            for env, values, stacks in zip(envs, carried, kept):
+            for env, leaving, stacks in zip(envs, carried, kept):
                 for _, inside, _, after in step.carried:
-                    env[after] = values[inside]
+                    env[after] = leaving[inside]
                 for _, after in step.saved:
                     env[after] = np.stack(stacks[after])
             if record is not None:  # what the loop leaves: its carried results and stacks
@@ -226,7 +245,7 @@ def run_spmd(program, inputs: dict[str, np.ndarray], record: dict | None = None,
             record[name] = [env[name] for env in envs]
     traffic = Traffic(mesh.num_devices)
     with np.errstate(all="ignore"), deep_recursion():
-        _run_steps(program.steps, envs, mesh, traffic, record, tick)
+        _run_steps(program.steps, envs, mesh, traffic, record, tick, program.values)
     outputs = {}
     for output in program.outputs:
         value = program.values[output.value]

@@ -16,11 +16,12 @@ import math
 import ml_dtypes
 import numpy as np
 
+from einpar.errors import Diagnostic, EinparError
 from einpar.flops import einsum_path
 from einpar.syntax import deep_recursion
-from einpar.ir import (NORM_EPSILON, Arg, Cast, Const, Einsum, Library, Map, Operand,
-                       Program, Reduce, Repeat, Route, Scalar, TensorType, einsum_subscripts,
-                       work_dtype)
+from einpar.ir import (NORM_EPSILON, Arg, Cast, Const, Einsum, Library, Map, Operand, Pos,
+                       Program, Reduce, Repeat, Route, Scalar, ScatterAdd, Take, TensorType,
+                       einsum_subscripts, work_dtype)
 
 _NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
                  "bf16": ml_dtypes.bfloat16, "f8e4m3": ml_dtypes.float8_e4m3fn,
@@ -80,6 +81,12 @@ def gelu(x):
     return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
+def erf(x):
+    from scipy.special import erf as scipy_erf  # imported when a program uses erf
+
+    return scipy_erf(x)
+
+
 ELEMENTWISE_NUMPY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.true_divide,
     "gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
@@ -89,18 +96,76 @@ ELEMENTWISE_NUMPY = {
     "gelu": gelu, "silu": lambda x: x * sigmoid(x), "abs": np.abs, "square": np.square,
     "neg": np.negative, "where": lambda c, a, b: np.where(c, a, b),
     "max2": np.maximum, "min2": np.minimum,
+    "sin": np.sin, "cos": np.cos, "erf": erf, "pow": np.power,
 }
 
 
-def evaluate_scalar(expr: Scalar, args: list[np.ndarray]):
+def evaluate_scalar(expr: Scalar, args: list[np.ndarray], positions=None):
+    """The expression on `args` (aligned to the Map's indices); `positions(index)` gives
+    `pos(index)` as an i32 array aligned the same way."""
     if isinstance(expr, Arg):
         return args[expr.index]
     if isinstance(expr, Const):
         return expr.value
+    if isinstance(expr, Pos):
+        return positions(expr.index)
     if isinstance(expr, Cast):
-        value = np.asarray(evaluate_scalar(expr.arg, args))
+        value = np.asarray(evaluate_scalar(expr.arg, args, positions))
         return value.astype(numpy_dtype(expr.dtype)).astype(compute_dtype(expr.dtype))
-    return ELEMENTWISE_NUMPY[expr.fn](*(evaluate_scalar(arg, args) for arg in expr.args))
+    return ELEMENTWISE_NUMPY[expr.fn](*(evaluate_scalar(arg, args, positions) for arg in expr.args))
+
+
+# ---- take and its adjoint
+
+
+def check_ids(op: Take | ScatterAdd, ids: np.ndarray, size: int, starts=None) -> None:
+    """An id outside [0, size) is the user's error, never a silent wrap or clamp. `starts`:
+    where the block of ids held here starts in the whole ids, along each dimension."""
+    bad = (ids < 0) | (ids >= size)
+    if bad.any():
+        where = tuple(int(k) for k in np.argwhere(bad)[0])
+        starts = starts or (0,) * ids.ndim
+        position = ",".join(f"{index}={k + start}"
+                            for index, k, start in zip(op.ids.indices, where, starts))
+        # A value the statement made on the way has no name of the user's (`x.1`).
+        label = "the ids" if "." in op.ids.value else op.ids.value
+        raise EinparError(Diagnostic(
+            "E310", f"id {int(ids[where])} at {label}[{position}] is outside "
+                    f"[0, {size}) for {op.index}={size} in '{op.stmt}'", op.span,
+            hint=f"ids index the {size} rows along {op.index}: each must be at least 0 and "
+                 f"less than {size}"))
+
+
+def take_rows(op: Take, table: np.ndarray, ids: np.ndarray, offset: int, size: int,
+              starts=None) -> np.ndarray:
+    """`take[V](table, ids)` on a block of rows `offset...` of the table's `size` rows along
+    V: an id in the block reads its row, any other gives zeros (its row is another
+    block's), so the blocks' results sum to the whole lookup. In op's result order."""
+    check_ids(op, ids, size, starts)
+    axis = op.table.indices.index(op.index)
+    rows = ids.astype(np.int64) - offset
+    mine = (rows >= 0) & (rows < table.shape[axis])
+    taken = np.take(table, np.where(mine, rows, 0), axis=axis)
+    rest = tuple(i for i in op.table.indices if i != op.index)
+    order = op.table.indices[:axis] + op.ids.indices + op.table.indices[axis + 1:]
+    taken = aligned(taken, order, op.ids.indices + rest)
+    mask = mine.reshape(mine.shape + (1,) * len(rest))
+    return aligned(np.where(mask, taken, 0), op.ids.indices + rest, op.result.type.indices)
+
+
+def scatter_add_rows(op: ScatterAdd, update: np.ndarray, ids: np.ndarray, offset: int,
+                     rows: int, size: int, starts=None) -> np.ndarray:
+    """The adjoint of take: row v (of `rows` rows from `offset`, of `size` in all) sums the
+    rows of `update` whose id is v; ids in other blocks add nothing here."""
+    check_ids(op, ids, size, starts)
+    rest = tuple(i for i in op.update.indices if i not in op.ids.indices)
+    update = aligned(update, op.update.indices, op.ids.indices + rest)
+    update = np.broadcast_to(update, ids.shape + update.shape[ids.ndim:])
+    local = ids.astype(np.int64) - offset
+    mine = (local >= 0) & (local < rows)
+    out = np.zeros((rows,) + update.shape[ids.ndim:], dtype=update.dtype)
+    np.add.at(out, local[mine], update[mine])
+    return aligned(out, (op.index,) + rest, op.result.type.indices)
 
 
 # ---- library functions over one axis
@@ -181,6 +246,49 @@ class _Evaluator:
     def __init__(self, tick=None):
         self.tick = tick  # called after each op, for a progress bar
 
+    # Where this evaluator's arrays sit in the whole ones: whole arrays here; a simulated
+    # device (backends/numpy_sim.py) holds blocks and says where its blocks start.
+
+    def offset(self, value: str, dim: int, size: int) -> int:
+        """The global position of element 0 along dimension `dim` of the array held for
+        `value` (whose local size there is `size`)."""
+        return 0
+
+    def global_size(self, value: str, dim: int, size: int) -> int:
+        """The whole size of dimension `dim` of `value`."""
+        return size
+
+    def positions(self, op: Map, shape: tuple[int, ...]):
+        """`pos(S)` in `op`: positions along S of its result, aligned to its indices."""
+        indices = op.result.type.indices
+
+        def position(index: str) -> np.ndarray:
+            dim = indices.index(index)
+            start = self.offset(op.result.name, dim, shape[dim])
+            line = np.arange(start, start + shape[dim], dtype=np.int32)
+            return line.reshape(tuple(-1 if d == dim else 1 for d in range(len(indices))))
+
+        return position
+
+    def starts(self, value: str, array: np.ndarray) -> tuple[int, ...]:
+        return tuple(self.offset(value, dim, size) for dim, size in enumerate(array.shape))
+
+    def take(self, env: dict, op: Take) -> np.ndarray:
+        table, ids = np.asarray(env[op.table.value]), np.asarray(env[op.ids.value])
+        dim = op.table.indices.index(op.index)
+        rows = table.shape[dim]
+        return take_rows(op, table, ids, self.offset(op.table.value, dim, rows),
+                         self.global_size(op.table.value, dim, rows), self.starts(op.ids.value, ids))
+
+    def scatter_add(self, env: dict, op: ScatterAdd, work: np.dtype) -> np.ndarray:
+        ids = np.asarray(env[op.ids.value])
+        dim = op.result.type.indices.index(op.index)
+        rows = op.result.type.shape[dim]
+        return scatter_add_rows(op, self.read(env, op.update, work), ids,
+                                self.offset(op.result.name, dim, rows), rows,
+                                self.global_size(op.result.name, dim, rows),
+                                self.starts(op.ids.value, ids))
+
     def read(self, env: dict, operand: Operand, dtype: np.dtype) -> np.ndarray:
         return np.asarray(env[operand.value]).astype(dtype, copy=False)
 
@@ -206,7 +314,7 @@ class _Evaluator:
                 for operand in op.operands:
                     array = widen(np.asarray(env[operand.value]))
                     args.append(aligned(array, operand.indices, rtype.indices))
-                value = evaluate_scalar(op.expr, args)
+                value = evaluate_scalar(op.expr, args, self.positions(op, rtype.shape))
             elif isinstance(op, Reduce):
                 array = self.read(env, op.operand, work)
                 axes = tuple(op.operand.indices.index(i) for i in op.over)
@@ -222,6 +330,10 @@ class _Evaluator:
                 else:
                     value = aligned(LIBRARY_NUMPY[op.kind](array, axis), op.operand.indices,
                                     rtype.indices)
+            elif isinstance(op, Take):
+                value = self.take(env, op)
+            elif isinstance(op, ScatterAdd):
+                value = self.scatter_add(env, op, work)
             else:
                 assert isinstance(op, Route)
                 value = evaluate_route(op, self.read(env, op.operand, work))

@@ -5,7 +5,10 @@
 The max is the roofline's perfect-overlap bound (scaling book roofline.md:
 T_lower = max(T_math, T_comms); ASTRA-sim Roofline.cc). Bytes are every
 operand read once and the result written once: no fusion is assumed, the
-conservative choice for a program of separate statements.
+conservative choice for a program of separate statements. A take (an
+embedding lookup) reads only the rows it looks up, and it and its adjoint,
+a scatter-add, compute (nearly) nothing: their time is their bytes
+(op_hbm_bytes).
 
 Efficiency is Calculon's size-dependent step model (calculon/processor.py and
 memory.py: the fraction of peak grows with the FLOPs of one op, and the
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from einpar.ir import HALF_DTYPES, Einsum, work_dtype
+from einpar.ir import HALF_DTYPES, Einsum, ScatterAdd, Take, work_dtype
 from einpar.precision import DEFAULT_PRECISION, TPU_HIGHEST_PASSES, check_precision
 
 from .cluster import CALCULON_EFFICIENCY, Cluster
@@ -136,6 +139,18 @@ def computed_dtype(op, operand_dtypes=None) -> str:
         if operands in HALF_DTYPES:
             return operands
     return result
+
+
+def op_hbm_bytes(op, result_bytes: int, operand_bytes: list[int]) -> int:
+    """The bytes a local op moves to and from HBM: its operands read once and its result
+    written once, except a take, which reads only the rows it looks up (as many bytes as it
+    writes) and its ids, and a scatter-add, which writes its result (zeros first), reads
+    its update and ids, and reads and writes one result element for each element it adds."""
+    if isinstance(op, Take):
+        return 2 * result_bytes + operand_bytes[1]
+    if isinstance(op, ScatterAdd):
+        return result_bytes + sum(operand_bytes) + 2 * operand_bytes[0]
+    return result_bytes + sum(operand_bytes)
 
 
 def op_time(op, flops: int, hbm_bytes: int, cluster: Cluster,

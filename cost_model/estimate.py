@@ -49,7 +49,7 @@ from einpar.spmd import format_collective
 from .cluster import Cluster, check_fits
 from .collectives import CollectiveTime, collective_time
 from .attention import flash_attention_time
-from .compute import ComputeTime, NoPeak, op_time
+from .compute import ComputeTime, NoPeak, op_hbm_bytes, op_time
 from .fusion import DEFAULT_FUSION, FusedStep, fuse
 from .training import Memory, MemoryWatch, TrainingFigures, training_figures
 
@@ -172,10 +172,9 @@ class _Pricer:
         """One local step priced alone: its operands read and its result written once."""
         op = step.op
         sizes = dict(zip(op.result.type.indices, op.result.type.shape))  # a local op's own shape
-        hbm = op.result.type.nbytes
         for operand in op.operands:
             sizes.update(zip(operand.indices, self.spmd.values[operand.value].local_shape(self.mesh)))
-            hbm += self.local_bytes(operand.value)
+        hbm = op_hbm_bytes(op, op.result.type.nbytes, [self.local_bytes(o.value) for o in op.operands])
         flops = op_flops(op, sizes)
         cost: ComputeTime = op_time(op, flops, hbm, self.cluster, self.precision, sizes,
                                     [self.spmd.values[o.value].type.dtype for o in op.operands])

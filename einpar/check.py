@@ -26,7 +26,7 @@ from typing import Union
 from .errors import Diagnostic, EinparError, Label, Span
 from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTIONS, REDUCTIONS,
                  UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
-                 Output, Program, Reduce, Repeat, Route, TensorType, Value)
+                 Output, Pos, Program, Reduce, Repeat, Route, Take, TensorType, Value)
 from .check_training import TrainingChecker
 from .layout import Layout, Mesh
 from .syntax import KEYWORDS, MAX_SIZE_DIGITS, deep_recursion, gc_paused
@@ -35,8 +35,14 @@ from .syntax import (Binary, Call, DimDecl, Directive, DtypeDecl, IndexSpec, Mes
                      TensorSpec)
 from .syntax import Repeat as RepeatItem
 
-ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2}
-ALL_FUNCTIONS = tuple(ELEMENTWISE_FUNCTIONS) + REDUCTIONS + LIBRARY_FUNCTIONS + ("route",)
+ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2,
+                         "pow": 2}
+ALL_FUNCTIONS = tuple(ELEMENTWISE_FUNCTIONS) + REDUCTIONS + LIBRARY_FUNCTIONS + ("route", "take", "pos")
+# Elementwise functions whose result is a float even of integer arguments (as `/` is).
+FLOAT_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "silu", "sin", "cos",
+                   "erf", "pow")
+# `inf` in an expression is the float literal, unless a dim is named `inf` (then it is its size).
+INFINITY = "inf"
 DEFAULT_TOP_K = 2  # route's k when not given: GShard's top-2
 # The reductions a value may be left pending over a mesh axis (Layout.partial).
 PARTIAL_KINDS = ("sum", "max", "min")
@@ -106,7 +112,7 @@ def _promote(a: str, b: str, default_float: str) -> str:
 
 @dataclass(frozen=True)
 class _Node:
-    kind: str  # ref, const, apply, reduce, library, route
+    kind: str  # ref, const, apply, reduce, library, route, take, pos
     free: tuple[str, ...]  # free indices, in order of first appearance
     dtype: str  # a dtype, or _WEAK_INT / _WEAK_FLOAT for constants
     span: Span
@@ -116,7 +122,7 @@ class _Node:
     value: Union[int, float, None] = None  # const
     label: str | None = None  # const: the dim whose size it is
     fn: str | None = None  # apply: primitive; reduce/library: the kind
-    over: tuple[str, ...] = ()  # reduce/library indices; route: (E, C)
+    over: tuple[str, ...] = ()  # reduce/library indices; route: (E, C); take: (V,); pos: (S,)
     k: int = 0  # route
     # How many times each index is used inside this node (summation rule).
     uses: tuple[tuple[str, int], ...] = ()
@@ -162,6 +168,12 @@ def _with_children(node: _Node, children: tuple[_Node, ...]) -> _Node:
         uses = _merge_uses(*children)
     elif node.kind == "reduce":
         free = tuple(i for i in children[0].free if i not in node.over)
+        uses = _merge_uses(*children, remove=node.over)
+    elif node.kind == "take":
+        # take[V] binds V like a reduction: the result has the ids' indices, then the
+        # table's other than V.
+        table, ids = children
+        free = _merge_free(ids.free, tuple(i for i in table.free if i not in node.over))
         uses = _merge_uses(*children, remove=node.over)
     elif node.kind == "library" and node.fn == "logsumexp":
         # logsumexp reduces its index: like sum[T], it binds the index locally.
@@ -629,6 +641,8 @@ class _Checker:
             if name.text not in self.dims:
                 if name.text in self.dim_spans:
                     raise _Abort()
+                if name.text == INFINITY:
+                    return _Node("const", (), _WEAK_FLOAT, expr.span, value=float("inf"))
                 hint = _did_you_mean(name.text, self.dims)
                 if scope.lookup(name.text) is not None or name.text in self.all_definitions:
                     hint = f"'{name}' is a tensor: index it, e.g. {name}[...]"
@@ -639,6 +653,8 @@ class _Checker:
             return self.type_ref(expr.spec, scope)
         if isinstance(expr, Negate):
             child = self.type_expr(expr.operand, scope)
+            if child.kind == "const" and child.value == float("inf") and child.label is None:
+                return replace(child, value=float("-inf"), span=expr.span)  # the literal -inf
             return self.apply("neg", (child,), expr.span)
         if isinstance(expr, Binary):
             left = self.type_expr(expr.left, scope)
@@ -703,8 +719,7 @@ class _Checker:
             dtype = dtypes[0]
             for other in dtypes[1:]:
                 dtype = _promote(dtype, other, self.default_float)
-            float_result = fn == "div" or fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid",
-                                                  "gelu", "silu")
+            float_result = fn == "div" or fn in FLOAT_FUNCTIONS
             if float_result and dtype in ("bool", "i32", _WEAK_INT):
                 dtype = self.default_float if dtype != _WEAK_INT else _WEAK_FLOAT
             elif dtype == "bool":
@@ -725,7 +740,9 @@ class _Checker:
             self.fail("E204", f"unknown function '{name}'", call.func.span,
                       hint=_did_you_mean(name, ALL_FUNCTIONS) or
                       "see docs/language.md for the functions of the language")
-        indexed = name in REDUCTIONS or name in LIBRARY_FUNCTIONS or name == "route"
+        if name == "pos":
+            return self.type_pos(call)
+        indexed = name in REDUCTIONS or name in LIBRARY_FUNCTIONS or name in ("route", "take")
         if indexed and call.indices is None:
             example = "route[E,C](g, k=2)" if name == "route" else f"{name}[I](...)"
             self.fail("E214", f"'{name}' needs the index it works over in brackets", call.func.span,
@@ -739,7 +756,7 @@ class _Checker:
                 self.fail("E214", f"'{name}' has no argument '{kwarg.name}'", kwarg.span,
                           hint="route takes k=...; other functions take no named arguments"
                           if name != "route" else "route takes only k=...")
-        arity = ELEMENTWISE_FUNCTIONS.get(name, 1)
+        arity = ELEMENTWISE_FUNCTIONS.get(name, 2 if name == "take" else 1)
         if len(call.args) != arity:
             self.fail("E214", f"'{name}' takes {arity} argument{'s' * (arity != 1)}, "
                               f"got {len(call.args)}", call.span)
@@ -760,6 +777,8 @@ class _Checker:
             indices.append(spec.name.text)
         if name == "route":
             return self.type_route(call, args[0], tuple(indices))
+        if name == "take":
+            return self.type_take(call, args, tuple(indices))
         if name in LIBRARY_FUNCTIONS and len(indices) != 1:
             self.fail("E214", f"'{name}' works over one index, got {len(indices)}", call.span,
                       hint=f"write {name}[{indices[0] if indices else 'I'}](...)")
@@ -787,6 +806,57 @@ class _Checker:
             dtype = "i32"
         node = _Node("library", (), dtype, call.span, fn=name, over=tuple(indices))
         return _with_children(node, (child,))
+
+    def type_pos(self, call: Call) -> _Node:
+        """`pos(S)`: the position along index S, an i32 that varies along S only."""
+        if call.indices is not None:
+            self.fail("E214", "'pos' takes the index in parentheses, not in brackets", call.span,
+                      hint="write pos(S)")
+        if call.kwargs:
+            self.fail("E214", f"'pos' has no argument '{call.kwargs[0].name}'", call.kwargs[0].span,
+                      hint="write pos(S)")
+        if len(call.args) != 1:
+            self.fail("E214", f"'pos' takes 1 argument, got {len(call.args)}", call.span,
+                      hint="write pos(S) with the index whose positions you want")
+        arg = call.args[0]
+        if not isinstance(arg, SizeRef):
+            self.fail("E218", "pos takes an index name, not an expression", arg.span,
+                      hint="write pos(S): the 0-based position along S (a dim)")
+        name = arg.name
+        if name.text not in self.dims:
+            if name.text in self.dim_spans:
+                raise _Abort()  # its declaration already failed
+            self.fail("E203", f"unknown dimension '{name}'", name.span,
+                      hint=_did_you_mean(name.text, self.dims) or "pos(S) needs S declared with `dim`")
+        return _Node("pos", (name.text,), "i32", call.span, over=(name.text,),
+                     uses=((name.text, 1),))
+
+    def type_take(self, call: Call, args: tuple[_Node, ...], indices: tuple[str, ...]) -> _Node:
+        """`take[V](table, ids)`: rows of the table at integer ids (an embedding lookup)."""
+        if len(indices) != 1:
+            self.fail("E217", f"take selects along one index of the table, got {len(indices)}",
+                      call.span, hint="write take[V](table[V,D], ids[B,S])")
+        (index,) = indices
+        index_span = call.indices[0].name.span
+        table, ids = args
+        if index not in table.free:
+            self.fail("E217", f"take along {index}, which the table does not have", index_span,
+                      hint=f"the table's indices are: {', '.join(table.free) or 'none'}")
+        if ids.dtype not in ("i32", _WEAK_INT):
+            self.fail("E217", f"take's ids must be integers (i32), not {self.resolve_weak(ids.dtype)}",
+                      ids.span, hint="declare them as integers, e.g. `input ids[B,S] : i32`")
+        if index in ids.free:
+            self.fail("E217", f"take's ids have the index {index} they select along", ids.span,
+                      hint=f"the ids pick positions along {index}; index them by other dims, "
+                           f"e.g. ids[B,S]")
+        shared = [i for i in ids.free if i in table.free]
+        if shared:
+            self.fail("E217", f"take's table and ids both have index {shared[0]}", ids.span,
+                      hint="each row is looked up for every id: give the ids other indices, or "
+                           "declare an alias (`dim S2=S`) for one of them")
+        ids = replace(ids, dtype="i32")  # a number as an id is an i32
+        node = _Node("take", (), table.dtype, call.span, over=(index,))
+        return _with_children(node, (table, ids))
 
     def type_route(self, call: Call, gate: _Node, indices: tuple[str, ...]) -> _Node:
         if len(indices) != 2:
@@ -1049,7 +1119,7 @@ class _StatementLowering:
         computes_in_wanted = natural == wanted or (
             wanted in FLOAT_DTYPES and natural in FLOAT_DTYPES
             and _promote(natural, wanted, self.checker.default_float) == wanted)
-        if root.kind in ("reduce", "library", "route") and set(root.free) == set(indices) \
+        if root.kind in ("reduce", "library", "route", "take") and set(root.free) == set(indices) \
                 and computes_in_wanted:
             # The statement's own op produces the result directly, in the left-hand side's order.
             scale = self.emit_structured(root, result)
@@ -1075,6 +1145,8 @@ class _StatementLowering:
             return Arg(self.add_operand(operands, node.operand))
         if node.kind == "const":
             return Const(node.value, node.label)
+        if node.kind == "pos":
+            return Pos(node.over[0])
         if node.kind == "apply":
             args = []
             target = self.resolve(node.dtype) if node.dtype not in (_WEAK_INT, _WEAK_FLOAT) else None
@@ -1114,7 +1186,7 @@ class _StatementLowering:
         """The node as a value of its own (a plain reference needs no op)."""
         if node.kind == "ref":
             return node.operand
-        if node.kind != "apply":
+        if node.kind not in ("apply", "pos", "const"):
             value = self.temp_value(node.free, node.dtype)
             scale = self.emit_structured(node, value)
             operand = Operand(self.ops[-1].result.name, node.free)
@@ -1136,6 +1208,10 @@ class _StatementLowering:
         (the constants of a product under a sum), or None.
         """
         child = node.children[0]
+        if node.kind == "take":
+            table, ids = (self.materialize(c) for c in node.children)
+            self.ops.append(Take(result, table, ids, node.over[0], self.stmt, node.span))
+            return None
         if node.kind == "library":
             operand = self.materialize(child)
             self.ops.append(Library(result, node.fn, operand, node.over[0], self.stmt, node.span))

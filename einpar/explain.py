@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .errors import source_lines
-from .ir import Einsum, Reduce
+from .ir import Einsum, Reduce, ScatterAdd, Take
 from .layout import Layout, Mesh, block_slices, format_type, local_bytes, mesh_groups
 from .decisions import SAVE_REASON
 from .partition import PARTIAL
@@ -134,6 +134,13 @@ def _roles_sentences(step: LocalStep, subject: str, spmd: SpmdProgram) -> list[s
         elif role in result_indices:
             sentences.append(f"index {role} is split over {axis}, so each device computes its own "
                              f"block of {subject}")
+        elif isinstance(op, Take):
+            sentences.append(f"the table's rows ({role}) are split over {axis}, so each device looks "
+                             "up the ids in its own rows, zeros for the others', and computes a "
+                             f"partial sum of {subject}")
+        elif isinstance(op, ScatterAdd):
+            sentences.append(f"the update's index {role} is split over {axis}, so each device adds "
+                             f"its own rows and computes a partial sum of {subject}")
         else:
             verb = "contracted" if isinstance(op, Einsum) else "reduced"
             having = [o.value for o in op.operands if role in o.indices]

@@ -9,10 +9,14 @@ Conventions (stated once, used everywhere):
   whole arrays for the reference, local blocks on a device, so what the cost
   model counts per device is what the device computes;
 - a Map costs one FLOP per primitive function per output element (casts are
-  free, transcendental functions count as one);
+  free, transcendental functions such as exp, sin, erf and pow count as one,
+  `pos(S)` is an index, not arithmetic);
 - a Reduce costs one FLOP per input element;
 - library functions cost a fixed number of FLOPs per element (LIBRARY_FLOPS);
-- routing costs k·E per token, which is negligible and counted for honesty.
+- routing costs k·E per token, which is negligible and counted for honesty;
+- a take (an embedding lookup) computes nothing: it moves rows, and the cost
+  model prices the bytes; its adjoint, a scatter-add, costs one add per
+  element of the update it sums.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from functools import lru_cache
 
 import opt_einsum
 
-from .ir import Apply, Cast, Einsum, Library, Map, Op, Program, Reduce, Repeat, Route, Scalar
+from .ir import (Apply, Cast, Einsum, Library, Map, Op, Program, Reduce, Repeat, Route, Scalar,
+                 ScatterAdd, Take)
 
 # Per element: softmax = max, subtract, exp, sum, divide; logsumexp = max, subtract, exp, sum
 # (+ log per row, ignored); rmsnorm = square, sum, scale; layernorm = sum, subtract, square,
@@ -129,6 +134,10 @@ def op_flops(op: Op, sizes: dict[str, int]) -> int:
         return _product(sizes[i] for i in op.operand.indices)
     if isinstance(op, Library):
         return LIBRARY_FLOPS[op.kind] * _product(sizes[i] for i in op.operand.indices)
+    if isinstance(op, Take):
+        return 0
+    if isinstance(op, ScatterAdd):
+        return _product(sizes[i] for i in op.update.indices)
     assert isinstance(op, Route)
     tokens = _product(sizes[i] for i in op.operand.indices) // sizes[op.expert]
     return tokens * sizes[op.expert] * op.k

@@ -103,7 +103,8 @@ TERM = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*+\[[^\]\n]*\]")
 # checks it is the same set as einpar.check.ALL_FUNCTIONS).
 FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs",
              "square", "where", "max2", "min2", "sum", "max", "min", "mean", "softmax",
-             "logsumexp", "rmsnorm", "layernorm", "cumsum", "route")
+             "logsumexp", "rmsnorm", "layernorm", "cumsum", "route", "sin", "cos", "erf", "pow",
+             "take", "pos")
 # Names a code generator or a Python namespace may trip over, and names in other scripts.
 HOSTILE_NAMES = ("__debug__", "__import__", "__builtins__", "__name__", "__class__", "None", "True",
                  "False", "class", "def", "lambda", "import", "return", "yield", "await", "async",

@@ -17,7 +17,7 @@ import numpy as np
 
 from einpar.backends.reference import numpy_dtype
 from .errors import Diagnostic, EinparError
-from .ir import FLOAT_DTYPES, Einsum, Program, Value, walk_ops
+from .ir import FLOAT_DTYPES, Einsum, Program, ScatterAdd, Take, Value, walk_ops
 from .optimizer import MASTER, param_of_state
 from .layout import DTYPE_BYTES
 
@@ -48,7 +48,9 @@ def random_inputs(program: Program, seed: int = 0) -> dict[str, np.ndarray]:
             if value.kind == "param":
                 array *= array.dtype.type(1 / np.sqrt(fan_in.get(value.name, 1)))
         elif dtype == "i32":
-            array = rng.integers(0, 10, size=shape, dtype=np.int32)
+            # Ids a take reads are drawn among its table's rows; other integers in [0, 10).
+            high = min((size for size, _ in id_readers(program).get(value.name, ())), default=10)
+            array = rng.integers(0, high, size=shape, dtype=np.int32)
         else:
             array = rng.integers(0, 2, size=shape, dtype=np.uint8).view(np.bool_)
         arrays[value.name] = array.astype(numpy_dtype(dtype), copy=False)
@@ -74,6 +76,39 @@ def with_default_state(program: Program, arrays: dict[str, np.ndarray]) -> dict[
     for value in missing:
         arrays[value.name] = default_state(value, arrays)
     return arrays
+
+
+def id_readers(program: Program) -> dict[str, list[tuple[int, Take | ScatterAdd]]]:
+    """The inputs read as ids by a take or scatter-add: name -> (the number of rows along
+    the index they select, the op) for each op that reads it."""
+    readers: dict[str, list[tuple[int, Take | ScatterAdd]]] = {}
+    for op in walk_ops(program.ops):
+        if isinstance(op, (Take, ScatterAdd)):
+            readers.setdefault(op.ids.value, []).append((program.dim_sizes[op.index], op))
+    return readers
+
+
+def check_ids(program: Program, arrays: dict[str, np.ndarray], source: str = "inputs") -> None:
+    """E310 for an input id outside the rows its take reads: checked on the host before a
+    run (a lookup on a device would wrap, clamp or fill instead of failing)."""
+    problems = []
+    for name, readers in id_readers(program).items():
+        if name not in arrays:
+            continue
+        ids = np.asarray(arrays[name])
+        for size, op in readers:
+            bad = (ids < 0) | (ids >= size)
+            if bad.any():
+                where = tuple(int(k) for k in np.argwhere(bad)[0])
+                position = ",".join(map(str, where))
+                problems.append(Diagnostic(
+                    "E310", f"'{name}' in {source} holds {int(ids[where])} at [{position}], outside "
+                            f"[0, {size}): take[{op.index}] in '{op.stmt}' reads it as ids", op.span,
+                    hint=f"ids index the {size} rows along {op.index}: each must be at least 0 "
+                         f"and less than {size}"))
+                break
+    if problems:
+        raise EinparError(problems)
 
 
 def fan_in_of(program: Program) -> dict[str, int]:
@@ -122,6 +157,7 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
                                    hint="inputs and params are: " + ", ".join(expected)))
     if problems:
         raise EinparError(problems)
+    check_ids(program, converted, source)
     return with_default_state(program, converted)
 
 

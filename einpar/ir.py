@@ -438,6 +438,8 @@ def format_scalar(expr: Scalar, operands: tuple[Operand, ...]) -> str:
         return f"{expr.label}" if expr.label else text
     if isinstance(expr, Cast):
         return f"{expr.dtype}({format_scalar(expr.arg, operands)})"
+    if isinstance(expr, Pos):
+        return f"pos({expr.index})"
     if expr.fn in _INFIX:
         left, right = (format_scalar(a, operands) for a in expr.args)
         return f"({left} {_INFIX[expr.fn]} {right})"

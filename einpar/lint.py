@@ -29,15 +29,15 @@ from typing import Iterable, Iterator, NamedTuple
 
 from .errors import WARNING_CODES, Diagnostic, Span, source_lines
 from .ir import REDUCTIONS
-from .syntax import (Binary, Call, Expr, Module, Negate, OutputDecl, Statement, TensorDecl,
-                     TensorRef, gc_paused)
+from .syntax import (Binary, Call, Expr, Module, Negate, OutputDecl, SizeRef, Statement,
+                     TensorDecl, TensorRef, gc_paused)
 from .syntax import Repeat as RepeatItem
 
 # `# einpar: ignore W101, W102` (or no codes: all) silences warnings on its line.
 PRAGMA = re.compile(r"#.*?\beinpar:\s*ignore\b([A-Za-z0-9,\s]*)")
 
 # Functions that bind their bracketed index (it is not free outside them).
-_BINDING_FUNCTIONS = tuple(REDUCTIONS) + ("logsumexp",)
+_BINDING_FUNCTIONS = tuple(REDUCTIONS) + ("logsumexp", "take")
 
 
 def _warning(code: str, message: str, span: Span | None = None, hint: str | None = None) -> Diagnostic:
@@ -104,6 +104,9 @@ def _free_indices(root: Expr) -> dict[int, frozenset[str]]:
             found = frozenset(index.name.text for index in node.spec.indices)
         else:
             found = frozenset().union(*(free[id(child)] for child in _children(node)))
+            if isinstance(node, Call) and node.func.text == "pos" and len(node.args) == 1 \
+                    and isinstance(node.args[0], SizeRef):
+                found = frozenset((node.args[0].name.text,))  # pos(S) varies along S
             if isinstance(node, Call) and node.indices is not None:
                 bracket = [index.name.text for index in node.indices]
                 if node.func.text in _BINDING_FUNCTIONS:

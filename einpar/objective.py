@@ -123,9 +123,12 @@ class TimeObjective(Objective):
         return total
 
     def compute(self, op, local_sizes, flops, operand_layouts, result_layout, operand_types) -> float:
-        hbm = local_bytes(result_layout, op.result.type.shape, op.result.type.dtype, self.mesh)
-        for layout, vtype in zip(operand_layouts, operand_types):
-            hbm += local_bytes(layout, vtype.shape, vtype.dtype, self.mesh)
+        from .cost_model.compute import op_hbm_bytes
+
+        hbm = op_hbm_bytes(op, local_bytes(result_layout, op.result.type.shape, op.result.type.dtype,
+                                           self.mesh),
+                           [local_bytes(layout, vtype.shape, vtype.dtype, self.mesh)
+                            for layout, vtype in zip(operand_layouts, operand_types)])
         return _op_ns(op, flops, hbm, self.cluster, self.precision, tuple(local_sizes.items()),
                       tuple(t.dtype for t in operand_types)) + flops * self.flop_weight
 

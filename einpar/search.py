@@ -32,7 +32,7 @@ import itertools
 from dataclasses import dataclass
 
 from .errors import Diagnostic, EinparError
-from .ir import Library, Map, Op, Reduce, Repeat, Route, TensorType, Value
+from .ir import Library, Map, Op, Reduce, Repeat, Route, ScatterAdd, Take, TensorType, Value
 from .layout import Layout, format_dims
 from .solve import Choice, Evaluation, Infeasible, Problem, evaluate, solve
 from .strategies import Partial, op_indices
@@ -539,6 +539,8 @@ def _detail(op: Op):
         return (op.kind, op.index)
     if isinstance(op, Route):
         return (op.expert, op.capacity, op.k)
+    if isinstance(op, (Take, ScatterAdd)):
+        return op.index
     return None
 
 

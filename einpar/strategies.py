@@ -6,7 +6,11 @@ shardy way of writing sharding rules as einsums over factors):
 - split an index: every operand and the result that have that index are
   split along the axis (an operand without it holds copies);
 - split a reduced index (a contraction's summed index, a reduction's index):
-  each device reduces its block, and the result is partial over the axis;
+  each device reduces its block, and the result is partial over the axis; a
+  take's table index (V) is such an index: each device looks up the ids in
+  its block of rows, zeros for the others' (Megatron's vocabulary-parallel
+  embedding), and a scatter-add's ids indices are too (each device adds its
+  share of the update rows);
 - keep some operands partial (`Partial`), where the op is linear in them: a
   sum of partial sums, a partial sum times a whole value, a contraction or a
   sum of one partial operand, a max of partial maxima;
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .flops import op_flops
-from .ir import Apply, Arg, Cast, Einsum, Library, Map, Op, Reduce, Route, Scalar
+from .ir import Apply, Arg, Cast, Einsum, Library, Map, Op, Reduce, Route, Scalar, ScatterAdd, Take
 from .layout import Layout, Mesh
 
 PARTIAL = "(partial)"  # how a partial role prints in an assignment (spmd.LocalStep)
@@ -103,6 +107,8 @@ def partial_roles(op: Op) -> list[Partial]:
         return [Partial((k,), "sum") for k in range(len(op.operands))]
     if isinstance(op, Reduce) and op.kind in ("sum", "max", "min"):
         return [Partial((0,), op.kind)]
+    if isinstance(op, (Take, ScatterAdd)):  # linear in the table (the update), never in the ids
+        return [Partial((0,), "sum")]
     if isinstance(op, Map):
         n = len(op.operands)
         roles = []

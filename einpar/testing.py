@@ -57,8 +57,9 @@ DEFAULT_DTYPES = ("f32", "f64", "bf16", "f16")
 # What statements draw from (the `kinds` argument of `programs`):
 #   contraction  products of tensors with implicit sums (einsums), constant scales
 #   elementwise  + - * /, unary minus, exp log sqrt rsqrt tanh sigmoid relu gelu silu abs square,
-#                max2, min2, broadcasting by index name
-#   comparison   > >= < <= == != inside where(c, a, b) or as a 0/1 mask `(c) * a`
+#                sin cos erf, pow(abs(e) + 1, p), max2, min2, broadcasting by index name
+#   comparison   > >= < <= == != inside where(c, a, b) or as a 0/1 mask `(c) * a`, of
+#                values or of positions (`pos(S) >= pos(T)`, a causal mask)
 #   reduction    sum[...], max[...], min[...], mean[...]
 #   library      softmax, logsumexp, rmsnorm, layernorm, cumsum, and softmax written out
 #   route        route[E,C](softmax[E](g), k=...)
@@ -761,9 +762,20 @@ class _Builder:
 
     def function(self, free: tuple[str, ...], depth: int) -> _Expr:
         fn = self.pick(["tanh", "relu", "exp", "gelu", "silu", "sigmoid", "abs", "square",
-                        "log", "sqrt", "rsqrt", "neg"])
+                        "log", "sqrt", "rsqrt", "neg", "sin", "cos", "erf", "pow"])
         child = self.node(free, depth - 1)
         b = child.bound
+        if fn in ("sin", "cos") and b > 64:
+            # Backends agree on sin and cos of moderate arguments; far out, float32 range
+            # reduction differs between libraries by more than a few ulps.
+            child, b = self.tame(child), 1.0
+        if fn == "pow":
+            exponent = self.pick(["2", "0.5", "1.5", "3"])
+            if (b + 1) ** float(exponent) > MAGNITUDE_LIMIT:
+                child, b = self.tame(child), 1.0
+            text = self.call("pow", self.call("abs", child.text) + " + 1", exponent)
+            return _Expr(text, free, child.dtype, self.note((b + 1) ** float(exponent)), _ATOM,
+                         kind="elementwise")
         if fn == "neg":
             return _Expr("-" + _paren(child, _UNARY), free, child.dtype, b, _UNARY,
                          kind="elementwise")
@@ -784,7 +796,7 @@ class _Builder:
             if b * b > MAGNITUDE_LIMIT:
                 child, b = self.tame(child), 1.0
             text, bound = self.call("square", child.text), b * b
-        elif fn in ("tanh", "sigmoid"):
+        elif fn in ("tanh", "sigmoid", "sin", "cos", "erf"):
             text, bound = self.call(fn, child.text), 1.0
         else:  # relu gelu silu abs: |f(x)| <= |x|
             text, bound = self.call(fn, child.text), b
@@ -799,8 +811,13 @@ class _Builder:
                      self.note(max(left.bound, right.bound)), _ATOM, kind="elementwise")
 
     def comparison(self, free: tuple[str, ...], depth: int) -> str:
-        left = self.node(free, depth - 1)
         op = self.pick([">", "<", ">=", "<=", "==", "!="])
+        if 1 <= len(free) <= 2 and self.chance(5):
+            # Positions, as a causal mask compares them: pos(S) >= pos(T).
+            left = f"pos({self.dim(free[0])})"
+            right = f"pos({self.dim(free[-1])})" if len(free) == 2 else self.pick(["1", "2", "3"])
+            return f"{left} {op} {right}"
+        left = self.node(free, depth - 1)
         if free and self.chance(2):
             right_free = tuple(i for i in free if not self.chance(2))
             right = self.node(right_free, depth - 1)

@@ -538,6 +538,31 @@ def test_E216_layout_in_an_expression():
            hint="layouts go on declarations and on the left of statements")
 
 
+def test_E217_take_of_float_ids():
+    expect(program("dim B=8 V=100 D=4",
+                   "input ids[B]",
+                   "param e[V,D]",
+                   "x[B,D] = take[V](e[V,D], ids[B])"),
+           "E217", "take's ids must be integers (i32), not f32", 4, 26, length=6,
+           hint="declare them as integers, e.g. `input ids[B,S] : i32`")
+
+
+def test_E217_take_along_an_index_the_table_lacks():
+    expect(program("dim B=8 V=100 D=4",
+                   "input ids[B] : i32",
+                   "param e[V,D]",
+                   "x[B,D] = take[B](e[V,D], ids[B])"),
+           "E217", "take along B, which the table does not have", 4, 15, length=1,
+           hint="the table's indices are: V, D")
+
+
+def test_E218_pos_of_an_expression():
+    expect(program("dim S=8",
+                   "x[S] = pos(S + 1)"),
+           "E218", "pos takes an index name, not an expression", 2, 12, length=5,
+           hint="write pos(S): the 0-based position along S (a dim)")
+
+
 def test_E216_layout_on_a_reduction_index():
     expect(program("mesh tp=2",
                    "dim B=8 T=4",
@@ -952,6 +977,20 @@ def the_input_error(run) -> Diagnostic:
     found = caught.value.diagnostics[0]
     assert found.code == "E300" and found.span is None
     return found
+
+
+def test_E310_an_id_outside_the_table_in_an_inputs_file(tmp_path):
+    path = tmp_path / "in.npz"
+    text = program("dim B=3 V=5 D=2", "input ids[B] : i32", "param e[V,D]",
+                   "x[B,D] = take[V](e[V,D], ids[B])", "output x")
+    np.savez(path, ids=np.array([0, 4, -1], np.int32), e=np.zeros((5, 2), np.float32))
+    with pytest.raises(EinparError) as caught:
+        load_inputs(compile_source(text, FILE), str(path))
+    (found,) = caught.value.diagnostics
+    assert not caught.value.usage
+    assert (found.code, found.message) == (
+        "E310", f"'ids' in {path} holds -1 at [2], outside [0, 5): take[V] in 'x' reads it as ids")
+    assert (found.span.line, found.span.col) == (4, 10)
 
 
 def test_E300_inputs_file_missing_an_array(tmp_path):

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from einpar.api import compile_source, random_inputs, run_reference
 from einpar.errors import EinparError
-from einpar.ir import Apply, Cast, Const, Einsum, Library, Map, Reduce, Repeat, Route, walk_ops
+from einpar.ir import Apply, Cast, Const, Einsum, Library, Map, Pos, Reduce, Repeat, Route, walk_ops
 from einpar.testing import (COLLIDING_TENSOR_NAMES, FLOAT_DTYPES, GeneratedProgram, MeshSpec,
                             TensorInfo, _Builder, _Options, _Tensor, contraction_programs, programs)
 
@@ -184,6 +184,8 @@ def renamed_expr(expr, rename):
         return replace(expr, arg=renamed_expr(expr.arg, rename))
     if isinstance(expr, Apply):
         return replace(expr, args=tuple(renamed_expr(arg, rename) for arg in expr.args))
+    if isinstance(expr, Pos):
+        return replace(expr, index=rename.get(expr.index, expr.index))
     return expr
 
 
