@@ -1044,8 +1044,7 @@ class _Checker:
                     pass
         program = Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype,
                           tuple(self.inputs), tuple(ops), tuple(self.outputs), self.source)
-        top_values = {name: binding.value for name, binding in top.names.items()
-                      if binding.value is not None}
+        top_values = {name: binding.value for name, binding in top.names.items()}  # None: failed
         training = TrainingChecker(self.error, program, self.dims).check(
             self.directives, self.remat, self.remat_repeats, self.grad_outputs, top_values)
         if self.diagnostics:

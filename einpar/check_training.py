@@ -115,9 +115,11 @@ class TrainingChecker:
             return None
         name = item.args[0]
         value = top_values.get(name.text)
+        if name.text in top_values and value is None:
+            return None  # its statement failed, and said why
         if value is None:
             self.error("E251", f"the loss '{name}' is not a value of the program", name.span,
-                       hint=_closest(name.text, top_values) or
+                       hint=_closest(name.text, [n for n, v in top_values.items() if v]) or
                        "define it at the top level, e.g. `l[] = mean[B](square(y[B]))`")
             return None
         if value.type.rank != 0:

@@ -18,6 +18,7 @@ import numpy as np
 from einpar.backends.reference import numpy_dtype
 from .errors import Diagnostic, EinparError
 from .ir import FLOAT_DTYPES, Einsum, Program, ScatterAdd, Take, Value, walk_ops
+from .microbatch import merged_shape, split_microbatches
 from .optimizer import MASTER, param_of_state
 from .layout import DTYPE_BYTES
 
@@ -136,6 +137,8 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
                                        hint=_expected_hint(value)))
             continue
         array = np.asarray(arrays[name])
+        if merged_shape(value) is not None and tuple(array.shape) == merged_shape(value):
+            array = split_microbatches(value, array)  # given whole, taken in micro-batches
         if tuple(array.shape) != value.type.shape:
             problems.append(_wrong_shape(program, value, array.shape, source))
             continue
@@ -162,12 +165,15 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
 
 
 def _wrong_shape(program: Program, value: Value, shape, source: str) -> Diagnostic:
+    declared = merged_shape(value) or value.type.shape  # a micro-batched input is given whole
     return Diagnostic("E300", f"'{value.name}' in {source} has shape {_shape_text(shape)}, "
-                              f"but {program.file} declares {_shape_text(value.type.shape)}",
+                              f"but {program.file} declares {_shape_text(declared)}",
                       hint=_expected_hint(value))
 
 
 def _expected_hint(value: Value) -> str:
+    if merged_shape(value) is not None:
+        return f"'{value.name}' is {value.type.dtype}{_shape_text(merged_shape(value))}"
     stacked = f" (stacked by {','.join(value.stacked_by)})" if value.stacked_by else ""
     return f"'{value.name}' is {value.type.dtype}{_shape_text(value.type.shape)}{stacked}"
 

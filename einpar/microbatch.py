@@ -1,8 +1,10 @@
 """Gradient accumulation over micro-batches (`microbatches B=M`), Program -> Program.
 
-The pass runs after the gradient pass and before the optimizer. It puts the
-whole forward and backward program in one `repeat` of M trips over a new
-index `B.micro`; inside it the batch index `B` has size B/M. Every input with
+The forward program is first made a micro-batch's (`one_microbatch`: the
+batch index `B` of size B/M everywhere, so a `mean` over it divides by a
+micro-batch's rows); the gradient pass runs on that; then `accumulate` puts
+the whole forward and backward program in one `repeat` of M trips over a new
+index `B.micro`, before the optimizer's update. Every input with
 `B` is taken stacked, `[B.micro, B/M, ...]` (the user still supplies it as
 `[B, ...]`: micro-batch m is rows m·B/M ... (m+1)·B/M − 1), and the loop
 carries one float32 accumulator per gradient and one for the loss. After the
@@ -32,25 +34,34 @@ def micro_index(index: str) -> str:
 def split_inputs(program: Program, index: str, count: int) -> tuple[tuple[Value, ...], tuple[Value, ...]]:
     """The step's inputs (those with `index` stacked by the micro-batch index) and the
     per-micro-batch views the loop body reads."""
-    micro, size = micro_index(index), program.dim_sizes[index] // count
+    micro, size = micro_index(index), program.dim_sizes[index]
     inputs, views = [], []
     for value in program.inputs:
         if value.kind != "input" or index not in value.type.indices:
             inputs.append(value)
             continue
         vtype = value.type
-        shape = tuple(size if i == index else n for i, n in zip(vtype.indices, vtype.shape))
-        view = replace(value, type=TensorType(vtype.dtype, vtype.indices, shape))
-        stacked = TensorType(vtype.dtype, (micro,) + vtype.indices, (count,) + shape)
+        stacked = TensorType(vtype.dtype, (micro,) + vtype.indices, (count,) + vtype.shape)
+        view = value
         layout = Layout(((),) + value.layout.dims) if value.layout is not None else None
         inputs.append(replace(value, type=stacked, layout=layout, stacked_by=(micro,)))
         views.append(view)
     return tuple(inputs), tuple(views)
 
 
+def one_microbatch(program: Program, index: str, count: int) -> Program:
+    """`program` on one micro-batch: `index` of 1/count its size everywhere. The gradient
+    pass runs on this (so a `mean` over the batch divides by a micro-batch's rows)."""
+    size = program.dim_sizes[index] // count
+    dims = tuple((name, size if name == index else n) for name, n in program.dims)
+    return replace(program, dims=dims, inputs=_resized(program.inputs, index, size),
+                   ops=_resized(program.ops, index, size))
+
+
 def accumulate(program: Program, index: str, count: int) -> Program:
-    """The training step `program` (forward, backward: outputs the loss and `w.grad`) run
-    as `count` micro-batches along `index`, with one accumulated result of each output."""
+    """The training step `program` of one micro-batch (`one_microbatch`; forward and
+    backward, outputs the loss and `w.grad`) run as `count` micro-batches along `index`,
+    with the mean of each output over them."""
     micro = micro_index(index)
     inputs, views = split_inputs(program, index, count)
     before, body, after, carried, outputs = [], list(program.ops), [], [], []
@@ -70,10 +81,8 @@ def accumulate(program: Program, index: str, count: int) -> Program:
         after.append(Map(mean, (Operand(final.name, every),), Apply("div", (Arg(0), Const(count))),
                          output.name, None))
         outputs.append(replace(output, value=mean.name))
-    size = program.dim_sizes[index] // count
-    loop = Repeat(micro, count, tuple(carried), views, _resized(tuple(body), index, size))
-    dims = tuple((name, size if name == index else n) for name, n in program.dims)
-    return replace(program, dims=dims + ((micro, count),), inputs=inputs,
+    loop = Repeat(micro, count, tuple(carried), views, tuple(body))
+    return replace(program, dims=program.dims + ((micro, count),), inputs=inputs,
                    ops=tuple(before) + (loop,) + tuple(after), outputs=tuple(outputs))
 
 
@@ -95,3 +104,23 @@ def _resized(node, index: str, size: int):
                 changes[field.name] = new
         return replace(node, **changes) if changes else node
     return node
+
+
+def merged_shape(value: Value) -> tuple[int, ...] | None:
+    """The shape a user gives a micro-batched input in (`[B, ...]`), or None for any other."""
+    if value.kind != "input" or not value.stacked_by:
+        return None
+    (micro,) = value.stacked_by
+    index = micro.removesuffix(".micro")
+    count, *rest = value.type.shape
+    return tuple(n * count if i == index else n for i, n in zip(value.type.indices[1:], rest))
+
+
+def split_microbatches(value: Value, array):
+    """A micro-batched input given as `[..., B, ...]`, as the step takes it: `[M, ..., B/M, ...]`,
+    micro-batch m being rows m·B/M ... (m+1)·B/M − 1 of B."""
+    (micro,) = value.stacked_by
+    axis = value.type.indices[1:].index(micro.removesuffix(".micro"))
+    count = value.type.shape[0]
+    shape = array.shape[:axis] + (count, array.shape[axis] // count) + array.shape[axis + 1:]
+    return array.reshape(shape).swapaxes(0, axis) if axis else array.reshape(shape)

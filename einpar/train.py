@@ -29,12 +29,14 @@ def derive(program: Program) -> Program:
     if training is None:
         return program
     from .grad import grad
-    from .microbatch import accumulate
+    from .microbatch import accumulate, one_microbatch
     from .optimizer import apply_optimizer
 
-    step = grad(program, training.loss, training.remat)
-    if training.microbatches is not None:
-        step = accumulate(step, *training.microbatches)
+    micro = training.microbatches
+    step = grad(program if micro is None else one_microbatch(program, *micro), training.loss,
+                training.remat)
+    if micro is not None:
+        step = accumulate(step, *micro)
     if training.optimizer is not None:
         step = apply_optimizer(step, training.optimizer)
     return replace(step, training=None, forward=program)
