@@ -14,6 +14,7 @@ from .ir import Operand, Program, ScatterAdd, TensorType, Take, Value
 from .errors import EinparError
 from .layout import Layout, local_bytes
 from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partition
+from .reshard import plan_reshard
 from .spmd import CollectiveStep, LocalStep, Priced, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue
 
 
@@ -37,6 +38,8 @@ class _Lowering:
         self.held: dict[tuple[str, Layout], str] = {}  # (value, layout) -> local name
         self.counter: dict[str, int] = {}
         self.types: dict[str, TensorType] = {}  # per-trip types of stacked params
+        self.backward = False  # past the first op of a training step's backward pass
+        self.freed: dict[str, Layout] = {}  # params whose moved copies the backward pass remakes
 
     def type_of(self, value: str) -> TensorType:
         return self.types.get(value) or self.program.values[value].type
@@ -62,6 +65,7 @@ class _Lowering:
         if move is None:
             return
         layout = move.src
+        self.refetch(move.value, layout, steps, serves)
         name = self.held[(move.value, layout)]
         shape, dtype = self.type_of(move.value).shape, self.type_of(move.value).dtype
         for step in move.plan.steps:
@@ -85,6 +89,8 @@ class _Lowering:
         for move in decision.moves:
             self.move(move, steps, decision.op.result.name)
         op = decision.op
+        for operand, layout in zip(op.operands, decision.operand_layouts):
+            self.refetch(operand.value, layout, steps, op.result.name)
         operands = tuple(Operand(self.held[(o.value, layout)], o.indices)
                          for o, layout in zip(op.operands, decision.operand_layouts))
         result = self.local_value(op.result, decision.result_layout)
@@ -152,19 +158,43 @@ class _Lowering:
             tuple(zip(sources, trips)), tuple(body), self.priced(decision),
             tuple(zip(kept, (s.result.name for s in op.saved))), op.reverse))
 
-    def steps(self, decisions, steps: list) -> None:
+    def steps(self, decisions, steps: list, top: bool = False) -> None:
         for decision in decisions:
             if isinstance(decision, RepeatDecision):
                 self.repeat(decision, steps)
-            else:
-                self.decision(decision, steps)
+                continue
+            if top and not self.backward and decision.op.stmt.endswith(".grad"):
+                self.backward = True
+                self.free_gathered_params()
+            self.decision(decision, steps)
+
+    def refetch(self, value: str, layout: Layout, steps: list, serves: str) -> None:
+        """Gather again, from its own layout, a param copy freed for the backward pass."""
+        if (value, layout) in self.held or value not in self.freed:
+            return
+        own = self.freed[value]
+        vtype = self.type_of(value)
+        plan = plan_reshard(own, layout, vtype.shape, vtype.dtype, self.mesh)
+        self.move(Move(value, value, plan, "gathered again for the backward pass (FSDP frees "
+                                           "it after the forward pass)"), steps, serves)
+
+    def free_gathered_params(self) -> None:
+        """At the start of a training step's backward pass, forget the copies of params
+        that the forward pass moved out of their own layout: the backward pass gathers such a
+        weight again. FSDP frees a gathered weight after use (PyTorch FSDP's
+        `reshard_after_forward`, ZeRO stage 3), so that one gathered weight at a time is live."""
+        params = {value.name: layout for value, layout in
+                  zip(self.program.inputs, self.partitioned.inputs) if value.kind == "param"}
+        for key in [key for key in self.held if key[0] in params and key[1] != params[key[0]]]:
+            del self.held[key]
+        self.freed = params
 
     def run(self) -> SpmdProgram:
         for value, layout in zip(self.program.inputs, self.partitioned.inputs):
             self.define(value.name, value.name, value.name, layout)
         inputs = tuple(value.name for value in self.program.inputs)
         steps: list = []
-        self.steps(self.partitioned.steps, steps)
+        self.steps(self.partitioned.steps, steps, top=True)
         outputs = []
         for output, layout, move in self.partitioned.outputs:
             self.move(move, steps)
