@@ -123,7 +123,11 @@ def gpt3(runs: int) -> None:
         return compile_program(program, make_objective(program, "time", cluster))[1]
 
     load_s, program = cpu_median(lambda: load(path, overrides), runs)
-    compile_s, spmd = cpu_median(compiled, runs)
+    try:
+        compile_s, spmd = cpu_median(compiled, runs)
+    except Exception as error:  # a bug to report
+        print(f"{path.relative_to(ROOT)} fails to compile: {type(error).__name__}: {error}")
+        return
     price_s, result = cpu_median(lambda: estimate(program, spmd, cluster), runs)
     total = load_s + compile_s + price_s
     sets = " ".join(f"{k}={v}" for k, v in overrides.items())
