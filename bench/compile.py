@@ -1,7 +1,7 @@
 """Compile time and what partitioning saves, for every example and for large programs.
 
-    .venv/bin/python bench/compile.py [--parts examples axes statements many-axes]
-                                      [--limit 60] [--max-axes 8]
+    .venv/bin/python bench/compile.py [--parts examples axes statements training many-axes]
+                                      [--limit 60] [--max-axes 8] [--runs 5]
 
 For each example: the time to parse, check, partition and lower it (median
 of several runs), the bytes each device sends under einpar's plan, and under
@@ -31,6 +31,17 @@ the exponent stays bounded, near the polynomial's degree):
   transformer layers, bench/frontend.py) on `dp=2 tp=4`. Goal: 1,000
   statements under 2 s.
 
+Then training steps (`--parts training`): for the Megatron block with
+selective and with full recomputation (examples/training/), the transformer
+block of examples/transformer/block.ein with a loss and an optimizer
+appended, and the GPT model (examples/training/gpt.ein, once it checks), the
+compile time (check and derive, partition, lower) of the training step
+against that of its forward program (the same file without its `loss`,
+`optimizer`, `microbatches` and `remat`, outputting the loss), in one
+process, as CPU seconds of the process (the medians of several runs, the two
+programs alternating): on a machine shared with other work, wall time
+measures the neighbours too. Goal: a training step within 3x its forward.
+
 Then meshes of many axes, each against the same program on a small mesh (the
 ratio): a matmul on 8 axes of size 2, on 64 axes (20 of size 2, 44 of size
 1; 64 of size 2 are 2^64 devices, refused at check), and the Megatron MLP
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -211,7 +223,93 @@ def statements_series(limit: float) -> None:
            limit)
 
 
-PARTS = ("examples", "axes", "statements", "many-axes")
+# ---- training steps against their forward programs
+
+# The transformer block trained: a regression loss against a target and AdamW.
+BLOCK_LOSS = """
+l[] = mean[B,S,D](square(x[B,S,D] - t[B,S,D]))
+
+loss l
+optimizer adamw lr=3e-4 b1=0.9 b2=0.95 wd=0.1
+"""
+TRAINING_GOAL = 3.0  # a training step compiles within 3x its forward
+
+
+def trained_block() -> str:
+    """examples/transformer/block.ein with a target input, a loss and an optimizer."""
+    text = read_source(ROOT / "examples/transformer/block.ein")
+    text = text.replace("input x[B@dp, S, D]\n", "input x[B@dp, S, D]\ninput t[B@dp, S, D]\n")
+    return text.replace("\noutput x\n", "\n") + BLOCK_LOSS
+
+
+def forward_of(text: str) -> str:
+    """A training program's forward: without its loss, optimizer, micro-batches and remat
+    (which need a loss), outputting what was its loss."""
+    lines = []
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] in (["optimizer"], ["microbatches"]):
+            continue
+        if words[:1] == ["loss"]:
+            lines.append(f"output {words[1]}")
+            continue
+        line = re.sub(r"^(\s*)remat\s+", r"\1", line)
+        lines.append(re.sub(r"^(\s*repeat\s+\w+)\s+remat\b", r"\1", line))
+    return "\n".join(lines) + "\n"
+
+
+def compile_stages(text: str, file: str) -> tuple[float, float, float]:
+    """CPU seconds of check (and derive), partition and lower, each from a cold start."""
+    from einpar.lower import lower
+    from einpar.objective import make_objective
+    from einpar.partition import partition
+
+    plan_reshard.cache_clear()
+    start = time.process_time()
+    program = compile_source(text, file)
+    checked = time.process_time()
+    plan = partition(program, make_objective(program))
+    partitioned = time.process_time()
+    lower(plan)
+    return checked - start, partitioned - checked, time.process_time() - partitioned
+
+
+def training(runs: int) -> None:
+    import scipy.optimize  # noqa: F401 - imported once, not timed
+    import einpar.cost_model.collectives  # noqa: F401
+
+    cases = [(str(path.relative_to(ROOT)), read_source(path))
+             for path in (ROOT / "examples/training/megatron_selective.ein",
+                          ROOT / "examples/training/megatron_full.ein")]
+    cases.append(("examples/transformer/block.ein + loss", trained_block()))
+    cases.append(("examples/training/gpt.ein", read_source(ROOT / "examples/training/gpt.ein")))
+    print(f"{'training step (CPU s, median of ' + str(runs) + ')':<40} {'check':>6} {'part.':>6} "
+          f"{'lower':>6} {'total':>6} {'fwd':>6} {'ratio':>6}  goal {TRAINING_GOAL:g}x")
+    for name, text in cases:
+        try:
+            compile_source(text, name)
+            compile_source(forward_of(text), name)
+        except EinparError as error:
+            print(f"{name:<40} does not check: {error.diagnostics[0].code} "
+                  f"{error.diagnostics[0].message}")
+            continue
+        step, forward = [], []
+        try:
+            for _ in range(runs):  # alternating, so that both see the same machine
+                forward.append(compile_stages(forward_of(text), name))
+                step.append(compile_stages(text, name))
+        except Exception as error:  # a bug to report, not a reason to stop the table
+            print(f"{name:<40} fails to compile: {type(error).__name__}: {error}")
+            continue
+        stages = [statistics.median(run[i] for run in step) for i in range(3)]
+        total = statistics.median(sum(run) for run in step)
+        base = statistics.median(sum(run) for run in forward)
+        verdict = "meets" if total <= TRAINING_GOAL * base else "misses"
+        print(f"{name:<40} {stages[0]:>6.2f} {stages[1]:>6.2f} {stages[2]:>6.2f} {total:>6.2f} "
+              f"{base:>6.2f} {total / base:>5.1f}x  {verdict}")
+
+
+PARTS = ("examples", "axes", "statements", "training", "many-axes")
 
 
 def main(argv=None) -> None:
@@ -222,6 +320,8 @@ def main(argv=None) -> None:
                         help="seconds a point of a series may take (default 60)")
     parser.add_argument("--max-axes", type=int, default=8, choices=range(1, len(AXES) + 1),
                         metavar="1..8", help="the axes series' last point (default 8)")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="runs of each program in the training part (default 5)")
     parser.add_argument("--time-one", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_one:
@@ -229,6 +329,8 @@ def main(argv=None) -> None:
         return
     if args.limit <= 0:
         parser.error("--limit must be positive")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     for number, part in enumerate(args.parts):
         if number:
             print()
@@ -238,6 +340,8 @@ def main(argv=None) -> None:
             axes_series(args.limit, args.max_axes)
         elif part == "statements":
             statements_series(args.limit)
+        elif part == "training":
+            training(args.runs)
         else:
             many_axes()
 

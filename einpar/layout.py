@@ -52,7 +52,7 @@ class Mesh:
         return "mesh " + " ".join(f"{name}={size}" for name, size in self.axes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
     """Per dimension, the mesh axes that split it; plus pending partial reductions."""
 
@@ -63,6 +63,27 @@ class Layout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "partial", tuple(sorted(self.partial)))
+
+    # Layouts are dictionary keys everywhere in the partitioner (a move's price, a value's
+    # layouts): the hash of the nested tuples is computed once, and equality of one object
+    # with itself is decided without comparing them. The cached hash is not pickled (string
+    # hashes differ between processes).
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            self.__dict__["_hash"] = value = hash((self.dims, self.partial))
+            return value
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not Layout:
+            return NotImplemented
+        return self.dims == other.dims and self.partial == other.partial
+
+    def __getstate__(self) -> dict:
+        return {"dims": self.dims, "partial": self.partial}
 
     def split(self, dim: int, axis: str) -> "Layout":
         """This layout with `axis` splitting `dim` further (as its minor-most axis)."""

@@ -8,19 +8,30 @@ start, `fixed`); every layout some chosen consumer needs it in is paid once,
 from the layout it was made in, however many consumers read it there:
 
     minimize   sum_n sum_c price(c) x[n,c]  +  sum_(v,F,L) move(v, F -> L) m[v,F,L]
-    subject to sum_c x[n,c] = 1                       (one strategy per op)
-               y[v,L] >= sum_(c of n needing v in L) x[n,c]   for each consumer n
-               m[v,F,L] <= made(v in F),  sum_F m[v,F,L] = y[v,L]
-                                              (a need is served by the layout made;
-                                               no m where no reshard reaches L from F)
+    subject to sum_c x[n,c] = 1                           (one strategy per op)
+    and, for each value v made in F (made(F): the maker's choices that make it in F)
+    and each reader n, whose choices c need v in the layouts S(c):
+               sum_F e[n,S,F] = sum_(c: S(c)=S) x[n,c]    (the pair's marginals:
+               sum_S e[n,S,F] = made(F)                    e is "n needs S, v is made in F")
+               m[v,F,L] >= sum_(S holding L) e[n,S,F]     (a move paid once, for all readers)
 
-with x binary and y, m in [0, 1] (they take 0 or 1 at an optimum). The
-second line is the tight linearization of m = made * y (its LP relaxation
-is much stronger than m >= made + y - 1, so HiGHS branches far less). This is
-the formulation of Alpa's intra-operator pass (Zheng et al., OSDI 2022,
-section 4.2) with one change: Alpa prices each edge (producer, consumer), so
-a value read by three consumers in one layout pays three moves; here the
-move is a variable of the (value, layout) pair, shared by its consumers.
+with x binary and e, m >= 0. On integral x, e is the product of the two
+choices and m[v,F,L] = 1 exactly where some reader needs v in L while it is
+made in F. A value made in one layout whatever its maker's choice (or held
+from the start) needs no e: y[v,L] >= sum_(c needing L) x[n,c] per reader.
+
+This is the formulation of Alpa's intra-operator pass (Zheng et al., OSDI
+2022, section 4.2) with two changes: Alpa prices each edge (producer,
+consumer), so a value read by three consumers in one layout pays three moves;
+here the move is a variable of the (value, layout) pair, shared by its
+consumers. And the pair variables e are those of the local polytope of a
+pairwise model (Wainwright and Jordan, "Graphical models, exponential
+families, and variational inference", 2008, section 4.1): their LP
+relaxation is far tighter than serving y[v,L] from any layout made
+(m[v,F,L] <= made(F), sum_F m[v,F,L] = y[v,L]), which lets a fractional
+maker serve each reader from the layout it wants at no cost. On a
+transformer block's training step its optimum is integral on every axis
+(the looser one took HiGHS seconds of branching per axis).
 
 It is solved exactly, first by dynamic programming over the program's graph
 (eliminate.py: fast where each value has few readers, as in a transformer
@@ -165,121 +176,207 @@ def solve(problem: Problem) -> list[int]:
             if math.isinf(evaluate(problem, picks)):
                 raise Infeasible()
             return picks
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
-    costs: list[float] = []
-    lower: list[float] = []
-    upper: list[float] = []
-    integer: list[int] = []
-
-    def var(cost: float, lo: float = 0.0, hi: float = 1.0, binary: bool = False) -> int:
-        costs.append(cost)
-        lower.append(lo)
-        upper.append(hi)
-        integer.append(1 if binary else 0)
-        return len(costs) - 1
-
-    rows, cols, vals, row_lo, row_hi = [], [], [], [], []
-
-    def constraint(terms: list[tuple[int, float]], lo: float, hi: float) -> None:
-        row = len(row_lo)
-        for col, val in terms:
-            rows.append(row)
-            cols.append(col)
-            vals.append(val)
-        row_lo.append(lo)
-        row_hi.append(hi)
-
-    x = [[var(choice.price, binary=True) for choice in node] for node in problem.nodes]
-    for node in x:
-        constraint([(col, 1.0) for col in node], 1.0, 1.0)
-    # Which node makes each value, and under which choices in which layout.
-    made_by: dict[str, dict[Layout, list[int]]] = {}
-    for node, cols_ in zip(problem.nodes, x):
-        for choice, col in zip(node, cols_):
-            for value, layout in choice.makes:
-                made_by.setdefault(value, {}).setdefault(layout, []).append(col)
-    # y[v, L] for every layout some choice needs a value in.
-    y: dict[tuple[str, Layout], int] = {}
-    required = set(problem.required)
-    for node, cols_ in zip(problem.nodes, x):
-        wants: dict[tuple[str, Layout], list[int]] = {}
-        for choice, col in zip(node, cols_):
-            for need in dict.fromkeys(choice.needs):
-                wants.setdefault(need, []).append(col)
-        for need, cols_needing in wants.items():
-            if need not in y:
-                y[need] = var(0.0)
-            constraint([(col, 1.0) for col in cols_needing] + [(y[need], -1.0)], -math.inf, 0.0)
-    for need in problem.required:
-        if need not in y:
-            y[need] = var(0.0)
-    for (value, layout), col in y.items():
-        if need_fixed := value in problem.fixed:
-            cost = problem.move(value, problem.fixed[value], layout)
-            if cost is None:
-                upper[col] = 0.0
-            else:
-                costs[col] = cost
-        if (value, layout) in required:
-            lower[col] = 1.0
-        if need_fixed:
-            continue
-        # Exactly one layout the value is made in serves each need (m[v,F,L] <= made(v in F),
-        # sum over F of m[v,F,L] = y[v,L]): tighter than m >= made + y - 1, the same optimum.
-        sources = []
-        for made, made_cols in made_by.get(value, {}).items():
-            cost = problem.move(value, made, layout)
-            if cost is None:
-                continue
-            m = var(cost)
-            sources.append((m, 1.0))
-            constraint([(m, 1.0)] + [(c, -1.0) for c in made_cols], -math.inf, 0.0)
-        constraint(sources + [(col, -1.0)], 0.0, 0.0)
-    if problem.memory_limit is not None:
-        terms = [(col, float(choice.memory)) for node, cols_ in zip(problem.nodes, x)
-                 for choice, col in zip(node, cols_) if choice.memory]
-        terms += [(col, float(problem.layout_bytes(value, layout))) for (value, layout), col in y.items()]
-        constraint(terms, -math.inf, problem.memory_limit)
-    matrix = coo_matrix((vals, (rows, cols)), shape=(len(row_lo), len(costs))).tocsr()
-    costs_, lower_, upper_ = np.array(costs), np.array(lower), np.array(upper)
-    lo_, hi_ = np.array(row_lo), np.array(row_hi)
-    problem.stats.update(variables=len(costs), constraints=len(row_lo))
-    picks = _relaxed(costs_, lower_, upper_, matrix, lo_, hi_, x)
+    program = _IntegerProgram(problem)
+    problem.stats.update(variables=len(program.costs), constraints=len(program.row_lo))
+    picks = program.relaxed()
     if picks is not None:  # the LP's optimum is integral: it is the integer program's
         problem.stats.update(solved_by="LP")
         return picks
-    result = milp(costs_, integrality=np.array(integer), bounds=Bounds(lower_, upper_),
-                  constraints=LinearConstraint(matrix, lo_, hi_),
-                  options={"mip_rel_gap": 0.0, "time_limit": TIME_LIMIT_S})
-    problem.stats.update(status=result.status, solved_by="MILP")
-    if result.x is None:
-        raise Infeasible()
-    return [int(np.argmax([result.x[col] for col in node])) for node in x]
-
-
-def _relaxed(costs, lower, upper, matrix, row_lo, row_hi, x) -> list[int] | None:
-    """The picks of the LP relaxation (HiGHS' dual simplex) if it is integral, else None.
-    The formulation is tight enough that it often is, and the LP is several times faster
-    than the integer program's search."""
-    from scipy.optimize import linprog
-    from scipy.sparse import vstack
-
-    equal = row_lo == row_hi
-    above = ~equal & np.isfinite(row_hi)
-    below = ~equal & np.isfinite(row_lo)
-    result = linprog(costs, A_ub=vstack([matrix[above], -matrix[below]]),
-                     b_ub=np.concatenate([row_hi[above], -row_lo[below]]),
-                     A_eq=matrix[equal], b_eq=row_lo[equal], bounds=np.stack([lower, upper], 1),
-                     method="highs-ds", options={"time_limit": TIME_LIMIT_S})
-    if result.status != 0:
-        return None
-    picks = []
-    for node in x:
-        values = result.x[node]
-        best = int(np.argmax(values))
-        if abs(values[best] - 1.0) > 1e-7:
-            return None
-        picks.append(best)
+    picks, status = program.integral()
+    problem.stats.update(status=status, solved_by="MILP")
     return picks
+
+
+class _IntegerProgram:
+    """The integer program of the module docstring, as scipy's HiGHS interface takes it."""
+
+    def __init__(self, problem: Problem):
+        self.costs: list[float] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+        self.integer: list[int] = []
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.vals: list[float] = []
+        self.row_lo: list[float] = []
+        self.row_hi: list[float] = []
+        self.x = [[self.var(choice.price, binary=True) for choice in node] for node in problem.nodes]
+        for node in self.x:
+            self.constraint([(col, 1.0) for col in node], 1.0, 1.0)
+        # Which node makes each value, and under which choices in which layout; who reads it.
+        self.made_by: dict[str, dict[Layout, list[int]]] = {}
+        readers: dict[str, dict[int, None]] = {}
+        # Per node, per choice: value -> the layouts it reads the value in.
+        self.needs: list[list[dict[str, tuple[Layout, ...]]]] = []
+        for index, (node, cols) in enumerate(zip(problem.nodes, self.x)):
+            self.needs.append([])
+            for choice, col in zip(node, cols):
+                for value, layout in choice.makes:
+                    self.made_by.setdefault(value, {}).setdefault(layout, []).append(col)
+                wanted: dict[str, dict[Layout, None]] = {}
+                for value, layout in choice.needs:
+                    wanted.setdefault(value, {})[layout] = None
+                    readers.setdefault(value, {})[index] = None
+                self.needs[-1].append({value: tuple(layouts) for value, layouts in wanted.items()})
+        required: dict[str, dict[Layout, None]] = {}
+        for value, layout in problem.required:
+            required.setdefault(value, {})[layout] = None
+        self.memory: list[tuple[int, float]] = []  # (column, bytes) of every copy
+        for value in dict.fromkeys(list(readers) + list(required)):
+            args = (problem, value, list(readers.get(value, ())), list(required.get(value, ())))
+            if value in problem.fixed:
+                self._held(problem.fixed[value], *args)
+            elif len(self.made_by.get(value, ())) == 1:  # made in one layout whatever the choice
+                self._held(next(iter(self.made_by[value])), *args)
+            else:
+                self._made(*args)
+        if problem.memory_limit is not None:
+            terms = [(col, float(choice.memory)) for node, cols in zip(problem.nodes, self.x)
+                     for choice, col in zip(node, cols) if choice.memory]
+            self.constraint(terms + self.memory, -math.inf, problem.memory_limit)
+
+    def var(self, cost: float, lo: float = 0.0, hi: float = 1.0, binary: bool = False) -> int:
+        self.costs.append(cost)
+        self.lower.append(lo)
+        self.upper.append(hi)
+        self.integer.append(1 if binary else 0)
+        return len(self.costs) - 1
+
+    def constraint(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
+        row = len(self.row_lo)
+        for col, val in terms:
+            self.rows.append(row)
+            self.cols.append(col)
+            self.vals.append(val)
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+
+
+    def _held(self, held: Layout, problem: Problem, value: str, readers: list[int],
+              required: list[Layout]) -> None:
+        """A value held from the start, or made in one layout `held` whatever its maker's
+        choice: y[v, L] >= the choices of each reader that need it in L, each y paid once
+        from that layout."""
+        y: dict[Layout, int] = {}
+        for node in readers:
+            wants: dict[Layout, list[int]] = {}
+            for col, choice in zip(self.x[node], self.needs[node]):
+                for layout in choice.get(value, ()):
+                    wants.setdefault(layout, []).append(col)
+            for layout, cols in wants.items():
+                if layout not in y:
+                    y[layout] = self._copy(problem, value, held, layout)
+                self.constraint([(col, 1.0) for col in cols] + [(y[layout], -1.0)], -math.inf, 0.0)
+        for layout in required:
+            if layout not in y:
+                y[layout] = self._copy(problem, value, held, layout)
+            self.lower[y[layout]] = 1.0
+
+    def _copy(self, problem: Problem, value: str, made: Layout, layout: Layout,
+              hi: float = 1.0) -> int:
+        cost = problem.move(value, made, layout)
+        col = self.var(0.0 if cost is None else cost, hi=0.0 if cost is None else hi)
+        if problem.memory_limit is not None:
+            self.memory.append((col, float(problem.layout_bytes(value, layout))))
+        return col
+
+    def _made(self, problem: Problem, value: str, readers: list[int], required: list[Layout]) -> None:
+        """A value some node makes: for each reader, e[S, F] (the reader takes a choice that
+        needs the value in the layouts S while it is made in F) with the two marginals (the
+        reader's choices needing S, and made(F)): the local polytope of the pair. Then
+        m[F, L] >= the e of each reader's sets holding L, each m paid once (the move F -> L).
+        On integral choices e is their product and m the union of the needs; the relaxation
+        is far tighter than serving y[v, L] by any layout made, and its optimum is integral
+        on most programs (no branching)."""
+        made = self.made_by.get(value, {})
+        m: dict[tuple[Layout, Layout], int | None] = {}
+
+        def move(source: Layout, layout: Layout) -> int | None:
+            if (source, layout) not in m:
+                if problem.move(value, source, layout) is None:
+                    m[source, layout] = None
+                else:
+                    m[source, layout] = self._copy(problem, value, source, layout, hi=math.inf)
+            return m[source, layout]
+
+        for node in readers:
+            # The reader's choices by the set of layouts they need the value in.
+            by_set: dict[tuple[Layout, ...], list[int]] = {}
+            for col, choice in zip(self.x[node], self.needs[node]):
+                by_set.setdefault(choice.get(value, ()), []).append(col)
+            serves: dict[int, list[tuple[int, float]]] = {}  # m[F, L] -> the e[S, F], S holding L
+            if len(by_set) == 1:  # every choice needs the same layouts: e[S, F] is made(F)
+                layouts = next(iter(by_set))
+                for source, cols in made.items():
+                    moves = [move(source, layout) for layout in layouts]
+                    if None in moves:
+                        for choice in cols:
+                            self.upper[choice] = 0.0
+                        continue
+                    for col in moves:
+                        serves.setdefault(col, []).extend((choice, 1.0) for choice in cols)
+                for col, terms in serves.items():
+                    self.constraint(terms + [(col, -1.0)], -math.inf, 0.0)
+                continue
+            e: dict[Layout, list[int]] = {source: [] for source in made}
+            for layouts, cols in by_set.items():
+                terms = []
+                for source in made:
+                    moves = [move(source, layout) for layout in layouts]
+                    reachable = None not in moves
+                    pair = self.var(0.0, hi=1.0 if reachable else 0.0)
+                    e[source].append(pair)
+                    terms.append((pair, 1.0))
+                    if reachable:
+                        for col in moves:
+                            serves.setdefault(col, []).append((pair, 1.0))
+                self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
+            for source, pairs in e.items():  # sum_S e[S, F] = made(F)
+                self.constraint([(pair, 1.0) for pair in pairs] + [(col, -1.0) for col in made[source]],
+                                0.0, 0.0)
+            for col, terms in serves.items():  # m[F, L] >= sum of e[S, F] over S holding L
+                self.constraint(terms + [(col, -1.0)], -math.inf, 0.0)
+        for layout in required:
+            for source, cols in made.items():
+                col = move(source, layout)
+                if col is None:  # no reshard reaches the layout asked for from this one
+                    for choice in cols:
+                        self.upper[choice] = 0.0
+                else:
+                    self.constraint([(col, 1.0)] + [(choice, -1.0) for choice in cols], 0.0, math.inf)
+
+    def _arrays(self):
+        from scipy.optimize import Bounds, LinearConstraint
+        from scipy.sparse import coo_matrix
+
+        matrix = coo_matrix((self.vals, (self.rows, self.cols)),
+                            shape=(len(self.row_lo), len(self.costs))).tocsr()
+        return (np.array(self.costs), Bounds(np.array(self.lower), np.array(self.upper)),
+                LinearConstraint(matrix, np.array(self.row_lo), np.array(self.row_hi)))
+
+    def _picks(self, solution) -> list[int]:
+        return [int(np.argmax(solution[node])) for node in self.x]
+
+    def relaxed(self) -> list[int] | None:
+        """The picks of the LP relaxation if it is integral, else None."""
+        from scipy.optimize import milp
+
+        costs, bounds, constraints = self._arrays()
+        result = milp(costs, integrality=np.zeros(len(costs)), bounds=bounds, constraints=constraints,
+                      options={"time_limit": TIME_LIMIT_S})
+        if result.x is None:
+            return None
+        for node in self.x:
+            if abs(result.x[node].max() - 1.0) > 1e-7:
+                return None
+        return self._picks(result.x)
+
+    def integral(self) -> tuple[list[int], int]:
+        from scipy.optimize import milp
+
+        costs, bounds, constraints = self._arrays()
+        result = milp(costs, integrality=np.array(self.integer), bounds=bounds, constraints=constraints,
+                      options={"mip_rel_gap": 0.0, "time_limit": TIME_LIMIT_S})
+        if result.x is None:
+            raise Infeasible()
+        return self._picks(result.x), result.status
