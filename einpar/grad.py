@@ -981,7 +981,10 @@ def _renamed(ops: tuple[Op, ...], names: dict[str, str]) -> tuple[Op, ...]:
     out = []
     for op in ops:
         if isinstance(op, Repeat):
-            out.append(replace(op, body=_renamed(op.body, names)))
+            # A stacked view is named as its stacked source: the loop slices the copy.
+            stacked = tuple(replace(v, name=names[v.name]) if v.name in names else v
+                            for v in op.stacked)
+            out.append(replace(op, body=_renamed(op.body, names), stacked=stacked))
         elif isinstance(op, Take):
             out.append(replace(op, table=operand(op.table), ids=operand(op.ids)))
         elif isinstance(op, ScatterAdd):
