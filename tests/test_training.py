@@ -216,7 +216,9 @@ def forward_with_loss(program):
 
     from einpar.ir import Output
 
-    forward = program.forward
+    from einpar.train import forward_program
+
+    forward = forward_program(program.forward)  # without `output w.grad`
     loss = forward.training.loss
     return replace(forward, outputs=forward.outputs + (Output(loss, loss),), training=None), loss
 
@@ -224,16 +226,20 @@ def forward_with_loss(program):
 def jnp_adamw(weight, grad, m, v, optimizer):
     """One AdamW step in jax.numpy, as torch.optim.AdamW computes it (torch/optim/adamw.py,
     single-tensor path): decoupled decay on the pre-update weight, bias corrections of step t."""
+    import jax
     import jax.numpy as jnp
 
     t = optimizer.step
-    grad = jnp.asarray(grad).astype(m.dtype)
-    m = optimizer.b1 * m + (1 - optimizer.b1) * grad
-    v = optimizer.b2 * v + (1 - optimizer.b2) * grad * grad
-    m_hat = m / (1 - optimizer.b1 ** t)
-    v_hat = v / (1 - optimizer.b2 ** t)
-    weight = weight - optimizer.lr * (m_hat / (jnp.sqrt(v_hat) + optimizer.eps) + optimizer.wd * weight)
-    return np.asarray(weight), np.asarray(m), np.asarray(v)
+    with jax.enable_x64(m.dtype == np.float64):  # a float64 param's state is float64
+        weight, m, v = jnp.asarray(weight), jnp.asarray(m), jnp.asarray(v)
+        grad = jnp.asarray(grad).astype(m.dtype)
+        m = optimizer.b1 * m + (1 - optimizer.b1) * grad
+        v = optimizer.b2 * v + (1 - optimizer.b2) * grad * grad
+        m_hat = m / (1 - optimizer.b1 ** t)
+        v_hat = v / (1 - optimizer.b2 ** t)
+        weight = weight - optimizer.lr * (m_hat / (jnp.sqrt(v_hat) + optimizer.eps)
+                                          + optimizer.wd * weight)
+        return np.asarray(weight), np.asarray(m), np.asarray(v)
 
 
 def relative_error(expected, got) -> float:
@@ -288,3 +294,37 @@ def test_a_split_param_stacked_in_a_repeat_trains():
     inputs = ein.random_inputs(program, 0)
     outputs, _ = ein.run_simulated(program, inputs)
     assert_agrees(program, evaluate(program, inputs), outputs)
+
+
+def test_a_training_steps_gradients_equal_finite_differences_in_float64():
+    """megatron_selective.ein in float64 (layernorm, softmax with recomputation, GELU,
+    sequence-parallel layouts), its gradients asked for as outputs: each equals the central
+    difference of the forward program's loss, and the step's update is AdamW's of them."""
+    sizes = SMALL["megatron_selective"]
+    text = (TRAINING / "megatron_selective.ein").read_text().replace("mesh ", "dtype f64\nmesh ", 1)
+    asked = ["g1", "wq", "wo", "w1", "g2"]
+    text += "".join(f"output {name}.grad\n" for name in asked)
+    program = ein.compile_source(text, "megatron_selective_f64.ein", sizes)
+    forward, loss = forward_with_loss(program)
+    inputs = training_inputs(program, 3)
+    got = evaluate(program, inputs)
+    rng = np.random.default_rng(0)
+    step = 1e-6
+    for name in asked:
+        gradient = got[f"{name}.grad"]
+        assert gradient.dtype == np.float64
+        for _ in range(4):
+            index = tuple(int(rng.integers(n)) for n in gradient.shape)
+            moved = []
+            for sign in (1, -1):
+                shifted = dict(inputs)
+                shifted[name] = inputs[name].copy()
+                shifted[name][index] += sign * step
+                moved.append(float(evaluate(forward, shifted)[loss]))
+            estimate = (moved[0] - moved[1]) / (2 * step)
+            assert abs(estimate - gradient[index]) <= 1e-7 * max(1.0, abs(estimate)), \
+                (name, index, estimate, gradient[index])
+        optimizer = program.forward.training.optimizer
+        want_w, _, _ = jnp_adamw(inputs[name], gradient, inputs[f"{name}.m"], inputs[f"{name}.v"],
+                                 optimizer)
+        np.testing.assert_allclose(got[name], want_w, rtol=1e-12, atol=1e-15)
