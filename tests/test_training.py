@@ -328,3 +328,159 @@ def test_a_training_steps_gradients_equal_finite_differences_in_float64():
         want_w, _, _ = jnp_adamw(inputs[name], gradient, inputs[f"{name}.m"], inputs[f"{name}.v"],
                                  optimizer)
         np.testing.assert_allclose(got[name], want_w, rtol=1e-12, atol=1e-15)
+
+
+# ---- the textbook collectives, exactly
+#
+# Bytes per device follow einpar/reshard.py's convention (bandwidth-optimal ring algorithms
+# over n devices, sizes cut in n chunks of ceil(E/n) elements): an all-reduce of E elements
+# sends 2·(n−1)·ceil(E/n) of them (2·(n−1)/n of the gradient), a reduce-scatter of E
+# elements (n−1)·ceil(E/n), an all-gather (n−1) times the block each device holds.
+
+
+def all_reduce_bytes(elements: int, n: int, itemsize: int = 4) -> int:
+    return 2 * (n - 1) * -(-elements // n) * itemsize
+
+
+def reduce_scatter_bytes(elements: int, n: int, itemsize: int = 4) -> int:
+    return (n - 1) * -(-elements // n) * itemsize
+
+
+def all_gather_bytes(block_elements: int, n: int, itemsize: int = 4) -> int:
+    return (n - 1) * block_elements * itemsize
+
+
+def moves(program, objective: str):
+    """[(kind, tensor moved, axes, bytes per device, part of the step)] of the compiled step,
+    and the check that the simulator's devices each send exactly their sum."""
+    from einpar.cost_model.training import forward_values, step_parts
+    from einpar.spmd import collectives
+
+    spmd = ein.compile_spmd(program, objective=objective)
+    parts, _ = step_parts(spmd.steps, program, forward_values(program))
+    found = [(c.kind, c.src, c.step.axes, c.bytes_per_device, parts[id(c)]) for c in collectives(spmd)]
+    inputs = training_inputs(program)
+    outputs, traffic = run_spmd(spmd, inputs)
+    assert traffic.sent == [sum(move[3] for move in found)] * program.mesh.num_devices
+    assert_agrees(program, evaluate(program, inputs), outputs)
+    return found
+
+
+MLP_STEP = """
+mesh dp=4
+dim  B=8192 D=16 F=32
+input x[B@dp, D]
+input t[B@dp, D]
+param w1[D, F]
+param w2[F, D]
+h[B,F] = gelu(x[B,D] * w1[D,F])
+y[B,D] = h[B,F] * w2[F,D]
+l[]    = mean[B,D](square(y[B,D] - t[B,D]))
+loss l
+optimizer adamw lr=1e-3
+"""
+
+
+@pytest.mark.parametrize("objective", ["time", "bytes"])
+def test_data_parallel_gradients_are_one_all_reduce_each(objective):
+    """Each replicated param's gradient, partial over dp, is all-reduced once: 2·(n−1)/n of
+    its bytes per device. The only other collective is the loss's: the mean over the
+    dp-split batch is a partial scalar, all-reduced too (f32, 4 bytes)."""
+    program = ein.compile_source(MLP_STEP, "dp.ein")
+    n = 4
+    assert sorted(moves(program, objective)) == sorted([
+        ("all_reduce", "l.sum", ("dp",), all_reduce_bytes(1, n), "forward"),
+        ("all_reduce", "w1.grad", ("dp",), all_reduce_bytes(16 * 32, n), "backward"),
+        ("all_reduce", "w2.grad", ("dp",), all_reduce_bytes(32 * 16, n), "backward")])
+    assert all_reduce_bytes(16 * 32, n) == 2 * (n - 1) * 16 * 32 * 4 // n
+
+
+FSDP_STEP = """
+mesh dp=4
+dim  B=512 D=16 E=D F=32
+input x[B@dp, D]
+input t[B@dp, D]
+param w0[D@dp, E]
+param w1[E@dp, F]
+param w2[F@dp, D]
+a[B@dp,E] = tanh(x[B,D] * w0[D,E])
+h[B@dp,F] = gelu(a[B,E] * w1[E,F])
+y[B@dp,D] = h[B,F] * w2[F,D]
+l[]       = mean[B,D](square(y[B,D] - t[B,D]))
+loss l
+optimizer adamw lr=1e-3
+"""
+
+
+@pytest.mark.parametrize("objective", ["time", "bytes"])
+def test_fsdp_gathers_each_weight_in_both_passes_and_reduce_scatters_each_gradient(objective):
+    """FSDP (ZeRO-3), three layers: every weight is all-gathered for the forward pass and,
+    freed after it, gathered again for the backward pass where the backward pass reads it
+    (w0 is not read there: the input x gets no gradient); every gradient is
+    reduce-scattered into its param's layout. Besides these, only the loss moves."""
+    program = ein.compile_source(FSDP_STEP, "fsdp.ein")
+    n = 4
+    found = moves(program, objective)
+    weights = [move for move in found if not move[1].startswith("l.")]
+    assert sorted(weights) == sorted([
+        ("all_gather", "w0", ("dp",), all_gather_bytes(16 * 16 // n, n), "forward"),
+        ("all_gather", "w1", ("dp",), all_gather_bytes(16 * 32 // n, n), "forward"),
+        ("all_gather", "w2", ("dp",), all_gather_bytes(32 * 16 // n, n), "forward"),
+        ("all_gather", "w1.bwd", ("dp",), all_gather_bytes(16 * 32 // n, n), "backward"),
+        ("all_gather", "w2.bwd", ("dp",), all_gather_bytes(32 * 16 // n, n), "backward"),
+        ("reduce_scatter", "w0.grad", ("dp",), reduce_scatter_bytes(16 * 16, n), "backward"),
+        ("reduce_scatter", "w1.grad", ("dp",), reduce_scatter_bytes(16 * 32, n), "backward"),
+        ("reduce_scatter", "w2.grad", ("dp",), reduce_scatter_bytes(32 * 16, n), "backward")])
+    loss = [move for move in found if move[1].startswith("l.")]
+    # The loss: on time, the squared errors are all-gathered (one step, 24 KiB) rather than
+    # their partial sum all-reduced (two steps, 24 bytes): latency decides at these sizes.
+    assert loss == ([("all_reduce", "l.sum", ("dp",), all_reduce_bytes(1, n), "forward")]
+                    if objective == "bytes" else
+                    [("all_gather", "l.1", ("dp",), all_gather_bytes(512 * 16 // n, n), "forward")])
+
+
+MEGATRON_STEP = """
+mesh tp=4
+dim  B=2 S=8 D=16 F=64
+input x[B, S{sp}, D]
+input t[B, S{sp}, D]
+param g[D]
+param w1[D, F@tp]
+param w2[F@tp, D]
+a[B,S{sp},D] = layernorm[D](x[B,S,D]) * g[D]
+h[B,S,F@tp]  = gelu(a[B,S,D] * w1[D,F])
+y[B,S{sp},D] = a[B,S,D] + h[B,S,F] * w2[F,D]
+l[]          = mean[B,S,D](square(y[B,S,D] - t[B,S,D]))
+loss l
+optimizer sgd lr=0.1
+"""
+
+
+def test_megatron_tensor_parallel_mirrors_its_forward_all_reduce_in_the_backward_pass():
+    """Megatron's MLP (column- then row-parallel, Shoeybi et al. 2019): the forward pass
+    all-reduces the row-parallel product (their g), the backward pass the gradient flowing
+    into the column-parallel one (their f): one each, the activation's bytes. On the time
+    objective; `objective="bytes"` splits each into a reduce-scatter and an all-gather."""
+    program = ein.compile_source(MEGATRON_STEP.replace("{sp}", ""), "megatron.ein")
+    activation = 2 * 8 * 16
+    assert moves(program, "time") == [
+        ("all_reduce", "y.1", ("tp",), all_reduce_bytes(activation, 4), "forward"),
+        ("all_reduce", "a.grad.2", ("tp",), all_reduce_bytes(activation, 4), "backward")]
+
+
+def test_megatron_sequence_parallel_mirrors_each_gather_and_scatter_in_the_backward_pass():
+    """With sequence parallelism (Korthikanti et al. 2022) the forward all-reduce becomes a
+    reduce-scatter out of the MLP and an all-gather into it; the backward pass runs the
+    conjugates: an all-gather of the output's gradient and a reduce-scatter of the input's.
+    The gathered `a` is kept for the weight gradient (not gathered again). Besides these
+    four, the loss and the norm's gain `g` (summed over the split sequence) move."""
+    program = ein.compile_source(MEGATRON_STEP.replace("{sp}", "@tp"), "megatron_sp.ein")
+    n, activation = 4, 2 * 8 * 16
+    found = moves(program, "time")
+    mirrored = [move for move in found if not move[1].startswith(("l.", "g."))]
+    assert mirrored == [
+        ("all_gather", "a", ("tp",), all_gather_bytes(activation // n, n), "forward"),
+        ("reduce_scatter", "y.1", ("tp",), reduce_scatter_bytes(activation, n), "forward"),
+        ("all_gather", "y.grad", ("tp",), all_gather_bytes(activation // n, n), "backward"),
+        ("reduce_scatter", "a.grad.2", ("tp",), reduce_scatter_bytes(activation, n), "backward")]
+    assert {move[4] for move in found if move[1].startswith("g.")} == {"backward"}
