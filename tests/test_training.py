@@ -484,3 +484,135 @@ def test_megatron_sequence_parallel_mirrors_each_gather_and_scatter_in_the_backw
         ("all_gather", "y.grad", ("tp",), all_gather_bytes(activation // n, n), "backward"),
         ("reduce_scatter", "a.grad.2", ("tp",), reduce_scatter_bytes(activation, n), "backward")]
     assert {move[4] for move in found if move[1].startswith("g.")} == {"backward"}
+
+
+# ---- memory against the published formulas
+
+
+def priced(program):
+    from einpar.cost_model.estimate import estimate
+    from einpar.objective import default_cluster
+
+    return estimate(program, ein.compile_spmd(program), default_cluster(program.mesh))
+
+
+MIXED_PRECISION = """
+mesh dp={n}
+dim  B=8 D=256 F=1024
+dtype bf16
+input x[B@dp, D]
+input t[B@dp, D]
+param w1[D, F]
+param w2[F, D]
+h[B,F]        = gelu(x[B,D] * w1[D,F])
+y[B,D]        = h[B,F] * w2[F,D]
+l[] : f32     = mean[B,D](square(y[B,D] - t[B,D]))
+loss l
+optimizer adamw lr=1e-3 {shard}
+"""
+
+
+def test_mixed_precision_adam_keeps_2_2_12_bytes_per_parameter():
+    """Mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020, section 3.1): a bf16 param
+    (2 bytes), its bf16 gradient (2) and the float32 master copy, momentum and variance
+    (4 + 4 + 4 = 12): 16 bytes per parameter, each in its kind at the peak of the step."""
+    params = 2 * 256 * 1024
+    memory = priced(ein.compile_source(MIXED_PRECISION.format(n=1, shard=""), "mp.ein")).memory
+    assert memory.by_kind["params"] == 2 * params
+    assert memory.by_kind["gradients"] == 2 * params
+    assert memory.by_kind["optimizer_state"] == 8 * params
+    assert memory.by_kind["master"] == 4 * params
+    # ZeRO-1 over 8 devices: the 12 bytes of state are split, the param stays whole.
+    memory = priced(ein.compile_source(MIXED_PRECISION.format(n=8, shard="shard=dp"), "zero1.ein")).memory
+    assert memory.by_kind["params"] == 2 * params
+    assert memory.by_kind["optimizer_state"] + memory.by_kind["master"] == 12 * params // 8
+
+
+# Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+# section 4.1), their layer as close as einpar writes it: bf16, pre-norm layernorms, attention
+# with a heads, a GELU MLP of 4h, no biases and no dropout. `L` layers in a loop, so one
+# layer's saved activations are the difference between two and one.
+KORTHIKANTI_LAYER = """
+dtype bf16
+dim B={b} S={s} T=S D={h} H={a} K={k} F={f} L={layers}
+input x[B,S,D]
+input t[B,S,D]
+repeat L {{
+  param g1[D]
+  param wq[D,H,K]
+  param wk[D,H,K]
+  param wv[D,H,K]
+  param wo[H,K,D]
+  param g2[D]
+  param w1[D,F]
+  param w2[F,D]
+  a[B,S,D]         = layernorm[D](x[B,S,D]) * g1[D]
+  q[B,S,H,K]       = a[B,S,D] * wq[D,H,K]
+  k[B,T,H,K]       = a[B,T,D] * wk[D,H,K]
+  v[B,T,H,K]       = a[B,T,D] * wv[D,H,K]
+  {remat}s[B,H,S,T] = q[B,S,H,K] * k[B,T,H,K] / sqrt(K)
+  {remat}p[B,H,S,T] = softmax[T](s[B,H,S,T])
+  o[B,S,H,K]       = p[B,H,S,T] * v[B,T,H,K]
+  x[B,S,D]         = x[B,S,D] + o[B,S,H,K] * wo[H,K,D]
+  n[B,S,D]         = layernorm[D](x[B,S,D]) * g2[D]
+  u[B,S,F]         = n[B,S,D] * w1[D,F]
+  x[B,S,D]         = x[B,S,D] + gelu(u[B,S,F]) * w2[F,D]
+}}
+l[] : f32 = mean[B,S,D](square(x[B,S,D] - t[B,S,D]))
+loss l
+optimizer adamw lr=1e-3
+"""
+
+
+def saved_per_layer(s: int, b: int, h: int, a: int, remat: bool) -> int:
+    saved = []
+    for layers in (1, 2):
+        text = KORTHIKANTI_LAYER.format(b=b, s=s, h=h, a=a, k=h // a, f=4 * h, layers=layers,
+                                        remat="remat " if remat else "")
+        saved.append(priced(ein.compile_source(text, "layer.ein")).memory.saved_activations_bytes)
+    return saved[1] - saved[0]
+
+
+def korthikanti(s: int, b: int, h: int, a: int) -> int:
+    """Bytes of activations a layer keeps, 16-bit, no recomputation, with dropout masks."""
+    return 34 * s * b * h + 5 * a * s * s * b
+
+
+def einpar_layer(s: int, b: int, h: int, a: int, remat: bool) -> int:
+    """What einpar's layer keeps for the backward pass (bytes; bf16 values 2, f32 4):
+    - as Korthikanti's without dropout: the QKV input a (2sbh), q and k (4sbh), v (2sbh),
+      the output projection's input o (2sbh), the MLP's input n (2sbh), the GELU's input u
+      (8sbh) and output (8sbh): 28sbh;
+    - each layernorm (library op, expanded) keeps its centered input in f32 (4sbh), the sum of
+      squares per row in f32 (4sb) and the normalized value before the gain, for the gain's
+      gradient (2sbh), instead of its input (2sbh): 2 × (6sbh + 4sb);
+    - softmax, expanded (max, exp, sum, divide), keeps the scores s (2as²b), the exponentials
+      in f32 (4as²b), the probabilities p (2as²b), the row max and sum in f32 (4asb each):
+      8as²b + 8asb where 2as²b (p) would do. `remat` on s and p keeps none of these."""
+    linear = 28 * s * b * h + 2 * (6 * s * b * h + 4 * s * b)
+    return linear if remat else linear + 8 * a * s * s * b + 8 * a * s * b
+
+
+@pytest.mark.parametrize("s, b, h, a", [(16, 2, 32, 4), (32, 1, 64, 8)])
+def test_activations_per_layer_against_korthikanti(s, b, h, a):
+    """einpar's saved activations per layer equal the formula of what its layer keeps,
+    exactly; against Korthikanti's 34sbh + 5as²b the difference is: no dropout masks
+    (−2sbh for the two after attention and the MLP, −as²b for the attention's; their
+    dropout output 2as²b is then the softmax output), the layernorms' float32 centered input
+    and row statistics (+8sbh + 8sb), and softmax's expanded intermediates (+6as²b + 8asb)."""
+    got = saved_per_layer(s, b, h, a, remat=False)
+    assert got == einpar_layer(s, b, h, a, remat=False)
+    difference = got - korthikanti(s, b, h, a)
+    assert difference == (-2 + 8) * s * b * h + 8 * s * b + (-1 + 6 - 2) * a * s * s * b + 8 * a * s * b
+    print(f"s={s} b={b} h={h} a={a}: einpar {got:,} bytes a layer, Korthikanti et al. "
+          f"{korthikanti(s, b, h, a):,} ({difference:+,}: 6sbh + 8sb + 3as²b + 8asb)")
+
+
+@pytest.mark.parametrize("s, b, h, a", [(16, 2, 32, 4), (32, 1, 64, 8)])
+def test_selective_recomputation_drops_the_quadratic_term(s, b, h, a):
+    """`remat` on the scores and softmax (Korthikanti's selective recomputation): the as²b
+    terms go, what remains is linear in s, and equals the formula."""
+    got = saved_per_layer(s, b, h, a, remat=True)
+    assert got == einpar_layer(s, b, h, a, remat=True)
+    assert got == 40 * s * b * h + 8 * s * b
+    assert saved_per_layer(s, b, h, a, remat=False) - got == 8 * a * s * s * b + 8 * a * s * b
