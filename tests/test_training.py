@@ -28,6 +28,7 @@ import einpar.api as ein
 from einpar.backends.numpy_sim import run_spmd
 from einpar.backends.reference import evaluate
 from einpar.errors import EinparError
+from einpar.testing import meshes, programs
 from einpar.tolerance import compare, program_tolerance
 
 from helpers import ROOT
@@ -616,3 +617,45 @@ def test_selective_recomputation_drops_the_quadratic_term(s, b, h, a):
     assert got == einpar_layer(s, b, h, a, remat=True)
     assert got == 40 * s * b * h + 8 * s * b
     assert saved_per_layer(s, b, h, a, remat=False) - got == 8 * a * s * s * b + 8 * a * s * b
+
+
+# ---- generated training programs (einpar.testing.programs(training=True))
+
+
+def check_generated_step(generated, seed: int = 0) -> None:
+    """The derived step of a drawn program: every param updated (or its gradient output,
+    without an optimizer), the same on the simulator as on the reference."""
+    program = ein.compile_source(generated.text, "<generated>")
+    assert program.forward.training.loss == generated.loss
+    names = {o.name for o in program.outputs}
+    for param in program.params:
+        assert (param.name if generated.optimizer else f"{param.name}.grad") in names
+    inputs = training_inputs(program, seed)
+    outputs, _ = run_spmd(ein.compile_spmd(program), inputs)
+    assert_agrees(program, evaluate(program, inputs), outputs)
+
+
+GENERATED = dict(deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@settings(max_examples=10, **GENERATED)
+@given(programs(training=True, max_statements=4, max_dim_size=8, mesh=meshes(max_size=2)))
+def test_generated_training_steps_agree_on_the_simulator(generated):
+    check_generated_step(generated)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, **GENERATED)
+@given(programs(training=True, max_statements=8), st.integers(0, 3))
+def test_many_generated_training_steps_agree_on_the_simulator(generated, seed):
+    check_generated_step(generated, seed)
+
+
+@settings(max_examples=20, **GENERATED)
+@given(programs(training=True, max_statements=3, max_dim_size=6))
+def test_generated_training_programs_declare_a_param_a_loss_and_maybe_an_optimizer(generated):
+    assert any(info.kind == "param" for info in generated.inputs)
+    lines = generated.text.splitlines()
+    assert f"loss {generated.loss}" in lines
+    assert (generated.optimizer in lines) if generated.optimizer else \
+        not any(line.startswith("optimizer") for line in lines)
