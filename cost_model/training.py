@@ -92,7 +92,8 @@ def memory_kind(local: str, program: Program, forward: frozenset[str] | None,
     - optimizer_state: `w.m`, `w.v` and their updates; master: `w.master` and its update;
     - inputs: the data inputs (kind "input");
     - activations: values of the forward pass (`forward`: the forward program's values;
-      every value of a program without a backward pass) made in the forward part, and moved
+      every value of a program without a backward pass) made in the forward part, a loop's
+      stacks of them (`v.saved`: every trip's `v`, kept for the backward pass), and moved
       copies of data inputs;
     - temporaries: everything else: moved copies of params (a weight all-gathered for an
       op: only the param's own block counts as params), gradients of activations, values
@@ -120,6 +121,8 @@ def memory_kind(local: str, program: Program, forward: frozenset[str] | None,
         return "activations" if copy else "inputs"
     if kind is not None:  # state not named by the contract
         return "optimizer_state"
+    if forward is not None and parts[-1:] == ["saved"] and value.removesuffix(".saved") in forward:
+        return "activations"  # a loop's stack of a forward value, every trip's (einpar.grad)
     if "grad" in parts or part in ("backward", "update"):
         return "temporaries"
     if forward is None or value in forward:

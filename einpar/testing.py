@@ -204,6 +204,8 @@ class GeneratedProgram:
     repeat_dim: str | None = None
     positional_renames: frozenset[tuple[str, str]] = frozenset()
     max_magnitude: float = 0.0
+    loss: str | None = None  # the loss's name, for programs drawn with `training=True`
+    optimizer: str | None = None  # the `optimizer ...` line drawn with it, if any
 
     @property
     def text(self) -> str:
@@ -1076,6 +1078,31 @@ class _Builder:
             result.append(OutputInfo(name, info.indices, info.dtype, layout))
         return result
 
+    def loss(self, outputs: list[OutputInfo], optimizers: bool) -> tuple[str, str | None]:
+        """A float32 scalar loss over the float outputs, `loss` and perhaps an optimizer."""
+        name = self.fresh_name("loss")
+        terms = []
+        for output in outputs:
+            if output.dtype not in FLOAT_DTYPES:
+                continue
+            ref = output.name + self.index_list(output.indices)
+            term = self.call("square", self.call("tanh", ref))
+            terms.append(self.call("mean", term, indices=output.indices) if output.indices else term)
+        self.lines.append(f"{name}[] : f32 = {' + '.join(terms) or '0'}")
+        self.lines.append(f"loss {name}")
+        optimizer = None
+        if optimizers:
+            kind = self.pick(["none", "sgd", "adamw"])
+            if kind == "sgd":
+                optimizer = "optimizer sgd lr=0.1" + (" wd=0.01" if self.chance(2) else "")
+            elif kind == "adamw":
+                optimizer = "optimizer adamw lr=0.01 b1=0.9 b2=0.99 wd=0.1"
+            if optimizer and self.mesh.axes and self.chance(3):
+                optimizer += f" shard={self.pick([axis for axis, _ in self.mesh.axes])}"
+        if optimizer:
+            self.lines.append(optimizer)
+        return name, optimizer
+
 
 def _draw_dims(draw, mesh: MeshSpec, max_dims: int, max_dim_size: int, aliases: bool,
                repeat: bool) -> list[tuple[str, int | str]]:
@@ -1103,7 +1130,8 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
              layouts: bool = True, dtypes: Iterable[str] = DEFAULT_DTYPES, max_dims: int = 7,
              max_dim_size: int = 12, max_rank: int = 3, max_depth: int = 2,
              aliases: bool = True, formatting: bool = True,
-             name_collisions: bool = True) -> SearchStrategy[GeneratedProgram]:
+             name_collisions: bool = True, training: bool = False,
+             optimizers: bool = True) -> SearchStrategy[GeneratedProgram]:
     """Random well-formed programs, as `GeneratedProgram`s.
 
     Parameters:
@@ -1130,6 +1158,14 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
       formatting: whether to vary comments, blank lines and calls wrapped over lines.
       name_collisions: whether tensor, dim and axis names sometimes coincide (they are
         separate namespaces).
+      training: draw training steps: at least one param, and after the outputs a float32
+        scalar loss, the mean of `square(tanh(o))` over each float output `o` (bounded,
+        so its gradients stay finite in every dtype), declared with `loss` (its name is
+        `GeneratedProgram.loss`). einpar then derives the gradient of every param and,
+        with an optimizer, the update (docs/training.md).
+      optimizers: with `training`, whether an `optimizer` line may follow the loss (none,
+        `sgd`, or `adamw`, now and then with `shard=` a mesh axis: ZeRO); the line drawn is
+        `GeneratedProgram.optimizer`.
     """
     kind_set = frozenset(STATEMENT_KINDS if kinds is None else kinds)
     unknown = kind_set - set(STATEMENT_KINDS)
@@ -1191,7 +1227,8 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
             indices = tuple(draw(st.lists(st.sampled_from(builder.pool), min_size=rank,
                                           max_size=rank, unique=True)))
             builder.pending = []
-            builder.declare(indices, kind=draw(st.sampled_from(["input", "param"])))
+            kind = "param" if training and not builder.inputs else draw(st.sampled_from(["input", "param"]))
+            builder.declare(indices, kind=kind)
             builder.lines.extend(builder.pending)
         builder.pending = []
         written = 0
@@ -1204,13 +1241,17 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
                 written += 1
         builder.lines.append("")
         outputs = builder.outputs()
+        loss = optimizer = None
+        if training:
+            loss, optimizer = builder.loss(outputs, optimizers)
         template = "\n".join(builder.lines) + "\n"
         return GeneratedProgram(
             template=template, mesh=drawn_mesh, dim_declarations=tuple(declared), dtype=dtype,
             inputs=tuple(builder.inputs), outputs=tuple(outputs),
             statements=tuple(builder.statements),
             repeat_dim=REPEAT_DIM if any(s.in_repeat for s in builder.statements) else None,
-            positional_renames=builder.positional_renames(), max_magnitude=builder.max_bound)
+            positional_renames=builder.positional_renames(), max_magnitude=builder.max_bound,
+            loss=loss, optimizer=optimizer)
 
     return draw_program()
 

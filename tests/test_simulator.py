@@ -117,3 +117,12 @@ def test_half_precision_examples_on_simulated_devices_equal_the_reference(dtype)
         text = (EXAMPLES[0].parent.parent / name).read_text()
         text = text.replace("dtype f32\n", "").replace("mesh ", f"dtype {dtype}\nmesh ", 1)
         check_against_reference(compile_source(text, file=name))
+
+
+def test_pos_in_a_loop_that_carries_nothing_runs():
+    """`pos` in a loop body looks up its value's layout; a loop that carries nothing once
+    handed the body an empty table instead (KeyError, an internal error)."""
+    program = compile_source("dim B=2 U=B L=2\ninput a[B]\nrepeat L {\n  param v[]\n"
+                             "  x[B, U] = a[B] * (pos(B) > pos(U)) * v[]\n}\n"
+                             "y[] = sum[B](a[B])\noutput y\n", file="pos_loop.ein")
+    check_against_reference(program)
