@@ -449,6 +449,8 @@ def _match_attention_backward(block: Sequence, middle: int, maker: dict, readers
     if found is None:
         return None
     d_probs, d_out, d_values, body = found
+    if not _backward_dims(block, grad, pair, d_probs, d_out, d_values, body):
+        return None
     positions = {d_probs, d_values, *pair, *body}
     # A remat's recomputation (the scores from q and k, the softmax, a mask) joins the
     # region where the region alone reads it.
@@ -505,6 +507,50 @@ def _match_attention_backward(block: Sequence, middle: int, maker: dict, readers
         value_dim=_product(probs_sizes[i] for i in block[d_probs].op.summed),
         direction="bwd")
     return _Backward(frozenset(positions), shape, frozenset(reads), frozenset(scores))
+
+
+def _backward_dims(block, grad, pair, d_probs: int, d_out, d_values: int, body) -> bool:
+    """Whether the steps have attention's backward dims: with dS over (batch, query, key),
+    dV = dO·P sums the query dims, dK = dS·Q sums them too and dQ = dS·K the key dims; Q and
+    K carry the head dims, dO and V the value dims, which dP = dO·V sums; and the softmax's
+    derivative sums over the key dims (a row sum)."""
+    def dims(operand) -> set:
+        return set(operand.indices)
+
+    score = set(grad.type.indices)
+    values_op, probs_op = block[d_values].op, block[d_probs].op
+    query = set(values_op.summed)
+    if set(block[pair[0]].op.summed) == query:
+        d_key, d_query = pair
+    elif set(block[pair[1]].op.summed) == query:
+        d_query, d_key = pair
+    else:
+        return False
+    key = set(block[d_query].op.summed)
+    batch = score - query - key
+    if not query or not key or query & key or score != batch | query | key:
+        return False
+    head = set(block[d_query].op.result.type.indices) - score
+    value = set(probs_op.summed)
+    if not head or not value or head & score or value & score:
+        return False
+    keys_side = next(o for o in block[d_query].op.operands if o.value != grad.name)
+    queries_side = next(o for o in block[d_key].op.operands if o.value != grad.name)
+    v_side = next(o for o in probs_op.operands if o is not d_out)
+    if dims(keys_side) != batch | key | head or dims(queries_side) != batch | query | head:
+        return False
+    if dims(d_out) != batch | query | value or dims(v_side) != batch | key | value:
+        return False
+    if set(block[d_key].op.result.type.indices) != batch | key | head or \
+            set(values_op.result.type.indices) != batch | key | value:
+        return False
+    for position in body:  # a row sum over the keys: the softmax's derivative
+        op = block[position].op
+        over = set(op.over) if isinstance(op, Reduce) else \
+            set(op.summed) if isinstance(op, Einsum) else set()
+        if over and over == key:
+            return True
+    return False
 
 
 def _scores_sides(op, key_at: dict):

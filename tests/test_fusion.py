@@ -383,3 +383,11 @@ def test_a_backward_reading_a_moved_score_is_not_flash_attention():
     assert any(isinstance(step, CollectiveStep) and step.kind == "slice"
                and step.src in ("p.exp", "p.2") for step in spmd.steps)
     assert "flash_attention_backward" not in kinds and "flash_attention" not in kinds
+
+
+def test_an_mlp_backward_is_not_attention_backward():
+    """Two contractions reading one gradient (dW and dX of a layer) without attention's
+    dims (a key index summed by a row sum, the head and value dims) are not flash attention."""
+    regions = fused_regions(fuse(api.compile_spmd(
+        api.load(EXAMPLES_DIR / "training" / "mlp_data_parallel.ein"))))
+    assert regions and all(region.kind == "fused" for region in regions)
