@@ -262,11 +262,12 @@ def fit_matmul(rows: list[Row]) -> dict[tuple[str, str], tuple[GemmFit, float, i
     return fits
 
 
-def fit_attention(rows: list[Row]) -> dict[tuple[str, str], tuple]:
-    """(chip name, kernel) -> (L0, {(peak dtype, direction, head_dim): top}, mean |log error|,
-    rows, files):
+def fit_attention(rows: list[Row]) -> dict[tuple[str, str, str], tuple]:
+    """(chip name, kernel, direction) -> (L0, {(peak dtype, direction, head_dim): top}, mean
+    |log error|, rows, files):
     for each L0 of a grid, each top is the one minimizing the mean |log error| of its rows
-    (the median of their implied tops), on the fit half only."""
+    (the median of their implied tops), on the fit half only. The backward pass is its own
+    kernel (its blocks loop over queries for each block of keys), so it has its own L0."""
     groups: dict[str, list] = {}
     for row in rows:
         fields = row.fields
@@ -283,10 +284,10 @@ def fit_attention(rows: list[Row]) -> dict[tuple[str, str], tuple]:
         reached = kernel_flops(fields) / measured_s(fields) / peak
         keys = shape.seq_k / 2 if shape.causal else shape.seq_k
         kernel = implementation(fields) or "best"
-        groups.setdefault((cluster.chip.name, kernel), []).append(
+        groups.setdefault((cluster.chip.name, kernel, direction(fields)), []).append(
             ((peak_dtype, direction(fields), shape.head_dim), keys, reached, row.file))
     fits = {}
-    for chip, members in groups.items():  # chip: (chip name, kernel)
+    for chip, members in groups.items():  # chip: (chip name, kernel, direction)
         best = (math.inf, 0.0, {})
         for overhead in _frange(0, 2048, 8):
             implied: dict[tuple, list[float]] = {}
@@ -304,8 +305,9 @@ def fit_attention(rows: list[Row]) -> dict[tuple[str, str], tuple]:
 
 
 def print_fit(rows: list[Row]) -> None:
-    for (chip, kernel), (overhead, tops, loss, count, files) in sorted(fit_attention(rows).items()):
-        print(f"flash_attention {chip} {kernel}: keys_overhead {overhead:.0f}  " + "  ".join(
+    for (chip, kernel, way), (overhead, tops, loss, count, files) in \
+            sorted(fit_attention(rows).items()):
+        print(f"flash_attention {chip} {kernel} {way}: keys_overhead {overhead:.0f}  " + "  ".join(
             f"{dtype} {way} d{head_dim}: {top:.3f}"
             for (dtype, way, head_dim), top in sorted(tops.items()))
             + f"  (mean |log error| {loss:.3f} on {count} fit rows of {', '.join(files)})")

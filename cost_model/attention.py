@@ -6,7 +6,7 @@ the output, and its time is its FLOPs at the fraction of the matrix peak
 the kernel sustains. That fraction is measured per chip in the kernels'
 published benchmarks (bench/published/kernels/):
 
-    efficiency = top(chip, dtype, head_dim, direction) · L / (L + L0(chip))
+    efficiency = top(chip, dtype, head_dim, direction) · L / (L + L0(chip, direction))
 
 with L the keys each query sees on average (seq_k, half of it when causal).
 Every block of queries pays a fixed cost (loading Q, the softmax's final
@@ -19,6 +19,18 @@ on one chip, and they differ by 1.5x); a chip is priced with its best
 published kernel (BEST_KERNEL), the one a program would run. A head
 dimension without its own figure takes the nearest one's; a chip without
 data DEFAULT_EFFICIENCY.
+
+The backward pass (direction "bwd") is its own kernel with its own `top` and
+L0: FlashAttention-2's Algorithm 2 (arXiv:2307.08691) recomputes the scores
+and probabilities from q, k and the forward's row statistics and runs five
+matmuls (S = QK^T, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) to the
+forward's two, 2.5 times its FLOPs, each block of keys looping over the
+queries. Its constants are fitted, like the forward's, on the fit half of
+published backward runs (FlashAttention-3's paper, arXiv:2407.08608
+section 4.1, H100 SXM5: bench/published/kernels/flashattention3-paper-
+backward.csv), the other half held out; a chip or dtype without backward
+data takes the forward's efficiency (a forward measurement is the closest
+published figure there is).
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ class AttentionFit:
 
     # (peak dtype, direction) -> {head_dim: the top fraction of the matrix peak}
     top: dict
-    keys_overhead: Figure  # L0: each query block's fixed cost, in keys
+    keys_overhead: dict  # direction -> L0: each block's fixed cost, in keys
 
 
 KERNELS_SOURCE = "bench/published/kernels"
@@ -72,27 +84,40 @@ KERNEL_NAMES = {"flash2": "FlashAttention-2", "flash3": "FlashAttention-3",
                 "cutlass": "Colfax's CUTLASS Hopper FMHA"}
 
 PR2296, PR2370, PR2391 = (f"pytorch-benchmark-pr{n}.csv" for n in (2296, 2370, 2391))
+FA3_BACKWARD = "flashattention3-paper-backward.csv"
 
 
-def _kernel_fit(files: tuple[str, ...], overhead: float, tops: dict) -> AttentionFit:
-    """tops: (peak dtype, direction, head_dim) -> fraction; all fitted on `files`' fit halves."""
-    where = ", ".join(files)
+def _kernel_fit(files: tuple[str, ...], overhead: float, tops: dict,
+                backward: tuple | None = None) -> AttentionFit:
+    """tops: (peak dtype, direction, head_dim) -> fraction; all fitted on `files`' fit halves.
+    `backward`: (files, L0, tops) of the backward kernel, fitted on its own."""
     table: dict = {}
-    for (dtype, direction, head_dim), value in tops.items():
-        table.setdefault((dtype, direction), {})[head_dim] = _fitted(where, value)
-    return AttentionFit(table, _fitted(where, overhead))
+    overheads: dict = {}
+    for way_files, way_overhead, way_tops, way in ((files, overhead, tops, "fwd"),
+                                                   (*(backward or ((), 0, {})), "bwd")):
+        if not way_tops:
+            continue
+        where = ", ".join(way_files)
+        for (dtype, direction, head_dim), value in way_tops.items():
+            table.setdefault((dtype, direction), {})[head_dim] = _fitted(where, value)
+        overheads[way] = _fitted(where, way_overhead)
+    return AttentionFit(table, overheads)
 
 
 # (chip name, kernel) -> constants, as bench/published_kernels.py --fit prints them. The
 # Hopper runs of pytorch/benchmark name "H100" (or a Hopper of H100 class) without SXM or PCIe.
 ATTENTION_FITS: dict[tuple[str, str], AttentionFit] = {
     ("H100-SXM", "flash3"): _kernel_fit((PR2370, PR2391), 240, {
-        ("bf16", "fwd", 64): 0.428, ("bf16", "fwd", 128): 0.639}),
+        ("bf16", "fwd", 64): 0.428, ("bf16", "fwd", 128): 0.639}, backward=((FA3_BACKWARD,), 440, {
+            ("bf16", "bwd", 64): 0.511, ("bf16", "bwd", 128): 0.596})),
     ("H100-SXM", "cutlass"): _kernel_fit((PR2296,), 88, {("bf16", "fwd", 128): 0.436}),
     ("H100-SXM", "thunderkittens"): _kernel_fit((PR2370,), 184, {("bf16", "fwd", 64): 0.355}),
     ("H100-SXM", "triton"): _kernel_fit((PR2296, PR2370, PR2391), 144, {
         ("bf16", "fwd", 64): 0.367, ("bf16", "fwd", 128): 0.427}),
-    ("H100-SXM", "flash2"): _kernel_fit((PR2296,), 64, {("bf16", "fwd", 128): 0.309}),
+    ("H100-SXM", "flash2"): _kernel_fit((PR2296,), 64, {("bf16", "fwd", 128): 0.309},
+                                        backward=((FA3_BACKWARD,), 256, {
+                                            ("bf16", "bwd", 64): 0.300,
+                                            ("bf16", "bwd", 128): 0.331})),
 }
 # H200 is H100's GH100 die with more HBM: the kernel is compute-bound, so H100's figures.
 ATTENTION_FITS.update({("H200", kernel): fit for (chip, kernel), fit in list(ATTENTION_FITS.items())
@@ -110,16 +135,20 @@ def attention_efficiency(cluster: Cluster, dtype: str, shape: AttentionShape,
     if fit is None:
         return DEFAULT_EFFICIENCY
     peak_dtype = peak_flops(cluster.chip, dtype, True, precision)[0].partition("/")[0]
-    tops = fit.top.get((peak_dtype, shape.direction)) or fit.top.get(("bf16", shape.direction)) \
-        or fit.top.get(("f16", shape.direction))
+    for direction in dict.fromkeys((shape.direction, "fwd")):  # no backward data: the forward's
+        tops = fit.top.get((peak_dtype, direction)) or fit.top.get(("bf16", direction)) \
+            or fit.top.get(("f16", direction))
+        if tops:
+            break
     if not tops:
         return DEFAULT_EFFICIENCY
     nearest = min(tops, key=lambda d: (abs(d - shape.head_dim), d))
     top = tops[nearest]
+    overhead = fit.keys_overhead[direction]
     keys = shape.seq_k / 2 if shape.causal else shape.seq_k
-    value = top.value * keys / (keys + fit.keys_overhead.value)
-    return Figure(value, top.source, f"top {top.value:.3f} at head_dim {nearest}, "
-                                     f"L0 {fit.keys_overhead.value:.0f} keys")
+    value = top.value * keys / (keys + overhead.value)
+    return Figure(value, top.source, f"{direction} top {top.value:.3f} at head_dim {nearest}, "
+                                     f"L0 {overhead.value:.0f} keys")
 
 
 def flash_attention_time(cluster: Cluster, dtype: str, shape: AttentionShape, flops: int,

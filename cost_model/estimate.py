@@ -72,8 +72,10 @@ class OpCost:
     detail: str = ""  # the collective's algorithm, group and busiest link
     line: int | None = None
     starts: list = field(default_factory=list)  # one per trip, seconds
-    region: str = ""  # "fused" or "flash_attention" for a fused region, else ""
+    # "fused", "flash_attention" or "flash_attention_backward" for a fused region, else ""
+    region: str = ""
     members: tuple = ()  # a region's steps, as `einpar compile` writes them
+    recomputed: tuple = ()  # a backward region's forward steps it runs again, written so
 
 
 @dataclass
@@ -140,7 +142,8 @@ class Estimate:
                 "comm_bytes": op.comm_bytes, "compute_s": op.compute_s, "comm_s": op.comm_s,
                 "bound": op.bound, "detail": op.detail,
                 "start_s": op.starts[0] if op.starts else None,
-                "region": {"kind": op.region, "members": list(op.members)} if op.region else None}
+                "region": {"kind": op.region, "members": list(op.members),
+                           "recomputed": list(op.recomputed)} if op.region else None}
                 for op in self.ops],
             "memory": self.memory.to_json() if self.memory else None,
             "training": self.training.to_json() if self.training else None,
@@ -192,21 +195,26 @@ class _Pricer:
     def price_fused(self, step: FusedStep, trips: int) -> OpCost:
         """A fused region as one kernel: HBM traffic is what it reads from outside and what it
         writes that is read outside; FLOPs are its members'."""
-        parts = [self.local_time(member) for member in step.members]
+        parts = [self.local_time(member) for member in (*step.recomputed, *step.members)]
         flops = sum(part.flops for part in parts)
         hbm = sum(self.local_bytes(name) for name in step.reads) + \
             sum(self.local_bytes(name) for name in step.writes)
-        if step.kind == "flash_attention":
+        if step.kind in ("flash_attention", "flash_attention_backward"):
             last = step.members[-1].op
             cost = flash_attention_time(self.cluster, last.result.type.dtype, step.shape, flops,
                                         hbm, self.precision)
         else:
             cost = fused_time(parts, hbm, self.cluster)
         members = tuple(f"{member.op.result.name} = {_op_text(member.op)}" for member in step.members)
+        detail = f"at {cost.peak_dtype} peak"
+        if step.recomputed:
+            detail += f"; recomputes {', '.join(step.recomputes)} on chip"
         return OpCost(len(self.ops), ", ".join(step.writes), step.describe(), "compute", trips,
                       flops, hbm, 0, cost.time_s * self.compute_scale, 0.0, cost.bound,
-                      f"at {cost.peak_dtype} peak", _line(step.members[0].op), region=step.kind,
-                      members=members)
+                      detail, _line(step.members[0].op), region=step.kind,
+                      members=members, recomputed=tuple(
+                          f"{again.op.result.name} = {_op_text(again.op)}"
+                          for again in step.recomputed))
 
     def price_collective(self, step: CollectiveStep, trips: int) -> OpCost:
         move = step.step

@@ -24,7 +24,18 @@ can_fuse). Here:
   the key index) is one
   flash-attention region (Dao et al., "FlashAttention", NeurIPS 2022): it
   reads q, k, v (and any mask) and writes the output; the scores never reach
-  HBM.
+  HBM;
+- its backward pass, as the grad pass writes it (einpar/grad.py): the
+  gradient of the probabilities (dP = dO·V), the softmax's derivative maps
+  and row sums down to the scores' gradient dS, and the three contractions
+  dV = dO·P, dQ = dS·K, dK = dS·Q, is one flash-attention backward region
+  (FlashAttention-2, Dao 2023, arXiv:2307.08691, Algorithm 2): it reads q, k,
+  v, dO and the row statistics and writes dQ, dK and dV. The scores and
+  probabilities are recomputed in the kernel: a `remat` statement's
+  recomputation (the scores einsum from q and k and the softmax) joins the
+  region; otherwise the region recomputes them from the forward region's
+  steps, which then write the output and the row statistics (max, sum) only,
+  so no S×T value is kept for the backward pass.
 
 The grouping (`group`) sees only each step's reads, writes and whether it can
 fuse, so any step list (a backward pass's too) is grouped the same way; the
@@ -49,11 +60,15 @@ DEFAULT_FUSION = "auto"
 class FusedStep:
     """Local steps that run as one kernel."""
 
-    kind: str  # "fused" (a loop/input fusion) or "flash_attention"
+    # "fused" (a loop/input fusion), "flash_attention" or "flash_attention_backward"
+    kind: str
     members: tuple[LocalStep, ...]  # in program order
     reads: tuple[str, ...]  # values it reads from HBM: made outside it
     writes: tuple[str, ...]  # values it writes to HBM: read outside it, outputs, carried
     shape: AttentionShape | None = None  # a flash-attention region's problem
+    # A backward region's recomputation: steps of the forward region (the scores and the
+    # probabilities) it runs again on chip instead of reading their S×T results.
+    recomputed: tuple[LocalStep, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -67,9 +82,14 @@ class FusedStep:
     def describe(self) -> str:
         """`fused(a, b, c)`: the steps it runs; `flash_attention(q, k, v -> o)`: what the
         kernel reads and writes (its steps are the scores and softmax it never stores)."""
-        if self.kind == "flash_attention":
-            return f"flash_attention({', '.join(self.reads)} -> {', '.join(self.writes)})"
+        if self.kind in ("flash_attention", "flash_attention_backward"):
+            return f"{self.kind}({', '.join(self.reads)} -> {', '.join(self.writes)})"
         return f"{self.kind}({', '.join(self.names)})"
+
+    @property
+    def recomputes(self) -> tuple[str, ...]:
+        """The forward values a backward region makes again on chip."""
+        return tuple(step.op.result.name for step in self.recomputed)
 
 
 # ---- grouping, from reads and writes alone
@@ -231,7 +251,7 @@ def _product(values) -> int:
 
 def _match_attention(block: Sequence, weighted: int, escapes, local: _Local):
     """The flash-attention region ending at the einsum `block[weighted]`, as (positions,
-    shape), or None. `escapes(name, positions)`: whether a value is read outside them."""
+    shape, the names of its per-row values: the max and sum over the key index), or None. `escapes(name, positions)`: whether a value is read outside them."""
     op = block[weighted].op
     if len(op.operands) != 2 or len(op.summed) != 1:
         return None
@@ -334,7 +354,203 @@ def _match_scores(block, maker, probs, key, weighted, escapes, local):
         head_dim=_product(sizes[i] for i in scores_op.summed),
         value_dim=_product(out_sizes[i] for i in weighted_op.result.type.indices
                            if i not in probs.indices))
-    return positions, shape
+    rows = frozenset(block[p].op.result.name for p in body
+                     if key_at.get(block[p].op.result.name, 0) is None)
+    return positions, shape, rows
+
+
+@dataclass(frozen=True)
+class _Backward:
+    """A flash-attention backward region found in a block, before its forward is known."""
+
+    positions: frozenset  # its steps: dP, the softmax's derivative, dV, dQ, dK, any remat
+    shape: AttentionShape
+    reads: frozenset  # what it reads that the block makes outside it (the forward's values)
+    scores: frozenset  # of those, S×T values: recomputed from the forward region, or no match
+
+
+def _is_contraction_step(step) -> bool:
+    return isinstance(step, LocalStep) and is_contraction(step.op)
+
+
+def _match_attention_backward(block: Sequence, middle: int, maker: dict, readers: dict,
+                              kept: set, local: _Local) -> _Backward | None:
+    """The flash-attention backward region around the scores' gradient dS = `block[middle]`
+    (a fusible step read by dQ = dS·K and dK = dS·Q), or None. The grad pass writes it as
+    dP = dO·V, the softmax's derivative from dP to dS (maps and row sums over the key
+    index, reading the forward's probabilities or their recomputation), dV = dO·P, dQ, dK
+    (FlashAttention-2, arXiv:2307.08691, Algorithm 2: the same five matmuls, the scores
+    recomputed)."""
+    step = block[middle]
+    if not (isinstance(step, LocalStep) and fusible(step)):
+        return None
+    grad = step.op.result
+    score_dims = set(grad.type.indices)
+    pair = [p for p in readers.get(grad.name, ()) if _is_contraction_step(block[p])
+            and len(block[p].op.operands) == 2
+            and [o.value for o in block[p].op.operands].count(grad.name) == 1]
+    if len(pair) != 2:
+        return None
+    summed = [set(block[p].op.summed) for p in pair]
+    if any(not s or not s <= score_dims for s in summed) or summed[0] & summed[1]:
+        return None
+    others = [next(o for o in block[p].op.operands if o.value != grad.name) for p in pair]
+    # Upstream of dS through fusible steps; the contractions where that stops.
+    upstream, contractions, frontier = set(), set(), [middle]
+    while frontier:
+        position = frontier.pop()
+        for operand in block[position].op.operands:
+            source = maker.get(operand.value)
+            if source is None or source in upstream or source in contractions:
+                continue
+            if _is_contraction_step(block[source]):
+                contractions.add(source)
+            elif isinstance(block[source], LocalStep) and fusible(block[source]):
+                upstream.add(source)
+                frontier.append(source)
+    upstream.add(middle)
+
+    def score_shaped(position: int) -> bool:
+        return set(block[position].op.result.type.indices) == score_dims
+
+    scores_operands = {o.value for o in others}
+    found = None
+    for d_probs in sorted(contractions):
+        op = block[d_probs].op
+        if len(op.operands) != 2 or not score_shaped(d_probs) or \
+                {o.value for o in op.operands} == scores_operands:
+            continue  # not dP = dO·V (that is the scores' recomputation, Q·K)
+        # The gradient flows from dP: the derivative steps are those downstream of it.
+        downstream = {d_probs}
+        for position in sorted(upstream):
+            if any(maker.get(o.value) in downstream for o in block[position].op.operands):
+                downstream.add(position)
+        if middle not in downstream:
+            continue
+        # dV = dO·P: reads one of dP's operands (dO) and an S×T value, sums what dK sums.
+        for d_out in op.operands:
+            for d_values in range(len(block)):
+                candidate = block[d_values]
+                if d_values in pair or d_values == d_probs or \
+                        not _is_contraction_step(candidate) or len(candidate.op.operands) != 2:
+                    continue
+                values = [o.value for o in candidate.op.operands]
+                if d_out.value not in values:
+                    continue
+                probs = candidate.op.operands[1 - values.index(d_out.value)]
+                if set(probs.indices) != score_dims or set(candidate.op.summed) not in summed:
+                    continue
+                found = (d_probs, d_out, d_values, downstream - {d_probs})
+                break
+            if found:
+                break
+        if found:
+            break
+    if found is None:
+        return None
+    d_probs, d_out, d_values, body = found
+    if not _backward_dims(block, grad, pair, d_probs, d_out, d_values, body):
+        return None
+    positions = {d_probs, d_values, *pair, *body}
+    # A remat's recomputation (the scores from q and k, the softmax, a mask) joins the
+    # region where the region alone reads it.
+    grew = True
+    while grew:
+        grew = False
+        for position in sorted(positions):
+            for operand in block[position].op.operands:
+                source = maker.get(operand.value)
+                if source is None or source in positions or operand.value in kept:
+                    continue
+                producer = block[source]
+                recomputed_scores = _is_contraction_step(producer) and \
+                    {o.value for o in producer.op.operands} == scores_operands
+                if not (recomputed_scores or (isinstance(producer, LocalStep)
+                                              and fusible(producer))):
+                    continue
+                if all(reader in positions for reader in readers.get(operand.value, ())):
+                    positions.add(source)
+                    grew = True
+    results = {block[p].op.result.name for p in positions}
+    writes = {block[p].op.result.name for p in (d_values, *pair)}
+    if any(name in kept or any(r not in positions for r in readers.get(name, ()))
+           for name in results - writes):
+        return None  # a value of the backward is needed elsewhere
+    reads, scores = set(), set()
+    for p in positions:
+        for operand in block[p].op.operands:
+            if operand.value in results:
+                continue
+            source = maker.get(operand.value)
+            if source is not None:
+                reads.add(operand.value)
+            if set(operand.indices) != score_dims:
+                continue
+            if source is None or not isinstance(block[source], LocalStep):
+                return None  # an S×T value kept by an earlier loop or moved: read, not recomputed
+            scores.add(operand.value)  # made by the forward here: recomputed, or no match
+    # The problem: dS's dims summed by dK are the queries', by dQ the keys'.
+    d_key = pair[1] if set(block[pair[1]].op.summed) == set(block[d_values].op.summed) \
+        else pair[0]
+    d_query = pair[0] if d_key == pair[1] else pair[1]
+    sizes = local.sizes(step.op)
+    query_dims, key_dims = set(block[d_key].op.summed), set(block[d_query].op.summed)
+    query_sizes = local.sizes(block[d_query].op)
+    probs_sizes = local.sizes(block[d_probs].op)
+    shape = AttentionShape(
+        batch=_product(sizes[i] for i in grad.type.indices
+                       if i not in query_dims and i not in key_dims),
+        seq_q=_product(sizes[i] for i in grad.type.indices if i in query_dims),
+        seq_k=_product(sizes[i] for i in grad.type.indices if i in key_dims),
+        head_dim=_product(query_sizes[i] for i in block[d_query].op.result.type.indices
+                          if i not in score_dims),
+        value_dim=_product(probs_sizes[i] for i in block[d_probs].op.summed),
+        direction="bwd")
+    return _Backward(frozenset(positions), shape, frozenset(reads), frozenset(scores))
+
+
+def _backward_dims(block, grad, pair, d_probs: int, d_out, d_values: int, body) -> bool:
+    """Whether the steps have attention's backward dims: with dS over (batch, query, key),
+    dV = dO·P sums the query dims, dK = dS·Q sums them too and dQ = dS·K the key dims; Q and
+    K carry the head dims, dO and V the value dims, which dP = dO·V sums; and the softmax's
+    derivative sums over the key dims (a row sum)."""
+    def dims(operand) -> set:
+        return set(operand.indices)
+
+    score = set(grad.type.indices)
+    values_op, probs_op = block[d_values].op, block[d_probs].op
+    query = set(values_op.summed)
+    if set(block[pair[0]].op.summed) == query:
+        d_key, d_query = pair
+    elif set(block[pair[1]].op.summed) == query:
+        d_query, d_key = pair
+    else:
+        return False
+    key = set(block[d_query].op.summed)
+    batch = score - query - key
+    if not query or not key or query & key or score != batch | query | key:
+        return False
+    head = set(block[d_query].op.result.type.indices) - score
+    value = set(probs_op.summed)
+    if not head or not value or head & score or value & score:
+        return False
+    keys_side = next(o for o in block[d_query].op.operands if o.value != grad.name)
+    queries_side = next(o for o in block[d_key].op.operands if o.value != grad.name)
+    v_side = next(o for o in probs_op.operands if o is not d_out)
+    if dims(keys_side) != batch | key | head or dims(queries_side) != batch | query | head:
+        return False
+    if dims(d_out) != batch | query | value or dims(v_side) != batch | key | value:
+        return False
+    if set(block[d_key].op.result.type.indices) != batch | key | head or \
+            set(values_op.result.type.indices) != batch | key | value:
+        return False
+    for position in body:  # a row sum over the keys: the softmax's derivative
+        op = block[position].op
+        over = set(op.over) if isinstance(op, Reduce) else \
+            set(op.summed) if isinstance(op, Einsum) else set()
+        if over and over == key:
+            return True
+    return False
 
 
 def _scores_sides(op, key_at: dict):
@@ -394,40 +610,138 @@ def _fuse_block(steps: tuple, kept: set, local: _Local) -> tuple:
     steps = tuple(replace(step, body=_fuse_block(step.body, kept, local))
                   if isinstance(step, RepeatStep) else step for step in steps)
     readers: dict[str, list[int]] = {}
+    maker: dict[str, int] = {}
     for position, step in enumerate(steps):
         for name in _reads(step):
             readers.setdefault(name, []).append(position)
-
-    def escapes(name: str, positions) -> bool:
-        return name in kept or any(p not in positions for p in readers.get(name, ()))
-
-    fixed, shapes, taken = [], {}, set()
+        for name in _writes(step):
+            maker[name] = position
+    backward = []
+    taken: set = set()
     for position in range(len(steps) - 1, -1, -1):
-        step = steps[position]
-        if position in taken or not (isinstance(step, LocalStep) and is_contraction(step.op)):
+        if position in taken:
             continue
-        found = _match_attention(steps, position, escapes, local)
-        if found and not taken.intersection(found[0]):
-            fixed.append(found[0])
-            shapes[found[0]] = found[1]
-            taken.update(found[0])
+        found = _match_attention_backward(steps, position, maker, readers, kept, local)
+        if found and not taken.intersection(found.positions):
+            backward.append(found)
+            taken.update(found.positions)
+    # Forward regions whose S×T values a backward region reads, and backward regions that
+    # read S×T values no forward region can recompute, are given up until both agree.
+    while True:
+        forward, recompute = _match_forwards(steps, backward, kept, readers, local)
+        kept_backward = [b for b in backward
+                         if all(name in recompute.get(b.positions, {}) for name in b.scores)]
+        if len(kept_backward) == len(backward):
+            break
+        backward = kept_backward
+    fixed = [tuple(sorted(f[0])) for f in forward] + [tuple(sorted(b.positions)) for b in backward]
     nodes = [Node(_reads(step), _writes(step), fusible(step)) for step in steps]
     regions = group(nodes, fixed)
+    formed = set(regions)
+    shapes = {tuple(sorted(f[0])): f[1] for f in forward}
+    backs = {tuple(sorted(b.positions)): b for b in backward}
+    # What each forward region writes for the backward regions, and what they make again.
+    recomputed_by: dict[tuple, tuple[int, ...]] = {}
+    saved_for: dict[tuple, set] = {}
+    for b in backward:
+        key = tuple(sorted(b.positions))
+        if key not in formed:
+            continue
+        again, rows = _recomputation(steps, b, forward, maker)
+        recomputed_by[key] = again
+        for name in rows:
+            saved_for.setdefault(recompute_owner(forward, maker[name]), set()).add(name)
+    again_names = {steps[p].op.result.name for again in recomputed_by.values() for p in again}
     units = []
     for positions in regions:
         if len(positions) == 1:
             units.append((positions, steps[positions[0]]))
             continue
         made = {name for p in positions for name in _writes(steps[p])}
-        reads = tuple(dict.fromkeys(name for p in positions for name in _reads(steps[p])
-                                    if name not in made))
+        again = recomputed_by.get(tuple(positions), ())
+        remade = {steps[p].op.result.name for p in again}
+        reads = tuple(dict.fromkeys(
+            name for p in (*again, *positions) for name in _reads(steps[p])
+            if name not in made and name not in remade))
+        # A forward region's S×T values its backward recomputes are not written; the row
+        # statistics the recomputation reads are.
         writes = tuple(name for p in positions for name in _writes(steps[p])
-                       if escapes(name, positions))
+                       if (_escapes(name, positions, kept, readers) and name not in again_names)
+                       or name in saved_for.get(positions, ()))
+        if tuple(positions) in backs:
+            units.append((positions, FusedStep(
+                "flash_attention_backward", tuple(steps[p] for p in positions), reads, writes,
+                backs[tuple(positions)].shape, tuple(steps[p] for p in again))))
+            continue
         shape = shapes.get(tuple(positions))
         units.append((positions, FusedStep("flash_attention" if shape else "fused",
                                            tuple(steps[p] for p in positions), reads, writes,
                                            shape)))
     return _in_dependency_order(units)
+
+
+def _escapes(name: str, positions, kept: set, readers: dict) -> bool:
+    return name in kept or any(p not in positions for p in readers.get(name, ()))
+
+
+def recompute_owner(forward, position: int) -> tuple:
+    """The positions of the forward region that has the step at `position`."""
+    return next(tuple(sorted(f[0])) for f in forward if position in f[0])
+
+
+def _match_forwards(steps, backward, kept: set, readers: dict, local: _Local):
+    """The flash-attention (forward) regions of a block, as (positions, shape, rows); and per
+    backward region (by its positions) the values it reads from a forward region, by name,
+    with that region's row values. A forward region's value may be read by backward regions
+    only: they recompute what is S×T and read the row statistics."""
+    claimed = set().union(*(b.positions for b in backward)) if backward else set()
+
+    def escapes(name: str, positions) -> bool:
+        return name in kept or any(p not in positions and p not in claimed
+                                   for p in readers.get(name, ()))
+
+    forward, taken = [], set(claimed)
+    for position in range(len(steps) - 1, -1, -1):
+        step = steps[position]
+        if position in taken or not _is_contraction_step(step):
+            continue
+        found = _match_attention(steps, position, escapes, local)
+        if found and not taken.intersection(found[0]):
+            forward.append(found)
+            taken.update(found[0])
+    recompute: dict = {}
+    for b in backward:
+        for positions, _, rows in forward:
+            inside = {steps[p].op.result.name: p for p in positions}
+            for name in b.reads:
+                if name in inside and inside[name] != max(positions):
+                    recompute.setdefault(b.positions, {})[name] = (positions, rows)
+    return forward, recompute
+
+
+def _recomputation(steps, backward: _Backward, forward, maker: dict):
+    """(positions of the forward steps the backward region runs again, in program order; the
+    forward's row values it reads instead of recomputing). Every S×T value it reads is made
+    again from what the forward region reads and its row statistics (the max and sum over
+    the key index, which the forward region writes, as flash attention keeps its
+    logsumexp)."""
+    owner = {p: (positions, rows) for positions, _, rows in forward for p in positions}
+    again, rows = set(), set()
+    stack = [name for name in backward.reads if maker[name] in owner]
+    while stack:
+        name = stack.pop()
+        position = maker[name]
+        positions, row_values = owner[position]
+        if name in row_values:
+            rows.add(name)
+            continue
+        if position in again or position == max(positions):
+            continue  # the output (o) is written by the forward region anyway
+        again.add(position)
+        for operand in steps[position].op.operands:
+            if maker.get(operand.value) in positions:
+                stack.append(operand.value)
+    return tuple(sorted(again)), rows
 
 
 def _in_dependency_order(units) -> tuple:
@@ -481,6 +795,8 @@ def format_fusion(spmd: SpmdProgram) -> str:
             elif isinstance(step, FusedStep):
                 text = f"{indent}{step.describe()}  reads {', '.join(step.reads)}" \
                        f"  writes {', '.join(step.writes) or 'nothing'}"
+                if step.recomputed:
+                    text += f"  recomputes {', '.join(step.recomputes)}"
                 if step.shape:
                     s = step.shape
                     text += (f"  [batch {s.batch}, seq_q {s.seq_q}, seq_k {s.seq_k}, "

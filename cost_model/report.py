@@ -60,6 +60,12 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
     if any(op.region for op in estimate.ops):
         out.print("fused(...), flash_attention(...): steps run as one kernel; bytes are what it "
                   "reads and writes, its intermediates stay on chip", style="dim")
+    for op in estimate.ops:
+        if op.recomputed:
+            again = ", ".join(member.split(" = ")[0] for member in op.recomputed)
+            out.print(f"{op.index}: the attention backward recomputes {again} from the forward's "
+                      f"inputs and row statistics (flash attention keeps no S×T value); its "
+                      f"FLOPs count them", style="dim")
     out.print()
     out.print(f"step time      {format_seconds(estimate.step_time_s)}")
     out.print(f"  compute      {format_seconds(estimate.compute_s)}")

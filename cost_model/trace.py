@@ -37,6 +37,8 @@ def trace_events(estimate: Estimate) -> dict:
         args = {"bound": op.bound, "detail": op.detail}
         if op.region:  # a fused region: one slice, its steps listed
             args.update(region=op.region, members=list(op.members))
+            if op.recomputed:
+                args.update(recomputed=list(op.recomputed))
         args.update({"flops": op.flops, "hbm_bytes": op.hbm_bytes} if compute else
                     {"bytes_per_device": op.comm_bytes})
         for trip, start in enumerate(op.starts):

@@ -351,6 +351,11 @@ class _Builder:
             if region.kind == "flash_attention":
                 what = (f"one flash-attention kernel: only {written} is written to HBM, "
                         f"the scores never are")
+            elif region.kind == "flash_attention_backward":
+                again = f"recomputes {', '.join(region.recomputes)} on chip from " \
+                        f"{', '.join(region.reads)}; " if region.recomputed else ""
+                what = (f"one flash-attention backward kernel: it {again}only {written} is "
+                        f"written to HBM, the scores' and probabilities' gradients never are")
             else:
                 verb = "reach" if len(region.writes) > 1 else "reaches"
                 what = f"one kernel: only {written} {verb} HBM, its other values stay on chip"

@@ -10,12 +10,18 @@ from hypothesis import strategies as st
 
 from einpar import api
 from einpar.cli import main
-from einpar.cost_model.attention import AttentionShape, flash_attention_time
+from einpar.cost_model.attention import (DEFAULT_EFFICIENCY, AttentionShape, attention_efficiency,
+                                         flash_attention_time)
 from einpar.cost_model.cluster import preset
 from einpar.cost_model.estimate import estimate
-from einpar.cost_model.fusion import FusedStep, Node, format_fusion, fuse, fused_regions, group
+from einpar.cost_model.fusion import (FusedStep, Node, format_fusion, fuse, fused_regions, group,
+                                      is_contraction)
+from einpar.explain import explain
+from einpar.spmd import CollectiveStep, RepeatStep
 
 from helpers import EXAMPLES, GOLDENS, ROOT, golden_path
+
+EXAMPLES_DIR = ROOT / "examples"
 
 
 def regions_of(text: str, file: str = "<test>") -> list[FusedStep]:
@@ -246,3 +252,142 @@ def test_a_fused_region_never_costs_more_than_its_parts(case):
     assert fused.compute_s <= alone.compute_s * (1 + 1e-12)
     assert fused.hbm_bytes_per_device <= alone.hbm_bytes_per_device
     # (Peak memory may grow: a multi-output region makes all its outputs at once.)
+
+
+# ---- the backward pass: flash attention's backward and the elementwise chains
+
+def _with_loss(example: str) -> str:
+    """An attention example trained: its output's mean square is the loss."""
+    text = (ROOT / example).read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("output")]
+    return "\n".join(lines) + "\nl[] = mean[B,S,D](square(y[B,S,D]))\nloss l\n" \
+                              "optimizer sgd lr=0.1\n"
+
+
+def _flash(regions, kind):
+    return [region for region in regions if region.kind == kind]
+
+
+def test_the_attention_backward_is_one_region_in_the_remat_transformer():
+    """megatron_selective recomputes the scores and probabilities (`remat`): the
+    recomputation joins the backward region, which reads q, k, v and dO and writes dQ, dK,
+    dV: the five matmuls of FlashAttention-2's backward (arXiv:2307.08691, Algorithm 2)."""
+    regions = fused_regions(fuse(api.compile_spmd(
+        api.load(EXAMPLES_DIR / "training" / "megatron_selective.ein"))))
+    (forward,) = _flash(regions, "flash_attention")
+    (backward,) = _flash(regions, "flash_attention_backward")
+    assert forward.writes == ("o",)
+    assert backward.reads == ("o.grad", "v", "q", "k")
+    assert backward.writes == ("v.grad", "q.grad", "k.grad")
+    assert backward.recomputed == ()  # the program recomputes them itself
+    contractions = [m.op.result.name for m in backward.members if is_contraction(m.op)]
+    assert contractions == ["p.grad", "s.1.remat", "v.grad", "q.grad", "k.grad"]
+    assert backward.shape == AttentionShape(batch=8, seq_q=64, seq_k=64, head_dim=16,
+                                            value_dim=16, direction="bwd")
+
+
+def test_the_attention_backward_of_a_remat_loop_recomputes_from_the_row_statistics():
+    """megatron_full's backward loop runs the layer again (its forward attention one flash
+    region, now writing its row max and sum for the backward) and the backward region
+    recomputes the scores and probabilities from q, k and those rows."""
+    spmd = fuse(api.compile_spmd(api.load(EXAMPLES_DIR / "training" / "megatron_full.ein")))
+    backward_loop = [step for step in spmd.steps if isinstance(step, RepeatStep)][1]
+    regions = [step for step in backward_loop.body if isinstance(step, FusedStep)]
+    (forward,) = _flash(regions, "flash_attention")
+    (backward,) = _flash(regions, "flash_attention_backward")
+    assert forward.writes == ("p.max.remat", "p.sum.remat", "o.remat")
+    assert backward.recomputes == ("p.1.remat", "p.2.remat", "p.exp.remat", "p.remat")
+    assert set(backward.reads) == {"q.remat", "k.remat", "v.remat", "o.grad", "p.max.remat",
+                                   "p.sum.remat"}
+    assert backward.writes == ("v.grad", "q.grad", "k.grad")
+
+
+def test_flash_attention_backward_bytes_flops_time_and_memory():
+    """Attention trained without remat: the forward region keeps o and the row statistics
+    (m, the softmax's sum p.1), never an S×T value; the backward region reads q, k, v, dO and
+    the rows, recomputes s.1, s, e, p, and is priced as one kernel at the backward's
+    efficiency."""
+    program = api.compile_source(_with_loss("examples/attention/tensor_parallel.ein"), "<tp>")
+    spmd = api.compile_spmd(program)
+    cluster = preset("h100x8")
+    fused, alone = (estimate(program, spmd, cluster, fusion=mode) for mode in ("auto", "none"))
+    forward = next(op for op in fused.ops if op.region == "flash_attention")
+    backward = next(op for op in fused.ops if op.region == "flash_attention_backward")
+    assert forward.name == "m, p.1, o"
+    assert backward.what == ("flash_attention_backward(q, k, m, p.1, o.grad, v -> "
+                             "v.grad, q.grad, k.grad)")
+    # One device: B=8 (gathered), H=2 of 8, S=T=128, K=32, f32.
+    head, row, scores = 8 * 128 * 2 * 32 * 4, 8 * 2 * 128 * 4, 8 * 2 * 128 * 128 * 4
+    assert backward.hbm_bytes == 7 * head + 2 * row  # q, k, v, dO read, dQ, dK, dV written
+    # FLOPs: its steps' and the recomputed ones', each as the unfused step counts them.
+    flops = {op.name: op.flops for op in alone.ops}
+    names = [m.split(" = ")[0] for m in backward.members + backward.recomputed]
+    assert backward.flops == sum(flops[name] for name in names)
+    assert [m.split(" = ")[0] for m in backward.recomputed] == ["s.1", "s", "e", "p"]
+    # Five matmuls to the forward's two (FlashAttention-2, section 4.1: 2.5x the FLOPs).
+    matmul = 2 * 8 * 2 * 128 * 128 * 32
+    contractions = [name for name in names if name in ("s.1", "p.grad", "v.grad", "q.grad",
+                                                       "k.grad")]
+    assert sum(flops[name] for name in contractions) == 5 * matmul
+    assert flops["s.1"] + flops["o"] == 2 * matmul
+    shape = AttentionShape(batch=16, seq_q=128, seq_k=128, head_dim=32, value_dim=32,
+                           direction="bwd")
+    expected = flash_attention_time(cluster, "f32", shape, backward.flops, backward.hbm_bytes)
+    assert backward.compute_s == expected.time_s
+    assert "recomputes s.1, s, e, p" in backward.detail
+    # Memory: unfused, the backward pass keeps three S×T values (s, e, p); fused, none.
+    assert alone.memory.saved_activations_bytes - fused.memory.saved_activations_bytes == \
+        3 * scores
+
+
+def test_the_backward_efficiency_is_fitted_on_published_backward_runs():
+    """FlashAttention-3 backward on H100 (arXiv:2407.08608, section 4.1): top 0.596 at head
+    dim 128, L0 440 keys, fitted on the fit half of its published figures."""
+    shape = AttentionShape(batch=16, seq_q=4096, seq_k=4096, head_dim=128, value_dim=128,
+                           direction="bwd")
+    efficiency = attention_efficiency(preset("h100x8"), "bf16", shape)
+    assert efficiency.value == pytest.approx(0.596 * 4096 / (4096 + 440))
+    assert "flashattention3-paper-backward.csv" in efficiency.source
+    # A chip without backward data takes the forward's figure.
+    assert attention_efficiency(preset("a100x8"), "bf16", shape) == DEFAULT_EFFICIENCY
+
+
+def test_the_explanation_says_the_backward_recomputes():
+    source = _with_loss("examples/attention/tensor_parallel.ein")
+    explanation = explain(api.compile_spmd(api.compile_source(source, "<tp>")), source)
+    fused = [line for statement in explanation.statements for line in statement.fused]
+    assert any("one flash-attention backward kernel: it recomputes s.1, s, e, p on chip from "
+               "q, k, m, p.1, o.grad, v" in line for line in fused), fused
+
+
+def test_norm_and_softmax_backward_chains_fuse_as_the_forward_does():
+    """The derivative maps and row sums of a layernorm's backward are one region, reading
+    the forward's saved statistics and the incoming gradient and writing one gradient."""
+    regions = fused_regions(fuse(api.compile_spmd(
+        api.load(EXAMPLES_DIR / "training" / "megatron_selective.ein"))))
+    (norm,) = [region for region in regions if "n.1.sumsq.grad" in region.names]
+    assert norm.kind == "fused"
+    assert norm.names == ("n.1.grad", "n.1.centered.grad.1", "n.1.sumsq.grad.full",
+                          "n.1.sumsq.grad", "n.1.square.grad", "n.1.centered.grad.2",
+                          "n.1.centered.grad", "n.1.mean.grad.full", "n.1.mean.grad",
+                          "n.1.mean.sum.grad", "r.grad.3", "r.grad")
+    assert norm.writes == ("r.grad",)
+
+
+def test_a_backward_reading_a_moved_score_is_not_flash_attention():
+    """Where the backward reads an S×T value through a move (a slice to another layout), the
+    kernel could not recompute it in place: the steps fuse as ordinary regions."""
+    spmd = fuse(api.compile_spmd(api.compile_source(
+        _with_loss("examples/attention/data_parallel.ein"), "<dp>")))
+    kinds = [region.kind for region in fused_regions(spmd)]
+    assert any(isinstance(step, CollectiveStep) and step.kind == "slice"
+               and step.src in ("p.exp", "p.2") for step in spmd.steps)
+    assert "flash_attention_backward" not in kinds and "flash_attention" not in kinds
+
+
+def test_an_mlp_backward_is_not_attention_backward():
+    """Two contractions reading one gradient (dW and dX of a layer) without attention's
+    dims (a key index summed by a row sum, the head and value dims) are not flash attention."""
+    regions = fused_regions(fuse(api.compile_spmd(
+        api.load(EXAMPLES_DIR / "training" / "mlp_data_parallel.ein"))))
+    assert regions and all(region.kind == "fused" for region in regions)

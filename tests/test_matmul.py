@@ -228,9 +228,9 @@ def test_the_constants_are_the_fit_of_the_fit_half():
         assert (held.sustained.value, held.block.value, held.launch.value) == pytest.approx(
             (fit.sustained.value, fit.block.value, fit.launch.value), abs=1e-9), (chip, dtype)
     from einpar.cost_model.attention import ATTENTION_FITS
-    for (chip, kernel), (overhead, tops, _, _, _) in bench.fit_attention(rows).items():
+    for (chip, kernel, direction), (overhead, tops, _, _, _) in bench.fit_attention(rows).items():
         held = ATTENTION_FITS[(chip, kernel)]
-        assert held.keys_overhead.value == overhead
+        assert held.keys_overhead[direction].value == overhead
         for (dtype, direction, head_dim), top in tops.items():
             assert held.top[(dtype, direction)][head_dim].value == pytest.approx(top, abs=5e-4)
 
