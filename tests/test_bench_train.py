@@ -81,3 +81,44 @@ def test_a_differing_output_is_named():
     found = [Comparison("l", 0.0, 1e-4), Comparison("w1.m", 3e-3, 1e-4)]
     assert bench.agreement(found) == "NO: w1.m 30"
     assert bench.agreement(found[:1]) == "ok 0"
+
+
+LOOP = """
+mesh dp=4
+dim  B=16 D=8 E=16 L=3
+
+input x[B@dp, D]
+
+repeat L{remat} {{
+  param w1[D, E]
+  param w2[E, D]
+  h[B,E]    = tanh(x[B,D] * w1[D,E])
+  x[B@dp,D] = x[B,D] + h[B,E] * w2[E,D]
+}}
+
+l[] = mean[B,D](square(x[B,D]))
+
+loss l
+optimizer sgd lr=0.1
+"""
+
+
+def test_the_twin_recomputes_a_remat_loop_as_einpars_step_does():
+    """`repeat L remat` runs each trip's forward again in the backward pass, and so does its
+    twin (its body checkpointed): per trip 2 matmuls forward, 4 backward and, with remat,
+    the one whose result the backward pass reads (h) again. (einpar's step recomputes h too;
+    how many rows of it each device computes depends on its plan.)"""
+    from einpar.backends import jax_backend
+    from einpar.backends.hlo_collectives import hlo_dot_flops
+
+    bench = _bench()
+    flops = {}
+    for remat in ("", " remat"):
+        step = compile_source(LOOP.format(remat=remat), "<loop>")
+        spmd = compile_spmd(step, objective="bytes")
+        devices = jax_backend.start_devices(step.mesh.num_devices)
+        both = bench.compile_both(step, spmd, random_inputs(step, 0), devices)
+        assert all(c.ok for c in bench.differences(step, both.ours.step(), both.twin.step()))
+        flops[remat] = hlo_dot_flops(both.twin.hlo())
+    per_trip = 2 * (16 // 4) * 8 * 16  # one matmul's FLOPs on a device's rows of the batch
+    assert flops == {"": 3 * 6 * per_trip, " remat": 3 * 7 * per_trip}
