@@ -356,9 +356,12 @@ class _Grad:
             asked = [o for o in outputs if o.name == f"{param.name}.grad"]
             layout = asked[0].layout if asked and asked[0].layout is not None else param.layout
             outputs = [o for o in outputs if o.name != f"{param.name}.grad"]
-            outputs.append(Output(f"{param.name}.grad", name, layout, param.span))
+            # The span of an `output w.grad` the user wrote marks it asked for: an optimizer
+            # keeps those and drops the others (einpar/optimizer.py).
+            outputs.append(Output(f"{param.name}.grad", name, layout,
+                                  asked[0].span if asked else None))
         forward = self._with_saves(program.ops)
-        return forward + tuple(top.out), tuple(outputs), self.tally
+        return forward + _refetched(program, tuple(top.out)), tuple(outputs), self.tally
 
     def _with_saves(self, ops) -> tuple[Op, ...]:
         out = []
@@ -943,3 +946,48 @@ def format_grad(program: Program) -> str:
         else:
             lines.append(f"output {name}")
     return "\n".join(lines) + "\n"
+
+
+def _refetched(program: Program, backward: tuple[Op, ...]) -> tuple[Op, ...]:
+    """The backward pass reading each split param (FSDP, ZeRO-3) through `w.bwd`, a copy of
+    the device's own block made when the backward pass starts: so the weight gathered for
+    the forward pass is not kept until the backward pass, which gathers it again (FSDP frees
+    a gathered weight after use: PyTorch FSDP's `reshard_after_forward`, ZeRO stage 3). The
+    partitioner prices both gathers, and peak memory holds one gathered weight at a time."""
+    split = {param.name: param for param in program.params
+             if param.layout is not None and any(param.layout.dims)}
+    read = {operand.value for op in _walk(backward) for operand in op.operands} & set(split)
+    if not read:
+        return backward
+    copies = {name: f"{name}.bwd" for name in read}
+    fetch = tuple(Map(Value(copies[name], split[name].type, layout=split[name].layout),
+                      (Operand(name, split[name].type.indices),), Arg(0), f"{name}.bwd",
+                      split[name].span) for name in sorted(read))
+    return fetch + _renamed(backward, copies)
+
+
+def _walk(ops):
+    for op in ops:
+        yield op
+        if isinstance(op, Repeat):
+            yield from _walk(op.body)
+
+
+def _renamed(ops: tuple[Op, ...], names: dict[str, str]) -> tuple[Op, ...]:
+    """`ops` reading `names[v]` wherever they read `v` (a repeat body's outer reads too)."""
+    def operand(o: Operand) -> Operand:
+        return replace(o, value=names[o.value]) if o.value in names else o
+
+    out = []
+    for op in ops:
+        if isinstance(op, Repeat):
+            out.append(replace(op, body=_renamed(op.body, names)))
+        elif isinstance(op, Take):
+            out.append(replace(op, table=operand(op.table), ids=operand(op.ids)))
+        elif isinstance(op, ScatterAdd):
+            out.append(replace(op, update=operand(op.update), ids=operand(op.ids)))
+        elif hasattr(op, "operand"):
+            out.append(replace(op, operand=operand(op.operand)))
+        else:
+            out.append(replace(op, operands=tuple(operand(o) for o in op.operands)))
+    return tuple(out)

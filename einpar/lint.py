@@ -29,7 +29,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 from .errors import WARNING_CODES, Diagnostic, Span, source_lines
 from .ir import REDUCTIONS
-from .syntax import (Binary, Call, Expr, Module, Negate, OutputDecl, SizeRef, Statement,
+from .syntax import (Binary, Call, Directive, Expr, Module, Name, Negate, OutputDecl, SizeRef,
+                     Statement,
                      TensorDecl, TensorRef, gc_paused)
 from .syntax import Repeat as RepeatItem
 
@@ -154,6 +155,10 @@ def unused_values(placed: list[Placed]) -> Iterator[Diagnostic]:
     """W101: a statement whose value is not an output and is read by no later statement
     (nor, inside a repeat block, by any statement of the block: the next trip reads it)."""
     outputs = {p.item.name.text for p in placed if isinstance(p.item, OutputDecl)}
+    # The loss of a training step is used: its gradient is taken.
+    outputs |= {p.item.args[0].text for p in placed if isinstance(p.item, Directive)
+                and p.item.word.text == "loss" and len(p.item.args) == 1
+                and isinstance(p.item.args[0], Name)}
     reads: dict[str, list[Placed]] = {}
     for p in placed:
         if isinstance(p.item, Statement):
