@@ -142,7 +142,7 @@ def twin_function(step, spmd, forward_module, mesh):
     forward = forward_of(step)
     loss_name = forward.outputs[0].name
     forward_inputs = list(forward_module.INPUTS)
-    params = [value for value in step.params]
+    params = list(step.params)
     param_names = [value.name for value in params]
     micro = training.microbatches
     count = micro[1] if micro else 1
@@ -169,19 +169,18 @@ def twin_function(step, spmd, forward_module, mesh):
             stacked = {name: array for name, array in data.items() if step.values[name].stacked_by}
             fixed = {name: array for name, array in data.items() if name not in stacked}
 
-            def wide(x):
-                return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
+            def wide(dtype):
+                return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
             def trip(total, batch):
-                (loss, aux), grads = value_and_grad(weights, {**fixed, **batch})
-                found = (loss, aux, grads)
-                return jax.tree.map(lambda a, x: a + wide(x), total, found), None
+                found = value_and_grad(weights, {**fixed, **batch})
+                found = (found[0][0], found[0][1], found[1])
+                return jax.tree.map(lambda a, x: a + x.astype(a.dtype), total, found), None
 
             shapes = jax.eval_shape(lambda: value_and_grad(weights, {
                 **fixed, **{n: a[0] for n, a in stacked.items()}}))
             (loss_s, aux_s), grads_s = shapes
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, wide(jnp.zeros((), s.dtype)).dtype),
-                                 (loss_s, aux_s, grads_s))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, wide(s.dtype)), (loss_s, aux_s, grads_s))
             total, _ = jax.lax.scan(trip, zeros, stacked)
             loss, aux, grads = jax.tree.map(lambda x, s: (x / count).astype(s.dtype), total,
                                             (loss_s, aux_s, grads_s))
