@@ -49,7 +49,8 @@ _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "
              "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
              "take_rows", "scatter_add",
-             "timed", "main", "carry", "stacked", "mesh", "_", *dir(builtins)}
+             "timed", "main", "carry", "stacked", "mesh", "_", "checkpoint_name", "REMAT",
+             *dir(builtins)}
 
 
 class Names:
@@ -511,6 +512,12 @@ class _GlobalWriter:
         self.values = dict(program.values)
         self.ops = OpWriter(names, lambda name: self.values[name].type.dtype,
                             lambda name: self.values[name].type.shape, self.lines)
+        # A training program as written (differentiated whole by jax.grad, the oracle and the
+        # GSPMD twin of its step) recomputes what it asks to: its `remat` statements' values are
+        # named for jax.checkpoint's policy (REMAT), its `repeat L remat` bodies checkpointed.
+        self.training = program.training is not None
+        self.remat = program.training.remat if self.training else frozenset()
+        self.remat_values: list[str] = []
 
     def body(self, ops, indent: str) -> None:
         for op in ops:
@@ -518,6 +525,11 @@ class _GlobalWriter:
                 self.repeat(op, indent)
                 continue
             self.ops.op(op, indent)
+            if op.stmt in self.remat:
+                name = self.names(op.result.name)
+                self.remat_values.append(op.result.name)
+                self.lines.append(f"{indent}{name} = checkpoint_name({name}, "
+                                  f"\"{literal_text(op.result.name)}\")  # remat: recomputed")
             if op.result.layout is not None and not op.result.layout.partial:
                 name = self.names(op.result.name)
                 self.lines.append(f"{indent}{name} = constrain({name}, mesh, "
@@ -539,6 +551,9 @@ class _GlobalWriter:
         ys = _pack([self.names(s.body_value) for s in op.saved]) if op.saved else "None"
         self.lines.append(f"{indent}    return {_pack([self.names(c.body_result) for c in op.carried])}, {ys}")
         xs = _pack(stacked) if stacked else "None"
+        if op.remat and self.training:
+            self.lines.append(f"{indent}{body} = jax.checkpoint({body})  # repeat remat: each "
+                              "trip recomputed in the backward pass")
         self.lines.append(_scan_call(indent, body, _pack(carried), xs, op.count, bool(stacked),
                                      op.reverse, [self.names(c.result.name) for c in op.carried],
                                      [self.names(s.result.name) for s in op.saved]))
@@ -660,6 +675,8 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     add("import jax.numpy as jnp")
     add("from jax import lax")
     add("from jax.sharding import AxisType, NamedSharding, PartitionSpec as P")
+    if whole.remat_values:
+        add("from jax.ad_checkpoint import checkpoint_name")
     add("")
     add(f"MESH = {tuple(axes)!r}  # (axis, size), major to minor; devices in row-major order")
     add(f"DEVICES = {mesh.num_devices}")
@@ -682,6 +699,10 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     for output in spmd.outputs:
         add(f"    {output.name!r}: {partition_spec(output.layout)},")
     add("}")
+    if whole.remat_values:
+        add(f"REMAT = {tuple(whole.remat_values)!r}  # values global_program names for recomputation: "
+            "differentiate it under jax.checkpoint(policy=jax.checkpoint_policies."
+            "save_anything_except_these_names(*REMAT))")
     for helper in helpers:
         add("")
         out.extend(_HELPERS[helper].strip("\n").splitlines())

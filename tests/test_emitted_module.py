@@ -198,3 +198,46 @@ def test_the_module_asks_for_its_cpu_devices_itself(tmp_path, capsys):
     assert done.stdout.startswith("y: float32[8, 128, 256], largest difference from the "
                                   "whole-array program")
     assert "GSPMD twin: compile" in done.stdout
+
+
+REMAT_PROGRAM = """
+dim B=4 D=8 E=8 L=2
+input x[B, D]
+param w[D, E]
+remat s[B,E] = tanh(x[B,D] * w[D,E])
+y[B,D] = s[B,E] * w[D,E]
+repeat L remat {
+  param v[D, E]
+  y[B,D] = y[B,D] + tanh(y[B,D] * v[D,E]) * v[D,E]
+}
+l[] = mean[B,D](square(y[B,D]))
+output l
+loss l
+optimizer sgd lr=0.1
+"""
+
+
+def test_a_training_programs_whole_array_function_recomputes_what_it_asks_to():
+    """Differentiated by jax.grad (the oracle, the GSPMD twin of its step), the program as
+    written recomputes as its step does: `remat` values are named for a checkpoint policy
+    (REMAT), `repeat L remat` bodies are checkpointed. The derived step, a program without a
+    loss, has neither: nothing differentiates it."""
+    import jax
+
+    step = compile_source(REMAT_PROGRAM, "<remat>")
+    text = emit_jax(step.forward)
+    assert "REMAT = ('s.1', 's')" in text and 's = checkpoint_name(s, "s")' in text  # s's two ops
+    assert "layer_1 = jax.checkpoint(layer_1)" in text
+    assert "checkpoint" not in emit_jax(step)
+    module = {}
+    exec(compile(text, "<emitted>", "exec"), module)
+    arrays = random_inputs(step.forward)
+
+    def loss(w, v):
+        return module["global_program"](arrays["x"], w, v)["l"]
+
+    policy = jax.checkpoint_policies.save_anything_except_these_names(*module["REMAT"])
+    got = jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1))(arrays["w"], arrays["v"])
+    want = jax.grad(loss, argnums=(0, 1))(arrays["w"], arrays["v"])
+    for found, expected in zip(got, want):
+        np.testing.assert_allclose(found, expected, rtol=1e-6)

@@ -1,0 +1,390 @@
+"""einpar's training steps against JAX's own autodiff under GSPMD, in bytes and step time.
+
+    .venv/bin/python bench/train_vs_jax.py [FILE ...] [--programs NAME,...] [--rounds 20]
+                                           [--host-cluster calibrate|same|FILE] [--platform cpu]
+
+The programs: the training examples (examples/training/*.ein), or those
+`--programs` names (`mlp_fsdp,megatron_selective`), or the FILEs given. One
+that does not load (yet) is skipped with the reason. For each, in one
+process on the same devices:
+
+- einpar's training step (forward, the derived backward pass and the
+  optimizer's update, `einpar.train`) planned for `--host-cluster` and run
+  as its per-device program under `jax.shard_map`;
+- its twin: `jax.value_and_grad` of the forward program's whole-array
+  function (the `global_program` backends/jax_codegen.py writes for the
+  program as written, `step.forward`; with micro-batches, the mean over
+  them in a `lax.scan`; what the program recomputes, `remat` statements and
+  `repeat L remat` bodies, under `jax.checkpoint`), then the same optimizer update written in
+  jax.numpy (PyTorch's SGD and AdamW as einpar/optimizer.py states them,
+  on the float32 master copy of a half-precision param), all under one
+  `jax.jit` whose input and output shardings are the layouts einpar's step
+  takes and gives its inputs and outputs (ZeRO's split state included), so
+  that XLA's partitioner (GSPMD) partitions the forward, backward and update
+  by itself.
+
+Printed per program: the seconds einpar took to plan its step, its planned
+bytes per device, with `--byte-plan` those of its byte-minimal plan
+(`--objective bytes`: the time plan may send more where the cluster's model
+says that is faster), the bytes per device of the collectives in
+the optimized HLO of both programs (einpar's byte convention,
+backends/hlo_collectives.py), the matmul MFLOP per device each HLO runs,
+the median step time of each, run in alternation after a warm-up
+(bench/vs_gspmd.py's `time_both`), their ratio, and the largest difference
+between the two steps' outputs (loss, gradients the step outputs, updated
+params and optimizer state), relative to the dtype tolerance
+(einpar.tolerance; `ok` when within it).
+
+Goals: einpar's bytes <= GSPMD's on every program, both read from their HLO
+(the compiler may change what a program sends, both programs' alike: on CPU
+devices XLA moves half-precision collectives in float32, so a bf16
+program's HLO shows twice its planned bytes, and it merges identical
+collectives, such as FSDP's second gather of a weight for the backward pass
+into the forward's); median time ratio <= 1.05.
+With no accelerator JAX gets 8 CPU devices, which share the host's cores:
+times are noisy, compare the ratios of one run, not times across runs.
+Planning a step takes most of the run on a small host (the training step of
+megatron_full is the slowest); `--programs` picks fewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from vs_gspmd import described, host_cluster, time_both  # noqa: E402 - the bench's own sibling
+
+EXAMPLES = ROOT / "examples" / "training"
+
+
+def training_paths(files: list[str], programs: str | None) -> list[Path]:
+    """The FILEs, else the training examples `programs` names (comma-separated), else all."""
+    if files:
+        return [Path(file) for file in files]
+    if programs:
+        return [EXAMPLES / f"{name.strip().removesuffix('.ein')}.ein" for name in programs.split(",")
+                if name.strip()]
+    return sorted(EXAMPLES.glob("*.ein"))
+
+
+def shown(path: Path) -> str:
+    return path.stem if path.resolve().parent == EXAMPLES else str(path)
+
+
+# ---- the twin: JAX's autodiff of the forward program, and the update in jax.numpy
+
+
+def forward_of(step):
+    """The forward program the step was derived from, its outputs its loss (first) and its other
+    outputs; with micro-batches, one micro-batch's program. It keeps its `training`, from which
+    the written module names what it recomputes."""
+    from einpar.ir import Output
+    from einpar.microbatch import one_microbatch
+    from einpar.train import forward_program
+
+    forward = step.forward
+    training = forward.training
+    micro = training.microbatches
+    program = forward_program(forward)
+    loss = next((o for o in program.outputs if o.name == training.loss), None)
+    loss = loss or Output(training.loss, training.loss)
+    others = tuple(o for o in program.outputs if o.name != training.loss)
+    program = replace(program, forward=None, outputs=(loss,) + others)
+    return program if micro is None else one_microbatch(program, *micro)
+
+
+def update(optimizer, param, weight, grad, state: dict) -> dict:
+    """The outputs of `optimizer`'s update of `param` (an einpar Value), as einpar/optimizer.py
+    states it: `weight` is the param (or its float32 master copy), `grad` its gradient,
+    `state` its `m` and `v` arrays. Returns {output name: array}."""
+    import jax.numpy as jnp
+
+    from einpar.backends.reference import numpy_dtype
+    from einpar.optimizer import MASTER, needs_master, state_dtype
+
+    work = jnp.float64 if state_dtype(param) == "f64" else jnp.float32
+    w, g = weight.astype(work), grad.astype(work)
+    out = {}
+    if optimizer.kind == "sgd":  # torch.optim.SGD without momentum
+        new = w - optimizer.lr * (g + optimizer.wd * w) if optimizer.wd else w - optimizer.lr * g
+    else:  # torch.optim.AdamW, the single-tensor path
+        t = optimizer.step
+        m = state["m"] * optimizer.b1 + (1 - optimizer.b1) * g
+        v = state["v"] * optimizer.b2 + (1 - optimizer.b2) * (g * g)
+        step_size = optimizer.lr / (1 - optimizer.b1 ** t)
+        correction2_sqrt = (1 - optimizer.b2 ** t) ** 0.5
+        decayed = w * (1 - optimizer.lr * optimizer.wd) if optimizer.wd else w
+        new = decayed - step_size * (m / (jnp.sqrt(v) / correction2_sqrt + optimizer.eps))
+        out[f"{param.name}.m"], out[f"{param.name}.v"] = m, v
+    if needs_master(param):
+        out[f"{param.name}.{MASTER}"] = new
+    out[param.name] = new.astype(numpy_dtype(param.type.dtype))  # rounded to its dtype on storing
+    return out
+
+
+def twin_function(step, spmd, forward_module, mesh):
+    """The whole step on whole arrays: inputs in the order of einpar's step (`spmd.inputs`),
+    outputs by the step's output names."""
+    import jax
+    import jax.numpy as jnp
+
+    training = step.forward.training
+    forward = forward_of(step)
+    loss_name = forward.outputs[0].name
+    forward_inputs = list(forward_module.INPUTS)
+    params = list(step.params)
+    param_names = [value.name for value in params]
+    micro = training.microbatches
+    count = micro[1] if micro else 1
+
+    def loss_of(weights, data):
+        args = dict(data)
+        args.update(zip(param_names, weights))
+        outputs = forward_module.global_program(*(args[name] for name in forward_inputs), mesh=mesh)
+        return outputs[loss_name], {k: v for k, v in outputs.items() if k != loss_name}
+
+    remat = getattr(forward_module, "REMAT", ())
+    if remat:  # the `remat` statements' values recomputed in the backward pass, as einpar's step does
+        policy = jax.checkpoint_policies.save_anything_except_these_names(*remat)
+        loss_of = jax.checkpoint(loss_of, policy=policy)
+    value_and_grad = jax.value_and_grad(loss_of, has_aux=True)
+
+    def run(*arrays):
+        named = dict(zip(spmd.inputs, arrays))
+        weights = tuple(named[name] for name in param_names)
+        data = {name: named[name] for name in forward_inputs if name not in param_names}
+        if micro is None:
+            (loss, aux), grads = value_and_grad(weights, data)
+        else:  # the mean over micro-batches, accumulated in float32 as einpar.microbatch does
+            stacked = {name: array for name, array in data.items() if step.values[name].stacked_by}
+            fixed = {name: array for name, array in data.items() if name not in stacked}
+
+            def wide(dtype):
+                return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+            def trip(total, batch):
+                found = value_and_grad(weights, {**fixed, **batch})
+                found = (found[0][0], found[0][1], found[1])
+                return jax.tree.map(lambda a, x: a + x.astype(a.dtype), total, found), None
+
+            shapes = jax.eval_shape(lambda: value_and_grad(weights, {
+                **fixed, **{n: a[0] for n, a in stacked.items()}}))
+            (loss_s, aux_s), grads_s = shapes
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, wide(s.dtype)), (loss_s, aux_s, grads_s))
+            total, _ = jax.lax.scan(trip, zeros, stacked)
+            loss, aux, grads = jax.tree.map(lambda x, s: (x / count).astype(s.dtype), total,
+                                            (loss_s, aux_s, grads_s))
+        out = {loss_name: loss, **aux}
+        for param, grad in zip(params, grads):
+            out[f"{param.name}.grad"] = grad
+            if training.optimizer is not None:
+                kinds = {kind: named[f"{param.name}.{kind}"] for kind in ("m", "v")
+                         if f"{param.name}.{kind}" in named}
+                weight = named.get(f"{param.name}.master", named[param.name])
+                out.update(update(training.optimizer, param, weight, grad, kinds))
+        return {output.name: out[output.name] for output in spmd.outputs}
+
+    return run
+
+
+# ---- compiling both
+
+
+@dataclass
+class Both:
+    """einpar's step and its twin, compiled for the same devices with the same inputs."""
+
+    ours: object  # jax_backend.Compiled
+    twin: object  # jax_backend.Compiled
+    spmd: object  # einpar's SpmdProgram that ran
+
+
+def compile_both(step, spmd, inputs, devices) -> Both:
+    """einpar's step `step` (planned as `spmd`) and its twin, compiled on `devices` (a
+    jax_backend.Devices with the mesh's devices) with `inputs` placed."""
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+
+    from einpar.api import compile_spmd
+    from einpar.backends import jax_backend
+
+    ours = jax_backend.compile_program(step, spmd, inputs, devices)
+    step_module = jax_backend.load_module(step, spmd)
+    forward = forward_of(step)
+    forward_module = jax_backend.load_module(forward, compile_spmd(forward, objective="bytes"))
+    x64 = step_module.X64
+    with jax_backend._x64(jax, x64):
+        mesh = step_module.make_mesh(devices.devices, axis_types=AxisType.Auto)
+        shard = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+        function = jax.jit(twin_function(step, spmd, forward_module, mesh),
+                           in_shardings=tuple(shard(spec) for _, _, spec, _ in step_module.INPUTS.values()),
+                           out_shardings={name: shard(spec) for name, spec in step_module.OUTPUTS.items()})
+        args = step_module.place(inputs, mesh)
+        start = time.perf_counter()
+        executable = function.lower(*args).compile()
+        twin = jax_backend.Compiled(executable, args, time.perf_counter() - start, x64)
+    return Both(ours, twin, spmd)
+
+
+def differences(step, ours: dict, twin: dict):
+    """Each output's comparison (einpar.tolerance) of einpar's step with the twin's."""
+    import numpy as np
+
+    from einpar.tolerance import compare, program_tolerance
+
+    tolerance = program_tolerance(step)
+    return [compare(name, np.asarray(twin[name]), np.asarray(ours[name]), tolerance)
+            for name in twin]
+
+
+def agreement(comparisons) -> str:
+    """`ok 0.03` (the worst error over the tolerance), or `NO: w1 4.2` naming the outputs off."""
+    worst = max((c.error / c.tolerance if c.tolerance else (0.0 if c.error == 0 else float("inf"))
+                 for c in comparisons), default=0.0)
+    off = [c.name for c in comparisons if not c.ok]
+    return f"ok {worst:.2g}" if not off else f"NO: {', '.join(off[:3])}{'...' if len(off) > 3 else ''} {worst:.2g}"
+
+
+# ---- the run
+
+
+def byte_minimal(step) -> int | str:
+    """The bytes per device of einpar's byte-minimal plan of `step`, or why there is none."""
+    from einpar.api import compile_spmd
+    from einpar.spmd import bytes_per_device
+
+    try:
+        return bytes_per_device(compile_spmd(step, objective="bytes").steps)
+    except Exception as error:  # noqa: BLE001 - shown in its column, the row goes on
+        return f"{type(error).__name__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", help="training programs to run (default: the examples)")
+    parser.add_argument("--programs", metavar="NAME,...",
+                        help="training examples to run by name (default: every one)")
+    parser.add_argument("--cluster", default="h100x8",
+                        help="cluster preset or file to plan on with --host-cluster same")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps of each, alternating")
+    parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's)")
+    parser.add_argument("--byte-plan", action="store_true",
+                        help="also plan for the fewest bytes (`--objective bytes`) and show its bytes")
+    parser.add_argument("--host-cluster", default="calibrate", metavar="FILE|calibrate|same",
+                        help="the cluster einpar's step is planned for (default: calibrate this "
+                             "host; same: --cluster)")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    paths = training_paths(args.files, args.programs)
+    if not paths:
+        parser.error("no programs to run")
+
+    from einpar.api import compile_spmd, load, random_inputs
+    from einpar.backends import jax_backend
+    from einpar.backends.hlo_collectives import bytes_per_device as hlo_bytes
+    from einpar.backends.hlo_collectives import hlo_collectives, hlo_dot_flops, price_collectives
+    from einpar.cost_model.cluster import load_cluster
+    from einpar.errors import EinparError
+    from einpar.spmd import bytes_per_device
+
+    try:
+        cluster = load_cluster(args.cluster)
+    except Exception as error:  # noqa: BLE001 - any unreadable cluster is a usage error here
+        parser.error(f"--cluster {args.cluster}: {error}")
+    host = host_cluster(args.host_cluster, cluster, load_cluster)
+    steps = []
+    for path in paths:
+        try:
+            step = load(path)
+        except (EinparError, OSError) as error:
+            print(f"{shown(path)}: skipped, does not load: {str(error).splitlines()[0]}")
+            continue
+        if step.forward is None or step.forward.training is None:
+            print(f"{shown(path)}: skipped, not a training step (no `loss`)")
+            continue
+        steps.append((shown(path), step))
+    if not steps:
+        return 1
+    devices = jax_backend.start_devices(max(s.mesh.num_devices for _, s in steps),
+                                        platform=args.platform)
+    import jax
+
+    print(f"# {len(devices.devices)} {devices.platform} devices ({jax.devices()[0].device_kind}); "
+          f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"jax {jax.__version__}; {args.rounds} rounds; einpar's steps planned for {host.name}")
+    print("# bytes per device; matmul MFLOP per device from the HLO; step ms measured here; "
+          "outputs: worst difference over the dtype tolerance")
+    print(f"{'program':<20} {'plan s':>6} {'plan B':>10} {'bytes plan':>10} {'einpar HLO':>10} "
+          f"{'GSPMD HLO':>10} "
+          f"{'einpar MF':>9} {'GSPMD MF':>9} {'einpar ms':>9} {'GSPMD ms':>9} {'ratio':>6} "
+          f"{'outputs':>8}  GSPMD's collectives")
+    bytes_above, byte_plan_above, not_planned, ratios, differ, failed = [], [], [], [], [], []
+    for name, step in steps:
+        n = step.mesh.num_devices
+        try:
+            start = time.perf_counter()
+            spmd = compile_spmd(step, cluster=host)
+            plan_s = time.perf_counter() - start
+            byte_plan = byte_minimal(step) if args.byte_plan else None
+            inputs = random_inputs(step, 0)
+            both = compile_both(step, spmd, inputs, jax_backend.Devices(devices.platform,
+                                                                        devices.devices[:n]))
+            ours_text, twin_text = both.ours.hlo(), both.twin.hlo()
+            ours_hlo, twin_hlo = hlo_collectives(ours_text, n), hlo_collectives(twin_text, n)
+            same = differences(step, both.ours.step(), both.twin.step())
+            ours_s, twin_s = time_both(both.ours, both.twin, args.rounds)
+        except Exception as error:  # noqa: BLE001 - one program's failure is reported, not fatal
+            failed.append(name)
+            print(f"{name:<20} failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            continue
+        plan, ours_bytes, twin_bytes = bytes_per_device(spmd.steps), hlo_bytes(ours_hlo), hlo_bytes(twin_hlo)
+        ratio = ours_s / twin_s
+        ratios.append((ratio, name))
+        if ours_bytes > twin_bytes:
+            bytes_above.append(name)
+        if ours_bytes != plan:
+            not_planned.append(f"{name} ({ours_bytes:,} of {plan:,})")
+        if isinstance(byte_plan, str) or (byte_plan is not None and byte_plan > twin_bytes):
+            byte_plan_above.append(name)
+        if not all(c.ok for c in same):
+            differ.append(name)
+        shown_bytes = "-" if byte_plan is None else byte_plan if isinstance(byte_plan, str) \
+            else f"{byte_plan:,}"
+        print(f"{name:<20} {plan_s:>6.1f} {plan:>10,} {shown_bytes:>10} {ours_bytes:>10,} {twin_bytes:>10,} "
+              f"{hlo_dot_flops(ours_text) / 1e6:>9.2f} {hlo_dot_flops(twin_text) / 1e6:>9.2f} "
+              f"{ours_s * 1e3:>9.3f} {twin_s * 1e3:>9.3f} {ratio:>6.2f} {agreement(same):>8}  "
+              f"{described(price_collectives(twin_hlo, step.mesh, cluster), step.mesh)}")
+    ran = len(ratios)
+    print()
+    print(f"bytes in the HLO einpar <= GSPMD on {ran - len(bytes_above)} of {ran} (goal: every one)"
+          + (f"; above on {', '.join(bytes_above)}" if bytes_above else ""))
+    if args.byte_plan:
+        print(f"bytes of the byte-minimal plan <= GSPMD's HLO on {ran - len(byte_plan_above)} of {ran}"
+              + (f"; above on {', '.join(byte_plan_above)}" if byte_plan_above else ""))
+    print(f"einpar's HLO sends the bytes it planned on {ran - len(not_planned)} of {ran}"
+          + (f"; not on {', '.join(not_planned)}" if not_planned else ""))
+    if ratios:
+        median = statistics.median(ratio for ratio, _ in ratios)
+        worst, worst_name = max(ratios)
+        print(f"step time einpar/GSPMD: median {median:.3f} (goal <= 1.05: "
+              f"{'met' if median <= 1.05 else 'NOT met'}), max {worst:.3f} on {worst_name}")
+    print(f"same outputs (loss, gradients, updated params and state) on {ran - len(differ)} of {ran}"
+          + (f"; differ on {', '.join(differ)}" if differ else ""))
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed or differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
