@@ -198,9 +198,9 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
             kept = [{after: [None] * step.count for _, after in step.saved} for _ in envs]
             for trip in trips(step.count, step.reverse):
                 inner = []
-                for env, values in zip(envs, carried):
+                for env, carried_in in zip(envs, carried):
                     trip_env = dict(env)
-                    trip_env.update(values)
+                    trip_env.update(carried_in)
                     trip_env.update((inside, env[stacked][trip]) for stacked, inside in step.stacked)
                     inner.append(trip_env)
                 if record is not None:
