@@ -20,7 +20,7 @@ import einpar.api as ein
 from einpar.backends import reference
 from einpar.errors import EinparError
 from einpar.grad import derivative, format_grad, grad
-from einpar.ir import Apply, Arg, Const, Map, Output, Repeat, walk_ops
+from einpar.ir import Apply, Arg, Const, Map, Output, Repeat, ScatterAdd, walk_ops
 from einpar.testing import programs
 from einpar.tolerance import compare, program_tolerance
 
@@ -258,6 +258,32 @@ def test_take_gradient_is_a_scatter_add():
     _, derived, _ = assert_grads_match_jax(with_loss(TAKE))
     kinds = {type(op).__name__ for op in derived.ops}
     assert "ScatterAdd" in kinds
+
+
+BATCHED_TAKE = """
+dim B=2 S=3 V=5 D=4 E=2
+input x[B,S,D]
+input tgt[B,S] : i32
+input ids[E,B] : i32
+param w[D,V]
+param t[B,V,D]
+logits[B,S,V] = x[B,S,D] * w[D,V]
+l1[] = mean[B,S](logsumexp[V](logits[B,S,V]) - take[V](logits[B,S,V], tgt[B,S]))
+r[E,D,B] = take[V](t[B,V,D], ids[E,B]) * 2
+output l1
+output r
+"""
+
+
+def test_a_batched_take_has_a_scatter_add_keeping_its_batch_indices():
+    # The target logits of a cross-entropy and a lookup per batch row (B shared by the table
+    # and the ids, repeated ids along E adding up): gradients equal jax.grad's.
+    _, derived, _ = assert_grads_match_jax(with_loss(BATCHED_TAKE))
+    scatters = {op.result.name: op for op in derived.ops if isinstance(op, ScatterAdd)}
+    assert sorted((op.update.indices, op.ids.indices, op.result.type.indices, op.batch)
+                  for op in scatters.values()) == [
+        (("B", "S"), ("B", "S"), ("B", "S", "V"), ("B", "S")),
+        (("E", "B", "D"), ("E", "B"), ("B", "V", "D"), ("B",))]
 
 
 def test_nested_repeats_have_jax_gradients():

@@ -262,6 +262,14 @@ class TestSimulator:
         assert np.all(outputs["p"][np.triu_indices(16, 1)] == 0)
         assert_matches_reference(program, outputs, inputs)
 
+    def test_pos_in_a_loop_body_counts_from_the_devices_block(self):
+        # Each trip adds pos(S): x + L·pos(S) when w is ones, on a sequence split over sp.
+        program = compile_source("mesh sp=2\ndim L=3 S=8 D=2\ninput x[S@sp,D]\nrepeat L {\n"
+                                 "  param w[D]\n  x[S@sp,D] = x[S,D] * w[D] + pos(S)\n}\noutput x\n")
+        inputs = {"x": np.zeros((8, 2), np.float32), "w": np.ones((3, 2), np.float32)}
+        _, outputs, _ = simulated(program, inputs)
+        np.testing.assert_array_equal(outputs["x"], 3 * np.arange(8.0)[:, None].repeat(2, axis=1))
+
     def test_pos_over_two_axes_counts_major_first(self):
         program = compile_source("mesh a=2 b=2\ndim S=8\np[S@(a,b)] = pos(S)\noutput p\n")
         _, outputs, _ = simulated(program, {})
