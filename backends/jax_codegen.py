@@ -48,7 +48,7 @@ _RESERVED = {"os", "sys", "time", "argparse", "functools", "np", "jax", "jnp", "
              "NamedSharding", "PRECISION", "X64", "MESH", "INPUTS", "IDS", "OUTPUTS", "DEVICES", "make_mesh",
              "per_device", "global_program", "spmd_step", "gspmd_step", "place", "random_inputs",
              "constrain", "route_top_k", "rmsnorm", "layernorm", "reduce_scatter", "use_cpu_devices",
-             "take_rows", "scatter_add",
+             "take_rows", "scatter_add", "take_batched", "scatter_add_batched",
              "timed", "main", "carry", "stacked", "mesh", "_", "checkpoint_name", "REMAT",
              *dir(builtins)}
 
@@ -267,38 +267,59 @@ class OpWriter:
 
     def take(self, op: Take, indent: str, target: str, comment: str) -> None:
         """A lookup of whole rows: jnp.take, its out-of-range ids filled (NaN for floats)
-        rather than clamped; of a block of rows, take_rows (zeros for other blocks' ids)."""
+        rather than clamped; of a block of rows, take_rows (zeros for other blocks' ids).
+        With batch indices, the same lookup mapped over them (take_batched)."""
         axis = op.table.indices.index(op.index)
         table, ids = self.names(op.table.value), self.read(op.ids, "i32")
         start = self.block_start(op.table.value, axis)
-        if start is None:
-            call = f"jnp.take({table}, {ids}, axis={axis}, mode='fill')"
-        else:
+        size = self.whole_size(op.table.value, axis)
+        if start is not None:
             self.helpers.add("take_rows")
-            size = self.whole_size(op.table.value, axis)
+        if op.batch:
+            self.helpers.add("take_batched")
+            batch = op.batch
+            free = tuple(i for i in op.ids.indices if i not in batch)
+            rest = tuple(i for i in op.table.indices if i != op.index and i not in batch)
+            table = align(table, op.table.indices, batch + (op.index,) + rest)
+            ids = align(ids, op.ids.indices, batch + free)
+            call = f"take_batched({table}, {ids}, batch={len(batch)}, start={start}, size={size})"
+            order = batch + free + rest
+        elif start is None:
+            call = f"jnp.take({table}, {ids}, axis={axis}, mode='fill')"
+            order = op.table.indices[:axis] + op.ids.indices + op.table.indices[axis + 1:]
+        else:
             call = f"take_rows({table}, {ids}, axis={axis}, start={start}, size={size})"
-        order = op.table.indices[:axis] + op.ids.indices + op.table.indices[axis + 1:]
+            order = op.table.indices[:axis] + op.ids.indices + op.table.indices[axis + 1:]
         expr = align(call, order, op.result.type.indices)
         self.emit(indent, target, self.store(expr, self.dtype_of(op.table.value),
                                              op.result.type.dtype), comment)
 
     def scatter_add(self, op: ScatterAdd, indent: str, target: str, comment: str) -> None:
-        """Rows of the result (the block this code holds) sum the update's rows by id."""
+        """Rows of the result (the block this code holds) sum the update's rows by id; with
+        batch indices, each batch position into its own rows (scatter_add_batched)."""
         self.helpers.add("scatter_add")
         rtype = op.result.type
         work = work_dtype(rtype.dtype)
+        batch = op.batch
+        free = tuple(i for i in op.ids.indices if i not in batch)
         rest = tuple(i for i in op.update.indices if i not in op.ids.indices)
-        update = align(self.read(op.update, work), op.update.indices, op.ids.indices + rest)
+        update = align(self.read(op.update, work), op.update.indices, batch + free + rest)
         if not set(op.ids.indices) <= set(op.update.indices):  # one update row for several ids
             sizes = dict(zip(op.ids.indices, self.shape_of(op.ids.value)))
             sizes.update(zip(op.update.indices, self.shape_of(op.update.value)))
-            shape = ", ".join(str(sizes[i]) for i in op.ids.indices + rest)
+            shape = ", ".join(str(sizes[i]) for i in batch + free + rest)
             update = f"jnp.broadcast_to({update}, ({shape},))"
+        ids = align(self.read(op.ids, "i32"), op.ids.indices, batch + free)
         dim = rtype.indices.index(op.index)
         rows = self.shape_of(op.result.name)[dim]
         start = self.block_start(op.result.name, dim) or "0"
-        call = f"scatter_add({update}, {self.read(op.ids, 'i32')}, rows={rows}, start={start})"
-        expr = align(call, (op.index,) + rest, rtype.indices)
+        if batch:
+            self.helpers.add("scatter_add_batched")
+            call = (f"scatter_add_batched({update}, {ids}, rows={rows}, start={start}, "
+                    f"batch={len(batch)})")
+        else:
+            call = f"scatter_add({update}, {ids}, rows={rows}, start={start})"
+        expr = align(call, batch + (op.index,) + rest, rtype.indices)
         self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
 
     def path(self, op: Einsum) -> str:
@@ -585,6 +606,31 @@ def scatter_add(update, ids, rows, start):
     local = jnp.where((local >= 0) & (local < rows), local, rows)  # past the end: dropped
     out = jnp.zeros((rows,) + update.shape[ids.ndim:], update.dtype)
     return out.at[local].add(update, mode="drop")
+''',
+    "take_batched": '''
+def take_batched(table, ids, batch, start, size):
+    """take along axis `batch` of `table` [batch dims, rows, rest] at `ids` [batch dims, ...]:
+    each batch position's ids read that position's rows (jnp.take_along_axis's gather with
+    batch dimensions), -> [batch dims, the ids' other dims, rest]. `start` is None for whole
+    rows, else where the block of rows held here starts (take_rows)."""
+    if start is None:
+        def lookup(t, i):
+            return jnp.take(t, i, axis=0, mode="fill")
+    else:
+        def lookup(t, i):
+            return take_rows(t, i, axis=0, start=start, size=size)
+    for _ in range(batch):
+        lookup = jax.vmap(lookup)
+    return lookup(table, ids)
+''',
+    "scatter_add_batched": '''
+def scatter_add_batched(update, ids, rows, start, batch):
+    """scatter_add with `batch` leading batch dimensions kept: [batch dims, rows, rest]."""
+    def add(u, i):
+        return scatter_add(u, i, rows=rows, start=start)
+    for _ in range(batch):
+        add = jax.vmap(add)
+    return add(update, ids)
 ''',
     "rmsnorm": f'''
 def rmsnorm(x, axis):

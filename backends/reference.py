@@ -140,32 +140,47 @@ def take_rows(op: Take, table: np.ndarray, ids: np.ndarray, offset: int, size: i
               starts=None) -> np.ndarray:
     """`take[V](table, ids)` on a block of rows `offset...` of the table's `size` rows along
     V: an id in the block reads its row, any other gives zeros (its row is another
-    block's), so the blocks' results sum to the whole lookup. In op's result order."""
+    block's), so the blocks' results sum to the whole lookup. Batch indices (of both the
+    table and the ids) pair each position's ids with that position's table, as
+    np.take_along_axis does. In op's result order."""
     check_ids(op, ids, size, starts)
-    axis = op.table.indices.index(op.index)
+    batch = op.batch
+    free = tuple(i for i in op.ids.indices if i not in batch)
+    rest = tuple(i for i in op.table.indices if i != op.index and i not in batch)
+    table = aligned(table, op.table.indices, batch + (op.index,) + rest)
+    ids = aligned(ids, op.ids.indices, batch + free)
+    batch_shape, rest_shape = ids.shape[:len(batch)], table.shape[len(batch) + 1:]
     rows = ids.astype(np.int64) - offset
-    mine = (rows >= 0) & (rows < table.shape[axis])
-    taken = np.take(table, np.where(mine, rows, 0), axis=axis)
-    rest = tuple(i for i in op.table.indices if i != op.index)
-    order = op.table.indices[:axis] + op.ids.indices + op.table.indices[axis + 1:]
-    taken = aligned(taken, order, op.ids.indices + rest)
+    mine = (rows >= 0) & (rows < table.shape[len(batch)])
+    # One batch axis in front of each: row r of batch k is table[k, r].
+    flat = table.reshape((math.prod(batch_shape), table.shape[len(batch)]) + rest_shape)
+    picked = np.where(mine, rows, 0).reshape(len(flat), -1)
+    taken = flat[np.arange(len(flat))[:, None], picked].reshape(ids.shape + rest_shape)
     mask = mine.reshape(mine.shape + (1,) * len(rest))
-    return aligned(np.where(mask, taken, 0), op.ids.indices + rest, op.result.type.indices)
+    return aligned(np.where(mask, taken, 0), batch + free + rest, op.result.type.indices)
 
 
 def scatter_add_rows(op: ScatterAdd, update: np.ndarray, ids: np.ndarray, offset: int,
                      rows: int, size: int, starts=None) -> np.ndarray:
     """The adjoint of take: row v (of `rows` rows from `offset`, of `size` in all) sums the
-    rows of `update` whose id is v; ids in other blocks add nothing here."""
+    rows of `update` whose id is v; ids in other blocks add nothing here. Batch indices
+    (the ids' indices the result has) are kept: each batch position sums into its own rows."""
     check_ids(op, ids, size, starts)
+    batch = op.batch
+    free = tuple(i for i in op.ids.indices if i not in batch)
     rest = tuple(i for i in op.update.indices if i not in op.ids.indices)
-    update = aligned(update, op.update.indices, op.ids.indices + rest)
+    ids = aligned(ids, op.ids.indices, batch + free)
+    update = aligned(update, op.update.indices, batch + free + rest)
     update = np.broadcast_to(update, ids.shape + update.shape[ids.ndim:])
+    batch_shape = ids.shape[:len(batch)]
+    count = math.prod(batch_shape)
+    which = np.broadcast_to(np.arange(count).reshape(batch_shape + (1,) * len(free)), ids.shape)
     local = ids.astype(np.int64) - offset
     mine = (local >= 0) & (local < rows)
-    out = np.zeros((rows,) + update.shape[ids.ndim:], dtype=update.dtype)
-    np.add.at(out, local[mine], update[mine])
-    return aligned(out, (op.index,) + rest, op.result.type.indices)
+    out = np.zeros((count, rows) + update.shape[ids.ndim:], dtype=update.dtype)
+    np.add.at(out, (which[mine], local[mine]), update[mine])
+    out = out.reshape(batch_shape + out.shape[1:])
+    return aligned(out, batch + (op.index,) + rest, op.result.type.indices)
 
 
 # ---- library functions over one axis

@@ -171,7 +171,7 @@ def _with_children(node: _Node, children: tuple[_Node, ...]) -> _Node:
         uses = _merge_uses(*children, remove=node.over)
     elif node.kind == "take":
         # take[V] binds V like a reduction: the result has the ids' indices, then the
-        # table's other than V.
+        # table's other than V (an index of both, a batch index, once).
         table, ids = children
         free = _merge_free(ids.free, tuple(i for i in table.free if i not in node.over))
         uses = _merge_uses(*children, remove=node.over)
@@ -849,11 +849,8 @@ class _Checker:
             self.fail("E217", f"take's ids have the index {index} they select along", ids.span,
                       hint=f"the ids pick positions along {index}; index them by other dims, "
                            f"e.g. ids[B,S]")
-        shared = [i for i in ids.free if i in table.free]
-        if shared:
-            self.fail("E217", f"take's table and ids both have index {shared[0]}", ids.span,
-                      hint="each row is looked up for every id: give the ids other indices, or "
-                           "declare an alias (`dim S2=S`) for one of them")
+        # An index of both the table and the ids is a batch index (jnp.take_along_axis): the
+        # ids at each of its positions look up that position's table.
         ids = replace(ids, dtype="i32")  # a number as an id is an i32
         node = _Node("take", (), table.dtype, call.span, over=(index,))
         return _with_children(node, (table, ids))

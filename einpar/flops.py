@@ -16,7 +16,8 @@ Conventions (stated once, used everywhere):
 - routing costs k·E per token, which is negligible and counted for honesty;
 - a take (an embedding lookup) computes nothing: it moves rows, and the cost
   model prices the bytes; its adjoint, a scatter-add, costs one add per
-  element of the update it sums.
+  element of the update it sums (an update row added for several ids, once
+  per id; batch indices are kept, not summed, and count like the others).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def op_flops(op: Op, sizes: dict[str, int]) -> int:
     if isinstance(op, Take):
         return 0
     if isinstance(op, ScatterAdd):
-        return _product(sizes[i] for i in op.update.indices)
+        return _product(sizes[i] for i in dict.fromkeys(op.ids.indices + op.update.indices))
     assert isinstance(op, Route)
     tokens = _product(sizes[i] for i in op.operand.indices) // sizes[op.expert]
     return tokens * sizes[op.expert] * op.k

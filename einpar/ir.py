@@ -256,7 +256,10 @@ class Carried:
 class Take:
     """`take[V](table[V,D], ids[B,S])`: the rows of `table` at the integer `ids` (an
     embedding lookup). The result's indices are the ids' and the table's other than `index`,
-    in the order the statement names them. An id outside [0, V) is an error in `run`."""
+    in the order the statement names them. An id outside [0, V) is an error in `run`.
+
+    An index of both the table and the ids is a batch index, as in jnp.take_along_axis:
+    `take[V](logits[B,S,V], tgt[B,S])` is `[B,S]`, `logits[b,s,tgt[b,s]]`."""
 
     result: Value
     table: Operand
@@ -269,11 +272,20 @@ class Take:
     def operands(self) -> tuple[Operand, ...]:
         return (self.table, self.ids)
 
+    @property
+    def batch(self) -> tuple[str, ...]:
+        """The batch indices: the ids' indices the table has too, in the ids' order."""
+        return tuple(i for i in self.ids.indices if i in self.table.indices)
+
 
 @dataclass(frozen=True)
 class ScatterAdd:
     """The adjoint of Take (the gradient of an embedding table): `result[V,D]` is the sum of
-    the rows of `update[B,S,D]` whose id is `V`. The result has the table's type."""
+    the rows of `update[B,S,D]` whose id is `V`. The result has the table's type.
+
+    The ids' indices the result has too are batch indices (the adjoint of a batched take):
+    they are kept, not summed, so `result[B,V] = scatter_add[V](update[B,S], ids[B,S])` adds
+    `update[b,s]` into row `ids[b,s]` of batch `b`."""
 
     result: Value
     update: Operand
@@ -285,6 +297,11 @@ class ScatterAdd:
     @property
     def operands(self) -> tuple[Operand, ...]:
         return (self.update, self.ids)
+
+    @property
+    def batch(self) -> tuple[str, ...]:
+        """The batch indices: the ids' indices the result has too, in the ids' order."""
+        return tuple(i for i in self.ids.indices if i in self.result.type.indices)
 
 
 @dataclass(frozen=True)

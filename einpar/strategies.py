@@ -10,7 +10,9 @@ shardy way of writing sharding rules as einsums over factors):
   take's table index (V) is such an index: each device looks up the ids in
   its block of rows, zeros for the others' (Megatron's vocabulary-parallel
   embedding), and a scatter-add's ids indices are too (each device adds its
-  share of the update rows);
+  share of the update rows), except batch indices (of a batched take's table
+  and ids, of a scatter-add's ids and result): those are kept, and split
+  like any kept index, on every operand that has them alike;
 - keep some operands partial (`Partial`), where the op is linear in them: a
   sum of partial sums, a partial sum times a whole value, a contraction or a
   sum of one partial operand, a max of partial maxima;

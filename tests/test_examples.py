@@ -174,3 +174,48 @@ def test_moe_example_drops_tokens_when_an_expert_is_full():
     hidden = np.maximum(np.einsum("gsec,gsd,edf->egcf", dispatch, x, wi), 0.0)
     want = np.einsum("gsec,egcf,efd->gsd", combine, hidden, wo)
     np.testing.assert_allclose(f64(got), want, rtol=1e-4, atol=1e-5 * np.max(np.abs(want)))
+
+
+def gpt_logits_and_loss(inputs):
+    """examples/training/gpt.ein's forward pass: token embedding, pre-norm blocks of causal
+    attention with rotary embeddings (each head dimension pair (q0, q1) at position s turned by
+    s·10000^(-p/P), Su et al. 2021) and a GELU MLP, then the next-token cross-entropy."""
+    ids, tgt = inputs["ids"].astype(np.int64), inputs["tgt"].astype(np.int64)
+    x = inputs["emb"][ids]
+    positions, pairs = x.shape[1], inputs["wq"].shape[3]
+    angle = np.arange(positions)[:, None] * 10000.0 ** (-np.arange(pairs)[None] / pairs)
+    cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+
+    def rotary(q):  # [B,S,H,P,2]
+        return np.stack([q[..., 0] * cos - q[..., 1] * sin, q[..., 1] * cos + q[..., 0] * sin], -1)
+
+    causal = np.tril(np.ones((positions, positions), bool))
+    for layer in range(inputs["wq"].shape[0]):
+        p = {name: inputs[name][layer] for name in ("g1", "wq", "wk", "wv", "wo", "g2", "w1", "w2")}
+        a = rmsnorm(x, -1) * p["g1"]
+        q, k, v = (np.einsum("bsd,dhpr->bshpr", a, p[w]) for w in ("wq", "wk", "wv"))
+        q, k = rotary(q), rotary(k)
+        scores = np.einsum("bshpr,bthpr->bhst", q, k) / math.sqrt(q.shape[3] * q.shape[4])
+        weights = softmax(np.where(causal, scores, -np.inf), -1)
+        x = x + np.einsum("bhst,bthpr,hprd->bsd", weights, v, p["wo"])
+        n = rmsnorm(x, -1) * p["g2"]
+        x = x + gelu_tanh(n @ p["w1"]) @ p["w2"]
+    logits = (rmsnorm(x, -1) * inputs["gf"]) @ inputs["wout"]
+    top = logits.max(-1)
+    logsumexp = top + np.log(np.exp(logits - top[..., None]).sum(-1))
+    target = np.take_along_axis(logits, tgt[..., None], -1)[..., 0]
+    return logits, (logsumexp - target).mean()
+
+
+def test_gpt_example_is_a_gpt():
+    from dataclasses import replace
+
+    from einpar.ir import Output
+
+    forward = load(ROOT / "examples/training/gpt.ein").forward
+    forward = replace(forward, training=None, outputs=(Output("logits", "logits"), Output("l", "l")))
+    inputs = random_inputs(forward, seed=2)
+    got = run_reference(forward, inputs)
+    logits, loss = gpt_logits_and_loss({name: f64(array) for name, array in inputs.items()})
+    np.testing.assert_allclose(f64(got["logits"]), logits, rtol=1e-4, atol=1e-5 * np.abs(logits).max())
+    np.testing.assert_allclose(f64(got["l"]), loss, rtol=1e-5)

@@ -20,7 +20,7 @@ import einpar.api as ein
 from einpar.backends import reference
 from einpar.errors import EinparError
 from einpar.grad import derivative, format_grad, grad
-from einpar.ir import Apply, Arg, Const, Map, Repeat, walk_ops
+from einpar.ir import Apply, Arg, Const, Map, Output, Repeat, ScatterAdd, walk_ops
 from einpar.testing import programs
 from einpar.tolerance import compare, program_tolerance
 
@@ -81,7 +81,11 @@ def assert_single_assignment(program) -> None:
 
 def assert_grads_match_jax(text: str, file: str = "<test>", loss: str = "l", seed: int = 0,
                            remat: frozenset[str] = frozenset()):
-    program = ein.compile_source(text, file)
+    return assert_program_grads_match_jax(ein.compile_source(text, file), loss, seed, remat)
+
+
+def assert_program_grads_match_jax(program, loss: str = "l", seed: int = 0,
+                                   remat: frozenset[str] = frozenset()):
     derived = grad(program, loss, remat)
     assert_single_assignment(derived)
     inputs = ein.random_inputs(program, seed)
@@ -111,12 +115,29 @@ def supported(text: str) -> bool:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "examples")))
 def test_gradients_of_every_example_equal_jax_grad(example):
     text = example.read_text()
-    if not ein.compile_source(text).params:  # the matmul cases: differentiate by their inputs
-        text = text.replace("\ninput ", "\nparam ")
-    text = with_loss(text, str(example))
-    _, derived, _ = assert_grads_match_jax(text, str(example))
+    compiled = ein.compile_source(text, str(example))
+    if compiled.forward is not None:  # a training step: the gradient of its own loss
+        derived = gradients_of_the_training_example(compiled.forward)
+    else:
+        if not compiled.params:  # the matmul cases: differentiate by their inputs
+            text = text.replace("\ninput ", "\nparam ")
+        text = with_loss(text, str(example))
+        _, derived, _ = assert_grads_match_jax(text, str(example))
     params = [v.name for v in derived.params]
     assert [o.name for o in derived.outputs][-len(params):] == [f"{p}.grad" for p in params]
+
+
+def gradients_of_the_training_example(forward):
+    """The grad pass on a training example's forward program (its loss an output, no
+    optimizer or micro-batches: the oracle differentiates the program as written) against
+    jax.grad; returns the derived program."""
+    training = forward.training
+    outputs = tuple(o for o in forward.outputs if "." not in o.name)
+    if training.loss not in {o.name for o in outputs}:
+        outputs += (Output(training.loss, training.loss),)
+    program = replace(forward, training=None, outputs=outputs)
+    _, derived, _ = assert_program_grads_match_jax(program, training.loss, remat=training.remat)
+    return derived
 
 
 # ---- every op kind
@@ -237,6 +258,32 @@ def test_take_gradient_is_a_scatter_add():
     _, derived, _ = assert_grads_match_jax(with_loss(TAKE))
     kinds = {type(op).__name__ for op in derived.ops}
     assert "ScatterAdd" in kinds
+
+
+BATCHED_TAKE = """
+dim B=2 S=3 V=5 D=4 E=2
+input x[B,S,D]
+input tgt[B,S] : i32
+input ids[E,B] : i32
+param w[D,V]
+param t[B,V,D]
+logits[B,S,V] = x[B,S,D] * w[D,V]
+l1[] = mean[B,S](logsumexp[V](logits[B,S,V]) - take[V](logits[B,S,V], tgt[B,S]))
+r[E,D,B] = take[V](t[B,V,D], ids[E,B]) * 2
+output l1
+output r
+"""
+
+
+def test_a_batched_take_has_a_scatter_add_keeping_its_batch_indices():
+    # The target logits of a cross-entropy and a lookup per batch row (B shared by the table
+    # and the ids, repeated ids along E adding up): gradients equal jax.grad's.
+    _, derived, _ = assert_grads_match_jax(with_loss(BATCHED_TAKE))
+    scatters = {op.result.name: op for op in derived.ops if isinstance(op, ScatterAdd)}
+    assert sorted((op.update.indices, op.ids.indices, op.result.type.indices, op.batch)
+                  for op in scatters.values()) == [
+        (("B", "S"), ("B", "S"), ("B", "S", "V"), ("B", "S")),
+        (("E", "B", "D"), ("E", "B"), ("B", "V", "D"), ("B",))]
 
 
 def test_nested_repeats_have_jax_gradients():
