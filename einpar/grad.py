@@ -935,8 +935,17 @@ def format_grad(program: Program) -> str:
         lines.extend(text.op(op, ""))
     lines.append("")
     values = program.values
+    inputs = {value.name for value in program.inputs}
     for output in program.outputs:
         name = text(output.name)
+        if output.name in inputs:  # an updated param or state: its own name is the input's
+            shown = output.value
+            lines.append(f"# the step's updated {output.name}")
+            if output.layout is not None:
+                lines.append(f"output {text.spec(shown, values[shown].type, output.layout)}")
+            else:
+                lines.append(f"output {text(shown)}")
+            continue
         if text(output.value) != name:
             vtype = values[output.value].type
             lines.append(f"{text.spec(output.name, vtype, output.layout)}: {vtype.dtype} = "

@@ -57,9 +57,10 @@ def test_every_example_on_simulated_devices_equals_the_reference(path):
 
 
 def test_examples_are_far_from_rounding_noise():
-    # The widened bound never applies to the examples: rounding moves their outputs by a
-    # twentieth of the tolerance at most (about 1e-6 of 1e-4).
-    for path in EXAMPLES:
+    # The widened bound never applies to the forward examples: rounding moves their outputs
+    # by a twentieth of the tolerance at most (about 1e-6 of 1e-4). (A training step's
+    # second moments are squares of small gradients: tests/test_training.py judges them.)
+    for path in [p for p in EXAMPLES if p.parent.name != "training"]:
         program = load(path)
         inputs = random_inputs(program, 0)
         reference = evaluate(program, inputs)
