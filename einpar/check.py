@@ -1042,7 +1042,9 @@ class _Checker:
         program = Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype,
                           tuple(self.inputs), tuple(ops), tuple(self.outputs), self.source)
         top_values = {name: binding.value for name, binding in top.names.items()}  # None: failed
-        training = TrainingChecker(self.error, program, self.dims).check(
+        aliases = {binding.name.text: binding.alias.text for item in self.module.items
+                   if isinstance(item, DimDecl) for binding in item.bindings if binding.alias}
+        training = TrainingChecker(self.error, program, self.dims, aliases).check(
             self.directives, self.remat, self.remat_repeats, self.grad_outputs, top_values)
         if self.diagnostics:
             self.diagnostics.sort(key=lambda d: (d.span.line, d.span.col) if d.span else (0, 0))

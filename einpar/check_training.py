@@ -14,7 +14,8 @@ import difflib
 import math
 
 from .errors import Diagnostic, Label, Span
-from .ir import FLOAT_DTYPES, Optimizer, Program, Training
+from .ir import (FLOAT_DTYPES, Apply, Cast, Map, Optimizer, Pos, Program, Training,
+                 walk_ops)
 from .syntax import Directive, Name, OutputDecl, Setting
 
 DIRECTIVES = ("loss", "optimizer", "microbatches")
@@ -46,10 +47,12 @@ class TrainingChecker:
     """Checks the training declarations of one module; `error(code, message, span, hint,
     labels)` records a diagnostic in the checker's list."""
 
-    def __init__(self, error, program: Program, dims: dict[str, int]):
+    def __init__(self, error, program: Program, dims: dict[str, int],
+                 aliases: dict[str, str] | None = None):
         self.error = error
         self.program = program
         self.dims = dims
+        self.aliases = aliases or {}  # `T=S`: T -> S
         self.values = {value.name: value for value in program.inputs}
         self.top_level = {output.name: output for output in program.outputs}
 
@@ -239,6 +242,20 @@ class TrainingChecker:
             self.error("E254", f"no input has the index {index}", setting.name.span,
                        hint="micro-batches split a batch index of the inputs")
             return None
+        related = sorted({a for a, b in self.aliases.items() if b == index}
+                         | ({self.aliases[index]} if index in self.aliases else set()))
+        if related:
+            self.error("E254", f"{index} shares its size with {', '.join(related)} (an alias): "
+                               "micro-batches split one index alone", setting.name.span,
+                       hint="give the other index its own size (`dim T=8`), or split another")
+            return None
+        if any(isinstance(node, Pos) and node.index == index
+               for op in walk_ops(self.program.ops) if isinstance(op, Map)
+               for node in _scalars(op.expr)):
+            self.error("E254", f"pos({index}) would count the rows of one micro-batch, not the "
+                               "batch's", setting.name.span,
+                       hint=f"micro-batch the step by another index, or compute without pos({index})")
+            return None
         rows = self.dims[index] // count
         for value in self.program.values.values():
             if value.layout is None or index not in value.type.indices:
@@ -273,3 +290,13 @@ class TrainingChecker:
             self.error("E255", f"'{output.name}' is not a param, so '{output.name}.grad' is not taken",
                        output.name.span,
                        hint="gradients are taken of params; declare it with `param`")
+
+
+def _scalars(expr):
+    """Every node of a Map's scalar expression."""
+    yield expr
+    if isinstance(expr, Apply):
+        for arg in expr.args:
+            yield from _scalars(arg)
+    elif isinstance(expr, Cast):
+        yield from _scalars(expr.arg)

@@ -206,7 +206,8 @@ def load_inputs(program: Program, path: str) -> dict[str, np.ndarray]:
                 if dtype.hasobject:
                     problems.append(Diagnostic("E300", f"'{name}' in {path} holds Python "
                                                        "objects, not numbers", hint=hint))
-                elif (name in expected and shape == expected[name].type.shape
+                elif (name in expected and shape in (expected[name].type.shape,
+                                                     merged_shape(expected[name]))
                       and (dtype.kind in "biuf" or dtype.kind == "V" and dtype.itemsize
                            == DTYPE_BYTES[expected[name].type.dtype] <= 2)):
                     with archive.open(info) as member:

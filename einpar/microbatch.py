@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
 
+import numpy as np
+
 from .ir import (Apply, Arg, Carried, Cast, Const, Map, Operand, Output, Program, Repeat,
                  TensorType, Value)
 from .layout import Layout
@@ -123,4 +125,4 @@ def split_microbatches(value: Value, array):
     axis = value.type.indices[1:].index(micro.removesuffix(".micro"))
     count = value.type.shape[0]
     shape = array.shape[:axis] + (count, array.shape[axis] // count) + array.shape[axis + 1:]
-    return array.reshape(shape).swapaxes(0, axis) if axis else array.reshape(shape)
+    return np.moveaxis(array.reshape(shape), axis, 0)

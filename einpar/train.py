@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ir import Program
+from .ir import Output, Program
 
 
 def forward_program(program: Program) -> Program:
@@ -28,15 +28,20 @@ def derive(program: Program) -> Program:
     training = program.training
     if training is None:
         return program
+    forward = program
     from .grad import grad
     from .microbatch import accumulate, one_microbatch
     from .optimizer import apply_optimizer
 
+    # The loss is output under its program name (`s`, not the version `s#3` a repeat made).
+    loss = training.loss.split("#")[0]
+    if not any(output.name == loss for output in program.outputs):
+        program = replace(program, outputs=program.outputs + (Output(loss, training.loss),))
     micro = training.microbatches
-    step = grad(program if micro is None else one_microbatch(program, *micro), training.loss,
+    step = grad(program if micro is None else one_microbatch(program, *micro), loss,
                 training.remat)
     if micro is not None:
         step = accumulate(step, *micro)
     if training.optimizer is not None:
         step = apply_optimizer(step, training.optimizer)
-    return replace(step, training=None, forward=program)
+    return replace(step, training=None, forward=forward)

@@ -1785,3 +1785,16 @@ def test_training_declarations_make_a_training_step():
     loss = compile_source(program(*TRAIN[:4], "loss[] = sum[B,E](x[B,D] * w[D,E])", "loss loss"),
                           file=FILE)
     assert (loss.forward or loss).training.loss == "loss"  # the words are not reserved
+
+
+def test_E254_microbatches_of_an_aliased_index_or_one_pos_reads():
+    expect(program("dim S=8 T=S D=4", "input x[S, D]", "param w[D]",
+                   "a[S,T] = x[S,D]*x[T,D]*w[D]", "l[] = mean[S,T](square(a[S,T]))", "loss l",
+                   "microbatches S=2"),
+           "E254", "S shares its size with T (an alias): micro-batches split one index alone", 7, 14,
+           hint="give the other index its own size (`dim T=8`), or split another")
+    expect(program("dim B=8 D=4", "input x[B, D]", "param w[D]",
+                   "y[B,D] = x[B,D] * w[D] * pos(B)", "l[] = mean[B,D](square(y[B,D]))", "loss l",
+                   "microbatches B=2"),
+           "E254", "pos(B) would count the rows of one micro-batch, not the batch's", 7, 14,
+           hint="micro-batch the step by another index, or compute without pos(B)")

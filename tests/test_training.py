@@ -659,3 +659,40 @@ def test_generated_training_programs_declare_a_param_a_loss_and_maybe_an_optimiz
     assert f"loss {generated.loss}" in lines
     assert (generated.optimizer in lines) if generated.optimizer else \
         not any(line.startswith("optimizer") for line in lines)
+
+
+# ---- micro-batches (review regressions)
+
+MICRO = """dim S=3 T=5 B=8 D=4
+input x[S, T, B, D]
+param w[D]
+param s[S]
+y[S,T,B,D] = x[S,T,B,D] * w[D] * s[S]
+l[] = mean[S,T,B,D](square(y[S,T,B,D]))
+loss l
+output w.grad
+output s.grad
+"""
+
+
+def test_micro_batches_of_an_index_past_the_second_dim_equal_the_whole_batch(tmp_path):
+    """The batch index third: micro-batches cut along it, the other dims in their order; an
+    inputs file gives the input whole ([S,T,B,D]) and it is read, not replaced."""
+    whole = ein.compile_source(MICRO, "whole.ein")
+    micro = ein.compile_source(MICRO + "microbatches B=2\n", "micro.ein")
+    inputs = ein.random_inputs(whole, 0)
+    expected, got = ein.run_reference(whole, inputs), ein.run_reference(micro, inputs)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-7)
+    path = tmp_path / "in.npz"
+    np.savez(path, **inputs)
+    loaded = ein.load_inputs(micro, str(path))
+    from_file = ein.run_reference(micro, loaded)
+    np.testing.assert_allclose(from_file["w.grad"], expected["w.grad"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_loss_carried_out_of_a_repeat_is_output_under_its_own_name():
+    program = ein.compile_source(
+        "dim B=8 D=4 L=2\ninput x[B,D]\ninput s[]\nparam w[D]\nrepeat L {\n"
+        "  s[] = s[] + mean[B,D](square(x[B,D]*w[D]))\n}\nloss s\n", "carried.ein")
+    assert [output.name for output in program.outputs] == ["s", "w.grad"]
