@@ -30,9 +30,9 @@ import string
 from einpar.flops import einsum_path
 from einpar.inputs import fan_in_of, id_readers
 from einpar.precision import DEFAULT_PRECISION, JAX_PRECISION, check_precision
-from einpar.ir import (HALF_DTYPES, Apply, Arg, Cast, Const, Einsum, Library, Map,
+from einpar.ir import (HALF_DTYPES, INFIX, Apply, Arg, Cast, Const, Einsum, Library, Map,
                        NORM_EPSILON, Operand, Pos, Program, Reduce, Repeat, Route, Scalar, ScatterAdd,
-                       Take, einsum_subscripts, walk_ops, work_dtype)
+                       Take, einsum_subscripts, work_dtype)
 from einpar.layout import Layout, Mesh
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, format_collective
@@ -150,8 +150,6 @@ def align(text: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
 # expression opens at most two parentheses; Python's parser allows 200).
 HOIST_DEPTH = 32
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
-          "le": "<=", "eq": "==", "ne": "!="}
 _CALLS = {"exp": "jnp.exp", "log": "jnp.log", "sqrt": "jnp.sqrt", "tanh": "jnp.tanh",
           "sigmoid": "jax.nn.sigmoid", "silu": "jax.nn.silu", "abs": "jnp.abs",
           "square": "jnp.square", "where": "jnp.where", "max2": "jnp.maximum", "min2": "jnp.minimum",
@@ -391,8 +389,8 @@ class OpWriter:
         texts = [text for text, _ in args]
         kinds = {dtype for _, dtype in args if dtype is not None}
         dtype = next(iter(kinds)) if len(kinds) == 1 else (None if not kinds else "?")
-        if expr.fn in _INFIX:
-            text = f"({texts[0]} {_INFIX[expr.fn]} {texts[1]})"
+        if expr.fn in INFIX:
+            text = f"({texts[0]} {INFIX[expr.fn]} {texts[1]})"
             if expr.fn in ("gt", "ge", "lt", "le", "eq", "ne"):
                 return text, "bool" if kinds else None
             if expr.fn == "div" and dtype in ("i32", "bool"):

@@ -13,9 +13,8 @@ from __future__ import annotations
 import difflib
 import math
 
-from .errors import Diagnostic, Label, Span
-from .ir import (FLOAT_DTYPES, Apply, Cast, Map, Optimizer, Pos, Program, Training,
-                 walk_ops)
+from .errors import Label, Span
+from .ir import FLOAT_DTYPES, Map, Optimizer, Pos, Program, Training, scalar_nodes, walk_ops
 from .syntax import Directive, Name, OutputDecl, Setting
 
 DIRECTIVES = ("loss", "optimizer", "microbatches")
@@ -251,7 +250,7 @@ class TrainingChecker:
             return None
         if any(isinstance(node, Pos) and node.index == index
                for op in walk_ops(self.program.ops) if isinstance(op, Map)
-               for node in _scalars(op.expr)):
+               for node in scalar_nodes(op.expr)):
             self.error("E254", f"pos({index}) would count the rows of one micro-batch, not the "
                                "batch's", setting.name.span,
                        hint=f"micro-batch the step by another index, or compute without pos({index})")
@@ -291,12 +290,3 @@ class TrainingChecker:
                        output.name.span,
                        hint="gradients are taken of params; declare it with `param`")
 
-
-def _scalars(expr):
-    """Every node of a Map's scalar expression."""
-    yield expr
-    if isinstance(expr, Apply):
-        for arg in expr.args:
-            yield from _scalars(arg)
-    elif isinstance(expr, Cast):
-        yield from _scalars(expr.arg)

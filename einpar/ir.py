@@ -443,8 +443,41 @@ def walk_ops(ops: tuple[Op, ...]) -> Iterator[Op]:
 
 # ---- printing (`einpar compile --emit ir`)
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
-          "le": "<=", "eq": "==", "ne": "!="}
+INFIX = {name: symbol for symbol, name in BINARY_OPS.items()}  # "add" -> "+"
+
+
+def scalar_nodes(expr: Scalar) -> Iterator[Scalar]:
+    """Every node of a Map's scalar expression, the root first."""
+    yield expr
+    if isinstance(expr, Apply):
+        for arg in expr.args:
+            yield from scalar_nodes(arg)
+    elif isinstance(expr, Cast):
+        yield from scalar_nodes(expr.arg)
+
+
+def apply_text(fn: str, args: list[str]) -> str:
+    """A primitive function applied to its arguments' text: infix, negation or a call."""
+    if fn in INFIX:
+        return f"({args[0]} {INFIX[fn]} {args[1]})"
+    if fn == "neg":
+        return f"-{args[0]}"
+    return f"{fn}({', '.join(args)})"
+
+
+def call_text(op: Op, operand=str) -> str:
+    """A reduction, library op, route, take or scatter-add as text, each operand as
+    `operand(o)` gives it (an einsum and a map are written by each printer its own way)."""
+    if isinstance(op, Reduce):
+        return f"{op.kind}[{','.join(op.over)}]({operand(op.operand)})"
+    if isinstance(op, Library):
+        return f"{op.kind}[{op.index}]({operand(op.operand)})"
+    if isinstance(op, Take):
+        return f"take[{op.index}]({operand(op.table)}, {operand(op.ids)})"
+    if isinstance(op, ScatterAdd):  # no .ein syntax: the adjoint of take
+        return f"scatter_add[{op.index}]({operand(op.update)}, {operand(op.ids)})"
+    assert isinstance(op, Route), op
+    return f"route[{op.expert},{op.capacity}]({operand(op.operand)}, k={op.k})"
 
 
 def format_scalar(expr: Scalar, operands: tuple[Operand, ...]) -> str:
@@ -457,12 +490,7 @@ def format_scalar(expr: Scalar, operands: tuple[Operand, ...]) -> str:
         return f"{expr.dtype}({format_scalar(expr.arg, operands)})"
     if isinstance(expr, Pos):
         return f"pos({expr.index})"
-    if expr.fn in _INFIX:
-        left, right = (format_scalar(a, operands) for a in expr.args)
-        return f"({left} {_INFIX[expr.fn]} {right})"
-    if expr.fn == "neg":
-        return f"-{format_scalar(expr.args[0], operands)}"
-    return f"{expr.fn}({', '.join(format_scalar(a, operands) for a in expr.args)})"
+    return apply_text(expr.fn, [format_scalar(a, operands) for a in expr.args])
 
 
 def format_op(op: Op, indent: str = "") -> list[str]:
@@ -484,16 +512,8 @@ def format_op(op: Op, indent: str = "") -> list[str]:
         body = "einsum(" + ", ".join(map(str, op.operands)) + ")"
     elif isinstance(op, Map):
         body = "map " + format_scalar(op.expr, op.operands)
-    elif isinstance(op, Reduce):
-        body = f"{op.kind}[{','.join(op.over)}]({op.operand})"
-    elif isinstance(op, Library):
-        body = f"{op.kind}[{op.index}]({op.operand})"
-    elif isinstance(op, Take):
-        body = f"take[{op.index}]({op.table}, {op.ids})"
-    elif isinstance(op, ScatterAdd):
-        body = f"scatter_add[{op.index}]({op.update}, {op.ids})"
     else:
-        body = f"route[{op.expert},{op.capacity}]({op.operand}, k={op.k})"
+        body = call_text(op)
     where = f"  # line {op.span.line}" if op.span else ""
     return [f"{head} = {body}{where}"]
 

@@ -23,7 +23,7 @@ from dataclasses import fields, is_dataclass, replace
 
 import numpy as np
 
-from .ir import (Apply, Arg, Carried, Cast, Const, Map, Operand, Output, Program, Repeat,
+from .ir import (Apply, Arg, Carried, Cast, Const, Map, Operand, Program, Repeat,
                  TensorType, Value)
 from .layout import Layout
 
@@ -36,7 +36,7 @@ def micro_index(index: str) -> str:
 def split_inputs(program: Program, index: str, count: int) -> tuple[tuple[Value, ...], tuple[Value, ...]]:
     """The step's inputs (those with `index` stacked by the micro-batch index) and the
     per-micro-batch views the loop body reads."""
-    micro, size = micro_index(index), program.dim_sizes[index]
+    micro = micro_index(index)
     inputs, views = [], []
     for value in program.inputs:
         if value.kind != "input" or index not in value.type.indices:
@@ -44,10 +44,9 @@ def split_inputs(program: Program, index: str, count: int) -> tuple[tuple[Value,
             continue
         vtype = value.type
         stacked = TensorType(vtype.dtype, (micro,) + vtype.indices, (count,) + vtype.shape)
-        view = value
         layout = Layout(((),) + value.layout.dims) if value.layout is not None else None
         inputs.append(replace(value, type=stacked, layout=layout, stacked_by=(micro,)))
-        views.append(view)
+        views.append(value)  # inside the loop the input's name is one micro-batch
     return tuple(inputs), tuple(views)
 
 
