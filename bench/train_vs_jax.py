@@ -62,7 +62,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from vs_gspmd import described, host_cluster, time_both  # noqa: E402 - the bench's own sibling
+from vs_gspmd import described, load_clusters, time_both  # noqa: E402 - the bench's own sibling
 
 EXAMPLES = ROOT / "examples" / "training"
 
@@ -294,15 +294,10 @@ def main() -> int:
     from einpar.backends import jax_backend
     from einpar.backends.hlo_collectives import bytes_per_device as hlo_bytes
     from einpar.backends.hlo_collectives import hlo_collectives, hlo_dot_flops, price_collectives
-    from einpar.cost_model.cluster import load_cluster
     from einpar.errors import EinparError
     from einpar.spmd import bytes_per_device
 
-    try:
-        cluster = load_cluster(args.cluster)
-    except Exception as error:  # noqa: BLE001 - any unreadable cluster is a usage error here
-        parser.error(f"--cluster {args.cluster}: {error}")
-    host = host_cluster(args.host_cluster, cluster, load_cluster)
+    cluster, host = load_clusters(parser, args)
     steps = []
     for path in paths:
         try:

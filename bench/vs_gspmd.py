@@ -130,6 +130,18 @@ def host_cluster(choice: str, cluster, load_cluster):
     return load_cluster(str(out))
 
 
+def load_clusters(parser, args):
+    """The cluster `--cluster` prices on, and the one `--host-cluster` plans the measured
+    program for (a usage error when either cannot be read)."""
+    from einpar.cost_model.cluster import load_cluster
+
+    try:
+        cluster = load_cluster(args.cluster)
+    except Exception as error:  # noqa: BLE001 - any unreadable cluster is a usage error here
+        parser.error(f"--cluster {args.cluster}: {error}")
+    return cluster, host_cluster(args.host_cluster, cluster, load_cluster)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help="programs to run (default: --programs)")
@@ -149,16 +161,11 @@ def main() -> int:
     from einpar.backends import jax_backend
     from einpar.backends.hlo_collectives import bytes_per_device as hlo_bytes
     from einpar.backends.hlo_collectives import hlo_collectives, hlo_dot_flops, price_collectives
-    from einpar.cost_model.cluster import load_cluster
     from einpar.cost_model.estimate import estimate
     from einpar.errors import EinparError
     from einpar.spmd import bytes_per_device
 
-    try:
-        cluster = load_cluster(args.cluster)
-    except Exception as error:  # noqa: BLE001 - any unreadable cluster is a usage error here
-        parser.error(f"--cluster {args.cluster}: {error}")
-    host = host_cluster(args.host_cluster, cluster, load_cluster)
+    cluster, host = load_clusters(parser, args)
     paths = program_paths(args.files, args.programs)
     programs = []
     for path in paths:

@@ -22,6 +22,7 @@ from einpar.ir import (Apply, Arg, Carried, Const, Einsum, Map, Operand, Output,
 from einpar.layout import Layout, local_bytes
 from einpar.spmd import RepeatStep, bytes_per_device, collectives, format_spmd, to_json
 from einpar.tolerance import compare, program_tolerance
+from test_valid_programs import SHARDED_NESTED
 
 FORWARD = """mesh dp=2 tp=4
 dim B=256 D=32 F=128 L={L}
@@ -292,22 +293,9 @@ def test_a_stack_asked_for_split_is_reduce_scattered_into_its_layout_each_trip()
     assert traffic.sent == [bytes_per_device(spmd.steps)] * 8
 
 
-NESTED = """mesh dp=2 tp=2
-dim B=4 D=4 F=8 L=3 M=2
-input x[B@dp,D]
-repeat L {
-  param u[D@tp]
-  x[B,D] = x[B,D] * u[D]
-  repeat M {
-    param w[D,F@tp]
-    param v[F@tp,D]
-    h[B,F] = x[B,D] * w[D,F]
-    x[B,D] = h[B,F] * v[F,D]
-  }
-  x[B,D] = x[B,D] + u[D]
-}
-output x
-"""
+# The sharded nested program of test_valid_programs (a param in each block, collectives
+# inside both, the outer block's param read after the inner block).
+NESTED = SHARDED_NESTED
 
 
 @pytest.mark.parametrize("make", [forward_backward, lambda: compile_source(NESTED, file="nested.ein")],
