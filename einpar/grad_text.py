@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .ir import (Arg, Cast, Const, Einsum, Map, Op, Operand, Pos, Program, Repeat, Scalar,
-                 TensorType, apply_text, call_text)
+                 TensorType, apply_text, call_text, is_backward)
 
 class _Text:
     """`.ein` text for IR values and ops: each value name as an identifier of its own
@@ -109,7 +109,7 @@ def format_grad(program: Program) -> str:
                      f"{stacked}")
     lines.append("")
     first_backward = next((i for i, op in enumerate(program.ops)
-                           if not isinstance(op, Repeat) and op.stmt.endswith(".grad")), None)
+                           if is_backward(op)), None)
     for position, op in enumerate(program.ops):
         if position == first_backward:
             lines.extend(["", "# the backward pass"])

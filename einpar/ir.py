@@ -433,6 +433,14 @@ def einsum_subscripts(operands: list[tuple[str, ...]], out: tuple[str, ...],
     return ",".join(word(indices) for indices in operands) + "->" + word(out)
 
 
+BACKWARD_STMT = ".grad"  # the grad pass names a backward op's statement `h.grad`
+
+
+def is_backward(op: Op) -> bool:
+    """An op of a training step's backward pass (not a repeat: its body says)."""
+    return not isinstance(op, Repeat) and op.stmt.endswith(BACKWARD_STMT)
+
+
 def walk_ops(ops: tuple[Op, ...]) -> Iterator[Op]:
     """Every op, descending into repeat bodies (the Repeat itself comes first)."""
     for op in ops:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ir import Operand, Program, ScatterAdd, TensorType, Take, Value
+from .ir import Operand, Program, ScatterAdd, TensorType, Take, Value, is_backward
 from .errors import EinparError
 from .layout import Layout, local_bytes
 from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partition
@@ -163,7 +163,7 @@ class _Lowering:
             if isinstance(decision, RepeatDecision):
                 self.repeat(decision, steps)
                 continue
-            if top and not self.backward and decision.op.stmt.endswith(".grad"):
+            if top and not self.backward and is_backward(decision.op):
                 self.backward = True
                 self.free_gathered_params()
             self.decision(decision, steps)

@@ -209,3 +209,50 @@ def test_an_output_redefining_an_input_is_not_an_update_in_place():
     step_bytes = {name: value.type.nbytes for name, value in step_spmd.values.items()}.__getitem__
     assert in_place_updates(step_spmd, step_bytes) == {"w.new", "w.m.new", "w.v.new",
                                                        "w.master.new"}
+
+
+# ---- what docs/training.md says of remat and micro-batches
+
+REMAT_MLP = """mesh dp=2
+dim B=64 D=32 F=128
+input x[B@dp, D]
+param w1[D, F]
+param w2[F, D]
+{remat}h[B,F] = gelu(x[B,D] * w1[D,F])
+y[B,D] = h[B,F] * w2[F,D]
+l[] = mean[B,D](square(y[B,D]))
+loss l
+"""
+
+
+def priced(text: str, overrides=None):
+    program = ein.compile_source(text, "step.ein", overrides)
+    return estimate(program, ein.compile_spmd(program), load_cluster("h100x8"))
+
+
+def test_remat_adds_the_recomputation_to_the_flops_run_not_to_the_model_flops():
+    kept, recomputed = priced(REMAT_MLP.format(remat="")), priced(REMAT_MLP.format(remat="remat "))
+    assert recomputed.training.model_flops == kept.training.model_flops
+    # h = gelu(x·w1) again on each device: its contraction (2·B/2·D·F) and the map.
+    again = 2 * 32 * 32 * 128
+    assert recomputed.flops_per_device - kept.flops_per_device >= again
+    assert recomputed.memory.saved_activations_bytes < kept.memory.saved_activations_bytes
+
+
+FSDP_MICRO = """mesh dp=4
+dim B=4096 D=64 F=256
+input x[B@dp, D]
+param w1[D@dp, F]
+param w2[F@dp, D]
+h[B@dp,F] = gelu(x[B,D] * w1[D,F])
+y[B@dp,D] = h[B,F] * w2[F,D]
+l[] = mean[B,D](square(y[B,D]))
+loss l
+microbatches B=4
+"""
+
+
+def test_an_fsdp_weight_is_gathered_once_per_micro_batch():
+    cost = priced(FSDP_MICRO)
+    gathers = [op for op in cost.ops if op.what.startswith("all_gather") and "w2" in op.what]
+    assert gathers and all(op.trips == 4 for op in gathers)
