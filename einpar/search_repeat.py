@@ -1,0 +1,216 @@
+"""The search's part for `repeat`: the layouts a loop's carried, stacked and saved values
+may take, each choice priced by solving the body once (a mixin of einpar/search.py's
+Search, which says how the whole search goes)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+from .errors import EinparError
+from .ir import Repeat
+from .layout import Layout
+from .solve import Choice
+
+if TYPE_CHECKING:
+    from .search import _Level
+
+
+class RepeatSearch:
+
+    def repeat_choices(self, op: Repeat, level: _Level) -> list:
+        """One choice per layout the carried values may cross the loop in, the stacked
+        views of values made before it may be sliced in and the saved values may be kept
+        in, each priced by solving the body once (all trips). A choice's label is (carried
+        layouts, per-trip layouts of the stacked views (None for an input's), per-trip
+        layouts of the saved values (None: as the body holds them, made whole))."""
+        choices = []
+        for layouts, views, targets in itertools.product(self.carried_candidates(op, level),
+                                                         self.stacked_candidates(op, level),
+                                                         self.saved_candidates(op, level)):
+            body = self.body_plan(op, layouts, views, targets, level)
+            if body is None:
+                continue
+            plan, outer, _, saved = body
+            needs = tuple((c.value, self.key(layout)) for c, layout in zip(op.carried, layouts)) + \
+                tuple((value, self.key(layout)) for value, layout in outer.items())
+            stacks = tuple((s.result.name, self.key(_stacked(layout))) for s, layout in zip(op.saved, saved))
+            makes = tuple((c.result.name, self.key(layout))
+                          for c, layout in zip(op.carried, layouts)) + stacks
+            memory = sum(self.layout_bytes(name, layout) for name, layout in stacks)
+            choices.append(((layouts, views, targets),
+                             Choice(plan.price * op.count, needs, makes, memory)))
+        if not choices:
+            self.no_strategy(op)
+        return choices
+
+    def carried_candidates(self, op: Repeat, level: _Level) -> list[tuple[Layout, ...]]:
+        """The layouts a loop's carried values may have: the pin of the body's last
+        statement for it, else the layout it enters in if that is fixed (an input), made
+        whole; and all whole."""
+        body_pins = {inner.result.name: inner.result.layout for inner in op.body
+                     if not isinstance(inner, Repeat)}
+        preferred = []
+        for carried in op.carried:
+            rank = self.vtype(carried.value).rank
+            pin = body_pins.get(carried.body_result)
+            if pin is not None:
+                preferred.append(Layout(pin.dims))
+            elif carried.value in level.fixed:
+                preferred.append(Layout(level.fixed[carried.value].dims))
+            else:
+                preferred.append(Layout.replicated(rank))
+        whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
+        return list(dict.fromkeys([tuple(preferred), whole]))
+
+    def stacked_candidates(self, op: Repeat, level: _Level) -> list[tuple]:
+        """The per-trip layouts a loop's stacked views may have: None for an input's (it is
+        sliced where it lives); for a value made before the loop, each layout its maker may
+        make it in whose stacked dims are whole (the i-th of every view together), and all
+        whole."""
+        options = []
+        for view in op.stacked:
+            if self.values[view.name].kind != "def":
+                options.append([None])
+                continue
+            depth = self.vtype(view.name).rank - view.type.rank
+            made = [Layout(layout.dims[depth:]) for layout in self.made_layouts(view.name, level)
+                    if not layout.partial and not any(layout.dims[:depth])]
+            options.append(list(dict.fromkeys(made + [Layout.replicated(view.type.rank)])))
+        count = max((len(layouts) for layouts in options), default=1)
+        return list(dict.fromkeys(tuple(layouts[min(i, len(layouts) - 1)] for layouts in options)
+                                  for i in range(count)))
+
+    def saved_candidates(self, op: Repeat, level: _Level) -> list[tuple]:
+        """The per-trip layouts a loop's saved values may be kept in: as the body holds them
+        at the end of a trip (None: made whole where partial), and the layout asked of the
+        stack at this level (an output's; a param's gradient in the param's layout), the
+        repeat dim whole, for a value a statement of the body makes (so that a partial sum
+        is reduce-scattered into it each trip)."""
+        made = {inner.result.name for inner in op.body if not isinstance(inner, Repeat)}
+        made -= {c.body_result for c in op.carried}
+        asked = []
+        for saved in op.saved:
+            want = level.required.get(saved.result.name)
+            usable = want is not None and not want.partial and not want.dims[0] \
+                and saved.body_value in made
+            asked.append(Layout(want.dims[1:]) if usable else None)
+        return list(dict.fromkeys([tuple(asked), (None,) * len(op.saved)]))
+
+    def made_layouts(self, value: str, level: _Level) -> list[Layout]:
+        """The layouts `value` may be made in at `level`: where it is fixed, its layout;
+        a statement's pin; a repeat's saved result, as each of the loop's choices makes it."""
+        if value in level.fixed:
+            return [level.fixed[value]]
+        for op in level.ops:
+            if isinstance(op, Repeat):
+                if value in _repeat_results(op):
+                    return [layout for _, choice in self.repeat_choices(op, level)
+                            for name, layout in choice.makes if name == value]
+            elif op.result.name == value:
+                return [self.pin(op)] if op.result.layout is not None else []
+        return []
+
+    def body_plan(self, op: Repeat, layouts: tuple[Layout, ...], views: tuple, targets: tuple,
+                  parent: _Level):
+        """(the body's plan, outer values it reads and the layout it reads them in, the body
+        level, the per-trip layout of each saved value), or None where the body cannot run
+        with these carried layouts, stacked views and saved layouts."""
+        key = (id(op), layouts, views, targets)
+        if key in self._bodies:
+            return self._bodies[key]
+        fixed: dict[str, Layout] = {}
+        types = dict(self.types)
+        for carried, layout in zip(op.carried, layouts):
+            fixed[carried.value] = layout
+        outer: dict[str, Layout] = {}
+        for view, layout in zip(op.stacked, views):
+            depth = self.vtype(view.name).rank - view.type.rank
+            if layout is None:
+                # An input (or an enclosing block's slice of it) is sliced where it lives.
+                source = self.values[view.name]
+                full = parent.fixed.get(view.name) or source.layout or \
+                    Layout.replicated(self.vtype(view.name).rank)
+                fixed[view.name] = Layout(full.dims[depth:])
+            else:
+                # A value made before the loop is moved, if need be, into this layout first.
+                fixed[view.name] = layout
+                outer[view.name] = Layout(((),) * depth + layout.dims)
+            types[view.name] = view.type
+        defined = _defined(op.body)
+        for value in _read(op.body):
+            if value in fixed or value in defined:
+                continue
+            source = self.values[value]
+            # An input is read where it lives; a value made outside the loop is read whole.
+            # (An outer block's param is its trip's slice, as the enclosing level holds it.)
+            if source.kind == "def":
+                layout = Layout.replicated(self.vtype(value).rank)
+            elif value in parent.fixed:
+                layout = parent.fixed[value]
+            else:
+                layout = source.layout or Layout.replicated(source.type.rank)
+            fixed[value] = layout
+            if source.kind == "def":
+                outer[value] = layout
+        required: dict[str, Layout | None] = {c.body_result: layout
+                                              for c, layout in zip(op.carried, layouts)}
+        for saved, target in zip(op.saved, targets):  # None: whole where the body leaves it partial
+            required.setdefault(saved.body_value, target)
+        level = self.level(op.body, fixed, required, types)
+        try:
+            plan = self.solve_level(level)
+        except EinparError:
+            if all(layout.is_replicated for layout in layouts) and \
+                    all(view is None or view.is_replicated for view in views) and \
+                    not any(targets):
+                raise
+            self._bodies[key] = None
+            return None
+        held = dict(fixed)
+        for node, pick in zip(plan.nodes, plan.picks):
+            held.update(node[pick][1].makes)
+        held.update((c.body_result, layout) for c, layout in zip(op.carried, layouts))
+        saved = tuple(target or Layout(held[s.body_value].dims) for s, target in zip(op.saved, targets))
+        self._bodies[key] = (plan, outer, level, saved)
+        return self._bodies[key]
+
+
+def _repeat_results(op: Repeat) -> list[str]:
+    """The values a repeat makes: its carried results and its saved stacks."""
+    return [c.result.name for c in op.carried] + [s.result.name for s in op.saved]
+
+
+def _read(ops) -> list[str]:
+    """Values the ops read (nested bodies included), in order of first reading."""
+    seen: dict[str, None] = {}
+    for op in ops:
+        if isinstance(op, Repeat):
+            for carried in op.carried:
+                seen.setdefault(carried.value)
+            for view in op.stacked:
+                seen.setdefault(view.name)
+            for value in _read(op.body):
+                seen.setdefault(value)
+        else:
+            for operand in op.operands:
+                seen.setdefault(operand.value)
+    return list(seen)
+
+
+def _stacked(layout: Layout) -> Layout:
+    """A saved value's layout from its per-trip layout: the repeat dim whole in front."""
+    return Layout(((),) + layout.dims)
+
+
+def _defined(ops) -> set[str]:
+    """Values the ops make (nested bodies included); a nested loop's stacked views are reads
+    of what they slice."""
+    names: set[str] = set()
+    for op in ops:
+        if isinstance(op, Repeat):
+            names |= _defined(op.body)
+            names |= set(_repeat_results(op))
+        else:
+            names.add(op.result.name)
+    return names
