@@ -4,9 +4,9 @@ The checker resolves names (dims, mesh axes, tensors), binds indices by
 position and checks their sizes, infers dtypes, validates layouts against the
 mesh, applies `--set` overrides, and turns each statement into SSA ops:
 
-1. `_type_expr` builds a typed tree of the right-hand side, with the free
-   indices of every node.
-2. `place_implicit_sums` applies the summation rule: an index used on the
+1. `type_expr` (einpar/check_expr.py) builds a typed tree of the right-hand
+   side, with the free indices of every node.
+2. `place_implicit_sums` (check_expr.py too) applies the summation rule: an index used on the
    right but absent on the left is summed at the smallest subexpression that
    contains all of its uses.
 3. `_StatementLowering` turns the typed tree into ops: products under a sum
@@ -14,49 +14,31 @@ mesh, applies `--set` overrides, and turns each statement into SSA ops:
 
 Errors become diagnostics; the checker reports every independent error it
 finds (a statement with an error is skipped and its name poisoned, so one
-mistake does not cascade into many).
+mistake does not cascade into many). The training declarations are checked
+in einpar/check_training.py.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, replace
-from typing import Union
 
 from .errors import Diagnostic, EinparError, Label, Span
-from .ir import (BINARY_OPS, COMPARISONS, DTYPES, FLOAT_DTYPES, LIBRARY_FUNCTIONS, REDUCTIONS,
-                 UNARY_FUNCTIONS, Apply, Arg, Carried, Cast, Const, Einsum, Library, Map, Operand,
-                 Output, Pos, Program, Reduce, Repeat, Route, Take, TensorType, Value)
+from .ir import (COMPARISONS, DTYPES, FLOAT_DTYPES, Apply, Arg, Carried, Cast, Const, Einsum,
+                 Library, Map, Operand, Output, Pos, Program, Reduce, Repeat, Route, Take,
+                 TensorType, Value)
+from .check_expr import (WEAK_FLOAT, WEAK_INT, Abort, ExpressionTyping, Node, did_you_mean,
+                         place_implicit_sums, promote)
 from .check_training import TrainingChecker
 from .layout import Layout, Mesh
 from .syntax import KEYWORDS, MAX_SIZE_DIGITS, deep_recursion, gc_paused
-from .syntax import (Binary, Call, DimDecl, Directive, DtypeDecl, IndexSpec, MeshDecl, Module,
-                     Negate, Number, OutputDecl, Pin, SizeRef, Statement, TensorDecl, TensorRef,
-                     TensorSpec)
+from .syntax import (DimDecl, Directive, DtypeDecl, IndexSpec, MeshDecl, Module, OutputDecl, Pin,
+                     Statement, TensorDecl)
 from .syntax import Repeat as RepeatItem
 
-ELEMENTWISE_FUNCTIONS = {**{name: 1 for name in UNARY_FUNCTIONS}, "where": 3, "max2": 2, "min2": 2,
-                         "pow": 2}
-ALL_FUNCTIONS = tuple(ELEMENTWISE_FUNCTIONS) + REDUCTIONS + LIBRARY_FUNCTIONS + ("route", "take", "pos")
-# Elementwise functions whose result is a float even of integer arguments (as `/` is).
-FLOAT_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "silu", "sin", "cos",
-                   "erf", "pow")
-# `inf` in an expression is the float literal, unless a dim is named `inf` (then it is its size).
-INFINITY = "inf"
-DEFAULT_TOP_K = 2  # route's k when not given: GShard's top-2
 # The reductions a value may be left pending over a mesh axis (Layout.partial).
 PARTIAL_KINDS = ("sum", "max", "min")
 # About ten times today's largest machines; larger meshes are mistakes (2^64 devices).
 MAX_MESH_DEVICES = 2**20
-
-
-class _Abort(Exception):
-    """Stop checking the current statement; its diagnostic is already recorded."""
-
-
-def _did_you_mean(name: str, candidates) -> str | None:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
 
 
 def parse_overrides(assignments: list[str] | None) -> dict[str, int]:
@@ -78,143 +60,6 @@ def parse_overrides(assignments: list[str] | None) -> dict[str, int]:
                     hint=f"sizes have at most {MAX_SIZE_DIGITS} digits"), usage=True)
             overrides[name] = int(value)
     return overrides
-
-
-# ---------------------------------------------------------------- dtypes
-
-_WEAK_INT, _WEAK_FLOAT = "~int", "~float"  # untyped numbers and sizes: they adopt the other side's type
-_RANK = {"bool": 0, "i32": 1, "f8e4m3": 2, "f8e5m2": 2, "f16": 3, "bf16": 3, "f32": 4, "f64": 5}
-
-
-def _promote(a: str, b: str, default_float: str) -> str:
-    """The dtype of an arithmetic result, by JAX's rules for weak scalars."""
-    weak = (_WEAK_INT, _WEAK_FLOAT)
-    if a in weak and b in weak:
-        return _WEAK_FLOAT if _WEAK_FLOAT in (a, b) else _WEAK_INT
-    if a in weak or b in weak:
-        scalar, tensor = (a, b) if a in weak else (b, a)
-        if scalar == _WEAK_FLOAT and tensor in ("bool", "i32"):
-            return default_float
-        if tensor == "bool":
-            return "i32"
-        return tensor
-    if a == b:
-        return a
-    if {a, b} == {"f16", "bf16"}:
-        return "f32"
-    if {a, b} == {"f8e4m3", "f8e5m2"}:  # neither holds the other; bf16 holds both exactly
-        return "bf16"
-    return a if _RANK[a] > _RANK[b] else b
-
-
-# ---------------------------------------------------------------- typed expression tree
-
-
-@dataclass(frozen=True)
-class _Node:
-    kind: str  # ref, const, apply, reduce, library, route, take, pos
-    free: tuple[str, ...]  # free indices, in order of first appearance
-    dtype: str  # a dtype, or _WEAK_INT / _WEAK_FLOAT for constants
-    span: Span
-    children: tuple["_Node", ...] = ()
-    # kind-specific payload
-    operand: Operand | None = None  # ref
-    value: Union[int, float, None] = None  # const
-    label: str | None = None  # const: the dim whose size it is
-    fn: str | None = None  # apply: primitive; reduce/library: the kind
-    over: tuple[str, ...] = ()  # reduce/library indices; route: (E, C); take: (V,); pos: (S,)
-    k: int = 0  # route
-    # How many times each index is used inside this node (summation rule).
-    uses: tuple[tuple[str, int], ...] = ()
-
-    def use_count(self, index: str) -> int:
-        return dict(self.uses).get(index, 0)
-
-    @property
-    def is_constant(self) -> bool:
-        return self.kind == "const" or (self.kind == "apply" and all(c.is_constant for c in self.children))
-
-
-def _merge_free(*groups: tuple[str, ...]) -> tuple[str, ...]:
-    out: list[str] = []
-    for group in groups:
-        for index in group:
-            if index not in out:
-                out.append(index)
-    return tuple(out)
-
-
-def _merge_uses(*children: _Node, extra: tuple[str, ...] = (), remove: tuple[str, ...] = ()):
-    counts: dict[str, int] = {}
-    for child in children:
-        for index, n in child.uses:
-            counts[index] = counts.get(index, 0) + n
-    for index in extra:
-        counts[index] = counts.get(index, 0) + 1
-    for index in remove:
-        counts.pop(index, None)
-    return tuple(counts.items())
-
-
-def _sum_node(over: tuple[str, ...], child: _Node) -> _Node:
-    dtype = "i32" if child.dtype == "bool" else child.dtype
-    return _with_children(_Node("reduce", (), dtype, child.span, fn="sum", over=over), (child,))
-
-
-def _with_children(node: _Node, children: tuple[_Node, ...]) -> _Node:
-    """The node over new children, its free indices and use counts derived again."""
-    if node.kind == "apply":
-        free = _merge_free(*(child.free for child in children))
-        uses = _merge_uses(*children)
-    elif node.kind == "reduce":
-        free = tuple(i for i in children[0].free if i not in node.over)
-        uses = _merge_uses(*children, remove=node.over)
-    elif node.kind == "take":
-        # take[V] binds V like a reduction: the result has the ids' indices, then the
-        # table's other than V (an index of both, a batch index, once).
-        table, ids = children
-        free = _merge_free(ids.free, tuple(i for i in table.free if i not in node.over))
-        uses = _merge_uses(*children, remove=node.over)
-    elif node.kind == "library" and node.fn == "logsumexp":
-        # logsumexp reduces its index: like sum[T], it binds the index locally.
-        free = tuple(i for i in children[0].free if i not in node.over)
-        uses = _merge_uses(*children, remove=node.over)
-    elif node.kind == "library":
-        # The others keep their index, and use it themselves: a sum over it
-        # happens outside the op (sum[T] of softmax[T] is 1, not softmax of a sum).
-        free, uses = children[0].free, _merge_uses(*children, extra=node.over)
-    else:
-        assert node.kind == "route"
-        expert, capacity = node.over
-        free = _merge_free(*((i, capacity) if i == expert else (i,) for i in children[0].free))
-        uses = _merge_uses(*children, extra=node.over)
-    return replace(node, children=children, free=free, uses=uses)
-
-
-def place_implicit_sums(root: _Node, summed: tuple[str, ...]) -> _Node:
-    """The summation rule: sum each index at the smallest subexpression holding all its uses."""
-
-    def place(node: _Node, targets: tuple[str, ...]) -> _Node:
-        here: list[str] = []
-        per_child: list[list[str]] = [[] for _ in node.children]
-        for index in targets:
-            total = node.use_count(index)
-            for position, child in enumerate(node.children):
-                if child.use_count(index) == total:
-                    per_child[position].append(index)
-                    break
-            else:
-                here.append(index)
-        if any(per_child):
-            children = tuple(place(child, tuple(t)) if t else child
-                             for child, t in zip(node.children, per_child))
-            node = _with_children(node, children)
-        if here:
-            ordered = tuple(i for i in node.free if i in here)
-            node = _sum_node(ordered, node)
-        return node
-
-    return place(root, summed) if summed else root
 
 
 # ---------------------------------------------------------------- scopes
@@ -254,7 +99,7 @@ class _Scope:
 # ---------------------------------------------------------------- the checker
 
 
-class _Checker:
+class _Checker(ExpressionTyping):
     def __init__(self, module: Module, overrides: dict[str, int], source: str):
         self.module = module
         self.file = module.file
@@ -288,7 +133,7 @@ class _Checker:
 
     def fail(self, *args, **kwargs):
         self.error(*args, **kwargs)
-        raise _Abort()
+        raise Abort()
 
     def _collect_definitions(self, items) -> dict[str, Span]:
         found: dict[str, Span] = {}
@@ -387,7 +232,7 @@ class _Checker:
                 hint = "give one dimension of the cycle a number"
             else:
                 message = f"unknown dimension '{target}'"
-                hint = _did_you_mean(target, self.dim_spans) or "declare it with `dim`"
+                hint = did_you_mean(target, self.dim_spans) or "declare it with `dim`"
             self.error("E203", message, binding.alias.span, hint=hint)
         for name, size in self.dims.items():
             if size <= 0:
@@ -416,18 +261,18 @@ class _Checker:
         """The size of a dimension named in an index position; E200 if unknown."""
         if name.text not in self.dims:
             if name.text in self.dim_spans:
-                raise _Abort()  # its declaration already failed
+                raise Abort()  # its declaration already failed
             self.fail("E200", f"unknown index '{name}'", name.span,
-                      hint=_did_you_mean(name.text, self.dims) or "declare it with `dim`")
+                      hint=did_you_mean(name.text, self.dims) or "declare it with `dim`")
         return self.dims[name.text]
 
     def check_axis(self, axis) -> None:
         """E202 for a name that is not an axis of the mesh."""
         if axis.text in self.bad_axes:
-            raise _Abort()  # its declaration already failed
+            raise Abort()  # its declaration already failed
         if axis.text not in self.axis_names:
             if self.mesh.axes:
-                hint = (_did_you_mean(axis.text, self.mesh.names)
+                hint = (did_you_mean(axis.text, self.mesh.names)
                         or f"the mesh has axes {', '.join(self.mesh.names)}")
             else:
                 hint = f"declare the mesh first, e.g. `mesh {axis.text}=4`"
@@ -479,7 +324,7 @@ class _Checker:
                 if kind == "mean":
                     hint = f"a mean is a sum scaled by a constant: write {{sum: {axes}}}"
                 else:
-                    hint = _did_you_mean(kind, PARTIAL_KINDS) or "a result can be partial as a sum, max or min"
+                    hint = did_you_mean(kind, PARTIAL_KINDS) or "a result can be partial as a sum, max or min"
                 self.fail("E224", f"'{kind}' is not a kind of partial result", entry.kind.span, hint=hint)
             for axis in entry.axes:
                 self.check_axis(axis)
@@ -542,7 +387,7 @@ class _Checker:
                            hint="split it into several statements")
                 if isinstance(item, Statement):
                     self.poison(item.lhs.name, scope)
-            except _Abort:
+            except Abort:
                 if isinstance(item, Statement):
                     self.poison(item.lhs.name, scope)
                 elif isinstance(item, TensorDecl):
@@ -624,264 +469,11 @@ class _Checker:
                 self.fail("E231", f"'{name}' is used before its definition", name.span, hint=hint,
                           labels=(Label(self.all_definitions[name.text], "defined here"),))
             self.fail("E201", f"unknown tensor '{name}'", name.span,
-                      hint=_did_you_mean(name.text, self.all_definitions)
+                      hint=did_you_mean(name.text, self.all_definitions)
                       or "declare it with `input` or `param`, or define it with a statement")
         if binding.value is None:
-            raise _Abort()  # poisoned by an earlier error, already reported
+            raise Abort()  # poisoned by an earlier error, already reported
         return binding.value
-
-    # ---- expressions
-
-    def type_expr(self, expr, scope: _Scope) -> _Node:
-        if isinstance(expr, Number):
-            weak = _WEAK_INT if isinstance(expr.value, int) else _WEAK_FLOAT
-            return _Node("const", (), weak, expr.span, value=expr.value)
-        if isinstance(expr, SizeRef):
-            name = expr.name
-            if name.text not in self.dims:
-                if name.text in self.dim_spans:
-                    raise _Abort()
-                if name.text == INFINITY:
-                    return _Node("const", (), _WEAK_FLOAT, expr.span, value=float("inf"))
-                hint = _did_you_mean(name.text, self.dims)
-                if scope.lookup(name.text) is not None or name.text in self.all_definitions:
-                    hint = f"'{name}' is a tensor: index it, e.g. {name}[...]"
-                self.fail("E203", f"unknown dimension '{name}'", name.span,
-                          hint=hint or "a bare name in an expression is a dimension's size")
-            return _Node("const", (), _WEAK_INT, expr.span, value=self.dims[name.text], label=name.text)
-        if isinstance(expr, TensorRef):
-            return self.type_ref(expr.spec, scope)
-        if isinstance(expr, Negate):
-            child = self.type_expr(expr.operand, scope)
-            if child.kind == "const" and child.value == float("inf") and child.label is None:
-                return replace(child, value=float("-inf"), span=expr.span)  # the literal -inf
-            return self.apply("neg", (child,), expr.span)
-        if isinstance(expr, Binary):
-            left = self.type_expr(expr.left, scope)
-            right = self.type_expr(expr.right, scope)
-            return self.apply(BINARY_OPS[expr.op], (left, right), expr.span)
-        assert isinstance(expr, Call)
-        return self.type_call(expr, scope)
-
-    def type_ref(self, spec: TensorSpec, scope: _Scope) -> _Node:
-        value = self.lookup_tensor(spec.name, scope)
-        vtype = value.type
-        if len(spec.indices) != vtype.rank:
-            declared = ", ".join(vtype.indices)
-            self.fail("E210", f"'{spec.name}' has {vtype.rank} dimension{'s' * (vtype.rank != 1)} "
-                              f"[{declared}] but is indexed with {len(spec.indices)}",
-                      spec.indices_span, hint=f"write {spec.name}[{declared}] (indices bind by position)",
-                      labels=(Label(value.span, "declared here"),) if value.span else ())
-        seen: dict[str, Span] = {}
-        if spec.pin is not None:
-            self.fail("E216", f"layout braces in an expression: '{spec.name}[...]{{...}}'", spec.pin.span,
-                      hint="braces go on the left of a statement, as in y[B,D]{sum: tp} = ...")
-        for position, index in enumerate(spec.indices):
-            if index.axes:
-                self.fail("E216", f"layout annotation in an expression: '{index.name}@...'",
-                          index.span, hint="layouts go on declarations and on the left of statements")
-            size = self.dim_size(index.name)
-            if index.name.text in seen:
-                self.fail("E212", f"index '{index.name}' appears twice in '{spec.name}'", index.name.span,
-                          hint=f"declare an alias (`dim {index.name}2={index.name}`) and use it for "
-                               "the second dimension",
-                          labels=(Label(seen[index.name.text], "first here"),))
-            seen[index.name.text] = index.name.span
-            if size != vtype.shape[position]:
-                self.fail("E211", f"index {index.name} has size {size} but dimension {position + 1} "
-                                  f"of '{spec.name}' ({vtype.indices[position]}) has size "
-                                  f"{vtype.shape[position]}", index.name.span,
-                          hint=f"use an index of size {vtype.shape[position]} here, "
-                               f"such as {vtype.indices[position]}",
-                          labels=(Label(value.span, "declared here"),) if value.span else ())
-        indices = tuple(index.name.text for index in spec.indices)
-        return _Node("ref", indices, vtype.dtype, spec.span, operand=Operand(value.name, indices),
-                     uses=tuple((i, 1) for i in indices))
-
-    def resolve_weak(self, dtype: str) -> str:
-        """Numbers alone take the program's dtype; fractions never truncate to integers."""
-        if dtype == _WEAK_FLOAT:
-            return self.default_float
-        return self.dtype if dtype == _WEAK_INT else dtype
-
-    @property
-    def default_float(self) -> str:
-        return self.dtype if self.dtype in FLOAT_DTYPES else "f32"
-
-    def apply(self, fn: str, children: tuple[_Node, ...], span: Span) -> _Node:
-        """An elementwise node; its dtype by promotion."""
-        dtypes = [child.dtype for child in children]
-        if fn in COMPARISONS:
-            dtype = "bool"
-        elif fn == "where":
-            dtype = _promote(dtypes[1], dtypes[2], self.default_float)
-        else:
-            dtype = dtypes[0]
-            for other in dtypes[1:]:
-                dtype = _promote(dtype, other, self.default_float)
-            float_result = fn == "div" or fn in FLOAT_FUNCTIONS
-            if float_result and dtype in ("bool", "i32", _WEAK_INT):
-                dtype = self.default_float if dtype != _WEAK_INT else _WEAK_FLOAT
-            elif dtype == "bool":
-                dtype = "i32"  # arithmetic on booleans counts them
-        if fn == "mul":
-            # A product of several factors is one n-ary node: the summation rule
-            # sums an index over the whole product (one n-ary contraction), and
-            # since a product distributes over sums, that is the same value.
-            children = tuple(factor for child in children
-                             for factor in (child.children if child.kind == "apply" and child.fn == "mul"
-                                            else (child,)))
-        free = _merge_free(*(child.free for child in children))
-        return _Node("apply", free, dtype, span, children, fn=fn, uses=_merge_uses(*children))
-
-    def type_call(self, call: Call, scope: _Scope) -> _Node:
-        name = call.func.text
-        if name not in ALL_FUNCTIONS:
-            self.fail("E204", f"unknown function '{name}'", call.func.span,
-                      hint=_did_you_mean(name, ALL_FUNCTIONS) or
-                      "see docs/language.md for the functions of the language")
-        if name == "pos":
-            return self.type_pos(call)
-        indexed = name in REDUCTIONS or name in LIBRARY_FUNCTIONS or name in ("route", "take")
-        if indexed and call.indices is None:
-            example = "route[E,C](g, k=2)" if name == "route" else f"{name}[I](...)"
-            self.fail("E214", f"'{name}' needs the index it works over in brackets", call.func.span,
-                      hint=f"write {example}")
-        if not indexed and call.indices is not None:
-            self.fail("E214", f"'{name}' is elementwise and takes no indices", call.span,
-                      hint=f"write {name}(...)")
-        allowed_kwargs = ("k",) if name == "route" else ()
-        for kwarg in call.kwargs:
-            if kwarg.name.text not in allowed_kwargs:
-                self.fail("E214", f"'{name}' has no argument '{kwarg.name}'", kwarg.span,
-                          hint="route takes k=...; other functions take no named arguments"
-                          if name != "route" else "route takes only k=...")
-        arity = ELEMENTWISE_FUNCTIONS.get(name, 2 if name == "take" else 1)
-        if len(call.args) != arity:
-            self.fail("E214", f"'{name}' takes {arity} argument{'s' * (arity != 1)}, "
-                              f"got {len(call.args)}", call.span)
-        args = tuple(self.type_expr(arg, scope) for arg in call.args)
-        if not indexed:
-            return self.apply(name, args, call.span)
-        indices = []
-        seen: dict[str, Span] = {}
-        for spec in call.indices:
-            if spec.axes:
-                self.fail("E216", f"layout annotation in an expression: '{spec.name}@...'", spec.span,
-                          hint="layouts go on declarations and on the left of statements")
-            self.dim_size(spec.name)
-            if spec.name.text in seen:
-                self.fail("E212", f"index '{spec.name}' appears twice in {name}[...]", spec.name.span,
-                          labels=(Label(seen[spec.name.text], "first here"),))
-            seen[spec.name.text] = spec.name.span
-            indices.append(spec.name.text)
-        if name == "route":
-            return self.type_route(call, args[0], tuple(indices))
-        if name == "take":
-            return self.type_take(call, args, tuple(indices))
-        if name in LIBRARY_FUNCTIONS and len(indices) != 1:
-            self.fail("E214", f"'{name}' works over one index, got {len(indices)}", call.span,
-                      hint=f"write {name}[{indices[0] if indices else 'I'}](...)")
-        if not indices:
-            self.fail("E214", f"'{name}' over no index", call.span,
-                      hint=f"write {name}[I](...) with the indices it reduces over")
-        child = args[0]
-        for spec in call.indices:
-            if spec.name.text not in child.free:
-                have = ", ".join(child.free) or "none"
-                self.fail("E213", f"{name} over index {spec.name}, which its operand does not have",
-                          spec.name.span, hint=f"the operand's indices are: {have}")
-        if name in REDUCTIONS:
-            dtype = child.dtype
-            if name == "mean" and dtype in ("bool", "i32"):
-                dtype = self.default_float
-            elif name == "sum" and dtype == "bool":
-                dtype = "i32"
-            node = _Node("reduce", (), dtype, call.span, fn=name, over=tuple(indices))
-            return _with_children(node, (child,))
-        dtype = child.dtype
-        if name != "cumsum" and dtype in ("bool", "i32", _WEAK_INT, _WEAK_FLOAT):
-            dtype = self.default_float
-        elif name == "cumsum" and dtype == "bool":
-            dtype = "i32"
-        node = _Node("library", (), dtype, call.span, fn=name, over=tuple(indices))
-        return _with_children(node, (child,))
-
-    def type_pos(self, call: Call) -> _Node:
-        """`pos(S)`: the position along index S, an i32 that varies along S only."""
-        if call.indices is not None:
-            self.fail("E214", "'pos' takes the index in parentheses, not in brackets", call.span,
-                      hint="write pos(S)")
-        if call.kwargs:
-            self.fail("E214", f"'pos' has no argument '{call.kwargs[0].name}'", call.kwargs[0].span,
-                      hint="write pos(S)")
-        if len(call.args) != 1:
-            self.fail("E214", f"'pos' takes 1 argument, got {len(call.args)}", call.span,
-                      hint="write pos(S) with the index whose positions you want")
-        arg = call.args[0]
-        if not isinstance(arg, SizeRef):
-            self.fail("E218", "pos takes an index name, not an expression", arg.span,
-                      hint="write pos(S): the 0-based position along S (a dim)")
-        name = arg.name
-        if name.text not in self.dims:
-            if name.text in self.dim_spans:
-                raise _Abort()  # its declaration already failed
-            self.fail("E203", f"unknown dimension '{name}'", name.span,
-                      hint=_did_you_mean(name.text, self.dims) or "pos(S) needs S declared with `dim`")
-        return _Node("pos", (name.text,), "i32", call.span, over=(name.text,),
-                     uses=((name.text, 1),))
-
-    def type_take(self, call: Call, args: tuple[_Node, ...], indices: tuple[str, ...]) -> _Node:
-        """`take[V](table, ids)`: rows of the table at integer ids (an embedding lookup)."""
-        if len(indices) != 1:
-            self.fail("E217", f"take selects along one index of the table, got {len(indices)}",
-                      call.span, hint="write take[V](table[V,D], ids[B,S])")
-        (index,) = indices
-        index_span = call.indices[0].name.span
-        table, ids = args
-        if index not in table.free:
-            self.fail("E217", f"take along {index}, which the table does not have", index_span,
-                      hint=f"the table's indices are: {', '.join(table.free) or 'none'}")
-        if ids.dtype not in ("i32", _WEAK_INT):
-            self.fail("E217", f"take's ids must be integers (i32), not {self.resolve_weak(ids.dtype)}",
-                      ids.span, hint="declare them as integers, e.g. `input ids[B,S] : i32`")
-        if index in ids.free:
-            self.fail("E217", f"take's ids have the index {index} they select along", ids.span,
-                      hint=f"the ids pick positions along {index}; index them by other dims, "
-                           f"e.g. ids[B,S]")
-        # An index of both the table and the ids is a batch index (jnp.take_along_axis): the
-        # ids at each of its positions look up that position's table.
-        ids = replace(ids, dtype="i32")  # a number as an id is an i32
-        node = _Node("take", (), table.dtype, call.span, over=(index,))
-        return _with_children(node, (table, ids))
-
-    def type_route(self, call: Call, gate: _Node, indices: tuple[str, ...]) -> _Node:
-        if len(indices) != 2:
-            self.fail("E215", f"route takes two indices, the experts and their capacity slots "
-                              f"(route[E,C]), got {len(indices)}", call.span)
-        expert, capacity = indices
-        expert_span, capacity_span = call.indices[0].name.span, call.indices[1].name.span
-        if expert not in gate.free:
-            self.fail("E215", f"route over experts {expert}, which the gate does not have", expert_span,
-                      hint=f"the gate's indices are: {', '.join(gate.free) or 'none'}")
-        if capacity in gate.free:
-            self.fail("E215", f"capacity index {capacity} is already an index of the gate", capacity_span,
-                      hint="the capacity index is new: it numbers each expert's slots")
-        if len(gate.free) < 2:
-            self.fail("E215", "route needs a token index besides the experts", call.span,
-                      hint="the gate is g[..., S, E]: tokens along S, one probability per expert")
-        k, k_span = DEFAULT_TOP_K, call.span
-        for kwarg in call.kwargs:
-            if not isinstance(kwarg.value, Number) or not isinstance(kwarg.value.value, int):
-                self.fail("E215", "route's k must be a whole number", kwarg.value.span)
-            k, k_span = kwarg.value.value, kwarg.value.span
-        if not 1 <= k <= self.dims[expert]:
-            default = "" if call.kwargs else f" (the default, top-{DEFAULT_TOP_K})"
-            self.fail("E215", f"route's k={k}{default} must be between 1 and the number of experts "
-                              f"({expert}={self.dims[expert]})", k_span)
-        dtype = gate.dtype if gate.dtype in FLOAT_DTYPES else self.default_float
-        node = _Node("route", (), dtype, call.span, over=(expert, capacity), k=k)
-        return _with_children(node, (gate,))
 
     # ---- statements
 
@@ -929,16 +521,16 @@ class _Checker:
     def _outer_value(self, scope: _Scope, name: str) -> str:
         outer = scope.parent.lookup(name).value
         if outer is None:
-            raise _Abort()  # the outer definition failed and was reported
+            raise Abort()  # the outer definition failed and was reported
         return outer.name
 
     def repeat(self, item: RepeatItem, scope: _Scope) -> list:
         dim = item.dim
         if dim.text not in self.dims:
             if dim.text in self.dim_spans:
-                raise _Abort()
+                raise Abort()
             self.fail("E203", f"unknown dimension '{dim}'", dim.span,
-                      hint=_did_you_mean(dim.text, self.dims) or "declare the trip count with `dim`")
+                      hint=did_you_mean(dim.text, self.dims) or "declare the trip count with `dim`")
         if item.modifier is not None:
             if item.modifier.text != "remat":
                 self.error("E250", f"unknown repeat modifier '{item.modifier}'", item.modifier.span,
@@ -981,10 +573,10 @@ class _Checker:
                           labels=(Label(self.repeat_locals[name.text], "defined here"),),
                           hint="only names defined before the block and redefined in it leave it")
             self.fail("E232", f"output '{name}' is never defined", name.span,
-                      hint=_did_you_mean(name.text, self.all_definitions)
+                      hint=did_you_mean(name.text, self.all_definitions)
                       or "define it with a statement, e.g. " + f"{name}[...] = ...")
         if binding.value is None:
-            raise _Abort()
+            raise Abort()
         value = binding.value
         if item.pin is not None:
             self.fail("E225", "braces on an output", item.pin.span,
@@ -1037,7 +629,7 @@ class _Checker:
             if isinstance(item, OutputDecl):
                 try:
                     self.output(item, top, seen)
-                except _Abort:
+                except Abort:
                     pass
         program = Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype,
                           tuple(self.inputs), tuple(ops), tuple(self.outputs), self.source)
@@ -1108,7 +700,7 @@ class _StatementLowering:
     def resolve(self, dtype: str) -> str:
         return self.checker.resolve_weak(dtype)
 
-    def lower_statement(self, root: _Node, result: Value) -> list:
+    def lower_statement(self, root: Node, result: Value) -> list:
         indices = result.type.indices
         natural = self.resolve(root.dtype)
         wanted = result.type.dtype
@@ -1116,7 +708,7 @@ class _StatementLowering:
         # as an accumulator would be; a narrowing one rounds the finished value once.
         computes_in_wanted = natural == wanted or (
             wanted in FLOAT_DTYPES and natural in FLOAT_DTYPES
-            and _promote(natural, wanted, self.checker.default_float) == wanted)
+            and promote(natural, wanted, self.checker.default_float) == wanted)
         if root.kind in ("reduce", "library", "route", "take") and set(root.free) == set(indices) \
                 and computes_in_wanted:
             # The statement's own op produces the result directly, in the left-hand side's order.
@@ -1137,7 +729,7 @@ class _StatementLowering:
         self.ops.append(Map(result, tuple(operands), expr, self.stmt, self.span))
         return self.ops
 
-    def lower(self, node: _Node, operands: list[Operand]):
+    def lower(self, node: Node, operands: list[Operand]):
         """The node as a scalar expression over `operands` (the Map being built)."""
         if node.kind == "ref":
             return Arg(self.add_operand(operands, node.operand))
@@ -1147,18 +739,18 @@ class _StatementLowering:
             return Pos(node.over[0])
         if node.kind == "apply":
             args = []
-            target = self.resolve(node.dtype) if node.dtype not in (_WEAK_INT, _WEAK_FLOAT) else None
+            target = self.resolve(node.dtype) if node.dtype not in (WEAK_INT, WEAK_FLOAT) else None
             for position, child in enumerate(node.children):
                 arg = self.lower(child, operands)
                 if node.fn in COMPARISONS:
                     other = node.children[1 - position].dtype
-                    want = _promote(child.dtype, other, self.checker.default_float)
-                    want = want if want not in (_WEAK_INT, _WEAK_FLOAT) else None
+                    want = promote(child.dtype, other, self.checker.default_float)
+                    want = want if want not in (WEAK_INT, WEAK_FLOAT) else None
                 elif node.fn == "where" and position == 0:
                     want = None
                 else:
                     want = target
-                if want and child.dtype not in (_WEAK_INT, _WEAK_FLOAT, want):
+                if want and child.dtype not in (WEAK_INT, WEAK_FLOAT, want):
                     arg = Cast(want, arg)
                 args.append(arg)
             if node.fn == "mul":  # n-ary in the typed tree, binary in the IR
@@ -1180,7 +772,7 @@ class _StatementLowering:
         operands.append(operand)
         return len(operands) - 1
 
-    def materialize(self, node: _Node) -> Operand:
+    def materialize(self, node: Node) -> Operand:
         """The node as a value of its own (a plain reference needs no op)."""
         if node.kind == "ref":
             return node.operand
@@ -1199,7 +791,7 @@ class _StatementLowering:
         self.ops.append(Map(value, tuple(operands), expr, self.stmt, node.span))
         return Operand(value.name, node.free)
 
-    def emit_structured(self, node: _Node, result: Value):
+    def emit_structured(self, node: Node, result: Value):
         """Emit the op for a reduce/library/route node into `result`.
 
         Returns a constant factor the caller must still multiply the result by
@@ -1245,7 +837,7 @@ class _StatementLowering:
         self.ops.append(Reduce(result, node.fn, operand, node.over, self.stmt, node.span))
         return None
 
-    def flatten_product(self, node: _Node) -> list[_Node]:
+    def flatten_product(self, node: Node) -> list[Node]:
         if node.kind == "apply" and node.fn == "mul":
             return [f for child in node.children for f in self.flatten_product(child)]
         return [node]

@@ -100,7 +100,7 @@ TERM = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*+\[[^\]\n]*\]")
 
 # The checker's functions, in an order of their own: a campaign's inputs follow from it, so
 # reordering would change what every index of a published campaign means (tests/test_fuzz.py
-# checks it is the same set as einpar.check.ALL_FUNCTIONS).
+# checks it is the same set as einpar.check_expr.ALL_FUNCTIONS).
 FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs",
              "square", "where", "max2", "min2", "sum", "max", "min", "mean", "softmax",
              "logsumexp", "rmsnorm", "layernorm", "cumsum", "route", "sin", "cos", "erf", "pow",

@@ -250,5 +250,5 @@ def test_warnings_on_stderr_are_not_read_as_the_emitted_module(tmp_path, monkeyp
 
 
 def test_the_fuzzers_vocabulary_is_the_languages():
-    from einpar.check import ALL_FUNCTIONS
+    from einpar.check_expr import ALL_FUNCTIONS
     assert set(fuzz.FUNCTIONS) == set(ALL_FUNCTIONS) and len(fuzz.FUNCTIONS) == len(ALL_FUNCTIONS)
