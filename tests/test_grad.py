@@ -488,6 +488,19 @@ def test_format_grad_is_ein_text_that_computes_the_same_gradients():
     assert "# the backward pass" in printed and "l_grad[]: f32 = 1.0" in printed
 
 
+def test_format_grad_of_a_step_with_an_optimizer_runs_and_updates_the_same():
+    """The updated params are outputs of their new values (a param cannot be redefined)."""
+    step = ein.load(ROOT / "examples/training/mlp_data_parallel.ein", {"B": 64, "D": 8, "F": 16})
+    printed = format_grad(step)
+    again = ein.compile_source(printed, "grad.ein")
+    inputs = ein.random_inputs(step, 3)
+    want = reference.evaluate(step, inputs)
+    got = reference.evaluate(again, {name.replace(".", "_"): array for name, array in inputs.items()})
+    for name in ("w1", "w1.m", "w2.v"):
+        np.testing.assert_allclose(got[name.replace(".", "_") + "_new"], want[name], rtol=1e-5,
+                                   atol=1e-7)
+
+
 def test_format_grad_shows_a_backward_loop():
     derived = grad(ein.compile_source(with_loss(NESTED)), "l")
     printed = format_grad(derived)
