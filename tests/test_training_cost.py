@@ -225,13 +225,13 @@ loss l
 """
 
 
-def priced(text: str, overrides=None):
+def priced_source(text: str, overrides=None):
     program = ein.compile_source(text, "step.ein", overrides)
     return estimate(program, ein.compile_spmd(program), load_cluster("h100x8"))
 
 
 def test_remat_adds_the_recomputation_to_the_flops_run_not_to_the_model_flops():
-    kept, recomputed = priced(REMAT_MLP.format(remat="")), priced(REMAT_MLP.format(remat="remat "))
+    kept, recomputed = priced_source(REMAT_MLP.format(remat="")), priced_source(REMAT_MLP.format(remat="remat "))
     assert recomputed.training.model_flops == kept.training.model_flops
     # h = gelu(x·w1) again on each device: its contraction (2·B/2·D·F) and the map.
     again = 2 * 32 * 32 * 128
@@ -253,6 +253,6 @@ microbatches B=4
 
 
 def test_an_fsdp_weight_is_gathered_once_per_micro_batch():
-    cost = priced(FSDP_MICRO)
+    cost = priced_source(FSDP_MICRO)
     gathers = [op for op in cost.ops if op.what.startswith("all_gather") and "w2" in op.what]
     assert gathers and all(op.trips == 4 for op in gathers)
