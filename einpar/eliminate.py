@@ -124,9 +124,18 @@ def _value_table(problem, value: str, scope: list[int], maker: int | None,
             view = [1] * len(shape)
             view[position] = len(source_of)
             source = source + np.array(source_of, dtype=np.uint64).reshape(view)
-        pairs, inverse = np.unique(np.stack([source.ravel(), mask.ravel()]), axis=1,
-                                   return_inverse=True)
-        prices_of = np.array([price(int(s), int(m)) for s, m in pairs.T])
+        # One integer per (source, layouts needed) pair, so that each distinct pair is priced
+        # once; a 1-D unique is far cheaper than a unique over columns.
+        width = len(layouts)
+        if len(sources) << width < 1 << 63:
+            keys, inverse = np.unique((source << np.uint64(width) | mask).ravel(),
+                                      return_inverse=True)
+            pairs = [(int(key) >> width, int(key) & ((1 << width) - 1)) for key in keys]
+        else:
+            columns, inverse = np.unique(np.stack([source.ravel(), mask.ravel()]), axis=1,
+                                         return_inverse=True)
+            pairs = [(int(s), int(m)) for s, m in columns.T]
+        prices_of = np.array([price(s, m) for s, m in pairs])
         return prices_of[inverse.ravel()].reshape(shape)
     table = np.empty(shape)
     for combo in itertools.product(*(range(size) for size in shape)):
@@ -146,13 +155,22 @@ def _aligned(scope: tuple[int, ...], table: np.ndarray, union: tuple[int, ...]) 
 def _minimize(factors, sizes: list[int]) -> list[int]:
     eliminated = []  # (node, its bucket's scope, the bucket's table), in order
     remaining = set(range(len(sizes)))
+    # Each node's neighbours (itself included): the union of the scopes of its factors,
+    # kept up to date as nodes go, so that a bucket's size is known without a scan.
+    neighbours = {node: {node} for node in remaining}
+    for scope, _ in factors:
+        for node in scope:
+            neighbours[node].update(scope)
     while remaining:
         # The node whose bucket is smallest goes next (ties: the lowest index).
         def bucket_size(node: int) -> int:
-            union = set().union(*(scope for scope, _ in factors if node in scope)) | {node}
-            return math.prod(sizes[i] for i in union)
+            return math.prod(sizes[i] for i in neighbours[node])
 
         node = min(sorted(remaining), key=bucket_size)
+        rest_of = neighbours.pop(node) - {node}
+        for other in rest_of:
+            neighbours[other].discard(node)
+            neighbours[other] |= rest_of
         bucket = [(scope, table) for scope, table in factors if node in scope]
         factors = [(scope, table) for scope, table in factors if node not in scope]
         union = tuple(sorted(set().union(*(scope for scope, _ in bucket)) | {node}))

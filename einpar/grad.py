@@ -441,6 +441,8 @@ class _Level(OpRules):
             out = body.grad(c.value)
             if out is None:
                 out = body.zeros(body.grad_name(c.value), ctype, f"{where}.grad", span)
+            else:
+                out = body.pin_like(out, _carried_pin(op, c))
             result = self.new_part(c.value, ctype.indices)
             loop_carried.append(Carried(start, out, Value(result, ctype)))
         saved = []
@@ -464,12 +466,35 @@ class _Level(OpRules):
                                 tuple(body.backward_views.values()), tuple(body.out), span,
                                 tuple(saved), reverse=True))
 
+    def pin_like(self, name: str, layout) -> str:
+        """Pin the statement making gradient `name` to `layout` (its value's pin): a loop
+        carries a gradient in the layout it carries the value in, as Megatron's backward
+        pass keeps dL/dx split like x. Nothing where this level did not make it."""
+        if layout is None:
+            return name
+        for index, op in enumerate(self.out):
+            if not isinstance(op, Repeat) and op.result.name == name:
+                result = replace(op.result, layout=layout)
+                self.out[index] = replace(op, result=result)
+                self.g.values[name] = result
+        return name
+
     def emit_repeat(self, op: Repeat) -> None:
         self.out.append(op)
         for c in op.carried:
             self.g.values[c.result.name] = c.result
         for s in op.saved:
             self.g.values[s.result.name] = s.result
+
+
+def _carried_pin(op: Repeat, carried: Carried):
+    """The layout the user pinned a loop's carried value to (the pin of the body statement
+    that makes it), or None."""
+    for inner in op.body:
+        if not isinstance(inner, Repeat) and inner.result.name == carried.body_result:
+            if inner.result.layout is not None and not inner.result.layout.partial:
+                return inner.result.layout
+    return None
 
 
 # ---- printing (`einpar compile --emit grad`)
