@@ -65,6 +65,7 @@ class _Partitioner(Search, Materializer):
         self._strategies: dict = {}
         self._choices: dict = {}
         self._bodies: dict = {}
+        self._warm: dict = {}  # id(op) -> its roles in the last axis-by-axis plan
         self._solved: dict = {}  # a part's signature -> its first ops and their plan
         self.top: _Level | None = None
 

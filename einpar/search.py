@@ -261,7 +261,7 @@ class Search(RepeatSearch):
         """Choose one axis's roles at a time for the whole level, the others held; an axis is
         solved again only after another axis changed the plan, until none can lower its price
         (at most MAX_SWEEPS solves per axis)."""
-        base = {id(op): self.initial_roles(op, level) for op in level.ops
+        base = {id(op): self.start_roles(op, level) for op in level.ops
                 if not isinstance(op, Repeat)}
         repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
         axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
@@ -293,6 +293,9 @@ class Search(RepeatSearch):
                         base[id(op)] = node[pick][0]
             elif plan is not None and not dirty:
                 break
+        for op in level.ops:
+            if not isinstance(op, Repeat):
+                self._warm[id(op)] = base[id(op)]
         # The plan over every strategy one axis away from each op's (the best rejected
         # alternative of an op is among them, whichever axis was solved last).
         nodes, picks = [], []
@@ -309,6 +312,18 @@ class Search(RepeatSearch):
             nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
             picks.append(0)
         return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
+
+    def start_roles(self, op: Op, level: _Level) -> tuple:
+        """Where the axis-by-axis search starts an op: its roles in the last plan found for
+        it (a loop body solved again for other carried layouts usually lands close by, so
+        each axis is solved once or twice rather than three or four times), each role
+        still open to it at this level; else `initial_roles`."""
+        initial = self.initial_roles(op, level)
+        warm = self._warm.get(id(op))
+        if warm is None:
+            return initial
+        return tuple(role if role == start or role in self.roles(op, axis, level) else start
+                     for role, start, axis in zip(warm, initial, self.mesh.names))
 
     def initial_roles(self, op: Op, level: _Level) -> tuple:
         """Copies on every axis, except what the op's pinned layout implies (so each

@@ -25,9 +25,12 @@ class RepeatSearch:
         layouts, per-trip layouts of the stacked views (None for an input's), per-trip
         layouts of the saved values (None: as the body holds them, made whole))."""
         choices = []
-        for layouts, views, targets in itertools.product(self.carried_candidates(op, level),
+        carried, fallback = self.carried_candidates(op, level)
+        for layouts, views, targets in itertools.product(carried,
                                                          self.stacked_candidates(op, level),
                                                          self.saved_candidates(op, level)):
+            if fallback and layouts is carried[-1] and choices:
+                break  # carried in their pins: whole only where the body cannot run so
             body = self.body_plan(op, layouts, views, targets, level)
             if body is None:
                 continue
@@ -44,10 +47,12 @@ class RepeatSearch:
             self.no_strategy(op)
         return choices
 
-    def carried_candidates(self, op: Repeat, level: _Level) -> list[tuple[Layout, ...]]:
+    def carried_candidates(self, op: Repeat, level: _Level) -> tuple[list[tuple[Layout, ...]], bool]:
         """The layouts a loop's carried values may have: the pin of the body's last
         statement for it, else the layout it enters in if that is fixed (an input), made
-        whole; and all whole."""
+        whole; and all whole. Where every carried value has a pin, it crosses in its pin
+        (any other layout is a move away at the start of the next trip) and all whole is
+        only a fallback (True) for a body that cannot run in the pins."""
         body_pins = {inner.result.name: inner.result.layout for inner in op.body
                      if not isinstance(inner, Repeat)}
         preferred = []
@@ -61,7 +66,9 @@ class RepeatSearch:
             else:
                 preferred.append(Layout.replicated(rank))
         whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
-        return list(dict.fromkeys([tuple(preferred), whole]))
+        candidates = list(dict.fromkeys([tuple(preferred), whole]))
+        pinned = all(body_pins.get(c.body_result) is not None for c in op.carried)
+        return candidates, pinned and len(candidates) > 1
 
     def stacked_candidates(self, op: Repeat, level: _Level) -> list[tuple]:
         """The per-trip layouts a loop's stacked views may have: None for an input's (it is
