@@ -65,9 +65,27 @@ def _factors(problem) -> list[tuple[tuple[int, ...], np.ndarray]]:
         scope = sorted(set(readers.get(value, [])) | ({maker[value]} if value in maker else set()))
         if math.prod(len(problem.nodes[i]) for i in scope) > MAX_ENTRIES:
             raise TooWide()
-        factors.append((tuple(scope), _value_table(problem, value, scope, maker.get(value),
-                                                   required.get(value, set()))))
+        factors.append((tuple(scope), _memo_table(problem, value, scope, maker.get(value),
+                                                  required.get(value, set()))))
     return factors
+
+
+def _memo_table(problem, value: str, scope: list[int], maker: int | None,
+                required: set[Layout]) -> np.ndarray:
+    """`_value_table`, kept in `problem.tables` where the problem has one: the axis-by-axis
+    search solves a level several times, and a loop body once per carried layout, mostly
+    with the same choices (the partitioner caches them), so most tables recur. The key
+    holds the choices themselves (by identity, the entry keeping them alive)."""
+    if problem.tables is None or problem.value_type is None:
+        return _value_table(problem, value, scope, maker, required)
+    nodes = tuple(tuple(problem.nodes[i]) for i in scope)
+    key = (value, problem.value_type(value), tuple(tuple(map(id, node)) for node in nodes),
+           None if maker is None else scope.index(maker), frozenset(required),
+           problem.fixed.get(value) if maker is None else None)
+    entry = problem.tables.get(key)
+    if entry is None:
+        entry = problem.tables[key] = (_value_table(problem, value, scope, maker, required), nodes)
+    return entry[0]
 
 
 def _value_table(problem, value: str, scope: list[int], maker: int | None,

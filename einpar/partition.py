@@ -65,6 +65,8 @@ class _Partitioner(Search, Materializer):
         self._strategies: dict = {}
         self._choices: dict = {}
         self._bodies: dict = {}
+        self._keys: dict = {}  # layout -> the same layout on the mesh's axes of size > 1
+        self._tables: dict = {}  # the solver's value tables, kept across solves (eliminate.py)
         self._warm: dict = {}  # id(op) -> its roles in the last axis-by-axis plan
         self._solved: dict = {}  # a part's signature -> its first ops and their plan
         self.top: _Level | None = None
@@ -75,7 +77,13 @@ class _Partitioner(Search, Materializer):
         return self.types.get(value) or self.values[value].type
 
     def key(self, layout: Layout) -> Layout:
-        return strip(layout, self.mesh)
+        # One object per layout: the prices' dictionaries then find it by identity.
+        try:
+            return self._keys[layout]
+        except KeyError:
+            self._keys[layout] = stripped = strip(layout, self.mesh)
+            self._keys.setdefault(stripped, stripped)
+            return stripped
 
     def layout_bytes(self, value: str, layout: Layout) -> int:
         vtype = self.vtype(value)

@@ -95,7 +95,8 @@ class _Level:
         limit = part.memory_limit if self is part.top else None
         return Problem([[choice for _, choice in node] for node in nodes],
                        {v: part.key(layout) for v, layout in finals.items()},
-                       part.move_price, tuple(required), limit, part.layout_bytes)
+                       part.move_price, tuple(required), limit, part.layout_bytes,
+                       tables=part._tables, value_type=part.vtype)
 
     def node_choices(self, op, roles_list) -> list:
         return self.part.op_choices(op, roles_list, self.required.get(op.result.name, "-"),

@@ -75,6 +75,11 @@ class Problem:
     memory_limit: float | None = None
     layout_bytes: Callable[[str, Layout], int] | None = None
     stats: dict = field(default_factory=dict)
+    # Where several problems share their moves' prices (one partitioner's solves): a memo
+    # of eliminate.py's value tables, and the type of a value (a move's price depends on
+    # it: a stacked view's name is one trip's slice in a loop body and the stack outside).
+    tables: dict | None = None
+    value_type: Callable[[str], object] | None = None
 
 
 class Infeasible(Exception):
@@ -142,9 +147,9 @@ class Evaluation:
             self._count(need, -1)
         for need in dict.fromkeys(new.needs):
             self._count(need, 1)
-        made = dict(self.made)
-        made.update(new.makes)
-        after = sum(self._moves(v, made[v]) for v in values if v in made)
+        made = dict(new.makes)  # what differs from self.made (a copy of it would cost more)
+        after = sum(self._moves(v, made[v] if v in made else self.made[v])
+                    for v in values if v in made or v in self.made)
         for need in dict.fromkeys(new.needs):
             self._count(need, -1)
         for need in dict.fromkeys(old.needs):
