@@ -20,7 +20,11 @@ A `repeat` is one choice among the layouts its carried values may cross the
 loop in (its last statement's pin, the layout it enters in, or whole) and
 the layouts its stacked views of values made before it are sliced in (the
 layouts their maker may make them in, or whole), each priced by solving the
-body once, times the trips. A value the loop saves from every trip leaves it
+body once, times the trips. Whole is tried only where the body cannot run in
+the pins or the layouts the views are made in: it is cheaper only where one
+move of a whole stack before the loop beats a move per trip (tiny,
+latency-bound sizes, at the price of the gathered stack's memory), and each
+candidate is a solve of the body. A value the loop saves from every trip leaves it
 in the layout the body holds it in at the end of a trip (whole where it is a
 partial sum) or in the layout asked of its stack (a choice too), the repeat
 dim unsplit in front.

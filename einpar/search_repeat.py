@@ -23,14 +23,32 @@ class RepeatSearch:
         views of values made before it may be sliced in and the saved values may be kept
         in, each priced by solving the body once (all trips). A choice's label is (carried
         layouts, per-trip layouts of the stacked views (None for an input's), per-trip
-        layouts of the saved values (None: as the body holds them, made whole))."""
+        layouts of the saved values (None: as the body holds them, made whole)).
+
+        Each candidate is a solve of the body, so those cheaper only at tiny,
+        latency-bound sizes (one move of a whole stack before the loop against a move
+        per trip) are tried only where the others cannot run: carried values that are
+        all pinned cross in their pins (any other layout is a move away at the start of
+        the next trip), stacked views made before the loop are sliced in the layouts
+        they are made in, and saved values that all have a layout asked of them are
+        kept in it (a partial sum is reduce-scattered straight into it, where whole it
+        would be all-reduced and sliced)."""
+        carried, carried_first = self.carried_candidates(op, level)
+        saved = self.saved_candidates(op, level)
+        saved_first = saved[:1] if saved and all(t is not None for t in saved[0]) else saved
+        stacked, stacked_first = self.stacked_candidates(op, level)
+        first = list(itertools.product(carried_first, stacked_first, saved_first))
+        choices = self.loop_choices(op, level, first)
+        if not choices:
+            rest = [c for c in itertools.product(carried, stacked, saved) if c not in first]
+            choices = self.loop_choices(op, level, rest)
+        if not choices:
+            self.no_strategy(op)
+        return choices
+
+    def loop_choices(self, op: Repeat, level: _Level, candidates) -> list:
         choices = []
-        carried, fallback = self.carried_candidates(op, level)
-        for layouts, views, targets in itertools.product(carried,
-                                                         self.stacked_candidates(op, level),
-                                                         self.saved_candidates(op, level)):
-            if fallback and layouts is carried[-1] and choices:
-                break  # carried in their pins: whole only where the body cannot run so
+        for layouts, views, targets in candidates:
             body = self.body_plan(op, layouts, views, targets, level)
             if body is None:
                 continue
@@ -43,16 +61,13 @@ class RepeatSearch:
             memory = sum(self.layout_bytes(name, layout) for name, layout in stacks)
             choices.append(((layouts, views, targets),
                              Choice(plan.price * op.count, needs, makes, memory)))
-        if not choices:
-            self.no_strategy(op)
         return choices
 
-    def carried_candidates(self, op: Repeat, level: _Level) -> tuple[list[tuple[Layout, ...]], bool]:
+    def carried_candidates(self, op: Repeat, level: _Level) -> tuple[list, list]:
         """The layouts a loop's carried values may have: the pin of the body's last
         statement for it, else the layout it enters in if that is fixed (an input), made
-        whole; and all whole. Where every carried value has a pin, it crosses in its pin
-        (any other layout is a move away at the start of the next trip) and all whole is
-        only a fallback (True) for a body that cannot run in the pins."""
+        whole; and all whole. Then those tried first: only the pins where every carried
+        value has one."""
         body_pins = {inner.result.name: inner.result.layout for inner in op.body
                      if not isinstance(inner, Repeat)}
         preferred = []
@@ -68,25 +83,31 @@ class RepeatSearch:
         whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
         candidates = list(dict.fromkeys([tuple(preferred), whole]))
         pinned = all(body_pins.get(c.body_result) is not None for c in op.carried)
-        return candidates, pinned and len(candidates) > 1
+        return candidates, candidates[:1] if pinned else candidates
 
-    def stacked_candidates(self, op: Repeat, level: _Level) -> list[tuple]:
+    def stacked_candidates(self, op: Repeat, level: _Level) -> tuple[list, list]:
         """The per-trip layouts a loop's stacked views may have: None for an input's (it is
         sliced where it lives); for a value made before the loop, each layout its maker may
         make it in whose stacked dims are whole (the i-th of every view together), and all
-        whole."""
-        options = []
+        whole. Then those tried first: the layouts they are made in, where every view has
+        one (a slice read whole is moved inside the body instead, a trip at a time)."""
+        options, first = [], []
         for view in op.stacked:
             if self.values[view.name].kind != "def":
                 options.append([None])
+                first.append([None])
                 continue
             depth = self.vtype(view.name).rank - view.type.rank
             made = [Layout(layout.dims[depth:]) for layout in self.made_layouts(view.name, level)
                     if not layout.partial and not any(layout.dims[:depth])]
             options.append(list(dict.fromkeys(made + [Layout.replicated(view.type.rank)])))
-        count = max((len(layouts) for layouts in options), default=1)
-        return list(dict.fromkeys(tuple(layouts[min(i, len(layouts) - 1)] for layouts in options)
-                                  for i in range(count)))
+            first.append(made)
+        def together(per_view):
+            count = max((len(layouts) for layouts in per_view), default=1)
+            return list(dict.fromkeys(tuple(layouts[min(i, len(layouts) - 1)] for layouts in per_view)
+                                      for i in range(count)))
+        every = together(options)
+        return every, (together(first) if all(first) else every)
 
     def saved_candidates(self, op: Repeat, level: _Level) -> list[tuple]:
         """The per-trip layouts a loop's saved values may be kept in: as the body holds them
