@@ -223,6 +223,10 @@ class _Builder:
         self.statements: list[Statement] = []
         self.by_op: dict[str, Statement] = {}  # local op result -> its statement
         self.pending: list[CollectiveStep] = []  # moves met before the op they serve
+        # A loop's start or end was passed since the last statement: the next op starts a
+        # statement of its own even where it has the last one's name (a loop's last backward
+        # op and the one after the loop can both come from the statement before the loop).
+        self.loop_edge_passed = False
 
     def held(self, local: str, indices: tuple[str, ...] | None = None) -> Held:
         value = self.spmd.values[local]
@@ -233,7 +237,8 @@ class _Builder:
         op = step.op
         span = op.span
         line = span.line if span else 0
-        last = self.statements[-1] if self.statements else None
+        last = self.statements[-1] if self.statements and not self.loop_edge_passed else None
+        self.loop_edge_passed = False
         if last is not None and last.name == op.stmt and last.line == line:
             return last
         end = span.end_line if span else line
@@ -287,8 +292,10 @@ class _Builder:
         for step in steps:
             if isinstance(step, RepeatStep):
                 self.loop_edge(step, trips, "before the loop")
+                self.loop_edge_passed = True
                 self.walk(step.body, trips * step.count)
                 self.loop_edge(step, trips * step.count, "at the end of each trip")
+                self.loop_edge_passed = True
             elif isinstance(step, LocalStep):
                 self.local(step, trips)
             elif step.serves in self.by_op:  # the result, moved where the program asks for it
