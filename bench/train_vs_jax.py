@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_vs_jax.py [FILE ...] [--programs NAME,...] [--rounds 20]
                                            [--host-cluster calibrate|same|FILE] [--platform cpu]
+                                           [--byte-plan]
 
 The programs: the training examples (examples/training/*.ein), or those
 `--programs` names (`mlp_fsdp,megatron_selective`), or the FILEs given. One
