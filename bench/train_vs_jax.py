@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_vs_jax.py [FILE ...] [--programs NAME,...] [--rounds 20]
                                            [--host-cluster calibrate|same|FILE] [--platform cpu]
+                                           [--byte-plan]
 
 The programs: the training examples (examples/training/*.ein), or those
 `--programs` names (`mlp_fsdp,megatron_selective`), or the FILEs given. One
@@ -24,23 +25,38 @@ process on the same devices:
   by itself.
 
 Printed per program: the seconds einpar took to plan its step, its planned
-bytes per device, with `--byte-plan` those of its byte-minimal plan
-(`--objective bytes`: the time plan may send more where the cluster's model
-says that is faster), the bytes per device of the collectives in
-the optimized HLO of both programs (einpar's byte convention,
+bytes per device, the bytes per device of the collectives in the optimized
+HLO of its byte-minimal plan (`--objective bytes`) where that was run, of
+its time plan and of the twin (einpar's byte convention,
 backends/hlo_collectives.py), the matmul MFLOP per device each HLO runs,
-the median step time of each, run in alternation after a warm-up
-(bench/vs_gspmd.py's `time_both`), their ratio, and the largest difference
-between the two steps' outputs (loss, gradients the step outputs, updated
-params and optimizer state), relative to the dtype tolerance
-(einpar.tolerance; `ok` when within it).
+the median step time of each program run, in alternation after a warm-up,
+their ratio, and the largest difference between the two steps' outputs
+(loss, gradients the step outputs, updated params and optimizer state),
+relative to the dtype tolerance (einpar.tolerance; `ok` when within it).
+
+Which plan is compared: the time plan (the default, `--objective time` on
+the host cluster) is what a user runs, so it is the one timed against the
+twin. It may send more bytes than GSPMD where the host's model prices that
+faster: on 8 CPU devices sharing a few cores an elementwise update is slow
+next to a collective, so a data-parallel AdamW step reduce-scatters each
+gradient, updates a 1/n shard of the param and its state, and all-gathers
+the three (4·(n-1)/n of the gradient's bytes per device, where one
+all-reduce and a replicated update send 2·(n-1)/n). Where the time plan's
+HLO sends more than GSPMD's, the byte-minimal plan is compiled, run and
+timed too (`--byte-plan`: on every program), the byte goal is checked on
+its HLO, and a line under the row shows its collectives, both plans' step
+times by the host's cost model (the partitioner's reason) and as measured
+here (whether the reason held); the summary names such programs, and
+those whose time plan measured slower than their byte-minimal plan.
 
 Goals: einpar's bytes <= GSPMD's on every program, both read from their HLO
-(the compiler may change what a program sends, both programs' alike: on CPU
-devices XLA moves half-precision collectives in float32, so a bf16
-program's HLO shows twice its planned bytes, and it merges identical
-collectives, such as FSDP's second gather of a weight for the backward pass
-into the forward's); median time ratio <= 1.05.
+(the time plan's, or where it sends more because it is priced faster, the
+byte-minimal plan's; the compiler may change what a program sends, both
+programs' alike: on CPU devices XLA moves half-precision collectives in
+float32, so a bf16 program's HLO shows twice its planned bytes, and it
+merges identical collectives, such as FSDP's second gather of a weight for
+the backward pass into the forward's); median time ratio (the time plan's
+over GSPMD's) <= 1.05.
 With no accelerator JAX gets 8 CPU devices, which share the host's cores:
 times are noisy, compare the ratios of one run, not times across runs.
 Planning a step takes most of the run on a small host (the training step of
@@ -62,7 +78,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from vs_gspmd import described, load_clusters, time_both  # noqa: E402 - the bench's own sibling
+from vs_gspmd import described, load_clusters  # noqa: E402 - the bench's own sibling
 
 EXAMPLES = ROOT / "examples" / "training"
 
@@ -258,15 +274,123 @@ def agreement(comparisons) -> str:
 # ---- the run
 
 
-def byte_minimal(step) -> int | str:
-    """The bytes per device of einpar's byte-minimal plan of `step`, or why there is none."""
-    from einpar.api import compile_spmd
+@dataclass
+class Plan:
+    """One of einpar's plans of a step, compiled, read and run."""
+
+    spmd: object  # einpar's SpmdProgram
+    compiled: object  # jax_backend.Compiled
+    planned: int  # bytes per device the plan sends (einpar.spmd.bytes_per_device)
+    hlo: int  # bytes per device of the collectives in its optimized HLO
+    collectives: str  # those collectives by kind and mesh axes: `2 all_reduce[dp]`
+    matmul_flops: int  # matmul FLOPs per device its HLO runs
+    same: list  # its outputs against the twin's (einpar.tolerance comparisons)
+    modeled_s: float | None = None  # its step time on the host cluster by the cost model
+    seconds: float = 0.0  # its median step time, measured
+
+
+@dataclass
+class Row:
+    """One program's measurements: einpar's time plan, its byte-minimal plan where that was
+    run, and the GSPMD twin."""
+
+    name: str
+    plan_s: float  # seconds einpar took to plan its step for the host cluster
+    ours: Plan  # the plan for the host cluster (`--objective time`), timed against the twin
+    twin: Plan  # the GSPMD twin (its `spmd` and `planned` are einpar's time plan's)
+    byte: Plan | None = None  # the byte-minimal plan (`--objective bytes`), where it was run
+    byte_error: str = ""  # why there is no byte-minimal plan, if planning it failed
+
+    @property
+    def byte_goal(self) -> str:
+        """Which of einpar's plans meets the byte goal (bytes in its HLO <= GSPMD's): "time"
+        (the plan that ran against the twin), "bytes" (the time plan sends more, because the
+        cost model prices it faster than the byte-minimal plan, and the byte-minimal plan
+        does not), or "" (neither)."""
+        if self.ours.hlo <= self.twin.hlo:
+            return "time"
+        if self.byte is not None and self.byte.hlo <= self.twin.hlo and \
+                self.ours.modeled_s is not None and self.ours.modeled_s < self.byte.modeled_s:
+            return "bytes"
+        return ""
+
+
+def time_each(compiled: list, rounds: int) -> list[float]:
+    """Median seconds of a step of each of `compiled`, run in alternation (one step each per
+    round) after a warm-up, as bench/vs_gspmd.py's time_both runs two."""
+    for _ in range(3):
+        for program in compiled:
+            program.step()
+    times = [[] for _ in compiled]
+    for _ in range(rounds):
+        for program, seconds in zip(compiled, times):
+            start = time.perf_counter()
+            program.step()
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in times]
+
+
+def measure(name: str, step, host, cluster, devices, rounds: int, byte_plan: bool = False) -> Row:
+    """Plan `step` for `host`, compile it and its twin on `devices`, read both HLOs, compare
+    their outputs and time them. The byte-minimal plan is run too with `byte_plan`, or where
+    the time plan's HLO sends more bytes than GSPMD's: then the byte goal is the byte-minimal
+    plan's, and both plans are priced on `host` to show why the time plan sends more.
+    `cluster` only names GSPMD's collectives by mesh axes."""
+    from einpar.api import compile_spmd, random_inputs
+    from einpar.backends import jax_backend
+    from einpar.backends.hlo_collectives import bytes_per_device as hlo_bytes
+    from einpar.backends.hlo_collectives import hlo_collectives, hlo_dot_flops, price_collectives
+    from einpar.cost_model.estimate import estimate
     from einpar.spmd import bytes_per_device
 
-    try:
-        return bytes_per_device(compile_spmd(step, objective="bytes").steps)
-    except Exception as error:  # noqa: BLE001 - shown in its column, the row goes on
-        return f"{type(error).__name__}"
+    n = step.mesh.num_devices
+    start = time.perf_counter()
+    spmd = compile_spmd(step, cluster=host)
+    plan_s = time.perf_counter() - start
+    inputs = random_inputs(step, 0)
+    both = compile_both(step, spmd, inputs, devices)
+    twin_outputs = both.twin.step()
+
+    def read(spmd, compiled, outputs) -> Plan:
+        text = compiled.hlo()
+        found = hlo_collectives(text, n)
+        return Plan(spmd, compiled, bytes_per_device(spmd.steps), hlo_bytes(found),
+                    described(price_collectives(found, step.mesh, cluster), step.mesh),
+                    hlo_dot_flops(text), differences(step, outputs, twin_outputs))
+
+    row = Row(name, plan_s, read(spmd, both.ours, both.ours.step()),
+              read(spmd, both.twin, twin_outputs))
+    if byte_plan or row.ours.hlo > row.twin.hlo:
+        try:
+            byte_spmd = compile_spmd(step, objective="bytes")
+        except Exception as error:  # noqa: BLE001 - shown in its column, the row goes on
+            row.byte_error = type(error).__name__
+        else:
+            compiled = jax_backend.compile_program(step, byte_spmd, inputs, devices)
+            row.byte = read(byte_spmd, compiled, compiled.step())
+            if row.ours.hlo > row.twin.hlo:  # why the time plan sends more: its price and the other's
+                row.ours.modeled_s = estimate(step, spmd, host).step_time_s
+                row.byte.modeled_s = estimate(step, byte_spmd, host).step_time_s
+    plans = [row.ours, row.twin] + ([row.byte] if row.byte else [])
+    for plan, seconds in zip(plans, time_each([plan.compiled for plan in plans], rounds)):
+        plan.seconds = seconds
+    return row
+
+
+def byte_plan_note(row: Row, host_name: str) -> str:
+    """The line under a row that ran its byte-minimal plan: that plan's bytes, collectives,
+    time and outputs, and, where the time plan sends more than GSPMD, the prices that made
+    the partitioner choose it."""
+    byte, ours = row.byte, row.ours
+    note = (f"  {'':<18} byte-minimal plan: {byte.hlo:,} B in its HLO ({byte.collectives}), "
+            f"{byte.seconds * 1e3:.3f} ms, outputs {agreement(byte.same)}")
+    if ours.modeled_s is not None:
+        note += (f"; the time plan sends {ours.hlo / max(row.twin.hlo, 1):.2f}x GSPMD's bytes "
+                 f"({ours.collectives}) for a step priced on {host_name} at "
+                 f"{ours.modeled_s * 1e3:.4g} ms against the byte-minimal plan's "
+                 f"{byte.modeled_s * 1e3:.4g} ms (measured here: {ours.seconds * 1e3:.3f} ms "
+                 f"against {byte.seconds * 1e3:.3f} ms)")
+    return note
 
 
 def main() -> int:
@@ -279,7 +403,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="timed steps of each, alternating")
     parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's)")
     parser.add_argument("--byte-plan", action="store_true",
-                        help="also plan for the fewest bytes (`--objective bytes`) and show its bytes")
+                        help="run the byte-minimal plan (`--objective bytes`) on every program, "
+                             "not only where the time plan sends more than GSPMD")
     parser.add_argument("--host-cluster", default="calibrate", metavar="FILE|calibrate|same",
                         help="the cluster einpar's step is planned for (default: calibrate this "
                              "host; same: --cluster)")
@@ -290,12 +415,9 @@ def main() -> int:
     if not paths:
         parser.error("no programs to run")
 
-    from einpar.api import compile_spmd, load, random_inputs
+    from einpar.api import load
     from einpar.backends import jax_backend
-    from einpar.backends.hlo_collectives import bytes_per_device as hlo_bytes
-    from einpar.backends.hlo_collectives import hlo_collectives, hlo_dot_flops, price_collectives
     from einpar.errors import EinparError
-    from einpar.spmd import bytes_per_device
 
     cluster, host = load_clusters(parser, args)
     steps = []
@@ -318,62 +440,70 @@ def main() -> int:
     print(f"# {len(devices.devices)} {devices.platform} devices ({jax.devices()[0].device_kind}); "
           f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__}; {args.rounds} rounds; einpar's steps planned for {host.name}")
-    print("# bytes per device; matmul MFLOP per device from the HLO; step ms measured here; "
-          "outputs: worst difference over the dtype tolerance")
-    print(f"{'program':<20} {'plan s':>6} {'plan B':>10} {'bytes plan':>10} {'einpar HLO':>10} "
+    print("# bytes per device; byte HLO: einpar's byte-minimal plan's, where run; matmul MFLOP "
+          "per device from the HLO; step ms measured here; outputs: worst difference over the "
+          "dtype tolerance")
+    print(f"{'program':<20} {'plan s':>6} {'plan B':>10} {'byte HLO':>10} {'einpar HLO':>10} "
           f"{'GSPMD HLO':>10} "
           f"{'einpar MF':>9} {'GSPMD MF':>9} {'einpar ms':>9} {'GSPMD ms':>9} {'ratio':>6} "
           f"{'outputs':>8}  GSPMD's collectives")
-    bytes_above, byte_plan_above, not_planned, ratios, differ, failed = [], [], [], [], [], []
+    rows, failed = [], []
     for name, step in steps:
         n = step.mesh.num_devices
         try:
-            start = time.perf_counter()
-            spmd = compile_spmd(step, cluster=host)
-            plan_s = time.perf_counter() - start
-            byte_plan = byte_minimal(step) if args.byte_plan else None
-            inputs = random_inputs(step, 0)
-            both = compile_both(step, spmd, inputs, jax_backend.Devices(devices.platform,
-                                                                        devices.devices[:n]))
-            ours_text, twin_text = both.ours.hlo(), both.twin.hlo()
-            ours_hlo, twin_hlo = hlo_collectives(ours_text, n), hlo_collectives(twin_text, n)
-            same = differences(step, both.ours.step(), both.twin.step())
-            ours_s, twin_s = time_both(both.ours, both.twin, args.rounds)
+            row = measure(name, step, host, cluster,
+                          jax_backend.Devices(devices.platform, devices.devices[:n]),
+                          args.rounds, args.byte_plan)
         except Exception as error:  # noqa: BLE001 - one program's failure is reported, not fatal
             failed.append(name)
             print(f"{name:<20} failed: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
-        plan, ours_bytes, twin_bytes = bytes_per_device(spmd.steps), hlo_bytes(ours_hlo), hlo_bytes(twin_hlo)
-        ratio = ours_s / twin_s
-        ratios.append((ratio, name))
-        if ours_bytes > twin_bytes:
-            bytes_above.append(name)
-        if ours_bytes != plan:
-            not_planned.append(f"{name} ({ours_bytes:,} of {plan:,})")
-        if isinstance(byte_plan, str) or (byte_plan is not None and byte_plan > twin_bytes):
-            byte_plan_above.append(name)
-        if not all(c.ok for c in same):
-            differ.append(name)
-        shown_bytes = "-" if byte_plan is None else byte_plan if isinstance(byte_plan, str) \
-            else f"{byte_plan:,}"
-        print(f"{name:<20} {plan_s:>6.1f} {plan:>10,} {shown_bytes:>10} {ours_bytes:>10,} {twin_bytes:>10,} "
-              f"{hlo_dot_flops(ours_text) / 1e6:>9.2f} {hlo_dot_flops(twin_text) / 1e6:>9.2f} "
-              f"{ours_s * 1e3:>9.3f} {twin_s * 1e3:>9.3f} {ratio:>6.2f} {agreement(same):>8}  "
-              f"{described(price_collectives(twin_hlo, step.mesh, cluster), step.mesh)}")
-    ran = len(ratios)
+        rows.append(row)
+        ours, twin = row.ours, row.twin
+        shown_bytes = row.byte_error or (f"{row.byte.hlo:,}" if row.byte else "-")
+        print(f"{name:<20} {row.plan_s:>6.1f} {ours.planned:>10,} {shown_bytes:>10} {ours.hlo:>10,} "
+              f"{twin.hlo:>10,} {ours.matmul_flops / 1e6:>9.2f} {twin.matmul_flops / 1e6:>9.2f} "
+              f"{ours.seconds * 1e3:>9.3f} {twin.seconds * 1e3:>9.3f} "
+              f"{ours.seconds / twin.seconds:>6.2f} {agreement(ours.same):>8}  {twin.collectives}")
+        if row.byte:
+            print(byte_plan_note(row, host.name))
+    return summary(rows, failed, args.byte_plan)
+
+
+def summary(rows: list[Row], failed: list[str], byte_plan: bool) -> int:
+    """Print the goals' verdicts; the exit code (1 when a program failed or its outputs differ)."""
+    ran = len(rows)
+    by_bytes = [row.name for row in rows if row.byte_goal == "bytes"]
+    above = [row.name for row in rows if not row.byte_goal]
     print()
-    print(f"bytes in the HLO einpar <= GSPMD on {ran - len(bytes_above)} of {ran} (goal: every one)"
-          + (f"; above on {', '.join(bytes_above)}" if bytes_above else ""))
-    if args.byte_plan:
-        print(f"bytes of the byte-minimal plan <= GSPMD's HLO on {ran - len(byte_plan_above)} of {ran}"
-              + (f"; above on {', '.join(byte_plan_above)}" if byte_plan_above else ""))
-    print(f"einpar's HLO sends the bytes it planned on {ran - len(not_planned)} of {ran}"
+    print(f"bytes in the HLO einpar <= GSPMD on {ran - len(above)} of {ran} (goal: every one)"
+          + (f"; by the byte-minimal plan on {', '.join(by_bytes)}, whose time plan sends more "
+             "and is priced faster (line below its row)" if by_bytes else "")
+          + (f"; above on {', '.join(above)}" if above else ""))
+    slower = [row.name for row in rows
+              if row.byte and row.ours.modeled_s is not None and row.ours.seconds > row.byte.seconds]
+    if slower:
+        print(f"the time plan sends more bytes than GSPMD and measured slower than the byte-minimal "
+              f"plan on {', '.join(slower)}")
+    if byte_plan:
+        above_plan = [row.name for row in rows if not row.byte or row.byte.hlo > row.twin.hlo]
+        print(f"bytes of the byte-minimal plan's HLO <= GSPMD's on {ran - len(above_plan)} of {ran}"
+              + (f"; above on {', '.join(above_plan)}" if above_plan else ""))
+    not_planned = [f"{row.name}{suffix} ({plan.hlo:,} of {plan.planned:,})" for row in rows
+                   for plan, suffix in ((row.ours, ""), (row.byte, "'s byte-minimal plan"))
+                   if plan is not None and plan.hlo != plan.planned]
+    as_planned = [row for row in rows
+                  if all(plan.hlo == plan.planned for plan in (row.ours, row.byte) if plan)]
+    print(f"einpar's HLO sends the bytes it planned on {len(as_planned)} of {ran}"
           + (f"; not on {', '.join(not_planned)}" if not_planned else ""))
-    if ratios:
+    if rows:
+        ratios = [(row.ours.seconds / row.twin.seconds, row.name) for row in rows]
         median = statistics.median(ratio for ratio, _ in ratios)
         worst, worst_name = max(ratios)
         print(f"step time einpar/GSPMD: median {median:.3f} (goal <= 1.05: "
               f"{'met' if median <= 1.05 else 'NOT met'}), max {worst:.3f} on {worst_name}")
+    differ = [row.name for row in rows
+              if not all(c.ok for plan in (row.ours, row.byte) if plan for c in plan.same)]
     print(f"same outputs (loss, gradients, updated params and state) on {ran - len(differ)} of {ran}"
           + (f"; differ on {', '.join(differ)}" if differ else ""))
     if failed:
