@@ -172,7 +172,6 @@ class _Update:
         self.ops: list[Op] = []
         self.inputs: list[Value] = []
         self.outputs: list[Output] = []
-        self.reads: dict[str, Layout] = {}  # gradient value -> the layout the update reads it in
 
     def map(self, name: str, template: Value, dtype: str, operands: list[Value], expr: Scalar,
             stmt: str, layout: Layout | None) -> Value:
@@ -197,7 +196,6 @@ class _Update:
         self.inputs.extend(state.values())
         layout = state_layout(param, self.program.mesh, self.optimizer.shard)
         dtype = state_dtype(param)
-        self.reads[grad.name] = layout
         weight = state.get(MASTER, param)
         weight_name = updated_name(weight.name)
         updated: list[Value] = []
@@ -245,23 +243,8 @@ def apply_optimizer(program: Program, optimizer: Optimizer) -> Program:
     kept = tuple(output for output in program.outputs
                  if not (output.name in grads and output.span is None))
     ops = _unpinned(program.ops, dropped - {output.value for output in kept})
-    ops = _pinned(ops, update.reads)
     return replace(program, inputs=program.inputs + tuple(update.inputs),
                    ops=ops + tuple(update.ops), outputs=kept + tuple(update.outputs))
-
-
-def _pinned(ops: tuple[Op, ...], layouts: dict[str, Layout]) -> tuple[Op, ...]:
-    """`ops` with each gradient the update reads made in the layout the update reads it
-    in (its state's: the param's, or its ZeRO block), where a statement makes it and no
-    pin says otherwise: the backward pass all-reduces or reduce-scatters it straight
-    there. The update then stands apart from the backward pass, a small part of the
-    program the partitioner solves alone (each param's alike, once)."""
-    out: list[Op] = []
-    for op in ops:
-        if not isinstance(op, Repeat) and op.result.layout is None and op.result.name in layouts:
-            op = replace(op, result=replace(op.result, layout=layouts[op.result.name]))
-        out.append(op)
-    return tuple(out)
 
 
 def _unpinned(ops: tuple[Op, ...], names: set[str]) -> tuple[Op, ...]:

@@ -176,7 +176,7 @@ def test_each_collective_is_in_the_part_it_serves_a_gradients_in_the_backward_pa
     spmd = ein.compile_spmd(step, objective="bytes")
     parts, _ = step_parts(spmd.steps, step, forward_values(step))
     assert [(c.kind, c.src, c.serves, parts[id(c)]) for c in collectives(spmd)] == [
-        ("all_gather", "w", "y", "forward"), ("reduce_scatter", "w.grad", "w.grad", "backward"),
+        ("all_gather", "w", "y", "forward"), ("reduce_scatter", "w.grad", "w.m.new", "backward"),
         ("all_reduce", "l", "", "forward")]
 
 
