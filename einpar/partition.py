@@ -81,8 +81,8 @@ class _Partitioner(Search, Materializer):
         try:
             return self._keys[layout]
         except KeyError:
-            self._keys[layout] = stripped = strip(layout, self.mesh)
-            self._keys.setdefault(stripped, stripped)
+            stripped = self._keys.setdefault(strip(layout, self.mesh), strip(layout, self.mesh))
+            self._keys[layout] = stripped  # (strip is idempotent: a stripped layout is its key)
             return stripped
 
     def layout_bytes(self, value: str, layout: Layout) -> int:

@@ -529,3 +529,17 @@ def test_generated_programs_have_jax_gradients(generated):
 def test_generated_programs_have_jax_gradients_wider(generated, seed):
     text, _ = _generated_case(generated)
     assert_grads_match_jax(text, loss="lossz", seed=seed)
+
+
+def test_a_backward_loop_carries_a_gradient_in_its_values_pin():
+    """megatron_full pins the carried x to [B@dp,S@tp,D]: the backward loop's statement
+    that makes x's gradient for the next trip is pinned alike, so the gradient crosses
+    the loop split as x does (carried whole, it was gathered in full on every trip)."""
+    from einpar.layout import Layout
+
+    step = ein.load(ROOT / "examples/training/megatron_full.ein")
+    backward = [op for op in step.ops if isinstance(op, Repeat) and op.reverse]
+    assert len(backward) == 1
+    made = {op.result.name: op for op in backward[0].body if not isinstance(op, Repeat)}
+    (carried,) = [c for c in backward[0].carried if c.result.name.startswith("x")]
+    assert made[carried.body_result].result.layout == Layout((("dp",), ("tp",), ()))
