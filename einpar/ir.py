@@ -441,6 +441,17 @@ def is_backward(op: Op) -> bool:
     return not isinstance(op, Repeat) and op.stmt.endswith(BACKWARD_STMT)
 
 
+def after_backward_start(ops: tuple[Op, ...]) -> set[int]:
+    """The ids of the ops (repeat bodies included) from a program's first backward op on:
+    the copies of params that ops before it moved out of their own layout are freed there
+    (FSDP's reshard after forward), so these ops read params moved afresh (einpar/lower.py
+    frees them, the partitioner prices their moves apart)."""
+    for index, op in enumerate(ops):
+        if is_backward(op):
+            return {id(later) for later in walk_ops(ops[index:])}
+    return set()
+
+
 def walk_ops(ops: tuple[Op, ...]) -> Iterator[Op]:
     """Every op, descending into repeat bodies (the Repeat itself comes first)."""
     for op in ops:

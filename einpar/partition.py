@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from .decisions import Alternative, Decision, Materializer, Move, RepeatDecision, Step
 from .expand import expand_library
-from .ir import Op, Output, Program, Repeat, TensorType
+from .ir import Op, Output, Program, Repeat, TensorType, after_backward_start
 from .layout import Layout, Mesh, local_bytes
 from .objective import Objective, make_objective
-from .search import JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _Level
+from .search import FRESH, JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _Level
 from .solve import Choice, Problem
 from .strategies import PARTIAL, Partial, Strategy, axis_roles, build, strip
 
@@ -69,12 +69,23 @@ class _Partitioner(Search, Materializer):
         self._tables: dict = {}  # the solver's value tables, kept across solves (eliminate.py)
         self._warm: dict = {}  # id(op) -> its roles in the last axis-by-axis plan
         self._solved: dict = {}  # a part's signature -> its first ops and their plan
+        # Ops from the backward pass on read params through their own name (FRESH): a
+        # copy the forward pass moved is freed by then and is moved again (lower.py).
+        self.fresh_readers = after_backward_start(program.ops)
         self.top: _Level | None = None
 
     # ---- prices
 
     def vtype(self, value: str) -> TensorType:
+        value = value.removesuffix(FRESH)
         return self.types.get(value) or self.values[value].type
+
+    def read_name(self, op: Op, value: str) -> str:
+        """The name `op`'s read of `value` is priced under: a param read after the backward
+        pass began is a read of a fresh copy, its move paid apart from the forward's."""
+        if id(op) in self.fresh_readers and self.values[value].kind == "param":
+            return value + FRESH
+        return value
 
     def key(self, layout: Layout) -> Layout:
         # One object per layout: the prices' dictionaries then find it by identity.
@@ -131,7 +142,7 @@ class _Partitioner(Search, Materializer):
                     final = self.key(constraint)
                 if whole and final.partial:
                     price += self.move_price(op.result.name, final, Layout(final.dims))
-                needs = tuple((o.value, self.key(layout))
+                needs = tuple((self.read_name(op, o.value), self.key(layout))
                               for o, layout in zip(op.operands, strategy.operand_layouts))
                 memory = local_bytes(final, vtype.shape, vtype.dtype, self.mesh)
                 cached = Choice(price, needs, ((op.result.name, final),), memory)

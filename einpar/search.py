@@ -52,6 +52,10 @@ MAX_SWEEPS = 4
 # the axis-by-axis search is used for speed; on every example and every program of
 # tests/partition_programs it finds the joint optimum (tests/test_partition.py).
 WARN_STRATEGIES = 4096
+# The suffix of the name under which a param read in the backward pass is priced (`w@fresh`,
+# no user name has an `@`): the forward pass's moved copies are freed by then (lower.py), so
+# such a read pays its own move from the param's layout (partition.read_name).
+FRESH = "@fresh"
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,10 @@ class _Level:
     def problem(self, nodes: list) -> Problem:
         part = self.part
         required = []
-        finals = {value: layout for value, layout in self.fixed.items()}
+        finals = dict(self.fixed)
+        if part.fresh_readers:  # a param read afresh starts from the param's own layout
+            finals.update((value + FRESH, layout) for value, layout in self.fixed.items()
+                          if part.values[value].kind == "param")
         for value, want in self.required.items():
             if want is not None:
                 required.append((value, part.key(want)))
@@ -236,7 +243,7 @@ class Search(RepeatSearch):
             output = ("output", level.required[op.result.name]) \
                 if op.result.name in level.required else None
             parts.append((type(op), _detail(op), tuple(operands), op.result.type,
-                          self.pin(op), output))
+                          self.pin(op), output, id(op) in self.fresh_readers))
         return tuple(parts)
 
     def solve_part(self, level: _Level) -> _Plan:
@@ -390,7 +397,9 @@ def _renaming(first: tuple, alike: tuple) -> dict[str, str]:
 
 
 def _renamed(choice: Choice, names: dict[str, str]) -> Choice:
-    return Choice(choice.price, tuple((names[v], layout) for v, layout in choice.needs),
+    def name(value: str) -> str:  # a fresh read keeps its suffix
+        return names[value] if value in names else names[value.removesuffix(FRESH)] + FRESH
+    return Choice(choice.price, tuple((name(v), layout) for v, layout in choice.needs),
                   tuple((names[v], layout) for v, layout in choice.makes), choice.memory)
 
 

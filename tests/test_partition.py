@@ -432,3 +432,21 @@ def test_parts_alike_but_for_which_inputs_they_read_are_priced_apart():
                              "b[I,K]{} = z[I,J] * u[J,K]\noutput a\noutput b\n", "alike.ein")
     plan, spmd = compile_program(program, make_objective(program, "bytes"))
     assert round(plan.price) == bytes_per_device(spmd.steps) == 576
+
+
+def test_the_plan_prices_fsdps_second_gather_of_a_weight_for_the_backward_pass():
+    """FSDP frees a gathered weight after the forward pass and gathers it again for the
+    backward pass (lower.py); the partitioner prices that second gather, so the plan's price
+    in bytes is what the lowered step sends. mlp_fsdp (dp=8): w1 and w2 (bf16, 512 KiB)
+    gathered for the forward pass (7/8 of 512 KiB each), w2 again for h's gradient (w1's
+    gradient does not read w1), both gradients reduce-scattered, and the loss's sum."""
+    from einpar.spmd import collectives
+
+    program = load(Path(__file__).parent.parent / "examples/training/mlp_fsdp.ein")
+    partitioned, spmd = compile_program(program, make_objective(program, "bytes"))
+    assert [(c.kind, c.src) for c in collectives(spmd)] == [
+        ("all_gather", "w1"), ("all_gather", "w2"), ("all_reduce", "l.sum"), ("all_gather", "w2"),
+        ("reduce_scatter", "w1.grad"), ("reduce_scatter", "w2.grad")]
+    sent = 5 * 917_504 + 56
+    assert bytes_per_device(spmd.steps) == sent
+    assert partitioned.price == pytest.approx(sent, abs=1)  # bytes, FLOPs weigh < 1 byte
