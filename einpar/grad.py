@@ -496,8 +496,3 @@ def _carried_pin(op: Repeat, carried: Carried):
                 return inner.result.layout
     return None
 
-
-# ---- printing (`einpar compile --emit grad`)
-
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
-          "le": "<=", "eq": "==", "ne": "!="}
