@@ -69,8 +69,8 @@ from dataclasses import dataclass, replace
 from .expand import expand_library
 from .grad_rules import ONE, ZERO, OpRules, add_all
 from .grad_text import format_grad
-from .ir import (FLOAT_DTYPES, Arg, Carried, Einsum, Library, Map, Op, Operand, Output, Program,
-                 Reduce, Repeat, Route, Saved, ScatterAdd, Take, TensorType, Value)
+from .ir import (FLOAT_DTYPES, Arg, Carried, Einsum, Map, Op, Operand, Output, Program, Repeat,
+                 Saved, ScatterAdd, Take, TensorType, Value)
 
 __all__ = ["grad", "format_grad"]
 
@@ -395,22 +395,7 @@ class _Level(OpRules):
             cotangent = self.grad(op.result.name)
             if cotangent is None:
                 continue
-            cot = Operand(cotangent, op.result.type.indices)
-            if isinstance(op, Einsum):
-                self.einsum(op, cot)
-            elif isinstance(op, Map):
-                self.map(op, cot)
-            elif isinstance(op, Reduce):
-                self.reduce(op, cot)
-            elif isinstance(op, Library):
-                self.cumsum(op, cot)
-            elif isinstance(op, Route):
-                self.route(op, cot)
-            elif isinstance(op, Take):
-                self.take(op, cot)
-            elif isinstance(op, ScatterAdd):
-                self.scatter_add(op, cot)
-
+            self.rule(op, Operand(cotangent, op.result.type.indices))
 
     # -- repeat
 
