@@ -69,8 +69,8 @@ from dataclasses import dataclass, replace
 from .expand import expand_library
 from .grad_rules import ONE, ZERO, OpRules, add_all
 from .grad_text import format_grad
-from .ir import (FLOAT_DTYPES, Arg, Carried, Einsum, Map, Op, Operand, Output, Program, Repeat,
-                 Saved, ScatterAdd, Take, TensorType, Value)
+from .ir import (FLOAT_DTYPES, Arg, Carried, Map, Op, Operand, Output, Program, Repeat, Saved,
+                 ScatterAdd, Take, TensorType, Value, with_operands)
 
 __all__ = ["grad", "format_grad"]
 
@@ -370,15 +370,8 @@ class _Level(OpRules):
 
     def recompute(self, op: Op) -> str:
         name = f"{op.result.name}.remat"
-        read = lambda o: Operand(self.resolve(o.value), o.indices)
-        if isinstance(op, (Einsum, Map)):
-            copy = replace(op, operands=tuple(read(o) for o in op.operands))
-        elif isinstance(op, Take):
-            copy = replace(op, table=read(op.table), ids=read(op.ids))
-        elif isinstance(op, ScatterAdd):
-            copy = replace(op, update=read(op.update), ids=read(op.ids))
-        else:
-            copy = replace(op, operand=read(op.operand))
+        copy = with_operands(op, tuple(Operand(self.resolve(o.value), o.indices)
+                                       for o in op.operands))
         self.emit(replace(copy, result=replace(op.result, name=name), stmt=f"{op.stmt}.remat"))
         self.recomputed[op.result.name] = name
         return name

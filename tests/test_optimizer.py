@@ -11,7 +11,7 @@ import pytest
 
 import einpar.api as ein
 from einpar.inputs import check_inputs, random_inputs
-from einpar.ir import Einsum, Map, Optimizer, Output, Program, Reduce, Repeat
+from einpar.ir import Optimizer, Output, Program, Repeat, with_operands
 from einpar.layout import Layout
 from einpar.optimizer import apply_optimizer, param_of_state, state_layout
 from einpar.spmd import collectives
@@ -43,9 +43,7 @@ def with_gradients(program: Program, grads: dict[str, str]) -> Program:
             return replace(op, body=tuple(op_renamed(inner) for inner in op.body))
         operands = tuple(replace(o, value=rename.get(o.value, o.value)) for o in op.operands)
         result = replace(op.result, name=rename.get(op.result.name, op.result.name))
-        if isinstance(op, Reduce):
-            return replace(op, result=result, operand=operands[0])
-        return replace(op, result=result, operands=operands)
+        return replace(with_operands(op, operands), result=result)
 
     outputs = []
     for output in program.outputs:
