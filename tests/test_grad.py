@@ -485,6 +485,20 @@ def test_format_grad_of_a_step_with_an_optimizer_runs_and_updates_the_same():
                                    atol=1e-7)
 
 
+def test_format_grad_of_a_program_without_dims_is_ein_text():
+    derived = grad(ein.compile_source("param w[]\nl[] = square(w[]) * 3\noutput l\n"), "l")
+    again = ein.compile_source(format_grad(derived), "grad.ein")
+    assert reference.evaluate(again, {"w": np.float32(2)})["w_grad"] == 12
+
+
+def test_format_grad_writes_the_file_name_as_one_comment_line():
+    derived = grad(ein.compile_source("param w[]\nl[] = square(w[])\noutput l\n",
+                                      "a\nmesh x=2\n"), "l")
+    printed = format_grad(derived)
+    assert printed.splitlines()[0] == "# a\\nmesh x=2\\n with its backward pass (einpar grad)"
+    assert "mesh" not in printed.split("\n", 1)[1]
+
+
 def test_format_grad_shows_a_backward_loop():
     derived = grad(ein.compile_source(with_loss(NESTED)), "l")
     printed = format_grad(derived)
