@@ -301,18 +301,16 @@ class OpRules:
             # this rank's choice: the first tied expert; taken so far; the proxy gate (k − rank).
             reads = (Operand(tied, g.indices), Operand(order, g.indices))
             chosen = _mul(Arg(0), _indicator(_call("eq", Arg(1), ONE)))
-            if taken:
-                taken = self.emit(Map(value(f"taken{rank + 1}", g.indices),
-                                      reads + (Operand(taken, g.indices),),
-                                      _call("add", Arg(2), chosen), stmt, span))
-                proxy = self.emit(Map(value(f"proxy{rank + 1}", g.indices),
-                                      reads + (Operand(proxy, g.indices),),
-                                      _call("add", Arg(2), _mul(Const(float(op.k - rank)), chosen)),
-                                      stmt, span))
-            else:
-                taken = self.emit(Map(value("taken1", g.indices), reads, chosen, stmt, span))
-                proxy = self.emit(Map(value("proxy1", g.indices), reads,
-                                      _mul(Const(float(op.k)), chosen), stmt, span))
+
+            def running(kind: str, previous: str | None, term: Scalar) -> str:
+                """`term` of this rank, added to the sum of the ranks' before it."""
+                operands, expr = reads, term
+                if previous is not None:
+                    operands, expr = reads + (Operand(previous, g.indices),), _call("add", Arg(2), term)
+                return self.emit(Map(value(f"{kind}{rank + 1}", g.indices), operands, expr, stmt, span))
+
+            taken, proxy = (running("taken", taken, chosen),
+                            running("proxy", proxy, _mul(Const(float(op.k - rank)), chosen)))
         # Routing the proxy makes the same choices in the same order: the same slots.
         slots = self.emit(Route(value("slots", op.result.type.indices), Operand(proxy, g.indices),
                                 op.expert, op.capacity, op.k, stmt, span))
