@@ -69,8 +69,8 @@ from dataclasses import dataclass, replace
 from .expand import expand_library
 from .grad_rules import ONE, ZERO, OpRules, add_all
 from .grad_text import format_grad
-from .ir import (FLOAT_DTYPES, Arg, Carried, Einsum, Library, Map, Op, Operand, Output, Program,
-                 Reduce, Repeat, Route, Saved, ScatterAdd, Take, TensorType, Value)
+from .ir import (FLOAT_DTYPES, Arg, Carried, Map, Op, Operand, Output, Program, Repeat, Saved,
+                 ScatterAdd, Take, TensorType, Value, with_operands)
 
 __all__ = ["grad", "format_grad"]
 
@@ -370,15 +370,8 @@ class _Level(OpRules):
 
     def recompute(self, op: Op) -> str:
         name = f"{op.result.name}.remat"
-        read = lambda o: Operand(self.resolve(o.value), o.indices)
-        if isinstance(op, (Einsum, Map)):
-            copy = replace(op, operands=tuple(read(o) for o in op.operands))
-        elif isinstance(op, Take):
-            copy = replace(op, table=read(op.table), ids=read(op.ids))
-        elif isinstance(op, ScatterAdd):
-            copy = replace(op, update=read(op.update), ids=read(op.ids))
-        else:
-            copy = replace(op, operand=read(op.operand))
+        copy = with_operands(op, tuple(Operand(self.resolve(o.value), o.indices)
+                                       for o in op.operands))
         self.emit(replace(copy, result=replace(op.result, name=name), stmt=f"{op.stmt}.remat"))
         self.recomputed[op.result.name] = name
         return name
@@ -395,22 +388,7 @@ class _Level(OpRules):
             cotangent = self.grad(op.result.name)
             if cotangent is None:
                 continue
-            cot = Operand(cotangent, op.result.type.indices)
-            if isinstance(op, Einsum):
-                self.einsum(op, cot)
-            elif isinstance(op, Map):
-                self.map(op, cot)
-            elif isinstance(op, Reduce):
-                self.reduce(op, cot)
-            elif isinstance(op, Library):
-                self.cumsum(op, cot)
-            elif isinstance(op, Route):
-                self.route(op, cot)
-            elif isinstance(op, Take):
-                self.take(op, cot)
-            elif isinstance(op, ScatterAdd):
-                self.scatter_add(op, cot)
-
+            self.rule(op, Operand(cotangent, op.result.type.indices))
 
     # -- repeat
 
@@ -496,8 +474,3 @@ def _carried_pin(op: Repeat, carried: Carried):
                 return inner.result.layout
     return None
 
-
-# ---- printing (`einpar compile --emit grad`)
-
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<",
-          "le": "<=", "eq": "==", "ne": "!="}

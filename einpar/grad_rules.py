@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .ir import (FLOAT_DTYPES, Apply, Arg, Cast, Const, Einsum, Library, Map, Operand, Pos,
+from .ir import (FLOAT_DTYPES, Apply, Arg, Cast, Const, Einsum, Library, Map, Op, Operand, Pos,
                  Reduce, Route, Scalar, ScatterAdd, Take, scalar_nodes, work_dtype)
 
 # ---- scalar derivatives
@@ -162,13 +162,11 @@ def add_all(count: int) -> Scalar:
 class OpRules:
     """The gradient rule of each kind of op, a mixin of grad._Level: each reads the
     gradient `cot` of the op's result and emits contributions to its operands' gradients
-    (`contribution`, through the level's `new_part` and `emit`)."""
+    (through the level's `new_part` and `emit`); `rule` picks the one of an op's kind."""
 
-    def contribution(self, operand: Operand, make) -> None:
-        """Emit `operand`'s contribution: `make(name, vtype)` returns the op that defines it."""
-        vtype = self.type_of(operand.value)
-        name = self.new_part(operand.value, operand.indices)
-        self.emit(make(name, vtype))
+    def rule(self, op: Op, cot: Operand) -> None:
+        """Emit the contributions of `op`'s operands, `cot` its result's gradient."""
+        getattr(self, _RULES[type(op)])(op, cot)
 
     def einsum(self, op: Einsum, cot: Operand) -> None:
         stmt, span = f"{op.stmt}.grad", op.span
@@ -303,18 +301,16 @@ class OpRules:
             # this rank's choice: the first tied expert; taken so far; the proxy gate (k − rank).
             reads = (Operand(tied, g.indices), Operand(order, g.indices))
             chosen = _mul(Arg(0), _indicator(_call("eq", Arg(1), ONE)))
-            if taken:
-                taken = self.emit(Map(value(f"taken{rank + 1}", g.indices),
-                                      reads + (Operand(taken, g.indices),),
-                                      _call("add", Arg(2), chosen), stmt, span))
-                proxy = self.emit(Map(value(f"proxy{rank + 1}", g.indices),
-                                      reads + (Operand(proxy, g.indices),),
-                                      _call("add", Arg(2), _mul(Const(float(op.k - rank)), chosen)),
-                                      stmt, span))
-            else:
-                taken = self.emit(Map(value("taken1", g.indices), reads, chosen, stmt, span))
-                proxy = self.emit(Map(value("proxy1", g.indices), reads,
-                                      _mul(Const(float(op.k)), chosen), stmt, span))
+
+            def running(kind: str, previous: str | None, term: Scalar) -> str:
+                """`term` of this rank, added to the sum of the ranks' before it."""
+                operands, expr = reads, term
+                if previous is not None:
+                    operands, expr = reads + (Operand(previous, g.indices),), _call("add", Arg(2), term)
+                return self.emit(Map(value(f"{kind}{rank + 1}", g.indices), operands, expr, stmt, span))
+
+            taken, proxy = (running("taken", taken, chosen),
+                            running("proxy", proxy, _mul(Const(float(op.k - rank)), chosen)))
         # Routing the proxy makes the same choices in the same order: the same slots.
         slots = self.emit(Route(value("slots", op.result.type.indices), Operand(proxy, g.indices),
                                 op.expert, op.capacity, op.k, stmt, span))
@@ -333,20 +329,18 @@ class OpRules:
                       _call("div", _call("sub", Arg(0), _call("mul", Arg(1), Arg(2))), Arg(3)),
                       stmt, span))
 
-    def take(self, op: Take, cot: Operand) -> None:
-        table = op.table
-        if not self.active(table.value):
+    def indexed(self, op: Take | ScatterAdd, cot: Operand) -> None:
+        """Take and ScatterAdd are each other's adjoint: a take's table gets the scatter-add
+        of the result's gradient by the same ids, a scatter-add's update the take of it."""
+        source, adjoint = (op.table, ScatterAdd) if isinstance(op, Take) else (op.update, Take)
+        if not self.active(source.value):
             return
         ids = Operand(self.resolve(op.ids.value), op.ids.indices)
-        self.contribution(table, lambda name, vtype: ScatterAdd(
-            self.new_value(name, vtype, table.indices), cot, ids, op.index, f"{op.stmt}.grad",
-            op.span))
+        name = self.new_part(source.value, source.indices)
+        self.emit(adjoint(self.new_value(name, self.type_of(source.value), source.indices), cot,
+                          ids, op.index, f"{op.stmt}.grad", op.span))
 
-    def scatter_add(self, op: ScatterAdd, cot: Operand) -> None:
-        update = op.update
-        if not self.active(update.value):
-            return
-        ids = Operand(self.resolve(op.ids.value), op.ids.indices)
-        self.contribution(update, lambda name, vtype: Take(
-            self.new_value(name, vtype, update.indices), cot, ids, op.index, f"{op.stmt}.grad",
-            op.span))
+
+# Each kind of op's rule (a Repeat's is the pass's own: grad._Level.repeat_backward).
+_RULES = {Einsum: "einsum", Map: "map", Reduce: "reduce", Library: "cumsum", Route: "route",
+          Take: "indexed", ScatterAdd: "indexed"}

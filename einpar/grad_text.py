@@ -7,6 +7,7 @@ import math
 from .ir import (Arg, Cast, Const, Einsum, Map, Op, Operand, Pos, Program, Repeat, Scalar,
                  TensorType, apply_text, call_text, is_backward)
 
+
 class _Text:
     """`.ein` text for IR values and ops: each value name as an identifier of its own
     (`h.grad` -> `h_grad`, `x#2` -> `x_2`)."""
@@ -95,11 +96,14 @@ def format_grad(program: Program) -> str:
     """`program` (as `grad` returns it) as `.ein`-like text: valid `.ein` for programs without
     repeats; a repeat's stacked views, carried and saved values are comments, and the
     adjoint of take is written `scatter_add[V](...)`."""
+    from .api import shown_path  # the file name with its line ends escaped: one comment line
+
     text = _Text(program)
-    lines = [f"# {program.file} with its backward pass (einpar grad)"]
+    lines = [f"# {shown_path(program.file)} with its backward pass (einpar grad)"]
     if program.mesh.axes:
         lines.append("mesh " + " ".join(f"{a}={n}" for a, n in program.mesh.axes))
-    lines.append("dim  " + " ".join(f"{name}={size}" for name, size in program.dims))
+    if program.dims:  # `dim` with nothing after it is not .ein
+        lines.append("dim  " + " ".join(f"{name}={size}" for name, size in program.dims))
     lines.append(f"dtype {program.dtype}")
     lines.append("")
     for value in program.inputs:

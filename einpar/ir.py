@@ -20,7 +20,7 @@ terms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Iterator, Union
 
@@ -450,6 +450,17 @@ def after_backward_start(ops: tuple[Op, ...]) -> set[int]:
         if is_backward(op):
             return {id(later) for later in walk_ops(ops[index:])}
     return set()
+
+
+def with_operands(op: Op, operands: tuple[Operand, ...]) -> Op:
+    """`op` (not a Repeat) reading `operands` instead of its own, in the order of `op.operands`."""
+    if isinstance(op, Take):
+        return replace(op, table=operands[0], ids=operands[1])
+    if isinstance(op, ScatterAdd):
+        return replace(op, update=operands[0], ids=operands[1])
+    if isinstance(op, (Reduce, Library, Route)):
+        return replace(op, operand=operands[0])
+    return replace(op, operands=operands)
 
 
 def walk_ops(ops: tuple[Op, ...]) -> Iterator[Op]:

@@ -10,23 +10,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ir import Operand, Program, ScatterAdd, TensorType, Take, Value, is_backward
+from .ir import Operand, Program, TensorType, Value, is_backward, with_operands
 from .errors import EinparError
 from .layout import Layout, local_bytes
 from .partition import Decision, Move, PartitionedProgram, RepeatDecision, partition
 from .reshard import plan_reshard
 from .spmd import CollectiveStep, LocalStep, Priced, RepeatStep, SpmdOutput, SpmdProgram, SpmdValue
-
-
-def _with_operands(op, operands: tuple[Operand, ...]):
-    """`op` reading `operands` instead of its own, in the order of `op.operands`."""
-    if isinstance(op, Take):
-        return replace(op, table=operands[0], ids=operands[1])
-    if isinstance(op, ScatterAdd):
-        return replace(op, update=operands[0], ids=operands[1])
-    if hasattr(op, "operand"):
-        return replace(op, operand=operands[0])
-    return replace(op, operands=operands)
 
 
 class _Lowering:
@@ -94,7 +83,7 @@ class _Lowering:
         operands = tuple(Operand(self.held[(o.value, layout)], o.indices)
                          for o, layout in zip(op.operands, decision.operand_layouts))
         result = self.local_value(op.result, decision.result_layout)
-        local = replace(_with_operands(op, operands), result=result)
+        local = replace(with_operands(op, operands), result=result)
         self.define(op.result.name, op.result.name, op.stmt, decision.result_layout)
         steps.append(LocalStep(local, decision.rule, decision.assignment, self.priced(decision)))
         self.move(decision.constraint, steps, op.result.name)

@@ -11,7 +11,7 @@ import pytest
 
 import einpar.api as ein
 from einpar.inputs import check_inputs, random_inputs
-from einpar.ir import Einsum, Map, Optimizer, Output, Program, Reduce, Repeat
+from einpar.ir import Optimizer, Output, Program, Repeat, with_operands
 from einpar.layout import Layout
 from einpar.optimizer import apply_optimizer, param_of_state, state_layout
 from einpar.spmd import collectives
@@ -43,9 +43,7 @@ def with_gradients(program: Program, grads: dict[str, str]) -> Program:
             return replace(op, body=tuple(op_renamed(inner) for inner in op.body))
         operands = tuple(replace(o, value=rename.get(o.value, o.value)) for o in op.operands)
         result = replace(op.result, name=rename.get(op.result.name, op.result.name))
-        if isinstance(op, Reduce):
-            return replace(op, result=result, operand=operands[0])
-        return replace(op, result=result, operands=operands)
+        return replace(with_operands(op, operands), result=result)
 
     outputs = []
     for output in program.outputs:
@@ -178,6 +176,33 @@ def test_an_asked_for_gradient_stays_an_output():
     assert asked[-1].span is not None
     step = apply_optimizer(replace(program, outputs=asked), ADAMW)
     assert [o.name for o in step.outputs] == ["y", "w.grad", "w", "w.m", "w.v"]
+
+
+INTEGER_PARAMS = """
+dim B=4 D=3
+input x[B,D]
+param w[D]
+param shift[D]: i32
+param mask[D]: bool
+l[] = sum[B,D](x[B,D] * w[D] * mask[D] + shift[D])
+loss l
+optimizer adamw lr=0.1 wd=0.5
+"""
+
+
+@pytest.mark.parametrize("kind", ["adamw lr=0.1 wd=0.5", "sgd lr=0.1 wd=0.5"])
+def test_an_integer_or_boolean_param_is_not_updated(kind):
+    # It has no gradient (as in PyTorch, where only float tensors can require one): the step
+    # keeps no state for it and leaves it as it is (the weight decay once moved 3 to 2).
+    step = ein.compile_source(INTEGER_PARAMS.replace("adamw lr=0.1 wd=0.5", kind), "step.ein")
+    assert [v.name for v in step.inputs if v.kind == "state"] == \
+        (["w.m", "w.v"] if kind.startswith("adamw") else [])
+    assert [o.name for o in step.outputs] == ["l", "w"] + \
+        (["w.m", "w.v"] if kind.startswith("adamw") else [])
+    arrays = random_inputs(step, 0)
+    arrays["shift"] = np.array([3, -3, 7], np.int32)
+    out = ein.run_reference(step, arrays)
+    assert not np.array_equal(out["w"], arrays["w"])
 
 
 def test_state_names():
