@@ -21,7 +21,7 @@ from einpar.flops import einsum_path
 from einpar.syntax import deep_recursion
 from einpar.ir import (NORM_EPSILON, Arg, Cast, Const, Einsum, Library, Map, Operand, Pos,
                        Program, Reduce, Repeat, Route, Scalar, ScatterAdd, Take, TensorType,
-                       einsum_subscripts, work_dtype)
+                       einsum_subscripts, trip_order, work_dtype)
 
 _NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
                  "bf16": ml_dtypes.bfloat16, "f8e4m3": ml_dtypes.float8_e4m3fn,
@@ -377,11 +377,10 @@ class _Evaluator:
 
 def scan(count: int, reverse: bool, carry, trip):
     """lax.scan's loop: `trip(i, carry) -> (carry, ys)` for trips i in the order they run
-    (count-1 down to 0 when `reverse`, as lax.scan(reverse=True)); returns the last carry and
-    every trip's ys, trip i's at index i. The reference runs a repeat with it, the simulator
-    a repeat step on all its devices at once."""
+    (ir.trip_order); returns the last carry and every trip's ys, trip i's at index i. The
+    reference runs a repeat with it, the simulator a repeat step on all its devices at once."""
     ys = [None] * count
-    for i in (range(count - 1, -1, -1) if reverse else range(count)):
+    for i in trip_order(count, reverse):
         carry, ys[i] = trip(i, carry)
     return carry, ys
 
