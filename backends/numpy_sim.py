@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype
+from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype, scan
 from einpar.layout import (Layout, Mesh, block_index, block_slices, device_at, device_coords,
                            group_of)
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice, Step
@@ -156,11 +156,6 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
 # ---- running a whole SpmdProgram
 
 
-def trips(count: int, reverse: bool) -> range:
-    """A loop's trip indices in the order they run (a reverse loop from the last)."""
-    return range(count - 1, -1, -1) if reverse else range(count)
-
-
 class _Device(_Evaluator):
     """The local ops of one simulated device, which holds blocks: `pos(S)` over a split S
     counts from the device's block, and a take from a table split along its rows looks up
@@ -194,38 +189,44 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
             made = step.dst
         else:
             assert isinstance(step, RepeatStep)
-            carried = [{inside: env[before] for before, inside, _, _ in step.carried} for env in envs]
-            kept = [{after: [None] * step.count for _, after in step.saved} for _ in envs]
-            for trip in trips(step.count, step.reverse):
-                inner = []
-                for env, carried_in in zip(envs, carried):  # (`values` is the SpmdValues)
-                    trip_env = dict(env)
-                    trip_env.update(carried_in)
-                    trip_env.update((inside, env[stacked][trip]) for stacked, inside in step.stacked)
-                    inner.append(trip_env)
-                if record is not None:
-                    for name in [inside for _, inside, _, _ in step.carried] + \
-                            [inside for _, inside in step.stacked]:
-                        record.setdefault(name, [env[name] for env in inner])
-                _run_steps(step.body, inner, mesh, traffic, record, tick, values)
-                carried = [{inside: trip_env[result] for _, inside, result, _ in step.carried}
-                           for trip_env in inner]
-                for trip_env, stacks in zip(inner, kept):
-                    for inside, after in step.saved:
-                        stacks[after][trip] = trip_env[inside]
-            for env, leaving, stacks in zip(envs, carried, kept):
-                for _, inside, _, after in step.carried:
-                    env[after] = leaving[inside]
-                for _, after in step.saved:
-                    env[after] = np.stack(stacks[after])
-            if record is not None:  # what the loop leaves: its carried results and stacks
-                for after in [a for _, _, _, a in step.carried] + [a for _, a in step.saved]:
-                    record.setdefault(after, [env[after] for env in envs])
+            _run_repeat(step, envs, mesh, traffic, record, tick, values)
             continue
         if record is not None:  # a loop body's values as its first trip made them
             record.setdefault(made, [env[made] for env in envs])
         if tick is not None:
             tick()
+
+
+def _run_repeat(step: RepeatStep, envs: list[dict], mesh: Mesh, traffic: Traffic,
+                record: dict | None, tick, values: dict | None) -> None:
+    """A loop on every device, trip by trip (`scan`): each trip's body runs on all devices
+    before the next, as its collectives need."""
+    def trip(i: int, carried: list[dict]):
+        inner = []
+        for env, carried_in in zip(envs, carried):
+            trip_env = dict(env)
+            trip_env.update(carried_in)
+            trip_env.update((inside, env[stacked][i]) for stacked, inside in step.stacked)
+            inner.append(trip_env)
+        if record is not None:
+            for name in [inside for _, inside, _, _ in step.carried] + \
+                    [inside for _, inside in step.stacked]:
+                record.setdefault(name, [env[name] for env in inner])
+        _run_steps(step.body, inner, mesh, traffic, record, tick, values)
+        return ([{inside: env[result] for _, inside, result, _ in step.carried} for env in inner],
+                [[env[inside] for inside, _ in step.saved] for env in inner])
+
+    carried, kept = scan(step.count, step.reverse,
+                         [{inside: env[before] for before, inside, _, _ in step.carried}
+                          for env in envs], trip)
+    for device, (env, leaving) in enumerate(zip(envs, carried)):
+        for _, inside, _, after in step.carried:
+            env[after] = leaving[inside]
+        for k, (_, after) in enumerate(step.saved):
+            env[after] = np.stack([ys[device][k] for ys in kept])
+    if record is not None:  # what the loop leaves: its carried results and stacks
+        for after in [a for _, _, _, a in step.carried] + [a for _, a in step.saved]:
+            record.setdefault(after, [env[after] for env in envs])
 
 
 def run_spmd(program, inputs: dict[str, np.ndarray], record: dict | None = None,

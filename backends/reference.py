@@ -21,7 +21,7 @@ from einpar.flops import einsum_path
 from einpar.syntax import deep_recursion
 from einpar.ir import (NORM_EPSILON, Arg, Cast, Const, Einsum, Library, Map, Operand, Pos,
                        Program, Reduce, Repeat, Route, Scalar, ScatterAdd, Take, TensorType,
-                       einsum_subscripts, work_dtype)
+                       einsum_subscripts, trip_order, work_dtype)
 
 _NUMPY_DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16,
                  "bf16": ml_dtypes.bfloat16, "f8e4m3": ml_dtypes.float8_e4m3fn,
@@ -357,24 +357,32 @@ class _Evaluator:
                 self.tick()
 
     def repeat(self, op: Repeat, env: dict) -> None:
-        """Trips in order (L-1 down to 0 when `reverse`, as lax.scan(reverse=True)); each sees
-        trip i's slice of every stacked value, and `saved` keeps trip i's values at index i."""
-        carried = {c.value: env[c.value] for c in op.carried}
-        stacked = {value.name: env[value.name] for value in op.stacked}
-        kept: dict[str, list] = {s.result.name: [None] * op.count for s in op.saved}
-        trips = range(op.count - 1, -1, -1) if op.reverse else range(op.count)
-        for trip in trips:
+        """Trips as lax.scan runs them (`scan`): each sees trip i's slice of every stacked
+        value, and `saved` keeps trip i's values at index i."""
+        def trip(i: int, carried: dict):
             inner = dict(env)
             inner.update(carried)
-            inner.update((name, array[trip]) for name, array in stacked.items())
+            inner.update((view.name, env[view.name][i]) for view in op.stacked)
             self.run(op.body, inner)
-            carried = {c.value: inner[c.body_result] for c in op.carried}
-            for s in op.saved:
-                kept[s.result.name][trip] = inner[s.body_value]
+            return ({c.value: inner[c.body_result] for c in op.carried},
+                    [inner[s.body_value] for s in op.saved])
+
+        carried, kept = scan(op.count, op.reverse, {c.value: env[c.value] for c in op.carried},
+                             trip)
         for c in op.carried:
             env[c.result.name] = carried[c.value]
-        for s in op.saved:
-            self.store(env, s.result.type, s.result.name, np.stack(kept[s.result.name]))
+        for k, s in enumerate(op.saved):
+            self.store(env, s.result.type, s.result.name, np.stack([ys[k] for ys in kept]))
+
+
+def scan(count: int, reverse: bool, carry, trip):
+    """lax.scan's loop: `trip(i, carry) -> (carry, ys)` for trips i in the order they run
+    (ir.trip_order); returns the last carry and every trip's ys, trip i's at index i. The
+    reference runs a repeat with it, the simulator a repeat step on all its devices at once."""
+    ys = [None] * count
+    for i in trip_order(count, reverse):
+        carry, ys[i] = trip(i, carry)
+    return carry, ys
 
 
 def evaluate(program: Program, inputs: dict[str, np.ndarray], tick=None) -> dict[str, np.ndarray]:

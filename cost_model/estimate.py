@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from einpar.errors import Diagnostic, EinparError
 from einpar.flops import op_flops, program_flops
 from einpar.precision import DEFAULT_PRECISION, check_precision
-from einpar.ir import Program, format_op
+from einpar.ir import Program, format_op, trip_order
 from einpar.optimizer import updated_name
 from einpar.layout import local_bytes
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
@@ -261,7 +261,7 @@ class _Pricer:
                 carried = {inside: rename.get(before, before)
                            for before, inside, _, _ in step.carried}
                 kept: dict[str, dict[int, str]] = {after: {} for _, after in step.saved}
-                order = range(step.count - 1, -1, -1) if step.reverse else range(step.count)
+                order = trip_order(step.count, step.reverse)
                 laid = order[:caps.get(id(step), step.count)]
                 for trip in laid:
                     tag = f"{trip_tag}@{trip}"

@@ -336,6 +336,12 @@ class Repeat:
 Op = Union[Einsum, Map, Reduce, Library, Route, Take, ScatterAdd, Repeat]
 
 
+def trip_order(count: int, reverse: bool) -> range:
+    """A loop's trip indices in the order they run: count-1 down to 0 when `reverse` (as
+    lax.scan(reverse=True)), else 0 up."""
+    return range(count - 1, -1, -1) if reverse else range(count)
+
+
 @dataclass(frozen=True)
 class Output:
     name: str  # the program's name for it

@@ -14,8 +14,8 @@ from einpar.cost_model.attention import (DEFAULT_EFFICIENCY, AttentionShape, att
                                          flash_attention_time)
 from einpar.cost_model.cluster import preset
 from einpar.cost_model.estimate import estimate
-from einpar.cost_model.fusion import (FusedStep, Node, format_fusion, fuse, fused_regions, group,
-                                      is_contraction)
+from einpar.cost_model.fusion import FusedStep, format_fusion, fuse, fused_regions
+from einpar.cost_model.regions import Node, group, is_contraction
 from einpar.explain import explain
 from einpar.spmd import CollectiveStep, RepeatStep
 

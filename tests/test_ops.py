@@ -21,7 +21,7 @@ from einpar.backends.reference import evaluate
 from einpar.errors import EinparError, Span
 from einpar.flops import op_flops
 from einpar.inputs import check_inputs
-from einpar.ir import (Const, Map, Operand, Pos, Program, ScatterAdd, Take, TensorType, Value,
+from einpar.ir import (Const, Operand, Pos, Program, ScatterAdd, Take, TensorType, Value,
                        format_program)
 from einpar.layout import Layout, Mesh
 from einpar.spmd import collectives
@@ -49,6 +49,14 @@ def simulated(program, inputs, objective="time"):
     spmd = compile_spmd(program, objective=objective)
     outputs, traffic = run_spmd(spmd, inputs)
     return spmd, outputs, traffic
+
+
+def simulated_as_reference(program, seed: int, objective="time"):
+    """The simulator's run on random inputs, checked against the reference's: (spmd, outputs)."""
+    inputs = random_inputs(program, seed)
+    spmd, outputs, _ = simulated(program, inputs, objective)
+    assert_matches_reference(program, outputs, inputs)
+    return spmd, outputs
 
 
 # ---------------------------------------------------------------- checking
@@ -257,10 +265,8 @@ class TestSimulator:
                                  "s[S@sp,T] = q[S,K] * k[T,K]\n"
                                  "m[S@sp,T] = where(pos(S) >= pos(T), s[S,T], -inf)\n"
                                  "p[S@sp,T] = softmax[T](m[S,T])\noutput p\n")
-        inputs = random_inputs(program, 5)
-        _, outputs, _ = simulated(program, inputs)
+        _, outputs = simulated_as_reference(program, 5)
         assert np.all(outputs["p"][np.triu_indices(16, 1)] == 0)
-        assert_matches_reference(program, outputs, inputs)
 
     def test_pos_in_a_loop_body_counts_from_the_devices_block(self):
         # Each trip adds pos(S): x + L·pos(S) when w is ones, on a sequence split over sp.
@@ -279,9 +285,7 @@ class TestSimulator:
         program = compile_source("mesh dp=2 tp=2\ndim B=4 D=8\ninput x[B@dp,D@tp]\n"
                                  "y[B@dp,D@tp] = sin(x[B,D]) * cos(x[B,D]) + erf(x[B,D])"
                                  " + pow(abs(x[B,D]) + 1, 1.5)\noutput y\n")
-        inputs = random_inputs(program, 6)
-        _, outputs, _ = simulated(program, inputs)
-        assert_matches_reference(program, outputs, inputs)
+        simulated_as_reference(program, 6)
 
 
 # ---------------------------------------------------------------- pricing
@@ -538,10 +542,7 @@ class TestBatchedTake:
 
     @pytest.mark.parametrize("objective", ["time", "bytes"])
     def test_vocabulary_parallel_cross_entropy_on_the_simulator(self, objective):
-        program = compile_source(CROSS_ENTROPY)
-        inputs = random_inputs(program, 13)
-        _, outputs, _ = simulated(program, inputs, objective)
-        assert_matches_reference(program, outputs, inputs)
+        simulated_as_reference(compile_source(CROSS_ENTROPY), 13, objective)
 
     def test_a_batch_index_split_on_both_operands_needs_no_communication(self):
         program = compile_source("mesh dp=2 tp=4\ndim B=4 S=8 V=256\n"
@@ -584,12 +585,10 @@ class TestBatchedTake:
         (scatter,) = [op for op in program.ops if isinstance(op, ScatterAdd)]
         assert (scatter.update.indices, scatter.ids.indices, scatter.result.type.indices,
                 scatter.batch) == (("B", "S"), ("B", "S"), ("B", "S", "V"), ("B", "S"))
-        inputs = random_inputs(program, 15)
-        spmd, outputs, _ = simulated(program, inputs)
+        spmd, _ = simulated_as_reference(program, 15)
         # The scatter-add runs where the logits are: B over dp, each device's rows V over tp.
         (local,) = [s.op for s in spmd.steps if isinstance(getattr(s, "op", None), ScatterAdd)]
         assert spmd.values[local.result.name].layout == Layout((("dp",), (), ("tp",)))
-        assert_matches_reference(program, outputs, inputs)
 
 
 class TestBatchedTakeOnJax:
