@@ -12,9 +12,6 @@ small sizes (`SMALL`) in the default run; at their own sizes under `-m slow`.
 from __future__ import annotations
 
 import json
-import math
-import os
-import socket
 import subprocess
 import sys
 from functools import lru_cache
@@ -31,7 +28,7 @@ from einpar.errors import EinparError
 from einpar.testing import meshes, programs
 from einpar.tolerance import compare, program_tolerance
 
-from helpers import ROOT
+from helpers import ROOT, free_port, mlp_step, process_environment
 
 TRAINING = ROOT / "examples" / "training"
 
@@ -167,19 +164,6 @@ def test_every_training_example_at_its_own_size_on_the_simulator(name):
 # ---- several processes: jax.distributed on 127.0.0.1 (gloo), as test_jax_processes.py
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _environment() -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp_fsdp", "mlp_zero1", "megatron_selective"])
 def test_two_processes_run_a_training_step_as_the_reference_does(name, tmp_path):
@@ -189,12 +173,12 @@ def test_two_processes_run_a_training_step_as_the_reference_does(name, tmp_path)
     program = load_example(name)
     np.savez(tmp_path / "in.npz", **training_inputs(program))
     sets = [f"{key}={value}" for key, value in SMALL[name].items()]
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "einpar", "run", str(TRAINING / f"{name}.ein"), "--backend",
                "jax", "--set", *sets, "--inputs", str(tmp_path / "in.npz"), "--json", "--repeat",
                "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
     processes = [subprocess.Popen(command + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=_environment(), start_new_session=True)
+                                  text=True, env=process_environment(), start_new_session=True)
                  for i in range(2)]
     results = [process.communicate(timeout=600) for process in processes]
     for process, (out, err) in zip(processes, results):
@@ -367,27 +351,12 @@ def moves(program, objective: str):
     return found
 
 
-MLP_STEP = """
-mesh dp=4
-dim  B=8192 D=16 F=32
-input x[B@dp, D]
-input t[B@dp, D]
-param w1[D, F]
-param w2[F, D]
-h[B,F] = gelu(x[B,D] * w1[D,F])
-y[B,D] = h[B,F] * w2[F,D]
-l[]    = mean[B,D](square(y[B,D] - t[B,D]))
-loss l
-optimizer adamw lr=1e-3
-"""
-
-
 @pytest.mark.parametrize("objective", ["time", "bytes"])
 def test_data_parallel_gradients_are_one_all_reduce_each(objective):
     """Each replicated param's gradient, partial over dp, is all-reduced once: 2·(n−1)/n of
     its bytes per device. The only other collective is the loss's: the mean over the
     dp-split batch is a partial scalar, all-reduced too (f32, 4 bytes)."""
-    program = ein.compile_source(MLP_STEP, "dp.ein")
+    program = ein.compile_source(mlp_step("optimizer adamw lr=1e-3", B=8192, D=16, F=32), "dp.ein")
     n = 4
     assert sorted(moves(program, objective)) == sorted([
         ("all_reduce", "l.sum", ("dp",), all_reduce_bytes(1, n), "forward"),
@@ -497,20 +466,9 @@ def priced(program):
     return estimate(program, ein.compile_spmd(program), default_cluster(program.mesh))
 
 
-MIXED_PRECISION = """
-mesh dp={n}
-dim  B=8 D=256 F=1024
-dtype bf16
-input x[B@dp, D]
-input t[B@dp, D]
-param w1[D, F]
-param w2[F, D]
-h[B,F]        = gelu(x[B,D] * w1[D,F])
-y[B,D]        = h[B,F] * w2[F,D]
-l[] : f32     = mean[B,D](square(y[B,D] - t[B,D]))
-loss l
-optimizer adamw lr=1e-3 {shard}
-"""
+def mixed_precision(n: int, shard: str = ""):
+    return ein.compile_source(mlp_step(f"optimizer adamw lr=1e-3 {shard}", n=n, B=8, D=256, F=1024,
+                                       dtype="bf16"), "mp.ein")
 
 
 def test_mixed_precision_adam_keeps_2_2_12_bytes_per_parameter():
@@ -518,13 +476,13 @@ def test_mixed_precision_adam_keeps_2_2_12_bytes_per_parameter():
     (2 bytes), its bf16 gradient (2) and the float32 master copy, momentum and variance
     (4 + 4 + 4 = 12): 16 bytes per parameter, each in its kind at the peak of the step."""
     params = 2 * 256 * 1024
-    memory = priced(ein.compile_source(MIXED_PRECISION.format(n=1, shard=""), "mp.ein")).memory
+    memory = priced(mixed_precision(1)).memory
     assert memory.by_kind["params"] == 2 * params
     assert memory.by_kind["gradients"] == 2 * params
     assert memory.by_kind["optimizer_state"] == 8 * params
     assert memory.by_kind["master"] == 4 * params
     # ZeRO-1 over 8 devices: the 12 bytes of state are split, the param stays whole.
-    memory = priced(ein.compile_source(MIXED_PRECISION.format(n=8, shard="shard=dp"), "zero1.ein")).memory
+    memory = priced(mixed_precision(8, "shard=dp")).memory
     assert memory.by_kind["params"] == 2 * params
     assert memory.by_kind["optimizer_state"] + memory.by_kind["master"] == 12 * params // 8
 
