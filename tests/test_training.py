@@ -257,6 +257,20 @@ def test_the_updated_params_and_state_equal_an_adamw_step_on_jax_grad(name):
                 reference[param.name], reference[f"{param.name}.master"].astype(inputs[param.name].dtype))
 
 
+def test_optimizer_defaults_are_pytorchs():
+    """docs/training.md's defaults: torch.optim.AdamW's (betas (0.9, 0.999), eps 1e-8,
+    weight_decay 1e-2) and step 1; torch.optim.SGD's weight_decay 0."""
+    def optimizer(line):
+        program = ein.compile_source(mlp_step(line, B=8, D=4, F=4), "defaults.ein")
+        return program.forward.training.optimizer
+
+    adamw = optimizer("optimizer adamw lr=1e-3")
+    assert (adamw.b1, adamw.b2, adamw.eps, adamw.wd, adamw.step, adamw.shard) == \
+        (0.9, 0.999, 1e-8, 0.01, 1, ())
+    sgd = optimizer("optimizer sgd lr=0.1")
+    assert (sgd.lr, sgd.wd, sgd.shard) == (0.1, 0.0, ())
+
+
 def test_a_split_param_stacked_in_a_repeat_trains():
     """A param split and stacked in a repeat trains: the backward loop slices it as the
     forward loop does (a copy of the stacked param once crashed the partitioner on the
