@@ -34,7 +34,7 @@ the exponent stays bounded, near the polynomial's degree):
 Then training steps (`--parts training`): for the Megatron block with
 selective and with full recomputation (examples/training/), the transformer
 block of examples/transformer/block.ein with a loss and an optimizer
-appended, and the GPT model (examples/training/gpt.ein, once it checks), the
+appended, and the GPT model (examples/training/gpt.ein), the
 compile time (check and derive, partition, lower) of the training step
 against that of its forward program (the same file without its `loss`,
 `optimizer`, `microbatches` and `remat`, outputting the loss), in one

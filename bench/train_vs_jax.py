@@ -78,7 +78,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from vs_gspmd import described, load_clusters  # noqa: E402 - the bench's own sibling
+from vs_gspmd import add_run_arguments, described, load_clusters, time_each  # noqa: E402 - its sibling
 
 EXAMPLES = ROOT / "examples" / "training"
 
@@ -315,21 +315,6 @@ class Row:
         return ""
 
 
-def time_each(compiled: list, rounds: int) -> list[float]:
-    """Median seconds of a step of each of `compiled`, run in alternation (one step each per
-    round) after a warm-up, as bench/vs_gspmd.py's time_both runs two."""
-    for _ in range(3):
-        for program in compiled:
-            program.step()
-    times = [[] for _ in compiled]
-    for _ in range(rounds):
-        for program, seconds in zip(compiled, times):
-            start = time.perf_counter()
-            program.step()
-            seconds.append(time.perf_counter() - start)
-    return [statistics.median(seconds) for seconds in times]
-
-
 def measure(name: str, step, host, cluster, devices, rounds: int, byte_plan: bool = False) -> Row:
     """Plan `step` for `host`, compile it and its twin on `devices`, read both HLOs, compare
     their outputs and time them. The byte-minimal plan is run too with `byte_plan`, or where
@@ -398,19 +383,11 @@ def main() -> int:
     parser.add_argument("files", nargs="*", help="training programs to run (default: the examples)")
     parser.add_argument("--programs", metavar="NAME,...",
                         help="training examples to run by name (default: every one)")
-    parser.add_argument("--cluster", default="h100x8",
-                        help="cluster preset or file to plan on with --host-cluster same")
-    parser.add_argument("--rounds", type=int, default=20, help="timed steps of each, alternating")
-    parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's)")
+    add_run_arguments(parser, rounds=20)
     parser.add_argument("--byte-plan", action="store_true",
                         help="run the byte-minimal plan (`--objective bytes`) on every program, "
                              "not only where the time plan sends more than GSPMD")
-    parser.add_argument("--host-cluster", default="calibrate", metavar="FILE|calibrate|same",
-                        help="the cluster einpar's step is planned for (default: calibrate this "
-                             "host; same: --cluster)")
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     paths = training_paths(args.files, args.programs)
     if not paths:
         parser.error("no programs to run")

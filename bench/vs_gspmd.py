@@ -98,20 +98,19 @@ def described(priced, mesh) -> str:
     return ", ".join(f"{count} {key}" for key, count in sorted(counts.items())) or "none"
 
 
-def time_both(ours, twin, rounds: int) -> tuple[float, float]:
-    """Median seconds of a step of each, run in alternation after a warm-up."""
+def time_each(compiled: list, rounds: int) -> list[float]:
+    """Median seconds of a step of each of `compiled`, run in alternation (one step each per
+    round) after a warm-up."""
     for _ in range(3):
-        ours.step()
-        twin.step()
-    ours_times, twin_times = [], []
+        for program in compiled:
+            program.step()
+    times = [[] for _ in compiled]
     for _ in range(rounds):
-        start = time.perf_counter()
-        ours.step()
-        ours_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        twin.step()
-        twin_times.append(time.perf_counter() - start)
-    return statistics.median(ours_times), statistics.median(twin_times)
+        for program, seconds in zip(compiled, times):
+            start = time.perf_counter()
+            program.step()
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in times]
 
 
 def host_cluster(choice: str, cluster, load_cluster):
@@ -128,6 +127,27 @@ def host_cluster(choice: str, cluster, load_cluster):
     subprocess.run([sys.executable, "-m", "einpar", "calibrate", "--quick", "--out", str(out)],
                    check=True, capture_output=True)
     return load_cluster(str(out))
+
+
+def rounds_count(text: str) -> int:
+    """--rounds: a whole number of at least 1."""
+    rounds = int(text)
+    if rounds < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return rounds
+
+
+def add_run_arguments(parser, rounds: int) -> None:
+    """The options of a bench that runs einpar's plans against GSPMD on this host's devices:
+    --cluster, --rounds, --platform and --host-cluster (read by load_clusters)."""
+    parser.add_argument("--cluster", default="h100x8",
+                        help="cluster preset or file to price on, and to plan on with --host-cluster same")
+    parser.add_argument("--rounds", type=rounds_count, default=rounds,
+                        help="timed steps of each, alternating")
+    parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's)")
+    parser.add_argument("--host-cluster", default="calibrate", metavar="FILE|calibrate|same",
+                        help="the cluster the measured plan is planned for (default: calibrate "
+                             "this host; same: the --cluster plan)")
 
 
 def load_clusters(parser, args):
@@ -147,15 +167,8 @@ def main() -> int:
     parser.add_argument("files", nargs="*", help="programs to run (default: --programs)")
     parser.add_argument("--programs", choices=sorted(PROGRAM_SETS), default="all",
                         help="the examples, the partitioner's program set, or both (default)")
-    parser.add_argument("--cluster", default="h100x8", help="cluster preset or file to price on")
-    parser.add_argument("--rounds", type=int, default=30, help="timed steps of each, alternating")
-    parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's)")
-    parser.add_argument("--host-cluster", default="calibrate", metavar="FILE|calibrate|same",
-                        help="the cluster the measured plan is planned for (default: calibrate "
-                             "this host; same: the --cluster plan)")
+    add_run_arguments(parser, rounds=30)
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
 
     from einpar.api import compile_spmd, load, random_inputs
     from einpar.backends import jax_backend
@@ -203,7 +216,7 @@ def main() -> int:
             ours_text, twin_text = ours.hlo(), twin.hlo()
             ours_hlo, twin_hlo = hlo_collectives(ours_text, n), hlo_collectives(twin_text, n)
             priced_twin = price_collectives(twin_hlo, program.mesh, cluster)
-            ours_s, twin_s = time_both(ours, twin, args.rounds)
+            ours_s, twin_s = time_each([ours, twin], args.rounds)
         except Exception as error:  # noqa: BLE001 - one program's failure is reported, not fatal
             failed.append(name)
             print(f"{name:<40} failed: {type(error).__name__}: {str(error).splitlines()[0]}")

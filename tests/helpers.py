@@ -1,6 +1,9 @@
-"""What several test files share: the examples, their golden files, and the check that a
-backend's outputs equal the reference's."""
+"""What several test files share: the examples, their golden files, the check that a
+backend's outputs equal the reference's, the environment of a several-process run, and a
+small training step."""
 
+import os
+import socket
 from pathlib import Path
 
 from einpar.api import run_reference
@@ -24,3 +27,44 @@ def assert_matches_reference(program, outputs, inputs) -> None:
         found = compare(output.name, reference[output.name], outputs[output.name],
                         program_tolerance(program))
         assert found.ok, (output.name, found.error, found.tolerance)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a jax.distributed coordinator)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def process_environment() -> dict:
+    """The environment of an `einpar run --coordinator ...` process: CPU devices, and none of
+    this process's XLA or jax.distributed settings."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+MLP_STEP = """\
+mesh dp={n}
+dim  B={B} D={D} F={F}
+dtype {dtype}
+input x[B@dp, D]
+input t[B@dp, D]
+param w1[D{split}, F]
+param w2[F, D]
+h[B,F] = gelu(x[B,D] * w1[D,F])
+y[B,D] = h[B,F] * w2[F,D]
+l[] : f32 = mean[B,D](square(y[B,D] - t[B,D]))
+loss l
+{training}
+"""
+
+
+def mlp_step(training: str, *, B: int, D: int, F: int, n: int = 4, dtype: str = "f32",
+             split: str = "") -> str:
+    """The training step of examples/training/mlp_data_parallel.ein (a two-layer MLP, its batch
+    split over `dp` of `n` devices) at other sizes: `training` its training declarations
+    (`optimizer ...`, `microbatches ...`, `output w1.grad`), `split` w1's first dim's layout
+    (`@dp` for FSDP), the loss in float32 whatever `dtype` the rest is."""
+    return MLP_STEP.format(n=n, B=B, D=D, F=F, dtype=dtype, split=split, training=training)

@@ -14,7 +14,7 @@ import pytest
 from einpar.api import compile_source, compile_spmd, random_inputs
 from einpar.optimizer import param_of_state
 
-from helpers import ROOT
+from helpers import ROOT, mlp_step
 
 BENCH = ROOT / "bench" / "train_vs_jax.py"
 
@@ -28,29 +28,12 @@ def _bench():
     return module
 
 
-MLP = """
-mesh dp=4
-dim  B=16 D=8 F=16
-{dtype}
-input x[B@dp, D]
-input t[B@dp, D]
-param w1[D{split}, F]
-param w2[F, D]
-
-h[B,F] = gelu(x[B,D] * w1[D,F])
-y[B,D] = h[B,F] * w2[F,D]
-l[] : f32 = mean[B,D](square(y[B,D] - t[B,D]))
-
-loss l
-{training}
-"""
-
 CASES = {
     # ZeRO-1 on bf16 params: f32 master copies and moments split over dp.
-    "adamw_zero1_bf16": dict(dtype="dtype bf16", split="",
+    "adamw_zero1_bf16": dict(dtype="bf16",
                              training="optimizer adamw lr=1e-2 b1=0.9 b2=0.95 wd=0.1 shard=dp"),
     # FSDP with plain SGD and weight decay, in four micro-batches, delivering a gradient.
-    "sgd_fsdp_microbatches": dict(dtype="", split="@dp", training="optimizer sgd lr=0.1 wd=0.01\n"
+    "sgd_fsdp_microbatches": dict(split="@dp", training="optimizer sgd lr=0.1 wd=0.01\n"
                                   "microbatches B=4\noutput w1.grad"),
 }
 
@@ -60,7 +43,7 @@ def test_einpars_step_and_the_gspmd_twin_agree(case):
     from einpar.backends import jax_backend
 
     bench = _bench()
-    step = compile_source(MLP.format(**CASES[case]), f"<{case}>")
+    step = compile_source(mlp_step(B=16, D=8, F=16, **CASES[case]), f"<{case}>")
     spmd = compile_spmd(step)
     devices = jax_backend.start_devices(step.mesh.num_devices)
     both = bench.compile_both(step, spmd, random_inputs(step, 0), devices)
@@ -136,19 +119,8 @@ SLOW_UPDATE_HOST = json.dumps({
     "topology": {"kind": "switched", "gpus_per_node": 8},
     "efficiency": {"matrix": 1.0, "vector": 0.01, "memory": 0.1}})
 
-DATA_PARALLEL_ADAMW = """
-mesh dp=4
-dim  B=512 D=64 F=64
-input x[B@dp, D]
-input t[B@dp, D]
-param w1[D, F]
-param w2[F, D]
-h[B,F] = gelu(x[B,D] * w1[D,F])
-y[B,D] = h[B,F] * w2[F,D]
-l[] = mean[B,D](square(y[B,D] - t[B,D]))
-loss l
-optimizer adamw lr=1e-3 b1=0.9 b2=0.95 eps=1e-8 wd=0.1
-"""
+DATA_PARALLEL_ADAMW = mlp_step("optimizer adamw lr=1e-3 b1=0.9 b2=0.95 eps=1e-8 wd=0.1",
+                               B=512, D=64, F=64)
 
 
 def _collectives(spmd):

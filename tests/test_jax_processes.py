@@ -10,7 +10,6 @@ process stopped by a signal takes its JAX worker with it.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,21 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, process_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "examples/attention/tensor_parallel.ein")  # mesh dp=2 tp=4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def environment() -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def start(process_id: int, port: int, *extra: str) -> subprocess.Popen:
@@ -42,7 +30,7 @@ def start(process_id: int, port: int, *extra: str) -> subprocess.Popen:
                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                "--process-id", str(process_id), *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=environment(), start_new_session=True)
+                            env=process_environment(), start_new_session=True)
 
 
 def first_line(process: subprocess.Popen, timeout: float = 120) -> str:
@@ -74,7 +62,7 @@ def test_the_environment_variables_stand_for_the_flags():
     port = free_port()
     processes = []
     for i in range(2):
-        env = dict(environment(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+        env = dict(process_environment(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(i))
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "einpar", "run", EXAMPLE, "--backend", "jax", "--repeat", "1"],

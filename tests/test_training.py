@@ -12,9 +12,6 @@ small sizes (`SMALL`) in the default run; at their own sizes under `-m slow`.
 from __future__ import annotations
 
 import json
-import math
-import os
-import socket
 import subprocess
 import sys
 from functools import lru_cache
@@ -27,11 +24,10 @@ from hypothesis import strategies as st
 import einpar.api as ein
 from einpar.backends.numpy_sim import run_spmd
 from einpar.backends.reference import evaluate
-from einpar.errors import EinparError
 from einpar.testing import meshes, programs
 from einpar.tolerance import compare, program_tolerance
 
-from helpers import ROOT
+from helpers import ROOT, free_port, mlp_step, process_environment
 
 TRAINING = ROOT / "examples" / "training"
 
@@ -59,14 +55,8 @@ def example_cases():
 
 @lru_cache(maxsize=None)
 def load_example(name: str, small: bool = True):
-    """The derived training step of an example (gpt.ein is skipped while it does not check)."""
-    try:
-        return ein.load(TRAINING / f"{name}.ein", SMALL[name] if small else None)
-    except EinparError as error:
-        if name == "gpt":
-            pytest.skip(f"gpt.ein does not check yet (batched take, another part of issue 15): "
-                        f"{error.diagnostics[0].message}")
-        raise
+    """The derived training step of an example."""
+    return ein.load(TRAINING / f"{name}.ein", SMALL[name] if small else None)
 
 
 def training_inputs(program, seed: int = 0) -> dict[str, np.ndarray]:
@@ -94,11 +84,10 @@ def compiled(name: str, small: bool = True):
     return program, ein.compile_spmd(program), inputs, evaluate(program, inputs)
 
 
-def assert_agrees(program, reference: dict, outputs: dict, names=None) -> None:
+def assert_agrees(program, reference: dict, outputs: dict) -> None:
+    """Every output within its dtype's tolerance of the reference's, and of its dtype."""
     tolerance = program_tolerance(program)
     for output in program.outputs:
-        if names is not None and output.name not in names:
-            continue
         found = compare(output.name, reference[output.name], outputs[output.name], tolerance)
         assert found.ok, (output.name, found.error, tolerance)
         assert outputs[output.name].dtype == reference[output.name].dtype, output.name
@@ -120,13 +109,11 @@ def test_every_training_example_derives_an_update_of_every_param_and_its_state(n
     outputs = {o.name for o in program.outputs}
     assert program.training is None and program.forward is not None
     assert program.forward.training is not None
-    optimizer = program.forward.training.optimizer
+    assert program.forward.training.optimizer.kind == "adamw"  # every example's
     for param in program.params:
-        assert param.name in outputs
-        if optimizer.kind == "adamw":
-            assert {f"{param.name}.m", f"{param.name}.v"} <= outputs
-        if param.type.dtype in ("bf16", "f16"):
-            assert f"{param.name}.master" in outputs
+        assert {param.name, f"{param.name}.m", f"{param.name}.v"} <= outputs
+        # a float32 master copy exactly for a half-precision param
+        assert (f"{param.name}.master" in outputs) == (param.type.dtype in ("bf16", "f16")), param.name
 
 
 @pytest.mark.parametrize("name", example_cases())
@@ -167,19 +154,6 @@ def test_every_training_example_at_its_own_size_on_the_simulator(name):
 # ---- several processes: jax.distributed on 127.0.0.1 (gloo), as test_jax_processes.py
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _environment() -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp_fsdp", "mlp_zero1", "megatron_selective"])
 def test_two_processes_run_a_training_step_as_the_reference_does(name, tmp_path):
@@ -189,12 +163,12 @@ def test_two_processes_run_a_training_step_as_the_reference_does(name, tmp_path)
     program = load_example(name)
     np.savez(tmp_path / "in.npz", **training_inputs(program))
     sets = [f"{key}={value}" for key, value in SMALL[name].items()]
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "einpar", "run", str(TRAINING / f"{name}.ein"), "--backend",
                "jax", "--set", *sets, "--inputs", str(tmp_path / "in.npz"), "--json", "--repeat",
                "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
     processes = [subprocess.Popen(command + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=_environment(), start_new_session=True)
+                                  text=True, env=process_environment(), start_new_session=True)
                  for i in range(2)]
     results = [process.communicate(timeout=600) for process in processes]
     for process, (out, err) in zip(processes, results):
@@ -248,8 +222,7 @@ def relative_error(expected, got) -> float:
     return float(np.max(np.abs(expected - got)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_EXAMPLES else [])
-                                  for n in EXAMPLES if n != "gpt"] + ["gpt"])
+@pytest.mark.parametrize("name", example_cases())
 def test_the_updated_params_and_state_equal_an_adamw_step_on_jax_grad(name):
     """The step's `w`, `w.m`, `w.v` (and `w.master`) equal jnp's AdamW applied to jax.grad of
     the forward program: the update (w' − w), not only w', within the dtype's tolerance of
@@ -282,6 +255,20 @@ def test_the_updated_params_and_state_equal_an_adamw_step_on_jax_grad(name):
             assert reference[param.name].dtype == inputs[param.name].dtype
             np.testing.assert_array_equal(
                 reference[param.name], reference[f"{param.name}.master"].astype(inputs[param.name].dtype))
+
+
+def test_optimizer_defaults_are_pytorchs():
+    """docs/training.md's defaults: torch.optim.AdamW's (betas (0.9, 0.999), eps 1e-8,
+    weight_decay 1e-2) and step 1; torch.optim.SGD's weight_decay 0."""
+    def optimizer(line):
+        program = ein.compile_source(mlp_step(line, B=8, D=4, F=4), "defaults.ein")
+        return program.forward.training.optimizer
+
+    adamw = optimizer("optimizer adamw lr=1e-3")
+    assert (adamw.b1, adamw.b2, adamw.eps, adamw.wd, adamw.step, adamw.shard) == \
+        (0.9, 0.999, 1e-8, 0.01, 1, ())
+    sgd = optimizer("optimizer sgd lr=0.1")
+    assert (sgd.lr, sgd.wd, sgd.shard) == (0.1, 0.0, ())
 
 
 def test_a_split_param_stacked_in_a_repeat_trains():
@@ -367,27 +354,12 @@ def moves(program, objective: str):
     return found
 
 
-MLP_STEP = """
-mesh dp=4
-dim  B=8192 D=16 F=32
-input x[B@dp, D]
-input t[B@dp, D]
-param w1[D, F]
-param w2[F, D]
-h[B,F] = gelu(x[B,D] * w1[D,F])
-y[B,D] = h[B,F] * w2[F,D]
-l[]    = mean[B,D](square(y[B,D] - t[B,D]))
-loss l
-optimizer adamw lr=1e-3
-"""
-
-
 @pytest.mark.parametrize("objective", ["time", "bytes"])
 def test_data_parallel_gradients_are_one_all_reduce_each(objective):
     """Each replicated param's gradient, partial over dp, is all-reduced once: 2·(n−1)/n of
     its bytes per device. The only other collective is the loss's: the mean over the
     dp-split batch is a partial scalar, all-reduced too (f32, 4 bytes)."""
-    program = ein.compile_source(MLP_STEP, "dp.ein")
+    program = ein.compile_source(mlp_step("optimizer adamw lr=1e-3", B=8192, D=16, F=32), "dp.ein")
     n = 4
     assert sorted(moves(program, objective)) == sorted([
         ("all_reduce", "l.sum", ("dp",), all_reduce_bytes(1, n), "forward"),
@@ -497,20 +469,9 @@ def priced(program):
     return estimate(program, ein.compile_spmd(program), default_cluster(program.mesh))
 
 
-MIXED_PRECISION = """
-mesh dp={n}
-dim  B=8 D=256 F=1024
-dtype bf16
-input x[B@dp, D]
-input t[B@dp, D]
-param w1[D, F]
-param w2[F, D]
-h[B,F]        = gelu(x[B,D] * w1[D,F])
-y[B,D]        = h[B,F] * w2[F,D]
-l[] : f32     = mean[B,D](square(y[B,D] - t[B,D]))
-loss l
-optimizer adamw lr=1e-3 {shard}
-"""
+def mixed_precision(n: int, shard: str = ""):
+    return ein.compile_source(mlp_step(f"optimizer adamw lr=1e-3 {shard}", n=n, B=8, D=256, F=1024,
+                                       dtype="bf16"), "mp.ein")
 
 
 def test_mixed_precision_adam_keeps_2_2_12_bytes_per_parameter():
@@ -518,13 +479,13 @@ def test_mixed_precision_adam_keeps_2_2_12_bytes_per_parameter():
     (2 bytes), its bf16 gradient (2) and the float32 master copy, momentum and variance
     (4 + 4 + 4 = 12): 16 bytes per parameter, each in its kind at the peak of the step."""
     params = 2 * 256 * 1024
-    memory = priced(ein.compile_source(MIXED_PRECISION.format(n=1, shard=""), "mp.ein")).memory
+    memory = priced(mixed_precision(1)).memory
     assert memory.by_kind["params"] == 2 * params
     assert memory.by_kind["gradients"] == 2 * params
     assert memory.by_kind["optimizer_state"] == 8 * params
     assert memory.by_kind["master"] == 4 * params
     # ZeRO-1 over 8 devices: the 12 bytes of state are split, the param stays whole.
-    memory = priced(ein.compile_source(MIXED_PRECISION.format(n=8, shard="shard=dp"), "zero1.ein")).memory
+    memory = priced(mixed_precision(8, "shard=dp")).memory
     assert memory.by_kind["params"] == 2 * params
     assert memory.by_kind["optimizer_state"] + memory.by_kind["master"] == 12 * params // 8
 
