@@ -75,12 +75,15 @@ def accumulate(program: Program, index: str, count: int) -> Program:
         final = Value(f"{output.name}.acc#3", work)
         mean = Value(f"{output.name}.mean", rtype)
         every = tuple(rtype.indices)
-        before.append(Map(start, (), Const(0.0), output.name, None))
+        # Statements named `w.grad.acc`, not `w.grad`: the accumulators are not the backward
+        # pass (whose first op is where FSDP frees gathered params, ir.after_backward_start).
+        stmt = f"{output.name}.acc"
+        before.append(Map(start, (), Const(0.0), stmt, None))
         body.append(Map(inside, (Operand(start.name, every), Operand(result.name, every)),
-                        Apply("add", (Arg(0), Cast(work.dtype, Arg(1)))), output.name, None))
+                        Apply("add", (Arg(0), Cast(work.dtype, Arg(1)))), stmt, None))
         carried.append(Carried(start.name, inside.name, final))
         after.append(Map(mean, (Operand(final.name, every),), Apply("div", (Arg(0), Const(count))),
-                         output.name, None))
+                         stmt, None))
         outputs.append(replace(output, value=mean.name))
     loop = Repeat(micro, count, tuple(carried), views, tuple(body))
     return replace(program, dims=program.dims + ((micro, count),), inputs=inputs,

@@ -541,3 +541,19 @@ def test_a_backward_loop_carries_a_gradient_in_its_values_pin():
     made = {op.result.name: op for op in backward[0].body if not isinstance(op, Repeat)}
     (carried,) = [c for c in backward[0].carried if c.result.name.startswith("x")]
     assert made[carried.body_result].result.layout == Layout((("dp",), ("tp",), ()))
+
+
+def test_a_micro_batched_steps_accumulators_are_not_backward_statements():
+    """The accumulators of `microbatches` (set up before the micro-batch loop) are not the
+    backward pass: FSDP frees gathered params at the backward pass's first op
+    (ir.after_backward_start), which must not be before the forward pass has run."""
+    from einpar.ir import after_backward_start, is_backward, walk_ops
+
+    text = (ROOT / "examples/training/mlp_fsdp.ein").read_text().replace(
+        "loss l", "microbatches B=2\nloss l")
+    step = ein.compile_source(text, "micro.ein")
+    assert not any(is_backward(op) for op in step.ops)  # all of it runs in the loop
+    accumulators = [op for op in walk_ops(step.ops)
+                    if not isinstance(op, Repeat) and op.result.name.endswith(".acc#2")]
+    assert accumulators and not any(is_backward(op) for op in accumulators)
+    assert after_backward_start(step.ops) == set()
