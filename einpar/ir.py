@@ -352,7 +352,9 @@ class Output:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """`optimizer sgd|adamw ...` (LANGUAGE.md, Training): PyTorch's SGD and AdamW."""
+    """`optimizer sgd|adamw ...` (LANGUAGE.md, Training): PyTorch's SGD and AdamW. The
+    defaults here are the fields'; the checker fills in each kind's defaults as the language
+    states them (check_training.py: adamw's weight decay is 0.01, as PyTorch's)."""
 
     kind: str  # "sgd" or "adamw"
     lr: float = 1e-3
