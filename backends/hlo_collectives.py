@@ -139,7 +139,7 @@ def _mesh_groups(match: re.Match) -> np.ndarray:
     ids = (_iota(match.group(2), match.group(3)).reshape(-1) if match.group(2)
            else np.arange(total))
     # Split every axis that a sub-axis names into (before, the sub-axis, after).
-    shape, names, grouped = [], [], []
+    shape, names = [], []
     cuts = {name: (int(pre), int(size)) for name, pre, size in _GROUP_AXIS.findall(match.group(4))
             if pre}
     for name, size in axes:
