@@ -102,6 +102,7 @@ class TrainingChecker:
             return None
         for output in grad_outputs:
             self.grad_output(output)
+        self.trainable_params()
         if loss is None:
             return None
         if microbatches is not None and not self.microbatch_outputs(loss):
@@ -278,6 +279,17 @@ class TrainingChecker:
                            output.span, hint="remove this output, or the micro-batches")
                 return False
         return True
+
+    def trainable_params(self) -> None:
+        """Every param of a step is trained, so each is a float: an integer has no gradient
+        (as in PyTorch, where only a floating tensor can require one), and an update would
+        decay and truncate it."""
+        for value in self.program.inputs:
+            if value.kind == "param" and value.type.dtype not in FLOAT_DTYPES:
+                self.error("E255", f"param '{value.name}' is {value.type.dtype}: a training step "
+                                   "trains every param, and only a float one has a gradient",
+                           value.span, hint="declare it with `input`: a step reads its "
+                                            "inputs and trains its params")
 
     def grad_output(self, output: OutputDecl) -> None:
         if output.suffix.text != "grad":

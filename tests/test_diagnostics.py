@@ -1798,3 +1798,13 @@ def test_E254_microbatches_of_an_aliased_index_or_one_pos_reads():
                    "microbatches B=2"),
            "E254", "pos(B) would count the rows of one micro-batch, not the batch's", 7, 14,
            hint="micro-batch the step by another index, or compute without pos(B)")
+
+
+def test_E255_a_training_step_refuses_a_param_that_is_not_a_float():
+    """An i32 or bool param has no gradient; an optimizer would decay and truncate it."""
+    expect(program("dim B=8 D=4", "input x[B, D]", "param w[D] : i32",
+                   "l[] = sum[B,D](x[B,D] * w[D])", "loss l", "optimizer adamw lr=1e-3"),
+           "E255", "param 'w' is i32: a training step trains every param, and only a float "
+                   "one has a gradient", 3, 7, length=1,
+           hint="declare it with `input`: a step reads its inputs and trains its params")
+
