@@ -103,6 +103,8 @@ class TrainingChecker:
         for output in grad_outputs:
             self.grad_output(output)
         self.trainable_params()
+        if optimizer is not None:
+            self.outputs_beside(optimizer)
         if loss is None:
             return None
         if microbatches is not None and not self.microbatch_outputs(loss):
@@ -290,6 +292,18 @@ class TrainingChecker:
                                    "trains every param, and only a float one has a gradient",
                            value.span, hint="declare it with `input`: a step reads its "
                                             "inputs and trains its params")
+
+    def outputs_beside(self, optimizer: Optimizer) -> None:
+        """The optimizer outputs each updated param under the param's name: an output of the
+        param as written would be a second output of that name."""
+        for output in self.program.outputs:
+            if self.values.get(output.value) is not None \
+                    and self.values[output.value].kind == "param":
+                self.error("E233", f"output '{output.name}' is declared twice: the optimizer "
+                                   f"outputs the updated '{output.name}'", output.span,
+                           hint=f"remove `output {output.name}`: the step outputs "
+                                f"{output.name} after its update",
+                           labels=(Label(optimizer.span, "outputs the updated params"),))
 
     def grad_output(self, output: OutputDecl) -> None:
         if output.suffix.text != "grad":

@@ -1808,3 +1808,10 @@ def test_E255_a_training_step_refuses_a_param_that_is_not_a_float():
                    "one has a gradient", 3, 7, length=1,
            hint="declare it with `input`: a step reads its inputs and trains its params")
 
+
+def test_E233_an_output_of_a_param_beside_the_optimizer_that_updates_it():
+    """With an optimizer the step outputs the updated `w` under the param's own name."""
+    found = expect(program(*TRAIN, "loss l", "optimizer sgd lr=0.1", "output w"), "E233",
+                   "output 'w' is declared twice: the optimizer outputs the updated 'w'", 9, 1,
+                   length=8, hint="remove `output w`: the step outputs w after its update")
+    assert labels(found) == [(8, 1, "outputs the updated params")]
