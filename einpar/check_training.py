@@ -107,7 +107,7 @@ class TrainingChecker:
             self.outputs_beside(optimizer)
         if loss is None:
             return None
-        if microbatches is not None and not self.microbatch_outputs(loss):
+        if microbatches is not None and not self.microbatch_outputs(loss, optimizer):
             return None
         names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
         return Training(loss, optimizer, microbatches, names, first["loss"])
@@ -272,14 +272,22 @@ class TrainingChecker:
                 return None
         return index, count
 
-    def microbatch_outputs(self, loss: str) -> bool:
+    def microbatch_outputs(self, loss: str, optimizer: Optimizer | None) -> bool:
         """A step of micro-batches outputs what it accumulates: its loss and gradients."""
         for output in self.program.outputs:
-            if output.value != loss and "." not in output.name:
-                self.error("E254", f"output '{output.name}' is one micro-batch's: a step of "
-                                   "micro-batches outputs its loss, gradients and updated params",
-                           output.span, hint="remove this output, or the micro-batches")
-                return False
+            if output.value == loss or "." in output.name:
+                continue
+            value = self.values.get(output.value)
+            if value is not None and value.kind == "param":
+                if optimizer is not None:
+                    return False  # outputs_beside said why
+                what = "a param"
+            else:
+                what = "one micro-batch's"
+            self.error("E254", f"output '{output.name}' is {what}: a step of micro-batches "
+                               "outputs its loss, gradients and updated params",
+                       output.span, hint="remove this output, or the micro-batches")
+            return False
         return True
 
     def trainable_params(self) -> None:

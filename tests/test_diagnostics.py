@@ -1815,3 +1815,12 @@ def test_E233_an_output_of_a_param_beside_the_optimizer_that_updates_it():
                    "output 'w' is declared twice: the optimizer outputs the updated 'w'", 9, 1,
                    length=8, hint="remove `output w`: the step outputs w after its update")
     assert labels(found) == [(8, 1, "outputs the updated params")]
+
+
+def test_an_output_of_a_param_beside_micro_batches_is_said_once_and_as_a_param():
+    with_optimizer = diagnostics_of(program(*TRAIN, "loss l", "microbatches B=2",
+                                            "optimizer sgd lr=0.1", "output w"))
+    assert [(d.code, d.span.line) for d in with_optimizer] == [("E233", 10)]
+    expect(program(*TRAIN, "loss l", "microbatches B=2", "output w"), "E254",
+           "output 'w' is a param: a step of micro-batches outputs its loss, gradients and "
+           "updated params", 9, 1, hint="remove this output, or the micro-batches")
