@@ -102,9 +102,12 @@ class TrainingChecker:
             return None
         for output in grad_outputs:
             self.grad_output(output)
+        self.trainable_params()
+        if optimizer is not None:
+            self.outputs_beside(optimizer)
         if loss is None:
             return None
-        if microbatches is not None and not self.microbatch_outputs(loss):
+        if microbatches is not None and not self.microbatch_outputs(loss, optimizer):
             return None
         names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
         return Training(loss, optimizer, microbatches, names, first["loss"])
@@ -269,15 +272,46 @@ class TrainingChecker:
                 return None
         return index, count
 
-    def microbatch_outputs(self, loss: str) -> bool:
+    def microbatch_outputs(self, loss: str, optimizer: Optimizer | None) -> bool:
         """A step of micro-batches outputs what it accumulates: its loss and gradients."""
         for output in self.program.outputs:
-            if output.value != loss and "." not in output.name:
-                self.error("E254", f"output '{output.name}' is one micro-batch's: a step of "
-                                   "micro-batches outputs its loss, gradients and updated params",
-                           output.span, hint="remove this output, or the micro-batches")
-                return False
+            if output.value == loss or "." in output.name:
+                continue
+            value = self.values.get(output.value)
+            if value is not None and value.kind == "param":
+                if optimizer is not None:
+                    return False  # outputs_beside said why
+                what = "a param"
+            else:
+                what = "one micro-batch's"
+            self.error("E254", f"output '{output.name}' is {what}: a step of micro-batches "
+                               "outputs its loss, gradients and updated params",
+                       output.span, hint="remove this output, or the micro-batches")
+            return False
         return True
+
+    def trainable_params(self) -> None:
+        """Every param of a step is trained, so each is a float: an integer has no gradient
+        (as in PyTorch, where only a floating tensor can require one), and an update would
+        decay and truncate it."""
+        for value in self.program.inputs:
+            if value.kind == "param" and value.type.dtype not in FLOAT_DTYPES:
+                self.error("E255", f"param '{value.name}' is {value.type.dtype}: a training step "
+                                   "trains every param, and only a float one has a gradient",
+                           value.span, hint="declare it with `input`: a step reads its "
+                                            "inputs and trains its params")
+
+    def outputs_beside(self, optimizer: Optimizer) -> None:
+        """The optimizer outputs each updated param under the param's name: an output of the
+        param as written would be a second output of that name."""
+        for output in self.program.outputs:
+            if self.values.get(output.value) is not None \
+                    and self.values[output.value].kind == "param":
+                self.error("E233", f"output '{output.name}' is declared twice: the optimizer "
+                                   f"outputs the updated '{output.name}'", output.span,
+                           hint=f"remove `output {output.name}`: the step outputs "
+                                f"{output.name} after its update",
+                           labels=(Label(optimizer.span, "outputs the updated params"),))
 
     def grad_output(self, output: OutputDecl) -> None:
         if output.suffix.text != "grad":

@@ -54,7 +54,7 @@ CODES = {
     "E252": "bad optimizer",
     "E253": "training declaration without a loss",
     "E254": "bad micro-batches",
-    "E255": "gradient of a value that is not a param",
+    "E255": "gradient of a value that is not a float param",
     "E300": "bad inputs file",
     "E301": "bad --set",
     "E302": "cannot read the program file",

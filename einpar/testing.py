@@ -1244,6 +1244,11 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
         loss = optimizer = None
         if training:
             loss, optimizer = builder.loss(outputs, optimizers)
+        if optimizer:  # the step outputs each updated param under its name: no `output w` too
+            params = {info.name for info in builder.inputs if info.kind == "param"}
+            builder.lines = [line for line in builder.lines if not line.startswith("output ")
+                             or line.split()[1].split("[")[0] not in params]
+            outputs = [output for output in outputs if output.name not in params]
         template = "\n".join(builder.lines) + "\n"
         return GeneratedProgram(
             template=template, mesh=drawn_mesh, dim_declarations=tuple(declared), dtype=dtype,

@@ -1798,3 +1798,29 @@ def test_E254_microbatches_of_an_aliased_index_or_one_pos_reads():
                    "microbatches B=2"),
            "E254", "pos(B) would count the rows of one micro-batch, not the batch's", 7, 14,
            hint="micro-batch the step by another index, or compute without pos(B)")
+
+
+def test_E255_a_training_step_refuses_a_param_that_is_not_a_float():
+    """An i32 or bool param has no gradient; an optimizer would decay and truncate it."""
+    expect(program("dim B=8 D=4", "input x[B, D]", "param w[D] : i32",
+                   "l[] = sum[B,D](x[B,D] * w[D])", "loss l", "optimizer adamw lr=1e-3"),
+           "E255", "param 'w' is i32: a training step trains every param, and only a float "
+                   "one has a gradient", 3, 7, length=1,
+           hint="declare it with `input`: a step reads its inputs and trains its params")
+
+
+def test_E233_an_output_of_a_param_beside_the_optimizer_that_updates_it():
+    """With an optimizer the step outputs the updated `w` under the param's own name."""
+    found = expect(program(*TRAIN, "loss l", "optimizer sgd lr=0.1", "output w"), "E233",
+                   "output 'w' is declared twice: the optimizer outputs the updated 'w'", 9, 1,
+                   length=8, hint="remove `output w`: the step outputs w after its update")
+    assert labels(found) == [(8, 1, "outputs the updated params")]
+
+
+def test_an_output_of_a_param_beside_micro_batches_is_said_once_and_as_a_param():
+    with_optimizer = diagnostics_of(program(*TRAIN, "loss l", "microbatches B=2",
+                                            "optimizer sgd lr=0.1", "output w"))
+    assert [(d.code, d.span.line) for d in with_optimizer] == [("E233", 10)]
+    expect(program(*TRAIN, "loss l", "microbatches B=2", "output w"), "E254",
+           "output 'w' is a param: a step of micro-batches outputs its loss, gradients and "
+           "updated params", 9, 1, hint="remove this output, or the micro-batches")

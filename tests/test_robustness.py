@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from einpar.api import compile_source, parse_overrides
+from einpar.check_training import DIRECTIVES, MODIFIERS, OPTIMIZERS, SETTINGS
 from einpar.errors import CODES, EinparError, SourceMap, render_json, render_text
-from einpar.fuzz import NAME, NUMBER, replace_random_match, split_tokens
+from einpar.fuzz import FUNCTIONS, NAME, NUMBER, replace_random_match, split_tokens
+from einpar.syntax import KEYWORDS
 from einpar.testing import programs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,10 +121,8 @@ class Failures:
 
 OPERATOR = re.compile(r">=|<=|==|!=|[-+*/<>=@,:()\[\]{}]")
 
-KEYWORDS = ("mesh", "dim", "dtype", "input", "param", "output", "repeat")
-FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs", "square",
-             "where", "max2", "min2", "sum", "max", "min", "mean", "softmax", "logsumexp",
-             "rmsnorm", "layernorm", "cumsum", "route")
+# The words of the training declarations are no keywords (a tensor may be named `loss`).
+TRAINING_WORDS = DIRECTIVES + MODIFIERS + OPTIMIZERS + tuple(SETTINGS["adamw"]) + ("grad",)
 OTHER_NAMES = ("k", "f32", "f16", "bf16", "f64", "i32", "bool", "x", "y", "B", "S", "T", "tp", "dp",
                "_", "nothing", "L", "E", "C", "a" * 200)
 NUMBERS = ("0", "1", "-1", "2", "3", "8", "007", "1.5", ".5", "1e3", "1e400", "1e-400", "4097",
@@ -131,7 +131,8 @@ OPERATORS = ("+", "-", "*", "/", ">", ">=", "<", "<=", "==", "!=", "=", "@", ","
              "]", "{", "}", "#", "\n", ".", "!", "$", "%", "^", "&", "|", "~", "`", "'", '"', ";",
              "?", "\\", "@(", "[]", "()", "{}")
 CHARACTERS = string.printable + "é→λ\u00a0\u200b\x00\x7f\ufeff\u2028"
-VOCABULARY = KEYWORDS + FUNCTIONS + OTHER_NAMES + NUMBERS + OPERATORS + ("\n",) * 6 + (" ",) * 6
+VOCABULARY = (KEYWORDS + FUNCTIONS + TRAINING_WORDS + OTHER_NAMES + NUMBERS + OPERATORS
+              + ("\n",) * 6 + (" ",) * 6)
 
 
 def delete_char(text, rng):
@@ -301,8 +302,41 @@ def statement_soup(rng: random.Random) -> str:
     return "\n".join(lines) + "\n"
 
 
+TRAINING_HEADER = ("mesh dp=2 tp=2\ndim B=8 S=4 D=8 E=4 L=2\ninput x[B@dp, S, D]\n"
+                   "input ids[B] : i32\nparam w[D, E@tp]\nparam e[S, D]\n"
+                   "y[B,S,E] = tanh(x[B,S,D] * w[D,E])\n"
+                   "repeat L remat {\n  param u[E]\n  y[B,S,E] = tanh(y[B,S,E] * u[E])\n}\n"
+                   "h[B,D] = take[S](e[S,D], ids[B])\n"
+                   "l[] = mean[B,S,E](square(y[B,S,E])) + mean[B,D](square(h[B,D]))\n")
+
+
+def training_soup(rng: random.Random) -> str:
+    """A valid model and training declarations of random words: gets into check_training.py,
+    and past it into the derivation of the step (grad, micro-batches, optimizer)."""
+    words = ("loss", "optimizer", "microbatches", "output", "remat", "sgd", "adamw", "l", "y", "w",
+             "x", "ids", "u", "e", "w.grad", "u.grad", "ids.grad", "y.grad", "w.m", "B", "S", "L",
+             "D", "dp", "tp", "=", "(", ")", ",", "-", "1", "2", "4", "8", "0", "1e-3", "0.9",
+             "1e999", "1e-999", "nan", "inf", "99999999999999999999", "2.5") + tuple(
+        f"{name}=" for name in SETTINGS["adamw"])
+    lines = [TRAINING_HEADER, "loss l"]
+    for _ in range(rng.randint(0, 4)):
+        # A right declaration, one of its words replaced by a random one, or another added.
+        tokens = rng.choice(["loss l", "optimizer adamw lr=1e-3", "optimizer sgd lr=0.1 shard=dp",
+                             "microbatches B=2", "microbatches B=4", "output w.grad",
+                             "output u.grad[L,E@tp]", "output l"]).split()
+        if rng.random() < 0.6:
+            tokens[rng.randrange(len(tokens))] = rng.choice(words)
+        if rng.random() < 0.3:
+            tokens.insert(rng.randint(0, len(tokens)), rng.choice(words))
+        lines.append(" ".join(tokens))
+    rng.shuffle(lines)
+    if rng.random() < 0.3:  # a modifier on a statement
+        lines.insert(1, "remat z[B,S,D] = x[B,S,D] * 2")
+    return "\n".join(lines) + "\n"
+
+
 RANDOM_TEXT_KINDS = {"characters": random_characters, "token soup": token_soup,
-                     "statement soup": statement_soup}
+                     "statement soup": statement_soup, "training soup": training_soup}
 
 
 # ---------------------------------------------------------------- the tests
