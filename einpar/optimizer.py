@@ -24,9 +24,7 @@ param itself for a master copy). The step outputs `w`, `w.m`, `w.v`,
 `w.master` updated; their SSA values are `w.new`, `w.m.new`, ... (user
 names never contain dots, so these never collide). The gradient output
 `w.grad` is dropped unless the program asked for it (`output w.grad`), so
-the gradient need not be delivered whole. An integer or boolean param has no
-gradient (only float tensors can require one in PyTorch): it is left as it
-is, with no state and no output.
+the gradient need not be delivered whole.
 
 Layouts. State and master copies are in the param's layout; the updated param
 is delivered in it. With `shard=AXES` (ZeRO) each axis of AXES that the
@@ -44,8 +42,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ir import (FLOAT_DTYPES, HALF_DTYPES, Apply, Arg, Const, Map, Op, Operand, Optimizer,
-                 Output, Program, Repeat, Scalar, TensorType, Value)
+from .ir import (HALF_DTYPES, Apply, Arg, Const, Map, Op, Operand, Optimizer, Output, Program,
+                 Repeat, Scalar, TensorType, Value)
 from .layout import Layout, Mesh
 
 # The state an optimizer keeps per param, besides a master copy.
@@ -238,8 +236,7 @@ def apply_optimizer(program: Program, optimizer: Optimizer) -> Program:
             raise ValueError(f"optimizer shard axis '{axis}' is not a mesh axis")
     update = _Update(program, optimizer)
     for param in program.params:
-        if param.type.dtype in FLOAT_DTYPES:  # an integer or boolean param has no gradient
-            update.param(param)
+        update.param(param)
     grads = {grad_name(param.name) for param in program.params}
     dropped = {output.value for output in program.outputs
                if output.name in grads and output.span is None}

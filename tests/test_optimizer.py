@@ -178,33 +178,6 @@ def test_an_asked_for_gradient_stays_an_output():
     assert [o.name for o in step.outputs] == ["y", "w.grad", "w", "w.m", "w.v"]
 
 
-INTEGER_PARAMS = """
-dim B=4 D=3
-input x[B,D]
-param w[D]
-param shift[D]: i32
-param mask[D]: bool
-l[] = sum[B,D](x[B,D] * w[D] * mask[D] + shift[D])
-loss l
-optimizer adamw lr=0.1 wd=0.5
-"""
-
-
-@pytest.mark.parametrize("kind", ["adamw lr=0.1 wd=0.5", "sgd lr=0.1 wd=0.5"])
-def test_an_integer_or_boolean_param_is_not_updated(kind):
-    # It has no gradient (as in PyTorch, where only float tensors can require one): the step
-    # keeps no state for it and leaves it as it is (the weight decay once moved 3 to 2).
-    step = ein.compile_source(INTEGER_PARAMS.replace("adamw lr=0.1 wd=0.5", kind), "step.ein")
-    assert [v.name for v in step.inputs if v.kind == "state"] == \
-        (["w.m", "w.v"] if kind.startswith("adamw") else [])
-    assert [o.name for o in step.outputs] == ["l", "w"] + \
-        (["w.m", "w.v"] if kind.startswith("adamw") else [])
-    arrays = random_inputs(step, 0)
-    arrays["shift"] = np.array([3, -3, 7], np.int32)
-    out = ein.run_reference(step, arrays)
-    assert not np.array_equal(out["w"], arrays["w"])
-
-
 def test_state_names():
     assert param_of_state("w.m") == ("w", "m")
     assert param_of_state("w1.master") == ("w1", "master")
