@@ -37,18 +37,20 @@ class TooWide(Exception):
 
 def eliminate(problem) -> list[int] | None:
     """The cheapest choice per node, or None where the program's graph is too wide."""
+    sizes = [len(node) for node in problem.nodes]
     try:
-        factors = _factors(problem)
-        return _minimize(factors, [len(node) for node in problem.nodes])
+        scopes, maker = _scopes(problem)
+        # The order and its widest bucket follow from the scopes alone: a problem too wide
+        # is given up before any table is priced.
+        order = _order([(i,) for i in range(len(sizes))] + [scope for _, scope in scopes], sizes)
     except TooWide:
         return None
+    return _minimize(_factors(problem, scopes, maker), sizes, order)
 
 
-def _factors(problem) -> list[tuple[tuple[int, ...], np.ndarray]]:
-    """(scope: the nodes it depends on, in increasing order; its table) for every term."""
-    factors = []
-    for index, node in enumerate(problem.nodes):
-        factors.append(((index,), np.array([choice.price for choice in node], dtype=float)))
+def _scopes(problem) -> tuple[list[tuple[str, tuple[int, ...]]], dict[str, int]]:
+    """(value, the nodes its moves depend on: its maker and readers, in increasing order) for
+    every value read or asked for; and the node that makes each value made."""
     maker: dict[str, int] = {}
     readers: dict[str, list[int]] = {}
     for index, node in enumerate(problem.nodes):
@@ -61,12 +63,25 @@ def _factors(problem) -> list[tuple[tuple[int, ...], np.ndarray]]:
     required: dict[str, set[Layout]] = {}
     for value, layout in problem.required:
         required.setdefault(value, set()).add(layout)
+    scopes = []
     for value in dict.fromkeys(list(readers) + list(required)):
         scope = sorted(set(readers.get(value, [])) | ({maker[value]} if value in maker else set()))
         if math.prod(len(problem.nodes[i]) for i in scope) > MAX_ENTRIES:
             raise TooWide()
-        factors.append((tuple(scope), _memo_table(problem, value, scope, maker.get(value),
-                                                  required.get(value, set()))))
+        scopes.append((value, tuple(scope)))
+    return scopes, maker
+
+
+def _factors(problem, scopes, maker: dict[str, int]) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """(scope: the nodes it depends on, in increasing order; its table) for every term."""
+    required: dict[str, set[Layout]] = {}
+    for value, layout in problem.required:
+        required.setdefault(value, set()).add(layout)
+    factors = [((index,), np.array([choice.price for choice in node], dtype=float))
+               for index, node in enumerate(problem.nodes)]
+    for value, scope in scopes:
+        factors.append((scope, _memo_table(problem, value, list(scope), maker.get(value),
+                                           required.get(value, set()))))
     return factors
 
 
@@ -170,37 +185,45 @@ def _aligned(scope: tuple[int, ...], table: np.ndarray, union: tuple[int, ...]) 
     return table.reshape(shape)  # scopes and unions are both in increasing order
 
 
-def _minimize(factors, sizes: list[int]) -> list[int]:
-    eliminated = []  # (node, its bucket's scope, the bucket's table), in order
+def _order(scopes: list[tuple[int, ...]], sizes: list[int]) -> list[int]:
+    """The order nodes are eliminated in: the node whose bucket is smallest next (ties: the
+    lowest index). TooWide where a bucket would pass MAX_ENTRIES."""
     remaining = set(range(len(sizes)))
     # Each node's neighbours (itself included): the union of the scopes of its factors,
     # kept up to date as nodes go, so that a bucket's size is known without a scan.
     neighbours = {node: {node} for node in remaining}
-    for scope, _ in factors:
+    for scope in scopes:
         for node in scope:
             neighbours[node].update(scope)
+    order = []
     while remaining:
-        # The node whose bucket is smallest goes next (ties: the lowest index).
         def bucket_size(node: int) -> int:
             return math.prod(sizes[i] for i in neighbours[node])
 
         node = min(sorted(remaining), key=bucket_size)
+        if bucket_size(node) > MAX_ENTRIES * max(sizes[node], 1):
+            raise TooWide()
         rest_of = neighbours.pop(node) - {node}
         for other in rest_of:
             neighbours[other].discard(node)
             neighbours[other] |= rest_of
+        order.append(node)
+        remaining.discard(node)
+    return order
+
+
+def _minimize(factors, sizes: list[int], order: list[int]) -> list[int]:
+    eliminated = []  # (node, its bucket's scope, the bucket's table), in order
+    for node in order:
         bucket = [(scope, table) for scope, table in factors if node in scope]
         factors = [(scope, table) for scope, table in factors if node not in scope]
         union = tuple(sorted(set().union(*(scope for scope, _ in bucket)) | {node}))
-        if math.prod(sizes[i] for i in union) > MAX_ENTRIES * max(sizes[node], 1):
-            raise TooWide()
         total = np.zeros([sizes[i] for i in union])
         for scope, table in bucket:
             total = total + _aligned(scope, table, union)
         eliminated.append((node, union, total))
         rest = tuple(i for i in union if i != node)
         factors.append((rest, total.min(axis=union.index(node))))
-        remaining.discard(node)
     picks: dict[int, int] = {}
     for node, union, total in reversed(eliminated):
         index = tuple(picks[i] if i != node else slice(None) for i in union)

@@ -63,6 +63,7 @@ class _Partitioner(Search, Materializer):
         self.limits: dict[str, SearchLimit] = {}
         self.axes = [axis for axis, size in self.mesh.axes if size > 1]
         self._strategies: dict = {}
+        self._axis_roles: dict = {}
         self._choices: dict = {}
         self._bodies: dict = {}
         self._keys: dict = {}  # layout -> the same layout on the mesh's axes of size > 1
@@ -170,7 +171,10 @@ class _Partitioner(Search, Materializer):
             return all(op.operands[k].value not in level.fixed or
                        level.fixed[op.operands[k].value].partial_kind(axis) == role.kind
                        for k in role.positions)
-        return [role for role in axis_roles(op, self.mesh, axis)
+        key = (id(op), axis)
+        if key not in self._axis_roles:  # asked for by every axis solve and every level
+            self._axis_roles[key] = axis_roles(op, self.mesh, axis)
+        return [role for role in self._axis_roles[key]
                 if not isinstance(role, Partial) or can_stay(role)]
 
     def joint_roles(self, op: Op, level: _Level) -> list[tuple]:

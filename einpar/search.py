@@ -11,7 +11,8 @@ strategies (solve.py), solved exactly:
   product over the axes), it is solved over all of them at once: the optimum;
 - beyond, axis by axis: each axis's roles are chosen for the whole part with
   the other axes' held, an axis solved again only after another changed the
-  plan, until none lowers its price (at most MAX_SWEEPS solves per axis).
+  plan, until none lowers its price (at most MAX_SWEEPS solves per axis); a
+  second solve of an axis frees only the ops near those whose roles changed.
   Each step has a few choices per op, so the work grows with the number of
   axes, not exponentially; the plan is optimal along each axis, not proven
   jointly (W104 where an op has more than WARN_STRATEGIES strategies).
@@ -47,6 +48,9 @@ from .strategies import Partial, op_indices
 # takes seconds (43 s for the transformer block, which compiles in 0.13 s axis by axis).
 JOINT_LIMIT = 100
 MAX_SWEEPS = 4
+# An axis solved again frees the ops within this many values of an op whose roles on another
+# axis changed since (axis_by_axis); the others keep their roles on it.
+RESOLVE_RADIUS = 2
 # An op with more strategies than this over all axes (6^5 for a matmul on 5 axes) could never
 # be searched jointly: `compile` says the plan is optimal only axis by axis (W104). Below it
 # the axis-by-axis search is used for speed; on every example and every program of
@@ -272,37 +276,54 @@ class Search(RepeatSearch):
     def axis_by_axis(self, level: _Level) -> _Plan:
         """Choose one axis's roles at a time for the whole level, the others held; an axis is
         solved again only after another axis changed the plan, until none can lower its price
-        (at most MAX_SWEEPS solves per axis)."""
+        (at most MAX_SWEEPS solves per axis). An axis solved again may change only the ops
+        near those whose roles on other axes changed since its last solve (within
+        RESOLVE_RADIUS values): elsewhere its last choice still stands against the same
+        prices, and a re-solve of a few ops is a small integer program."""
         base = {id(op): self.start_roles(op, level) for op in level.ops
                 if not isinstance(op, Repeat)}
         repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
         axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
+        near = _Neighbourhoods(level.ops)
+        changed: dict[int, set[int] | None] = {position: None for position in axes}  # None: all
         dirty = set(axes)
         plan, solves = None, 0
         while dirty and solves < MAX_SWEEPS * len(axes):
             position = next(p for p in axes if p in dirty)  # mesh order, deterministic
             axis = self.mesh.names[position]
+            free = None if changed[position] is None else near.within(changed[position], RESOLVE_RADIUS)
             nodes = []
-            for op in level.ops:
+            for i, op in enumerate(level.ops):
                 if isinstance(op, Repeat):
                     nodes.append(repeats[id(op)])
                     continue
                 current = base[id(op)]
-                options = [current] + [current[:position] + (role,) + current[position + 1:]
-                                       for role in self.roles(op, axis, level)
-                                       if role != current[position]]
+                options = [current]
+                if free is None or i in free:
+                    options += [current[:position] + (role,) + current[position + 1:]
+                                for role in self.roles(op, axis, level) if role != current[position]]
                 nodes.append(level.node_choices(op, options))
             found = self.solve_nodes(level, nodes, level.ops)
             solves += 1
             dirty.discard(position)
+            changed[position] = set()
             # A plan no cheaper than the one held is not taken (no change, no cycling on ties).
             if plan is None or found.price < plan.price * (1 - 1e-9):
-                if plan is not None:
-                    dirty |= set(axes) - {position}
-                plan = found
-                for op, node, pick in zip(level.ops, nodes, found.picks):
-                    if not isinstance(op, Repeat):
+                moved = set()
+                for i, (op, node, pick) in enumerate(zip(level.ops, nodes, found.picks)):
+                    if isinstance(op, Repeat):
+                        if plan is None or pick != plan.picks[i]:
+                            moved.add(i)
+                    elif node[pick][0] != base[id(op)]:
+                        moved.add(i)
                         base[id(op)] = node[pick][0]
+                if plan is not None:
+                    for other in axes:
+                        if other != position and moved and changed[other] is not None:
+                            changed[other] |= moved
+                    dirty |= {other for other in axes if other != position and
+                              (changed[other] is None or changed[other])}
+                plan = found
             elif plan is not None and not dirty:
                 break
         for op in level.ops:
@@ -384,6 +405,32 @@ class Search(RepeatSearch):
         raise EinparError(Diagnostic(
             "E240", "no plan meets every layout the program asks for", op.span,
             hint="a partial pin must be made by its statement and read by ops linear in it"))
+
+
+class _Neighbourhoods:
+    """The ops of a level by the values they share (read or make)."""
+
+    def __init__(self, ops):
+        touching: dict[str, list[int]] = {}
+        self.values: list[list[str]] = []
+        for i, op in enumerate(ops):
+            if isinstance(op, Repeat):
+                values = _repeat_results(op) + [c.value for c in op.carried] + _read(op.body)
+            else:
+                values = [op.result.name] + [o.value for o in op.operands]
+            self.values.append(list(dict.fromkeys(values)))
+            for value in self.values[-1]:
+                touching.setdefault(value, []).append(i)
+        self.touching = touching
+
+    def within(self, start: set[int], radius: int) -> set[int]:
+        """The ops at most `radius` shared values away from one of `start`."""
+        reached, frontier = set(start), set(start)
+        for _ in range(radius):
+            frontier = {j for i in frontier for value in self.values[i]
+                        for j in self.touching[value]} - reached
+            reached |= frontier
+        return reached
 
 
 def _renaming(first: tuple, alike: tuple) -> dict[str, str]:
