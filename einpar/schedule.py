@@ -1,0 +1,253 @@
+"""Pipeline schedules: the order in which each stage runs its micro-batches' work.
+
+A schedule is data, not code: for each stage (a coordinate of the pipeline
+axis), the ordered list of its slots, each a micro-batch's forward (F) or
+backward (B) pass through one chunk of the layers the stage holds. The
+backends run the slots in this order, and `timeline` lays the same list out
+in time, so the bubble and the activations in flight come from one source.
+
+The L trips of a `repeat L@pp` are cut into p·v chunks of L/(p·v) trips
+("virtual stages"): chunk j runs on stage j mod p, as its local chunk j div p.
+With v = 1 stage k holds trips k·L/p ... (k+1)·L/p − 1; interleaved (v > 1),
+stage k holds v chunks that are not adjacent.
+
+- gpipe (Huang et al., "GPipe", NeurIPS 2019): every forward, then every
+  backward; each stage keeps all m micro-batches' activations.
+- 1f1b (PipeDream-Flush; Narayanan et al., "Memory-Efficient Pipeline-Parallel
+  DNN Training", ICML 2021): stage k runs p − k − 1 forwards, then one forward
+  and one backward in turn, then the backwards left; at most p − k
+  micro-batches in flight. Its bubble is GPipe's: (p − 1)/(m + p − 1) of the
+  step with uniform stages.
+- interleaved (Narayanan et al., "Efficient Large-Scale Language Model
+  Training on GPU Clusters Using Megatron-LM", SC 2021, section 2.2.2): v
+  chunks per stage, forwards in groups of p micro-batches per chunk; the
+  bubble shrinks to (p − 1)/(v·m + p − 1) at the price of v times as many
+  stage-to-stage transfers and more activations in flight. Like Megatron-LM
+  it needs m to be a multiple of p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+FORWARD, BACKWARD = "F", "B"
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be built for these stages and micro-batches (the message says
+    why, in words the checker puts in a diagnostic)."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One unit of a stage's work: micro-batch `microbatch`'s forward or backward pass
+    through the stage's local chunk `chunk` (0 unless interleaved)."""
+
+    microbatch: int
+    kind: str  # FORWARD or BACKWARD
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    stages: int  # p
+    microbatches: int  # m
+    chunks: int  # v: chunks of layers per stage
+    slots: tuple[tuple[Slot, ...], ...]  # per stage, in the order it runs them
+
+    def virtual_stage(self, stage: int, chunk: int) -> int:
+        """The position in the layer order of `stage`'s local chunk `chunk`."""
+        return chunk * self.stages + stage
+
+    def place(self, virtual: int) -> tuple[int, int]:
+        """(stage, local chunk) of the virtual stage `virtual`."""
+        return virtual % self.stages, virtual // self.stages
+
+    def trips(self, stage: int, chunk: int, trips: int) -> range:
+        """The trips of a loop of `trips` trips that `stage`'s chunk `chunk` runs."""
+        per = trips // (self.stages * self.chunks)
+        start = self.virtual_stage(stage, chunk) * per
+        return range(start, start + per)
+
+
+def make_schedule(name: str, stages: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """The schedule `name` ("gpipe", "1f1b" or "interleaved") for p = `stages`, m =
+    `microbatches` and v = `chunks` (interleaved only)."""
+    p, m, v = stages, microbatches, chunks
+    if p < 1 or m < 1 or v < 1:
+        raise ScheduleError("stages, micro-batches and chunks must be at least 1")
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule '{name}' (one of {', '.join(SCHEDULES)})")
+    if name != "interleaved" and v != 1:
+        raise ScheduleError(f"only the interleaved schedule has several chunks per stage "
+                            f"(v={v} with {name})")
+    if name == "gpipe":
+        slots = [tuple(Slot(i, FORWARD) for i in range(m)) + tuple(Slot(i, BACKWARD) for i in range(m))
+                 for _ in range(p)]
+    elif name == "1f1b":
+        if m < p:
+            raise ScheduleError(f"1f1b needs at least as many micro-batches as stages "
+                                f"({_count(m, 'micro-batch')} for {p} stages)")
+        slots = [_one_forward_one_backward([Slot(i, FORWARD) for i in range(m)],
+                                           [Slot(i, BACKWARD) for i in range(m)], p - k - 1)
+                 for k in range(p)]
+    else:
+        if m % p:
+            raise ScheduleError(f"the interleaved schedule needs a multiple of the {p} stages "
+                                f"as micro-batches ({_count(m, 'micro-batch')})")
+        slots = [_interleaved(p, m, v, k) for k in range(p)]
+    return Schedule(name, p, m, v, tuple(slots))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("ch") else f"{n} {noun}s"
+
+
+def _one_forward_one_backward(forwards: list[Slot], backwards: list[Slot], warmup: int) -> tuple:
+    """`warmup` forwards, then a forward and a backward in turn, then the backwards left."""
+    warmup = min(warmup, len(forwards))
+    order = forwards[:warmup]
+    for k in range(len(forwards) - warmup):
+        order += [forwards[warmup + k], backwards[k]]
+    return tuple(order + backwards[len(forwards) - warmup:])
+
+
+def _interleaved(p: int, m: int, v: int, stage: int) -> tuple[Slot, ...]:
+    """Megatron-LM's interleaved 1F1B order for one stage: its k-th forward is micro-batch
+    (k div p·v)·p + k mod p through chunk (k div p) mod v; its backwards go through the
+    chunks in reverse. Warm-up: 2·(p − stage − 1) + (v − 1)·p forwards (all of them when
+    m = p)."""
+    total = m * v
+
+    def work(k: int, kind: str) -> Slot:
+        group = k // p % v
+        chunk = group if kind == FORWARD else v - 1 - group
+        return Slot(k // (p * v) * p + k % p, kind, chunk)
+
+    warmup = total if m == p else min(2 * (p - stage - 1) + (v - 1) * p, total)
+    return _one_forward_one_backward([work(k, FORWARD) for k in range(total)],
+                                     [work(k, BACKWARD) for k in range(total)], warmup)
+
+
+# ---- the timeline
+
+@dataclass(frozen=True)
+class Placed:
+    slot: Slot
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Timeline:
+    schedule: Schedule
+    stages: tuple[tuple[Placed, ...], ...]  # per stage, its slots in time
+    transfers: tuple[tuple[int, int, float, float], ...]  # (from stage, to stage, start, end)
+    makespan: float
+    busy: tuple[float, ...]  # per stage, the time it computes
+
+    @property
+    def bubble(self) -> float:
+        """The fraction of the stages' time spent idle before the last slot ends."""
+        if self.makespan <= 0:
+            return 0.0
+        return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
+
+    def in_flight(self) -> tuple[int, ...]:
+        """Per stage, the most chunk-activations it holds at once (a forward keeps its
+        activations until its backward has run)."""
+        peaks = []
+        for placed in self.stages:
+            held = peak = 0
+            for item in placed:
+                held += 1 if item.slot.kind == FORWARD else -1
+                peak = max(peak, held)
+            peaks.append(peak)
+        return tuple(peaks)
+
+
+def timeline(schedule: Schedule, forward: float, backward: float, transfer: float = 0.0,
+             stage_times=None) -> Timeline:
+    """The schedule laid out in time: each stage runs its slots in order, a slot starting
+    once the stage is free and its input has arrived (a forward: the previous virtual
+    stage's forward of the micro-batch, plus `transfer` when that ran on another stage; a
+    backward: the next virtual stage's backward, or the micro-batch's own last forward).
+    `forward` and `backward` are one chunk's times; `stage_times(stage, chunk)` may give
+    (forward, backward) per chunk instead. ScheduleError if the order deadlocks."""
+    p, v = schedule.stages, schedule.chunks
+    last = p * v - 1
+
+    def times(stage: int, chunk: int) -> tuple[float, float]:
+        return stage_times(stage, chunk) if stage_times is not None else (forward, backward)
+
+    done: dict[tuple[int, str, int], tuple[float, int]] = {}  # (mb, kind, virtual) -> end, stage
+    cursor = [0] * p
+    free = [0.0] * p
+    placed: list[list[Placed]] = [[] for _ in range(p)]
+    transfers = []
+    pending = sum(len(slots) for slots in schedule.slots)
+    while pending:
+        progressed = False
+        for stage in range(p):
+            while cursor[stage] < len(schedule.slots[stage]):
+                slot = schedule.slots[stage][cursor[stage]]
+                virtual = schedule.virtual_stage(stage, slot.chunk)
+                if slot.kind == FORWARD:
+                    source = None if virtual == 0 else (slot.microbatch, FORWARD, virtual - 1)
+                else:
+                    source = (slot.microbatch, FORWARD, virtual) if virtual == last else \
+                        (slot.microbatch, BACKWARD, virtual + 1)
+                if source is not None and source not in done:
+                    break
+                ready = 0.0
+                if source is not None:
+                    ready, origin = done[source]
+                    if origin != stage:
+                        transfers.append((origin, stage, ready, ready + transfer))
+                        ready += transfer
+                start = max(free[stage], ready)
+                duration = times(stage, slot.chunk)[0 if slot.kind == FORWARD else 1]
+                free[stage] = start + duration
+                done[(slot.microbatch, slot.kind, virtual)] = (free[stage], stage)
+                placed[stage].append(Placed(slot, start, free[stage]))
+                cursor[stage] += 1
+                pending -= 1
+                progressed = True
+        if not progressed:
+            waiting = ", ".join(f"stage {k}: {schedule.slots[k][cursor[k]]}" for k in range(p)
+                                if cursor[k] < len(schedule.slots[k]))
+            raise ScheduleError(f"the schedule deadlocks ({waiting} wait for work never run)")
+    makespan = max(free, default=0.0)
+    busy = tuple(sum(item.end - item.start for item in stage) for stage in placed)
+    return Timeline(schedule, tuple(tuple(stage) for stage in placed), tuple(transfers),
+                    makespan, busy)
+
+
+def bubble_formula(name: str, stages: int, microbatches: int, chunks: int = 1) -> float:
+    """The closed form of the bubble fraction with uniform stages and free transfers:
+    (p − 1)/(m + p − 1) for gpipe and 1f1b, (p − 1)/(v·m + p − 1) interleaved
+    (Narayanan et al. 2021, section 2.2)."""
+    p, m, v = stages, microbatches, chunks if name == "interleaved" else 1
+    return (p - 1) / (v * m + p - 1)
+
+
+def in_flight_formula(name: str, stages: int, microbatches: int, chunks: int = 1) -> tuple[int, ...]:
+    """Per stage, the chunk-activations each schedule holds at its peak: gpipe all m;
+    1f1b p − k on stage k; interleaved its warm-up forwards plus one,
+    2·(p − k − 1) + (v − 1)·p + 1 (all m·v when m = p)."""
+    p, m, v = stages, microbatches, chunks
+    if name == "gpipe":
+        return (m,) * p
+    if name == "1f1b":
+        return tuple(min(p - k, m) for k in range(p))
+    return tuple(m * v if m == p else min(2 * (p - k - 1) + (v - 1) * p + 1, m * v)
+                 for k in range(p))
+
+
+__all__ = ["SCHEDULES", "Schedule", "ScheduleError", "Slot", "Timeline", "Placed",
+           "make_schedule", "timeline", "bubble_formula", "in_flight_formula"]
