@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from .errors import Diagnostic, EinparError, Label, Span
 from .ir import (COMPARISONS, FLOAT_DTYPES, Apply, Arg, Carried, Cast, Const, Einsum,
                  Library, Map, Operand, Output, Pos, Program, Reduce, Repeat, Route, Take,
-                 TensorType, Value)
+                 TensorType, Value, walk_ops)
 from .check_expr import (WEAK_FLOAT, WEAK_INT, Abort, ExpressionTyping, Node, did_you_mean,
                          place_implicit_sums, promote)
 from .check_decls import DeclarationChecking
@@ -74,6 +74,7 @@ class _Scope:
     repeat_dim: str | None = None
     stacked: list[Value] = field(default_factory=list)  # params declared in this block
     carried: dict[str, str] = field(default_factory=dict)  # outer value name -> program name
+    stage_axis: str | None = None  # `repeat L@pp`: the mesh axis its trips are staged over
 
     def lookup(self, name: str) -> _Binding | None:
         scope: _Scope | None = self
@@ -120,6 +121,8 @@ class _Checker(DeclarationChecking, ExpressionTyping):
         self.remat: list[tuple] = []  # (modifier, statement name) of `remat p[...] = ...`
         self.remat_repeats: list[Span] = []
         self.grad_outputs: list[OutputDecl] = []
+        # The pipelined repeat (`repeat L@pp`), if any: (axis, trips, its span).
+        self.pipeline: tuple[str, int, Span] | None = None
 
     # ---- diagnostics
 
@@ -235,24 +238,32 @@ class _Checker(DeclarationChecking, ExpressionTyping):
         scope.names[spec.name.text] = _Binding(per_trip, spec.name.span)
         # Inside repeat blocks, the program takes the param stacked by every enclosing
         # repeat dim; each block sees it stacked by the blocks nested inside it.
-        deeper: list[str] = []
+        # A pipelined block's stack is split over its stage axis ([L@pp, ...]): each stage
+        # holds its own trips' params.
+        deeper: list[tuple[str, str | None]] = []
         enclosing: _Scope | None = scope
         while enclosing is not None:
             if enclosing.repeat_dim is not None:
                 enclosing.stacked.append(self._stacked_view(per_trip, deeper))
-                deeper.insert(0, enclosing.repeat_dim)
+                deeper.insert(0, (enclosing.repeat_dim, enclosing.stage_axis))
             enclosing = enclosing.parent
         self.inputs.append(self._stacked_view(per_trip, deeper))
         self.declared_inputs[spec.name.text] = per_trip
 
-    def _stacked_view(self, value: Value, stack: list[str]) -> Value:
+    def _stacked_view(self, value: Value, stack: list[tuple[str, str | None]]) -> Value:
         if not stack:
             return value
         vtype = value.type
-        stacked_type = TensorType(vtype.dtype, tuple(stack) + vtype.indices,
-                                  tuple(self.dims[d] for d in stack) + vtype.shape)
-        layout = Layout(((),) * len(stack) + value.layout.dims) if value.layout else None
-        return replace(value, type=stacked_type, layout=layout, stacked_by=tuple(stack))
+        dims = tuple(d for d, _ in stack)
+        stacked_type = TensorType(vtype.dtype, dims + vtype.indices,
+                                  tuple(self.dims[d] for d in dims) + vtype.shape)
+        splits = tuple((axis,) if axis is not None and self.mesh.size(axis) > 1 else ()
+                       for _, axis in stack)
+        layout = None
+        if value.layout is not None or any(splits):
+            inner = value.layout.dims if value.layout is not None else ((),) * len(vtype.indices)
+            layout = Layout(splits + inner)
+        return replace(value, type=stacked_type, layout=layout, stacked_by=dims)
 
     def lookup_tensor(self, name, scope: _Scope) -> Value:
         binding = scope.lookup(name.text)
@@ -276,7 +287,23 @@ class _Checker(DeclarationChecking, ExpressionTyping):
                       or "declare it with `input` or `param`, or define it with a statement")
         if binding.value is None:
             raise Abort()  # poisoned by an earlier error, already reported
+        if binding.value.kind == "param":
+            self.check_staged_param(name, scope, binding)
         return binding.value
+
+    def check_staged_param(self, name, scope: _Scope, binding: _Binding) -> None:
+        """E256 for a param declared outside a pipelined block and read inside it: no stage
+        holds it (each holds its own trips' params)."""
+        enclosing: _Scope | None = scope
+        while enclosing is not None and name.text not in enclosing.names:
+            if enclosing.stage_axis is not None:
+                self.fail("E256", f"'{name}' is a param declared outside the pipelined block and "
+                                  f"read inside it", name.span,
+                          hint=f"declare it inside the block (each stage then holds its own "
+                               f"trips' copies, stacked [{enclosing.repeat_dim}@"
+                               f"{enclosing.stage_axis}, ...]), or compute with it outside",
+                          labels=(Label(binding.span, "declared here"),) if binding.span else ())
+            enclosing = enclosing.parent
 
     # ---- statements
 
@@ -340,7 +367,8 @@ class _Checker(DeclarationChecking, ExpressionTyping):
                            hint="`repeat L remat { ... }` recomputes each trip in the backward pass")
             else:
                 self.remat_repeats.append(item.modifier.span)
-        inner = _Scope(parent=scope, repeat_dim=dim.text)
+        axis = self.stage_axis(item, scope)
+        inner = _Scope(parent=scope, repeat_dim=dim.text, stage_axis=axis)
         body = self.body(item.body, inner)
         carried = []
         for outer_value, program_name in inner.carried.items():
@@ -359,7 +387,51 @@ class _Checker(DeclarationChecking, ExpressionTyping):
                 self.repeat_locals.setdefault(name, binding.span)
         stacked = tuple(inner.stacked)
         return [Repeat(dim.text, self.dims[dim.text], tuple(carried), stacked, tuple(body), item.span,
-                       remat=item.modifier is not None and item.modifier.text == "remat")]
+                       remat=item.modifier is not None and item.modifier.text == "remat",
+                       stage_axis=axis)]
+
+    def stage_axis_kept(self, program: Program) -> None:
+        """E256 where a layout other than a pipelined block's param stacks names its stage
+        axis: that axis's coordinates are stages, each holding its own layers."""
+        axis, _, span = self.pipeline
+        pinned = [(value, value.layout.dims[len(value.stacked_by):]) for value in program.inputs
+                  if value.layout is not None]
+        pinned += [(op.result, op.result.layout.dims) for op in walk_ops(program.ops)
+                   if not isinstance(op, Repeat) and op.result.layout is not None]
+        pinned += [(output, output.layout.dims) for output in program.outputs
+                   if output.layout is not None]
+        for value, dims in pinned:
+            if any(axis in axes for axes in dims):
+                self.error("E256", f"'{value.name.split('#')[0]}' is split over '{axis}', the "
+                                   f"axis of the pipeline's stages", value.span or span,
+                           hint=f"each '{axis}' coordinate is a stage holding its own layers: "
+                                f"split the value over another axis",
+                           labels=(Label(span, "the stages"),))
+
+    def stage_axis(self, item: RepeatItem, scope: _Scope) -> str | None:
+        """The mesh axis of `repeat L@pp`, checked (E256): one pipelined block, at the top
+        level, whose trips the axis divides. The body is checked either way."""
+        axis = item.axis
+        if axis is None:
+            return None
+        self.check_axis(axis)
+        if scope.repeat_dim is not None:
+            self.error("E256", "a pipelined repeat must be at the top level", axis.span,
+                       hint=f"split the outer loop's trips over '{axis}' instead, or drop the "
+                            f"'@{axis}'")
+            return None
+        if self.pipeline is not None:
+            self.error("E256", "a program has one pipelined repeat", axis.span,
+                       hint="put the stages' layers in one `repeat L@pp` block",
+                       labels=(Label(self.pipeline[2], "the first one"),))
+            return None
+        trips, stages = self.dims[item.dim.text], self.mesh.size(axis.text)
+        if trips % stages:
+            self.error("E256", f"the {trips} trips of '{item.dim}' do not split evenly over "
+                               f"{axis}={stages} stages", item.dim.span,
+                       hint="pick a trip count the stages divide (use --set to change it)")
+        self.pipeline = (axis.text, trips, item.span)
+        return axis.text
 
     def run(self) -> Program:
         self.declarations()
@@ -374,6 +446,8 @@ class _Checker(DeclarationChecking, ExpressionTyping):
                     pass
         program = Program(self.file, self.mesh, tuple(self.dims.items()), self.dtype,
                           tuple(self.inputs), tuple(ops), tuple(self.outputs), self.source)
+        if self.pipeline is not None:
+            self.stage_axis_kept(program)
         top_values = {name: binding.value for name, binding in top.names.items()}  # None: failed
         aliases = {binding.name.text: binding.alias.text for item in self.module.items
                    if isinstance(item, DimDecl) for binding in item.bindings if binding.alias}

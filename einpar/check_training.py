@@ -1,6 +1,7 @@
 """Check the declarations that make a program a training step (LANGUAGE.md, Training).
 
-`loss l`, `optimizer adamw lr=... shard=dp`, `microbatches B=8`, the `remat`
+`loss l`, `optimizer adamw lr=... shard=dp`, `microbatches B=8`, `schedule 1f1b`
+(of a pipelined `repeat L@pp`), the `remat`
 modifier of statements and repeat blocks, and `output w.grad[...]` are checked
 here, after the statements (they name values and dims the statements define),
 into one `einpar.ir.Training`. The checker proper (einpar/check.py) collects
@@ -14,10 +15,12 @@ import difflib
 import math
 
 from .errors import Label, Span
-from .ir import FLOAT_DTYPES, Map, Optimizer, Pos, Program, Training, scalar_nodes, walk_ops
+from .ir import (FLOAT_DTYPES, Map, Optimizer, Pos, Program, Repeat, Training, scalar_nodes,
+                 walk_ops)
+from .schedule import SCHEDULES, ScheduleError, make_schedule
 from .syntax import Directive, Name, OutputDecl, Setting
 
-DIRECTIVES = ("loss", "optimizer", "microbatches")
+DIRECTIVES = ("loss", "optimizer", "microbatches", "schedule")
 MODIFIERS = ("remat",)
 OPTIMIZERS = ("sgd", "adamw")
 # Each optimizer's settings and their defaults (PyTorch's SGD and AdamW). lr has no
@@ -62,7 +65,7 @@ class TrainingChecker:
         `remat_repeats`: the spans of `repeat L remat` blocks; `grad_outputs`: the
         `output w.grad` declarations; `top_values`: the program's names at the top level
         (name -> Value) after its last statement."""
-        loss = optimizer = microbatches = None
+        loss = optimizer = microbatches = schedule = None
         first: dict[str, Span] = {}
         for item in directives:
             word = item.word.text
@@ -81,6 +84,8 @@ class TrainingChecker:
                 loss = self.loss(item, top_values)
             elif word == "optimizer":
                 optimizer = self.optimizer(item)
+            elif word == "schedule":
+                schedule = self.schedule_words(item)
             else:
                 microbatches = self.microbatches(item)
         for modifier, _ in remat:
@@ -90,7 +95,8 @@ class TrainingChecker:
                            or "`remat p[...] = ...` recomputes p in the backward pass")
         without_loss = [(span, what) for span, what in
                         [(first.get("optimizer"), "an optimizer"),
-                         (first.get("microbatches"), "micro-batches")]
+                         (first.get("microbatches"), "micro-batches"),
+                         (first.get("schedule"), "a pipeline schedule")]
                         + [(m.span, "remat") for m, _ in remat if m.text in MODIFIERS]
                         + [(span, "remat") for span in remat_repeats]
                         + [(o.suffix.span, "a gradient output") for o in grad_outputs]
@@ -110,7 +116,9 @@ class TrainingChecker:
         if microbatches is not None and not self.microbatch_outputs(loss, optimizer):
             return None
         names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
-        return Training(loss, optimizer, microbatches, names, first["loss"])
+        pipeline = self.pipeline_schedule(schedule, first.get("schedule"), microbatches,
+                                          first.get("microbatches"))
+        return Training(loss, optimizer, microbatches, names, first["loss"], pipeline)
 
     # ---- each declaration
 
@@ -208,10 +216,90 @@ class TrainingChecker:
             return True
         test, words = _RANGES[name]
         if isinstance(value, tuple) or not math.isfinite(value) or not test(value):
-            shown = value[0] if isinstance(value, tuple) else value
-            self.error("E252", f"{name}={shown} is not {words}", setting.span)
+            shown = value[0] if isinstance(value, tuple) else self.written(setting) or value
+            mantissa = str(shown).lower().partition("e")[0]
+            rounded = " (it rounds to 0 as a float)" if not isinstance(value, tuple) and \
+                value == 0 and any(digit in mantissa for digit in "123456789") else ""
+            self.error("E252", f"{name}={shown} is not {words}{rounded}", setting.span)
             return False
         return True
+
+    def schedule_words(self, item: Directive) -> tuple[str, int] | None:
+        """`schedule gpipe`, `schedule 1f1b`, `schedule interleaved v=2`: (name, chunks)."""
+        words = [arg for arg in item.args if isinstance(arg, Name)]
+        settings = [arg for arg in item.args if isinstance(arg, Setting)]
+        if len(words) != 1:
+            self.error("E257", "`schedule` takes one schedule's name", item.span,
+                       hint="write `schedule 1f1b`, `schedule gpipe` or `schedule interleaved v=2`")
+            return None
+        name = words[0]
+        if name.text not in SCHEDULES:
+            self.error("E257", f"unknown schedule '{name}'", name.span,
+                       hint=_closest(name.text, SCHEDULES) or f"the schedules are {', '.join(SCHEDULES)}")
+            return None
+        chunks = 1
+        for setting in settings:
+            if setting.name.text != "v" or name.text != "interleaved":
+                self.error("E257", f"'{setting.name}' is not a setting of the {name} schedule",
+                           setting.name.span,
+                           hint="only `schedule interleaved v=N` takes a setting: N chunks per stage")
+                return None
+            if not isinstance(setting.value, int) or setting.value < 1:
+                self.error("E257", "v is a whole number of chunks per stage, 1 or more", setting.span)
+                return None
+            chunks = setting.value
+        if name.text == "interleaved" and not settings:
+            self.error("E257", "the interleaved schedule needs its chunks per stage", item.span,
+                       hint="write `schedule interleaved v=2`")
+            return None
+        return name.text, chunks
+
+    def pipeline_schedule(self, declared, span: Span | None, microbatches, micro_span: Span | None):
+        """The step's schedule, checked against its pipelined repeat and micro-batches (E257);
+        None without a pipelined repeat."""
+        staged = [op for op in self.program.ops if isinstance(op, Repeat) and op.stage_axis]
+        if not staged:
+            if span is not None:
+                self.error("E257", "a schedule orders pipeline stages, and no repeat is pipelined",
+                           span, hint="split a repeat's trips into stages with `repeat L@pp { ... }`")
+            return None
+        loop = staged[0]
+        stages = self.program.mesh.size(loop.stage_axis)
+        if declared is None:
+            if span is not None:  # declared, but wrong: already reported
+                return None
+            declared = ("1f1b", 1) if microbatches is not None else ("gpipe", 1)
+        elif microbatches is None:
+            self.error("E257", f"the {declared[0]} schedule needs micro-batches", span,
+                       hint="a schedule orders several micro-batches through the stages: add "
+                            "`microbatches B=8` (B the batch index)")
+            return None
+        name, chunks = declared
+        count = microbatches[1] if microbatches is not None else 1
+        where = span or micro_span or loop.span
+        if loop.count % (stages * chunks):
+            self.error("E257", f"the {loop.count} trips of '{loop.dim}' do not split into "
+                               f"{stages}×{chunks} chunks", where,
+                       hint=f"with v={chunks} chunks per stage the trips must be a multiple of "
+                            f"{stages * chunks}")
+            return None
+        try:
+            make_schedule(name, stages, count, chunks)
+        except ScheduleError as error:
+            hint = ("use more micro-batches, or `schedule gpipe`" if name == "1f1b"
+                    else "use a multiple of the stages as micro-batches")
+            self.error("E257", str(error), where, hint=hint)
+            return None
+        return declared
+
+    def written(self, setting: Setting) -> str | None:
+        """A setting's value as the source writes it (`1e-400`, not the 0.0 it rounds to)."""
+        span = setting.span
+        lines = self.program.source.splitlines()
+        if span.end_line != span.line or not 0 < span.line <= len(lines):
+            return None
+        text = lines[span.line - 1][span.col - 1:span.end_col - 1]
+        return text.partition("=")[2].strip() or None
 
     def microbatches(self, item: Directive) -> tuple[str, int] | None:
         if len(item.args) != 1 or not isinstance(item.args[0], Setting) \

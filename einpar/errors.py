@@ -55,6 +55,8 @@ CODES = {
     "E253": "training declaration without a loss",
     "E254": "bad micro-batches",
     "E255": "gradient of a value that is not a float param",
+    "E256": "bad pipelined repeat",
+    "E257": "bad pipeline schedule",
     "E300": "bad inputs file",
     "E301": "bad --set",
     "E302": "cannot read the program file",

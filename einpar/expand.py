@@ -61,7 +61,10 @@ class _Expander:
             exp = self.value(result, "exp", x.indices, work)
             total = self.value(result, "sum", kept, work)
             ops: list[Op] = [
-                Reduce(peak, "max", x, (index,), stmt, span),
+                # The max cancels (softmax = exp(x - m) / sum exp(x - m) for any m), so its
+                # gradient is zero and the backward pass skips it, as JAX's softmax and
+                # logsumexp do with stop_gradient: no all-reduce of a zero over a split index.
+                Reduce(peak, "max", x, (index,), stmt, span, stop_gradient=True),
                 Map(exp, (x, Operand(peak.name, kept)),
                     Apply("exp", (Apply("sub", (Arg(0), Arg(1))),)), stmt, span),
                 Reduce(total, "sum", Operand(exp.name, x.indices), (index,), stmt, span),

@@ -23,7 +23,9 @@ The rules (the transposes of each op, as JAX's autodiff defines them):
   b = 0; d/db = log a · a^b, with log 1 where a = 0). An operand whose
   gradient is the result's gradient itself (`x + y`) gets no op at all.
 - Reduce sum: a broadcast. max/min: the gradient split equally among the tied
-  extrema, `(x == y) / count` (JAX's reduce_max rule).
+  extrema, `(x == y) / count` (JAX's reduce_max rule). A Reduce marked
+  `stop_gradient` (the max a softmax or logsumexp subtracts, which cancels)
+  carries none, as in JAX's softmax.
 - cumsum: the reverse cumulative sum, written `total − cumsum(g) + g`
   (there is no reversed cumsum op).
 - route: the combine weights are `c = kept · g / n` with `kept` the slot each
@@ -137,7 +139,8 @@ class _Activity:
                 self.depends[id(op)] = inner
                 depends.update(c.result.name for c in op.carried if c.body_result in inner)
                 depends.update(s.result.name for s in op.saved if s.body_value in inner)
-            elif op.result.name in self.floats and any(o.value in depends for o in _reads(op)):
+            elif op.result.name in self.floats and not getattr(op, "stop_gradient", False) \
+                    and any(o.value in depends for o in _reads(op)):
                 depends.add(op.result.name)
 
     def _reach(self, ops, reaches: set[str]) -> None:
@@ -442,7 +445,7 @@ class _Level(OpRules):
             loop_carried.append(Carried(start, out, Value(self.new_part(name, otype.indices), otype)))
         self.emit_repeat(Repeat(op.dim, op.count, tuple(loop_carried),
                                 tuple(body.backward_views.values()), tuple(body.out), span,
-                                tuple(saved), reverse=True))
+                                tuple(saved), reverse=True, stage_axis=op.stage_axis))
 
     def pin_like(self, name: str, layout) -> str:
         """Pin the statement making gradient `name` to `layout` (its value's pin): a loop

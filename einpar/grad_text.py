@@ -76,7 +76,8 @@ class _Text:
         # .ein has no syntax for a reversed loop, stacked views of values or saved values:
         # they are shown as comments around the body.
         flags = " reverse" if op.reverse else ""
-        lines = [f"{indent}repeat {op.dim}{flags} {{"]
+        staged = f"@{op.stage_axis}" if op.stage_axis else ""
+        lines = [f"{indent}repeat {op.dim}{staged}{flags} {{"]
         inner = indent + "  "
         for view in op.stacked:
             lines.append(f"{inner}# stacked: {self(view.name)} is this trip's slice")

@@ -158,10 +158,31 @@ def check_inputs(program: Program, arrays: dict[str, np.ndarray], source: str) -
         problems.append(Diagnostic("E300", f"{source} has an array '{name}' that {program.file} "
                                            "does not declare",
                                    hint="inputs and params are: " + ", ".join(expected)))
+    problems.extend(_bad_state(program, converted, source))
     if problems:
         raise EinparError(problems)
     check_ids(program, converted, source)
     return with_default_state(program, converted)
+
+
+def _bad_state(program: Program, arrays: dict[str, np.ndarray], source: str) -> list[Diagnostic]:
+    """AdamW's second moment `w.v` is a running mean of squares: a negative or non-finite
+    entry would make the update's square root NaN on every backend."""
+    problems = []
+    for value in program.inputs:
+        state = param_of_state(value.name)
+        if value.kind != "state" or state is None or state[1] != "v" or value.name not in arrays:
+            continue
+        array = np.asarray(arrays[value.name], dtype=np.float64)
+        bad = ~np.isfinite(array) | (array < 0)
+        if bad.any():
+            where = ",".join(str(int(k)) for k in np.argwhere(bad)[0])
+            problems.append(Diagnostic(
+                "E300", f"'{value.name}' in {source} holds {array[tuple(np.argwhere(bad)[0])]} at "
+                        f"[{where}]: AdamW's second moment is a mean of squares",
+                hint=f"every entry of '{value.name}' is a finite number of 0 or more (leave it "
+                     "out of the file to start from zeros)"))
+    return problems
 
 
 def _wrong_shape(program: Program, value: Value, shape, source: str) -> Diagnostic:

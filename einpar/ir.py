@@ -194,6 +194,9 @@ class Reduce:
     over: tuple[str, ...]
     stmt: str
     span: Span | None = None
+    # The result carries no gradient (JAX's lax.stop_gradient): the max a softmax or
+    # logsumexp subtracts for stability, whose gradient is exactly zero (it cancels).
+    stop_gradient: bool = False
 
     @property
     def operands(self) -> tuple[Operand, ...]:
@@ -327,6 +330,9 @@ class Repeat:
     saved: tuple[Saved, ...] = ()
     reverse: bool = False  # trips run L-1 down to 0 (a backward pass), slices as their trip
     remat: bool = False  # `repeat L remat`: the backward pass recomputes the body
+    # `repeat L@pp`: the mesh axis whose coordinates are pipeline stages, each running its
+    # own L/pp trips (its params' stacks are split over it: [L@pp, ...]).
+    stage_axis: str | None = None
 
     @property
     def operands(self) -> tuple[Operand, ...]:
@@ -376,6 +382,10 @@ class Training:
     microbatches: tuple[str, int] | None = None  # (batch index, number of micro-batches)
     remat: frozenset[str] = frozenset()  # statements recomputed in the backward pass
     span: Span | None = None
+    # (name, chunks per stage) of the pipeline schedule (einpar/schedule.py), where the
+    # step has a `repeat L@pp`: declared with `schedule`, else 1f1b with micro-batches
+    # and gpipe (every stage in turn) with one batch.
+    schedule: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -534,7 +544,8 @@ def format_scalar(expr: Scalar, operands: tuple[Operand, ...]) -> str:
 def format_op(op: Op, indent: str = "") -> list[str]:
     if isinstance(op, Repeat):
         flags = "".join(f" {flag}" for flag, on in (("reverse", op.reverse), ("remat", op.remat)) if on)
-        lines = [f"{indent}repeat {op.dim}={op.count}{flags} {{"]
+        staged = f" over stages {op.stage_axis}" if op.stage_axis else ""
+        lines = [f"{indent}repeat {op.dim}={op.count}{staged}{flags} {{"]
         for value in op.stacked:
             lines.append(f"{indent}  stacked {value}")
         for carried in op.carried:

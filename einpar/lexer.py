@@ -29,7 +29,12 @@ class EinLexer(RegexLexer):
             (r"[ \t\f\r]+", Whitespace),
             (r"\n", Whitespace),
             (r"#[^\n]*", Comment.Single),
+            # `repeat L@pp`: a repeat's trips staged over a mesh axis.
+            (r"(repeat)(\s+)([A-Za-z_][A-Za-z0-9_]*)(\s*)(@)(\s*)([A-Za-z_][A-Za-z0-9_]*)",
+             bygroups(Keyword.Declaration, Whitespace, Name.Label, Whitespace, Operator, Whitespace,
+                      Name.Attribute)),
             (words(DECLARATIONS, suffix=r"\b"), Keyword.Declaration),
+            (r"1f1b\b", Name),  # `schedule 1f1b`
             (words(DTYPES, suffix=r"\b"), Keyword.Type),
             (r"(%s)(\s*)(\[)(?=[^\]]*\]\s*\()" % "|".join(INDEXED_FUNCTIONS),
              bygroups(Name.Builtin, Whitespace, Punctuation), "indices"),  # softmax[T](...)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from .decisions import Alternative, Decision, Materializer, Move, RepeatDecision, Step
 from .expand import expand_library
-from .ir import Op, Output, Program, Repeat, TensorType, after_backward_start
+from .errors import Diagnostic, EinparError
+from .ir import Op, Output, Program, Repeat, TensorType, after_backward_start, walk_ops
 from .layout import Layout, Mesh, local_bytes
 from .objective import Objective, make_objective
 from .search import FRESH, JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _Level
@@ -229,5 +230,15 @@ def partition(program: Program, objective: Objective | None = None,
     `objective` (default: time on objective.default_cluster of the program's mesh); with
     `memory_limit`, among plans whose values and moved copies take at most that many bytes
     per device (EinparError if none does)."""
+    staged = next((op for op in walk_ops(program.ops) if isinstance(op, Repeat) and op.stage_axis
+                   and program.mesh.size(op.stage_axis) > 1), None)  # one stage: a plain loop
+    if staged is not None:
+        # The stages' lowering (per-stage bodies, permutes and the schedule) is not built yet:
+        # refused here, before a plan that would run every layer on every stage.
+        raise EinparError(Diagnostic(
+            "E256", f"a repeat pipelined over '{staged.stage_axis}' is checked but cannot be "
+                    "partitioned yet", staged.span,
+            hint=f"`einpar check` and the reference backend run it; drop '@{staged.stage_axis}' "
+                 "to compile the layers with their stacks on every stage"))
     expanded = expand_library(program)
     return _Partitioner(expanded, objective or make_objective(expanded), memory_limit).run()

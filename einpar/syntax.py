@@ -195,6 +195,7 @@ class Repeat:
     body: tuple["Item", ...]
     span: Span
     modifier: Name | None = None  # `repeat L remat { ... }`
+    axis: Name | None = None  # `repeat L@pp { ... }`: the mesh axis of the pipeline stages
 
 
 @dataclass(frozen=True)
@@ -387,9 +388,10 @@ class _ToAst:
         return tuple(self._name(name) for name in names)
 
     def repeat(self, meta, children):
-        dim, modifier, *body = children
+        dim, axis, modifier, *body = children
         return Repeat(self._name(dim), tuple(body), _span(self.file, meta),
-                      self._name(modifier) if modifier is not None else None)
+                      self._name(modifier) if modifier is not None else None,
+                      self._name(axis) if axis is not None else None)
 
     def tensor_spec(self, meta, children):
         name, (indices, indices_span) = children

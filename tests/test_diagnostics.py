@@ -24,6 +24,7 @@ from einpar.check import parse_overrides
 from einpar.errors import (CODES, Diagnostic, EinparError, Label, SourceMap, Span, render_json,
                            render_text)
 from einpar.inputs import check_inputs, load_inputs
+from einpar.ir import walk_ops
 
 FILE = "bad.ein"
 
@@ -1009,6 +1010,22 @@ def test_E300_inputs_file_with_a_wrong_shape(tmp_path):
     assert found.hint == "'x' is f32[8, 4]"
 
 
+def test_E300_inputs_file_with_a_negative_second_moment(tmp_path):
+    """AdamW's `w.v` is a mean of squares: a negative or NaN entry is refused, not run into
+    a NaN update."""
+    step = compile_source(program("dim B=4 D=4", "input x[B, D]", "param w[D]",
+                                  "l[] = sum[B,D](x[B,D] * w[D])", "loss l",
+                                  "optimizer adamw lr=1e-3"), FILE)
+    path = tmp_path / "in.npz"
+    for bad, shown in ((-2.0, "-2.0"), (np.nan, "nan")):
+        np.savez(path, x=np.ones((4, 4)), w=np.ones(4), **{"w.v": np.array([0, 1, bad, 3])})
+        found = the_input_error(lambda: load_inputs(step, str(path)))
+        assert found.message == (f"'w.v' in {path} holds {shown} at [2]: AdamW's second moment "
+                                 "is a mean of squares")
+    np.savez(path, x=np.ones((4, 4)), w=np.ones(4), **{"w.v": np.array([0, 1, 2, 3])})
+    assert load_inputs(step, str(path))["w.v"].tolist() == [0, 1, 2, 3]
+
+
 def test_E300_inputs_file_with_an_extra_array(tmp_path):
     path = tmp_path / "in.npz"
     np.savez(path, x=np.zeros((8, 4)), w=np.zeros(4), z=np.zeros(3))
@@ -1743,7 +1760,9 @@ def test_E252_bad_optimizer_settings():
     expect(program(*TRAIN, "loss l", "optimizer adam lr=1"), "E252", "unknown optimizer 'adam'",
            8, 11, hint="did you mean 'adamw'?")
     expect(program(*TRAIN, "loss l", "optimizer adamw lr=-1e-3"), "E252",
-           "lr=-0.001 is not a learning rate above 0", 8, 17)
+           "lr=-1e-3 is not a learning rate above 0", 8, 17)
+    expect(program(*TRAIN, "loss l", "optimizer sgd lr=1e-400"), "E252",
+           "lr=1e-400 is not a learning rate above 0 (it rounds to 0 as a float)", 8, 15)
     expect(program(*TRAIN, "loss l", "optimizer sgd lr=0.1 b1=0.9"), "E252",
            "sgd has no setting 'b1'", 8, 22, hint="sgd takes lr, wd, shard")
     expect(program(*TRAIN, "loss l", "optimizer adamw b2=0.95"), "E252",
@@ -1807,6 +1826,114 @@ def test_E255_a_training_step_refuses_a_param_that_is_not_a_float():
            "E255", "param 'w' is i32: a training step trains every param, and only a float "
                    "one has a gradient", 3, 7, length=1,
            hint="declare it with `input`: a step reads its inputs and trains its params")
+
+
+# ---------------------------------------------------------------- pipelines (E256, E257)
+
+PIPE = ("mesh dp=2 pp=2", "dim B=8 D=4 L=4", "input x[B@dp, D]", "repeat L@pp {",
+        "  param w[D, E]", "  y[B,E] = x[B,D] * w[D,E]", "  x[B,D] = y[B,E]", "}")
+PIPE_STEP = PIPE + ("l[] = mean[B,D](square(x[B,D]))", "loss l")
+
+
+def _pipe(*lines: str) -> str:
+    return program(*PIPE[:2], *lines) if lines else program(*PIPE)
+
+
+def test_a_pipelined_repeat_stacks_its_params_over_the_stage_axis():
+    from einpar.ir import Repeat
+    text = program(*PIPE_STEP, "microbatches B=4").replace("dim B=8 D=4", "dim B=8 D=4 E=4")
+    checked = compile_source(text, file=FILE)
+    (w,) = [value for value in checked.inputs if value.name == "w"]
+    assert (w.type.indices, str(w.layout)) == (("L", "D", "E"), "[_@pp,_,_]")
+    assert checked.forward.training.schedule == ("1f1b", 1)
+    staged = [op for op in walk_ops(checked.ops) if isinstance(op, Repeat) and op.stage_axis]
+    assert [op.reverse for op in staged] == [False, True]  # the backward loop is staged too
+    one_batch = compile_source(program(*PIPE_STEP).replace("dim B=8 D=4", "dim B=8 D=4 E=4"), FILE)
+    assert one_batch.forward.training.schedule == ("gpipe", 1)
+
+
+def test_E256_pipelined_repeat_whose_trips_the_stages_do_not_divide():
+    text = program(*PIPE).replace("dim B=8 D=4 L=4", "dim B=8 D=4 E=4 L=3")
+    expect(text, "E256", "the 3 trips of 'L' do not split evenly over pp=2 stages", 4, 8, length=1,
+           hint="pick a trip count the stages divide (use --set to change it)")
+
+
+def test_E256_pipelined_repeat_nested_or_twice():
+    nested = program("mesh pp=2", "dim B=8 D=4 L=4", "input x[B, D]", "repeat L {",
+                     "  repeat L@pp {", "    param w[D, D2]", "  }", "}", "output x")
+    expect(nested.replace("D2", "D"), "E256", "a pipelined repeat must be at the top level",
+           5, 12, length=2, hint="split the outer loop's trips over 'pp' instead, or drop the '@pp'")
+    twice = program("mesh pp=2", "dim B=8 D=4 L=4", "input x[B, D]", "repeat L@pp {",
+                    "  param w[D, D]", "}", "repeat L@pp {", "  param u[D, D]", "}", "output x")
+    found = expect(twice, "E256", "a program has one pipelined repeat", 7, 10, length=2,
+                   hint="put the stages' layers in one `repeat L@pp` block")
+    assert labels(found)[0][:2] == (4, 1)
+
+
+def test_E256_param_read_inside_a_pipeline_but_declared_outside():
+    text = program("mesh pp=2", "dim B=8 D=4 L=4", "input x[B, D]", "param g[D]",
+                   "repeat L@pp {", "  x[B,D] = x[B,D] * g[D]", "}", "output x")
+    found = expect(text, "E256", "'g' is a param declared outside the pipelined block and read "
+                                 "inside it", 6, 21, length=1,
+                   hint="declare it inside the block (each stage then holds its own trips' "
+                        "copies, stacked [L@pp, ...]), or compute with it outside")
+    assert labels(found) == [(4, 7, "declared here")]
+
+
+def test_E256_value_split_over_the_stage_axis():
+    text = program("mesh pp=2", "dim B=8 D=4 E=4 L=4", "input x[B@pp, D]", "repeat L@pp {",
+                   "  param w[E, D]", "  x[B,D] = x[B,E] * w[E,D]", "}", "output x")
+    found = expect(text, "E256", "'x' is split over 'pp', the axis of the pipeline's stages",
+                   3, 7, length=1, hint="each 'pp' coordinate is a stage holding its own layers: "
+                                        "split the value over another axis")
+    assert labels(found) == [(4, 1, "the stages")]
+
+
+def test_E256_a_pipelined_repeat_is_not_partitioned_yet():
+    text = program(*PIPE).replace("dim B=8 D=4", "dim B=8 D=4 E=4") + "output x\n"
+    checked = compile_source(text, FILE)
+    from einpar.api import compile_spmd
+    with pytest.raises(EinparError) as caught:
+        compile_spmd(checked)
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.span.line) == ("E256", 4)
+    assert found.message == "a repeat pipelined over 'pp' is checked but cannot be partitioned yet"
+    one_stage = compile_spmd(compile_source(text, FILE, overrides={"pp": 1}))  # a plain loop
+    assert one_stage.mesh.size("pp") == 1
+
+
+@pytest.mark.parametrize("lines, message, line, col, hint", [
+    (("microbatches B=4", "schedule zerobubble"), "unknown schedule 'zerobubble'", 12, 10,
+     "the schedules are gpipe, 1f1b, interleaved"),
+    (("microbatches B=4", "schedule gpipe v=2"), "'v' is not a setting of the gpipe schedule",
+     12, 16, "only `schedule interleaved v=N` takes a setting: N chunks per stage"),
+    (("microbatches B=4", "schedule interleaved"), "the interleaved schedule needs its chunks "
+     "per stage", 12, 1, "write `schedule interleaved v=2`"),
+    (("microbatches B=4", "schedule interleaved v=3"), "the 4 trips of 'L' do not split into "
+     "2×3 chunks", 12, 1, "with v=3 chunks per stage the trips must be a multiple of 6"),
+    (("microbatches B=4", "schedule interleaved v=2"), None, 0, 0, None),
+    (("microbatches B=1", "schedule 1f1b"), "1f1b needs at least as many micro-batches as stages "
+     "(1 micro-batch for 2 stages)", 12, 1, "use more micro-batches, or `schedule gpipe`"),
+    (("microbatches B=2", "schedule interleaved v=2"), None, 0, 0, None),
+    (("microbatches B=1", "schedule interleaved v=2"), "the interleaved schedule needs a multiple "
+     "of the 2 stages as micro-batches (1 micro-batch)", 12, 1,
+     "use a multiple of the stages as micro-batches"),
+    (("schedule gpipe",), "the gpipe schedule needs micro-batches", 11, 1,
+     "a schedule orders several micro-batches through the stages: add `microbatches B=8` "
+     "(B the batch index)"),
+])
+def test_E257_bad_pipeline_schedule(lines, message, line, col, hint):
+    text = program(*PIPE_STEP, *lines).replace("dim B=8 D=4", "dim B=8 D=4 E=4")
+    if message is None:
+        compile_source(text, FILE)
+        return
+    expect(text, "E257", message, line, col, hint=hint)
+
+
+def test_E257_a_schedule_without_a_pipeline():
+    expect(program(*TRAIN, "loss l", "microbatches B=2", "schedule 1f1b"), "E257",
+           "a schedule orders pipeline stages, and no repeat is pipelined", 9, 1,
+           hint="split a repeat's trips into stages with `repeat L@pp { ... }`")
 
 
 def test_E233_an_output_of_a_param_beside_the_optimizer_that_updates_it():

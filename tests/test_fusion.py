@@ -375,14 +375,25 @@ def test_norm_and_softmax_backward_chains_fuse_as_the_forward_does():
 
 
 def test_a_backward_reading_a_moved_score_is_not_flash_attention():
-    """Where the backward reads an S×T value through a move (a slice to another layout), the
-    kernel could not recompute it in place: the steps fuse as ordinary regions."""
+    """Where S×T values are moved (here a pin splits the probabilities by key position, so
+    the scores go through an all-to-all), no kernel could keep them on chip: the steps fuse
+    as ordinary regions, forward and backward."""
+    text = _with_loss("examples/attention/data_parallel.ein").replace(
+        "p[B,H,S,T]  = softmax", "p[B,H,S,T@dp]  = softmax")
+    spmd = fuse(api.compile_spmd(api.compile_source(text, "<dp>")))
+    kinds = [region.kind for region in fused_regions(spmd)]
+    assert any(isinstance(step, CollectiveStep) and step.kind == "all_to_all"
+               and step.src == "p.2" for step in spmd.steps)
+    assert "flash_attention_backward" not in kinds and "flash_attention" not in kinds
+
+
+def test_data_parallel_attention_trains_with_flash_attention_both_ways():
+    """Batch-split attention moves no S×T value: its forward and backward each fuse into one
+    flash-attention kernel."""
     spmd = fuse(api.compile_spmd(api.compile_source(
         _with_loss("examples/attention/data_parallel.ein"), "<dp>")))
     kinds = [region.kind for region in fused_regions(spmd)]
-    assert any(isinstance(step, CollectiveStep) and step.kind == "slice"
-               and step.src in ("p.exp", "p.2") for step in spmd.steps)
-    assert "flash_attention_backward" not in kinds and "flash_attention" not in kinds
+    assert kinds.count("flash_attention") == 1 and kinds.count("flash_attention_backward") == 1
 
 
 def test_an_mlp_backward_is_not_attention_backward():

@@ -35,6 +35,14 @@ def test_tokens_name_what_the_reader_sees():
     assert tokens[-1][1] == "# rows"
 
 
+def test_a_pipeline_and_its_schedule_tokenize():
+    text = "repeat L@pp remat {\n  param w[D]\n}\nschedule 1f1b\n"
+    tokens = list(get_lexer_by_name("ein").get_tokens(text))
+    assert [t for t in tokens if t[0] is Error] == []
+    assert (Name.Attribute, "pp") in tokens and (Keyword.Declaration, "repeat") in tokens
+    assert "".join(value for _, value in tokens) == text
+
+
 def test_a_tensor_named_like_a_reduction_is_a_tensor():
     tokens = list(get_lexer_by_name("ein").get_tokens("y[B] = sum[B] + 1\n"))
     assert (Name.Variable, "sum") in tokens
