@@ -121,3 +121,12 @@ def test_the_gantt_chart_shows_every_slot_and_the_bubble():
     text = gantt_text(line, width=66)
     assert text.splitlines()[0] == "1f1b: 4 stages, 8 micro-batches; bubble 27.3%"
     assert text.splitlines()[1].startswith("stage 0  │0─1─2─3─············0═══4─1═══")
+
+
+def test_the_charts_in_the_docs_are_what_gantt_text_draws():
+    from pathlib import Path
+    page = (Path(__file__).resolve().parent.parent / "docs" / "pipeline.md").read_text()
+    charts = [block for block in page.split("```\n") if block.startswith(("gpipe:", "1f1b:", "interleaved:"))]
+    drawn = [gantt_text(timeline(make_schedule(name, 4, 8, v), 1 / v, 2 / v), width).rstrip("\n")
+             for name, v, width in (("gpipe", 1, 66), ("1f1b", 1, 66), ("interleaved", 2, 114))]
+    assert [chart.rstrip("\n") for chart in charts] == drawn
