@@ -1,15 +1,17 @@
 """Load the published measurements in this folder as typed rows.
 
 Each CSV opens with `#` comment lines (source, system, notes), then a header
-and rows; see README.md. `collective_rows()` and `kernel_rows()` return one
-dict per row with numbers typed (int sizes, float times and bandwidths, None
-where the source publishes nothing), `file` (the CSV name) and `half`
-("fit" or "held_out").
+and rows; see README.md. `collective_rows()`, `kernel_rows()` and
+`training_rows()` return one dict per row with numbers typed (int sizes and
+degrees, float times, bandwidths and rates, None where the source publishes
+nothing), `file` (the CSV name) and `half` ("fit" or "held_out").
 
 The split never depends on a model: within each curve (same file, system,
 collective, gpus, nodes for collectives; same file, system, kernel, dtype for
-kernels) the rows are sorted by size and alternate fit, held_out, fit, ...
-Constants may be fitted on "fit" rows only and are judged on "held_out" rows.
+kernels) the rows are sorted by size and alternate fit, held_out, fit, ...;
+training rows alternate within each file, sorted by (gpus, model), ties kept
+in file order. Constants may be fitted on "fit" rows only and are judged on
+"held_out" rows.
 
 `python bench/published/load.py` prints the row counts per file and half.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,11 +30,23 @@ COLLECTIVE_COLUMNS = ("system", "preset", "collective", "gpus", "nodes", "bytes"
                       "time_us", "busbw_gbps", "nccl_version", "source")
 KERNEL_COLUMNS = ("system", "kernel", "dtype", "m", "n", "k", "batch", "heads", "seq_q",
                   "seq_k", "head_dim", "causal", "direction", "tflops", "time_us", "source")
+TRAINING_COLUMNS = ("system", "preset", "gpus", "model", "layers", "hidden", "heads", "ffn_hidden",
+                    "vocab", "seq_len", "tp", "pp", "dp", "cp", "ep", "virtual_stages", "micro_batch",
+                    "global_batch", "recompute", "sequence_parallel", "dtype", "iteration_s",
+                    "tflops_per_gpu", "mfu", "source")
+RECOMPUTE = ("none", "selective", "full")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 KERNELS = ("matmul", "flash_attention")
 
-_INT = {"gpus", "nodes", "bytes", "m", "n", "k", "batch", "heads", "seq_q", "seq_k", "head_dim"}
-_FLOAT = {"time_us", "busbw_gbps", "tflops"}
+_INT = {"gpus", "nodes", "bytes", "m", "n", "k", "batch", "heads", "seq_q", "seq_k", "head_dim",
+        "layers", "hidden", "ffn_hidden", "vocab", "seq_len", "tp", "pp", "dp", "cp", "ep",
+        "virtual_stages", "micro_batch", "global_batch"}
+_FLOAT = {"time_us", "busbw_gbps", "tflops", "iteration_s", "tflops_per_gpu", "mfu"}
+_BOOL = {"causal", "sequence_parallel"}
+# A training file's `# notes:` line names the rows whose published parallel degrees do not
+# multiply to their GPU count as `degrees-mismatch(MODEL@GPUS, ...)`; such rows are kept as
+# published and carry `degrees_mismatch = True`.
+_MISMATCH = re.compile(r"degrees-mismatch\(([^)]*)\)")
 
 # nccl-tests' bus-bandwidth factor (doc/PERFORMANCE.md): busbw = algbw * factor,
 # algbw = bytes / time.
@@ -58,7 +73,7 @@ def _read(path: Path, columns: tuple[str, ...]) -> list[dict]:
                 row[key] = int(value) if value else None
             elif key in _FLOAT:
                 row[key] = float(value) if value else None
-            elif key == "causal":
+            elif key in _BOOL:
                 row[key] = {"true": True, "false": False, "": None}[value.lower()]
             else:
                 row[key] = value
@@ -123,6 +138,31 @@ def kernel_rows(folder: Path = HERE / "kernels") -> list[dict]:
     return _split(rows, lambda r: (r["file"], r["system"], r["kernel"], r["dtype"]), _kernel_size)
 
 
+def _notes(path: Path) -> str:
+    return " ".join(line.split(":", 1)[1].strip() for line in path.read_text().splitlines()
+                    if line.startswith("# notes:"))
+
+
+def training_rows(folder: Path = HERE / "training") -> list[dict]:
+    """Every published training run, typed, with `half` and `degrees_mismatch`.
+
+    Within each file the rows sorted by (gpus, model) alternate fit, held_out
+    (ties keep file order); `degrees_mismatch` is True for the rows the file's
+    notes list as `degrees-mismatch(MODEL@GPUS, ...)`.
+    """
+    rows = []
+    for path in sorted(folder.glob("*.csv")):
+        flagged = {item.strip() for match in _MISMATCH.finditer(_notes(path))
+                   for item in match.group(1).split(",") if item.strip()}
+        file_rows = _read(path, TRAINING_COLUMNS)
+        for row in file_rows:
+            if row["recompute"] not in RECOMPUTE + ("",):
+                raise ValueError(f"{path.name}: unknown recompute {row['recompute']!r}")
+            row["degrees_mismatch"] = f"{row['model']}@{row['gpus']}" in flagged
+        rows += _split(file_rows, lambda r: r["file"], lambda r: (r["gpus"], r["model"]))
+    return rows
+
+
 def _band(nbytes: int) -> str:
     if nbytes <= 64 * 1024:
         return "<=64KiB"
@@ -130,7 +170,7 @@ def _band(nbytes: int) -> str:
 
 
 def main() -> int:
-    collectives, kernels = collective_rows(), kernel_rows()
+    collectives, kernels, training = collective_rows(), kernel_rows(), training_rows()
     print("collectives: file, system, collective, gpus x nodes: rows (fit/held_out) per band")
     counts = Counter((r["file"], r["system"], r["collective"], r["gpus"], r["nodes"], _band(r["bytes"]), r["half"])
                      for r in collectives)
@@ -146,11 +186,16 @@ def main() -> int:
     for key in sorted({k[:4] for k in kcounts}):
         print(f"  {key[0]} | {key[1]} | {key[2]} {key[3] or '-'}: "
               f"{kcounts[key + ('fit',)]}/{kcounts[key + ('held_out',)]}")
-    per_file = Counter((r["file"], r["half"]) for r in collectives + kernels)
+    print("training: file, system: rows (fit/held_out)")
+    tcounts = Counter((r["file"], r["system"], r["half"]) for r in training)
+    for key in sorted({k[:2] for k in tcounts}):
+        print(f"  {key[0]} | {key[1]}: {tcounts[key + ('fit',)]}/{tcounts[key + ('held_out',)]}")
+    per_file = Counter((r["file"], r["half"]) for r in collectives + kernels + training)
     print("per file (fit/held_out):")
     for name in sorted({f for f, _ in per_file}):
         print(f"  {name}: {per_file[(name, 'fit')]}/{per_file[(name, 'held_out')]}")
-    print(f"total: {len(collectives)} collective rows, {len(kernels)} kernel rows")
+    print(f"total: {len(collectives)} collective rows, {len(kernels)} kernel rows, "
+          f"{len(training)} training rows")
     return 0
 
 
