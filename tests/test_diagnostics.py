@@ -1912,6 +1912,8 @@ def test_E256_a_pipelined_repeat_is_not_partitioned_yet():
     (("microbatches B=4", "schedule interleaved v=3"), "the 4 trips of 'L' do not split into "
      "2×3 chunks", 12, 1, "with v=3 chunks per stage the trips must be a multiple of 6"),
     (("microbatches B=4", "schedule interleaved v=2"), None, 0, 0, None),
+    (("microbatches B=4", "schedule interleaved v=2 v=2"), "'v' is given twice", 12, 26,
+     "write `schedule interleaved v=2`"),
     (("microbatches B=1", "schedule 1f1b"), "1f1b needs at least as many micro-batches as stages "
      "(1 micro-batch for 2 stages)", 12, 1, "use more micro-batches, or `schedule gpipe`"),
     (("microbatches B=2", "schedule interleaved v=2"), None, 0, 0, None),

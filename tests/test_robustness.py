@@ -316,13 +316,19 @@ def training_soup(rng: random.Random) -> str:
     words = ("loss", "optimizer", "microbatches", "output", "remat", "sgd", "adamw", "l", "y", "w",
              "x", "ids", "u", "e", "w.grad", "u.grad", "ids.grad", "y.grad", "w.m", "B", "S", "L",
              "D", "dp", "tp", "=", "(", ")", ",", "-", "1", "2", "4", "8", "0", "1e-3", "0.9",
-             "1e999", "1e-999", "nan", "inf", "99999999999999999999", "2.5") + tuple(
+             "1e999", "1e-999", "nan", "inf", "99999999999999999999", "2.5", "schedule", "gpipe",
+             "1f1b", "interleaved", "v=2", "v=", "@tp") + tuple(
         f"{name}=" for name in SETTINGS["adamw"])
-    lines = [TRAINING_HEADER, "loss l"]
+    header = TRAINING_HEADER
+    if rng.random() < 0.3:  # the loop as pipeline stages (over an axis that may split more)
+        header = header.replace("repeat L remat {", rng.choice(
+            ["repeat L@tp remat {", "repeat L@dp {", "repeat L@pp {", "repeat L@tp {"]))
+    lines = [header, "loss l"]
     for _ in range(rng.randint(0, 4)):
         # A right declaration, one of its words replaced by a random one, or another added.
         tokens = rng.choice(["loss l", "optimizer adamw lr=1e-3", "optimizer sgd lr=0.1 shard=dp",
                              "microbatches B=2", "microbatches B=4", "output w.grad",
+                             "schedule 1f1b", "schedule gpipe", "schedule interleaved v=2",
                              "output u.grad[L,E@tp]", "output l"]).split()
         if rng.random() < 0.6:
             tokens[rng.randrange(len(tokens))] = rng.choice(words)

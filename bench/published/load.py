@@ -9,8 +9,8 @@ nothing), `file` (the CSV name) and `half` ("fit" or "held_out").
 The split never depends on a model: within each curve (same file, system,
 collective, gpus, nodes for collectives; same file, system, kernel, dtype for
 kernels) the rows are sorted by size and alternate fit, held_out, fit, ...;
-training rows alternate within each file, sorted by (gpus, model), ties kept
-in file order. Constants may be fitted on "fit" rows only and are judged on
+training rows alternate within each file by configuration, (gpus, model)
+sorted, each configuration wholly in one half. Constants may be fitted on "fit" rows only and are judged on
 "held_out" rows.
 
 `python bench/published/load.py` prints the row counts per file and half.
@@ -146,9 +146,10 @@ def _notes(path: Path) -> str:
 def training_rows(folder: Path = HERE / "training") -> list[dict]:
     """Every published training run, typed, with `half` and `degrees_mismatch`.
 
-    Within each file the rows sorted by (gpus, model) alternate fit, held_out
-    (ties keep file order); `degrees_mismatch` is True for the rows the file's
-    notes list as `degrees-mismatch(MODEL@GPUS, ...)`.
+    Within each file the configurations (gpus, model), sorted, alternate fit,
+    held_out, each with all its rows (full and selective recomputation of one run
+    stay together); `degrees_mismatch` is True for the rows the file's notes list
+    as `degrees-mismatch(MODEL@GPUS, ...)`.
     """
     rows = []
     for path in sorted(folder.glob("*.csv")):
@@ -159,7 +160,14 @@ def training_rows(folder: Path = HERE / "training") -> list[dict]:
             if row["recompute"] not in RECOMPUTE + ("",):
                 raise ValueError(f"{path.name}: unknown recompute {row['recompute']!r}")
             row["degrees_mismatch"] = f"{row['model']}@{row['gpus']}" in flagged
-        rows += _split(file_rows, lambda r: r["file"], lambda r: (r["gpus"], r["model"]))
+        # A configuration (gpus, model) lies wholly in one half: the same run measured with
+        # full and with selective recomputation must not be fitted in one half and judged in
+        # the other.
+        configs = sorted({(row["gpus"], row["model"]) for row in file_rows})
+        half = {config: "fit" if k % 2 == 0 else "held_out" for k, config in enumerate(configs)}
+        for row in file_rows:
+            row["half"] = half[(row["gpus"], row["model"])]
+        rows += file_rows
     return rows
 
 
