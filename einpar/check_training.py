@@ -238,6 +238,11 @@ class TrainingChecker:
                        hint=_closest(name.text, SCHEDULES) or f"the schedules are {', '.join(SCHEDULES)}")
             return None
         chunks = 1
+        if len(settings) > 1:
+            self.error("E257", f"'{settings[1].name}' is given twice" if settings[0].name.text ==
+                       settings[1].name.text else "`schedule interleaved` takes one setting, v",
+                       settings[1].span, hint="write `schedule interleaved v=2`")
+            return None
         for setting in settings:
             if setting.name.text != "v" or name.text != "interleaved":
                 self.error("E257", f"'{setting.name}' is not a setting of the {name} schedule",
