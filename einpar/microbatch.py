@@ -7,7 +7,8 @@ the whole forward and backward program in one `repeat` of M trips over a new
 index `B.micro`, before the optimizer's update. Every input with
 `B` is taken stacked, `[B.micro, B/M, ...]` (the user still supplies it as
 `[B, ...]`: micro-batch m is rows m·B/M ... (m+1)·B/M − 1), and the loop
-carries one float32 accumulator per gradient and one for the loss. After the
+carries one float32 accumulator per gradient (in the layout asked of it: its
+param's) and one for the loss. After the
 loop each is divided by M: the step's loss is the mean of the micro-batches'
 losses, and its gradients are those of that mean, which for a loss that is a
 mean over `B` are the whole batch's (a sum over `B` gives 1/M of it).
@@ -70,8 +71,12 @@ def accumulate(program: Program, index: str, count: int) -> Program:
         result = program.values[output.value]
         rtype = result.type
         work = TensorType("f32" if rtype.dtype != "f64" else "f64", rtype.indices, rtype.shape)
-        start = Value(f"{output.name}.acc", work)
-        inside = Value(f"{output.name}.acc#2", work)
+        # The accumulator is kept in the layout asked of the output (a gradient's: its
+        # param's), so an FSDP gradient is reduce-scattered into its shard every micro-batch
+        # rather than all-reduced whole (PyTorch FSDP's default; ZeRO-2's partitioned grads).
+        asked = Layout(output.layout.dims) if output.layout is not None else None
+        start = Value(f"{output.name}.acc", work, layout=asked)
+        inside = Value(f"{output.name}.acc#2", work, layout=asked)
         final = Value(f"{output.name}.acc#3", work)
         mean = Value(f"{output.name}.mean", rtype)
         every = tuple(rtype.indices)
