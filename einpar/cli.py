@@ -575,10 +575,44 @@ def _summary(program: Program) -> dict:
     counts: dict[str, int] = {}
     for op in walk_ops(program.ops):
         counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
-    return {"file": program.file, "mesh": dict(program.mesh.axes), "devices": program.mesh.num_devices,
-            "dims": dict(program.dims), "dtype": program.dtype, "tensors": tensors,
-            "outputs": [o.name for o in program.outputs], "ops": counts,
-            "flops": program_flops(program)}
+    summary = {"file": program.file, "mesh": dict(program.mesh.axes),
+               "devices": program.mesh.num_devices, "dims": dict(program.dims),
+               "dtype": program.dtype, "tensors": tensors,
+               "outputs": [o.name for o in program.outputs], "ops": counts,
+               "flops": program_flops(program)}
+    pipeline = _pipeline_summary(program)
+    if pipeline is not None:
+        summary["pipeline"] = pipeline
+    return summary
+
+
+def _pipeline_summary(program: Program) -> dict | None:
+    """The stages of a pipelined repeat: the trips each holds, the schedule, and its bubble
+    and activations in flight with stages of equal time (einpar/schedule.py)."""
+    from .ir import Repeat
+    from .schedule import FORWARD, Schedule, Slot, make_schedule, timeline
+
+    written = program.forward or program
+    loop = next((op for op in written.ops if isinstance(op, Repeat) and op.stage_axis), None)
+    if loop is None:
+        return None
+    training = written.training
+    name, chunks = (training.schedule if training is not None and training.schedule
+                    else ("gpipe", 1))
+    microbatches = training.microbatches[1] if training is not None and training.microbatches else 1
+    stages = program.mesh.size(loop.stage_axis)
+    if training is None:  # no backward: the batch goes through the stages in turn
+        name = "forward"
+        schedule = Schedule(name, stages, 1, 1, tuple((Slot(0, FORWARD),) for _ in range(stages)))
+    else:
+        schedule = make_schedule(name, stages, microbatches, chunks)
+    line = timeline(schedule, 1.0 / chunks, 2.0 / chunks)  # a backward takes twice a forward
+    return {"axis": loop.stage_axis, "dim": loop.dim, "stages": stages, "schedule": name,
+            "chunks": chunks, "microbatches": microbatches,
+            "trips": [[list(schedule.trips(stage, chunk, loop.count)) for chunk in range(chunks)]
+                      for stage in range(stages)],
+            "bubble": line.bubble,
+            "in_flight": list(line.in_flight()) if training is not None else None}
 
 
 def _print_check(program: Program, out: Console) -> None:
@@ -599,6 +633,25 @@ def _print_check(program: Program, out: Console) -> None:
     out.print(f"ops: {ops or 'none'}")
     out.print(f"outputs: {', '.join(summary['outputs']) or 'none'}")
     out.print(f"FLOPs: {format_count(summary['flops'])} ({summary['flops']:,})")
+    pipeline = summary.get("pipeline")
+    if pipeline is not None:
+        held = "; ".join(f"stage {stage}: " + ", ".join(
+            f"{chunk[0]}–{chunk[-1]}" if len(chunk) > 1 else f"{chunk[0]}" for chunk in chunks)
+            for stage, chunks in enumerate(pipeline["trips"]))
+        chunks = f" v={pipeline['chunks']}" if pipeline["chunks"] > 1 else ""
+        count = pipeline["microbatches"]
+        out.print(f"pipeline: {pipeline['dim']} over {pipeline['axis']}={pipeline['stages']} "
+                  f"stages, trips {held}")
+        if pipeline["in_flight"] is None:
+            out.print(f"forward only, one batch through the stages in turn: bubble "
+                      f"{pipeline['bubble']:.1%} with stages of equal time")
+            return
+        unit = "micro-batches' activations" if not chunks else \
+            f"chunks' activations (a chunk is 1/{pipeline['chunks']} of a stage's layers)"
+        out.print(f"schedule {pipeline['schedule']}{chunks}, {count} micro-batch"
+                  f"{'es' if count != 1 else ''}: bubble {pipeline['bubble']:.1%} with stages of "
+                  f"equal time; held at the peak per stage: "
+                  f"{', '.join(map(str, pipeline['in_flight']))} {unit}")
 
 
 def _print_outputs(outputs: dict, out: Console) -> None:

@@ -7,8 +7,9 @@ the whole forward and backward program in one `repeat` of M trips over a new
 index `B.micro`, before the optimizer's update. Every input with
 `B` is taken stacked, `[B.micro, B/M, ...]` (the user still supplies it as
 `[B, ...]`: micro-batch m is rows m·B/M ... (m+1)·B/M − 1), and the loop
-carries one float32 accumulator per gradient (in the layout asked of it: its
-param's) and one for the loss. After the
+carries one float32 accumulator per gradient and one for the loss (in the
+layout asked of the output, a partial sum over the batch axes that layout does
+not split: `_accumulated`). After the
 loop each is divided by M: the step's loss is the mean of the micro-batches'
 losses, and its gradients are those of that mean, which for a loss that is a
 mean over `B` are the whole batch's (a sum over `B` gives 1/M of it).
@@ -24,7 +25,7 @@ from dataclasses import fields, is_dataclass, replace
 
 import numpy as np
 
-from .ir import (Apply, Arg, Carried, Cast, Const, Map, Operand, Program, Repeat,
+from .ir import (Apply, Arg, Carried, Cast, Const, Einsum, Map, Operand, Program, Reduce, Repeat,
                  TensorType, Value)
 from .layout import Layout
 
@@ -66,15 +67,18 @@ def accumulate(program: Program, index: str, count: int) -> Program:
     with the mean of each output over them."""
     micro = micro_index(index)
     inputs, views = split_inputs(program, index, count)
+    # The mesh axes that split the batch: a param's gradient is a partial sum over them.
+    batch_axes = tuple(dict.fromkeys(
+        axis for value in program.inputs if value.layout is not None and index in value.type.indices
+        for axis in value.layout.dims[value.type.indices.index(index)]
+        if program.mesh.size(axis) > 1))
     before, body, after, carried, outputs = [], list(program.ops), [], [], []
     for output in program.outputs:
         result = program.values[output.value]
         rtype = result.type
         work = TensorType("f32" if rtype.dtype != "f64" else "f64", rtype.indices, rtype.shape)
-        # The accumulator is kept in the layout asked of the output (a gradient's: its
-        # param's), so an FSDP gradient is reduce-scattered into its shard every micro-batch
-        # rather than all-reduced whole (PyTorch FSDP's default; ZeRO-2's partitioned grads).
-        asked = Layout(output.layout.dims) if output.layout is not None else None
+        asked = _accumulated(output, result, batch_axes if _sums_over(program, output.value, index)
+                             else ())
         start = Value(f"{output.name}.acc", work, layout=asked)
         inside = Value(f"{output.name}.acc#2", work, layout=asked)
         final = Value(f"{output.name}.acc#3", work)
@@ -93,6 +97,45 @@ def accumulate(program: Program, index: str, count: int) -> Program:
     loop = Repeat(micro, count, tuple(carried), views, tuple(body))
     return replace(program, dims=program.dims + ((micro, count),), inputs=inputs,
                    ops=tuple(before) + (loop,) + tuple(after), outputs=tuple(outputs))
+
+
+def _sums_over(program: Program, name: str, index: str) -> bool:
+    """Whether `name` is a sum over the batch `index` all the way down (a contraction or a
+    sum over it, or a linear map of such sums): split over a batch axis, each device then
+    makes a partial sum of it, which micro-batches can accumulate before reducing. (A
+    stacked param's gradient leaves its loop whole, and a value made whole anyway is not.)"""
+    from .strategies import linear_in
+
+    makers = {op.result.name: op for op in program.ops if not isinstance(op, Repeat)}
+    seen: dict[str, bool] = {}
+
+    def sums(value: str) -> bool:
+        if value not in seen:
+            seen[value] = False  # a cycle is no sum
+            op = makers.get(value)
+            if isinstance(op, (Einsum, Reduce)):
+                summed = op.summed if isinstance(op, Einsum) else op.over
+                seen[value] = index in summed and (not isinstance(op, Reduce) or op.kind == "sum")
+            elif isinstance(op, Map) and op.operands:
+                positions = {k for k, o in enumerate(op.operands) if sums(o.value)}
+                seen[value] = bool(positions) and linear_in(op.expr, positions) == "partial"
+        return seen[value]
+
+    return sums(name)
+
+
+def _accumulated(output, result: Value, batch_axes: tuple[str, ...]) -> Layout | None:
+    """The layout a gradient is accumulated in across micro-batches: the layout asked of it
+    (its param's), and a partial sum over each batch axis that layout does not split. So a
+    data-parallel gradient is summed locally and all-reduced once after the last
+    micro-batch (Megatron-LM's accumulation, DDP's no_sync), and an FSDP gradient is
+    reduce-scattered into its shard every micro-batch (PyTorch FSDP's default)."""
+    dims = output.layout.dims if output.layout is not None else ((),) * result.type.rank
+    used = {axis for axes in dims for axis in axes}
+    partial = tuple((axis, "sum") for axis in batch_axes if axis not in used)
+    if output.layout is None and not partial:
+        return None  # asked for nothing, and summed whole where it is made
+    return Layout(dims, partial)
 
 
 def _resized(node, index: str, size: int):

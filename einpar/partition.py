@@ -67,6 +67,7 @@ class _Partitioner(Search, Materializer):
         self._axis_roles: dict = {}
         self._choices: dict = {}
         self._bodies: dict = {}
+        self._body_errors: dict = {}  # id(repeat) -> why its body runs with nothing whole
         self._keys: dict = {}  # layout -> the same layout on the mesh's axes of size > 1
         self._tables: dict = {}  # the solver's value tables, kept across solves (eliminate.py)
         self._warm: dict = {}  # id(op) -> its roles in the last axis-by-axis plan

@@ -29,6 +29,7 @@ stage k holds v chunks that are not adjacent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 FORWARD, BACKWARD = "F", "B"
@@ -39,10 +40,10 @@ class ScheduleError(ValueError):
     why, in words the checker puts in a diagnostic)."""
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     """One unit of a stage's work: micro-batch `microbatch`'s forward or backward pass
-    through the stage's local chunk `chunk` (0 unless interleaved)."""
+    through the stage's local chunk `chunk` (0 unless interleaved). A tuple: a schedule of
+    many stages and micro-batches has ~10^5 of them."""
 
     microbatch: int
     kind: str  # FORWARD or BACKWARD
@@ -136,8 +137,7 @@ def _interleaved(p: int, m: int, v: int, stage: int) -> tuple[Slot, ...]:
 
 # ---- the timeline
 
-@dataclass(frozen=True)
-class Placed:
+class Placed(NamedTuple):  # a tuple: a timeline of 16,384 devices places ~10^5 of them
     slot: Slot
     start: float
     end: float
@@ -185,43 +185,49 @@ def timeline(schedule: Schedule, forward: float, backward: float, transfer: floa
     def times(stage: int, chunk: int) -> tuple[float, float]:
         return stage_times(stage, chunk) if stage_times is not None else (forward, backward)
 
+    # Each stage runs its slots in order; a stage whose next slot waits for work not run yet
+    # sleeps until that work is done (so each slot is looked at about twice, whatever p).
     done: dict[tuple[int, str, int], tuple[float, int]] = {}  # (mb, kind, virtual) -> end, stage
+    waiting: dict[tuple[int, str, int], int] = {}  # the work a sleeping stage waits for
     cursor = [0] * p
     free = [0.0] * p
     placed: list[list[Placed]] = [[] for _ in range(p)]
     transfers = []
-    pending = sum(len(slots) for slots in schedule.slots)
-    while pending:
-        progressed = False
-        for stage in range(p):
-            while cursor[stage] < len(schedule.slots[stage]):
-                slot = schedule.slots[stage][cursor[stage]]
-                virtual = schedule.virtual_stage(stage, slot.chunk)
-                if slot.kind == FORWARD:
-                    source = None if virtual == 0 else (slot.microbatch, FORWARD, virtual - 1)
-                else:
-                    source = (slot.microbatch, FORWARD, virtual) if virtual == last else \
-                        (slot.microbatch, BACKWARD, virtual + 1)
-                if source is not None and source not in done:
+    awake = list(range(p - 1, -1, -1))
+    while awake:
+        stage = awake.pop()
+        slots = schedule.slots[stage]
+        while cursor[stage] < len(slots):
+            slot = slots[cursor[stage]]
+            virtual = slot.chunk * p + stage
+            if slot.kind == FORWARD:
+                source = None if virtual == 0 else (slot.microbatch, FORWARD, virtual - 1)
+            else:
+                source = (slot.microbatch, FORWARD, virtual) if virtual == last else \
+                    (slot.microbatch, BACKWARD, virtual + 1)
+            ready = 0.0
+            if source is not None:
+                found = done.get(source)
+                if found is None:
+                    waiting[source] = stage
                     break
-                ready = 0.0
-                if source is not None:
-                    ready, origin = done[source]
-                    if origin != stage:
-                        transfers.append((origin, stage, ready, ready + transfer))
-                        ready += transfer
-                start = max(free[stage], ready)
-                duration = times(stage, slot.chunk)[0 if slot.kind == FORWARD else 1]
-                free[stage] = start + duration
-                done[(slot.microbatch, slot.kind, virtual)] = (free[stage], stage)
-                placed[stage].append(Placed(slot, start, free[stage]))
-                cursor[stage] += 1
-                pending -= 1
-                progressed = True
-        if not progressed:
-            waiting = ", ".join(f"stage {k}: {schedule.slots[k][cursor[k]]}" for k in range(p)
-                                if cursor[k] < len(schedule.slots[k]))
-            raise ScheduleError(f"the schedule deadlocks ({waiting} wait for work never run)")
+                ready, origin = found
+                if origin != stage:
+                    transfers.append((origin, stage, ready, ready + transfer))
+                    ready += transfer
+            start = max(free[stage], ready)
+            free[stage] = start + times(stage, slot.chunk)[0 if slot.kind == FORWARD else 1]
+            key = (slot.microbatch, slot.kind, virtual)
+            done[key] = (free[stage], stage)
+            placed[stage].append(Placed(slot, start, free[stage]))
+            cursor[stage] += 1
+            sleeper = waiting.pop(key, None)
+            if sleeper is not None:
+                awake.append(sleeper)
+    if any(cursor[k] < len(schedule.slots[k]) for k in range(p)):
+        stuck = ", ".join(f"stage {k}: {schedule.slots[k][cursor[k]]}" for k in range(p)
+                          if cursor[k] < len(schedule.slots[k]))
+        raise ScheduleError(f"the schedule deadlocks ({stuck} wait for work never run)")
     makespan = max(free, default=0.0)
     busy = tuple(sum(item.end - item.start for item in stage) for stage in placed)
     return Timeline(schedule, tuple(tuple(stage) for stage in placed), tuple(transfers),

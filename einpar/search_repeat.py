@@ -43,6 +43,8 @@ class RepeatSearch:
             rest = [c for c in itertools.product(carried, stacked, saved) if c not in first]
             choices = self.loop_choices(op, level, rest)
         if not choices:
+            if id(op) in self._body_errors:
+                raise self._body_errors[id(op)]
             self.no_strategy(op)
         return choices
 
@@ -74,8 +76,8 @@ class RepeatSearch:
         for carried in op.carried:
             rank = self.vtype(carried.value).rank
             pin = body_pins.get(carried.body_result)
-            if pin is not None:
-                preferred.append(Layout(pin.dims))
+            if pin is not None:  # a partial pin crosses partial (a sum accumulated by trips)
+                preferred.append(Layout(pin.dims, pin.partial))
             elif carried.value in level.fixed:
                 preferred.append(Layout(level.fixed[carried.value].dims))
             else:
@@ -188,11 +190,13 @@ class RepeatSearch:
         level = self.level(op.body, fixed, required, types)
         try:
             plan = self.solve_level(level)
-        except EinparError:
+        except EinparError as error:
+            # The body's own error, said if no candidate runs (repeat_choices): the one of
+            # the candidate with everything whole, which asks least of the body.
             if all(layout.is_replicated for layout in layouts) and \
                     all(view is None or view.is_replicated for view in views) and \
                     not any(targets):
-                raise
+                self._body_errors[id(op)] = error
             self._bodies[key] = None
             return None
         held = dict(fixed)

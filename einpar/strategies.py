@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .flops import op_flops
-from .ir import Apply, Arg, Cast, Einsum, Library, Map, Op, Reduce, Route, Scalar, ScatterAdd, Take
+from .ir import Apply, Arg, Cast, Const, Einsum, Library, Map, Op, Reduce, Route, Scalar, ScatterAdd, Take
 from .layout import Layout, Mesh
 
 PARTIAL = "(partial)"  # how a partial role prints in an assignment (spmd.LocalStep)
@@ -113,6 +113,8 @@ def partial_roles(op: Op) -> list[Partial]:
         return [Partial((0,), "sum")]
     if isinstance(op, Map):
         n = len(op.operands)
+        if n == 0 and isinstance(op.expr, Const) and op.expr.value == 0:
+            return [Partial((), "sum")]  # zeros are a partial sum of zeros on every device
         roles = []
         for mask in range(1, 2 ** n):
             positions = tuple(k for k in range(n) if mask >> k & 1)

@@ -130,3 +130,24 @@ def test_the_charts_in_the_docs_are_what_gantt_text_draws():
     drawn = [gantt_text(timeline(make_schedule(name, 4, 8, v), 1 / v, 2 / v), width).rstrip("\n")
              for name, v, width in (("gpipe", 1, 66), ("1f1b", 1, 66), ("interleaved", 2, 114))]
     assert [chart.rstrip("\n") for chart in charts] == drawn
+
+
+def test_check_shows_the_stages_and_the_schedule(tmp_path, capsys):
+    import json
+
+    from einpar.cli import main
+    text = ("mesh pp=4\ndim B=8 D=4 E=4 L=8\ninput x[B, D]\nrepeat L@pp {\n  param w[E, D]\n"
+            "  x[B,D] = x[B,E] * w[E,D]\n}\nl[] = mean[B,D](square(x[B,D]))\nloss l\n"
+            "microbatches B=8\nschedule interleaved v=2\n")
+    (tmp_path / "p.ein").write_text(text)
+    assert main(["check", str(tmp_path / "p.ein"), "--json"]) == 0
+    pipeline = json.loads(capsys.readouterr().out)["pipeline"]
+    assert pipeline["trips"] == [[[0], [4]], [[1], [5]], [[2], [6]], [[3], [7]]]
+    assert (pipeline["schedule"], pipeline["chunks"], pipeline["microbatches"]) == ("interleaved", 2, 8)
+    assert pipeline["bubble"] == pytest.approx(bubble_formula("interleaved", 4, 8, 2))
+    assert pipeline["in_flight"] == list(in_flight_formula("interleaved", 4, 8, 2))
+    (tmp_path / "f.ein").write_text(text.split("l[]")[0] + "output x\n")  # forward only
+    assert main(["check", str(tmp_path / "f.ein"), "--json"]) == 0
+    forward = json.loads(capsys.readouterr().out)["pipeline"]
+    assert (forward["schedule"], forward["in_flight"]) == ("forward", None)
+    assert forward["bubble"] == pytest.approx(3 / 4)

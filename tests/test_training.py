@@ -387,6 +387,32 @@ optimizer adamw lr=1e-3
 
 
 @pytest.mark.parametrize("objective", ["time", "bytes"])
+def test_data_parallel_micro_batches_all_reduce_each_gradient_once(objective):
+    """A replicated param's gradient is summed as a partial sum across micro-batches and
+    all-reduced once after the last (Megatron-LM's accumulation, DDP's no_sync): nothing
+    moves inside the loop, and the step sends what one all-reduce per gradient sends."""
+    from einpar.spmd import RepeatStep, bytes_per_device, collectives
+    step = mlp_step("optimizer adamw lr=1e-3", B=8192, D=16, F=32) + "microbatches B=4\n"
+    program = ein.compile_source(step, "dp.ein")
+    spmd = ein.compile_spmd(program, objective=objective)
+    (loop,) = [s for s in spmd.steps if isinstance(s, RepeatStep)]
+    assert collectives(replace(spmd, steps=loop.body)) == []
+    n = 4
+    # After the loop, on the accumulated sum or its mean: one all-reduce per gradient and
+    # the loss's (by bytes, the AdamW update may run sharded instead: a reduce-scatter and
+    # an all-gather, the same bytes).
+    once = all_reduce_bytes(1, n) + all_reduce_bytes(16 * 32, n) + all_reduce_bytes(32 * 16, n)
+    assert bytes_per_device(spmd.steps) == once
+    if objective == "time":
+        assert sorted((c.kind, c.src.split(".")[0]) for c in collectives(spmd)) == [
+            ("all_reduce", "l"), ("all_reduce", "w1"), ("all_reduce", "w2")]
+    inputs = training_inputs(program)
+    outputs, traffic = run_spmd(spmd, inputs)
+    assert traffic.sent == [once] * n
+    assert_agrees(program, evaluate(program, inputs), outputs)
+
+
+@pytest.mark.parametrize("objective", ["time", "bytes"])
 def test_fsdp_micro_batches_reduce_scatter_each_gradient_into_its_shard(objective):
     """With micro-batches, each FSDP gradient is reduce-scattered into a sharded accumulator
     every micro-batch (PyTorch FSDP's default), never all-reduced whole: the accumulator is
