@@ -17,7 +17,7 @@ import math
 from .errors import Label, Span
 from .ir import (FLOAT_DTYPES, Map, Optimizer, Pos, Program, Repeat, Training, scalar_nodes,
                  walk_ops)
-from .schedule import SCHEDULES, ScheduleError, make_schedule
+from .schedule import SCHEDULES, schedule_problem
 from .syntax import Directive, Name, OutputDecl, Setting
 
 DIRECTIVES = ("loss", "optimizer", "microbatches", "schedule")
@@ -288,12 +288,11 @@ class TrainingChecker:
                        hint=f"with v={chunks} chunks per stage the trips must be a multiple of "
                             f"{stages * chunks}")
             return None
-        try:
-            make_schedule(name, stages, count, chunks)
-        except ScheduleError as error:
+        problem = schedule_problem(name, stages, count, chunks)
+        if problem is not None:
             hint = ("use more micro-batches, or `schedule gpipe`" if name == "1f1b"
                     else "use a multiple of the stages as micro-batches")
-            self.error("E257", str(error), where, hint=hint)
+            self.error("E257", problem, where, hint=hint)
             return None
         return declared
 

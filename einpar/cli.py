@@ -587,32 +587,31 @@ def _summary(program: Program) -> dict:
 
 
 def _pipeline_summary(program: Program) -> dict | None:
-    """The stages of a pipelined repeat: the trips each holds, the schedule, and its bubble
-    and activations in flight with stages of equal time (einpar/schedule.py)."""
+    """The stages of a pipelined repeat: the trips each holds (first and last of each
+    chunk), the schedule, and with stages of equal time its bubble and the activations
+    each stage holds at its peak, from their closed forms (einpar/schedule.py; tested
+    against the timeline), so a check costs nothing however many micro-batches."""
     from .ir import Repeat
-    from .schedule import FORWARD, Schedule, Slot, make_schedule, timeline
+    from .schedule import bubble_formula, in_flight_formula
 
     written = program.forward or program
     loop = next((op for op in written.ops if isinstance(op, Repeat) and op.stage_axis), None)
     if loop is None:
         return None
     training = written.training
-    name, chunks = (training.schedule if training is not None and training.schedule
-                    else ("gpipe", 1))
+    name, chunks = training.schedule if training is not None and training.schedule else ("gpipe", 1)
     microbatches = training.microbatches[1] if training is not None and training.microbatches else 1
     stages = program.mesh.size(loop.stage_axis)
-    if training is None:  # no backward: the batch goes through the stages in turn
-        name = "forward"
-        schedule = Schedule(name, stages, 1, 1, tuple((Slot(0, FORWARD),) for _ in range(stages)))
-    else:
-        schedule = make_schedule(name, stages, microbatches, chunks)
-    line = timeline(schedule, 1.0 / chunks, 2.0 / chunks)  # a backward takes twice a forward
-    return {"axis": loop.stage_axis, "dim": loop.dim, "stages": stages, "schedule": name,
-            "chunks": chunks, "microbatches": microbatches,
-            "trips": [[list(schedule.trips(stage, chunk, loop.count)) for chunk in range(chunks)]
-                      for stage in range(stages)],
-            "bubble": line.bubble,
-            "in_flight": list(line.in_flight()) if training is not None else None}
+    per = loop.count // (stages * chunks)
+    trips = [[[(chunk * stages + stage) * per, (chunk * stages + stage + 1) * per - 1]
+              for chunk in range(chunks)] for stage in range(stages)]
+    forward_only = training is None  # the batch goes through the stages in turn
+    return {"axis": loop.stage_axis, "dim": loop.dim, "stages": stages,
+            "schedule": "forward" if forward_only else name, "chunks": chunks,
+            "microbatches": microbatches, "trips": trips,
+            "bubble": bubble_formula(name, stages, microbatches, chunks),
+            "in_flight": None if forward_only else
+            list(in_flight_formula(name, stages, microbatches, chunks))}
 
 
 def _print_check(program: Program, out: Console) -> None:
@@ -636,7 +635,7 @@ def _print_check(program: Program, out: Console) -> None:
     pipeline = summary.get("pipeline")
     if pipeline is not None:
         held = "; ".join(f"stage {stage}: " + ", ".join(
-            f"{chunk[0]}–{chunk[-1]}" if len(chunk) > 1 else f"{chunk[0]}" for chunk in chunks)
+            f"{first}–{last}" if last > first else f"{first}" for first, last in chunks)
             for stage, chunks in enumerate(pipeline["trips"]))
         chunks = f" v={pipeline['chunks']}" if pipeline["chunks"] > 1 else ""
         count = pipeline["microbatches"]

@@ -61,46 +61,42 @@ class Schedule:
     chunks: int  # v: chunks of layers per stage
     slots: tuple[tuple[Slot, ...], ...]  # per stage, in the order it runs them
 
-    def virtual_stage(self, stage: int, chunk: int) -> int:
-        """The position in the layer order of `stage`'s local chunk `chunk`."""
-        return chunk * self.stages + stage
 
-    def place(self, virtual: int) -> tuple[int, int]:
-        """(stage, local chunk) of the virtual stage `virtual`."""
-        return virtual % self.stages, virtual // self.stages
-
-    def trips(self, stage: int, chunk: int, trips: int) -> range:
-        """The trips of a loop of `trips` trips that `stage`'s chunk `chunk` runs."""
-        per = trips // (self.stages * self.chunks)
-        start = self.virtual_stage(stage, chunk) * per
-        return range(start, start + per)
+def schedule_problem(name: str, stages: int, microbatches: int, chunks: int = 1) -> str | None:
+    """Why the schedule `name` cannot be built for p = `stages`, m = `microbatches` and
+    v = `chunks`, in words a diagnostic quotes; None if it can. Arithmetic only: a checker
+    asks this of any sizes, before anything the size of m·v·p is built."""
+    p, m, v = stages, microbatches, chunks
+    if p < 1 or m < 1 or v < 1:
+        return "stages, micro-batches and chunks must be at least 1"
+    if name not in SCHEDULES:
+        return f"unknown schedule '{name}' (one of {', '.join(SCHEDULES)})"
+    if name != "interleaved" and v != 1:
+        return f"only the interleaved schedule has several chunks per stage (v={v} with {name})"
+    if name == "1f1b" and m < p:
+        return (f"1f1b needs at least as many micro-batches as stages "
+                f"({_count(m, 'micro-batch')} for {p} stages)")
+    if name == "interleaved" and m % p:
+        return (f"the interleaved schedule needs a multiple of the {p} stages as micro-batches "
+                f"({_count(m, 'micro-batch')})")
+    return None
 
 
 def make_schedule(name: str, stages: int, microbatches: int, chunks: int = 1) -> Schedule:
     """The schedule `name` ("gpipe", "1f1b" or "interleaved") for p = `stages`, m =
-    `microbatches` and v = `chunks` (interleaved only)."""
+    `microbatches` and v = `chunks` (interleaved only): 2·m·v slots on each of p stages."""
+    problem = schedule_problem(name, stages, microbatches, chunks)
+    if problem is not None:
+        raise ScheduleError(problem)
     p, m, v = stages, microbatches, chunks
-    if p < 1 or m < 1 or v < 1:
-        raise ScheduleError("stages, micro-batches and chunks must be at least 1")
-    if name not in SCHEDULES:
-        raise ScheduleError(f"unknown schedule '{name}' (one of {', '.join(SCHEDULES)})")
-    if name != "interleaved" and v != 1:
-        raise ScheduleError(f"only the interleaved schedule has several chunks per stage "
-                            f"(v={v} with {name})")
     if name == "gpipe":
         slots = [tuple(Slot(i, FORWARD) for i in range(m)) + tuple(Slot(i, BACKWARD) for i in range(m))
                  for _ in range(p)]
     elif name == "1f1b":
-        if m < p:
-            raise ScheduleError(f"1f1b needs at least as many micro-batches as stages "
-                                f"({_count(m, 'micro-batch')} for {p} stages)")
         slots = [_one_forward_one_backward([Slot(i, FORWARD) for i in range(m)],
                                            [Slot(i, BACKWARD) for i in range(m)], p - k - 1)
                  for k in range(p)]
     else:
-        if m % p:
-            raise ScheduleError(f"the interleaved schedule needs a multiple of the {p} stages "
-                                f"as micro-batches ({_count(m, 'micro-batch')})")
         slots = [_interleaved(p, m, v, k) for k in range(p)]
     return Schedule(name, p, m, v, tuple(slots))
 
@@ -256,4 +252,4 @@ def in_flight_formula(name: str, stages: int, microbatches: int, chunks: int = 1
 
 
 __all__ = ["SCHEDULES", "Schedule", "ScheduleError", "Slot", "Timeline", "Placed",
-           "make_schedule", "timeline", "bubble_formula", "in_flight_formula"]
+           "make_schedule", "schedule_problem", "timeline", "bubble_formula", "in_flight_formula"]

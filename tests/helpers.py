@@ -61,6 +61,28 @@ loss l
 """
 
 
+LOOP_STEP = """\
+mesh dp=4
+dim  B=16 D=8 E=16 L=3
+input x[B@dp, D]
+repeat L{remat} {{
+  param w1[D, E]
+  param w2[E, D]
+  h[B,E]    = tanh(x[B,D] * w1[D,E])
+  x[B@dp,D] = x[B,D] + h[B,E] * w2[E,D]
+}}
+l[] = mean[B,D](square(x[B,D]))
+loss l
+optimizer sgd lr=0.1
+{training}"""
+
+
+def loop_step(remat: str = "", training: str = "") -> str:
+    """A stack of L=3 two-layer blocks in `repeat` (` remat` after the dim to recompute each
+    trip), data parallel over 4 devices, trained with SGD; `training` more declarations."""
+    return LOOP_STEP.format(remat=remat, training=training)
+
+
 def mlp_step(training: str, *, B: int, D: int, F: int, n: int = 4, dtype: str = "f32",
              split: str = "") -> str:
     """The training step of examples/training/mlp_data_parallel.ein (a two-layer MLP, its batch

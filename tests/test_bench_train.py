@@ -14,7 +14,7 @@ import pytest
 from einpar.api import compile_source, compile_spmd, random_inputs
 from einpar.optimizer import param_of_state
 
-from helpers import ROOT, mlp_step
+from helpers import ROOT, loop_step, mlp_step
 
 BENCH = ROOT / "bench" / "train_vs_jax.py"
 
@@ -69,26 +69,6 @@ def test_a_differing_output_is_named():
     assert bench.agreement(found[:1]) == "ok 0"
 
 
-LOOP = """
-mesh dp=4
-dim  B=16 D=8 E=16 L=3
-
-input x[B@dp, D]
-
-repeat L{remat} {{
-  param w1[D, E]
-  param w2[E, D]
-  h[B,E]    = tanh(x[B,D] * w1[D,E])
-  x[B@dp,D] = x[B,D] + h[B,E] * w2[E,D]
-}}
-
-l[] = mean[B,D](square(x[B,D]))
-
-loss l
-optimizer sgd lr=0.1
-"""
-
-
 def test_the_twin_recomputes_a_remat_loop_as_einpars_step_does():
     """`repeat L remat` runs each trip's forward again in the backward pass, and so does its
     twin (its body checkpointed): per trip 2 matmuls forward, 4 backward and, with remat,
@@ -100,7 +80,7 @@ def test_the_twin_recomputes_a_remat_loop_as_einpars_step_does():
     bench = _bench()
     flops = {}
     for remat in ("", " remat"):
-        step = compile_source(LOOP.format(remat=remat), "<loop>")
+        step = compile_source(loop_step(remat), "<loop>")
         spmd = compile_spmd(step, objective="bytes")
         devices = jax_backend.start_devices(step.mesh.num_devices)
         both = bench.compile_both(step, spmd, random_inputs(step, 0), devices)

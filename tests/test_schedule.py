@@ -142,7 +142,7 @@ def test_check_shows_the_stages_and_the_schedule(tmp_path, capsys):
     (tmp_path / "p.ein").write_text(text)
     assert main(["check", str(tmp_path / "p.ein"), "--json"]) == 0
     pipeline = json.loads(capsys.readouterr().out)["pipeline"]
-    assert pipeline["trips"] == [[[0], [4]], [[1], [5]], [[2], [6]], [[3], [7]]]
+    assert pipeline["trips"] == [[[0, 0], [4, 4]], [[1, 1], [5, 5]], [[2, 2], [6, 6]], [[3, 3], [7, 7]]]
     assert (pipeline["schedule"], pipeline["chunks"], pipeline["microbatches"]) == ("interleaved", 2, 8)
     assert pipeline["bubble"] == pytest.approx(bubble_formula("interleaved", 4, 8, 2))
     assert pipeline["in_flight"] == list(in_flight_formula("interleaved", 4, 8, 2))
@@ -151,3 +151,19 @@ def test_check_shows_the_stages_and_the_schedule(tmp_path, capsys):
     forward = json.loads(capsys.readouterr().out)["pipeline"]
     assert (forward["schedule"], forward["in_flight"]) == ("forward", None)
     assert forward["bubble"] == pytest.approx(3 / 4)
+
+
+def test_check_of_a_pipeline_of_millions_of_micro_batches_builds_no_schedule(tmp_path, capsys):
+    """The checker and `check` answer from arithmetic and closed forms: a schedule of 2^24
+    micro-batches on 8 stages (2^28 slots) is never built."""
+    import json
+
+    from einpar.cli import main
+    (tmp_path / "p.ein").write_text(
+        "mesh pp=8\ndim B=16777216 D=4 E=4 L=8\ninput x[B, D]\nrepeat L@pp {\n  param w[E, D]\n"
+        "  x[B,D] = x[B,E] * w[E,D]\n}\nl[] = mean[B,D](square(x[B,D]))\nloss l\n"
+        "microbatches B=16777216\nschedule 1f1b\n")
+    assert main(["check", str(tmp_path / "p.ein"), "--json"]) == 0
+    pipeline = json.loads(capsys.readouterr().out)["pipeline"]
+    assert pipeline["bubble"] == pytest.approx(7 / (2 ** 24 + 7))
+    assert pipeline["in_flight"] == [8, 7, 6, 5, 4, 3, 2, 1]

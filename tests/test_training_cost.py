@@ -13,6 +13,7 @@ from einpar.cost_model.estimate import estimate, in_place_updates, peak_memory
 from einpar.cost_model.training import memory_kind, step_part
 from einpar.ir import Optimizer, Program
 from einpar.optimizer import apply_optimizer
+from helpers import loop_step
 from test_optimizer import with_gradients
 
 # A bf16 regression y = x·w with loss l = sum((y − t)²) and its backward pass by hand:
@@ -258,27 +259,13 @@ def test_an_fsdp_weight_is_gathered_once_per_micro_batch():
     assert gathers and all(op.trips == 4 for op in gathers)
 
 
-LOOP_MICRO = """mesh dp=4
-dim  B=16 D=8 E=16 L=3
-input x[B@dp, D]
-repeat L {
-  param w1[D, E]
-  param w2[E, D]
-  h[B,E]    = tanh(x[B,D] * w1[D,E])
-  x[B@dp,D] = x[B,D] + h[B,E] * w2[E,D]
-}
-l[] = mean[B,D](square(x[B,D]))
-loss l
-optimizer sgd lr=0.1
-microbatches B=2
-"""
 
 
 def test_model_flops_count_every_trip_and_the_whole_batch():
     """docs/cost.md: a repeat body's contractions once per trip, N every stacked param in
     full, and a micro-batched step's tokens the whole batch's (not one micro-batch's)."""
     B, D, E, L = 16, 8, 16, 3
-    training = priced_source(LOOP_MICRO).training
+    training = priced_source(loop_step(training="microbatches B=2\n")).training
     assert training.forward_flops == L * 2 * (2 * B * D * E)  # two matmuls a trip
     assert training.model_flops == 3 * training.forward_flops
     assert (training.params, training.tokens, training.token_dims) == (L * 2 * D * E, B, ("B",))
