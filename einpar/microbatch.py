@@ -72,13 +72,13 @@ def accumulate(program: Program, index: str, count: int) -> Program:
         axis for value in program.inputs if value.layout is not None and index in value.type.indices
         for axis in value.layout.dims[value.type.indices.index(index)]
         if program.mesh.size(axis) > 1))
+    sums = _sums_over(program, index)
     before, body, after, carried, outputs = [], list(program.ops), [], [], []
     for output in program.outputs:
         result = program.values[output.value]
         rtype = result.type
         work = TensorType("f32" if rtype.dtype != "f64" else "f64", rtype.indices, rtype.shape)
-        asked = _accumulated(output, result, batch_axes if _sums_over(program, output.value, index)
-                             else ())
+        asked = _accumulated(output, result, batch_axes if sums.get(output.value) else ())
         start = Value(f"{output.name}.acc", work, layout=asked)
         inside = Value(f"{output.name}.acc#2", work, layout=asked)
         final = Value(f"{output.name}.acc#3", work)
@@ -99,29 +99,23 @@ def accumulate(program: Program, index: str, count: int) -> Program:
                    ops=tuple(before) + (loop,) + tuple(after), outputs=tuple(outputs))
 
 
-def _sums_over(program: Program, name: str, index: str) -> bool:
-    """Whether `name` is a sum over the batch `index` all the way down (a contraction or a
+def _sums_over(program: Program, index: str) -> dict[str, bool]:
+    """Per value made at the top level, whether it is a sum over the batch `index` all the
+    way down (a contraction or a
     sum over it, or a linear map of such sums): split over a batch axis, each device then
     makes a partial sum of it, which micro-batches can accumulate before reducing. (A
     stacked param's gradient leaves its loop whole, and a value made whole anyway is not.)"""
     from .strategies import linear_in
 
-    makers = {op.result.name: op for op in program.ops if not isinstance(op, Repeat)}
-    seen: dict[str, bool] = {}
-
-    def sums(value: str) -> bool:
-        if value not in seen:
-            seen[value] = False  # a cycle is no sum
-            op = makers.get(value)
-            if isinstance(op, (Einsum, Reduce)):
-                summed = op.summed if isinstance(op, Einsum) else op.over
-                seen[value] = index in summed and (not isinstance(op, Reduce) or op.kind == "sum")
-            elif isinstance(op, Map) and op.operands:
-                positions = {k for k, o in enumerate(op.operands) if sums(o.value)}
-                seen[value] = bool(positions) and linear_in(op.expr, positions) == "partial"
-        return seen[value]
-
-    return sums(name)
+    sums: dict[str, bool] = {}
+    for op in program.ops:  # in program order, so every operand is known before its reader
+        if isinstance(op, (Einsum, Reduce)):
+            summed = op.summed if isinstance(op, Einsum) else op.over
+            sums[op.result.name] = index in summed and getattr(op, "kind", "sum") == "sum"
+        elif isinstance(op, Map) and op.operands:
+            positions = {k for k, o in enumerate(op.operands) if sums.get(o.value)}
+            sums[op.result.name] = bool(positions) and linear_in(op.expr, positions) == "partial"
+    return sums
 
 
 def _accumulated(output, result: Value, batch_axes: tuple[str, ...]) -> Layout | None:
