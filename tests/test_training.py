@@ -285,6 +285,30 @@ def test_a_split_param_stacked_in_a_repeat_trains():
     assert_agrees(program, evaluate(program, inputs), outputs)
 
 
+def test_params_declared_with_an_index_twice_train():
+    """`param w[D, D]` (a square matrix, one index twice) trains, stacked in a repeat too,
+    with micro-batches and AdamW: the passes name its second dimension apart (the
+    accumulator and the update once read `w[D, D]` and split both dims over one axis: an
+    internal error). Gradients equal jax.grad's, and the simulator the reference."""
+    from test_grad import jax_grads
+
+    program = ein.compile_source(
+        "mesh dp=2\ndim B=8 D=4 E=4 L=2\ninput x[B@dp, D]\nparam w0[D, D]\n"
+        "h[B,D] = x[B,E] * w0[E,D]\nrepeat L {\n  param w[D, D]\n"
+        "  h[B,D] = tanh(h[B,E] * w[E,D])\n}\nl[] = mean[B,D](square(h[B,D]))\nloss l\n"
+        "output w0.grad\noutput w.grad\nmicrobatches B=2\noptimizer adamw lr=0.1\n",
+        file="square.ein")
+    inputs = training_inputs(program)
+    reference = evaluate(program, inputs)
+    outputs, _ = ein.run_simulated(program, inputs)
+    assert_agrees(program, reference, outputs)
+    forward, loss = forward_with_loss(program)
+    whole = {value.name: inputs[value.name].reshape(value.type.shape) for value in forward.inputs}
+    grads = jax_grads(forward, loss, whole)  # (the step takes x by micro-batch: [2, 4, 4])
+    for name in ("w0.grad", "w.grad"):
+        assert relative_error(grads[name], reference[name]) <= program_tolerance(program), name
+
+
 def test_a_training_steps_gradients_equal_finite_differences_in_float64():
     """megatron_selective.ein in float64 (layernorm, softmax with recomputation, GELU,
     sequence-parallel layouts), its gradients asked for as outputs: each equals the central
