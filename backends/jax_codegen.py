@@ -684,7 +684,10 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
                  precision: str = DEFAULT_PRECISION) -> str:
     """The standalone module for `program` and its per-device program `spmd`, its float32
     contractions at `precision` (einpar.precision)."""
+    from einpar.pipeline import not_built
+
     check_precision(precision)
+    not_built(spmd, "the JAX backend")
     names = Names()
     params = [names(name) for name in spmd.inputs]
     per_device = _SpmdWriter(spmd, names)

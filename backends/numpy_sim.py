@@ -33,6 +33,8 @@ class Traffic:
 
     def __init__(self, devices: int):
         self.sent = [0] * devices
+        # Of those, the bytes a pipeline's stage sent to another stage (numpy_pipeline.py).
+        self.between_stages = [0] * devices
 
     def send(self, device: int, array: np.ndarray) -> np.ndarray:
         self.sent[device] += array.nbytes
@@ -235,6 +237,10 @@ def run_spmd(program, inputs: dict[str, np.ndarray], record: dict | None = None,
     (global arrays, by output name) and the bytes each device sent. With `record`,
     also fills it with every local value: its name -> each device's block. `tick`,
     if given, is called after each step (on all devices; a repeat body's once per trip)."""
+    if program.pipeline is not None:
+        from einpar.backends.numpy_pipeline import run_pipeline
+
+        return run_pipeline(program, inputs)
     mesh = program.mesh
     envs: list[dict] = [{} for _ in range(mesh.num_devices)]
     for name in program.inputs:

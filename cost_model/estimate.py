@@ -101,6 +101,7 @@ class Estimate:
     fusion: str = DEFAULT_FUSION  # "auto" (fused regions) or "none" (every step alone)
     memory: Memory | None = None  # by kind, at the peak (training.py)
     training: TrainingFigures | None = None  # a training step's parts, model FLOPs, MFU
+    pipeline: object | None = None  # a pipeline's stages and timeline (pipeline.PipelineFigures)
 
     @property
     def memory_bound_s(self) -> float:
@@ -147,6 +148,7 @@ class Estimate:
                 for op in self.ops],
             "memory": self.memory.to_json() if self.memory else None,
             "training": self.training.to_json() if self.training else None,
+            "pipeline": self.pipeline.to_json() if self.pipeline else None,
             "notes": self.notes,
         }
 
@@ -516,6 +518,14 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
     (einpar.precision: what the JAX backend runs them at), its fusible steps fused
     (`fusion` "auto", fusion.py) or each priced alone ("none")."""
     check_precision(precision)
+    if spmd.pipeline is not None:  # stage by stage, on the schedule's timeline
+        from .pipeline import estimate_pipeline
+
+        check_fits(cluster, spmd.pipeline.mesh.num_devices, str(spmd.pipeline.mesh))
+        try:
+            return estimate_pipeline(program, spmd, cluster, overlap, precision, fusion)
+        except NoPeak as error:
+            raise EinparError(Diagnostic("E410", error.args[0], hint=error.args[1])) from None
     check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
     spmd = fuse(spmd, fusion)
     pricer = _Pricer(spmd, cluster, overlap, precision)

@@ -248,8 +248,9 @@ class TrainingFigures:
     notes: list = field(default_factory=list)
 
     def to_json(self) -> dict:
+        bubble = {"bubble_s": self.time_s["bubble"]} if "bubble" in self.time_s else {}
         return {"forward_s": self.time_s["forward"], "backward_s": self.time_s["backward"],
-                "update_s": self.time_s["update"], "model_flops": self.model_flops,
+                "update_s": self.time_s["update"], **bubble, "model_flops": self.model_flops,
                 "forward_flops": self.forward_flops, "params": self.params,
                 "tokens": self.tokens, "token_dims": list(self.token_dims),
                 "flops_6nt": self.flops_6nt, "mfu": self.mfu, "mfu_6nt": self.mfu_6nt}

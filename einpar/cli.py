@@ -835,14 +835,22 @@ def _run_simulated(args, program: Program, spmd, arrays, reference, out: Console
     tolerance = program_tolerance(program)
     results = [compare(name, reference[name], outputs[name], tolerance) for name in reference]
     sent = max(traffic.sent) if traffic.sent else 0
+    between = max(traffic.between_stages, default=0)  # a pipeline's, to other stages
     if args.json:
-        out.print(json.dumps({"backend": "numpy", "devices": program.mesh.num_devices,
-                              "bytes_sent_per_device": sent,
-                              "outputs": _comparisons_json(results)}, indent=2), markup=False)
+        found = {"backend": "numpy", "devices": program.mesh.num_devices,
+                 "bytes_sent_per_device": sent}
+        if spmd.pipeline is not None:
+            found["bytes_between_stages_per_device"] = between
+        out.print(json.dumps(found | {"outputs": _comparisons_json(results)}, indent=2), markup=False)
     else:
         source = args.inputs or f"random inputs, seed {args.seed}"
         out.print(f"{program.file} on {program.mesh.num_devices} simulated devices ({source})", markup=False)
-        _print_comparisons(results, out, f"; each device sent {sent:,} bytes")
+        least = min(traffic.sent, default=0)
+        said = f"; each device sent {sent:,} bytes" if least == sent else \
+            f"; devices sent {least:,} to {sent:,} bytes"
+        if spmd.pipeline is not None:
+            said += f" ({between:,} at most to other stages)"
+        _print_comparisons(results, out, said)
     _save_outputs(save, outputs, args, out)
     return 0 if all(r.ok for r in results) else 1
 

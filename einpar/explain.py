@@ -377,4 +377,7 @@ def explain(spmd: SpmdProgram, source: str, cluster=None, fusion: str = "auto") 
     """Each statement of the program `spmd` runs, `source` being its text; each collective's
     time on `cluster` if given; the fused regions its steps run in (`fusion` "auto"), as the
     cost model prices them."""
+    from .pipeline import not_built
+
+    not_built(spmd, "explain")
     return _Builder(spmd, source, cluster, fusion).build()

@@ -233,13 +233,11 @@ def partition(program: Program, objective: Objective | None = None,
     per device (EinparError if none does)."""
     staged = next((op for op in walk_ops(program.ops) if isinstance(op, Repeat) and op.stage_axis
                    and program.mesh.size(op.stage_axis) > 1), None)  # one stage: a plain loop
-    if staged is not None:
-        # The stages' lowering (per-stage bodies, permutes and the schedule) is not built yet:
-        # refused here, before a plan that would run every layer on every stage.
+    if staged is not None:  # a pipeline is partitioned one stage's program at a time
         raise EinparError(Diagnostic(
-            "E256", f"a repeat pipelined over '{staged.stage_axis}' is checked but cannot be "
-                    "partitioned yet", staged.span,
-            hint=f"`einpar check` and the reference backend run it; drop '@{staged.stage_axis}' "
-                 "to compile the layers with their stacks on every stage"))
+            "E256", f"a repeat pipelined over '{staged.stage_axis}' is partitioned one stage at "
+                    "a time", staged.span,
+            hint="compile it with einpar.lower.compile_program (or einpar.api.compile_spmd), "
+                 "which partitions einpar.pipeline.stage_program"))
     expanded = expand_library(program)
     return _Partitioner(expanded, objective or make_objective(expanded), memory_limit).run()

@@ -118,6 +118,9 @@ class SpmdProgram:
     search_limits: tuple = ()
     objective: str = ""  # what the plan minimizes, in words ("time on h100x8")
     price: Priced | None = None  # the whole plan's price under it
+    # A pipelined program (`repeat L@pp`): this is one stage's program (the stage axis of
+    # size 1, L/p trips), and `pipeline` says how the stages run it (einpar/pipeline.py).
+    pipeline: object | None = None
 
 
 def walk_steps(steps) -> list[Step]:
@@ -165,6 +168,17 @@ def format_spmd(program: SpmdProgram) -> str:
     """The per-device program as text: values with global and local shapes, steps, bytes."""
     mesh = program.mesh
     lines = [f"# {program.file}: {mesh} ({mesh.num_devices} devices), per device"]
+    pipeline = program.pipeline
+    if pipeline is not None:
+        lines[0] = f"# {program.file}: one stage of {pipeline.mesh}, per device"
+        lines.extend(_pipeline_header(pipeline))
+
+    def stages_of(made: str) -> str:
+        if pipeline is None or made not in pipeline.placement:
+            return ""
+        where = sorted(pipeline.placement[made])
+        return "" if len(where) == pipeline.stages else \
+            f"  @ stage {', '.join(map(str, where))}"
 
     def value_text(name: str) -> str:
         value = program.values[name]
@@ -191,13 +205,14 @@ def format_spmd(program: SpmdProgram) -> str:
                 lines.append(f"{indent}}}")
             elif isinstance(step, CollectiveStep):
                 call = format_collective(step, program.values[step.dst].type.indices)
-                lines.append(f"{indent}{value_text(step.dst)} = {call}  "
+                lines.append(f"{indent}{value_text(step.dst)} = {call}{stages_of(step.dst)}  "
                              f"# {step.bytes_per_device:,} B/device: {step.reason}")
             else:
                 text = format_op(step.op)[0]
                 head, _, body = text.partition(" = ")
                 body = body.split("  # line")[0]
-                lines.append(f"{indent}{value_text(step.op.result.name)} = {body}")
+                lines.append(f"{indent}{value_text(step.op.result.name)} = {body}"
+                             f"{stages_of(step.op.result.name)}")
     emit(program.steps, "")
     for output in program.outputs:
         lines.append(f"out  {output.name} = {output.value}: "
@@ -205,6 +220,32 @@ def format_spmd(program: SpmdProgram) -> str:
     lines.append(f"# {len(collectives(program))} collectives, "
                  f"{bytes_per_device(program.steps):,} bytes sent per device")
     return "\n".join(lines)
+
+
+def _pipeline_header(pipeline) -> list[str]:
+    schedule = pipeline.schedule
+    chunks = f", {schedule.chunks} chunks per stage" if schedule.chunks > 1 else ""
+    lines = [f"# pipelined over {pipeline.axis}: {pipeline.stages} stages run this program, each "
+             f"on its {pipeline.mesh.num_devices // pipeline.stages} devices with "
+             f"{pipeline.trips // pipeline.stages} of the {pipeline.trips} trips of "
+             f"{pipeline.dim}; schedule {schedule.name}, {schedule.microbatches} micro-batches{chunks}"]
+    for stage, trips in enumerate(pipeline.stage_trips):
+        lines.append(f"#   stage {stage}: trips {_ranges(trips)}")
+    lines.append("# the loops over the trips send their carried values to the next stage (forward) "
+                 "and the stage before (backward); `@ stage k`: a step only stage k runs")
+    return lines
+
+
+def _ranges(trips) -> str:
+    """`0-3, 8-11`: consecutive trips as ranges."""
+    parts, start = [], None
+    for i, trip in enumerate(trips):
+        if start is None:
+            start = trip
+        if i + 1 == len(trips) or trips[i + 1] != trip + 1:
+            parts.append(str(start) if start == trip else f"{start}-{trip}")
+            start = None
+    return ", ".join(parts)
 
 
 def local_flops(program: SpmdProgram, steps=None) -> int:

@@ -1889,17 +1889,42 @@ def test_E256_value_split_over_the_stage_axis():
     assert labels(found) == [(4, 1, "the stages")]
 
 
-def test_E256_a_pipelined_repeat_is_not_partitioned_yet():
+@pytest.mark.parametrize("what", ["explain", "jax"])
+def test_E256_what_does_not_run_a_pipeline_yet_says_so(what):
+    """The simulator runs a pipeline and the cost model prices it (test_pipeline.py);
+    explain and the JAX backend refuse it at the repeat rather than take one stage's plan
+    for the whole."""
+    from einpar.api import compile_spmd, emit_jax, explain
+
     text = program(*PIPE).replace("dim B=8 D=4", "dim B=8 D=4 E=4") + "output x\n"
     checked = compile_source(text, FILE)
+    spmd = compile_spmd(checked)
+    assert spmd.pipeline is not None and spmd.mesh.size("pp") == 1  # one stage's program
+    run = {"explain": lambda: explain(checked), "jax": lambda: emit_jax(checked, spmd=spmd)}[what]
+    with pytest.raises(EinparError) as caught:
+        run()
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.span.line, found.span.col) == ("E256", 4, 1)
+    shown = {"explain": "explain", "jax": "the JAX backend"}[what]
+    assert found.message == f"{shown} does not handle a repeat pipelined over 'pp' yet"
+    one_stage = compile_spmd(compile_source(text, FILE, overrides={"pp": 1}))  # a plain loop
+    assert one_stage.pipeline is None
+
+
+def test_E256_a_param_read_before_and_after_the_pipeline():
+    """Weights tied between the first stage (before the layers) and the last (after them):
+    their gradients meet across stages, which the lowering does not send yet."""
+    text = program("mesh pp=2", "dim B=8 D=4 E=4 V=8 L=4", "input ids[B]: i32", "param emb[V, D]",
+                   "x[B,D] = take[V](emb[V,D], ids[B])", "repeat L@pp {", "  param w[D, E]",
+                   "  x[B,E] = tanh(x[B,D] * w[D,E])", "}", "o[B,V] = x[B,D] * emb[V,D]",
+                   "l[] = mean[B,V](square(o[B,V]))", "loss l")
     from einpar.api import compile_spmd
     with pytest.raises(EinparError) as caught:
-        compile_spmd(checked)
+        compile_spmd(compile_source(text, FILE))
     (found,) = caught.value.diagnostics
-    assert (found.code, found.span.line) == ("E256", 4)
-    assert found.message == "a repeat pipelined over 'pp' is checked but cannot be partitioned yet"
-    one_stage = compile_spmd(compile_source(text, FILE, overrides={"pp": 1}))  # a plain loop
-    assert one_stage.mesh.size("pp") == 1
+    assert (found.code, found.span.line, found.span.col) == ("E256", 6, 1)
+    assert found.message.startswith("'emb.grad' reads values the pipeline holds on different stages")
+    assert "weights tied between the first and the last stage" in found.hint
 
 
 @pytest.mark.parametrize("lines, message, line, col, hint", [

@@ -1,0 +1,238 @@
+"""Pipelined programs (`repeat L@pp`) lowered and run stage by stage on the simulator.
+
+Each schedule, with pp combined with dp and tp, on an MLP stack and on the GPT
+example: every output (loss, updated params, optimizer state) equals the
+unpipelined reference, and the bytes sent between stages are exactly one
+carried value per micro-batch per boundary each way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import einpar.api as ein
+from einpar.backends.numpy_sim import run_spmd
+from einpar.backends.reference import evaluate
+from einpar.layout import device_coords
+from einpar.tolerance import compare, program_tolerance
+
+from helpers import ROOT
+
+SCHEDULES = {"gpipe": "schedule gpipe", "1f1b": "schedule 1f1b", "interleaved": "schedule interleaved v=2"}
+
+
+def mlp_stack(mesh: str = "dp=2 pp=2 tp=2", schedule: str = "1f1b", microbatches: int = 4,
+              layers: int = 8) -> str:
+    """An embedding, a stack of residual MLP layers pipelined over pp, a linear head and a
+    squared-error loss, trained with AdamW."""
+    tp = "@tp" if "tp" in mesh else ""
+    dp = "@dp" if "dp" in mesh else ""
+    return (f"mesh {mesh}\ndim B=8 D=4 E=4 F=8 V=16 L={layers}\ninput ids[B{dp}]: i32\n"
+            f"input y[B{dp}, E]\nparam emb[V, D]\nx[B,D] = take[V](emb[V,D], ids[B])\n"
+            f"repeat L@pp {{\n  param w1[D, F{tp}]\n  param w2[F{tp}, D]\n"
+            f"  x[B,D] = x[B,D] + tanh(x[B,E] * w1[E,F]) * w2[F,D]\n}}\n"
+            f"param wo[D, E]\no[B,E] = x[B,D] * wo[D,E]\nl[] = mean[B,E](square(o[B,E] - y[B,E]))\n"
+            f"loss l\nmicrobatches B={microbatches}\n{SCHEDULES[schedule]}\noptimizer adamw lr=0.01\n")
+
+
+def assert_runs_as_the_reference(program, seed: int = 0):
+    inputs = ein.random_inputs(program, seed)
+    reference = evaluate(program, inputs)
+    spmd = ein.compile_spmd(program)
+    assert spmd.pipeline is not None
+    outputs, traffic = run_spmd(spmd, inputs)
+    tolerance = program_tolerance(program)
+    for output in program.outputs:
+        found = compare(output.name, reference[output.name], outputs[output.name], tolerance)
+        assert found.ok, (output.name, found.error, tolerance)
+    return spmd, traffic
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("mesh", ["dp=2 pp=2 tp=2", "pp=4 tp=2", "dp=2 pp=4"])
+def test_every_schedule_trains_an_mlp_stack_as_the_reference_does(schedule, mesh):
+    assert_runs_as_the_reference(ein.compile_source(mlp_stack(mesh, schedule), file="mlp.ein"))
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_the_gpt_example_pipelined_trains_as_the_reference_does(schedule):
+    """examples/training/gpt.ein (rotary tables made before the layers and read in every
+    stage, causal attention, a vocabulary-parallel head) on dp=2 pp=2 tp=2."""
+    text = (ROOT / "examples/training/gpt.ein").read_text()
+    text = text.replace("mesh dp=2 tp=4", "mesh dp=2 pp=2 tp=2").replace("repeat L {", "repeat L@pp {")
+    text = re.sub(r"\bL=2\b", "L=4", text) + f"microbatches B=2\n{SCHEDULES[schedule]}\n"
+    assert_runs_as_the_reference(ein.compile_source(text, file="gpt.ein"))
+
+
+def test_a_forward_program_runs_its_layers_stage_after_stage():
+    text = ("mesh pp=4 tp=2\ndim B=4 D=8 E=8 F=8 L=8\ninput x[B, D]\nrepeat L@pp {\n"
+            "  param w[D, F@tp]\n  param u[F@tp, D]\n  x[B,D] = x[B,D] + tanh(x[B,E] * w[E,F]) * u[F,D]\n"
+            "}\ny[B,D] = square(x[B,D])\noutput y\n")
+    spmd, traffic = assert_runs_as_the_reference(ein.compile_source(text, file="fwd.ein"))
+    assert spmd.pipeline.schedule.name == "gpipe" and spmd.pipeline.schedule.microbatches == 1
+    # One activation x (4 x 8 float32) from each stage to the next; the last sends none.
+    for device, sent in enumerate(traffic.between_stages):
+        stage = device_coords(spmd.pipeline.mesh, device)["pp"]
+        assert sent == (128 if stage < 3 else 0)
+
+
+def carried_bytes(spmd) -> tuple[int, int]:
+    """The local bytes of the values the pipelined forward and backward loops carry."""
+    from einpar.layout import local_bytes
+    from einpar.spmd import RepeatStep, walk_steps
+
+    sizes = []
+    for step in walk_steps(spmd.steps):
+        if isinstance(step, RepeatStep) and step.dim == spmd.pipeline.dim:
+            values = [spmd.values[before] for before, _, _, _ in step.carried]
+            sizes.append(sum(local_bytes(v.layout, v.type.shape, v.type.dtype, spmd.mesh) for v in values))
+    return sizes[0], sizes[1] if len(sizes) > 1 else 0
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_stages_send_one_activation_and_one_gradient_per_micro_batch_and_boundary(schedule):
+    """Forward: each virtual stage but the last sends the carried x of each micro-batch to
+    the next; backward: each but the first sends its gradient to the one before; each the
+    local size of the carried value. Stage k holds v virtual stages."""
+    m, p, v = 4, 2, 2 if schedule == "interleaved" else 1
+    spmd, traffic = assert_runs_as_the_reference(
+        ein.compile_source(mlp_stack("dp=2 pp=2 tp=2", schedule, m), file="mlp.ein"))
+    forward, backward = carried_bytes(spmd)
+    assert forward == backward > 0  # x (a micro-batch's rows, D=4, float32) and its gradient
+    for device, sent in enumerate(traffic.between_stages):
+        stage = device_coords(spmd.pipeline.mesh, device)["pp"]
+        forwards = m * v - (m if stage == p - 1 else 0)
+        backwards = m * v - (m if stage == 0 else 0)
+        assert sent == forwards * forward + backwards * backward, (device, sent)
+    assert all(total > between for total, between in zip(traffic.sent, traffic.between_stages))
+
+
+def test_steps_outside_the_layers_run_where_their_values_are():
+    """The embedding on the first stage, the loss and the head on the last, each layer's
+    gradient accumulated and updated on every stage for its own trips."""
+    spmd = ein.compile_spmd(ein.compile_source(mlp_stack(), file="mlp.ein"))
+    placement = spmd.pipeline.placement
+    assert placement["x"] == {0}
+    assert placement["l"] == {1} and placement["wo.new"] == {1}
+    assert placement["emb.new"] == {0}
+    assert placement["w1.new"] == {0, 1} and placement["w2.grad.mean"] == {0, 1}
+    assert spmd.pipeline.stage_trips == ((0, 1, 2, 3), (4, 5, 6, 7))
+
+
+def test_interleaved_stages_hold_every_p_th_chunk():
+    spmd = ein.compile_spmd(ein.compile_source(mlp_stack(schedule="interleaved"), file="mlp.ein"))
+    assert spmd.pipeline.stage_trips == ((0, 1, 4, 5), (2, 3, 6, 7))
+    from einpar.spmd import format_spmd
+
+    shown = format_spmd(spmd).splitlines()
+    assert shown[1] == ("# pipelined over pp: 2 stages run this program, each on its 4 devices with "
+                        "4 of the 8 trips of L; schedule interleaved, 4 micro-batches, 2 chunks per stage")
+    assert shown[2:4] == ["#   stage 0: trips 0-1, 4-5", "#   stage 1: trips 2-3, 6-7"]
+
+
+def test_the_cli_runs_a_pipeline_on_the_simulator(tmp_path, capsys):
+    from einpar.cli import main
+
+    path = tmp_path / "mlp.ein"
+    path.write_text(mlp_stack())
+    assert main(["run", str(path), "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "largest error" in out
+    assert float(re.search(r"largest error ([0-9.e+-]+)", out).group(1)) < 1e-5
+
+
+# ---- the cost model
+
+
+def priced(text: str, cluster: str = "a100x8"):
+    from einpar.cost_model.cluster import load_cluster
+    from einpar.cost_model.estimate import estimate
+
+    program = ein.compile_source(text, file="p.ein")
+    spmd = ein.compile_spmd(program)
+    return program, spmd, estimate(program, spmd, load_cluster(cluster))
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_the_cost_model_counts_the_bytes_the_simulator_sends(schedule):
+    """Per stage: every byte its devices send (its own collectives, and to other stages)
+    as priced equals what the simulator sends."""
+    program, spmd, estimate = priced(mlp_stack("dp=2 pp=2 tp=2", schedule))
+    _, traffic = run_spmd(spmd, ein.random_inputs(program, 0))
+    figures = estimate.pipeline
+    for device in range(spmd.pipeline.mesh.num_devices):
+        stage = device_coords(spmd.pipeline.mesh, device)["pp"]
+        assert traffic.sent[device] == figures.bytes_sent[stage]
+        assert traffic.between_stages[device] == figures.bytes_between_stages[stage]
+    assert estimate.bytes_per_device == max(traffic.sent)
+
+
+LAYERS = ("mesh dp=2 pp=4\ndim B=64 S=512 D=1024 F=4096 L=16\ninput x[B@dp, S, D]\n"
+          "repeat L@pp {{\n  param w1[D, F]\n  param w2[F, D]\n  h[B,S,F] = gelu(x[B,S,D] * w1[D,F])\n"
+          "  x[B,S,D] = x[B,S,D] + h[B,S,F] * w2[F,D]\n}}\nl[] = mean[B,S,D](square(x[B,S,D]))\n"
+          "loss l\nmicrobatches B=8\n{schedule}\noptimizer sgd lr=0.1\n")
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_the_bubble_is_the_closed_form_when_transfers_are_free(schedule, monkeypatch):
+    """Layers of equal work on every stage, stage-to-stage transfers free: the step's bubble
+    is (p − 1)/(m + p − 1), or (p − 1)/(v·m + p − 1) interleaved (Narayanan et al. 2021,
+    section 2.2), to within what the steps outside the layers add to some slots (the
+    loss, 10^-5 of a stage's work; each micro-batch's gradient accumulation, 2% of a
+    chunk's: 0.2 points of bubble with v=2)."""
+    import einpar.cost_model.pipeline as pipeline_cost
+    from einpar.cost_model.collectives import CollectiveTime
+    from einpar.schedule import bubble_formula, in_flight_formula
+
+    monkeypatch.setattr(pipeline_cost, "collective_time",
+                        lambda kind, *_: CollectiveTime(kind, 1, "local", 0.0, 0.0, "none", 0.0, 1))
+    _, spmd, estimate = priced(LAYERS.format(schedule=SCHEDULES[schedule]))
+    p, m, v = 4, 8, spmd.pipeline.schedule.chunks
+    figures = estimate.pipeline.to_json()
+    assert figures["bubble"] == pytest.approx(bubble_formula(schedule, p, m, v), abs=3e-3)
+    assert figures["in_flight"] == list(in_flight_formula(schedule, p, m, v))
+    assert estimate.training.time_s["bubble"] > 0
+
+
+def test_each_schedule_keeps_its_activations_in_flight_per_stage():
+    """GPipe keeps all m micro-batches' saved activations on every stage; 1F1B at most
+    p − k on stage k: the peaks differ by exactly the difference in micro-batches held
+    times one micro-batch's saved activations of the stage's layers."""
+    from einpar.layout import local_bytes
+    from einpar.pipeline import Body, split_step
+
+    peaks, saved = {}, None
+    for schedule in ("gpipe", "1f1b"):
+        _, spmd, estimate = priced(LAYERS.format(schedule=SCHEDULES[schedule]))
+        peaks[schedule] = estimate.pipeline.stage_peak_bytes
+        loop = Body(split_step(spmd.steps, spmd.pipeline)[1], spmd.pipeline.dim).forward
+        saved = sum(local_bytes(spmd.values[after].layout, spmd.values[after].type.shape,
+                                spmd.values[after].type.dtype, spmd.mesh) for _, after in loop.saved)
+    p, m = 4, 8
+    assert saved > 0
+    for stage in range(p):
+        assert peaks["gpipe"][stage] - peaks["1f1b"][stage] == (m - (p - stage)) * saved
+
+
+def test_cost_trace_has_a_track_per_stage(tmp_path):
+    """`einpar cost --trace`: one process per stage with each of its 2·m·v slots, and a
+    transfer on the sending stage for every micro-batch crossing a boundary."""
+    import json
+
+    from einpar.cli import main
+
+    path = tmp_path / "stack.ein"
+    path.write_text(mlp_stack(schedule="interleaved"))
+    assert main(["cost", str(path), "--cluster", "a100x8", "--trace", str(tmp_path / "t.json")]) == 0
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert [names[1], names[2]] == ["stage 0", "stage 1"]
+    m, v = 4, 2
+    for pid in (1, 2):
+        slots = [e["name"] for e in events if e.get("pid") == pid and e.get("cat") in ("forward", "backward")]
+        assert len(slots) == 2 * m * v and slots[0] == "F0"
+    transfers = [e for e in events if e.get("cat") == "communication" and e["name"].startswith("to stage")]
+    # forward: every virtual stage but the last sends (p·v − 1 boundaries), backward alike
+    assert len(transfers) == 2 * m * (2 * v - 1)
