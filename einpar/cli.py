@@ -9,7 +9,8 @@
     einpar compile FILE [--emit ast|ir|grad|layouts|spmd|jax [--precision highest|default]]
                    [--ignore CODES] [--json] [--svg OUT.svg] [--html OUT.html]
     einpar explain FILE [--statement N|NAME[,...]] [--device D] [--values [--seed N]]
-                   [--cluster NAME|FILE] [--svg OUT.svg] [--html OUT.html] [--width COLUMNS]
+                   [--cluster NAME|FILE] [--gantt OUT.svg] [--svg OUT.svg] [--html OUT.html]
+                   [--width COLUMNS]
                    [--force] [--json] [--max-memory SIZE] [--max-time DURATION]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
                 [--fusion auto|none] [--trace OUT.json] [--force]
@@ -231,6 +232,9 @@ def _build_parser() -> argparse.ArgumentParser:
                               "from the NumPy device simulator (random inputs)")
     explain.add_argument("--seed", type=_seed, default=0,
                          help=f"seed for --values' inputs, 0 to {MAX_SEED} (default 0)")
+    explain.add_argument("--gantt", metavar="OUT.svg",
+                         help="for a pipelined program, also save its schedule as a Gantt chart "
+                              "(SVG: stages by time, each slot numbered with its micro-batch)")
     limits(explain)
     planning(explain)
     slides(explain)
@@ -464,12 +468,26 @@ def _explain(args, program: Program, text: str, out: Console, err: Console,
     from .explain_view import explanation_json, print_explanation
 
     targets = args.slides
+    from .pipeline import staged_repeat
+
+    gantt = _writable(args.gantt, args.force, "explain") if args.gantt else None
+    if gantt is not None and staged_repeat(program) is None:
+        raise _UsageError("einpar explain: error: --gantt draws a pipeline's schedule; this "
+                          "program has no `repeat` over a mesh axis of more than one device")
+    if args.values and staged_repeat(program) is not None:
+        raise _UsageError("einpar explain: error: --values shows every device's numbers, which "
+                          "a pipeline's stages hold per micro-batch; run it with `einpar run` instead")
     if args.values and args.json:
         raise _UsageError("einpar explain: error: --values shows the numbers in the view; it "
                           "does not go with --json")
     cluster = _cluster(args, program, sources)
     spmd = _plan(args, program, cluster)
     explanation = explain(spmd, text, cluster)
+    if gantt is not None:
+        from .gantt import gantt_svg
+
+        _write(gantt, "explain", lambda target: target.write_text(
+            gantt_svg(explanation.pipeline.timeline), encoding="utf-8"))
     numbers = None
     if args.statement is not None:
         names = {s.name: s.number for s in explanation.statements}
@@ -484,9 +502,11 @@ def _explain(args, program: Program, text: str, out: Console, err: Console,
                 listing = ", ".join(f"{s.number} {s.name}" for s in explanation.statements)
                 raise _UsageError(f"einpar explain: error: no statement {item!r}; "
                                   f"the program's statements are: {listing}")
-    if args.device is not None and args.device >= program.mesh.num_devices:
-        raise _UsageError(f"einpar explain: error: no device {args.device}; the mesh has "
-                          f"{program.mesh.num_devices} devices, 0 to {program.mesh.num_devices - 1}")
+    shown = explanation.mesh  # one stage's devices for a pipeline
+    if args.device is not None and args.device >= shown.num_devices:
+        whose = "each stage has" if explanation.pipeline is not None else "the mesh has"
+        raise _UsageError(f"einpar explain: error: no device {args.device}; {whose} "
+                          f"{shown.num_devices} devices, 0 to {shown.num_devices - 1}")
     values = None
     if args.values:
         from .backends.numpy_sim import run_spmd

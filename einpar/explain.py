@@ -80,10 +80,23 @@ class Statement:
     fused: list[str] = field(default_factory=list)  # the kernels its steps fuse into, in words
     choices: list[str] = field(default_factory=list)  # what each op's strategy costs, and the
     # best one rejected, in words (the partitioner's objective)
+    stages: tuple[int, ...] | None = None  # a pipeline's stages that run it (None: every one)
 
     @property
     def bytes_per_device(self) -> int:
         return sum(m.bytes_per_device for m in self.movements)
+
+
+@dataclass(frozen=True)
+class PipelineView:
+    """A pipeline as explain shows it: which trips (layers) each stage holds, and the
+    schedule laid out with a forward taking 1 and a backward 2 units of time (its shape;
+    `einpar cost --trace` has it priced)."""
+
+    axis: str
+    mesh: Mesh  # the whole mesh; the explanation's own is one stage's
+    stage_trips: tuple[tuple[int, ...], ...]
+    timeline: object  # schedule.Timeline
 
 
 @dataclass
@@ -94,6 +107,7 @@ class Explanation:
     statements: list[Statement]
     cluster: str | None = None
     objective: str = ""  # what the plan minimizes, in words
+    pipeline: PipelineView | None = None
 
 
 # ---- words
@@ -377,7 +391,15 @@ def explain(spmd: SpmdProgram, source: str, cluster=None, fusion: str = "auto") 
     """Each statement of the program `spmd` runs, `source` being its text; each collective's
     time on `cluster` if given; the fused regions its steps run in (`fusion` "auto"), as the
     cost model prices them."""
-    from .pipeline import not_built
+    explanation = _Builder(spmd, source, cluster, fusion).build()
+    pipeline = spmd.pipeline
+    if pipeline is not None:
+        from .schedule import timeline
 
-    not_built(spmd, "explain")
-    return _Builder(spmd, source, cluster, fusion).build()
+        explanation.pipeline = PipelineView(pipeline.axis, pipeline.mesh, pipeline.stage_trips,
+                                            timeline(pipeline.schedule, 1.0, 2.0))
+        for statement in explanation.statements:
+            stages = set().union(*(pipeline.placement.get(name, set()) for name in statement.made))
+            if stages and len(stages) < pipeline.stages:
+                statement.stages = tuple(sorted(stages))
+    return explanation

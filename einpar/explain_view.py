@@ -163,6 +163,8 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
     head.append_text(highlight(statement.source))
     if statement.trips > 1:
         head.append(f"  (runs {statement.trips} times)", style="dim")
+    if statement.stages is not None:
+        head.append(f"  (on stage {', '.join(map(str, statement.stages))} only)", style="dim")
     parts.append(Rule(style="cyan"))
     parts.append(head)
 
@@ -242,7 +244,11 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
     mesh = explanation.mesh
     parts = []
     head = Text(f"{explanation.file}: ", style="bold")
-    head.append(f"{mesh} ({mesh.num_devices} devices)" if mesh.axes else "one device")
+    if explanation.pipeline is not None:
+        whole = explanation.pipeline.mesh
+        head.append(f"one stage of {whole} ({mesh.num_devices} of its {whole.num_devices} devices)")
+    else:
+        head.append(f"{mesh} ({mesh.num_devices} devices)" if mesh.axes else "one device")
     if explanation.cluster:
         head.append(f", times on {explanation.cluster}")
     if explanation.objective:
@@ -250,6 +256,8 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
     if device is not None:
         head.append(f", device {device} highlighted")
     parts.append(head)
+    if explanation.pipeline is not None:
+        parts.append(pipeline_view(explanation.pipeline, mesh, width))
     inputs = Table.grid(padding=(0, 2))
     for _ in range(3):
         inputs.add_column(no_wrap=True)
@@ -267,6 +275,25 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
         parts.append(Text(f"{moved} move{'' if moved == 1 else 's'}, {format_bytes(total)} sent per device "
                           f"({total:,} bytes)", style="bold"))
     return Group(*parts)
+
+
+def pipeline_view(view, mesh: Mesh, width: int):
+    """Which trips each stage holds, and the schedule as a chart (gantt.gantt_text)."""
+    from .gantt import gantt_text
+    from .spmd import _ranges
+
+    line = view.timeline
+    schedule = line.schedule
+    text = Text()
+    text.append(f"pipelined over {view.axis}: ", style="bold")
+    text.append(f"{schedule.stages} stages of {mesh.num_devices} devices each (the devices below "
+                f"are one stage's; every stage runs the layers on its own trips)\n")
+    for stage, trips in enumerate(view.stage_trips):
+        text.append(f"  stage {stage}: trips {_ranges(trips)}\n")
+    text.append("the schedule, a forward taking 1 unit of time and a backward 2 "
+                "(`einpar cost --trace` prices it):\n", style="bold")
+    text.append(gantt_text(line, width=max(40, min(width, 120) - 4)).rstrip("\n"))
+    return Padding(text, (1, 0, 0, 0))
 
 
 def print_explanation(explanation: Explanation, console: Console, **options) -> None:
@@ -296,5 +323,19 @@ def explanation_json(explanation, numbers: list[int] | None) -> dict:
                          f"{block_text(held, mesh, d)} -> {block_text(moved, mesh, d)}"
                          for name, held, moved in shown_values(s)} for d in range(mesh.num_devices)],
         })
-    return {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
-            "objective": explanation.objective, "statements": statements}
+    document = {"file": explanation.file, "mesh": dict(mesh.axes), "cluster": explanation.cluster,
+                "objective": explanation.objective, "statements": statements}
+    view = explanation.pipeline
+    if view is not None:
+        line = view.timeline
+        document["pipeline"] = {
+            "axis": view.axis, "mesh": dict(view.mesh.axes),
+            "stage_trips": [list(trips) for trips in view.stage_trips],
+            "schedule": line.schedule.name, "microbatches": line.schedule.microbatches,
+            "chunks": line.schedule.chunks, "bubble": line.bubble,
+            "slots": [[{"slot": str(item.slot), "start": item.start, "end": item.end}
+                       for item in placed] for placed in line.stages]}
+        for entry, statement in zip(statements, [s for s in explanation.statements
+                                                 if numbers is None or s.number in numbers]):
+            entry["stages"] = list(statement.stages) if statement.stages is not None else None
+    return document

@@ -236,3 +236,40 @@ def test_cost_trace_has_a_track_per_stage(tmp_path):
     transfers = [e for e in events if e.get("cat") == "communication" and e["name"].startswith("to stage")]
     # forward: every virtual stage but the last sends (p·v − 1 boundaries), backward alike
     assert len(transfers) == 2 * m * (2 * v - 1)
+
+
+# ---- explain
+
+
+def test_explain_shows_the_stages_the_schedule_and_where_each_statement_runs(tmp_path, capsys,
+                                                                           monkeypatch):
+    import json
+
+    from einpar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "stack.ein"
+    path.write_text(mlp_stack(schedule="interleaved"))
+    path = "stack.ein"
+    assert main(["explain", str(path), "--width", "100"]) == 0
+    shown = capsys.readouterr().out
+    assert "one stage of mesh dp=2 pp=2 tp=2 (4 of its 8 devices)" in shown
+    assert "  stage 0: trips 0-1, 4-5" in shown and "  stage 1: trips 2-3, 6-7" in shown
+    assert "interleaved: 2 stages, 4 micro-batches, v=2; bubble" in shown
+    assert "x[B,D] = take[V](emb[V,D], ids[B])  (runs 4 times)  (on stage 0 only)" in shown
+    assert main(["explain", str(path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    pipeline = document["pipeline"]
+    assert pipeline["stage_trips"] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert [len(stage) for stage in pipeline["slots"]] == [16, 16]  # 2·m·v per stage
+    by_name = {}  # each name's first statement (the embedding's x, not the layers')
+    for statement in document["statements"]:
+        by_name.setdefault(statement["name"], statement["stages"])
+    assert by_name["x"] == [0] and by_name["l"] == [1] and by_name["emb"] == [0]
+    assert by_name["w1"] is None  # the layers' params are updated on every stage
+    gantt = tmp_path / "schedule.svg"
+    assert main(["explain", path, "--gantt", str(gantt)]) == 0
+    svg = gantt.read_text()
+    assert svg.startswith("<svg") and svg.count("<title>F micro-batch") == 2 * 8
+    assert main(["explain", str(path), "--gantt", str(gantt)]) == 2  # not overwritten
+    assert "exists; pass --force" in capsys.readouterr().err
