@@ -306,13 +306,21 @@ class TrainingChecker:
         return text.partition("=")[2].strip() or None
 
     def microbatches(self, item: Directive) -> tuple[str, int] | None:
-        if len(item.args) != 1 or not isinstance(item.args[0], Setting) \
-                or isinstance(item.args[0].value, tuple):
+        if len(item.args) != 1 or not isinstance(item.args[0], Setting) or (
+                isinstance(item.args[0].value, tuple) and len(item.args[0].value) != 1):
             self.error("E254", "`microbatches` takes one batch index and a count", item.span,
                        hint="write `microbatches B=8`")
             return None
         setting = item.args[0]
         index, count = setting.name.text, setting.value
+        if isinstance(count, tuple):  # a dimension's size (`microbatches B=M`, `--set M=96`)
+            (name,) = count
+            if name.text not in self.dims:
+                self.error("E203", f"unknown dimension '{name.text}'", name.span,
+                           hint=_closest(name.text, self.dims) or
+                           "the count is a whole number, or a dimension whose size it is")
+                return None
+            count = self.dims[name.text]
         if index not in self.dims:
             self.error("E203", f"unknown dimension '{index}'", setting.name.span,
                        hint=_closest(index, self.dims) or "name the batch index, declared with `dim`")

@@ -190,7 +190,8 @@ class Materializer:
             saved_layouts, saves = [], []
             for saved, target in zip(op.saved, targets):
                 now = ends[saved.body_value]
-                want = target or Layout(now.dims)  # each trip's slice is saved whole
+                # each trip's slice is saved whole, or as asked (a partial sum accumulated)
+                want = target or Layout(now.dims)
                 if self.key(now) != self.key(want):
                     saves.append(Move(saved.body_value, inside_tensors[saved.body_value],
                                       self.plan(saved.body_value, now, want), SAVE_REASON))
@@ -202,7 +203,7 @@ class Materializer:
             held[carried.result.name] = layout
             tensors[carried.result.name] = tensors[carried.value]
         for saved, layout in zip(op.saved, saved_layouts):
-            held[saved.result.name] = Layout(((),) + layout.dims)
+            held[saved.result.name] = Layout(((),) + layout.dims, layout.partial)
             tensors[saved.result.name] = saved.result.name
         stacked = tuple(level.fixed[view.name] for view in op.stacked)
         return RepeatDecision(op, tuple(entry), tuple(layouts), stacked, tuple(body),

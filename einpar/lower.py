@@ -139,7 +139,7 @@ class _Lowering:
         for carried, layout, tensor in zip(op.carried, layouts, tensors):
             self.define(carried.result.name, carried.result.name, tensor, layout)
         for s, layout in zip(op.saved, decision.saved_layouts):
-            self.define(s.result.name, s.result.name, s.result.name, Layout(((),) + layout.dims))
+            self.define(s.result.name, s.result.name, s.result.name, Layout(((),) + layout.dims, layout.partial))
         steps.append(RepeatStep(
             op.dim, op.count,
             tuple((start, name, result, c.result.name)

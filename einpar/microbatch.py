@@ -101,21 +101,30 @@ def accumulate(program: Program, index: str, count: int) -> Program:
 
 def _sums_over(program: Program, index: str) -> dict[str, bool]:
     """Per value made at the top level, whether it is a sum over the batch `index` all the
-    way down (a contraction or a
-    sum over it, or a linear map of such sums): split over a batch axis, each device then
-    makes a partial sum of it, which micro-batches can accumulate before reducing. (A
-    stacked param's gradient leaves its loop whole, and a value made whole anyway is not.)"""
+    way down (a contraction or a sum over it, or a linear map of such sums): split over a
+    batch axis, each device then makes a partial sum of it, which micro-batches can
+    accumulate before reducing. A loop's saved stack is one when each trip's value is (a
+    stacked param's gradient, made by the backward loop); a value made whole anyway is
+    not."""
+    sums: dict[str, bool] = {}
+    _sums_in(program.ops, index, sums)
+    return sums
+
+
+def _sums_in(ops, index: str, sums: dict[str, bool]) -> None:
     from .strategies import linear_in
 
-    sums: dict[str, bool] = {}
-    for op in program.ops:  # in program order, so every operand is known before its reader
+    for op in ops:  # in program order, so every operand is known before its reader
         if isinstance(op, (Einsum, Reduce)):
             summed = op.summed if isinstance(op, Einsum) else op.over
             sums[op.result.name] = index in summed and getattr(op, "kind", "sum") == "sum"
         elif isinstance(op, Map) and op.operands:
             positions = {k for k, o in enumerate(op.operands) if sums.get(o.value)}
             sums[op.result.name] = bool(positions) and linear_in(op.expr, positions) == "partial"
-    return sums
+        elif isinstance(op, Repeat):
+            _sums_in(op.body, index, sums)
+            for saved in op.saved:
+                sums[saved.result.name] = sums.get(saved.body_value, False)
 
 
 def _accumulated(output, result: Value, batch_axes: tuple[str, ...]) -> Layout | None:

@@ -61,6 +61,11 @@ class Objective:
     def price_plan(self, plan, shape, dtype) -> float:
         raise NotImplementedError
 
+    def transfer(self, axis: str, nbytes: int) -> float:
+        """The price of each device sending `nbytes` to its neighbour along `axis` (a
+        pipeline's stage-to-stage transfer: a permute)."""
+        raise NotImplementedError
+
     def compute(self, op: Op, local_sizes: dict[str, int], flops: int,
                 operand_layouts: tuple[Layout, ...], result_layout: Layout,
                 operand_types) -> float:
@@ -80,6 +85,9 @@ class ByteObjective(Objective):
 
     def price_plan(self, plan, shape, dtype) -> float:
         return float(plan.bytes_per_device)
+
+    def transfer(self, axis: str, nbytes: int) -> float:
+        return float(nbytes)
 
     def compute(self, op, local_sizes, flops, operand_layouts, result_layout, operand_types) -> float:
         return flops * self.flop_weight
@@ -111,6 +119,9 @@ class TimeObjective(Objective):
             self._collectives[key] = collective_time(kind, axes, before, self.mesh,
                                                      self.cluster).time_s * 1e9
         return self._collectives[key]
+
+    def transfer(self, axis: str, nbytes: int) -> float:
+        return self.collective_ns("permute", (axis,), nbytes)
 
     def price_plan(self, plan, shape, dtype) -> float:
         total, layout = 0.0, plan.src

@@ -8,7 +8,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 from .errors import EinparError
-from .ir import Repeat
+from .ir import Map, Repeat
 from .layout import Layout
 from .solve import Choice
 
@@ -62,8 +62,21 @@ class RepeatSearch:
                           for c, layout in zip(op.carried, layouts)) + stacks
             memory = sum(self.layout_bytes(name, layout) for name, layout in stacks)
             choices.append(((layouts, views, targets),
-                             Choice(plan.price * op.count, needs, makes, memory)))
+                             Choice(plan.price * op.count + self.stage_transfers(op, layouts),
+                                    needs, makes, memory)))
         return choices
+
+    def stage_transfers(self, op: Repeat, layouts) -> float:
+        """What a pipelined loop's carried values cost to send between stages: once per
+        chunk a stage runs (one stage's program is partitioned, einpar/pipeline.py; the
+        objective prices on the whole mesh, where the stage axis has its size)."""
+        axis = op.stage_axis
+        if axis is None or axis not in self.objective.mesh.names or self.objective.mesh.size(axis) == 1:
+            return 0.0
+        training = (self.program.forward or self.program).training
+        chunks = training.schedule[1] if training is not None and training.schedule else 1
+        sent = sum(self.layout_bytes(c.value, layout) for c, layout in zip(op.carried, layouts))
+        return chunks * self.objective.transfer(axis, sent)
 
     def carried_candidates(self, op: Repeat, level: _Level) -> tuple[list, list]:
         """The layouts a loop's carried values may have: the pin of the body's last
@@ -83,9 +96,25 @@ class RepeatSearch:
             else:
                 preferred.append(Layout.replicated(rank))
         whole = tuple(Layout.replicated(self.vtype(c.value).rank) for c in op.carried)
-        candidates = list(dict.fromkeys([tuple(preferred), whole]))
+        candidates = list(dict.fromkeys([tuple(preferred), whole] + self.mirrored(op, level)))
         pinned = all(body_pins.get(c.body_result) is not None for c in op.carried)
         return candidates, candidates[:1] if pinned else candidates
+
+    def mirrored(self, op: Repeat, level: _Level) -> list[tuple]:
+        """For a backward loop, the layouts its forward loop's carried values are first
+        tried in (a gradient crosses trips as its activation does: split over the batch, it
+        crosses stages and trips in a micro-batch's share)."""
+        if not op.reverse:
+            return []
+        for forward in level.ops:
+            if not isinstance(forward, Repeat) or forward.reverse or forward.dim != op.dim or \
+                    len(forward.carried) != len(op.carried) or any(
+                        self.vtype(mine.value).shape != self.vtype(theirs.value).shape
+                        for mine, theirs in zip(op.carried, forward.carried)):
+                continue
+            preferred = self.carried_candidates(forward, level)[0][0]
+            return [tuple(Layout(layout.dims) for layout in preferred)]
+        return []
 
     def stacked_candidates(self, op: Repeat, level: _Level) -> tuple[list, list]:
         """The per-trip layouts a loop's stacked views may have: None for an input's (it is
@@ -124,8 +153,27 @@ class RepeatSearch:
             want = level.required.get(saved.result.name)
             usable = want is not None and not want.partial and not want.dims[0] \
                 and saved.body_value in made
-            asked.append(Layout(want.dims[1:]) if usable else None)
+            if usable:
+                asked.append(Layout(want.dims[1:]))
+            else:
+                asked.append(self.accumulated_in(saved, level) if saved.body_value in made else None)
         return list(dict.fromkeys([tuple(asked), (None,) * len(op.saved)]))
+
+    def accumulated_in(self, saved, level: _Level) -> Layout | None:
+        """The per-trip layout of a stack that an elementwise statement adds into a value
+        pinned partial (a micro-batch accumulator of a stacked param's gradient): that pin,
+        so each trip leaves its slice a partial sum, reduced once after the last
+        micro-batch, not every trip."""
+        for reader in level.ops:
+            if isinstance(reader, Repeat) or not any(o.value == saved.result.name
+                                                     for o in reader.operands):
+                continue
+            pin = self.pin(reader) if reader.result.layout is not None else None
+            if pin is None or not pin.partial or pin.dims[0] or not isinstance(reader, Map) or \
+                    any(o.indices != reader.result.type.indices for o in reader.operands):
+                return None
+            return Layout(pin.dims[1:], pin.partial)
+        return None
 
     def made_layouts(self, value: str, level: _Level) -> list[Layout]:
         """The layouts `value` may be made in at `level`: where it is fixed, its layout;
@@ -232,7 +280,7 @@ def _read(ops) -> list[str]:
 
 def _stacked(layout: Layout) -> Layout:
     """A saved value's layout from its per-trip layout: the repeat dim whole in front."""
-    return Layout(((),) + layout.dims)
+    return Layout(((),) + layout.dims, layout.partial)
 
 
 def _defined(ops) -> set[str]:

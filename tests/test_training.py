@@ -436,6 +436,31 @@ def test_data_parallel_micro_batches_all_reduce_each_gradient_once(objective):
     assert_agrees(program, evaluate(program, inputs), outputs)
 
 
+@pytest.mark.parametrize("remat", ["", " remat"])
+def test_stacked_gradients_of_micro_batches_are_all_reduced_once(remat):
+    """A `repeat`'s params under data parallelism and micro-batches: each trip of the
+    backward loop leaves its slice of the gradient stack a partial sum over dp, the stack is
+    accumulated partial, and all-reduced once after the last micro-batch; before, each
+    trip's slice was all-reduced every micro-batch (M·L all-reduces)."""
+    from helpers import loop_step
+
+    from einpar.spmd import RepeatStep, bytes_per_device, collectives, walk_steps
+    program = ein.compile_source(loop_step(remat, "microbatches B=4\n"), "loop.ein")
+    spmd = ein.compile_spmd(program, objective="bytes")
+    (micro,) = [s for s in spmd.steps if isinstance(s, RepeatStep)]
+    inside = [c for c in collectives(spmd) if any(c is s for s in walk_steps(micro.body))]
+    assert not [c for c in inside if c.kind in ("all_reduce", "reduce_scatter")]
+    n, L = 4, 3
+    # after the loop: the loss's all-reduce, and each stack's (or, the update sharded, a
+    # reduce-scatter and an all-gather: the same bytes)
+    once = all_reduce_bytes(1, n) + 2 * all_reduce_bytes(L * 8 * 16, n)
+    assert bytes_per_device(spmd.steps) == once
+    inputs = training_inputs(program)
+    outputs, traffic = run_spmd(spmd, inputs)
+    assert traffic.sent == [once] * n
+    assert_agrees(program, evaluate(program, inputs), outputs)
+
+
 @pytest.mark.parametrize("objective", ["time", "bytes"])
 def test_fsdp_micro_batches_reduce_scatter_each_gradient_into_its_shard(objective):
     """With micro-batches, each FSDP gradient is reduce-scattered into a sharded accumulator
@@ -727,3 +752,20 @@ def test_a_loss_carried_out_of_a_repeat_is_output_under_its_own_name():
         "dim B=8 D=4 L=2\ninput x[B,D]\ninput s[]\nparam w[D]\nrepeat L {\n"
         "  s[] = s[] + mean[B,D](square(x[B,D]*w[D]))\n}\nloss s\n", "carried.ein")
     assert [output.name for output in program.outputs] == ["s", "w.grad"]
+
+
+def test_a_micro_batch_count_may_be_a_dimension_set_from_the_command_line():
+    """`microbatches B=M` with `dim M=2`: the count is M's size, so `--set M=4` changes it
+    (a 175B-shaped pipeline needs 96 micro-batches where the example has 4)."""
+    from einpar.errors import EinparError
+
+    text = ("mesh dp=2\ndim B=8 D=4 E=4 M=2\ninput x[B@dp, D]\nparam w[D, E]\n"
+            "y[B,E] = x[B,D] * w[D,E]\nl[] = mean[B,E](square(y[B,E]))\nloss l\nmicrobatches B=M\n")
+    assert ein.compile_source(text, file="m.ein").forward.training.microbatches == ("B", 2)
+    four = ein.compile_source(text, file="m.ein", overrides={"M": 4})
+    assert four.forward.training.microbatches == ("B", 4)
+    with pytest.raises(EinparError) as caught:
+        ein.compile_source(text.replace("B=M", "B=K"), file="m.ein")
+    (found,) = caught.value.diagnostics
+    assert (found.code, found.message, found.span.line, found.span.col) == \
+        ("E203", "unknown dimension 'K'", 8, 16)
