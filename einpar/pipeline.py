@@ -144,8 +144,8 @@ def not_built(spmd, what: str) -> None:
     raise EinparError(Diagnostic(
         "E256", f"{what} does not handle a repeat pipelined over '{pipeline.axis}' yet",
         pipeline.span,
-        hint=f"the numpy simulator (`einpar run`) and the reference run it; drop '@{pipeline.axis}' "
-             "for the rest"))
+        hint=f"`einpar run` runs it (the numpy simulator and the JAX backend) and `einpar cost` "
+             f"prices it; drop '@{pipeline.axis}' for the rest"))
 
 
 def trips_of_stages(trips: int, stages: int, chunks: int) -> tuple[tuple[int, ...], ...]:
