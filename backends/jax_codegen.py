@@ -11,6 +11,9 @@ The module holds two functions of the same program:
   the user wrote as sharding constraints) XLA partitions by itself: the GSPMD
   twin einpar is measured against.
 
+A pipelined program's `per_device` runs its schedule: shard_map over the
+whole mesh, the stages in lockstep ticks (backends/jax_pipeline.py).
+
 The JAX backend runs exactly this text, so what `--emit jax` prints is what
 ran. Writing text needs no JAX: this module imports none.
 

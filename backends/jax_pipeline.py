@@ -264,8 +264,8 @@ class PipelineWriter:
                  for i, before in enumerate(self.carried_f)]
         self.scan(loop, "(" + "".join(s + ", " for s in start) + ")", "        ")
         if self.body.between:
-            add(f"        # between the layers and their backward (kept from the chunk of the last "
-                f"stage, {p * v - 1} of {p * v})")
+            add(f"        # between the layers and their backward: what is kept counts from the last "
+                f"chunk of all ({p * v - 1})")
             self.writer.steps(self.body.between, "        ")
         sent = self.tuple_of([after for _, _, _, after in loop.carried])
         add(f"        return {sent}, {self.tuple_of(self.saved_f)}, {self.tuple_of(self.kept)}")
