@@ -277,7 +277,9 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
         axis_type = jax.sharding.AxisType.Auto if twin else jax.sharding.AxisType.Explicit
         mesh = module.make_mesh(devices.devices, axis_types=axis_type)
         step = module.gspmd_step(mesh) if twin else module.spmd_step(mesh)
-        args = module.place(inputs, mesh)
+        # A pipelined module's place puts the stacks in stage order for shard_map, not for the twin.
+        args = module.place(inputs, mesh, stages=False) if twin and hasattr(module, "STAGED") else \
+            module.place(inputs, mesh)
         start = time.perf_counter()
         executable = step.lower(*args).compile()
         return Compiled(executable, args, time.perf_counter() - start, module.X64)

@@ -11,6 +11,9 @@ The module holds two functions of the same program:
   the user wrote as sharding constraints) XLA partitions by itself: the GSPMD
   twin einpar is measured against.
 
+A pipelined program's `per_device` runs its schedule: shard_map over the
+whole mesh, the stages in lockstep ticks (backends/jax_pipeline.py).
+
 The JAX backend runs exactly this text, so what `--emit jax` prints is what
 ran. Writing text needs no JAX: this module imports none.
 
@@ -481,6 +484,16 @@ class _SpmdWriter:
                 self.repeat(step, indent)
 
     def repeat(self, step: RepeatStep, indent: str) -> None:
+        body = self.loop_body(step, indent)
+        before = _pack([self.names(b) for b, _, _, _ in step.carried])
+        xs = _pack([self.names(s) for s, _ in step.stacked]) if step.stacked else "None"
+        self.lines.append(_scan_call(indent, body, before, xs, step.count, bool(step.stacked),
+                                     step.reverse,
+                                     [self.names(a) for _, _, _, a in step.carried],
+                                     [self.names(after) for _, after in step.saved]))
+
+    def loop_body(self, step: RepeatStep, indent: str) -> str:
+        """Write the function of one trip of `step` (lax.scan's body); returns its name."""
         body = self.names.fresh("trip")
         carried_in = [self.names(inside) for _, inside, _, _ in step.carried]
         sliced = [self.names(inside) for _, inside in step.stacked]
@@ -493,12 +506,7 @@ class _SpmdWriter:
         results = _pack([self.names(result) for _, _, result, _ in step.carried])
         ys = _pack([self.names(inside) for inside, _ in step.saved]) if step.saved else "None"
         self.lines.append(f"{indent}    return {results}, {ys}")
-        before = _pack([self.names(b) for b, _, _, _ in step.carried])
-        xs = _pack([self.names(s) for s, _ in step.stacked]) if step.stacked else "None"
-        self.lines.append(_scan_call(indent, body, before, xs, step.count, bool(step.stacked),
-                                     step.reverse,
-                                     [self.names(a) for _, _, _, a in step.carried],
-                                     [self.names(after) for _, after in step.saved]))
+        return body
 
 
 def _scan_call(indent: str, body: str, init: str, xs: str, count: int, sliced: bool, reverse: bool,
@@ -684,18 +692,24 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
                  precision: str = DEFAULT_PRECISION) -> str:
     """The standalone module for `program` and its per-device program `spmd`, its float32
     contractions at `precision` (einpar.precision)."""
-    from einpar.pipeline import not_built
-
     check_precision(precision)
-    not_built(spmd, "the JAX backend")
+    pipeline = spmd.pipeline
     names = Names()
+    if pipeline is not None:  # the stages' schedule runs in per_device (backends/jax_pipeline.py)
+        from . import jax_pipeline
+
+        names.used |= jax_pipeline.RESERVED
     params = [names(name) for name in spmd.inputs]
-    per_device = _SpmdWriter(spmd, names)
-    per_device.steps(spmd.steps, "    ")
+    if pipeline is None:
+        per_device = _SpmdWriter(spmd, names)
+        per_device.steps(spmd.steps, "    ")
+    else:
+        per_device = jax_pipeline.PipelineWriter(spmd, names)
+        per_device.write()
     whole = _GlobalWriter(program, names)
     whole.body(program.ops, "    ")
     helpers = sorted(per_device.ops.helpers | whole.ops.helpers)
-    mesh = spmd.mesh
+    mesh = spmd.mesh if pipeline is None else pipeline.mesh  # the stages' whole mesh
     axes = mesh.axes or (("devices", 1),)  # a program without a mesh runs on one device
     fan_ins = _fan_ins(program)
     uses_f64 = any(v.type.dtype == "f64" for v in spmd.values.values())
@@ -736,8 +750,10 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     add("INPUTS = {")
     for name in spmd.inputs:
         value = spmd.values[name]
-        add(f"    {name!r}: ({tuple(value.type.shape)!r}, {JNP_DTYPES[value.type.dtype]}, "
-            f"{partition_spec(value.layout)}, {fan_ins[name]!r}),")
+        shape, spec = tuple(value.type.shape), partition_spec(value.layout)
+        if pipeline is not None:  # a stack over the pipelined index: all trips, split by stage
+            shape, spec = jax_pipeline.global_shape(spmd, name), jax_pipeline.input_spec(spmd, name)
+        add(f"    {name!r}: ({shape!r}, {JNP_DTYPES[value.type.dtype]}, {spec}, {fan_ins[name]!r}),")
     add("}")
     ids = {name: min(size for size, _ in readers) for name, readers in id_readers(program).items()
            if name in spmd.inputs}
@@ -750,6 +766,13 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
         add(f"REMAT = {tuple(whole.remat_values)!r}  # values global_program names for recomputation: "
             "differentiate it under jax.checkpoint(policy=jax.checkpoint_policies."
             "save_anything_except_these_names(*REMAT))")
+    if pipeline is not None:
+        staged = jax_pipeline.staged_inputs(spmd)
+        add(f"STAGED = {staged!r}  # stacks put in stage order on the host (name: axis, order): "
+            "stage k's block holds its own trips")
+        add("")
+        out.extend(jax_pipeline.schedule_lines(spmd))
+        out.extend(jax_pipeline.HELPERS.rstrip("\n").splitlines())
     for helper in helpers:
         add("")
         out.extend(_HELPERS[helper].strip("\n").splitlines())
@@ -770,10 +793,28 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
              whole.lines, program.outputs)
     add("")
     add("")
-    out.extend(_DRIVER.strip("\n").splitlines())
+    driver = _DRIVER
+    if pipeline is not None:  # the stacks split over the stages in stage order (not for the twin)
+        for plain, staged in _STAGED_DRIVER:
+            assert driver.count(plain) == 1, plain
+            driver = driver.replace(plain, staged)
+    out.extend(driver.strip("\n").splitlines())
     add("")
     return "\n".join(out)
 
+
+_STAGED_DRIVER = (
+    ("def place(arrays, mesh):\n", "def place(arrays, mesh, stages=True):\n"),
+    ("each process supplies only its own blocks.",
+     "each process supplies only its own blocks.\n    With `stages`, the stacks in STAGED are put "
+     "in stage order (spmd_step's inputs; the twin\n    takes them as they are)."),
+    ("        whole = np.asarray(arrays[name])\n",
+     "        whole = np.asarray(arrays[name])\n"
+     "        if stages and name in STAGED:  # a stack over the pipelined index: each stage's trips together\n"
+     "            axis, order = STAGED[name]\n"
+     "            whole = np.take(whole, order, axis=axis)\n"),
+    ("place(arrays, twin_mesh)", "place(arrays, twin_mesh, stages=False)"),
+)
 
 _DRIVER = '''
 

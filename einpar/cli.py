@@ -964,7 +964,10 @@ def _run_jax(args, program: Program, spmd, arrays, reference, out: Console, save
     else:
         results = [compare_blocks(name, reference[name], result.local_blocks[name], tolerance)
                    for name in reference]
-    planned = None if args.twin else bytes_per_device(result.spmd.steps)
+    # The plan's bytes; not for the twin (XLA's plan) nor a pipeline (one stage's plan: its
+    # bytes per stage are `einpar cost`'s and the simulator's)
+    planned = None if args.twin or result.spmd.pipeline is not None else \
+        bytes_per_device(result.spmd.steps)
     devices = result.devices
     if args.json:
         out.print(json.dumps({

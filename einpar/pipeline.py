@@ -135,19 +135,6 @@ class Pipeline:
         return range(chunk * per_chunk, (chunk + 1) * per_chunk)
 
 
-def not_built(spmd, what: str) -> None:
-    """E256 where `what` (a backend, the cost model) meets a pipelined program it cannot
-    handle yet, rather than a plan for one stage taken for the whole."""
-    pipeline = spmd.pipeline
-    if pipeline is None:
-        return
-    raise EinparError(Diagnostic(
-        "E256", f"{what} does not handle a repeat pipelined over '{pipeline.axis}' yet",
-        pipeline.span,
-        hint=f"the numpy simulator (`einpar run`) and the reference run it; drop '@{pipeline.axis}' "
-             "for the rest"))
-
-
 def trips_of_stages(trips: int, stages: int, chunks: int) -> tuple[tuple[int, ...], ...]:
     per_chunk = trips // (stages * chunks)
     return tuple(tuple(trip for chunk in range(chunks)

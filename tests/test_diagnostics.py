@@ -1889,25 +1889,15 @@ def test_E256_value_split_over_the_stage_axis():
     assert labels(found) == [(4, 1, "the stages")]
 
 
-@pytest.mark.parametrize("what", ["jax"])
-def test_E256_what_does_not_run_a_pipeline_yet_says_so(what):
-    """The simulator runs a pipeline, the cost model prices it and explain shows it
-    (test_pipeline.py); the JAX backend refuses it at the repeat rather than take one
-    stage's plan for the whole."""
-    from einpar.api import compile_spmd, emit_jax
+def test_a_pipelined_repeat_of_one_stage_is_a_plain_loop():
+    """`repeat L@pp` with pp of size 1 compiles as a plain loop; with more, one stage's
+    program and its `pipeline` (test_pipeline.py runs, prices and explains it)."""
+    from einpar.api import compile_spmd
 
     text = program(*PIPE).replace("dim B=8 D=4", "dim B=8 D=4 E=4") + "output x\n"
-    checked = compile_source(text, FILE)
-    spmd = compile_spmd(checked)
+    spmd = compile_spmd(compile_source(text, FILE))
     assert spmd.pipeline is not None and spmd.mesh.size("pp") == 1  # one stage's program
-    run = {"jax": lambda: emit_jax(checked, spmd=spmd)}[what]
-    with pytest.raises(EinparError) as caught:
-        run()
-    (found,) = caught.value.diagnostics
-    assert (found.code, found.span.line, found.span.col) == ("E256", 4, 1)
-    shown = {"jax": "the JAX backend"}[what]
-    assert found.message == f"{shown} does not handle a repeat pipelined over 'pp' yet"
-    one_stage = compile_spmd(compile_source(text, FILE, overrides={"pp": 1}))  # a plain loop
+    one_stage = compile_spmd(compile_source(text, FILE, overrides={"pp": 1}))
     assert one_stage.pipeline is None
 
 
