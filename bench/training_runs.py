@@ -212,10 +212,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def published_flops(row: dict) -> float | None:
     """The FLOPs of one iteration as the row's source counts them, to turn a predicted time into
     the TFLOP/s per GPU it publishes (None for rows that publish an iteration time)."""
@@ -240,6 +236,15 @@ def overlapped(row: dict) -> bool:
     return row["file"] == "megatron-lm-readme-h100.csv"
 
 
+def fusion_of(row: dict) -> str:
+    """How the row's software fuses attention: the runs on Selene in 2021 and early 2022
+    (SC21's Table 1, Korthikanti et al.'s Table 5) predate FlashAttention (Dao et al., May
+    2022) in Megatron-LM, whose attention then wrote the S×T scores to HBM around its fused
+    scale-mask-softmax kernel: priced with fusion "no_flash". Megatron-Core r0.8 (the README's
+    H100 table, 2024) runs flash attention: "auto"."""
+    return "auto" if row["file"] == "megatron-lm-readme-h100.csv" else "no_flash"
+
+
 def price(row: dict, shrink: dict | None = None, cluster=None) -> dict:
     """Check, compile and price the row's program on its preset: the Estimate, the predicted
     measurement (iteration seconds, or TFLOP/s per GPU as the source counts FLOPs), the measured
@@ -256,7 +261,7 @@ def price(row: dict, shrink: dict | None = None, cluster=None) -> dict:
     cluster = cluster or preset(row["preset"])
     spmd = compile_spmd(program, cluster)
     compiled = time.perf_counter()
-    result = estimate(program, spmd, cluster, overlap=overlapped(row))
+    result = estimate(program, spmd, cluster, overlap=overlapped(row), fusion=fusion_of(row))
     priced = time.perf_counter()
     out = {"estimate": result, "step_s": result.step_time_s,
            "seconds": {"check": checked - start, "compile": compiled - checked, "price": priced - compiled}}
@@ -280,3 +285,7 @@ def replica_shrink(row: dict) -> dict | None:
     if c["dp"] == 1:
         return None
     return {"dp": 1, "global_batch": c["global_batch"] // c["dp"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,7 +52,10 @@ from .attention_match import (LocalSizes, match_attention_backward, match_forwar
                               recompute_owner, recomputation)
 from .regions import FusedStep, Node, fusible, group, step_reads, step_writes, walk
 
-FUSION_MODES = ("none", "auto")
+# "no_flash": the fused regions, but attention as its einsums around a fused softmax, the
+# S×T scores written to HBM and kept for the backward pass (as training stacks ran before
+# FlashAttention: Megatron-LM's fused scale-mask-softmax kernel, Shoeybi et al. 2019).
+FUSION_MODES = ("none", "no_flash", "auto")
 DEFAULT_FUSION = "auto"
 
 
@@ -88,11 +91,11 @@ def fuse(spmd: SpmdProgram, mode: str = DEFAULT_FUSION) -> SpmdProgram:
         if name in made_in and blocks - {made_in[name]}:
             kept.add(name)
     local = LocalSizes(spmd)
-    return replace(spmd, steps=_fuse_block(spmd.steps, kept, local))
+    return replace(spmd, steps=_fuse_block(spmd.steps, kept, local, mode == "auto"))
 
 
-def _fuse_block(steps: tuple, kept: set, local: LocalSizes) -> tuple:
-    steps = tuple(replace(step, body=_fuse_block(step.body, kept, local))
+def _fuse_block(steps: tuple, kept: set, local: LocalSizes, attention: bool = True) -> tuple:
+    steps = tuple(replace(step, body=_fuse_block(step.body, kept, local, attention))
                   if isinstance(step, RepeatStep) else step for step in steps)
     readers: dict[str, list[int]] = {}
     maker: dict[str, int] = {}
@@ -103,7 +106,7 @@ def _fuse_block(steps: tuple, kept: set, local: LocalSizes) -> tuple:
             maker[name] = position
     backward = []
     taken: set = set()
-    for position in range(len(steps) - 1, -1, -1):
+    for position in range(len(steps) - 1, -1, -1) if attention else ():
         if position in taken:
             continue
         found = match_attention_backward(steps, position, maker, readers, kept, local)
@@ -112,7 +115,8 @@ def _fuse_block(steps: tuple, kept: set, local: LocalSizes) -> tuple:
             taken.update(found.positions)
     # Forward regions whose S×T values a backward region reads, and backward regions that
     # read S×T values no forward region can recompute, are given up until both agree.
-    while True:
+    forward: list = []
+    while attention:
         forward, recompute = match_forwards(steps, backward, kept, readers, local)
         kept_backward = [b for b in backward
                          if all(name in recompute.get(b.positions, {}) for name in b.scores)]

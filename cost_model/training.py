@@ -141,6 +141,14 @@ def _step_names(step) -> tuple[str, ...]:
     return (step.dst,)
 
 
+def accumulates(local: str) -> bool:
+    """Whether a local value is a micro-batch accumulator (`w.grad.acc`, `l.acc#2`, and its
+    mean after the loop, `w.grad.mean`: einpar/microbatch.py): the zeros it starts from are
+    made before the forward pass, so they do not start the backward pass."""
+    last = program_value(local).split("#")[0].rpartition(".")[2]
+    return last in ("acc", "mean")
+
+
 def step_parts(steps, program: Program, forward, after_backward: bool = False,
                parts: dict | None = None) -> tuple[dict, bool]:
     """The part of every step (by id) and of every local value made, in program order; and
@@ -171,7 +179,7 @@ def step_parts(steps, program: Program, forward, after_backward: bool = False,
         parts[id(step)] = part
         for name in names:
             parts[name] = part
-        after_backward = after_backward or part == "backward"
+        after_backward = after_backward or (part == "backward" and not accumulates(names[-1]))
     return parts, after_backward
 
 
@@ -210,7 +218,7 @@ class MemoryWatch:
 
     def observe(self, made: tuple[str, ...], live: dict[str, int]) -> None:
         if self.saved is None and self.forward is not None and \
-                any(self.parts.get(name) == "backward" for name in made):
+                any(self.parts.get(name) == "backward" and not accumulates(name) for name in made):
             self.saved = sum(size for name, size in live.items() if name not in made
                              and self.kind(name) == "activations")
         total = sum(live.values())

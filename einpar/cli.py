@@ -13,7 +13,7 @@
                    [--width COLUMNS]
                    [--force] [--json] [--max-memory SIZE] [--max-time DURATION]
     einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
-                [--fusion auto|none] [--trace OUT.json] [--force]
+                [--fusion auto|no_flash|none] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
     einpar calibrate --nccl-tests FILE [FILE ...] [--gpus-per-node N] --out CLUSTER.json [--force]
 
@@ -249,9 +249,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="let collectives run beside compute that does not need their result")
     precision(cost, "price")
     planning(cost, cluster=False)
-    cost.add_argument("--fusion", choices=("auto", "none"), default="auto",
+    cost.add_argument("--fusion", choices=("auto", "no_flash", "none"), default="auto",
                       help="auto (default): price fused regions and flash attention as one kernel "
-                           "each; none: every step alone, its operands and result in HBM")
+                           "each; no_flash: fused regions, attention's scores in HBM (before "
+                           "FlashAttention); none: every step alone, its operands and result in HBM")
     cost.add_argument("--trace", metavar="OUT.json",
                       help="write the timeline as a Chrome/Perfetto trace (ui.perfetto.dev)")
     cost.add_argument("--force", action="store_true", help="let --trace overwrite an existing file")

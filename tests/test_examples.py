@@ -19,9 +19,10 @@ from einpar.api import load, parse_file, random_inputs, run_reference
 ROOT = Path(__file__).resolve().parent.parent
 # The forward examples; a training step's outputs (gradients, updated params and state)
 # are checked against jax.grad and finite differences instead (tests/test_grad.py,
-# tests/test_training.py), and gpt.ein's forward pass against a NumPy GPT below.
+# tests/test_training.py), gpt.ein's forward pass against a NumPy GPT below, and the
+# pipelined GPTs of examples/pipeline/ against gpt.ein (tests/test_pipeline.py).
 EXAMPLES = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "examples").rglob("*.ein")
-                  if path.parent.name != "training")
+                  if path.parent.name not in ("training", "pipeline"))
 
 
 def f64(array) -> np.ndarray:

@@ -45,6 +45,8 @@ def test_every_explain_golden_has_its_example():
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_the_grid_shows_the_blocks_the_simulated_devices_hold(example):
     """Every range in every cell, against the block each simulated device really holds."""
+    if example.parent.name == "pipeline":  # its stages hold values per micro-batch (no --values)
+        pytest.skip("a pipeline's values are per stage and micro-batch: test_pipeline.py")
     program, partitioned, spmd, explanation = explained(example)
     inputs = random_inputs(program, seed=0)
     record = {}

@@ -270,3 +270,17 @@ def test_model_flops_count_every_trip_and_the_whole_batch():
     assert training.model_flops == 3 * training.forward_flops
     assert (training.params, training.tokens, training.token_dims) == (L * 2 * D * E, B, ("B",))
     assert training.flops_6nt == 6 * L * 2 * D * E * B
+
+
+def test_a_micro_batched_step_has_a_forward_part_and_saved_activations():
+    """The accumulators' zeros are made before the micro-batch loop: they do not start the
+    backward pass (they once made every step after them backward: a forward part of 0 s
+    and no saved activations)."""
+    whole = priced(ein.compile_source(loop_step(), "loop.ein"))
+    micro = priced(ein.compile_source(loop_step(training="microbatches B=4\n"), "loop.ein"))
+    for result in (whole, micro):
+        assert result.training.time_s["forward"] > 0
+        assert result.memory.saved_activations_bytes > 0
+    # a micro-batch keeps a quarter of the batch's activations (the loss's 4 bytes aside)
+    assert micro.memory.saved_activations_bytes * 4 == pytest.approx(
+        whole.memory.saved_activations_bytes, abs=4)
