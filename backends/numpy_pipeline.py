@@ -23,7 +23,7 @@ from einpar.backends.numpy_sim import Traffic, _run_steps, assemble, scatter
 from einpar.backends.reference import deep_recursion, numpy_dtype
 from einpar.layout import Mesh, device_at, device_coords
 from einpar.pipeline import Body, made_by, split_step
-from einpar.schedule import FORWARD, timeline
+from einpar.schedule import BACKWARD, FORWARD, timeline
 from einpar.spmd import RepeatStep
 
 
@@ -161,7 +161,6 @@ def _schedule(steps, envs: list[list[dict]], stages: _Stages, micro: RepeatStep 
     accumulators = [[{before: env[before] for before, _, _, _ in micro.carried if before in env}
                      for env in envs[s]]
                     if micro is not None else None for s in range(p)]
-    last_local_chunk = {FORWARD: v - 1, "B": 0}
 
     def values_of(stage: int, mb: int) -> list[dict]:
         if (stage, mb) not in local:
@@ -205,15 +204,15 @@ def _schedule(steps, envs: list[list[dict]], stages: _Stages, micro: RepeatStep 
             if virtual == p * v - 1:
                 carry = [{inside: env[before] for before, inside, _, _ in loop.carried} for env in mine]
             else:
-                carry = stages.receive((virtual + 1) % p, carried_out.pop(("B", mb, virtual + 1)))
+                carry = stages.receive((virtual + 1) % p, carried_out.pop((BACKWARD, mb, virtual + 1)))
             carry = _trips(loop, mine, reversed(trips), carry, stages, stage,
                            saved_bwd.setdefault((stage, mb), {}))
             if virtual == 0:
                 for env, out in zip(mine, carry):
                     env.update((after, out[inside]) for _, inside, _, after in loop.carried)
             else:
-                carried_out["B", mb, virtual] = carry
-        if chunk != last_local_chunk["B"]:
+                carried_out[BACKWARD, mb, virtual] = carry
+        if chunk != 0:  # the micro-batch's last backward on this stage is through chunk 0
             continue
         if loop is not None:
             _stack(loop, mine, saved_bwd.pop((stage, mb)))
@@ -230,7 +229,7 @@ def _schedule(steps, envs: list[list[dict]], stages: _Stages, micro: RepeatStep 
                         accumulators[stage][device][before] = env[result]
         del local[stage, mb]
         if mb == m - 1:
-            _finish(stages, envs[stage], mine, micro, accumulators[stage], stage, steps)
+            _finish(envs[stage], mine, micro, accumulators[stage])
 
 
 def _stack(loop: RepeatStep, envs: list[dict], saved: dict[int, list]) -> None:
@@ -243,8 +242,7 @@ def _stack(loop: RepeatStep, envs: list[dict], saved: dict[int, list]) -> None:
             env[after] = np.stack([saved[trip][device][k] for trip in trips])
 
 
-def _finish(stages: _Stages, envs: list[dict], last: list[dict], micro, accumulators, stage: int,
-            steps) -> None:
+def _finish(envs: list[dict], last: list[dict], micro, accumulators) -> None:
     """After a stage's last micro-batch: what the micro-batch loop leaves (its carried
     accumulators), or, without one, every value the body made."""
     if micro is None:

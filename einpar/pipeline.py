@@ -293,7 +293,7 @@ class _Placement:
     def refuse(self, made: str, reads: list[str], stage: int | None = None) -> None:
         name = made.split("#")[0].split("~")[0]
         where = ", ".join(f"{value.split('#')[0].split('~')[0]} on stage "
-                          f"{'s'.join(str(s) for s in sorted(self.held_at(value)))}"
+                          f"{', '.join(str(k) for k in sorted(self.held_at(value)))}"
                           for value in reads if self.held_at(value) != self.all)
         problem = (f"'{name}' is read on stage {stage}, but made from values held elsewhere ({where})"
                    if stage is not None else
