@@ -205,13 +205,15 @@ def compile_program(program: Program, objective=None) -> tuple[PartitionedProgra
     Memory is a constraint: when the plan's peak memory per device is more than the
     objective's device holds, the program is planned again with its values and moved
     copies bounded by what the inputs leave free, and that plan is kept if it fits."""
-    from .pipeline import pipeline_of, stage_program, staged_repeat
+    from .pipeline import pipeline_of, schedule_of, stage_program, staged_repeat
 
     staged = staged_repeat(program)
     if staged is not None:  # one stage's program, and how the stages run it (pipeline.py)
+        schedule = schedule_of(program, staged)  # refused before any work if too long
         plan = partition(stage_program(program, staged), objective)
         spmd = lower(plan)
-        return plan, replace(spmd, pipeline=pipeline_of(program, staged, spmd.steps, spmd.outputs))
+        return plan, replace(spmd, pipeline=pipeline_of(program, staged, spmd.steps, spmd.outputs,
+                                                         schedule))
     plan = partition(program, objective)
     spmd = lower(plan)
     capacity = getattr(objective, "capacity", None)

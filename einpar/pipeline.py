@@ -99,13 +99,27 @@ def _without_axis(node, axis: str):
     return node
 
 
-def schedule_of(program: Program, stages: int) -> Schedule:
-    """The schedule the program declares (or its default) for `stages` stages."""
+# The most slots (2·m·v per stage) a schedule may have to be lowered, run and priced: each is
+# laid out (a timeline of 2^18 slots takes a few seconds). A 1T-parameter run on 3,072 GPUs
+# (pp 64, 512 micro-batches) has 65,536.
+MAX_SLOTS = 2 ** 18
+
+
+def schedule_of(program: Program, staged: Staged) -> Schedule:
+    """The schedule the program declares (or its default) for its stages; E257 if it has
+    more slots than MAX_SLOTS, before any is built."""
     training = (program.forward or program).training
     microbatches = training.microbatches[1] if training and training.microbatches else 1
     name, chunks = (training.schedule if training and training.schedule else
                     ("1f1b" if microbatches > 1 else "gpipe", 1))
-    return make_schedule(name, stages, microbatches, chunks)
+    slots = 2 * staged.stages * microbatches * chunks
+    if slots > MAX_SLOTS:
+        raise EinparError(Diagnostic(
+            "E257", f"the {name} schedule of {staged.stages} stages and {microbatches:,} "
+                    f"micro-batches has {slots:,} slots, more than einpar lays out "
+                    f"({MAX_SLOTS:,})", staged.span,
+            hint="use fewer micro-batches (a larger micro-batch), or fewer stages"))
+    return make_schedule(name, staged.stages, microbatches, chunks)
 
 
 @dataclass(frozen=True)
@@ -143,9 +157,10 @@ def trips_of_stages(trips: int, stages: int, chunks: int) -> tuple[tuple[int, ..
                  for stage in range(stages))
 
 
-def pipeline_of(program: Program, staged: Staged, steps: tuple, outputs) -> Pipeline:
+def pipeline_of(program: Program, staged: Staged, steps: tuple, outputs,
+                schedule: Schedule | None = None) -> Pipeline:
     """The `pipeline` of the SpmdProgram lowered from `stage_program(program, staged)`."""
-    schedule = schedule_of(program, staged.stages)
+    schedule = schedule or schedule_of(program, staged)
     micro = next((step for step in steps if isinstance(step, RepeatStep)
                   and step.dim != staged.dim and _has_staged(step.body, staged.dim)), None)
     placement = _Placement(staged, program)

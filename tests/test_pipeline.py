@@ -410,3 +410,22 @@ def test_bench_pipeline_prices_gpt3_175b_as_sc21_ran_it():
     closed = bubble_formula("interleaved", 8, 96, 2)
     assert closed < figures["bubble"] < closed + 0.05
     assert result.devices == 1024 and result.training.time_s["bubble"] > 0
+
+
+def test_a_schedule_too_long_to_lay_out_is_refused_before_any_work(tmp_path, capsys):
+    """2^24 micro-batches on 8 stages: 2^28 slots. `einpar check` answers from arithmetic
+    (test_schedule.py); compiling, running or pricing it would lay out every slot, so it is
+    refused with E257 at the repeat, before partitioning."""
+    from einpar.cli import main
+    from einpar.pipeline import MAX_SLOTS
+
+    path = tmp_path / "huge.ein"
+    path.write_text("mesh pp=8\ndim B=16777216 D=4 E=4 L=8\ninput x[B, D]\nrepeat L@pp {\n"
+                    "  param w[E, D]\n  x[B,D] = x[B,E] * w[E,D]\n}\nl[] = mean[B,D](square(x[B,D]))\n"
+                    "loss l\nmicrobatches B=16777216\nschedule 1f1b\n")
+    for command in (["compile"], ["cost", "--cluster", "a100x8"], ["run", "--backend", "numpy"]):
+        assert main([command[0], str(path), *command[1:]]) == 1
+        err = capsys.readouterr().err
+        assert (f"error[E257]: the 1f1b schedule of 8 stages and 16,777,216 micro-batches has "
+                f"268,435,456 slots, more than einpar lays out ({MAX_SLOTS:,})") in err
+        assert "huge.ein:4:1" in err
