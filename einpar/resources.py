@@ -194,16 +194,38 @@ def _comparing_bytes(program: Program, copies: int, per_element: int) -> int:
     return inputs + copies * sum(t.nbytes for t in outputs) + per_element * largest
 
 
+def held_copies(spmd, backend: str) -> int:
+    """How many copies of one stage's values a pipelined program's run holds at once on
+    each device of a stage's (1 without a pipeline): the simulator keeps a micro-batch's
+    values until its last backward on the stage (the schedule's activations in flight, in
+    micro-batches), the JAX module every micro-batch's (backends/jax_pipeline.py)."""
+    pipeline = spmd.pipeline
+    if pipeline is None:
+        return 1
+    from .schedule import in_flight_formula
+
+    schedule = pipeline.schedule
+    if backend == "jax":
+        return schedule.microbatches
+    chunks = max(in_flight_formula(schedule.name, schedule.stages, schedule.microbatches,
+                                   schedule.chunks))
+    return min(schedule.microbatches, -(-chunks // schedule.chunks) + 1)
+
+
 def simulator_bytes(spmd) -> int:
-    """Bytes the NumPy simulator keeps: every device's block of every value, the largest
+    """Bytes the NumPy simulator keeps: every device's block of every value (for a pipeline,
+    every stage's devices, each with the micro-batches it holds at once), the largest
     step's temporaries, and the outputs assembled as whole arrays."""
     from .spmd import CollectiveStep, walk_steps
 
     mesh = spmd.mesh
-    devices = mesh.num_devices
+    devices = mesh.num_devices if spmd.pipeline is None else spmd.pipeline.mesh.num_devices
     local = {name: _nbytes(value.local_shape(mesh), value.type.dtype)
              for name, value in spmd.values.items()}
-    held = devices * sum(local.values())
+    inputs = set(spmd.inputs)  # shared by a stage's micro-batches; what they make is not
+    held = devices * (sum(size for name, size in local.items() if name in inputs) +
+                      held_copies(spmd, "numpy") *
+                      sum(size for name, size in local.items() if name not in inputs))
     temporary = 3 * max((_work_bytes(v.local_shape(mesh), v.type.dtype) for v in spmd.values.values()),
                         default=0)
     for step in walk_steps(spmd.steps):
@@ -224,12 +246,13 @@ def jax_host_bytes(spmd, on_host: bool, processes: int = 1) -> int:
     outputs = sum(spmd.values[o.value].type.nbytes for o in spmd.outputs)
     total = inputs + 2 * outputs  # the outputs come back whole and as blocks
     if on_host:
-        devices = -(-mesh.num_devices // processes)
+        whole = mesh if spmd.pipeline is None else spmd.pipeline.mesh
+        devices = -(-whole.num_devices // processes)
         blocks = [name for name in spmd.inputs] + [o.value for o in spmd.outputs]
         total += devices * sum(_nbytes(spmd.values[n].local_shape(mesh), spmd.values[n].type.dtype)
                                for n in blocks)
-        total += devices * max((_work_bytes(v.local_shape(mesh), v.type.dtype)
-                                for v in spmd.values.values()), default=0)
+        total += devices * held_copies(spmd, "jax") * max(
+            (_work_bytes(v.local_shape(mesh), v.type.dtype) for v in spmd.values.values()), default=0)
     return total
 
 

@@ -429,3 +429,19 @@ def test_a_schedule_too_long_to_lay_out_is_refused_before_any_work(tmp_path, cap
         assert (f"error[E257]: the 1f1b schedule of 8 stages and 16,777,216 micro-batches has "
                 f"268,435,456 slots, more than einpar lays out ({MAX_SLOTS:,})") in err
         assert "huge.ein:4:1" in err
+
+
+def test_a_runs_memory_estimate_counts_the_micro_batches_a_pipeline_holds():
+    """Refusing a run too big for memory (einpar.resources) counts what a pipeline keeps at
+    once: the simulator a stage's micro-batches in flight (GPipe all m, 1F1B at most p + 1),
+    the JAX module every micro-batch's."""
+    from einpar.resources import estimate_run, held_copies
+
+    runs = {}
+    for schedule in ("gpipe", "1f1b"):
+        program = ein.compile_source(mlp_stack("pp=4 tp=2", schedule, microbatches=8), file="m.ein")
+        spmd = ein.compile_spmd(program)
+        runs[schedule] = (held_copies(spmd, "numpy"), held_copies(spmd, "jax"),
+                          estimate_run(program, "numpy", spmd).bytes)
+    assert runs["gpipe"][:2] == (8, 8) and runs["1f1b"][:2] == (5, 8)
+    assert runs["gpipe"][2] > runs["1f1b"][2]
