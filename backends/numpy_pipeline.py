@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from einpar.backends.numpy_sim import Traffic, _run_steps, assemble, scatter
+from einpar.backends.numpy_sim import Traffic, _run_steps, assemble, scatter, trip_envs
 from einpar.backends.reference import deep_recursion, numpy_dtype
 from einpar.layout import Mesh, device_at, device_coords
 from einpar.pipeline import Body, made_by, split_step
@@ -68,12 +68,7 @@ def _trips(loop: RepeatStep, envs: list[dict], trips, carried: list[dict], stage
     """`loop`'s body over the local `trips` (in order) on one stage; returns the carried
     values leaving the last, and records each trip's saved values in `saved`."""
     for trip in trips:
-        inner = []
-        for env, carried_in in zip(envs, carried):
-            trip_env = dict(env)
-            trip_env.update(carried_in)
-            trip_env.update((inside, env[stacked][trip]) for stacked, inside in loop.stacked)
-            inner.append(trip_env)
+        inner = trip_envs(loop, envs, carried, trip)
         _run_steps(loop.body, inner, stages.mesh, stages.traffic[stage], None, None,
                    stages.program.values)
         carried = [{inside: env[result] for _, inside, result, _ in loop.carried} for env in inner]

@@ -199,17 +199,24 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
             tick()
 
 
+def trip_envs(loop: RepeatStep, envs: list[dict], carried: list[dict], trip: int) -> list[dict]:
+    """Each device's values in trip `trip` of `loop`: its own, the carried values coming in,
+    and this trip's slice of each stack."""
+    inner = []
+    for env, carried_in in zip(envs, carried):
+        trip_env = dict(env)
+        trip_env.update(carried_in)
+        trip_env.update((inside, env[stacked][trip]) for stacked, inside in loop.stacked)
+        inner.append(trip_env)
+    return inner
+
+
 def _run_repeat(step: RepeatStep, envs: list[dict], mesh: Mesh, traffic: Traffic,
                 record: dict | None, tick, values: dict | None) -> None:
     """A loop on every device, trip by trip (`scan`): each trip's body runs on all devices
     before the next, as its collectives need."""
     def trip(i: int, carried: list[dict]):
-        inner = []
-        for env, carried_in in zip(envs, carried):
-            trip_env = dict(env)
-            trip_env.update(carried_in)
-            trip_env.update((inside, env[stacked][i]) for stacked, inside in step.stacked)
-            inner.append(trip_env)
+        inner = trip_envs(step, envs, carried, i)
         if record is not None:
             for name in [inside for _, inside, _, _ in step.carried] + \
                     [inside for _, inside in step.stacked]:

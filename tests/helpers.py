@@ -45,6 +45,27 @@ def process_environment() -> dict:
     return env
 
 
+def run_two_processes(args: list[str]) -> list[dict]:
+    """`einpar run ARGS --json` as two processes of one jax.distributed run on this host
+    (four CPU devices each); each one's JSON, after asserting it exited 0 on 8 devices."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "einpar", "run", *args, "--json", "--repeat", "1",
+               "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
+    processes = [subprocess.Popen(command + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=process_environment(), start_new_session=True)
+                 for i in range(2)]
+    documents = []
+    for process, (out, err) in zip(processes, [p.communicate(timeout=600) for p in processes]):
+        assert process.returncode == 0, err
+        document = json.loads(out)
+        assert (document["devices"], document["num_processes"]) == (8, 2)
+        documents.append(document)
+    return documents
+
+
 MLP_STEP = """\
 mesh dp={n}
 dim  B={B} D={D} F={F}

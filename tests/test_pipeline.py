@@ -136,25 +136,11 @@ def test_jax_two_processes_run_a_pipeline_as_the_reference_does(schedule, mesh, 
     every output against the reference. Devices are in row-major order: with pp first each
     process is one stage (the stages' ppermute goes between processes), with dp first each
     process holds both stages of one dp row (the data-parallel reductions go between them)."""
-    import json
-    import subprocess
-    import sys
-
-    from helpers import free_port, process_environment
+    from helpers import run_two_processes
 
     path = tmp_path / "mlp.ein"
     path.write_text(mlp_stack(mesh, schedule))
-    command = [sys.executable, "-m", "einpar", "run", str(path), "--backend", "jax", "--json",
-               "--repeat", "1", "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",
-               "--process-id"]
-    processes = [subprocess.Popen(command + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=process_environment(), start_new_session=True)
-                 for i in range(2)]
-    results = [process.communicate(timeout=600) for process in processes]
-    for process, (out, err) in zip(processes, results):
-        assert process.returncode == 0, err
-        document = json.loads(out)
-        assert (document["devices"], document["num_processes"]) == (8, 2)
+    for document in run_two_processes([str(path), "--backend", "jax"]):
         assert document["planned_bytes_per_device"] is None  # one stage's plan is not the step's
         for name, found in document["outputs"].items():
             assert found["ok"] is True, (name, found)

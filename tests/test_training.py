@@ -11,9 +11,6 @@ small sizes (`SMALL`) in the default run; at their own sizes under `-m slow`.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import replace
 from functools import lru_cache
 
@@ -29,7 +26,7 @@ from einpar.testing import meshes, programs
 from einpar.ir import Repeat
 from einpar.tolerance import compare, program_tolerance
 
-from helpers import ROOT, free_port, mlp_step, process_environment
+from helpers import ROOT, mlp_step, run_two_processes
 
 TRAINING = ROOT / "examples" / "training"
 
@@ -165,18 +162,8 @@ def test_two_processes_run_a_training_step_as_the_reference_does(name, tmp_path)
     program = load_example(name)
     np.savez(tmp_path / "in.npz", **training_inputs(program))
     sets = [f"{key}={value}" for key, value in SMALL[name].items()]
-    port = free_port()
-    command = [sys.executable, "-m", "einpar", "run", str(TRAINING / f"{name}.ein"), "--backend",
-               "jax", "--set", *sets, "--inputs", str(tmp_path / "in.npz"), "--json", "--repeat",
-               "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
-    processes = [subprocess.Popen(command + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=process_environment(), start_new_session=True)
-                 for i in range(2)]
-    results = [process.communicate(timeout=600) for process in processes]
-    for process, (out, err) in zip(processes, results):
-        assert process.returncode == 0, err
-        document = json.loads(out)
-        assert (document["devices"], document["num_processes"]) == (8, 2)
+    for document in run_two_processes([str(TRAINING / f"{name}.ein"), "--backend", "jax",
+                                       "--set", *sets, "--inputs", str(tmp_path / "in.npz")]):
         assert set(document["outputs"]) == {o.name for o in program.outputs}
         for output_name, found in document["outputs"].items():
             assert found["ok"] is True, (output_name, found)
