@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from einpar.api import compile_source, random_inputs, run_reference
 from einpar.errors import EinparError
 from einpar.ir import Apply, Cast, Const, Einsum, Library, Map, Pos, Reduce, Repeat, Route, walk_ops
-from einpar.testing import (COLLIDING_TENSOR_NAMES, FLOAT_DTYPES, GeneratedProgram, MeshSpec,
+from einpar.testing.generate import (COLLIDING_TENSOR_NAMES, FLOAT_DTYPES, GeneratedProgram, MeshSpec,
                             TensorInfo, _Builder, _Options, _Tensor, contraction_programs, programs)
 
 FAST = settings(max_examples=60, deadline=None,

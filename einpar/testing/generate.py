@@ -1,4 +1,4 @@
-"""Hypothesis strategies for property-testing `.ein` programs.
+"""Random well-formed `.ein` programs (hypothesis strategies), for property tests.
 
 For einpar's own tests and for users who property-test their sharding:
 
@@ -42,7 +42,7 @@ from typing import Iterable, Mapping
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from .layout import Mesh
+from ..layout import Mesh
 
 __all__ = [
     "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo",
