@@ -11,7 +11,9 @@
         ...
 
 `programs()` (einpar.testing.generate) draws random, well-formed program text
-with what a test needs to know about it. This package imports hypothesis, and
+with what a test needs to know about it. `assert_matches` (einpar.testing.matches)
+checks a user's own function, whole-array, per-device or shard_map, against a
+program. This package imports hypothesis, and
 nothing of JAX until a JAX backend is asked for.
 """
 
@@ -20,8 +22,13 @@ from .generate import (ALIAS_NAMES, AXIS_NAMES, COLLIDING_AXIS_NAMES, COLLIDING_
                        STATEMENT_KINDS, SUMMED_SIZE_LIMIT, Contraction, GeneratedProgram, MeshSpec,
                        OutputInfo, StatementInfo, TensorInfo, contraction_programs, layouts, meshes,
                        programs)
+from .collectives import Collectives, DeviceRunError  # noqa: F401
+from .jax_specs import ShardMapSpecs, jax_mesh, layout_from_spec, partition_spec, shard_map_specs  # noqa: F401
+from .matches import assert_matches  # noqa: F401
 
 __all__ = [
     "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo",
     "Contraction", "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
+    "assert_matches", "Collectives", "DeviceRunError", "partition_spec", "layout_from_spec", "jax_mesh",
+    "shard_map_specs", "ShardMapSpecs",
 ]
