@@ -59,13 +59,26 @@ def jax_mesh(program: Program | str | Path, platform: str | None = "cpu") -> Any
     """The program's mesh as a `jax.sharding.Mesh` over the first devices of `platform`
     ("cpu" by default, started in the number the mesh needs when JAX has not started yet;
     None: JAX's default platform). Device d of the mesh is einpar's device d."""
+    import jax
     import numpy as np
     from jax.sharding import Mesh
 
-    from einpar.backends.jax_backend import start_devices
+    from einpar.backends import jax_backend
+    from einpar.errors import Diagnostic, EinparError
 
     mesh = as_program(program).mesh
-    devices = start_devices(mesh.num_devices, platform=platform).devices
+    needed = mesh.num_devices
+    # Ask for CPU devices without choosing JAX's platform for the rest of the process.
+    if platform in (None, "cpu") and jax_backend._cpu_devices_asked(jax) < needed:
+        jax_backend._configure(jax, "jax_num_cpu_devices", needed)
+    devices = jax.devices(platform) if platform else jax.devices()
+    if len(devices) < needed:
+        raise EinparError(Diagnostic(
+            "E400", f"the mesh needs {needed} devices, but JAX sees {len(devices)} "
+                    f"{devices[0].platform} device{'s' if len(devices) != 1 else ''}",
+            hint=f"start JAX with XLA_FLAGS=--xla_force_host_platform_device_count={needed} "
+                 f"for {needed} CPU devices"))
+    devices = devices[:needed]
     if not mesh.axes:  # one device: JAX wants a named axis all the same
         return Mesh(np.array(devices[:1]), ("_",))
     return Mesh(np.array(devices).reshape([size for _, size in mesh.axes]), mesh.names)

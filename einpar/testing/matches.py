@@ -216,10 +216,13 @@ def _compare_output(program: Program, name: str, expected: np.ndarray, blocks: S
     for block in blocks:
         want = tuple(part.stop - part.start for part in block.index)
         if block.array.shape != want:
-            whose = "fn" if block.device is None else describe_devices(mesh, [block.device])
-            part = "" if block.device is None else f" (its block {_span(name, block.index)})"
-            return (f"output {name!r}: {whose} returned shape {list(block.array.shape)}; the "
-                    f"program's {name} is {value.type.format()}, shape {list(want)}{part}")
+            got = list(block.array.shape)
+            if block.device is None:
+                return (f"output {name!r}: fn returned shape {got}; the program's {name} is "
+                        f"{value.type.format()}, shape {list(want)}")
+            return (f"output {name!r}: {describe_devices(mesh, [block.device])} returned a block of "
+                    f"shape {got}; its block {_span(name, block.index)} of {name}: "
+                    f"{value.type.format(output_layouts(program)[name])} has shape {list(want)}")
     scale = _scale(np.asarray(expected).astype(np.float64))
     worst = [w for block in blocks if (w := _worst_in(expected, block, scale)) is not None]
     bad = [w for w in worst if not w.error <= tolerance]
