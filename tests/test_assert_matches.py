@@ -224,12 +224,14 @@ def test_the_report_names_the_output_the_device_block_the_error_and_the_program(
     report = str(raised.value)
     scale = max(1.0, float(np.abs(expected).max()))
     assert report.startswith("assert_matches(style='per_device'): fn does not match the program "
-                             "(tolerance 0.001: rtol)\noutput 'y' differs from the reference\n")
+                             "(tolerance 0.001, rtol)\noutput 'y' differs from the reference\n")
     assert f"relative error {1 / scale:.3g} " in report
     assert "in the block y[4:8, 0:8] of device 5 (dp=1, tp=1); y is f32[B=8@dp,D=8]" in report
     assert "blocks over tolerance: 1 of 8 (device 5 (dp=1, tp=1))" in report
-    assert report.endswith("\nthe program:\n" + "".join("    " + line + "\n"
-                                                         for line in SMALL_MLP.splitlines())[:-1])
+    assert report.endswith("\nthe program:\n" + "\n".join("    " + line for line in SMALL_MLP.splitlines()))
+    with pytest.raises(AssertionError, match=r"^assert_matches\(style='global'\): fn does not match the "
+                                             r"program \(tolerance 0.0001, f32's bound, einpar.tolerance\)"):
+        assert_matches(SMALL_MLP, global_mlp("swapped axis"))
 
 
 def test_a_nan_where_the_reference_has_a_number_fails():

@@ -26,7 +26,7 @@ import numpy as np
 
 from einpar.ir import Program
 from einpar.layout import block_slices
-from einpar.tolerance import _scale, program_tolerance
+from einpar.tolerance import RELATIVE_TOLERANCE, _scale, program_tolerance
 
 from .collectives import DEFAULT_TIMEOUT_S, describe_devices, run_per_device
 from .spec import as_program, input_layouts, output_layouts
@@ -245,6 +245,12 @@ def _compare_output(program: Program, name: str, expected: np.ndarray, blocks: S
     return "\n".join(lines)
 
 
+def _loosest_dtype(program: Program) -> str:
+    """The dtype whose bound is the program's tolerance (einpar.tolerance.program_tolerance)."""
+    dtypes = {value.type.dtype for value in program.values.values()}
+    return max(sorted(dtypes), key=lambda dtype: RELATIVE_TOLERANCE[dtype])
+
+
 def _span(name: str, index: Index) -> str:
     return f"{name}[" + ", ".join(f"{part.start}:{part.stop}" for part in index) + "]"
 
@@ -258,10 +264,10 @@ def _report(program: Program, style: str, failures: list[str], tolerance: float,
         except OSError:
             source = "(its text is not at hand)"
     where = "" if program.file in ("", "<string>") else f" {program.file}"
-    rule = "the program's tolerance, einpar.tolerance" if programs_own else "rtol"
+    rule = f"{_loosest_dtype(program)}'s bound, einpar.tolerance" if programs_own else "rtol"
     text = [f"assert_matches(style={style!r}): fn does not match the program{where} "
-            f"(tolerance {tolerance:.3g}: {rule})"]
+            f"(tolerance {tolerance:.3g}, {rule})"]
     text += failures
     text.append("the program:")
-    text += ["    " + line for line in source.rstrip("\n").split("\n")]
+    text += ["    " + line if line.strip() else "" for line in source.rstrip("\n").split("\n")]
     return "\n".join(text)
