@@ -283,8 +283,11 @@ def test_a_device_that_never_arrives_times_out_with_the_devices_named():
     with pytest.raises(DeviceRunError, match=r"devices 0, 2, 3 waited 0.3 s at psum\(x, 'a'\) at "
                                              r"test_assert_matches.py:\d+, but device 1 \(a=1\) never got there"):
         run_on((("a", 4),), fn, timeout=0.3, x=np.ones(3))
+    with pytest.raises(DeviceRunError, match=r"^devices 0, 2, 3 waited 0.3 s at the end of fn, but device 1 "
+                                             r"\(a=1\) never got there"):
+        run_on((("a", 4),), lambda c, x: release.wait(5) if c.device == 1 else x, timeout=0.3, x=np.ones(3))
     release.set()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 6
 
 
 def test_different_calls_or_shapes_on_the_devices_are_reported():

@@ -112,8 +112,9 @@ class _Rendezvous:
         waiting = [d for d, r in enumerate(self.rounds) if r == latest]
         missing = [d for d, r in enumerate(self.rounds) if r < latest]
         call = self.calls[waiting[0]]
+        place = "the end of fn" if call.kind == "return" else str(call)
         return DeviceRunError(
-            f"{describe_devices(self.mesh, waiting)} waited {self.timeout:g} s at {call}, but "
+            f"{describe_devices(self.mesh, waiting)} waited {self.timeout:g} s at {place}, but "
             f"{describe_devices(self.mesh, missing)} never got there (still computing, or stuck)")
 
     def exchange(self, device: int, call: _Call, array: np.ndarray | None,
