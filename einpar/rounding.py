@@ -26,8 +26,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype
-from einpar.ir import Einsum, Program, Reduce, ScatterAdd, TensorType
+from einpar.backends.reference import (ELEMENTWISE_NUMPY, _Evaluator, aligned, compute_dtype,
+                                       deep_recursion, evaluate_scalar, numpy_dtype, widen)
+from einpar.ir import (COMPARISONS, Apply, Cast, Einsum, Map, Program, Reduce, ScatterAdd,
+                       TensorType)
 
 # Runs with random roundings besides the exact one: each near tie breaks both ways in
 # one of them with probability 1 - 2^-SAMPLES.
@@ -83,17 +85,49 @@ class _Resampled(_Evaluator):
     """The reference computing in float64, storing each float value exactly (`rng` None)
     or moved and randomly rounded to its dtype; integers and booleans as the reference does."""
 
-    def __init__(self, rng: np.random.Generator | None):
+    def __init__(self, rng: np.random.Generator | None, dtypes: dict[str, str]):
         super().__init__()
         self.rng = rng
+        self.dtypes = dtypes  # each value's declared dtype (they are held as float64)
         self.magnitude = None  # of the sum being stored: `spread`
 
     def run(self, ops, env: dict) -> None:
         for op in ops:
             if self.rng is not None and _sums(op):
                 self.magnitude = self.spread(op, env)
-            super().run([op], env)
+            if self.rng is not None and isinstance(op, Map) and _compares(op.expr):
+                self.map_deciding_near_ties(op, env)
+            else:
+                super().run([op], env)
             self.magnitude = None
+
+    def map_deciding_near_ties(self, op: Map, env: dict) -> None:
+        """A map whose comparisons of values within SUM_ROUNDINGS roundings of each other
+        (of its least precise float operand's dtype) go either way at random: a tie another
+        order of rounding makes, or breaks."""
+        rtype = op.result.type
+        args = [aligned(_float64(widen(np.asarray(env[o.value]))), o.indices, rtype.indices)
+                for o in op.operands]
+        units = [float(ml_dtypes.finfo(numpy_dtype(self.dtype_of(o.value))).eps) / 2
+                 for o in op.operands if self.dtype_of(o.value) not in ("i32", "bool")]
+        near = SUM_ROUNDINGS * max(units, default=0.0)
+        rng = self.rng
+
+        def value(expr):
+            if isinstance(expr, Apply) and expr.fn in COMPARISONS:
+                a, b = (np.asarray(value(arg), np.float64) for arg in expr.args)
+                decided = ELEMENTWISE_NUMPY[expr.fn](a, b)
+                close = np.abs(a - b) <= near * np.maximum(np.abs(a), np.abs(b))
+                either = rng.random(np.broadcast(a, b).shape) < 0.5
+                return np.where(close, either, decided)
+            if isinstance(expr, Apply):
+                return ELEMENTWISE_NUMPY[expr.fn](*(value(arg) for arg in expr.args))
+            if isinstance(expr, Cast):
+                return np.asarray(value(expr.arg)).astype(numpy_dtype(expr.dtype)).astype(
+                    compute_dtype(expr.dtype))
+            return evaluate_scalar(expr, args, self.positions(op, rtype.shape))
+
+        self.store(env, rtype, op.result.name, value(op.expr))
 
     def spread(self, op, env: dict) -> np.ndarray:
         """The root of the sum of its terms' squares: the size of the partial sums that
@@ -110,6 +144,9 @@ class _Resampled(_Evaluator):
             count = np.prod([op.operand.type.shape[op.operand.indices.index(i)] for i in op.over])
             spread = spread / np.sqrt(count)
         return spread
+
+    def dtype_of(self, name: str) -> str:
+        return self.dtypes[name]
 
     def read(self, env: dict, operand, dtype: np.dtype) -> np.ndarray:
         array = np.asarray(env[operand.value])
@@ -132,6 +169,16 @@ class _Resampled(_Evaluator):
             env[name] = random_rounding(exact, dtype, self.rng)
 
 
+def _float64(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float64) if array.dtype.kind == "f" else array
+
+
+def _compares(expr) -> bool:
+    return isinstance(expr, Apply) and (expr.fn in COMPARISONS or
+                                        any(_compares(arg) for arg in expr.args)) or \
+        isinstance(expr, Cast) and _compares(expr.arg)
+
+
 def _operands(op) -> list[str]:
     if isinstance(op, Einsum):
         return [operand.value for operand in op.operands]
@@ -146,7 +193,8 @@ def resampled(program: Program, inputs: dict[str, np.ndarray],
     env = {value.name: np.asarray(inputs[value.name]).astype(numpy_dtype(value.type.dtype))
            for value in program.inputs}
     with np.errstate(all="ignore"), deep_recursion():
-        _Resampled(rng).run(program.ops, env)
+        _Resampled(rng, {name: value.type.dtype for name, value in program.values.items()}
+                   ).run(program.ops, env)
     return {output.name: env[output.value] for output in program.outputs}
 
 

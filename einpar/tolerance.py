@@ -9,7 +9,16 @@ booleans only must match exactly. The bounds leave room for a different
 summation order (sharded contractions add partial sums in another order).
 At matmul precision `default` (einpar.precision) float32 contractions may run
 in one bfloat16 pass (a TPU's), so a program with float32 values is judged
-at bfloat16's bound.
+at bfloat16's bound. A NaN on one side only is an infinite difference.
+
+An output beyond that bound is judged again by `compare_outputs` with the
+rounding band (einpar.rounding): an element passes when
+|got - reference| <= tolerance * scale + BAND_FACTOR * band, the band being
+the largest distance from the reference of the program rerun exactly and with
+its stored values rounded other ways. That covers ill-conditioned ops (a
+layernorm of nearly equal values) and discontinuous ones (a tie in a
+comparison or route's top-k broken the other way) in low precision; the runs
+are made only for an output that needs them. docs/testing.md, "Tolerances".
 """
 
 from __future__ import annotations
