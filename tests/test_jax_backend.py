@@ -19,7 +19,7 @@ from einpar.api import compile_source, compile_spmd, emit_jax, load, random_inpu
 from einpar.backends.reference import evaluate
 from einpar.cli import main
 from einpar.testing import meshes, programs
-from einpar.tolerance import compare, program_tolerance
+from einpar.tolerance import compare, compare_outputs, program_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.ein"))
@@ -30,11 +30,9 @@ def check_on_jax(program, seed=0, twin=False):
     reference = evaluate(program, inputs)
     result = run_jax(program, inputs, twin=twin, warmup=0, repeat=1)
     assert len(result.devices.devices) == program.mesh.num_devices
-    for output in program.outputs:
-        found = compare(output.name, reference[output.name], result.outputs[output.name],
-                        program_tolerance(program))
-        assert found.ok, (output.name, found.error, found.tolerance)
-        assert result.outputs[output.name].dtype == reference[output.name].dtype
+    for found in compare_outputs(program, inputs, reference, result.outputs):
+        assert found.ok, (found.name, found.error, found.tolerance)
+        assert result.outputs[found.name].dtype == reference[found.name].dtype
     return result
 
 
