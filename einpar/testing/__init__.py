@@ -1,27 +1,42 @@
-"""Property-testing sharded programs: hypothesis strategies and assertions.
+"""Property-testing sharded programs: assertions, hypothesis strategies and helpers.
 
     from hypothesis import given
-    import einpar.api as ein
-    from einpar.testing import programs
+    from einpar.testing import assert_equivalent, relayouts
 
-    @given(programs())
-    def test_my_backend_agrees(generated):
-        program = ein.compile_source(generated.text)
-        expected = ein.run_reference(program, seed=0)
-        ...
+    program = "examples/mlp/megatron.ein"
 
-`programs()` (einpar.testing.generate) draws random, well-formed program text
-with what a test needs to know about it. This package imports hypothesis, and
-nothing of JAX until a JAX backend is asked for.
+    @given(relayouts(program))
+    def test_any_layout_computes_the_same(relayout):
+        assert_equivalent(program, layouts=relayout, backends=("numpy",))
+
+- `assert_equivalent` (einpar.testing.equivalence): a program, under its layouts or others,
+  computes on each backend what its unsharded reference does; a readable report if not.
+- strategies: `programs()`, `contraction_programs()`, `training_programs()` draw random
+  programs (einpar.testing.generate); `meshes()`, `layouts()`; `relayouts(program)` and
+  `inputs(program)` draw from a given program (einpar.testing.strategies).
+- helpers: `shard`/`assemble` (each device's block of an array, and back) and
+  `tolerance(program)` (einpar.testing.blocks).
+- a pytest plugin (einpar.testing.pytest_plugin): `pytest --ein examples/`.
+
+docs/testing.md shows each in use. This package imports hypothesis, and nothing of JAX
+until a JAX backend is asked for.
 """
 
+from .blocks import as_mesh, assemble, shard, tolerance
+from .equivalence import BACKENDS, assert_equivalent
 from .generate import (ALIAS_NAMES, AXIS_NAMES, COLLIDING_AXIS_NAMES, COLLIDING_TENSOR_NAMES,  # noqa: F401
                        DEFAULT_DTYPES, DIM_NAMES, FLOAT_DTYPES, INPUT_BOUND, MAGNITUDE_LIMIT, REPEAT_DIM,
                        STATEMENT_KINDS, SUMMED_SIZE_LIMIT, Contraction, GeneratedProgram, MeshSpec,
                        OutputInfo, StatementInfo, TensorInfo, contraction_programs, layouts, meshes,
                        programs)
+from .relayout import apply_relayout, as_program, program_text, relayout_text
+from .strategies import INPUT_KINDS, LARGE_MAGNITUDE, inputs, relayouts, training_programs
 
 __all__ = [
     "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo",
     "Contraction", "StatementInfo", "GeneratedProgram", "meshes", "layouts", "programs", "contraction_programs",
+    # assertions, strategies and helpers on a given program
+    "assert_equivalent", "BACKENDS", "relayouts", "inputs", "INPUT_KINDS", "LARGE_MAGNITUDE",
+    "training_programs", "shard", "assemble", "as_mesh", "tolerance", "as_program", "program_text",
+    "relayout_text", "apply_relayout",
 ]
