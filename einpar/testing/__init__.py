@@ -22,15 +22,23 @@ docs/testing.md shows each in use. This package imports hypothesis, and nothing 
 until a JAX backend is asked for.
 """
 
-from .blocks import as_mesh, assemble, shard, tolerance
-from .equivalence import BACKENDS, assert_equivalent
-from .generate import (ALIAS_NAMES, AXIS_NAMES, COLLIDING_AXIS_NAMES, COLLIDING_TENSOR_NAMES,  # noqa: F401
-                       DEFAULT_DTYPES, DIM_NAMES, FLOAT_DTYPES, INPUT_BOUND, MAGNITUDE_LIMIT, REPEAT_DIM,
-                       STATEMENT_KINDS, SUMMED_SIZE_LIMIT, Contraction, GeneratedProgram, MeshSpec,
-                       OutputInfo, StatementInfo, TensorInfo, contraction_programs, layouts, meshes,
-                       programs)
-from .relayout import apply_relayout, as_program, program_text, relayout_text
-from .strategies import INPUT_KINDS, LARGE_MAGNITUDE, inputs, relayouts, training_programs
+import importlib
+
+# Each public name and the module that defines it. The modules are imported when a name is
+# first used (PEP 562), so that loading the pytest plugin, which lives in this package,
+# imports neither NumPy nor hypothesis for a test run that never asks for einpar.
+_HOMES = {
+    "blocks": ("as_mesh", "assemble", "shard", "tolerance"),
+    "equivalence": ("BACKENDS", "assert_equivalent"),
+    "generate": ("ALIAS_NAMES", "AXIS_NAMES", "COLLIDING_AXIS_NAMES", "COLLIDING_TENSOR_NAMES",
+                 "DEFAULT_DTYPES", "DIM_NAMES", "FLOAT_DTYPES", "INPUT_BOUND", "MAGNITUDE_LIMIT",
+                 "REPEAT_DIM", "STATEMENT_KINDS", "SUMMED_SIZE_LIMIT", "Contraction",
+                 "GeneratedProgram", "MeshSpec", "OutputInfo", "StatementInfo", "TensorInfo",
+                 "contraction_programs", "layouts", "meshes", "programs"),
+    "relayout": ("apply_relayout", "as_program", "program_text", "relayout_text"),
+    "strategies": ("INPUT_KINDS", "LARGE_MAGNITUDE", "inputs", "relayouts", "training_programs"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "FLOAT_DTYPES", "DEFAULT_DTYPES", "STATEMENT_KINDS", "MeshSpec", "TensorInfo", "OutputInfo",
@@ -40,3 +48,16 @@ __all__ = [
     "training_programs", "shard", "assemble", "as_mesh", "tolerance", "as_program", "program_text",
     "relayout_text", "apply_relayout",
 ]
+
+
+def __getattr__(name: str):
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'einpar.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found once, then an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME_OF))

@@ -25,7 +25,7 @@ from ..backends.reference import numpy_dtype
 from ..inputs import id_readers, random_inputs, with_default_state
 from ..ir import FLOAT_DTYPES, Repeat, walk_ops
 from ..layout import Layout, Mesh
-from .generate import GeneratedProgram, _draw_layout, programs
+from .generate import GeneratedProgram, programs
 from .relayout import ProgramLike, as_program, layout_text, targets
 
 __all__ = ["INPUT_KINDS", "LARGE_MAGNITUDE", "relayouts", "inputs", "training_programs"]
@@ -51,6 +51,38 @@ def _stage_axes(program) -> set[str]:
             if isinstance(op, Repeat) and op.stage_axis is not None}
 
 
+def _batch_axes(program) -> tuple[str | None, set[str]]:
+    """A micro-batched step's batch index and the axes that split it as written: drawn
+    splits of that index keep to them (another axis there makes the partitioner refuse
+    the loss accumulator's layout in a pipelined step, E240)."""
+    written = program.forward or program
+    if written.training is None or written.training.microbatches is None:
+        return None, set()
+    index = written.training.microbatches[0]
+    axes = {axis for value in written.inputs if value.layout is not None
+            and index in value.type.indices
+            for axis in value.layout.dims[len(value.stacked_by):][value.type.indices.index(index)]}
+    return index, axes
+
+
+def _draw_split(draw, mesh: Mesh, target, batch: str | None, batch_axes: set[str]) -> Layout:
+    """Each mesh axis splits at most one dimension, one whose size the axes on it divide."""
+    split: list[list[str]] = [[] for _ in target.sizes]
+    factors = [1] * len(target.sizes)
+    order = list(range(len(mesh.axes)))
+    if len(order) > 1:
+        order = draw(st.permutations(order))
+    for position in order:
+        axis, size = mesh.axes[position]
+        fits = [d for d, dim_size in enumerate(target.sizes) if dim_size % (factors[d] * size) == 0
+                and (target.indices[d] != batch or axis in batch_axes)]
+        choice = draw(st.sampled_from([None] + fits))
+        if choice is not None:
+            split[choice].append(axis)
+            factors[choice] *= size
+    return Layout(tuple(tuple(axes) for axes in split))
+
+
 def relayouts(program: ProgramLike, *,
               names: Iterable[str] | None = None) -> SearchStrategy[dict[str, str | None]]:
     """Re-annotations of `program` (a Program, path or text) that einpar accepts, as
@@ -71,6 +103,7 @@ def relayouts(program: ProgramLike, *,
     stage = _stage_axes(program)
     mesh = Mesh(tuple((axis, size) for axis, size in program.mesh.axes if axis not in stage))
     drawn = [known[name] for name in chosen if known[name].indices and not known[name].pinned]
+    batch, batch_axes = _batch_axes(program)
 
     @st.composite
     def draw_relayout(draw) -> dict[str, str | None]:
@@ -79,8 +112,8 @@ def relayouts(program: ProgramLike, *,
             if not mesh.axes or not draw(st.booleans()):
                 relayout[target.name] = None
                 continue
-            dims = _draw_layout(draw, mesh, target.sizes)
-            relayout[target.name] = layout_text(Layout(dims), target.indices)
+            layout = _draw_split(draw, mesh, target, batch, batch_axes)
+            relayout[target.name] = layout_text(layout, target.indices)
         return relayout
 
     return draw_relayout()
