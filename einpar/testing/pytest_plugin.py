@@ -59,7 +59,11 @@ class EinItem(pytest.Item):
         backends = tuple(name.strip() for name in config.getoption("ein_backends").split(",")
                          if name.strip())
         self.source_text = read_source(self.path)
-        self.shown = shown_path(self.path)
+        try:  # named as pytest names it, from where it was started
+            shown = self.path.relative_to(config.invocation_params.dir)
+        except ValueError:
+            shown = self.path
+        self.shown = shown_path(shown)
         program = compile_source(self.source_text, self.shown)
         from .equivalence import assert_equivalent
 
