@@ -48,7 +48,8 @@ def test_a_path_text_and_program_are_equivalent_as_written(megatron):
 
 def test_several_relayouts_in_one_call(megatron):
     assert_equivalent(megatron, backends=("numpy",),
-                      layouts=[{}, {"h": "[B, S@tp, F]"}, {"x": None, "w1": ("dp", "tp"), "y": "[_, _, D@tp]"}])
+                      layouts=[{}, {"h": "[B, S@tp, F]"},
+                               {"x": None, "w1": ("dp", "tp"), "y": "[_, _, D@tp]"}])
 
 
 def test_the_jax_backend_agrees_and_catches_a_missing_all_reduce(megatron, monkeypatch):
