@@ -9,27 +9,10 @@ on its `output` line, else on the statement that defines it, else replicated
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from einpar.ir import Program
 from einpar.layout import Layout
 
-
-def as_program(program: Program | str | Path) -> Program:
-    """A loaded Program from a Program, a path to a `.ein` file, or `.ein` text."""
-    import einpar.api as ein
-
-    if isinstance(program, Program):
-        return program
-    if isinstance(program, Path):
-        return ein.load(program)
-    if isinstance(program, str):
-        # Program text always has a newline (a mesh or dim line, then statements); a path never.
-        if "\n" not in program:
-            return ein.load(program)
-        return ein.compile_source(program)
-    raise TypeError(f"expected a Program, a path to a .ein file or .ein text, not "
-                    f"{type(program).__name__}")
+from .relayout import as_program  # noqa: F401 (a path, text or Program, as every helper takes it)
 
 
 def _fill(layout: Layout | None, rank: int) -> Layout:
