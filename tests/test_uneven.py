@@ -226,3 +226,11 @@ def test_the_masks_are_what_makes_padding_neutral(monkeypatch):
     outputs, _ = run_spmd(compile_spmd(program), inputs)
     wrong = {name for name in reference if not np.allclose(outputs[name], reference[name])}
     assert wrong >= {"top", "low", "total", "average", "e"}
+
+
+def test_a_pipelined_uneven_program_is_refused_on_jax():
+    program = compile_source("mesh pp=2 tp=4\ndim L=2 D=6\ninput x[D@tp]\n"
+                             "repeat L@pp {\n  param w[D]\n  x[D] = x[D] * w[D]\n}\noutput x\n")
+    with pytest.raises(EinparError) as error:
+        run_jax(program, warmup=0, repeat=1)
+    assert error.value.diagnostics[0].code == "E400"
