@@ -249,6 +249,8 @@ class Compiled:
     args: list
     compile_s: float  # trace, lower and XLA compile
     x64: bool  # the program computes in float64: JAX's 64-bit mode is on while it runs
+    # Outputs that come out padded (their axes do not divide a dimension) -> their real shape.
+    cut: dict = field(default_factory=dict)
 
     def step(self):
         jax = _jax()
@@ -269,8 +271,20 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
     and place `inputs` (whole arrays; each process places only its devices' blocks).
     Float32 contractions run at `precision` (einpar.precision)."""
     check_ids(program, inputs)  # on the host: a device's lookup fills instead of failing
+    if spmd.pipeline is not None and any(v.layout.is_padded(v.type.shape, spmd.mesh)
+                                         for v in spmd.values.values()):
+        raise EinparError(Diagnostic(
+            "E400", f"{program.file} is pipelined and its axes do not divide a dimension: the JAX "
+                    "backend runs uneven dimensions outside pipelines only",
+            hint="run it with --backend numpy, or pick sizes the axes divide (use --set to change them)"))
     jax = _jax()
     module = load_module(program, spmd, precision=precision)
+    cut = getattr(module, "CUT", {})
+    if twin and (cut or getattr(module, "PADDED", {})):
+        raise EinparError(Diagnostic(
+            "E400", f"the GSPMD twin of {program.file} cannot run: jax.jit places only arrays its "
+                    "shardings divide, and this program's axes do not divide a dimension",
+            hint="run without --twin, or pick sizes the axes divide (use --set to change them)"))
     with _x64(jax, module.X64):
         # Explicit axes for shard_map; Auto axes for the twin, so XLA chooses every layout
         # the program leaves open.
@@ -282,7 +296,7 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
             module.place(inputs, mesh)
         start = time.perf_counter()
         executable = step.lower(*args).compile()
-        return Compiled(executable, args, time.perf_counter() - start, module.X64)
+        return Compiled(executable, args, time.perf_counter() - start, module.X64, cut)
 
 
 def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devices: Devices, *,
@@ -307,11 +321,25 @@ def run(program: Program, spmd: SpmdProgram, inputs: dict[str, np.ndarray], devi
     if outputs is None:
         outputs = compiled.step()
     whole = None
+    cut = compiled.cut
     if all(array.is_fully_addressable for array in outputs.values()):
-        whole = {name: np.asarray(array) for name, array in outputs.items()}
-    blocks = {name: [(shard.index, np.asarray(shard.data)) for shard in array.addressable_shards]
+        whole = {name: np.asarray(array)[tuple(slice(0, n) for n in cut[name])] if name in cut
+                 else np.asarray(array) for name, array in outputs.items()}
+    blocks = {name: [_real_block(shard.index, np.asarray(shard.data), cut.get(name))
+                     for shard in array.addressable_shards]
               for name, array in outputs.items()}
     return JaxRun(devices, spmd, compiled.compile_s, times, whole, blocks)
+
+
+def _real_block(index: tuple[slice, ...], block: np.ndarray, shape) -> tuple:
+    """A block of a padded output without its padding: (index into the real array, block)."""
+    if shape is None:
+        return index, block
+    real = []
+    for where, n, size in zip(index, shape, block.shape):
+        start = min(where.start or 0, n)
+        real.append(slice(start, min(start + size, n)))
+    return tuple(real), block[tuple(slice(0, s.stop - s.start) for s in real)]
 
 
 def shutdown(distributed: Distributed | None) -> None:

@@ -178,8 +178,11 @@ class OpWriter:
     size in the whole value."""
 
     def __init__(self, names: Names, dtype_of, shape_of, lines: list[str], block_start=None,
-                 whole_size=None):
+                 whole_size=None, padded=None):
         self.names = names
+        # padded(name, dim): whether the held blocks of that dimension end in padding (its axes
+        # do not divide it), which an op reducing over it masks (mask_padding).
+        self.padded = padded or (lambda name, dim: False)
         self.dtype_of = dtype_of
         self.shape_of = shape_of
         self.lines = lines
@@ -191,6 +194,22 @@ class OpWriter:
     def emit(self, indent: str, target: str, expr: str, comment: str = "") -> None:
         line = f"{indent}{target} = {expr}"
         self.lines.append(f"{line}  # {comment_text(comment)}" if comment else line)
+
+    def mask(self, text: str, axis: int, value: str, dim: int, kind: str) -> str:
+        """`text` (holding dimension `dim` of `value` at `axis`) with its padding set to what a
+        reduction of `kind` ignores; `text` itself where that dimension has none."""
+        if not self.padded(value, dim):
+            return text
+        self.helpers.add("mask_padding")
+        return (f"mask_padding({text}, axis={axis}, start={self.block_start(value, dim)}, "
+                f"size={self.whole_size(value, dim)}, kind={kind!r})")
+
+    def masked(self, operand: Operand, text: str, indices, kind: str) -> str:
+        """The operand's text with the padding of its dimensions along `indices` masked."""
+        for dim, index in enumerate(operand.indices):
+            if index in indices:
+                text = self.mask(text, dim, operand.value, dim, kind)
+        return text
 
     def read(self, operand: Operand, dtype: str) -> str:
         """The operand as an array of `dtype` (converted if it is stored in another)."""
@@ -218,11 +237,13 @@ class OpWriter:
             path = self.path(op) if len(op.operands) > 2 else ""
             if work == "f32" and len(dtypes) == 1 and dtypes <= set(HALF_DTYPES):
                 # Products of half values are exact in float32: accumulate there, as the reference does.
-                args = ", ".join(self.names(o.value) for o in op.operands)
+                args = ", ".join(self.masked(o, self.names(o.value), op.summed, "sum")
+                                 for o in op.operands)
                 expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION, " \
                        f"preferred_element_type=jnp.float32)"
             else:
-                args = ", ".join(self.read(o, work) for o in op.operands)
+                args = ", ".join(self.masked(o, self.read(o, work), op.summed, "sum")
+                                 for o in op.operands)
                 expr = f"jnp.einsum({spec}, {args}{path}, precision=PRECISION)"
             self.emit(indent, target, self.store(expr, work, rtype.dtype), comment)
         elif isinstance(op, Map):
@@ -238,7 +259,7 @@ class OpWriter:
                 expr = f"jnp.broadcast_to({expr}, {shape})"
             self.emit(indent, target, self.store(expr, have, rtype.dtype), comment)
         elif isinstance(op, Reduce):
-            array = self.read(op.operand, work)
+            array = self.masked(op.operand, self.read(op.operand, work), op.over, op.kind)
             axes = tuple(op.operand.indices.index(i) for i in op.over)
             axis = str(axes[0]) if len(axes) == 1 else "(" + ", ".join(map(str, axes)) + ")"
             kept = tuple(i for i in op.operand.indices if i not in op.over)
@@ -271,7 +292,9 @@ class OpWriter:
         rather than clamped; of a block of rows, take_rows (zeros for other blocks' ids).
         With batch indices, the same lookup mapped over them (take_batched)."""
         axis = op.table.indices.index(op.index)
-        table, ids = self.names(op.table.value), self.read(op.ids, "i32")
+        # A padded id reads row 0 (its result is padding too).
+        table = self.names(op.table.value)
+        ids = self.masked(op.ids, self.read(op.ids, "i32"), op.ids.indices, "sum")
         start = self.block_start(op.table.value, axis)
         size = self.whole_size(op.table.value, axis)
         if start is not None:
@@ -310,7 +333,11 @@ class OpWriter:
             sizes.update(zip(op.update.indices, self.shape_of(op.update.value)))
             shape = ", ".join(str(sizes[i]) for i in batch + free + rest)
             update = f"jnp.broadcast_to({update}, ({shape},))"
-        ids = align(self.read(op.ids, "i32"), op.ids.indices, batch + free)
+        # A padded id adds a zero row (to row 0): the update's rows of padded ids are zeroed.
+        for axis, index in enumerate(batch + free):
+            update = self.mask(update, axis, op.ids.value, op.ids.indices.index(index), "sum")
+        ids = self.masked(op.ids, self.read(op.ids, "i32"), op.ids.indices, "sum")
+        ids = align(ids, op.ids.indices, batch + free)
         dim = rtype.indices.index(op.index)
         rows = self.shape_of(op.result.name)[dim]
         start = self.block_start(op.result.name, dim) or "0"
@@ -418,12 +445,37 @@ class OpWriter:
 # ---- the per-device program
 
 
-def _collective_text(step: CollectiveStep, names: Names, mesh: Mesh, local_shape) -> str:
+def _fit(text: str, axis: int, have: int, want: int, rank: int) -> str:
+    """`text` cut or padded with zeros from `have` to `want` along `axis`: a padded dimension's
+    padding is at its end (einpar/layout.py)."""
+    if have == want:
+        return text
+    if have > want:
+        return f"lax.slice_in_dim({text}, 0, {want}, axis={axis})"
+    widths = [(0, 0)] * rank
+    widths[axis] = (0, want - have)
+    return f"jnp.pad({text}, {widths!r})"
+
+
+def _collective_text(step: CollectiveStep, names: Names, mesh: Mesh, local_shape,
+                     src_shape=None) -> str:
+    """The collective's JAX text; `src_shape` (the local shape before it) where the moved
+    dimension is padded: the gathered dimension drops its padding, the one scattered onto is
+    padded to whole blocks first."""
     move = step.step
     src = names(step.src)
+    src_shape = src_shape or ()
+    rank = len(local_shape)
     if isinstance(move, AllGather):
-        return f"lax.all_gather({src}, {move.axis!r}, axis={move.dim}, tiled=True)"
+        text = f"lax.all_gather({src}, {move.axis!r}, axis={move.dim}, tiled=True)"
+        if src_shape:
+            text = _fit(text, move.dim, mesh.size(move.axis) * src_shape[move.dim], local_shape[move.dim],
+                        rank)
+        return text
     if isinstance(move, ReduceScatter):
+        if src_shape:
+            src = _fit(src, move.dim, src_shape[move.dim], mesh.size(move.axis) * local_shape[move.dim],
+                       rank)
         if move.op == "sum":
             return f"lax.psum_scatter({src}, {move.axis!r}, scatter_dimension={move.dim}, tiled=True)"
         return f"reduce_scatter({src}, {move.axis!r}, dim={move.dim}, op=jnp.{move.op})"
@@ -431,10 +483,18 @@ def _collective_text(step: CollectiveStep, names: Names, mesh: Mesh, local_shape
         axes = repr(move.axes[0]) if len(move.axes) == 1 else repr(tuple(move.axes))
         return f"lax.p{move.op}({src}, {axes})"
     if isinstance(move, AllToAll):
-        return (f"lax.all_to_all({src}, {move.axis!r}, split_axis={move.dst_dim}, "
+        n = mesh.size(move.axis)
+        if src_shape:
+            src = _fit(src, move.dst_dim, src_shape[move.dst_dim], n * local_shape[move.dst_dim], rank)
+        text = (f"lax.all_to_all({src}, {move.axis!r}, split_axis={move.dst_dim}, "
                 f"concat_axis={move.src_dim}, tiled=True)")
+        if src_shape:
+            text = _fit(text, move.src_dim, n * src_shape[move.src_dim], local_shape[move.src_dim], rank)
+        return text
     if isinstance(move, Slice):
         size = local_shape[move.dim]
+        if src_shape:
+            src = _fit(src, move.dim, src_shape[move.dim], mesh.size(move.axis) * size, rank)
         return (f"lax.dynamic_slice_in_dim({src}, lax.axis_index({move.axis!r}) * {size}, {size}, "
                 f"axis={move.dim})")
     assert isinstance(move, Permute)
@@ -451,7 +511,12 @@ class _SpmdWriter:
         self.lines: list[str] = []
         self.ops = OpWriter(names, lambda name: program.values[name].type.dtype,
                             lambda name: program.values[name].local_shape(program.mesh), self.lines,
-                            self.block_start, lambda name, dim: program.values[name].type.shape[dim])
+                            self.block_start, lambda name, dim: program.values[name].type.shape[dim],
+                            self.padded)
+
+    def padded(self, name: str, dim: int) -> bool:
+        value = self.program.values[name]
+        return value.type.shape[dim] % value.layout.split_factor(dim, self.program.mesh) != 0
 
     def block_start(self, name: str, dim: int) -> str | None:
         """Where this device's block of dimension `dim` of `name` starts: its block number
@@ -475,11 +540,15 @@ class _SpmdWriter:
                     self.ops.helpers.add("reduce_scatter")
                 value = self.program.values[step.dst]
                 local = value.local_shape(mesh)
+                source = self.program.values[step.src]
+                padded = value.layout.is_padded(value.type.shape, mesh) or \
+                    source.layout.is_padded(source.type.shape, mesh)
                 shown = format_collective(step, value.type.indices)
                 note = (f"{shown}: {step.bytes_per_device:,} B/device" if step.bytes_per_device
                         else shown)
                 self.ops.emit(indent, self.names(step.dst),
-                              _collective_text(step, self.names, mesh, local), note)
+                              _collective_text(step, self.names, mesh, local,
+                                               source.local_shape(mesh) if padded else None), note)
             else:
                 self.repeat(step, indent)
 
@@ -589,6 +658,25 @@ class _GlobalWriter:
 # ---- helpers the module defines when its ops call them
 
 _HELPERS = {
+    "mask_padding": '''
+def mask_padding(x, axis, start, size, kind):
+    """`x`, whose block along `axis` starts at `start` of `size` real elements, with the padding
+    past them set to what a reduction of `kind` ignores: 0 for a sum, -inf for a max, +inf
+    for a min (the extreme integers for integers)."""
+    if kind == "sum":
+        fill = jnp.zeros((), x.dtype)
+    elif jnp.issubdtype(x.dtype, jnp.floating):
+        fill = jnp.asarray(-jnp.inf if kind == "max" else jnp.inf, x.dtype)
+    elif x.dtype == jnp.bool_:
+        fill = jnp.asarray(kind == "min")
+    else:
+        info = jnp.iinfo(x.dtype)
+        fill = jnp.asarray(info.min if kind == "max" else info.max, x.dtype)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    real = (start + jnp.arange(x.shape[axis])).reshape(shape) < size
+    return jnp.where(real, x, fill)
+''',
     "take_rows": '''
 def take_rows(table, ids, axis, start, size):
     """take along `axis` of a block of a table's rows, from row `start` of `size` in all: an id
@@ -762,6 +850,15 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     for output in spmd.outputs:
         add(f"    {output.name!r}: {partition_spec(output.layout)},")
     add("}")
+    padded = {name: tuple(n * spmd.values[name].layout.split_factor(d, mesh) for d, n in
+                          enumerate(spmd.values[name].local_shape(mesh)))
+              for name in spmd.inputs if _is_padded(spmd, name)}
+    cut = {o.name: tuple(spmd.values[o.value].type.shape) for o in spmd.outputs
+           if _is_padded(spmd, o.value)}
+    if pipeline is None and (padded or cut):
+        add(f"PADDED = {padded!r}  # inputs placed with zeros past their real shape: their axes "
+            "do not divide a dimension")
+        add(f"CUT = {cut!r}  # outputs cut to their real shape: shard_map returns them padded")
     if whole.remat_values:
         add(f"REMAT = {tuple(whole.remat_values)!r}  # values global_program names for recomputation: "
             "differentiate it under jax.checkpoint(policy=jax.checkpoint_policies."
@@ -794,6 +891,10 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     add("")
     add("")
     driver = _DRIVER
+    if pipeline is None and (padded or cut):
+        for plain, uneven in _PADDED_DRIVER:
+            assert driver.count(plain) == 1, plain
+            driver = driver.replace(plain, uneven)
     if pipeline is not None:  # the stacks split over the stages in stage order (not for the twin)
         for plain, staged in _STAGED_DRIVER:
             assert driver.count(plain) == 1, plain
@@ -801,6 +902,36 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     out.extend(driver.strip("\n").splitlines())
     add("")
     return "\n".join(out)
+
+
+def _is_padded(spmd: SpmdProgram, name: str) -> bool:
+    value = spmd.values[name]
+    return value.layout.is_padded(value.type.shape, spmd.mesh)
+
+
+# A program whose axes do not divide a dimension: JAX places only arrays its shardings divide,
+# so the inputs go in padded and the outputs come out cut; the GSPMD twin cannot place them.
+_PADDED_DRIVER = (
+    ("""    outputs = spmd_step(mesh)(*placed)
+""", """    outputs = spmd_step(mesh)(*placed)
+    outputs = {name: np.asarray(value)[tuple(slice(0, n) for n in CUT[name])] if name in CUT
+               else value for name, value in outputs.items()}  # the padding off, on the host
+"""),
+    ("""        whole = np.asarray(arrays[name])
+""", """        whole = np.asarray(arrays[name])
+        if name in PADDED:  # zeros past the end of each dimension its axes do not divide
+            shape = PADDED[name]
+            whole = np.pad(whole, [(0, n - m) for n, m in zip(shape, whole.shape)])
+"""),
+    ("""    spmd_times = timed(spmd_step(mesh), placed, args.repeat)
+    twin_mesh = make_mesh(axis_types=AxisType.Auto)
+    gspmd_times = timed(gspmd_step(twin_mesh), place(arrays, twin_mesh), args.repeat)
+    for label, (compile_s, step_s) in (("shard_map (einpar)", spmd_times), ("GSPMD twin", gspmd_times)):
+""", """    spmd_times = timed(spmd_step(mesh), placed, args.repeat)
+    # No GSPMD twin: jax.jit's shardings must divide the arrays they place.
+    for label, (compile_s, step_s) in (("shard_map (einpar)", spmd_times),):
+"""),
+)
 
 
 _STAGED_DRIVER = (

@@ -13,6 +13,13 @@ Collective algorithms as simulated (and as counted):
 - all-to-all: each device sends chunk j (along the destination dimension)
   to the device at position j;
 - permute: each device sends its block to one other device.
+
+A dimension its axes do not divide is padded (einpar/layout.py): every
+block has the padded local size, collectives move whole padded blocks (and
+count them), and each device masks the padding of an operand where an op
+reduces over it (`_Device`): zeros for a sum or contraction, -inf for a max,
++inf for a min, a valid id for a take. Elsewhere padding holds whatever the
+ops made of it; outputs drop it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from einpar.backends.reference import _Evaluator, deep_recursion, numpy_dtype, scan
+from dataclasses import replace
+
+from einpar.ir import Einsum, Operand, Reduce, Repeat, ScatterAdd, Take
 from einpar.layout import (Layout, Mesh, block_index, block_slices, device_at, device_coords,
                            group_of)
 from einpar.reshard import AllGather, AllReduce, AllToAll, Permute, ReduceScatter, Slice, Step
@@ -41,12 +51,31 @@ class Traffic:
         return array
 
 
+def _fit(array: np.ndarray, dim: int, size: int) -> np.ndarray:
+    """`array` cut or padded with zeros to `size` along `dim` (padding is at the end)."""
+    have = array.shape[dim]
+    if have == size:
+        return array
+    if have > size:
+        return np.take(array, range(size), axis=dim)
+    widths = [(0, 0)] * array.ndim
+    widths[dim] = (0, size - have)
+    return np.pad(array, widths)
+
+
 def scatter(value: np.ndarray, layout: Layout, mesh: Mesh) -> list[np.ndarray]:
-    """Each device's block of a whole (not partial) value."""
+    """Each device's block of a whole (not partial) value, padded to the local shape where
+    the axes do not divide a dimension."""
     assert not layout.partial
-    # np.array copies into a fresh contiguous array and, unlike ascontiguousarray, keeps rank 0.
-    return [np.array(value[block_slices(layout, value.shape, mesh, d)])
-            for d in range(mesh.num_devices)]
+    local = layout.local_shape(value.shape, mesh)
+    blocks = []
+    for d in range(mesh.num_devices):
+        # np.array copies into a fresh contiguous array and, unlike ascontiguousarray, keeps rank 0.
+        block = np.array(value[block_slices(layout, value.shape, mesh, d)])
+        for dim, size in enumerate(local):
+            block = _fit(block, dim, size)
+        blocks.append(block)
+    return blocks
 
 
 def assemble(blocks: list[np.ndarray], layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> np.ndarray:
@@ -70,6 +99,7 @@ def assemble(blocks: list[np.ndarray], layout: Layout, shape: tuple[int, ...], m
     filled = np.zeros(shape, dtype=bool)
     for device, block in enumerate(blocks):
         where = block_slices(layout, shape, mesh, device)
+        block = block[tuple(slice(0, s.stop - s.start) for s in where)]  # drop the padding
         if filled[where].all():
             np.testing.assert_array_equal(out[where], block, err_msg="replicas disagree")
         out[where] = block
@@ -102,21 +132,26 @@ def _reduce_scatter_flat(blocks, mesh, axes, op, traffic) -> list[list[np.ndarra
     return reduced
 
 
-def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic) -> list[np.ndarray]:
-    """One reshard step on every device; returns the new local arrays."""
+def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic,
+             local: tuple[int, ...] | None = None) -> list[np.ndarray]:
+    """One reshard step on every device; returns the new local arrays. `local` is the local
+    shape after the step, where a padded dimension needs it (None: the axes divide)."""
     out: list[np.ndarray] = []
     if isinstance(step, Slice):
         n = mesh.size(step.axis)
         for device, block in enumerate(blocks):
             k = device_coords(mesh, device)[step.axis]
-            size = block.shape[step.dim] // n
+            size = local[step.dim] if local else block.shape[step.dim] // n
+            block = _fit(block, step.dim, n * size)  # a whole dimension padded to n blocks
             out.append(np.take(block, range(k * size, (k + 1) * size), axis=step.dim))
         return out
     if isinstance(step, AllGather):
         for device in range(mesh.num_devices):
             members = group_of(mesh, device, (step.axis,))
             parts = [blocks[m] if m == device else traffic.send(m, blocks[m]) for m in members]
-            out.append(np.concatenate(parts, axis=step.dim))
+            gathered = np.concatenate(parts, axis=step.dim)
+            # A whole dimension again: its padding, at the end, drops off.
+            out.append(_fit(gathered, step.dim, local[step.dim]) if local else gathered)
         return out
     if isinstance(step, AllToAll):
         n = mesh.size(step.axis)
@@ -125,9 +160,13 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
             position = members.index(device)
             parts = []
             for member in members:
-                chunk = np.split(blocks[member], n, axis=step.dst_dim)[position]
+                block = blocks[member]
+                if local:
+                    block = _fit(block, step.dst_dim, n * local[step.dst_dim])
+                chunk = np.split(block, n, axis=step.dst_dim)[position]
                 parts.append(chunk if member == device else traffic.send(member, chunk))
-            out.append(np.concatenate(parts, axis=step.src_dim))
+            gathered = np.concatenate(parts, axis=step.src_dim)
+            out.append(_fit(gathered, step.src_dim, local[step.src_dim]) if local else gathered)
         return out
     if isinstance(step, Permute):
         for device in range(mesh.num_devices):
@@ -138,8 +177,10 @@ def run_step(step: Step, blocks: list[np.ndarray], mesh: Mesh, traffic: Traffic)
         return out
     if isinstance(step, ReduceScatter):
         n = mesh.size(step.axis)
-        # Bring dimension `dim` first so that flat chunk k is block k of it.
+        # Bring dimension `dim` first so that flat chunk k is block k of it (padded to n blocks).
         moved = [np.moveaxis(b, step.dim, 0) for b in blocks]
+        if local:
+            moved = [_fit(b, 0, n * local[step.dim]) for b in moved]
         reduced = _reduce_scatter_flat(moved, mesh, (step.axis,), step.op, traffic)
         for device, block in enumerate(moved):
             shape = (block.shape[0] // n,) + block.shape[1:]
@@ -168,12 +209,100 @@ class _Device(_Evaluator):
         self.values = values  # local name -> SpmdValue (its layout and global type)
         self.mesh = mesh
         self.coords = device_coords(mesh, device)
+        self.cuts: dict[str, list[tuple[int, int]]] = {}  # value -> (dim, real elements) where padded
 
     def offset(self, value: str, dim: int, size: int) -> int:
         return block_index(self.values[value].layout, dim, self.mesh, self.coords) * size
 
     def global_size(self, value: str, dim: int, size: int) -> int:
         return self.values[value].type.shape[dim]
+
+    def real(self, value: str, dim: int, size: int) -> int:
+        """How many of the `size` elements along `dim` of this device's block are not padding."""
+        if value not in self.values:
+            return size
+        whole = self.global_size(value, dim, size)
+        return max(0, min(size, whole - self.offset(value, dim, size)))
+
+    def padded(self, op, env: dict) -> dict[str, int]:
+        """The op's indices whose blocks here hold padding -> how many real elements they hold
+        (an index is split alike in every operand that has it)."""
+        reals = {}
+        for operand in op.operands:
+            if operand.value not in self.cuts:
+                shape = np.shape(env[operand.value])
+                self.cuts[operand.value] = [(dim, self.real(operand.value, dim, size))
+                                            for dim, size in enumerate(shape)
+                                            if self.real(operand.value, dim, size) < size]
+            for dim, real in self.cuts[operand.value]:
+                reals[operand.indices[dim]] = real
+        return reals
+
+    def run(self, ops, env: dict) -> None:
+        """Each op on this device's blocks, padding masked where the op reduces over it: the op
+        alone reads the masked operands, the values themselves keep their padding."""
+        for op in ops:
+            reals = {} if isinstance(op, Repeat) else self.padded(op, env)
+            if not reals:
+                super().run((op,), env)
+                continue
+            view = dict(env)
+            if isinstance(op, ScatterAdd):
+                op = _update_per_id(op, view, reals)
+            for operand, indices, kind in _masks(op):
+                array = np.asarray(view[operand.value])
+                cut = [(dim, reals[i]) for dim, i in enumerate(operand.indices)
+                       if i in indices and i in reals]
+                if cut:
+                    array = array.copy()
+                    for dim, real in cut:
+                        where = [slice(None)] * array.ndim
+                        where[dim] = slice(real, None)
+                        array[tuple(where)] = _fill(array.dtype, kind)
+                    view[operand.value] = array
+            super().run((op,), view)
+            env[op.result.name] = view[op.result.name]
+
+
+def _update_per_id(op: ScatterAdd, view: dict, reals: dict[str, int]) -> ScatterAdd:
+    """A scatter-add whose padded ids would share an update row with real ones (the update
+    lacks their index) reads the update broadcast to every id, so that the padded ids' rows
+    can be zeroed; `op` itself where no such id is padded."""
+    missing = tuple(i for i in op.ids.indices if i in reals and i not in op.update.indices)
+    if not missing:
+        return op
+    sizes = dict(zip(op.ids.indices, np.shape(view[op.ids.value])))
+    update = np.asarray(view[op.update.value])
+    update = update.reshape(update.shape + (1,) * len(missing))
+    name = op.update.value + "~per-id"
+    view[name] = np.broadcast_to(update, update.shape[:update.ndim - len(missing)]
+                                 + tuple(sizes[i] for i in missing))
+    return replace(op, update=Operand(name, op.update.indices + missing))
+
+
+def _fill(dtype: np.dtype, kind: str):
+    """The element a reduction of `kind` ignores, in `dtype`."""
+    if kind == "sum":
+        return 0
+    if dtype == np.bool_:
+        return kind == "min"
+    if np.issubdtype(dtype, np.integer):
+        return np.iinfo(dtype).min if kind == "max" else np.iinfo(dtype).max
+    return -np.inf if kind == "max" else np.inf
+
+
+def _masks(op) -> list:
+    """(operand, the indices whose padding it masks, the fill) for one op."""
+    if isinstance(op, Einsum):
+        return [(operand, set(op.summed), "sum") for operand in op.operands]
+    if isinstance(op, Reduce):  # sum, max or min (a mean is a sum and a scale by now)
+        return [(op.operand, set(op.over), op.kind)]
+    if isinstance(op, Take):  # a padded id reads row 0; its result is padding too
+        return [(op.ids, set(op.ids.indices), "sum")]
+    if isinstance(op, ScatterAdd):  # a padded update row adds zeros to row 0
+        summed = set(op.ids.indices) - set(op.batch)
+        return [(op.update, summed, "sum"), (op.ids, set(op.ids.indices), "sum")]
+    return []
 
 
 def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: dict | None,
@@ -185,7 +314,8 @@ def _run_steps(steps, envs: list[dict], mesh: Mesh, traffic: Traffic, record: di
                 evaluator.run((step.op,), env)
             made = step.op.result.name
         elif isinstance(step, CollectiveStep):
-            blocks = run_step(step.step, [env[step.src] for env in envs], mesh, traffic)
+            local = values[step.dst].local_shape(mesh) if values else None
+            blocks = run_step(step.step, [env[step.src] for env in envs], mesh, traffic, local)
             for env, block in zip(envs, blocks):
                 env[step.dst] = block
             made = step.dst

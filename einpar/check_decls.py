@@ -151,7 +151,9 @@ class DeclarationChecking:
 
     def check_layout(self, specs: tuple[IndexSpec, ...], shape: tuple[int, ...], what: str,
                      pin: Pin | None = None) -> Layout | None:
-        """Validate `D@tp`-style annotations: known axes, each once, dividing the size.
+        """Validate `D@tp`-style annotations: known axes, each once. A size the axes do not
+        divide is padded (layout.py); each axis after a dimension's first must divide the
+        block the ones before it leave, so that the padded blocks nest.
 
         None when nothing is asked: no `@` and no braces. Braces make the layout exact,
         `{}` a whole value and `{sum: tp}` one partial over tp (see _check_pin)."""
@@ -169,15 +171,17 @@ class DeclarationChecking:
                               labels=(Label(used[axis.text], "first used here"),))
                 used[axis.text] = axis.span
                 axes.append(axis.text)
-            factor = 1
-            for axis in axes:
-                factor *= self.mesh.size(axis)
-            if size % factor:
-                named = "×".join(f"{a}={self.mesh.size(a)}" for a in axes)
-                self.fail("E221", f"dimension {spec.name} of size {size} is not divisible by "
-                                  f"{named}" + (f" = {factor}" if len(axes) > 1 else ""),
-                          spec.span, hint="pick sizes the axes divide (use --set to change them) "
-                                          "or leave this dimension unsplit")
+            block = size
+            for k, axis in enumerate(axes):
+                if k and block % self.mesh.size(axis):
+                    outer = "×".join(f"{a}={self.mesh.size(a)}" for a in axes[:k])
+                    self.fail("E221", f"dimension {spec.name} of size {size} split by {outer} "
+                                      f"leaves blocks of {block}, which {axis}={self.mesh.size(axis)} "
+                                      f"does not divide",
+                              spec.span, hint="padding may only end a dimension: split it by one "
+                                              "axis, or pick sizes the inner axes divide (use --set "
+                                              "to change them)")
+                block = -(-block // self.mesh.size(axis))
             dims.append(tuple(axes))
         partial = self._check_pin(pin, used, what) if pin is not None else ()
         return Layout(tuple(dims), partial)

@@ -41,7 +41,7 @@ from . import api, lint, resources
 from .errors import Diagnostic, EinparError, SourceMap, render_json, render_text
 from .flops import program_flops
 from .ir import Program, format_program, walk_ops
-from .layout import DTYPE_BYTES, format_dims
+from .layout import DTYPE_BYTES, format_dims, format_local
 from .inputs import save_outputs
 from .lexer import highlight
 from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
@@ -753,7 +753,8 @@ def _print_layouts(spmd, out: Console) -> None:
         nbytes = DTYPE_BYTES[value.type.dtype]
         for size in local:
             nbytes *= size
-        table.add_row(value.name, value.tensor, value.format(), "[" + ",".join(map(str, local)) + "]",
+        table.add_row(value.name, value.tensor, value.format(),
+                      format_local(value.layout, value.type.shape, spmd.mesh),
                       format_bytes(nbytes))
     out.print(table)
 

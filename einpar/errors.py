@@ -36,7 +36,7 @@ CODES = {
     "E217": "bad take",
     "E218": "bad pos",
     "E220": "mesh axis used twice in a layout",
-    "E221": "dimension not divisible by its mesh axes",
+    "E221": "padded blocks that do not nest",
     "E222": "size must be positive",
     "E223": "number too large",
     "E224": "unknown kind of partial result",

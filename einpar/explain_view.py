@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .explain import Explanation, Held, Statement
-from .layout import Mesh, device_at, device_coords
+from .layout import Mesh, device_at, device_coords, format_local
 from .lexer import highlight
 from .units import format_bytes, format_seconds
 
@@ -176,7 +176,7 @@ def statement_view(statement: Statement, mesh: Mesh, device: int | None = None,
     if statement.result is not None:
         result = statement.result
         name = shown_values(statement)[-1][0]
-        local = "local [" + ",".join(map(str, result.local_shape(mesh))) + "]"
+        local = "local " + format_local(result.layout, result.shape, mesh)
         if statement.made_as is not None and statement.made_as.layout != result.layout:
             rows.append((name, "bold green", [statement.made_as.text(), f"→ {result.text()}", local]))
         else:
@@ -262,8 +262,8 @@ def explanation_view(explanation: Explanation, statements: list[int] | None = No
     for _ in range(3):
         inputs.add_column(no_wrap=True)
     for held in explanation.inputs:
-        local = "[" + ",".join(map(str, held.local_shape(mesh))) + "]"
-        inputs.add_row(Text(held.tensor, style="bold"), held.text(), f"local {local}")
+        inputs.add_row(Text(held.tensor, style="bold"), held.text(),
+                       f"local {format_local(held.layout, held.shape, mesh)}")
     parts.append(_labelled("inputs", inputs))
     for s in explanation.statements:
         if statements is None or s.number in statements:

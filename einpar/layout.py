@@ -6,6 +6,13 @@ or a candidate maximum, to be combined by the pending reduction). Local
 shapes, the block a device holds and bytes per device all derive from a
 Layout and a Mesh; nothing else stores them.
 
+A dimension its axes do not divide is padded to the next multiple (as GSPMD
+does): every device holds a block of ceil(size / parts) elements, block k
+starting at k times that, and the last blocks hold padding past the real
+size. Blocks nest only where each axis after a dimension's first divides the
+block the axes before it leave (`uneven_conflict`), so that every reshard
+step keeps the padding at the end.
+
 Printed in the project's notation: `f32[8@dp,128,256@tp] {sum: tp}`.
 """
 
@@ -124,7 +131,12 @@ class Layout:
         return factor
 
     def local_shape(self, shape: tuple[int, ...], mesh: Mesh) -> tuple[int, ...]:
-        return tuple(size // self.split_factor(d, mesh) for d, size in enumerate(shape))
+        """Each device's block, padding included: ceil(size / parts) per dimension."""
+        return tuple(-(-size // self.split_factor(d, mesh)) for d, size in enumerate(shape))
+
+    def is_padded(self, shape: tuple[int, ...], mesh: Mesh) -> bool:
+        """Whether some dimension's axes do not divide it (its last blocks hold padding)."""
+        return any(size % self.split_factor(d, mesh) for d, size in enumerate(shape))
 
     def __str__(self) -> str:
         return format_dims(tuple("_" for _ in self.dims), self)
@@ -209,11 +221,40 @@ def block_index(layout: Layout, dim: int, mesh: Mesh, coords: dict[str, int]) ->
 
 
 def block_slices(layout: Layout, shape: tuple[int, ...], mesh: Mesh, device: int) -> tuple[slice, ...]:
-    """The part of the global array that `device` holds under `layout`."""
+    """The part of the global array that `device` holds under `layout`: its block, clipped to
+    the real size (a block of padding only is an empty slice)."""
     coords = device_coords(mesh, device)
     local = layout.local_shape(shape, mesh)
-    return tuple(slice(block_index(layout, d, mesh, coords) * n, (block_index(layout, d, mesh, coords) + 1) * n)
-                 for d, n in enumerate(local))
+    slices = []
+    for d, (n, size) in enumerate(zip(local, shape)):
+        start = min(block_index(layout, d, mesh, coords) * n, size)
+        slices.append(slice(start, min(start + n, size)))
+    return tuple(slices)
+
+
+def uneven_conflict(layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> int | None:
+    """A dimension whose padded blocks do not nest, or None: split by axes (a, b, ...), each
+    axis after a must divide the block the axes before it leave (12 over dp=2 then tp=4
+    leaves blocks of 6 that tp cannot split evenly), so that gathering or splitting one
+    axis keeps the padding at the end of the dimension."""
+    for d, (axes, size) in enumerate(zip(layout.dims, shape)):
+        block = size
+        for k, axis in enumerate(axes):
+            if k and block % mesh.size(axis):
+                return d
+            block = -(-block // mesh.size(axis))
+    return None
+
+
+def format_local(layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> str:
+    """Each device's block: `[4,3 of 4,256]` where a dimension is padded, `3 of 4` meaning
+    blocks of 4 elements of which the last holds 3 real ones (`0 of 2`: the last block is
+    all padding)."""
+    parts = []
+    for d, (n, size) in enumerate(zip(layout.local_shape(shape, mesh), shape)):
+        blocks = layout.split_factor(d, mesh)
+        parts.append(str(n) if size % blocks == 0 else f"{max(0, size - (blocks - 1) * n)} of {n}")
+    return "[" + ",".join(parts) + "]"
 
 
 def local_bytes(layout: Layout, shape: tuple[int, ...], dtype: str, mesh: Mesh) -> int:

@@ -95,7 +95,7 @@ def state_layout(param: Value, mesh: Mesh, shard: tuple[str, ...]) -> Layout:
             continue
         size = mesh.size(axis)
         for dim in range(len(param.stacked_by), rank):
-            block = param.type.shape[dim] // layout.split_factor(dim, mesh)
+            block = layout.local_shape(param.type.shape, mesh)[dim]
             if block % size == 0:
                 layout = layout.split(dim, axis)
                 break

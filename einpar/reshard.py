@@ -15,7 +15,9 @@ over a group of n devices (ring all-gather and reduce-scatter; all-reduce as
 the two in turn): all-gather (n-1)/n of the gathered size, reduce-scatter
 (n-1)/n of the size before scattering, all-reduce 2(n-1)/n of the size,
 all-to-all (n-1)/n of the local size, permute the local size. Sizes are
-split into n equal chunks of ceil(elements / n) elements.
+split into n equal chunks of ceil(elements / n) elements; a dimension its
+axes do not divide is padded first (layout.py), so a reduce-scatter or an
+all-to-all onto it sends chunks of the padded blocks, as GSPMD does.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ class ReduceScatter:
         return layout.without_partial((self.axis,)).split(self.dim, self.axis)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        return collective_bytes(self.kind, _elements(before, shape, mesh),
-                                mesh.size(self.axis)) * DTYPE_BYTES[dtype]
+        # The chunks are the blocks after it, padded where the axis does not divide `dim`.
+        n = mesh.size(self.axis)
+        return collective_bytes(self.kind, n * _elements(self.apply(before), shape, mesh),
+                                n) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,13 @@ class AllToAll:
         return layout.unsplit(self.src_dim).split(self.dst_dim, self.axis)
 
     def bytes_per_device(self, before: Layout, shape, dtype: str, mesh: Mesh) -> int:
-        return collective_bytes(self.kind, _elements(before, shape, mesh),
-                                mesh.size(self.axis)) * DTYPE_BYTES[dtype]
+        # Chunks of the block with `dst_dim` padded to n of its blocks after the step.
+        n = mesh.size(self.axis)
+        local = before.local_shape(shape, mesh)
+        after = self.apply(before).local_shape(shape, mesh)
+        padded = _elements(before, shape, mesh) // local[self.dst_dim] * n * after[self.dst_dim] \
+            if local[self.dst_dim] else 0
+        return collective_bytes(self.kind, padded, n) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Union
 
 from .flops import op_flops
 from .ir import Op, TensorType, format_op
-from .layout import Layout, Mesh, format_type
+from .layout import Layout, Mesh, format_local, format_type
 from .reshard import Step as ReshardStep
 
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "permute")
@@ -182,8 +182,7 @@ def format_spmd(program: SpmdProgram) -> str:
 
     def value_text(name: str) -> str:
         value = program.values[name]
-        local = "[" + ",".join(map(str, value.local_shape(mesh))) + "]"
-        return f"{name}: {value.format()} local {local}"
+        return f"{name}: {value.format()} local {format_local(value.layout, value.type.shape, mesh)}"
 
     for name in program.inputs:
         lines.append(f"in   {value_text(name)}")

@@ -19,7 +19,9 @@ shardy way of writing sharding rules as einsums over factors):
 - nothing (None): the axis holds copies and repeats the work.
 
 The roles of one axis are listed by `axis_roles`; a strategy is one role per
-axis (`build`), valid when every split index divides by its axes. The
+axis (`build`), valid when the blocks of every split index nest (an index its
+axes do not divide is padded, layout.uneven_conflict: each axis after its
+first divides the block the ones before leave). The
 partitioner (partition.py) chooses among them for the whole program at once.
 An axis of size 1 splits nothing, so its only role is None, and layouts are
 compared without such axes (`strip`): they hold the same blocks.
@@ -137,19 +139,20 @@ def reduce_kind(op: Op) -> str:
 
 
 def build(op: Op, mesh: Mesh, sizes: dict[str, int], roles: tuple[Role, ...]) -> Strategy | None:
-    """The strategy with these roles, or None where a split index does not divide."""
+    """The strategy with these roles, or None where a split index's padded blocks do not nest.
+    Each device computes on its padded blocks, so the FLOPs count the padding."""
     split: dict[str, list[str]] = {}
     for axis, role in zip(mesh.names, roles):
         if isinstance(role, str):
             split.setdefault(role, []).append(axis)
-    factors = {}
+    blocks = {}  # index -> its local (padded) size
     for index, axes in split.items():
-        factor = 1
-        for axis in axes:
-            factor *= mesh.size(axis)
-        if sizes[index] % factor:
-            return None
-        factors[index] = factor
+        block = sizes[index]
+        for k, axis in enumerate(axes):
+            if k and block % mesh.size(axis):
+                return None
+            block = -(-block // mesh.size(axis))
+        blocks[index] = block
     space, reduced, _ = op_indices(op)
     operand_layouts = []
     for position, operand in enumerate(op.operands):
@@ -164,7 +167,7 @@ def build(op: Op, mesh: Mesh, sizes: dict[str, int], roles: tuple[Role, ...]) ->
         elif role in reduced:
             partial.append((axis, reduce_kind(op)))
     result = Layout(tuple(tuple(split.get(i, ())) for i in op.result.type.indices), tuple(partial))
-    local = {i: sizes[i] // factors.get(i, 1) for i in space}
+    local = {i: blocks.get(i, sizes[i]) for i in space}
     return Strategy(tuple(roles), tuple(operand_layouts), result, tuple(local.items()),
                     op_flops(op, local))
 

@@ -172,9 +172,9 @@ output x
         assert "output x = x#4" in text
 
 
-def test_overrides_that_break_divisibility_are_reported_at_the_annotation():
+def test_overrides_that_break_nested_padding_are_reported_at_the_annotation():
     with pytest.raises(EinparError) as error:
-        compile_source("mesh tp=4\ndim D=8\ninput x[D@tp]\noutput x\n", overrides={"D": 6})
+        compile_source("mesh dp=2 tp=2\ndim D=8\ninput x[D@(dp,tp)]\noutput x\n", overrides={"D": 6})
     (diagnostic,) = error.value.diagnostics
     assert diagnostic.code == "E221"
     assert (diagnostic.span.line, diagnostic.span.col) == (3, 9)

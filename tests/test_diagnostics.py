@@ -594,39 +594,37 @@ def test_E220_axis_used_twice_on_the_left_of_a_statement():
            hint="an axis can split only one dimension of a tensor")
 
 
-def test_E221_dimension_not_divisible_by_its_axis():
-    expect(program("mesh tp=4",
-                   "dim B=6 D=4",
-                   "input x[B@tp, D]"),
-           "E221", "dimension B of size 6 is not divisible by tp=4", 3, 9, length=4,
-           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit")
+# A dimension one axis does not divide is padded (tests/test_uneven.py); E221 is the padding
+# of several axes that does not nest.
 
 
-def test_E221_dimension_not_divisible_by_two_axes():
+def test_E221_padded_blocks_of_two_axes_that_do_not_nest():
     expect(program("mesh dp=2 tp=4",
                    "dim B=12 D=4",
                    "input x[B@(dp,tp), D]"),
-           "E221", "dimension B of size 12 is not divisible by dp=2×tp=4 = 8", 3, 9, length=9,
-           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit")
+           "E221", "dimension B of size 12 split by dp=2 leaves blocks of 6, which tp=4 does not divide",
+           3, 9, length=9,
+           hint="padding may only end a dimension: split it by one axis, or pick sizes the inner axes divide (use --set to change them)")
 
 
-def test_E221_made_indivisible_by_an_override():
-    expect(program("mesh tp=4",
+def test_E221_made_by_an_override():
+    expect(program("mesh dp=2 tp=4",
                    "dim B=8 F=1024",
-                   "param w[B, F@tp]"),
-           "E221", "dimension F of size 1024 is not divisible by tp=3", 3, 12,
-           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit",
-           overrides={"tp": 3})
+                   "param w[B, F@(dp,tp)]"),
+           "E221", "dimension F of size 1024 split by dp=3 leaves blocks of 342, which tp=4 does not "
+                   "divide", 3, 12,
+           hint="padding may only end a dimension: split it by one axis, or pick sizes the inner axes divide (use --set to change them)",
+           overrides={"dp": 3})
 
 
 def test_E221_in_an_output_layout():
-    expect(program("mesh tp=4",
+    expect(program("mesh dp=2 tp=4",
                    "dim B=6",
                    "input x[B]",
                    "y[B] = x[B] * 2",
-                   "output y[B@tp]"),
-           "E221", "dimension B of size 6 is not divisible by tp=4", 5, 10,
-           hint="pick sizes the axes divide (use --set to change them) or leave this dimension unsplit")
+                   "output y[B@(dp,tp)]"),
+           "E221", "dimension B of size 6 split by dp=2 leaves blocks of 3, which tp=4 does not divide",
+           5, 10, hint="padding may only end a dimension: split it by one axis, or pick sizes the inner axes divide (use --set to change them)")
 
 
 def test_E222_mesh_axis_of_size_zero():
@@ -1518,12 +1516,12 @@ def test_a_duplicate_definition_is_reported_once():
     assert [(d.code, d.span.line) for d in found] == [("E230", 4)]
 
 
-def test_every_indivisible_layout_is_reported():
+def test_every_layout_whose_padding_does_not_nest_is_reported():
     found = diagnostics_of(program("mesh dp=2 tp=4",
                                    "dim B=8 S=128 D=256 F=1024",
                                    "input x[B@dp, S, D]",
-                                   "param w1[D, F@tp]",
-                                   "param w2[F@tp, D]"), overrides={"tp": 3})
+                                   "param w1[D, F@(dp,tp)]",
+                                   "param w2[F@(dp,tp), D]"), overrides={"dp": 3})
     assert [(d.code, d.span.line, d.span.col) for d in found] == [("E221", 4, 13), ("E221", 5, 10)]
 
 

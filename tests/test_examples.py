@@ -125,6 +125,7 @@ MODELS = {
     "examples/mlp/megatron.ein": megatron_mlp,
     "examples/moe/gshard.ein": gshard_moe,
     "examples/transformer/block.ein": transformer_stack,
+    "examples/uneven/attention_6_heads.ein": attention,
 }
 
 

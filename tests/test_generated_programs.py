@@ -494,10 +494,13 @@ def mistakes(generated: GeneratedProgram):
         axis, size = generated.mesh.axes[0]
         found.append(("axis used twice",
                       f"dim ZA={size} ZB={size}\ninput zx[ZA@{axis}, ZB@{axis}]\n", None, "E220"))
-        if size > 1:
-            found.append(("not divisible", f"dim ZA={size + 1}\ninput zx[ZA@{axis}]\n", None, "E221"))
-            found.append(("left side not divisible",
-                          f"dim ZA={size + 1}\ninput zx[ZA]\nzq[ZA@{axis}] = zx[ZA]\n", None, "E221"))
+        inner = [(name, n) for name, n in generated.mesh.axes[1:] if n > 1]
+        if inner:  # blocks of the first axis that the second does not divide: padding not at the end
+            other, n = inner[0]
+            found.append(("padding does not nest", f"dim ZA={size * (n + 1)}\n"
+                          f"input zx[ZA@({axis},{other})]\n", None, "E221"))
+            found.append(("left side padding does not nest", f"dim ZA={size * (n + 1)}\n"
+                          f"input zx[ZA]\nzq[ZA@({axis},{other})] = zx[ZA]\n", None, "E221"))
         if axis not in generated.dims:  # a name both a dim and an axis: --set is ambiguous
             found.append(("mesh axis of size zero", "", {axis: 0}, "E222"))
         else:

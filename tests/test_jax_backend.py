@@ -42,7 +42,9 @@ def test_every_example_on_jax_equals_the_reference(path):
     assert result.compile_s > 0 and len(result.step_times_s) == 1
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(p.parent.parent)))
+# jax.jit places only arrays its shardings divide: no twin of an uneven program (test_uneven.py).
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if p.parent.name != "uneven"],
+                         ids=lambda p: str(p.relative_to(p.parent.parent)))
 def test_every_examples_gspmd_twin_equals_the_reference(path):
     check_on_jax(load(path), twin=True)
 

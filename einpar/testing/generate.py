@@ -302,10 +302,26 @@ def meshes(min_axes: int = 1, max_axes: int = 3, max_size: int = 4,
                     unique=True).flatmap(with_sizes)
 
 
-def _draw_layout(draw, mesh: MeshSpec, sizes: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
-    """Each mesh axis splits at most one dimension, and only one its size divides."""
+def _draw_layout(draw, mesh: MeshSpec, sizes: tuple[int, ...],
+                 uneven: bool = False) -> tuple[tuple[str, ...], ...]:
+    """Each mesh axis splits at most one dimension, and only one its size divides; with
+    `uneven`, a dimension's first axis need not divide it (it is padded), and each axis
+    after it divides the padded blocks the ones before leave (einpar.layout.uneven_conflict)."""
     split: list[list[str]] = [[] for _ in sizes]
     factors = [1] * len(sizes)
+    if uneven:
+        blocks = list(sizes)
+        order = list(range(len(mesh.axes)))
+        if len(order) > 1:
+            order = draw(st.permutations(order))
+        for position in order:
+            axis, axis_size = mesh.axes[position]
+            fits = [d for d, block in enumerate(blocks) if not split[d] or block % axis_size == 0]
+            choice = draw(st.sampled_from([None] + fits))
+            if choice is not None:
+                split[choice].append(axis)
+                blocks[choice] = -(-blocks[choice] // axis_size)
+        return tuple(tuple(axes) for axes in split)
     order = list(range(len(mesh.axes)))
     if len(order) > 1:
         order = draw(st.permutations(order))
@@ -382,6 +398,7 @@ class _Options:
     dtypes: tuple[str, ...]
     formatting: bool
     name_collisions: bool
+    uneven: bool = False
 
     @property
     def pure(self) -> bool:
@@ -486,7 +503,8 @@ class _Builder:
     def draw_layout(self, indices: tuple[str, ...]):
         if not self.options.layouts or not self.mesh.axes or not indices or self.chance(3):
             return None
-        layout = _draw_layout(self.draw, self.mesh, tuple(self.sizes[i] for i in indices))
+        layout = _draw_layout(self.draw, self.mesh, tuple(self.sizes[i] for i in indices),
+                              self.options.uneven)
         return layout if any(layout) else None
 
     def draw_dtype(self) -> str:
@@ -1105,9 +1123,10 @@ class _Builder:
 
 
 def _draw_dims(draw, mesh: MeshSpec, max_dims: int, max_dim_size: int, aliases: bool,
-               repeat: bool) -> list[tuple[str, int | str]]:
+               repeat: bool, uneven: bool = False) -> list[tuple[str, int | str]]:
     """Dims whose sizes the mesh axes often divide: a product of some axes' sizes times
-    a small factor, at most `max_dim_size`."""
+    a small factor, at most `max_dim_size`; with `uneven`, often one more or one less,
+    so that they do not."""
     names = draw(st.lists(st.sampled_from(DIM_NAMES), min_size=3, max_size=max_dims, unique=True))
     declared: list[tuple[str, int | str]] = []
     for name in names:
@@ -1116,7 +1135,10 @@ def _draw_dims(draw, mesh: MeshSpec, max_dims: int, max_dim_size: int, aliases: 
             if draw(st.booleans()) and product * axis_size <= max_dim_size:
                 product *= axis_size
         factor = draw(st.integers(1, max(1, max_dim_size // product)))
-        declared.append((name, product * factor))
+        size = product * factor
+        if uneven:
+            size = max(1, size + draw(st.sampled_from([-1, 0, 1])))
+        declared.append((name, size))
     if aliases:
         for alias in draw(st.lists(st.sampled_from(ALIAS_NAMES), max_size=2, unique=True)):
             declared.append((alias, draw(st.sampled_from([n for n, _ in declared]))))
@@ -1131,7 +1153,7 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
              max_dim_size: int = 12, max_rank: int = 3, max_depth: int = 2,
              aliases: bool = True, formatting: bool = True,
              name_collisions: bool = True, training: bool = False,
-             optimizers: bool = True) -> SearchStrategy[GeneratedProgram]:
+             optimizers: bool = True, uneven: bool = False) -> SearchStrategy[GeneratedProgram]:
     """Random well-formed programs, as `GeneratedProgram`s.
 
     Parameters:
@@ -1166,6 +1188,8 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
       optimizers: with `training`, whether an `optimizer` line may follow the loss (none,
         `sgd`, or `adamw`, now and then with `shard=` a mesh axis: ZeRO); the line drawn is
         `GeneratedProgram.optimizer`.
+      uneven: draw dim sizes the mesh axes often do not divide, and layouts that split
+        them anyway: the dimension is padded (docs/language.md, "Uneven dimensions").
     """
     kind_set = frozenset(STATEMENT_KINDS if kinds is None else kinds)
     unknown = kind_set - set(STATEMENT_KINDS)
@@ -1183,7 +1207,8 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
         mesh_strategy = st.just(mesh)
     else:
         mesh_strategy = mesh
-    options = _Options(kind_set, max_rank, max_depth, layouts, dtypes, formatting, name_collisions)
+    options = _Options(kind_set, max_rank, max_depth, layouts, dtypes, formatting, name_collisions,
+                       uneven)
     repeat = repeat and not options.pure
 
     @st.composite
@@ -1191,7 +1216,8 @@ def programs(*, mesh: MeshSpec | SearchStrategy[MeshSpec] | None = None, min_sta
         drawn_mesh = draw(mesh_strategy)
         statements = draw(st.integers(min_statements, max_statements))
         block_at = draw(st.integers(0, statements - 1)) if repeat and draw(st.booleans()) else None
-        declared = _draw_dims(draw, drawn_mesh, max_dims, max_dim_size, aliases, block_at is not None)
+        declared = _draw_dims(draw, drawn_mesh, max_dims, max_dim_size, aliases, block_at is not None,
+                              uneven)
         sizes = GeneratedProgram("", drawn_mesh, tuple(declared), "f32", (), (), ()).sizes()
         roots = {}
         for name, value in declared:
