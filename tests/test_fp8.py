@@ -14,7 +14,7 @@ from einpar.cost_model.estimate import estimate
 from einpar.errors import EinparError
 from einpar.inputs import load_inputs
 from einpar.testing import programs
-from einpar.tolerance import compare, program_tolerance
+from einpar.tolerance import compare, compare_outputs, program_tolerance
 
 from test_generated_programs import check_and_evaluate, compile_generated  # noqa: E402
 
@@ -117,6 +117,7 @@ def test_generated_fp8_programs_check_and_simulate_as_the_reference(generated):
     inputs = api.random_inputs(program, 0)
     reference = evaluate(program, inputs)
     outputs, _ = api.run_simulated(program, inputs)
-    for output in program.outputs:
-        assert compare(output.name, reference[output.name], outputs[output.name],
-                       program_tolerance(program)).ok
+    # A comparison of an fp8 sum the devices add in another order may decide the other way:
+    # judged with the reference's own rounding band (docs/testing.md, "Tolerances").
+    for result in compare_outputs(program, inputs, reference, outputs):
+        assert result.ok, result
