@@ -262,6 +262,11 @@ class _IntegerProgram:
         """A value held from the start, or made in one layout `held` whatever its maker's
         choice: y[v, L] >= the choices of each reader that need it in L, each y paid once
         from that layout."""
+        if self._alone(problem, readers, required):  # its moves are its one reader's own
+            for col, choice in zip(self.x[readers[0]], self.needs[readers[0]]):
+                self._charge(col, [problem.move(value, held, layout)
+                                   for layout in choice.get(value, ())])
+            return
         y: dict[Layout, int] = {}
         for node in readers:
             wants: dict[Layout, list[int]] = {}
@@ -276,6 +281,21 @@ class _IntegerProgram:
             if layout not in y:
                 y[layout] = self._copy(problem, value, held, layout)
             self.lower[y[layout]] = 1.0
+
+    @staticmethod
+    def _alone(problem: Problem, readers: list[int], required: list[Layout]) -> bool:
+        """Whether a value's moves serve one reader alone (nothing asked of it at the end, no
+        memory bound counting its copies): each is then paid by that reader's choice, a
+        price of the choice (or of the pair e) rather than a variable shared by readers,
+        the same LP with fewer variables and rows."""
+        return len(readers) == 1 and not required and problem.memory_limit is None
+
+    def _charge(self, col: int, moves: list[float | None]) -> None:
+        """Add the moves to column `col`'s price; a move no reshard makes rules it out."""
+        if None in moves:
+            self.upper[col] = 0.0
+        else:
+            self.costs[col] += sum(moves)
 
     def _copy(self, problem: Problem, value: str, made: Layout, layout: Layout,
               hi: float = 1.0) -> int:
@@ -304,11 +324,15 @@ class _IntegerProgram:
                     m[source, layout] = self._copy(problem, value, source, layout, hi=math.inf)
             return m[source, layout]
 
+        alone = self._alone(problem, readers, required)
         for node in readers:
             # The reader's choices by the set of layouts they need the value in.
             by_set: dict[tuple[Layout, ...], list[int]] = {}
             for col, choice in zip(self.x[node], self.needs[node]):
                 by_set.setdefault(choice.get(value, ()), []).append(col)
+            if alone:
+                self._one_reader(problem, value, made, by_set)
+                continue
             serves: dict[int, list[tuple[int, float]]] = {}  # m[F, L] -> the e[S, F], S holding L
             if len(by_set) == 1:  # every choice needs the same layouts: e[S, F] is made(F)
                 layouts = next(iter(by_set))
@@ -350,6 +374,33 @@ class _IntegerProgram:
                 else:
                     self.constraint([(col, 1.0)] + [(choice, -1.0) for choice in cols], 0.0, math.inf)
 
+    def _one_reader(self, problem: Problem, value: str, made: dict[Layout, list[int]],
+                    by_set: dict[tuple[Layout, ...], list[int]]) -> None:
+        """`_made` for a value read by one node alone: the moves F -> S are the price of
+        e[S, F] (of the maker's choices making F where every choice of the reader needs S)."""
+        def moves(source: Layout, layouts: tuple[Layout, ...]) -> list[float | None]:
+            return [problem.move(value, source, layout) for layout in layouts]
+
+        if len(by_set) == 1:
+            layouts = next(iter(by_set))
+            for source, cols in made.items():
+                price = moves(source, layouts)
+                for col in cols:
+                    self._charge(col, price)
+            return
+        e: dict[Layout, list[int]] = {source: [] for source in made}
+        for layouts, cols in by_set.items():
+            terms = []
+            for source in made:
+                pair = self.var(0.0)
+                self._charge(pair, moves(source, layouts))
+                e[source].append(pair)
+                terms.append((pair, 1.0))
+            self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
+        for source, pairs in e.items():  # sum_S e[S, F] = made(F)
+            self.constraint([(pair, 1.0) for pair in pairs] + [(col, -1.0) for col in made[source]],
+                            0.0, 0.0)
+
     def _arrays(self):
         from scipy.optimize import Bounds, LinearConstraint
         from scipy.sparse import coo_matrix
@@ -367,8 +418,10 @@ class _IntegerProgram:
         from scipy.optimize import milp
 
         costs, bounds, constraints = self._arrays()
+        # Without presolve: on these LPs (a few thousand columns, rows of a few terms) the
+        # simplex alone takes two thirds of the time presolve and simplex take together.
         result = milp(costs, integrality=np.zeros(len(costs)), bounds=bounds, constraints=constraints,
-                      options={"time_limit": TIME_LIMIT_S})
+                      options={"time_limit": TIME_LIMIT_S, "presolve": False})
         if result.x is None:
             return None
         for node in self.x:
