@@ -284,12 +284,13 @@ class Search(RepeatSearch):
                 if not isinstance(op, Repeat)}
         repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
         axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
+        axes = self.axis_order(level, axes)
         near = _Neighbourhoods(level.ops)
         changed: dict[int, set[int] | None] = {position: None for position in axes}  # None: all
         dirty = set(axes)
         plan, solves = None, 0
         while dirty and solves < MAX_SWEEPS * len(axes):
-            position = next(p for p in axes if p in dirty)  # mesh order, deterministic
+            position = next(p for p in axes if p in dirty)  # in axis_order, deterministic
             axis = self.mesh.names[position]
             free = None if changed[position] is None else near.within(changed[position], RESOLVE_RADIUS)
             nodes = []
@@ -345,6 +346,19 @@ class Search(RepeatSearch):
             nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
             picks.append(0)
         return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
+
+    def axis_order(self, level: _Level, axes: list[int]) -> list[int]:
+        """`axes` (mesh positions), those that more of the layouts asked for (inputs, params,
+        pins, outputs) name first; mesh order among equals."""
+        layouts = list(level.fixed.values()) + [layout for layout in level.required.values() if layout] + \
+            [self.pin(op) for op in level.ops if not isinstance(op, Repeat) and op.result.layout]
+        names = self.mesh.names
+
+        def named(position: int) -> int:
+            axis = names[position]
+            return sum(1 for layout in layouts
+                       if layout.dim_of(axis) is not None or layout.partial_kind(axis) is not None)
+        return sorted(axes, key=lambda position: -named(position))
 
     def start_roles(self, op: Op, level: _Level) -> tuple:
         """Where the axis-by-axis search starts an op: its roles in the last plan found for
