@@ -352,13 +352,13 @@ class _IntegerProgram:
                 terms = []
                 for source in made:
                     moves = [move(source, layout) for layout in layouts]
-                    reachable = None not in moves
-                    pair = self.var(0.0, hi=1.0 if reachable else 0.0)
+                    if None in moves:  # no reshard serves the pair: e[S, F] = 0, left out
+                        continue
+                    pair = self.var(0.0)
                     e[source].append(pair)
                     terms.append((pair, 1.0))
-                    if reachable:
-                        for col in moves:
-                            serves.setdefault(col, []).append((pair, 1.0))
+                    for col in moves:
+                        serves.setdefault(col, []).append((pair, 1.0))
                 self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
             for source, pairs in e.items():  # sum_S e[S, F] = made(F)
                 self.constraint([(pair, 1.0) for pair in pairs] + [(col, -1.0) for col in made[source]],
@@ -392,8 +392,10 @@ class _IntegerProgram:
         for layouts, cols in by_set.items():
             terms = []
             for source in made:
-                pair = self.var(0.0)
-                self._charge(pair, moves(source, layouts))
+                price = moves(source, layouts)
+                if None in price:  # no reshard serves the pair: e[S, F] = 0, left out
+                    continue
+                pair = self.var(sum(price))
                 e[source].append(pair)
                 terms.append((pair, 1.0))
             self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
@@ -415,19 +417,53 @@ class _IntegerProgram:
 
     def relaxed(self) -> list[int] | None:
         """The picks of the LP relaxation if it is integral, else None."""
-        from scipy.optimize import milp
-
-        costs, bounds, constraints = self._arrays()
-        # Without presolve: on these LPs (a few thousand columns, rows of a few terms) the
-        # simplex alone takes two thirds of the time presolve and simplex take together.
-        result = milp(costs, integrality=np.zeros(len(costs)), bounds=bounds, constraints=constraints,
-                      options={"time_limit": TIME_LIMIT_S, "presolve": False})
-        if result.x is None:
+        solution = self._lp_solution()
+        if solution is None:
             return None
         for node in self.x:
-            if abs(result.x[node].max() - 1.0) > 1e-7:
+            if abs(solution[node].max() - 1.0) > 1e-7:
                 return None
-        return self._picks(result.x)
+        return self._picks(solution)
+
+    def _lp_solution(self) -> np.ndarray | None:
+        """The LP relaxation's optimum (None if HiGHS finds none), solved without presolve:
+        on these LPs (a few thousand columns, rows of a few terms) the simplex alone takes
+        two thirds of the time presolve and simplex take together. Through the HiGHS
+        binding scipy ships where it has one: scipy.optimize.milp's checks and conversions
+        take a third as long as the simplex."""
+        try:
+            from scipy.optimize._highspy import _core as highs
+            model = highs.HighsLp()
+            solver = highs._Highs()
+        except (ImportError, AttributeError):  # an older scipy: through milp
+            from scipy.optimize import milp
+
+            costs, bounds, constraints = self._arrays()
+            result = milp(costs, integrality=np.zeros(len(costs)), bounds=bounds,
+                          constraints=constraints,
+                          options={"time_limit": TIME_LIMIT_S, "presolve": False})
+            return result.x
+        from scipy.sparse import csc_matrix
+
+        columns, rows = len(self.costs), len(self.row_lo)
+        matrix = csc_matrix((self.vals, (self.rows, self.cols)), shape=(rows, columns))
+        model.num_col_, model.num_row_ = columns, rows
+        model.col_cost_ = np.array(self.costs)
+        model.col_lower_, model.col_upper_ = np.array(self.lower), np.array(self.upper)
+        model.row_lower_, model.row_upper_ = np.array(self.row_lo), np.array(self.row_hi)
+        model.a_matrix_.format_ = highs.MatrixFormat.kColwise
+        model.a_matrix_.num_col_, model.a_matrix_.num_row_ = columns, rows
+        model.a_matrix_.start_ = matrix.indptr
+        model.a_matrix_.index_ = matrix.indices
+        model.a_matrix_.value_ = matrix.data
+        solver.setOptionValue("output_flag", False)
+        solver.setOptionValue("presolve", "off")
+        solver.setOptionValue("time_limit", TIME_LIMIT_S)
+        solver.passModel(model)
+        solver.run()
+        if solver.getModelStatus() != highs.HighsModelStatus.kOptimal:
+            return None
+        return np.array(solver.getSolution().col_value)
 
     def integral(self) -> tuple[list[int], int]:
         from scipy.optimize import milp
