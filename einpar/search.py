@@ -96,6 +96,7 @@ class _Level:
         self.types = types or {}  # per-trip types of stacked params (a name means a slice here)
         self.fixed = fixed  # value -> its (actual) layout
         self.required = required  # value -> the layout asked for at the end (None: whole)
+        self._first_readers: dict[str, Op] | None = None  # value -> first_reader, when asked
 
     def problem(self, nodes: list) -> Problem:
         part = self.part
@@ -112,6 +113,16 @@ class _Level:
                        {v: part.key(layout) for v, layout in finals.items()},
                        part.move_price, tuple(required), limit, part.layout_bytes,
                        tables=part._tables, value_type=part.vtype)
+
+    def first_reader(self, value: str) -> Op | None:
+        """The first op of the level (not a loop) that reads `value`."""
+        if self._first_readers is None:
+            self._first_readers = {}
+            for op in self.ops:
+                if not isinstance(op, Repeat):
+                    for operand in op.operands:
+                        self._first_readers.setdefault(operand.value, op)
+        return self._first_readers.get(value)
 
     def node_choices(self, op, roles_list) -> list:
         return self.part.op_choices(op, roles_list, self.required.get(op.result.name, "-"),

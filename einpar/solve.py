@@ -207,7 +207,7 @@ class _IntegerProgram:
         self.row_hi: list[float] = []
         self.x = [[self.var(choice.price, binary=True) for choice in node] for node in problem.nodes]
         for node in self.x:
-            self.constraint([(col, 1.0) for col in node], 1.0, 1.0)
+            self.constraint(node, (), 1.0, 1.0)
         # Which node makes each value, and under which choices in which layout; who reads it.
         self.made_by: dict[str, dict[Layout, list[int]]] = {}
         readers: dict[str, dict[int, None]] = {}
@@ -238,7 +238,7 @@ class _IntegerProgram:
         if problem.memory_limit is not None:
             terms = [(col, float(choice.memory)) for node, cols in zip(problem.nodes, self.x)
                      for choice, col in zip(node, cols) if choice.memory]
-            self.constraint(terms + self.memory, -math.inf, problem.memory_limit)
+            self.weighted_constraint(terms + self.memory, -math.inf, problem.memory_limit)
 
     def var(self, cost: float, lo: float = 0.0, hi: float = 1.0, binary: bool = False) -> int:
         self.costs.append(cost)
@@ -247,7 +247,19 @@ class _IntegerProgram:
         self.integer.append(1 if binary else 0)
         return len(self.costs) - 1
 
-    def constraint(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
+    def constraint(self, plus, minus, lo: float, hi: float) -> None:
+        """lo <= the columns `plus` less the columns `minus` <= hi (every other row is such a
+        sum: built from lists of columns, not of (column, coefficient) pairs)."""
+        count = len(plus) + len(minus)
+        self.rows.extend([len(self.row_lo)] * count)
+        self.cols.extend(plus)
+        self.cols.extend(minus)
+        self.vals.extend([1.0] * len(plus))
+        self.vals.extend([-1.0] * len(minus))
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+
+    def weighted_constraint(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
         row = len(self.row_lo)
         for col, val in terms:
             self.rows.append(row)
@@ -276,7 +288,7 @@ class _IntegerProgram:
             for layout, cols in wants.items():
                 if layout not in y:
                     y[layout] = self._copy(problem, value, held, layout)
-                self.constraint([(col, 1.0) for col in cols] + [(y[layout], -1.0)], -math.inf, 0.0)
+                self.constraint(cols, (y[layout],), -math.inf, 0.0)
         for layout in required:
             if layout not in y:
                 y[layout] = self._copy(problem, value, held, layout)
@@ -333,7 +345,7 @@ class _IntegerProgram:
             if alone:
                 self._one_reader(problem, value, made, by_set)
                 continue
-            serves: dict[int, list[tuple[int, float]]] = {}  # m[F, L] -> the e[S, F], S holding L
+            serves: dict[int, list[int]] = {}  # m[F, L] -> the e[S, F], S holding L
             if len(by_set) == 1:  # every choice needs the same layouts: e[S, F] is made(F)
                 layouts = next(iter(by_set))
                 for source, cols in made.items():
@@ -343,9 +355,9 @@ class _IntegerProgram:
                             self.upper[choice] = 0.0
                         continue
                     for col in moves:
-                        serves.setdefault(col, []).extend((choice, 1.0) for choice in cols)
+                        serves.setdefault(col, []).extend(cols)
                 for col, terms in serves.items():
-                    self.constraint(terms + [(col, -1.0)], -math.inf, 0.0)
+                    self.constraint(terms, (col,), -math.inf, 0.0)
                 continue
             e: dict[Layout, list[int]] = {source: [] for source in made}
             for layouts, cols in by_set.items():
@@ -356,15 +368,14 @@ class _IntegerProgram:
                         continue
                     pair = self.var(0.0)
                     e[source].append(pair)
-                    terms.append((pair, 1.0))
+                    terms.append(pair)
                     for col in moves:
-                        serves.setdefault(col, []).append((pair, 1.0))
-                self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
+                        serves.setdefault(col, []).append(pair)
+                self.constraint(terms, cols, 0.0, 0.0)
             for source, pairs in e.items():  # sum_S e[S, F] = made(F)
-                self.constraint([(pair, 1.0) for pair in pairs] + [(col, -1.0) for col in made[source]],
-                                0.0, 0.0)
+                self.constraint(pairs, made[source], 0.0, 0.0)
             for col, terms in serves.items():  # m[F, L] >= sum of e[S, F] over S holding L
-                self.constraint(terms + [(col, -1.0)], -math.inf, 0.0)
+                self.constraint(terms, (col,), -math.inf, 0.0)
         for layout in required:
             for source, cols in made.items():
                 col = move(source, layout)
@@ -372,7 +383,7 @@ class _IntegerProgram:
                     for choice in cols:
                         self.upper[choice] = 0.0
                 else:
-                    self.constraint([(col, 1.0)] + [(choice, -1.0) for choice in cols], 0.0, math.inf)
+                    self.constraint((col,), cols, 0.0, math.inf)
 
     def _one_reader(self, problem: Problem, value: str, made: dict[Layout, list[int]],
                     by_set: dict[tuple[Layout, ...], list[int]]) -> None:
@@ -397,11 +408,10 @@ class _IntegerProgram:
                     continue
                 pair = self.var(sum(price))
                 e[source].append(pair)
-                terms.append((pair, 1.0))
-            self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
+                terms.append(pair)
+            self.constraint(terms, cols, 0.0, 0.0)
         for source, pairs in e.items():  # sum_S e[S, F] = made(F)
-            self.constraint([(pair, 1.0) for pair in pairs] + [(col, -1.0) for col in made[source]],
-                            0.0, 0.0)
+            self.constraint(pairs, made[source], 0.0, 0.0)
 
     def _arrays(self):
         from scipy.optimize import Bounds, LinearConstraint
