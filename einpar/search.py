@@ -50,7 +50,7 @@ JOINT_LIMIT = 100
 MAX_SWEEPS = 4
 # An axis solved again frees the ops within this many values of an op whose roles on another
 # axis changed since (axis_by_axis); the others keep their roles on it.
-RESOLVE_RADIUS = 2
+RESOLVE_RADIUS = 1
 # An op with more strategies than this over all axes (6^5 for a matmul on 5 axes) could never
 # be searched jointly: `compile` says the plan is optimal only axis by axis (W104). Below it
 # the axis-by-axis search is used for speed; on every example and every program of
