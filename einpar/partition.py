@@ -28,7 +28,8 @@ from .errors import Diagnostic, EinparError
 from .ir import Op, Output, Program, Repeat, TensorType, after_backward_start, walk_ops
 from .layout import Layout, Mesh, local_bytes
 from .objective import Objective, make_objective
-from .search import FRESH, JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _detail, _Level
+from .search import (FRESH, JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _detail,
+                     _Level)
 from .solve import Choice, Problem
 from .strategies import PARTIAL, Partial, Strategy, axis_roles, build, strip
 

@@ -35,9 +35,10 @@ transformer block's training step its optimum is integral on every axis
 
 It is solved exactly, first by dynamic programming over the program's graph
 (eliminate.py: fast where each value has few readers, as in a transformer
-layer), else by HiGHS (scipy.optimize.milp) to a zero gap, its LP relaxation
-first; either way the plan is optimal for the prices given. `exhaustive`
-enumerates every combination instead, for tests on small programs.
+layer), else by HiGHS (scipy's binding of it, or scipy.optimize.milp) to a
+zero gap, its LP relaxation first; either way the plan is optimal for the
+prices given. `exhaustive` enumerates every combination instead, for tests on
+small programs.
 """
 
 from __future__ import annotations
