@@ -301,9 +301,11 @@ class Search(RepeatSearch):
         near = _Neighbourhoods(level.ops)
         changed: dict[int, set[int] | None] = {position: None for position in axes}  # None: all
         dirty = set(axes)
+        deferred: set[int] = set()  # axes with no plan against the start (see below)
         plan, solves = None, 0
         while dirty and solves < MAX_SWEEPS * len(axes):
-            position = next(p for p in axes if p in dirty)  # in axis_order, deterministic
+            # In axis_order, deterministic.
+            position = next(p for p in axes if p in dirty and p not in deferred)
             axis = self.mesh.names[position]
             free = None if changed[position] is None else near.within(changed[position], RESOLVE_RADIUS)
             nodes = []
@@ -317,7 +319,17 @@ class Search(RepeatSearch):
                     options += [current[:position] + (role,) + current[position + 1:]
                                 for role in self.roles(op, axis, level) if role != current[position]]
                 nodes.append(level.node_choices(op, options))
-            found = self.solve_nodes(level, nodes, level.ops)
+            try:
+                found = self.solve_nodes(level, nodes, level.ops)
+            except EinparError:
+                # Before any plan, an axis may have none against the others' start (a value
+                # pinned partial over another axis, read while its maker still holds copies
+                # there): another axis is solved first, this one after it.
+                if plan is None and any(p in dirty and p not in deferred | {position} for p in axes):
+                    deferred.add(position)
+                    continue
+                raise
+            deferred.clear()
             solves += 1
             dirty.discard(position)
             changed[position] = set()
