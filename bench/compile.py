@@ -40,7 +40,8 @@ against that of its forward program (the same file without its `loss`,
 `optimizer`, `microbatches` and `remat`, outputting the loss), in one
 process, as CPU seconds of the process (the medians of several runs, the two
 programs alternating): on a machine shared with other work, wall time
-measures the neighbours too. Goal: a training step within 3x its forward.
+measures the neighbours too (CPU time still varies with them, by a few tenths
+of the ratio between runs). Goal: a training step within 3x its forward.
 
 Then meshes of many axes, each against the same program on a small mesh (the
 ratio): a matmul on 8 axes of size 2, on 64 axes (20 of size 2, 44 of size

@@ -163,7 +163,12 @@ def _value_table(problem, value: str, scope: list[int], maker: int | None,
         if len(sources) << width < 1 << 63:
             keys, inverse = np.unique((source << np.uint64(width) | mask).ravel(),
                                       return_inverse=True)
-            pairs = [(int(key) >> width, int(key) & ((1 << width) - 1)) for key in keys]
+            # Each pair's price at once: the prices of the layouts its bits name, summed.
+            bits = (keys[:, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)
+            rows_of = np.array(prices, dtype=float).reshape(len(sources), width)
+            source_rows = rows_of[(keys >> np.uint64(width)).astype(np.intp)]
+            prices_of = np.where(bits.astype(bool), source_rows, 0.0).sum(axis=1)
+            return prices_of[inverse.ravel()].reshape(shape)
         else:
             columns, inverse = np.unique(np.stack([source.ravel(), mask.ravel()]), axis=1,
                                          return_inverse=True)

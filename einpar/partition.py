@@ -16,6 +16,8 @@ them, and the entry points.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import math
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from .errors import Diagnostic, EinparError
 from .ir import Op, Output, Program, Repeat, TensorType, after_backward_start, walk_ops
 from .layout import Layout, Mesh, local_bytes
 from .objective import Objective, make_objective
-from .search import FRESH, JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _Level
+from .search import (FRESH, JOINT_LIMIT, MAX_SWEEPS, WARN_STRATEGIES, Search, SearchLimit, _detail,
+                     _Level)
 from .solve import Choice, Problem
 from .strategies import PARTIAL, Partial, Strategy, axis_roles, build, strip
 
@@ -66,6 +69,8 @@ class _Partitioner(Search, Materializer):
         self._strategies: dict = {}
         self._axis_roles: dict = {}
         self._choices: dict = {}
+        self._forms: dict = {}  # id(op) -> its form (_form)
+        self._priced: dict = {}  # (form, roles, whole) -> what _price found
         self._bodies: dict = {}
         self._body_errors: dict = {}  # id(repeat) -> why its body runs with nothing whole
         self._keys: dict = {}  # layout -> the same layout on the mesh's axes of size > 1
@@ -126,33 +131,57 @@ class _Partitioner(Search, Materializer):
         # Whether the result must end whole (an output asked for in no layout, or a value a
         # loop saves) changes the price: a loop body is solved with either (saved values).
         whole = is_output and output is None
+        form = self._form(op)
         for roles in roles_list:
-            strategy = self.strategy(op, roles)
-            if strategy is None:
-                continue
             cached = self._choices.get((id(op), roles, whole))
             if cached is None:
-                price = self.objective.compute(op, dict(strategy.local_sizes), strategy.flops,
-                                               strategy.operand_layouts, strategy.result_layout,
-                                               operand_types)
-                final = self.key(strategy.result_layout)
-                if constraint is not None and self.key(constraint) != final:
-                    extra = self.move_price(op.result.name, final, self.key(constraint))
-                    if extra is None:
-                        self._choices[(id(op), roles, whole)] = False
-                        continue
-                    price += extra
-                    final = self.key(constraint)
-                if whole and final.partial:
-                    price += self.move_price(op.result.name, final, Layout(final.dims))
-                needs = tuple((self.read_name(op, o.value), self.key(layout))
-                              for o, layout in zip(op.operands, strategy.operand_layouts))
-                memory = local_bytes(final, vtype.shape, vtype.dtype, self.mesh)
-                cached = Choice(price, needs, ((op.result.name, final),), memory)
+                priced = self._priced.get((form, roles, whole))
+                if priced is None:
+                    priced = self._priced[form, roles, whole] = \
+                        self._price(op, roles, whole, constraint, vtype, operand_types)
+                if priced is False:
+                    cached = False
+                else:
+                    price, layouts, final, memory = priced
+                    needs = tuple((self.read_name(op, o.value), layout)
+                                  for o, layout in zip(op.operands, layouts))
+                    cached = Choice(price, needs, ((op.result.name, final),), memory)
                 self._choices[(id(op), roles, whole)] = cached
             if cached is not False:
                 choices.append((roles, cached))
         return choices
+
+    def _form(self, op: Op) -> tuple:
+        """What the prices of `op`'s strategies depend on besides their roles: ops of one
+        form (a recomputed op and its original, a backward pass's alike ops) share them."""
+        form = self._forms.get(id(op))
+        if form is None:
+            form = self._forms[id(op)] = (
+                type(op), _detail(op), tuple(o.indices for o in op.operands),
+                tuple(self.vtype(o.value) for o in op.operands), op.result.type,
+                self.vtype(op.result.name), self.pin(op))
+        return form
+
+    def _price(self, op: Op, roles: tuple, whole: bool, constraint, vtype, operand_types):
+        """(price, operand layouts, result layout, bytes of the result) of `op` with these
+        roles, or False where no such strategy is valid."""
+        strategy = self.strategy(op, roles)
+        if strategy is None:
+            return False
+        price = self.objective.compute(op, dict(strategy.local_sizes), strategy.flops,
+                                       strategy.operand_layouts, strategy.result_layout,
+                                       operand_types)
+        final = self.key(strategy.result_layout)
+        if constraint is not None and self.key(constraint) != final:
+            extra = self.move_price(op.result.name, final, self.key(constraint))
+            if extra is None:
+                return False
+            price += extra
+            final = self.key(constraint)
+        if whole and final.partial:
+            price += self.move_price(op.result.name, final, Layout(final.dims))
+        layouts = tuple(self.key(layout) for layout in strategy.operand_layouts)
+        return price, layouts, final, local_bytes(final, vtype.shape, vtype.dtype, self.mesh)
 
     # ---- roles
 
@@ -240,4 +269,21 @@ def partition(program: Program, objective: Objective | None = None,
             hint="compile it with einpar.lower.compile_program (or einpar.api.compile_spmd), "
                  "which partitions einpar.pipeline.stage_program"))
     expanded = expand_library(program)
-    return _Partitioner(expanded, objective or make_objective(expanded), memory_limit).run()
+    with _collector_paused():
+        return _Partitioner(expanded, objective or make_objective(expanded), memory_limit).run()
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector held off while the search runs: the search makes
+    hundreds of thousands of objects that live until it ends (prices, choices, the rows of
+    its integer programs) and no cycles to speak of, so each pass of the collector walks them
+    for nothing (a fifth of a training step's partitioning). What a pass would have found
+    is collected at the next one after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -13,6 +13,7 @@ strategies (solve.py), solved exactly:
   the other axes' held, an axis solved again only after another changed the
   plan, until none lowers its price (at most MAX_SWEEPS solves per axis); a
   second solve of an axis frees only the ops near those whose roles changed.
+  The axes the layouts asked for name most are solved first (axis_order).
   Each step has a few choices per op, so the work grows with the number of
   axes, not exponentially; the plan is optimal along each axis, not proven
   jointly (W104 where an op has more than WARN_STRATEGIES strategies).
@@ -49,8 +50,9 @@ from .strategies import Partial, op_indices
 JOINT_LIMIT = 100
 MAX_SWEEPS = 4
 # An axis solved again frees the ops within this many values of an op whose roles on another
-# axis changed since (axis_by_axis); the others keep their roles on it.
-RESOLVE_RADIUS = 2
+# axis changed since (axis_by_axis); the others keep their roles on it. One finds the same
+# plans as two on every example and partition program, with re-solves half as large.
+RESOLVE_RADIUS = 1
 # An op with more strategies than this over all axes (6^5 for a matmul on 5 axes) could never
 # be searched jointly: `compile` says the plan is optimal only axis by axis (W104). Below it
 # the axis-by-axis search is used for speed; on every example and every program of
@@ -96,6 +98,7 @@ class _Level:
         self.types = types or {}  # per-trip types of stacked params (a name means a slice here)
         self.fixed = fixed  # value -> its (actual) layout
         self.required = required  # value -> the layout asked for at the end (None: whole)
+        self._first_readers: dict[str, Op] | None = None  # value -> first_reader, when asked
 
     def problem(self, nodes: list) -> Problem:
         part = self.part
@@ -112,6 +115,16 @@ class _Level:
                        {v: part.key(layout) for v, layout in finals.items()},
                        part.move_price, tuple(required), limit, part.layout_bytes,
                        tables=part._tables, value_type=part.vtype)
+
+    def first_reader(self, value: str) -> Op | None:
+        """The first op of the level (not a loop) that reads `value`."""
+        if self._first_readers is None:
+            self._first_readers = {}
+            for op in self.ops:
+                if not isinstance(op, Repeat):
+                    for operand in op.operands:
+                        self._first_readers.setdefault(operand.value, op)
+        return self._first_readers.get(value)
 
     def node_choices(self, op, roles_list) -> list:
         return self.part.op_choices(op, roles_list, self.required.get(op.result.name, "-"),
@@ -284,12 +297,15 @@ class Search(RepeatSearch):
                 if not isinstance(op, Repeat)}
         repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
         axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
+        axes = self.axis_order(level, axes)
         near = _Neighbourhoods(level.ops)
         changed: dict[int, set[int] | None] = {position: None for position in axes}  # None: all
         dirty = set(axes)
+        deferred: set[int] = set()  # axes with no plan against the start (see below)
         plan, solves = None, 0
         while dirty and solves < MAX_SWEEPS * len(axes):
-            position = next(p for p in axes if p in dirty)  # mesh order, deterministic
+            # In axis_order, deterministic.
+            position = next(p for p in axes if p in dirty and p not in deferred)
             axis = self.mesh.names[position]
             free = None if changed[position] is None else near.within(changed[position], RESOLVE_RADIUS)
             nodes = []
@@ -303,7 +319,17 @@ class Search(RepeatSearch):
                     options += [current[:position] + (role,) + current[position + 1:]
                                 for role in self.roles(op, axis, level) if role != current[position]]
                 nodes.append(level.node_choices(op, options))
-            found = self.solve_nodes(level, nodes, level.ops)
+            try:
+                found = self.solve_nodes(level, nodes, level.ops)
+            except EinparError:
+                # Before any plan, an axis may have none against the others' start (a value
+                # pinned partial over another axis, read while its maker still holds copies
+                # there): another axis is solved first, this one after it.
+                if plan is None and any(p in dirty and p not in deferred | {position} for p in axes):
+                    deferred.add(position)
+                    continue
+                raise
+            deferred.clear()
             solves += 1
             dirty.discard(position)
             changed[position] = set()
@@ -345,6 +371,24 @@ class Search(RepeatSearch):
             nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
             picks.append(0)
         return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
+
+    def axis_order(self, level: _Level, axes: list[int]) -> list[int]:
+        """`axes` (mesh positions), those that more of the layouts asked for (inputs, params,
+        pins, outputs) name first; mesh order among equals. Every op starts with copies on
+        every axis: an axis few layouts name (data parallelism's, on the batch alone) solved
+        first, against copies on the others, barely moves and is solved again once they
+        have; the axis most layouts name moves most, and the others are then solved once
+        against it."""
+        layouts = list(level.fixed.values()) + \
+            [layout for layout in level.required.values() if layout] + \
+            [self.pin(op) for op in level.ops if not isinstance(op, Repeat) and op.result.layout]
+        names = self.mesh.names
+
+        def named(position: int) -> int:
+            axis = names[position]
+            return sum(1 for layout in layouts
+                       if layout.dim_of(axis) is not None or layout.partial_kind(axis) is not None)
+        return sorted(axes, key=lambda position: -named(position))
 
     def start_roles(self, op: Op, level: _Level) -> tuple:
         """Where the axis-by-axis search starts an op: its roles in the last plan found for

@@ -164,16 +164,14 @@ class RepeatSearch:
         pinned partial (a micro-batch accumulator of a stacked param's gradient): that pin,
         so each trip leaves its slice a partial sum, reduced once after the last
         micro-batch, not every trip."""
-        for reader in level.ops:
-            if isinstance(reader, Repeat) or not any(o.value == saved.result.name
-                                                     for o in reader.operands):
-                continue
-            pin = self.pin(reader) if reader.result.layout is not None else None
-            if pin is None or not pin.partial or pin.dims[0] or not isinstance(reader, Map) or \
-                    any(o.indices != reader.result.type.indices for o in reader.operands):
-                return None
-            return Layout(pin.dims[1:], pin.partial)
-        return None
+        reader = level.first_reader(saved.result.name)
+        if reader is None:
+            return None
+        pin = self.pin(reader) if reader.result.layout is not None else None
+        if pin is None or not pin.partial or pin.dims[0] or not isinstance(reader, Map) or \
+                any(o.indices != reader.result.type.indices for o in reader.operands):
+            return None
+        return Layout(pin.dims[1:], pin.partial)
 
     def made_layouts(self, value: str, level: _Level) -> list[Layout]:
         """The layouts `value` may be made in at `level`: where it is fixed, its layout;

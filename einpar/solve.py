@@ -35,9 +35,10 @@ transformer block's training step its optimum is integral on every axis
 
 It is solved exactly, first by dynamic programming over the program's graph
 (eliminate.py: fast where each value has few readers, as in a transformer
-layer), else by HiGHS (scipy.optimize.milp) to a zero gap, its LP relaxation
-first; either way the plan is optimal for the prices given. `exhaustive`
-enumerates every combination instead, for tests on small programs.
+layer), else by HiGHS (scipy's binding of it, or scipy.optimize.milp) to a
+zero gap, its LP relaxation first; either way the plan is optimal for the
+prices given. `exhaustive` enumerates every combination instead, for tests on
+small programs.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ class _IntegerProgram:
         self.row_hi: list[float] = []
         self.x = [[self.var(choice.price, binary=True) for choice in node] for node in problem.nodes]
         for node in self.x:
-            self.constraint([(col, 1.0) for col in node], 1.0, 1.0)
+            self.constraint(node, (), 1.0, 1.0)
         # Which node makes each value, and under which choices in which layout; who reads it.
         self.made_by: dict[str, dict[Layout, list[int]]] = {}
         readers: dict[str, dict[int, None]] = {}
@@ -238,7 +239,7 @@ class _IntegerProgram:
         if problem.memory_limit is not None:
             terms = [(col, float(choice.memory)) for node, cols in zip(problem.nodes, self.x)
                      for choice, col in zip(node, cols) if choice.memory]
-            self.constraint(terms + self.memory, -math.inf, problem.memory_limit)
+            self.weighted_constraint(terms + self.memory, -math.inf, problem.memory_limit)
 
     def var(self, cost: float, lo: float = 0.0, hi: float = 1.0, binary: bool = False) -> int:
         self.costs.append(cost)
@@ -247,7 +248,19 @@ class _IntegerProgram:
         self.integer.append(1 if binary else 0)
         return len(self.costs) - 1
 
-    def constraint(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
+    def constraint(self, plus, minus, lo: float, hi: float) -> None:
+        """lo <= the columns `plus` less the columns `minus` <= hi (every other row is such a
+        sum: built from lists of columns, not of (column, coefficient) pairs)."""
+        count = len(plus) + len(minus)
+        self.rows.extend([len(self.row_lo)] * count)
+        self.cols.extend(plus)
+        self.cols.extend(minus)
+        self.vals.extend([1.0] * len(plus))
+        self.vals.extend([-1.0] * len(minus))
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+
+    def weighted_constraint(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
         row = len(self.row_lo)
         for col, val in terms:
             self.rows.append(row)
@@ -262,6 +275,11 @@ class _IntegerProgram:
         """A value held from the start, or made in one layout `held` whatever its maker's
         choice: y[v, L] >= the choices of each reader that need it in L, each y paid once
         from that layout."""
+        if self._alone(problem, readers, required):  # its moves are its one reader's own
+            for col, choice in zip(self.x[readers[0]], self.needs[readers[0]]):
+                self._charge(col, [problem.move(value, held, layout)
+                                   for layout in choice.get(value, ())])
+            return
         y: dict[Layout, int] = {}
         for node in readers:
             wants: dict[Layout, list[int]] = {}
@@ -271,11 +289,26 @@ class _IntegerProgram:
             for layout, cols in wants.items():
                 if layout not in y:
                     y[layout] = self._copy(problem, value, held, layout)
-                self.constraint([(col, 1.0) for col in cols] + [(y[layout], -1.0)], -math.inf, 0.0)
+                self.constraint(cols, (y[layout],), -math.inf, 0.0)
         for layout in required:
             if layout not in y:
                 y[layout] = self._copy(problem, value, held, layout)
             self.lower[y[layout]] = 1.0
+
+    @staticmethod
+    def _alone(problem: Problem, readers: list[int], required: list[Layout]) -> bool:
+        """Whether a value's moves serve one reader alone (nothing asked of it at the end, no
+        memory bound counting its copies): each is then paid by that reader's choice, a
+        price of the choice (or of the pair e) rather than a variable shared by readers,
+        the same LP with fewer variables and rows."""
+        return len(readers) == 1 and not required and problem.memory_limit is None
+
+    def _charge(self, col: int, moves: list[float | None]) -> None:
+        """Add the moves to column `col`'s price; a move no reshard makes rules it out."""
+        if None in moves:
+            self.upper[col] = 0.0
+        else:
+            self.costs[col] += sum(moves)
 
     def _copy(self, problem: Problem, value: str, made: Layout, layout: Layout,
               hi: float = 1.0) -> int:
@@ -304,12 +337,16 @@ class _IntegerProgram:
                     m[source, layout] = self._copy(problem, value, source, layout, hi=math.inf)
             return m[source, layout]
 
+        alone = self._alone(problem, readers, required)
         for node in readers:
             # The reader's choices by the set of layouts they need the value in.
             by_set: dict[tuple[Layout, ...], list[int]] = {}
             for col, choice in zip(self.x[node], self.needs[node]):
                 by_set.setdefault(choice.get(value, ()), []).append(col)
-            serves: dict[int, list[tuple[int, float]]] = {}  # m[F, L] -> the e[S, F], S holding L
+            if alone:
+                self._one_reader(problem, value, made, by_set)
+                continue
+            serves: dict[int, list[int]] = {}  # m[F, L] -> the e[S, F], S holding L
             if len(by_set) == 1:  # every choice needs the same layouts: e[S, F] is made(F)
                 layouts = next(iter(by_set))
                 for source, cols in made.items():
@@ -319,28 +356,27 @@ class _IntegerProgram:
                             self.upper[choice] = 0.0
                         continue
                     for col in moves:
-                        serves.setdefault(col, []).extend((choice, 1.0) for choice in cols)
+                        serves.setdefault(col, []).extend(cols)
                 for col, terms in serves.items():
-                    self.constraint(terms + [(col, -1.0)], -math.inf, 0.0)
+                    self.constraint(terms, (col,), -math.inf, 0.0)
                 continue
             e: dict[Layout, list[int]] = {source: [] for source in made}
             for layouts, cols in by_set.items():
                 terms = []
                 for source in made:
                     moves = [move(source, layout) for layout in layouts]
-                    reachable = None not in moves
-                    pair = self.var(0.0, hi=1.0 if reachable else 0.0)
+                    if None in moves:  # no reshard serves the pair: e[S, F] = 0, left out
+                        continue
+                    pair = self.var(0.0)
                     e[source].append(pair)
-                    terms.append((pair, 1.0))
-                    if reachable:
-                        for col in moves:
-                            serves.setdefault(col, []).append((pair, 1.0))
-                self.constraint(terms + [(col, -1.0) for col in cols], 0.0, 0.0)
+                    terms.append(pair)
+                    for col in moves:
+                        serves.setdefault(col, []).append(pair)
+                self.constraint(terms, cols, 0.0, 0.0)
             for source, pairs in e.items():  # sum_S e[S, F] = made(F)
-                self.constraint([(pair, 1.0) for pair in pairs] + [(col, -1.0) for col in made[source]],
-                                0.0, 0.0)
+                self.constraint(pairs, made[source], 0.0, 0.0)
             for col, terms in serves.items():  # m[F, L] >= sum of e[S, F] over S holding L
-                self.constraint(terms + [(col, -1.0)], -math.inf, 0.0)
+                self.constraint(terms, (col,), -math.inf, 0.0)
         for layout in required:
             for source, cols in made.items():
                 col = move(source, layout)
@@ -348,7 +384,35 @@ class _IntegerProgram:
                     for choice in cols:
                         self.upper[choice] = 0.0
                 else:
-                    self.constraint([(col, 1.0)] + [(choice, -1.0) for choice in cols], 0.0, math.inf)
+                    self.constraint((col,), cols, 0.0, math.inf)
+
+    def _one_reader(self, problem: Problem, value: str, made: dict[Layout, list[int]],
+                    by_set: dict[tuple[Layout, ...], list[int]]) -> None:
+        """`_made` for a value read by one node alone: the moves F -> S are the price of
+        e[S, F] (of the maker's choices making F where every choice of the reader needs S)."""
+        def moves(source: Layout, layouts: tuple[Layout, ...]) -> list[float | None]:
+            return [problem.move(value, source, layout) for layout in layouts]
+
+        if len(by_set) == 1:
+            layouts = next(iter(by_set))
+            for source, cols in made.items():
+                price = moves(source, layouts)
+                for col in cols:
+                    self._charge(col, price)
+            return
+        e: dict[Layout, list[int]] = {source: [] for source in made}
+        for layouts, cols in by_set.items():
+            terms = []
+            for source in made:
+                price = moves(source, layouts)
+                if None in price:  # no reshard serves the pair: e[S, F] = 0, left out
+                    continue
+                pair = self.var(sum(price))
+                e[source].append(pair)
+                terms.append(pair)
+            self.constraint(terms, cols, 0.0, 0.0)
+        for source, pairs in e.items():  # sum_S e[S, F] = made(F)
+            self.constraint(pairs, made[source], 0.0, 0.0)
 
     def _arrays(self):
         from scipy.optimize import Bounds, LinearConstraint
@@ -364,17 +428,53 @@ class _IntegerProgram:
 
     def relaxed(self) -> list[int] | None:
         """The picks of the LP relaxation if it is integral, else None."""
-        from scipy.optimize import milp
-
-        costs, bounds, constraints = self._arrays()
-        result = milp(costs, integrality=np.zeros(len(costs)), bounds=bounds, constraints=constraints,
-                      options={"time_limit": TIME_LIMIT_S})
-        if result.x is None:
+        solution = self._lp_solution()
+        if solution is None:
             return None
         for node in self.x:
-            if abs(result.x[node].max() - 1.0) > 1e-7:
+            if abs(solution[node].max() - 1.0) > 1e-7:
                 return None
-        return self._picks(result.x)
+        return self._picks(solution)
+
+    def _lp_solution(self) -> np.ndarray | None:
+        """The LP relaxation's optimum (None if HiGHS finds none), solved without presolve:
+        on these LPs (a few thousand columns, rows of a few terms) the simplex alone takes
+        two thirds of the time presolve and simplex take together. Through the HiGHS
+        binding scipy ships where it has one: scipy.optimize.milp's checks and conversions
+        take a third as long as the simplex."""
+        try:
+            from scipy.optimize._highspy import _core as highs
+            model = highs.HighsLp()
+            solver = highs._Highs()
+        except (ImportError, AttributeError):  # an older scipy: through milp
+            from scipy.optimize import milp
+
+            costs, bounds, constraints = self._arrays()
+            result = milp(costs, integrality=np.zeros(len(costs)), bounds=bounds,
+                          constraints=constraints,
+                          options={"time_limit": TIME_LIMIT_S, "presolve": False})
+            return result.x
+        from scipy.sparse import csc_matrix
+
+        columns, rows = len(self.costs), len(self.row_lo)
+        matrix = csc_matrix((self.vals, (self.rows, self.cols)), shape=(rows, columns))
+        model.num_col_, model.num_row_ = columns, rows
+        model.col_cost_ = np.array(self.costs)
+        model.col_lower_, model.col_upper_ = np.array(self.lower), np.array(self.upper)
+        model.row_lower_, model.row_upper_ = np.array(self.row_lo), np.array(self.row_hi)
+        model.a_matrix_.format_ = highs.MatrixFormat.kColwise
+        model.a_matrix_.num_col_, model.a_matrix_.num_row_ = columns, rows
+        model.a_matrix_.start_ = matrix.indptr
+        model.a_matrix_.index_ = matrix.indices
+        model.a_matrix_.value_ = matrix.data
+        solver.setOptionValue("output_flag", False)
+        solver.setOptionValue("presolve", "off")
+        solver.setOptionValue("time_limit", TIME_LIMIT_S)
+        solver.passModel(model)
+        solver.run()
+        if solver.getModelStatus() != highs.HighsModelStatus.kOptimal:
+            return None
+        return np.array(solver.getSolution().col_value)
 
     def integral(self) -> tuple[list[int], int]:
         from scipy.optimize import milp

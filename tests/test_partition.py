@@ -268,6 +268,11 @@ def test_the_plan_is_the_exhaustive_optimum_on_small_programs(objective, generat
     assert evaluate(problem, solve(problem)) == pytest.approx(best, rel=1e-9, abs=1e-9)
     unbounded = replace(problem, memory_limit=math.inf, layout_bytes=lambda value, layout: 0)
     assert evaluate(problem, solve(unbounded)) == pytest.approx(best, rel=1e-9, abs=1e-9)
+    # The integer program with no memory limit (a value read by one op priced on its choices).
+    from einpar.solve import _IntegerProgram
+    integer_program = _IntegerProgram(problem)
+    picks = integer_program.relaxed() or integer_program.integral()[0]
+    assert evaluate(problem, picks) == pytest.approx(best, rel=1e-9, abs=1e-9)
 
 
 def test_the_training_step_of_a_transformer_block_is_solved_by_its_lp_relaxation(monkeypatch):
@@ -287,6 +292,33 @@ def test_the_training_step_of_a_transformer_block_is_solved_by_its_lp_relaxation
     compile_spmd(load("examples/training/megatron_selective.ein"))
     integer_programs = [p.stats["solved_by"] for p in problems if "variables" in p.stats]
     assert integer_programs and set(integer_programs) == {"LP"}
+
+
+def test_the_lp_relaxation_is_the_same_through_milp(monkeypatch):
+    """The LP is solved through scipy's HiGHS binding, or scipy.optimize.milp where scipy
+    has none: both find the same optimum of a Megatron training step's first axis."""
+    import sys
+
+    import einpar.search
+    import scipy.optimize._highspy
+    from einpar.solve import _IntegerProgram, evaluate, solve
+
+    problems = []
+
+    def recording(problem):
+        problems.append(problem)
+        return solve(problem)
+
+    monkeypatch.setattr(einpar.search, "solve", recording)
+    partition(load("examples/training/megatron_selective.ein"))
+    problem = next(p for p in problems if p.stats.get("solved_by") == "LP")
+    through_binding = _IntegerProgram(problem).relaxed()
+    monkeypatch.delattr(scipy.optimize._highspy, "_core")
+    monkeypatch.setitem(sys.modules, "scipy.optimize._highspy._core", None)
+    through_milp = _IntegerProgram(problem).relaxed()
+    assert through_binding is not None and through_milp is not None
+    assert evaluate(problem, through_binding) == pytest.approx(evaluate(problem, through_milp),
+                                                               rel=1e-9)
 
 
 def test_the_same_program_gives_the_same_plan():
