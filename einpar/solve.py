@@ -440,13 +440,12 @@ class _IntegerProgram:
         """The LP relaxation's optimum (None if HiGHS finds none), solved without presolve:
         on these LPs (a few thousand columns, rows of a few terms) the simplex alone takes
         two thirds of the time presolve and simplex take together. Through the HiGHS
-        binding scipy ships where it has one: scipy.optimize.milp's checks and conversions
-        take a third as long as the simplex."""
+        binding scipy ships where it has one (scipy.optimize.milp's checks and conversions
+        take a third as long as the simplex); it is scipy's own module, not a promise, so
+        a scipy without it, or with another interface to it, is asked through milp."""
         try:
-            from scipy.optimize._highspy import _core as highs
-            model = highs.HighsLp()
-            solver = highs._Highs()
-        except (ImportError, AttributeError):  # an older scipy: through milp
+            return self._lp_by_binding()
+        except (ImportError, AttributeError, TypeError):
             from scipy.optimize import milp
 
             costs, bounds, constraints = self._arrays()
@@ -454,8 +453,12 @@ class _IntegerProgram:
                           constraints=constraints,
                           options={"time_limit": TIME_LIMIT_S, "presolve": False})
             return result.x
+
+    def _lp_by_binding(self) -> np.ndarray | None:
+        from scipy.optimize._highspy import _core as highs
         from scipy.sparse import csc_matrix
 
+        model, solver = highs.HighsLp(), highs._Highs()
         columns, rows = len(self.costs), len(self.row_lo)
         matrix = csc_matrix((self.vals, (self.rows, self.cols)), shape=(rows, columns))
         model.num_col_, model.num_row_ = columns, rows
