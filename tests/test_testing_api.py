@@ -139,6 +139,11 @@ def test_a_relayout_einpar_rejects_is_a_value_error_with_its_diagnostic(megatron
     with pytest.raises(ValueError) as error:
         assert_equivalent(megatron, layouts={"y": "[B@tp, S@tp, D]"})
     assert "error[E220]: mesh axis 'tp' is used twice in the layout of 'y'" in str(error.value)
+    # layout text is one layout: another line or statement cannot ride along into the program
+    with pytest.raises(ValueError, match="a layout is one line"):
+        assert_equivalent(megatron, layouts={"y": "[B, S, D]\nmesh evil=2"})
+    with pytest.raises(ValueError, match="unexpected 'y'"):
+        assert_equivalent(megatron, layouts={"y": "[B, S, D] y[D] = 1"})
     with pytest.raises(ValueError, match="backends are some of"):
         assert_equivalent(megatron, backends=("torch",))
     with pytest.raises(ValueError, match="inputs einpar cannot run"):

@@ -180,14 +180,17 @@ def parse_layout(layout: LayoutLike, rank: int | None = None,
 
 def _read_layout_text(text: str) -> tuple[Layout, tuple[str, ...]]:
     body = text.strip()
+    if "\n" in body or "\r" in body:  # one layout is one line: nothing else rides along
+        raise ValueError(f"cannot read layout {text!r}: a layout is one line, such as '[B@dp, D]'")
     if not body.startswith("["):
         body = f"[{body}]"
     try:
         module = parse(f"input t{body}\n", "<layout>")
     except EinparError as error:
         raise ValueError(f"cannot read layout {text!r}: {error.diagnostics[0].message}") from None
-    (decl,) = module.items
-    assert isinstance(decl, TensorDecl)
+    if len(module.items) != 1 or not isinstance(module.items[0], TensorDecl):
+        raise ValueError(f"cannot read layout {text!r}: expected one layout, such as '[B@dp, D]'")
+    decl = module.items[0]
     dims = tuple(tuple(axis.text for axis in index.axes) for index in decl.spec.indices)
     partial = ()
     if decl.spec.pin is not None:
