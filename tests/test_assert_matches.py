@@ -375,6 +375,7 @@ def test_specs_read_as_jax_writes_them():
 
     assert partition_spec(Layout((("dp",), (), ("tp", "sp")))) == P("dp", None, ("tp", "sp"))
     assert layout_from_spec(P(None, "tp"), ("B", "S", "D")) == Layout(((), ("tp",), ()))
+    assert layout_from_spec(P(None, "tp")) == Layout(((), ("tp",)))  # as many dims as entries
     with pytest.raises(ValueError, match="uses a mesh axis twice"):
         layout_from_spec(P("tp", "tp"), 2)
     with pytest.raises(ValueError, match="partial"):

@@ -33,11 +33,12 @@ def partition_spec(layout: Layout) -> Any:
                            for axes in layout.dims])
 
 
-def layout_from_spec(spec: Any, labels: Sequence[str] | int) -> Layout:
+def layout_from_spec(spec: Any, labels: Sequence[str] | int | None = None) -> Layout:
     """The einpar Layout of a `PartitionSpec` for a value whose dimensions are `labels` (their
-    names, or just the rank): dimensions the spec does not reach are not split."""
-    rank = labels if isinstance(labels, int) else len(labels)
+    names, or just the rank; None: as many as the spec has entries): dimensions the spec does
+    not reach are not split."""
     entries = tuple(spec)
+    rank = len(entries) if labels is None else labels if isinstance(labels, int) else len(labels)
     if len(entries) > rank:
         raise ValueError(f"{spec} names {len(entries)} dimensions; the value has {rank}")
     dims = []
