@@ -125,3 +125,19 @@ def test_pos_in_a_loop_that_carries_nothing_runs():
                              "  x[B, U] = a[B] * (pos(B) > pos(U)) * v[]\n}\n"
                              "y[] = sum[B](a[B])\noutput y\n", file="pos_loop.ein")
     check_against_reference(program)
+
+
+def test_replicas_holding_the_same_nan_in_bfloat16_agree():
+    """Replicated blocks are compared as numbers NumPy knows NaN in (bfloat16 has no NaN to
+    NumPy's testing): two replicas holding NaN at one place are the same value."""
+    import ml_dtypes
+
+    from einpar.backends.numpy_sim import assemble
+    from einpar.layout import Layout, Mesh
+
+    block = np.array([np.nan, 1.0], dtype=ml_dtypes.bfloat16)
+    whole = assemble([block, block.copy()], Layout(((),)), (2,), Mesh((("tp", 2),)))
+    assert np.isnan(whole[0].astype(np.float32)) and whole[1] == 1.0
+    with pytest.raises(AssertionError, match="replicas disagree"):
+        assemble([block, np.array([np.nan, 2.0], dtype=ml_dtypes.bfloat16)], Layout(((),)), (2,),
+                 Mesh((("tp", 2),)))
