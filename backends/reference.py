@@ -60,8 +60,12 @@ def aligned(array: np.ndarray, have: tuple[str, ...], want: tuple[str, ...]) -> 
 def numpy_path(op: Einsum, arrays: list[np.ndarray]):
     """`np.einsum`'s `optimize` for `op` on these arrays: the path einpar counts
     (einpar.flops), on the shapes at hand, so a device's local blocks take the path the
-    cost model counts for it. Two operands or fewer have only one order."""
-    if len(arrays) <= 2:
+    cost model counts for it. Two operands have only one order, and an explicit path
+    still lets NumPy contract them by a matrix product (BLAS) where it can, rather than by
+    its own loops (tens of times slower on a matmul); one operand is a sum by its loops."""
+    if len(arrays) == 2:
+        return ["einsum_path", (0, 1)]
+    if len(arrays) < 2:
         return False
     sizes = {i: n for o, a in zip(op.operands, arrays) for i, n in zip(o.indices, a.shape)}
     return ["einsum_path", *einsum_path(op, sizes)]
