@@ -203,10 +203,11 @@ def test_many_uneven_programs_on_jax_equal_the_reference(generated):
 
 
 def test_uneven_programs_draw_padding_often():
-    """The generator's `uneven=True` is not vacuous: most programs it draws hold padding."""
+    """The generator's `uneven=True` is not vacuous: many programs it draws hold padding (the
+    same draws every run: a count of random draws against a bound would fail now and then)."""
     drawn = []
 
-    @settings(max_examples=30, database=None, **SETTINGS)
+    @settings(max_examples=30, database=None, derandomize=True, **SETTINGS)
     @given(uneven_programs(max_statements=3))
     def draw(generated):
         drawn.append(_has_padding(generated))
