@@ -180,8 +180,13 @@ def _device_blocks(output: _Output, layout: Layout, shape, mesh) -> list[tuple[i
                 total = combine(total, blocks[other])
             combined.append(total)
         blocks = combined
-    return [(device, block_slices(whole_layout, shape, mesh, device), blocks[device])
-            for device in range(mesh.num_devices)]
+    found = []
+    for device in range(mesh.num_devices):
+        where = block_slices(whole_layout, shape, mesh, device)
+        # a padded block's real part (an uneven dimension's last blocks end in padding)
+        found.append((device, where, np.asarray(blocks[device])[
+            tuple(slice(0, part.stop - part.start) for part in where)]))
+    return found
 
 
 def _mismatch(name: str, reference: np.ndarray, output: _Output | None, spmd,

@@ -65,35 +65,45 @@ def _batch_axes(program) -> tuple[str | None, set[str]]:
     return index, axes
 
 
-def _draw_split(draw, mesh: Mesh, target, batch: str | None, batch_axes: set[str]) -> Layout:
-    """Each mesh axis splits at most one dimension, one whose size the axes on it divide."""
+def _draw_split(draw, mesh: Mesh, target, batch: str | None, batch_axes: set[str],
+                uneven: bool) -> Layout:
+    """Each mesh axis splits at most one dimension: one whose size the axes on it divide, or
+    with `uneven` any dimension's first axis (padded: LANGUAGE.md "Uneven dimensions") and
+    each later one dividing the blocks the ones before leave (padding that nests)."""
     split: list[list[str]] = [[] for _ in target.sizes]
-    factors = [1] * len(target.sizes)
+    blocks = list(target.sizes)  # each dimension's block under the axes drawn so far
     order = list(range(len(mesh.axes)))
     if len(order) > 1:
         order = draw(st.permutations(order))
     for position in order:
         axis, size = mesh.axes[position]
-        fits = [d for d, dim_size in enumerate(target.sizes) if dim_size % (factors[d] * size) == 0
+        fits = [d for d, block in enumerate(blocks)
+                if (block % size == 0 or (uneven and not split[d] and target.indices[d] != batch))
                 and (target.indices[d] != batch or axis in batch_axes)]
         choice = draw(st.sampled_from([None] + fits))
         if choice is not None:
             split[choice].append(axis)
-            factors[choice] *= size
+            blocks[choice] = -(-blocks[choice] // size)
     return Layout(tuple(tuple(axes) for axes in split))
 
 
-def relayouts(program: ProgramLike, *,
-              names: Iterable[str] | None = None) -> SearchStrategy[dict[str, str | None]]:
+def relayouts(program: ProgramLike, *, names: Iterable[str] | None = None,
+              uneven: bool | None = None) -> SearchStrategy[dict[str, str | None]]:
     """Re-annotations of `program` (a Program, path or text) that einpar accepts, as
     {tensor name: layout text or None}, for `assert_equivalent(layouts=...)`.
 
     Every tensor of `names` (default: all the program's inputs, params, statements' results
     and outputs of rank 1 or more, except statements pinned with braces) gets a layout
     drawn over the mesh's axes, or None: no annotation, the partitioner chooses (what
-    hypothesis shrinks towards).
+    hypothesis shrinks towards). With `uneven` (the default, except for a pipelined or
+    micro-batched program, which pads on the simulator alone) a dimension may be split by
+    axes that do not divide it (padded); the micro-batched index is never padded.
     """
     program = as_program(program)
+    if uneven is None:
+        written = program.forward or program
+        uneven = not _stage_axes(program) and (written.training is None
+                                               or written.training.microbatches is None)
     known = targets(program)
     chosen = list(known) if names is None else list(names)
     unknown = [name for name in chosen if name not in known]
@@ -112,7 +122,7 @@ def relayouts(program: ProgramLike, *,
             if not mesh.axes or not draw(st.booleans()):
                 relayout[target.name] = None
                 continue
-            layout = _draw_split(draw, mesh, target, batch, batch_axes)
+            layout = _draw_split(draw, mesh, target, batch, batch_axes, uneven)
             relayout[target.name] = layout_text(layout, target.indices)
         return relayout
 
