@@ -280,10 +280,10 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
     jax = _jax()
     module = load_module(program, spmd, precision=precision)
     cut = getattr(module, "CUT", {})
-    if twin and (cut or getattr(module, "PADDED", {})):
+    if twin and getattr(module, "PADDED", {}):
         raise EinparError(Diagnostic(
             "E400", f"the GSPMD twin of {program.file} cannot run: jax.jit places only arrays its "
-                    "shardings divide, and this program's axes do not divide a dimension",
+                    "shardings divide, and this program's axes do not divide an input's dimension",
             hint="run without --twin, or pick sizes the axes divide (use --set to change them)"))
     with _x64(jax, module.X64):
         # Explicit axes for shard_map; Auto axes for the twin, so XLA chooses every layout

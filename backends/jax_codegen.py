@@ -892,7 +892,7 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     add("")
     driver = _DRIVER
     if pipeline is None and (padded or cut):
-        for plain, uneven in _PADDED_DRIVER:
+        for plain, uneven in _PADDED_DRIVER + (_NO_TWIN if padded else ()):
             assert driver.count(plain) == 1, plain
             driver = driver.replace(plain, uneven)
     if pipeline is not None:  # the stacks split over the stages in stage order (not for the twin)
@@ -910,7 +910,8 @@ def _is_padded(spmd: SpmdProgram, name: str) -> bool:
 
 
 # A program whose axes do not divide a dimension: JAX places only arrays its shardings divide,
-# so the inputs go in padded and the outputs come out cut; the GSPMD twin cannot place them.
+# so the inputs go in padded and the outputs come out cut; the GSPMD twin takes a padded output
+# whole, and cannot place a padded input.
 _PADDED_DRIVER = (
     ("""    outputs = spmd_step(mesh)(*placed)
 """, """    outputs = spmd_step(mesh)(*placed)
@@ -923,6 +924,14 @@ _PADDED_DRIVER = (
             shape = PADDED[name]
             whole = np.pad(whole, [(0, n - m) for n, m in zip(shape, whole.shape)])
 """),
+    ("""                   out_shardings={name: shard(spec) for name, spec in OUTPUTS.items()})
+""", """                   # an output padded in einpar's layout comes whole: jit's shardings divide
+                   out_shardings={name: shard(P() if name in CUT else spec)
+                                  for name, spec in OUTPUTS.items()})
+"""),
+)
+# Inputs placed padded: the twin cannot place them (jax.jit's shardings divide what they place).
+_NO_TWIN = (
     ("""    spmd_times = timed(spmd_step(mesh), placed, args.repeat)
     twin_mesh = make_mesh(axis_types=AxisType.Auto)
     gspmd_times = timed(gspmd_step(twin_mesh), place(arrays, twin_mesh), args.repeat)
