@@ -153,6 +153,15 @@ def test_the_gspmd_twin_of_an_uneven_program_is_refused():
     assert error.value.diagnostics[0].code == "E400"
 
 
+def test_the_gspmd_twin_takes_an_output_padded_in_einpars_layout_whole():
+    """y is laid out padded (6 over tp=4) but every input divides: the twin runs, jit
+    returning y whole, and computes what the reference does."""
+    program = compile_source("mesh tp=4\ndim D=6\ninput x[D]\ny[D@tp] = 2 * x[D]\noutput y\n")
+    inputs = random_inputs(program, 0)
+    result = run_jax(program, inputs, twin=True, warmup=0, repeat=1)
+    np.testing.assert_allclose(result.outputs["y"], 2 * inputs["x"], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- property tests
 
 
