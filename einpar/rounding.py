@@ -141,7 +141,8 @@ class _Resampled(_Evaluator):
         self.rng = rng
         spread = np.sqrt(squares[op.result.name])
         if isinstance(op, Reduce) and op.kind == "mean":  # the mean of squares: to their sum
-            count = np.prod([op.operand.type.shape[op.operand.indices.index(i)] for i in op.over])
+            shape = np.shape(env[op.operand.value])
+            count = np.prod([shape[op.operand.indices.index(i)] for i in op.over])
             spread = spread / np.sqrt(count)
         return spread
 

@@ -133,3 +133,15 @@ def test_a_random_rounding_is_one_of_the_two_neighbours(exact, name, seed):
                              _step(held, up=True).astype(np.float64))
     beyond = np.where(stored > exact, towards_exact <= exact, towards_exact >= exact)
     assert np.all((beyond | (stored == exact))[finite])
+
+
+def test_the_band_of_a_mean_is_that_of_its_sum_over_the_count():
+    """A mean's spread is its sum's over the count (the op run on squares is a mean of
+    them): a bf16 mean of n equal values has a band near a unit of bf16 at the value, not
+    n times more, in a repeat body as at the top."""
+    program = compile_source("dim L=2 D=64\ndtype bf16\ninput x[D]\ny[] = mean[D](x[D])\n"
+                             "repeat L {\n  y[] = y[] + mean[D](x[D])\n}\noutput y\n")
+    inputs = {"x": np.full(64, 1.0, dtype=ml_dtypes.bfloat16)}
+    reference = evaluate(program, inputs)
+    band = rounding_band(program, inputs, reference)["y"]
+    assert 0 < float(band) < 0.1  # y = 3; one unit of bf16 at 3 is 2^-6
