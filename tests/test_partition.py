@@ -279,6 +279,14 @@ def test_the_training_step_of_a_transformer_block_is_solved_by_its_lp_relaxation
     """The training step of a block is one part (the backward pass reads the forward's
     activations): the integer program of every axis has an integral LP optimum, so HiGHS
     never branches (with the looser formulation each tp axis took seconds of branching)."""
+    problems = _solved_problems(monkeypatch)
+    compile_spmd(load("examples/training/megatron_selective.ein"))
+    integer_programs = [p.stats["solved_by"] for p in problems if "variables" in p.stats]
+    assert integer_programs and set(integer_programs) == {"LP"}
+
+
+def _solved_problems(monkeypatch) -> list:
+    """Every Problem the search solves from now on, in order (the solves go on as before)."""
     import einpar.search
     from einpar.solve import solve
 
@@ -289,9 +297,7 @@ def test_the_training_step_of_a_transformer_block_is_solved_by_its_lp_relaxation
         return solve(problem)
 
     monkeypatch.setattr(einpar.search, "solve", recording)
-    compile_spmd(load("examples/training/megatron_selective.ein"))
-    integer_programs = [p.stats["solved_by"] for p in problems if "variables" in p.stats]
-    assert integer_programs and set(integer_programs) == {"LP"}
+    return problems
 
 
 def test_the_lp_relaxation_is_the_same_through_milp(monkeypatch):
@@ -299,17 +305,10 @@ def test_the_lp_relaxation_is_the_same_through_milp(monkeypatch):
     has none: both find the same optimum of a Megatron training step's first axis."""
     import sys
 
-    import einpar.search
     import scipy.optimize._highspy
-    from einpar.solve import _IntegerProgram, evaluate, solve
+    from einpar.solve import _IntegerProgram, evaluate
 
-    problems = []
-
-    def recording(problem):
-        problems.append(problem)
-        return solve(problem)
-
-    monkeypatch.setattr(einpar.search, "solve", recording)
+    problems = _solved_problems(monkeypatch)
     partition(load("examples/training/megatron_selective.ein"))
     problem = next(p for p in problems if p.stats.get("solved_by") == "LP")
     through_binding = _IntegerProgram(problem).relaxed()
