@@ -135,6 +135,7 @@ def program_text(row: dict, shrink: dict | None = None) -> str:
     sp = bool(c["sequence_parallel"]) and tp > 1
     full = c["recompute"] == "full"
     selective = c["recompute"] == "selective"
+    zero = distributed_optimizer(row)
     stage = "@pp" if pp > 1 else ""
     # Megatron's layouts, pinned exactly (`{}`): the plan search left free finds plans Megatron
     # does not run (all-gathers of q, k, v over dp; the batch split over tp), see the report.
@@ -182,7 +183,7 @@ def program_text(row: dict, shrink: dict | None = None) -> str:
         "l[] : f32 = mean[B,S](logsumexp[V](logits[B,S,V]) - take[V](logits[B,S,V], tgt[B,S]))",
         "",
         "loss l",
-        "optimizer adamw lr=1e-4 b1=0.9 b2=0.95 wd=0.1",
+        "optimizer adamw lr=1e-4 b1=0.9 b2=0.95 wd=0.1" + (" shard=dp" if zero and dp > 1 else ""),
     ]
     if M > 1:
         lines.append(f"microbatches B={M}")
@@ -232,7 +233,20 @@ def published_flops(row: dict) -> float | None:
 def overlapped(row: dict) -> bool:
     """Whether the source says its communication overlaps computation (the Megatron-LM README's
     H100 runs: --overlap-grad-reduce --overlap-param-gather --tp-comm-overlap); priced with
-    `estimate(..., overlap=True)` then."""
+    `estimate(..., overlap=True, collective_matmul=True, overlap_grad_reduce=True)` then
+    (--tp-comm-overlap: the tensor-parallel all-gathers and reduce-scatters overlap their
+    GEMMs, chunk by chunk; --overlap-grad-reduce: the data-parallel reductions overlap the last
+    backward pass, layer by layer)."""
+    return row["file"] == "megatron-lm-readme-h100.csv"
+
+
+def distributed_optimizer(row: dict) -> bool:
+    """Whether the run splits its optimizer state over dp (Megatron's distributed optimizer,
+    ZeRO-1: `optimizer ... shard=dp`). The README's H100 runs pass --overlap-param-gather,
+    which Megatron-LM accepts only with --use-distributed-optimizer (megatron/training/
+    arguments.py, validate_args: "--overlap-param-gather only supported with distributed
+    optimizer"). The SC21 and Korthikanti runs predate it (Megatron's mixed-precision
+    optimizer, replicated)."""
     return row["file"] == "megatron-lm-readme-h100.csv"
 
 
@@ -261,7 +275,8 @@ def price(row: dict, shrink: dict | None = None, cluster=None) -> dict:
     cluster = cluster or preset(row["preset"])
     spmd = compile_spmd(program, cluster)
     compiled = time.perf_counter()
-    result = estimate(program, spmd, cluster, overlap=overlapped(row), fusion=fusion_of(row))
+    result = estimate(program, spmd, cluster, overlap=overlapped(row), fusion=fusion_of(row),
+                      collective_matmul=overlapped(row), overlap_grad_reduce=overlapped(row))
     priced = time.perf_counter()
     out = {"estimate": result, "step_s": result.step_time_s,
            "seconds": {"check": checked - start, "compile": compiled - checked, "price": priced - compiled}}

@@ -49,8 +49,11 @@ from einpar.spmd import format_collective
 from .cluster import Cluster, check_fits
 from .collectives import CollectiveTime, collective_time
 from .attention import flash_attention_time
+from .collective_matmul import made_chunks, read_chunks
+from .collective_matmul import role as matmul_role
 from .compute import ComputeTime, NoPeak, op_hbm_bytes, op_time
 from .fusion import DEFAULT_FUSION, FusedStep, fuse
+from .grad_reduce import backward_loop, compute_time, forward_loop, overlapped_tail, tail_parts
 from .training import Memory, MemoryWatch, TrainingFigures, training_figures
 
 
@@ -102,6 +105,8 @@ class Estimate:
     memory: Memory | None = None  # by kind, at the peak (training.py)
     training: TrainingFigures | None = None  # a training step's parts, model FLOPs, MFU
     pipeline: object | None = None  # a pipeline's stages and timeline (pipeline.PipelineFigures)
+    collective_matmul: bool = False  # gathers and reduce-scatters overlap their matmuls
+    overlap_grad_reduce: bool = False  # gradient reductions overlap the last backward pass
 
     @property
     def memory_bound_s(self) -> float:
@@ -125,7 +130,9 @@ class Estimate:
         chip = self.cluster.chip
         return {
             "file": self.file, "cluster": self.cluster.name, "accelerator": chip.name,
-            "devices": self.devices, "overlap": self.overlap, "precision": self.precision,
+            "devices": self.devices, "overlap": self.overlap,
+            "collective_matmul": self.collective_matmul,
+            "overlap_grad_reduce": self.overlap_grad_reduce, "precision": self.precision,
             "fusion": self.fusion,
             "step_time_s": self.step_time_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
             "exposed_comm_s": self.exposed_comm_s, "step_overhead_s": self.cluster.step_overhead_s,
@@ -154,9 +161,13 @@ class Estimate:
 
 
 class _Pricer:
-    def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool, precision: str):
+    def __init__(self, spmd: SpmdProgram, cluster: Cluster, overlap: bool, precision: str,
+                 collective_matmul: bool = False):
         self.spmd, self.cluster, self.overlap = spmd, cluster, overlap
         self.precision = precision
+        # Collective matmuls (collective_matmul.py): each priced step's role, by id(OpCost).
+        self.collective_matmul = collective_matmul and overlap
+        self.roles: dict[int, tuple[str, int] | None] = {}
         self.mesh = spmd.mesh
         self.ops: list[OpCost] = []
         self.peak_dtype_flops = (0, 0.0)  # (FLOPs of the heaviest op, the peak it runs at)
@@ -245,9 +256,30 @@ class _Pricer:
                 continue  # a local view: no time, no traffic
             else:
                 cost = self.price_collective(step, trips)
+            if self.collective_matmul:
+                self.roles[id(cost)] = matmul_role(step, self.mesh)
             self.ops.append(cost)
             priced.append((step, cost))
         return priced
+
+    def hidden_reduction(self, priced) -> float:
+        """Seconds the gradient reductions after the last backward loop hide once they run
+        beside it, layer by layer (grad_reduce.py); 0 for a step without them."""
+        found = backward_loop(priced)
+        if found is None:
+            return 0.0
+        position, (loop, body) = found
+        after = priced[position + 1:]
+        reduce_s, update_s, gather_s = tail_parts(after)
+        if not reduce_s and not gather_s:
+            return 0.0
+        tail_s = self.run(after, record=False)
+        backward_s = loop.count * compute_time(body)
+        forward = forward_loop(priced)
+        forward_s, layers = (forward[0].count * compute_time(forward[1]), forward[0].count) \
+            if forward else (0.0, 1)
+        return tail_s - overlapped_tail(tail_s, reduce_s, update_s, backward_s, loop.count,
+                                        gather_s, forward_s, layers)
 
     # -- laying them out in time
 
@@ -326,19 +358,44 @@ class _Pricer:
         heapq.heapify(heap)
         free = {"compute": 0.0, "comm": 0.0}
         end = 0.0
+        # Collective matmuls: a value's producer's role, how long its run took, and the
+        # chunks it arrives in; a reader that takes it in k chunks starts on the first
+        # (ready - took·(k-1)/k) and ends no earlier than ready + its own time / k.
+        roles = self.roles if self.collective_matmul else {}
+        made_by: dict[str, tuple[str, int] | None] = {}
+        took: dict[str, float] = {}
+        arrives: dict[str, int] = {}
+
+        def chunks(name: str, reader) -> int:
+            return read_chunks(made_by.get(name), arrives.get(name, 1), reader) if roles else 1
+
         while heap:
             at, index = heapq.heappop(heap)
             cost, reads, made, shift = nodes[index]
             start = max(at, free[cost.stream])
-            free[cost.stream] = done = start + (cost.compute_s or cost.comm_s)
+            duration = cost.compute_s or cost.comm_s
+            done = start + duration
+            mine = roles.get(id(cost))
+            split = [(name, chunks(name, mine)) for name in reads] if roles else []
+            for name, k in split:
+                if k > 1:
+                    done = max(done, ready[name] + duration / k)
+            free[cost.stream] = done
             ready.update(dict.fromkeys(made, done))
+            if roles:
+                for name in made:
+                    made_by[name], took[name] = mine, done - start
+                    arrives[name] = made_chunks(mine, [k for _, k in split if k > 1])
             end = max(end, done)
             if record:
                 cost.starts.append(start + shift)
             for reader in readers.get(index, ()):
                 waiting[reader] -= 1
                 if not waiting[reader]:
-                    when = max(ready.get(name, 0.0) for name in nodes[reader][1])
+                    theirs = roles.get(id(nodes[reader][0]))
+                    when = max(ready.get(name, 0.0) - (
+                        took.get(name, 0.0) * (k - 1) / k if (k := chunks(name, theirs)) > 1 else 0.0)
+                        for name in nodes[reader][1])
                     heapq.heappush(heap, (when, reader))
         if record:
             for cost in self.ops:  # trips were laid out in readiness order
@@ -513,27 +570,39 @@ def _line(op) -> int | None:
 
 
 def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: bool = False,
-             precision: str = DEFAULT_PRECISION, fusion: str = DEFAULT_FUSION) -> Estimate:
+             precision: str = DEFAULT_PRECISION, fusion: str = DEFAULT_FUSION,
+             collective_matmul: bool = False, overlap_grad_reduce: bool = False) -> Estimate:
     """Price `spmd` (the lowering of `program`) on `cluster`, its f32 matmuls at `precision`
     (einpar.precision: what the JAX backend runs them at), its fusible steps fused
-    (`fusion` "auto", fusion.py) or each priced alone ("none")."""
+    (`fusion` "auto", fusion.py) or each priced alone ("none"). `overlap`: collectives run
+    beside the compute that does not need them; `collective_matmul` (with `overlap`): also
+    beside the matmul that reads an all-gather or feeds a reduce-scatter, chunk by chunk
+    (collective_matmul.py); `overlap_grad_reduce` (with `overlap`): a training step's gradient
+    reductions beside its last backward pass, layer by layer (grad_reduce.py)."""
     check_precision(precision)
     if spmd.pipeline is not None:  # stage by stage, on the schedule's timeline
         from .pipeline import estimate_pipeline
 
         check_fits(cluster, spmd.pipeline.mesh.num_devices, str(spmd.pipeline.mesh))
         try:
-            return estimate_pipeline(program, spmd, cluster, overlap, precision, fusion)
+            return estimate_pipeline(program, spmd, cluster, overlap, precision, fusion,
+                                     collective_matmul, overlap_grad_reduce)
         except NoPeak as error:
             raise EinparError(Diagnostic("E410", error.args[0], hint=error.args[1])) from None
     check_fits(cluster, spmd.mesh.num_devices, str(spmd.mesh))
     spmd = fuse(spmd, fusion)
-    pricer = _Pricer(spmd, cluster, overlap, precision)
+    pricer = _Pricer(spmd, cluster, overlap, precision, collective_matmul)
     try:
         priced = pricer.price(spmd.steps, 1)
     except NoPeak as error:
         raise EinparError(Diagnostic("E410", error.args[0], hint=error.args[1])) from None
     end, trip_notes = pricer.timeline(priced)
+    if overlap and overlap_grad_reduce:
+        hidden = pricer.hidden_reduction(priced)
+        end -= hidden
+        if hidden:
+            trip_notes.append(f"the gradient reductions run beside the last backward pass, "
+                              f"layer by layer: {hidden * 1e3:,.3g} ms of them hidden")
     step_time = end + cluster.step_overhead_s
     compute_s = sum(op.compute_s * op.trips for op in pricer.ops)
     comm_s = sum(op.comm_s * op.trips for op in pricer.ops)
@@ -558,4 +627,6 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
         model_flops=program_flops(program), bytes_per_device=bytes_per_device(spmd.steps),
         hbm_bytes_per_device=hbm, peak_memory_bytes=peak, input_bytes=resident,
         peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes, fusion=fusion,
-        memory=watch.result(peak), training=training)
+        memory=watch.result(peak), training=training,
+        collective_matmul=pricer.collective_matmul,
+        overlap_grad_reduce=overlap and overlap_grad_reduce)

@@ -36,6 +36,7 @@ from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, walk_steps
 
 from .collectives import collective_time
 from .fusion import FusedStep, fuse
+from .grad_reduce import overlapped_tail, tail_parts
 from .training import MemoryWatch, training_figures
 
 
@@ -47,6 +48,16 @@ def _made(step) -> tuple[str, ...]:
     if isinstance(step, CollectiveStep):
         return (step.dst,)
     return ()
+
+
+def overlapped_epilogue(priced, tail_s: float, backward_s: float, forward_s: float,
+                        layers: int) -> float:
+    """The steps after the micro-batch loop (`priced`, `tail_s` long) once their gradient
+    reductions overlap the stage's last backward slot and ZeRO's gathers of the updated
+    params its first forward slot of the next step (grad_reduce.py)."""
+    reduce_s, update_s, gather_s = tail_parts(priced)
+    return overlapped_tail(tail_s, reduce_s, update_s, backward_s, layers, gather_s, forward_s,
+                           layers)
 
 
 class _Stage:
@@ -62,13 +73,19 @@ class _Stage:
 
     def time(self, steps, trips: int) -> float:
         """The time of the stage's steps among `steps` run once (priced `trips` times)."""
+        return self.timed(steps, trips)[0]
+
+    def timed(self, steps, trips: int) -> tuple[float, list]:
+        """(time, priced steps) of the stage's steps among `steps`."""
         mine = [step for step in steps if isinstance(step, RepeatStep) or self.runs(step)]
         if not mine:
-            return 0.0
-        return self.pricer.timeline(self.pricer.price(mine, trips))[0]
+            return 0.0, []
+        priced = self.pricer.price(mine, trips)
+        return self.pricer.timeline(priced)[0], priced
 
 
-def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fusion: str):
+def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fusion: str,
+                      collective_matmul: bool = False, overlap_grad_reduce: bool = False):
     """estimate.estimate for a pipelined program (module docstring)."""
     from .estimate import Estimate, _Pricer, peak_memory
 
@@ -82,7 +99,7 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
     body = Body(body_steps, pipeline.dim)
     stages = []
     for stage in range(p):
-        priced = _Stage(_Pricer(whole, cluster, overlap, precision), pipeline.placement, stage)
+        priced = _Stage(_Pricer(whole, cluster, overlap, precision, collective_matmul), pipeline.placement, stage)
         priced.parts = {
             "prologue": priced.time(before_loop, 1),
             "before": priced.time(body.before, m),
@@ -90,8 +107,8 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
             "between": priced.time(body.between, m),
             "backward": priced.time([replace(body.backward, count=per_chunk)], m * v)
             if body.backward is not None else 0.0,
-            "after": priced.time(body.after, m),
-            "epilogue": priced.time(after_loop, 1)}
+            "after": priced.time(body.after, m)}
+        priced.parts["epilogue"], priced.epilogue = priced.timed(after_loop, 1)
         stages.append(priced)
 
     def slot_times(stage: int, chunk: int) -> tuple[float, float]:
@@ -111,6 +128,14 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
     transfer = collective_time("permute", (pipeline.axis,), max(forward_bytes, backward_bytes),
                                pipeline.mesh, cluster).time_s
     laid = timeline(schedule, 0.0, 0.0, transfer, slot_times)
+    if overlap and overlap_grad_reduce:  # each stage's reductions beside its last backward slot
+        for k, stage in enumerate(stages):
+            backward = [placed for placed in laid.stages[k] if placed.slot.kind != FORWARD]
+            forward = [placed for placed in laid.stages[k] if placed.slot.kind == FORWARD]
+            if backward:
+                stage.parts["epilogue"] = overlapped_epilogue(
+                    stage.epilogue, stage.parts["epilogue"], backward[-1].end - backward[-1].start,
+                    forward[0].end - forward[0].start, per_chunk)
     start = max(stage.parts["prologue"] for stage in stages)
     ends = [start + (placed[-1].end if placed else 0.0) + stages[k].parts["epilogue"]
             for k, placed in enumerate(laid.stages)]
@@ -163,7 +188,8 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
         hbm_bytes_per_device=sum(op.hbm_bytes * op.trips for op in ops),
         peak_memory_bytes=peak, input_bytes=resident,
         peak_flops_per_s=pricer.peak_dtype_flops[1], notes=notes, fusion=fusion,
-        memory=by_kind, training=training,
+        memory=by_kind, training=training, collective_matmul=pricer.collective_matmul,
+        overlap_grad_reduce=overlap and overlap_grad_reduce,
         pipeline=PipelineFigures(laid, start, critical, fullest, ends, sent, between, transfer,
                                  [memory[k][0] for k in range(p)]))
 

@@ -12,7 +12,8 @@
                    [--cluster NAME|FILE] [--gantt OUT.svg] [--svg OUT.svg] [--html OUT.html]
                    [--width COLUMNS]
                    [--force] [--json] [--max-memory SIZE] [--max-time DURATION]
-    einpar cost FILE --cluster NAME|FILE [--overlap] [--precision highest|default] [--json]
+    einpar cost FILE --cluster NAME|FILE [--overlap] [--collective-matmul]
+                [--overlap-grad-reduce] [--precision highest|default] [--json]
                 [--fusion auto|no_flash|none] [--trace OUT.json] [--force]
     einpar calibrate [--out CLUSTER.json] [--devices N] [--quick] [--force]
     einpar calibrate --nccl-tests FILE [FILE ...] [--gpus-per-node N] --out CLUSTER.json [--force]
@@ -247,6 +248,14 @@ def _build_parser() -> argparse.ArgumentParser:
                            "...) or a cluster file (.toml or .json, see docs/cost.md)")
     cost.add_argument("--overlap", action="store_true",
                       help="let collectives run beside compute that does not need their result")
+    cost.add_argument("--collective-matmul", action="store_true",
+                      help="--overlap, and an all-gather and the matmul reading it, or a matmul "
+                           "and the reduce-scatter of its result, run in chunks that overlap "
+                           "(Megatron-LM's --tp-comm-overlap, XLA's collective matmul)")
+    cost.add_argument("--overlap-grad-reduce", action="store_true",
+                      help="--overlap, and a training step's gradient reductions run beside its "
+                           "last backward pass, layer by layer (Megatron-LM's "
+                           "--overlap-grad-reduce, PyTorch DDP's buckets)")
     precision(cost, "price")
     planning(cost, cluster=False)
     cost.add_argument("--fusion", choices=("auto", "no_flash", "none"), default="auto",
@@ -343,8 +352,11 @@ def _cost(args, program: Program, out: Console, sources: SourceMap) -> int:
     cluster = load_cluster(args.cluster, sources)
     check_fits(cluster, program.mesh.num_devices, str(program.mesh))
     spmd = api.compile_spmd(program, cluster, args.objective)
-    result = estimate(program, spmd, cluster, overlap=args.overlap,
-                      precision=args.precision or DEFAULT_PRECISION, fusion=args.fusion)
+    result = estimate(program, spmd, cluster,
+                      overlap=args.overlap or args.collective_matmul or args.overlap_grad_reduce,
+                      precision=args.precision or DEFAULT_PRECISION, fusion=args.fusion,
+                      collective_matmul=args.collective_matmul,
+                      overlap_grad_reduce=args.overlap_grad_reduce)
     if trace is not None:
         _write(trace, "cost", lambda path: write_trace(result, path))
     if args.json:

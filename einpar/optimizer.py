@@ -31,8 +31,10 @@ is delivered in it. With `shard=AXES` (ZeRO) each axis of AXES that the
 param's layout does not already use splits the state and master copy further:
 the first dimension, in the param's order and past the repeat dims it is
 stacked by, whose block is divisible by the axis's size (after the axes placed
-before it), as that dimension's minor-most axis. An axis that divides no
-dimension leaves the state whole over it. The update then runs on each
+before it), as that dimension's minor-most axis. Where the axis divides no
+dimension, it splits the largest block at least its size unevenly (the last
+blocks padded, as ZeRO pads a flat buffer); where no block is that long, the
+state stays whole over it. The update then runs on each
 device's block of the state: the partitioner reduce-scatters the gradient
 into it (instead of all-reducing it) and all-gathers the updated param back
 to its own layout (ZeRO-1; Rajbhandari et al., "ZeRO", 2020).
@@ -94,11 +96,14 @@ def state_layout(param: Value, mesh: Mesh, shard: tuple[str, ...]) -> Layout:
         if layout.dim_of(axis) is not None:
             continue
         size = mesh.size(axis)
-        for dim in range(len(param.stacked_by), rank):
-            block = layout.local_shape(param.type.shape, mesh)[dim]
-            if block % size == 0:
-                layout = layout.split(dim, axis)
-                break
+        blocks = layout.local_shape(param.type.shape, mesh)
+        dims = range(len(param.stacked_by), rank)
+        even = [dim for dim in dims if blocks[dim] % size == 0]
+        # No block divides: the largest at least `size` long is split unevenly (padded), as
+        # ZeRO splits a flat buffer of any length.
+        uneven = [dim for dim in dims if blocks[dim] >= size]
+        if even or uneven:
+            layout = layout.split(even[0] if even else max(uneven, key=lambda d: blocks[d]), axis)
     return layout
 
 
