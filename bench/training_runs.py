@@ -27,7 +27,10 @@
   examples/training/megatron_selective.ein; `none` keeps everything.
 - The row's dtype for params and activations (`fp16` as f16, `bf16`), bf16 where the source
   does not say; AdamW keeps f32 moments and an f32 master copy of every narrow param (2 + 2 + 12
-  bytes a parameter), as Megatron's mixed-precision optimizer does.
+  bytes a parameter), as Megatron's mixed-precision optimizer does, split over dp (`shard=dp`)
+  where the run uses Megatron's distributed optimizer (`distributed_optimizer(row)`).
+- Priced with the overlap the source states (`overlapped(row)`): the README's H100 runs with
+  collective matmuls and the data-parallel reductions and gathers beside the passes.
 
 Rows that are not modelled, each with its reason (`unmodelled(row)`): rows whose model shape
 (layers, hidden, heads) the file does not give (NeMo's recipes), rows with context or expert
