@@ -78,28 +78,39 @@ def scatter(value: np.ndarray, layout: Layout, mesh: Mesh) -> list[np.ndarray]:
     return blocks
 
 
+def combine_partials(blocks: list[np.ndarray], layout: Layout, mesh: Mesh) -> tuple[list, Layout]:
+    """Each device's block with its pending reduction done over its group (a partial sum's
+    summand alone says nothing), and the layout without the partial axes."""
+    if not layout.partial:
+        return blocks, layout
+    (op,) = {op for _, op in layout.partial}  # one kind of pending reduction at a time
+    axes = tuple(axis for axis, _ in layout.partial)
+    combined = []
+    for device in range(mesh.num_devices):
+        members = group_of(mesh, device, axes)
+        total = np.asarray(blocks[members[0]])
+        for other in members[1:]:
+            total = _COMBINE[op](total, blocks[other])
+        combined.append(total)
+    return combined, layout.without_partial(axes)
+
+
+def real_part(block: np.ndarray, where: tuple[slice, ...]) -> np.ndarray:
+    """A block less its padding (an uneven dimension's last blocks end in padding)."""
+    return np.asarray(block)[tuple(slice(0, s.stop - s.start) for s in where)]
+
+
 def assemble(blocks: list[np.ndarray], layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> np.ndarray:
     """The global value the devices hold together; partial values are combined.
 
     Raises AssertionError if two replicas of one block disagree.
     """
-    if layout.partial:
-        (op,) = {op for _, op in layout.partial}  # one kind of pending reduction at a time
-        axes = tuple(axis for axis, _ in layout.partial)
-        combined = []
-        for device in range(mesh.num_devices):
-            members = group_of(mesh, device, axes)
-            total = blocks[members[0]]
-            for other in members[1:]:
-                total = _COMBINE[op](total, blocks[other])
-            combined.append(total)
-        blocks = combined
-        layout = layout.without_partial(axes)
+    blocks, layout = combine_partials(blocks, layout, mesh)
     out = np.zeros(shape, dtype=blocks[0].dtype)
     filled = np.zeros(shape, dtype=bool)
     for device, block in enumerate(blocks):
         where = block_slices(layout, shape, mesh, device)
-        block = block[tuple(slice(0, s.stop - s.start) for s in where)]  # drop the padding
+        block = real_part(block, where)
         if filled[where].all():
             # in float64, where NumPy knows NaN from NaN (not for ml_dtypes' bfloat16, fp8)
             np.testing.assert_array_equal(out[where].astype(np.float64), block.astype(np.float64),

@@ -24,7 +24,9 @@ max(G/l, G − f·(l−1)/l) of the G seconds of gathers stays exposed per step.
 
 from __future__ import annotations
 
-from einpar.spmd import CollectiveStep, RepeatStep
+from einpar.spmd import CollectiveStep, LocalStep, RepeatStep
+
+from .regions import FusedStep
 
 REDUCTIONS = ("all_reduce", "reduce_scatter")
 
@@ -55,13 +57,27 @@ def is_reduction(step) -> bool:
 
 def tail_parts(priced) -> tuple[float, float, float]:
     """(reductions, update compute, gathers of updated params) of the steps after the loops,
-    in seconds: a gather there reads what the update made (ZeRO), the reductions read the
-    gradients."""
+    in seconds. The gathers counted are those whose result no later step reads: the updated
+    params delivered to their layout (ZeRO); a gather of a gradient the update reads is not."""
+    read = set()
+    for step, _ in priced:
+        read.update(_reads(step))
     reduce_s = sum(cost.comm_s for step, cost in priced if is_reduction(step))
     gather_s = sum(cost.comm_s for step, cost in priced
-                   if isinstance(step, CollectiveStep) and step.kind == "all_gather")
+                   if isinstance(step, CollectiveStep) and step.kind == "all_gather"
+                   and step.dst not in read)
     update_s = sum(cost.compute_s for step, cost in priced if not isinstance(step, RepeatStep))
     return reduce_s, update_s, gather_s
+
+
+def _reads(step) -> tuple[str, ...]:
+    if isinstance(step, CollectiveStep):
+        return (step.src,)
+    if isinstance(step, LocalStep):
+        return tuple(operand.value for operand in step.op.operands)
+    if isinstance(step, FusedStep):
+        return tuple(step.reads)
+    return ()
 
 
 def forward_loop(priced):

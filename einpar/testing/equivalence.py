@@ -27,12 +27,12 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from .. import api
-from ..backends.numpy_sim import run_spmd
+from ..backends.numpy_sim import combine_partials, real_part, run_spmd
 from ..backends.reference import evaluate
 from ..errors import EinparError
 from ..inputs import check_inputs, random_inputs
 from ..ir import Program
-from ..layout import Layout, block_slices, device_coords, group_of
+from ..layout import Layout, block_slices, device_coords
 from ..rounding import rounding_band, rounds
 from ..tolerance import _allowed, _largest_difference, _scale, program_tolerance
 from .relayout import ProgramLike, Relayout, apply_relayout, as_program, format_relayout, program_text
@@ -41,9 +41,6 @@ __all__ = ["BACKENDS", "assert_equivalent"]
 
 BACKENDS = ("reference", "numpy", "jax")
 _BACKEND_NAMES = {"numpy": "numpy (simulated devices)", "jax": "jax (shard_map)"}
-_COMBINE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
-
-
 def assert_equivalent(program: ProgramLike, *, layouts: Relayout | Iterable[Relayout] | None = None,
                       backends: Iterable[str] = ("numpy", "jax"),
                       inputs: Mapping[str, np.ndarray] | None = None, seed: int | None = None,
@@ -161,31 +158,18 @@ class _Mismatch:
 
 
 def _device_blocks(output: _Output, layout: Layout, shape, mesh) -> list[tuple[int, tuple, np.ndarray]]:
-    """(device, index into the whole array, that device's block), partial blocks combined
-    over their group (a device's summand alone says nothing)."""
-    whole_layout = layout.without_partial(tuple(axis for axis, _ in layout.partial))
+    """(device, index into the whole array, that device's block less its padding), partial
+    blocks combined over their group (a device's summand alone says nothing)."""
     if output.blocks is None:
+        whole_layout = layout.without_partial(tuple(axis for axis, _ in layout.partial))
         return [(device, block_slices(whole_layout, shape, mesh, device),
                  output.whole[block_slices(whole_layout, shape, mesh, device)])
                 for device in range(mesh.num_devices)]
-    blocks = output.blocks
-    if layout.partial:
-        axes = tuple(axis for axis, _ in layout.partial)
-        combine = _COMBINE[layout.partial[0][1]]
-        combined = []
-        for device in range(mesh.num_devices):
-            members = group_of(mesh, device, axes)
-            total = np.asarray(blocks[members[0]])
-            for other in members[1:]:
-                total = combine(total, blocks[other])
-            combined.append(total)
-        blocks = combined
+    blocks, whole_layout = combine_partials(output.blocks, layout, mesh)
     found = []
     for device in range(mesh.num_devices):
         where = block_slices(whole_layout, shape, mesh, device)
-        # a padded block's real part (an uneven dimension's last blocks end in padding)
-        found.append((device, where, np.asarray(blocks[device])[
-            tuple(slice(0, part.stop - part.start) for part in where)]))
+        found.append((device, where, real_part(blocks[device], where)))
     return found
 
 
