@@ -405,8 +405,9 @@ class _Options:
         return self.kinds == frozenset({"contraction"})
 
 
-class _Builder:
-    """Draws one program, statement by statement, keeping what is in scope."""
+class _Scope:
+    """What a program being drawn has in scope: its tensors, names and indices, and the
+    helpers that draw them. The expression and statement drawers below build on it."""
 
     def __init__(self, draw, options: _Options, mesh: MeshSpec, sizes: dict[str, int],
                  roots: dict[str, str], dtype: str):
@@ -609,7 +610,9 @@ class _Builder:
     def size_product(self, indices) -> int:
         return math.prod(self.sizes[i] for i in indices)
 
-    # ---- expression nodes
+
+class _Elementwise(_Scope):
+    """Draws expression nodes: contractions, arithmetic, functions, min and max."""
 
     def node(self, free: tuple[str, ...], depth: int) -> _Expr:
         """A non-constant expression whose free indices (after implicit sums) are `free`."""
@@ -830,6 +833,10 @@ class _Builder:
         return _Expr(self.call(fn, left.text, right.text), free, _promote(left.dtype, right.dtype),
                      self.note(max(left.bound, right.bound)), _ATOM, kind="elementwise")
 
+
+class _Selections(_Elementwise):
+    """Draws comparisons and `where`, masks, reductions, library ops and `route`."""
+
     def comparison(self, free: tuple[str, ...], depth: int) -> str:
         op = self.pick([">", "<", ">=", "<=", "==", "!="])
         if 1 <= len(free) <= 2 and self.chance(5):
@@ -949,7 +956,9 @@ class _Builder:
             text = self.call("route", gate, f"k={k}", indices=(expert, capacity))
         return _Expr(text, free, logits.dtype, self.note(1.0), _ATOM, kind="route")
 
-    # ---- statements
+
+class _Builder(_Selections):
+    """Draws one program, statement by statement, keeping what is in scope."""
 
     def begin_statement(self, lhs: tuple[str, ...]) -> None:
         self.lhs = lhs
