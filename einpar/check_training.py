@@ -44,112 +44,8 @@ def _closest(word: str, choices) -> str | None:
     found = difflib.get_close_matches(word, list(choices), n=1)
     return f"did you mean '{found[0]}'?" if found else None
 
-
-class TrainingChecker:
-    """Checks the training declarations of one module; `error(code, message, span, hint,
-    labels)` records a diagnostic in the checker's list."""
-
-    def __init__(self, error, program: Program, dims: dict[str, int],
-                 aliases: dict[str, str] | None = None):
-        self.error = error
-        self.program = program
-        self.dims = dims
-        self.aliases = aliases or {}  # `T=S`: T -> S
-        self.values = {value.name: value for value in program.inputs}
-        self.top_level = {output.name: output for output in program.outputs}
-
-    def check(self, directives: list[Directive], remat: list[tuple[Name, str]],
-              remat_repeats: list[Span], grad_outputs: list[OutputDecl],
-              top_values: dict[str, object]) -> Training | None:
-        """`remat`: (modifier, statement name) of each statement written with a modifier;
-        `remat_repeats`: the spans of `repeat L remat` blocks; `grad_outputs`: the
-        `output w.grad` declarations; `top_values`: the program's names at the top level
-        (name -> Value) after its last statement."""
-        loss = optimizer = microbatches = schedule = None
-        first: dict[str, Span] = {}
-        for item in directives:
-            word = item.word.text
-            if word not in DIRECTIVES:
-                self.error("E250", f"unknown declaration '{word}'", item.word.span,
-                           hint=_closest(word, DIRECTIVES) or
-                           "a line starting with two names declares a training step: "
-                           + ", ".join(f"`{w} ...`" for w in DIRECTIVES))
-                continue
-            if word in first:
-                self.error("E233", f"'{word}' is declared twice", item.word.span,
-                           labels=(Label(first[word], "first declared here"),))
-                continue
-            first[word] = item.word.span
-            if word == "loss":
-                loss = self.loss(item, top_values)
-            elif word == "optimizer":
-                optimizer = self.optimizer(item)
-            elif word == "schedule":
-                schedule = self.schedule_words(item)
-            else:
-                microbatches = self.microbatches(item)
-        for modifier, _ in remat:
-            if modifier.text not in MODIFIERS:
-                self.error("E250", f"unknown statement modifier '{modifier}'", modifier.span,
-                           hint=_closest(modifier.text, MODIFIERS)
-                           or "`remat p[...] = ...` recomputes p in the backward pass")
-        without_loss = [(span, what) for span, what in
-                        [(first.get("optimizer"), "an optimizer"),
-                         (first.get("microbatches"), "micro-batches"),
-                         (first.get("schedule"), "a pipeline schedule")]
-                        + [(m.span, "remat") for m, _ in remat if m.text in MODIFIERS]
-                        + [(span, "remat") for span in remat_repeats]
-                        + [(o.suffix.span, "a gradient output") for o in grad_outputs]
-                        if span is not None]
-        if "loss" not in first:
-            for span, what in without_loss:
-                self.error("E253", f"{what} needs a loss", span,
-                           hint="name the scalar to minimize with `loss l` (l[] = ...)")
-            return None
-        for output in grad_outputs:
-            self.grad_output(output)
-        self.trainable_params()
-        if optimizer is not None:
-            self.outputs_beside(optimizer)
-        if loss is None:
-            return None
-        if microbatches is not None and not self.microbatch_outputs(loss, optimizer):
-            return None
-        names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
-        pipeline = self.pipeline_schedule(schedule, first.get("schedule"), microbatches,
-                                          first.get("microbatches"))
-        return Training(loss, optimizer, microbatches, names, first["loss"], pipeline)
-
-    # ---- each declaration
-
-    def loss(self, item: Directive, top_values: dict) -> str | None:
-        if len(item.args) != 1 or not isinstance(item.args[0], Name):
-            self.error("E251", "`loss` takes one name", item.span, hint="write `loss l`, where l[] = ...")
-            return None
-        name = item.args[0]
-        value = top_values.get(name.text)
-        if name.text in top_values and value is None:
-            return None  # its statement failed, and said why
-        if value is None:
-            self.error("E251", f"the loss '{name}' is not a value of the program", name.span,
-                       hint=_closest(name.text, [n for n, v in top_values.items() if v]) or
-                       "define it at the top level, e.g. `l[] = mean[B](square(y[B]))`")
-            return None
-        if value.type.rank != 0:
-            self.error("E251", f"the loss '{name}' has dimensions [{', '.join(value.type.indices)}]; "
-                               "a loss is a scalar", name.span,
-                       hint=f"reduce it, e.g. `{name}_total[] = sum[{','.join(value.type.indices)}]"
-                            f"({name}[{','.join(value.type.indices)}])`")
-            return None
-        if value.type.dtype not in FLOAT_DTYPES:
-            self.error("E251", f"the loss '{name}' is {value.type.dtype}; a loss is a float",
-                       name.span, hint=f"cast it: `{name}f[] : f32 = {name}[]`")
-            return None
-        if value.kind != "def":
-            self.error("E251", f"the loss '{name}' is {'a' if value.kind == 'param' else 'an'} "
-                               f"{value.kind}, not computed from the params", name.span)
-            return None
-        return value.name
+class _OptimizerChecking:
+    """`optimizer KIND SETTING=VALUE ...`: the kind, each setting and its range."""
 
     def optimizer(self, item: Directive) -> Optimizer | None:
         if not item.args or not isinstance(item.args[0], Name):
@@ -224,6 +120,20 @@ class TrainingChecker:
             return False
         return True
 
+    def written(self, setting: Setting) -> str | None:
+        """A setting's value as the source writes it (`1e-400`, not the 0.0 it rounds to)."""
+        span = setting.span
+        lines = self.program.source.splitlines()
+        if span.end_line != span.line or not 0 < span.line <= len(lines):
+            return None
+        text = lines[span.line - 1][span.col - 1:span.end_col - 1]
+        return text.partition("=")[2].strip() or None
+
+
+class _ScheduleChecking:
+    """`microbatches B=8` and `schedule NAME`: the index and count, what a step of
+    micro-batches may output, and the schedule of a pipelined repeat."""
+
     def schedule_words(self, item: Directive) -> tuple[str, int] | None:
         """`schedule gpipe`, `schedule 1f1b`, `schedule interleaved v=2`: (name, chunks)."""
         words = [arg for arg in item.args if isinstance(arg, Name)]
@@ -295,15 +205,6 @@ class TrainingChecker:
             self.error("E257", problem, where, hint=hint)
             return None
         return declared
-
-    def written(self, setting: Setting) -> str | None:
-        """A setting's value as the source writes it (`1e-400`, not the 0.0 it rounds to)."""
-        span = setting.span
-        lines = self.program.source.splitlines()
-        if span.end_line != span.line or not 0 < span.line <= len(lines):
-            return None
-        text = lines[span.line - 1][span.col - 1:span.end_col - 1]
-        return text.partition("=")[2].strip() or None
 
     def microbatches(self, item: Directive) -> tuple[str, int] | None:
         if len(item.args) != 1 or not isinstance(item.args[0], Setting) or (
@@ -389,6 +290,111 @@ class TrainingChecker:
                        output.span, hint="remove this output, or the micro-batches")
             return False
         return True
+
+
+class TrainingChecker(_OptimizerChecking, _ScheduleChecking):
+    """Checks the training declarations of one module; `error(code, message, span, hint,
+    labels)` records a diagnostic in the checker's list."""
+
+    def __init__(self, error, program: Program, dims: dict[str, int],
+                 aliases: dict[str, str] | None = None):
+        self.error = error
+        self.program = program
+        self.dims = dims
+        self.aliases = aliases or {}  # `T=S`: T -> S
+        self.values = {value.name: value for value in program.inputs}
+        self.top_level = {output.name: output for output in program.outputs}
+
+    def check(self, directives: list[Directive], remat: list[tuple[Name, str]],
+              remat_repeats: list[Span], grad_outputs: list[OutputDecl],
+              top_values: dict[str, object]) -> Training | None:
+        """`remat`: (modifier, statement name) of each statement written with a modifier;
+        `remat_repeats`: the spans of `repeat L remat` blocks; `grad_outputs`: the
+        `output w.grad` declarations; `top_values`: the program's names at the top level
+        (name -> Value) after its last statement."""
+        loss = optimizer = microbatches = schedule = None
+        first: dict[str, Span] = {}
+        for item in directives:
+            word = item.word.text
+            if word not in DIRECTIVES:
+                self.error("E250", f"unknown declaration '{word}'", item.word.span,
+                           hint=_closest(word, DIRECTIVES) or
+                           "a line starting with two names declares a training step: "
+                           + ", ".join(f"`{w} ...`" for w in DIRECTIVES))
+                continue
+            if word in first:
+                self.error("E233", f"'{word}' is declared twice", item.word.span,
+                           labels=(Label(first[word], "first declared here"),))
+                continue
+            first[word] = item.word.span
+            if word == "loss":
+                loss = self.loss(item, top_values)
+            elif word == "optimizer":
+                optimizer = self.optimizer(item)
+            elif word == "schedule":
+                schedule = self.schedule_words(item)
+            else:
+                microbatches = self.microbatches(item)
+        for modifier, _ in remat:
+            if modifier.text not in MODIFIERS:
+                self.error("E250", f"unknown statement modifier '{modifier}'", modifier.span,
+                           hint=_closest(modifier.text, MODIFIERS)
+                           or "`remat p[...] = ...` recomputes p in the backward pass")
+        without_loss = [(span, what) for span, what in
+                        [(first.get("optimizer"), "an optimizer"),
+                         (first.get("microbatches"), "micro-batches"),
+                         (first.get("schedule"), "a pipeline schedule")]
+                        + [(m.span, "remat") for m, _ in remat if m.text in MODIFIERS]
+                        + [(span, "remat") for span in remat_repeats]
+                        + [(o.suffix.span, "a gradient output") for o in grad_outputs]
+                        if span is not None]
+        if "loss" not in first:
+            for span, what in without_loss:
+                self.error("E253", f"{what} needs a loss", span,
+                           hint="name the scalar to minimize with `loss l` (l[] = ...)")
+            return None
+        for output in grad_outputs:
+            self.grad_output(output)
+        self.trainable_params()
+        if optimizer is not None:
+            self.outputs_beside(optimizer)
+        if loss is None:
+            return None
+        if microbatches is not None and not self.microbatch_outputs(loss, optimizer):
+            return None
+        names = frozenset(stmt for modifier, stmt in remat if modifier.text in MODIFIERS)
+        pipeline = self.pipeline_schedule(schedule, first.get("schedule"), microbatches,
+                                          first.get("microbatches"))
+        return Training(loss, optimizer, microbatches, names, first["loss"], pipeline)
+
+    def loss(self, item: Directive, top_values: dict) -> str | None:
+        if len(item.args) != 1 or not isinstance(item.args[0], Name):
+            self.error("E251", "`loss` takes one name", item.span, hint="write `loss l`, where l[] = ...")
+            return None
+        name = item.args[0]
+        value = top_values.get(name.text)
+        if name.text in top_values and value is None:
+            return None  # its statement failed, and said why
+        if value is None:
+            self.error("E251", f"the loss '{name}' is not a value of the program", name.span,
+                       hint=_closest(name.text, [n for n, v in top_values.items() if v]) or
+                       "define it at the top level, e.g. `l[] = mean[B](square(y[B]))`")
+            return None
+        if value.type.rank != 0:
+            self.error("E251", f"the loss '{name}' has dimensions [{', '.join(value.type.indices)}]; "
+                               "a loss is a scalar", name.span,
+                       hint=f"reduce it, e.g. `{name}_total[] = sum[{','.join(value.type.indices)}]"
+                            f"({name}[{','.join(value.type.indices)}])`")
+            return None
+        if value.type.dtype not in FLOAT_DTYPES:
+            self.error("E251", f"the loss '{name}' is {value.type.dtype}; a loss is a float",
+                       name.span, hint=f"cast it: `{name}f[] : f32 = {name}[]`")
+            return None
+        if value.kind != "def":
+            self.error("E251", f"the loss '{name}' is {'a' if value.kind == 'param' else 'an'} "
+                               f"{value.kind}, not computed from the params", name.span)
+            return None
+        return value.name
 
     def trainable_params(self) -> None:
         """Every param of a step is trained, so each is a float: an integer has no gradient
