@@ -96,7 +96,126 @@ class _Scope:
 # ---------------------------------------------------------------- the checker
 
 
-class _Checker(DeclarationChecking, ExpressionTyping):
+class _RepeatChecking:
+    """`repeat L { ... }` blocks: their trips, the values they carry and stack, `remat`, and a
+    pipelined block's stage axis (`repeat L@pp`) with the params its stages hold."""
+
+    def repeat(self, item: RepeatItem, scope: _Scope) -> list:
+        dim = item.dim
+        if dim.text not in self.dims:
+            if dim.text in self.dim_spans:
+                raise Abort()
+            self.fail("E203", f"unknown dimension '{dim}'", dim.span,
+                      hint=did_you_mean(dim.text, self.dims) or "declare the trip count with `dim`")
+        if item.modifier is not None:
+            if item.modifier.text != "remat":
+                self.error("E250", f"unknown repeat modifier '{item.modifier}'", item.modifier.span,
+                           hint="`repeat L remat { ... }` recomputes each trip in the backward pass")
+            else:
+                self.remat_repeats.append(item.modifier.span)
+        axis = self.stage_axis(item, scope)
+        inner = _Scope(parent=scope, repeat_dim=dim.text, stage_axis=axis)
+        body = self.body(item.body, inner)
+        carried = []
+        for outer_value, program_name in inner.carried.items():
+            final = inner.names[program_name].value
+            if final is None:
+                continue
+            result = replace(final, name=self.new_value_name(program_name), layout=None)
+            carried.append(Carried(outer_value, final.name, result))
+            owner = scope.owner_of(program_name)
+            owner_binding = owner.names[program_name]
+            scope.names[program_name] = _Binding(result, owner_binding.span)
+            if owner is not scope:
+                scope.carried.setdefault(self._outer_value(scope, program_name), program_name)
+        for name, binding in inner.names.items():
+            if name not in inner.carried.values():
+                self.repeat_locals.setdefault(name, binding.span)
+        stacked = tuple(inner.stacked)
+        return [Repeat(dim.text, self.dims[dim.text], tuple(carried), stacked, tuple(body), item.span,
+                       remat=item.modifier is not None and item.modifier.text == "remat",
+                       stage_axis=axis)]
+
+    def _outer_value(self, scope: _Scope, name: str) -> str:
+        outer = scope.parent.lookup(name).value
+        if outer is None:
+            raise Abort()  # the outer definition failed and was reported
+        return outer.name
+
+    def stage_axis(self, item: RepeatItem, scope: _Scope) -> str | None:
+        """The mesh axis of `repeat L@pp`, checked (E256): one pipelined block, at the top
+        level, whose trips the axis divides. The body is checked either way."""
+        axis = item.axis
+        if axis is None:
+            return None
+        self.check_axis(axis)
+        if scope.repeat_dim is not None:
+            self.error("E256", "a pipelined repeat must be at the top level", axis.span,
+                       hint=f"split the outer loop's trips over '{axis}' instead, or drop the "
+                            f"'@{axis}'")
+            return None
+        if self.pipeline is not None:
+            self.error("E256", "a program has one pipelined repeat", axis.span,
+                       hint="put the stages' layers in one `repeat L@pp` block",
+                       labels=(Label(self.pipeline[2], "the first one"),))
+            return None
+        trips, stages = self.dims[item.dim.text], self.mesh.size(axis.text)
+        if trips % stages:
+            self.error("E256", f"the {trips} trips of '{item.dim}' do not split evenly over "
+                               f"{axis}={stages} stages", item.dim.span,
+                       hint="pick a trip count the stages divide (use --set to change it)")
+        self.pipeline = (axis.text, trips, item.span)
+        return axis.text
+
+    def stage_axis_kept(self, program: Program) -> None:
+        """E256 where a layout other than a pipelined block's param stacks names its stage
+        axis: that axis's coordinates are stages, each holding its own layers."""
+        axis, _, span = self.pipeline
+        pinned = [(value, value.layout.dims[len(value.stacked_by):]) for value in program.inputs
+                  if value.layout is not None]
+        pinned += [(op.result, op.result.layout.dims) for op in walk_ops(program.ops)
+                   if not isinstance(op, Repeat) and op.result.layout is not None]
+        pinned += [(output, output.layout.dims) for output in program.outputs
+                   if output.layout is not None]
+        for value, dims in pinned:
+            if any(axis in axes for axes in dims):
+                self.error("E256", f"'{value.name.split('#')[0]}' is split over '{axis}', the "
+                                   f"axis of the pipeline's stages", value.span or span,
+                           hint=f"each '{axis}' coordinate is a stage holding its own layers: "
+                                f"split the value over another axis",
+                           labels=(Label(span, "the stages"),))
+
+    def check_staged_param(self, name, scope: _Scope, binding: _Binding) -> None:
+        """E256 for a param declared outside a pipelined block and read inside it: no stage
+        holds it (each holds its own trips' params)."""
+        enclosing: _Scope | None = scope
+        while enclosing is not None and name.text not in enclosing.names:
+            if enclosing.stage_axis is not None:
+                self.fail("E256", f"'{name}' is a param declared outside the pipelined block and "
+                                  f"read inside it", name.span,
+                          hint=f"declare it inside the block (each stage then holds its own "
+                               f"trips' copies, stacked [{enclosing.repeat_dim}@"
+                               f"{enclosing.stage_axis}, ...]), or compute with it outside",
+                          labels=(Label(binding.span, "declared here"),) if binding.span else ())
+            enclosing = enclosing.parent
+
+    def _stacked_view(self, value: Value, stack: list[tuple[str, str | None]]) -> Value:
+        if not stack:
+            return value
+        vtype = value.type
+        dims = tuple(d for d, _ in stack)
+        stacked_type = TensorType(vtype.dtype, dims + vtype.indices,
+                                  tuple(self.dims[d] for d in dims) + vtype.shape)
+        splits = tuple((axis,) if axis is not None and self.mesh.size(axis) > 1 else ()
+                       for _, axis in stack)
+        layout = None
+        if value.layout is not None or any(splits):
+            inner = value.layout.dims if value.layout is not None else ((),) * len(vtype.indices)
+            layout = Layout(splits + inner)
+        return replace(value, type=stacked_type, layout=layout, stacked_by=dims)
+
+
+class _Checker(DeclarationChecking, ExpressionTyping, _RepeatChecking):
     def __init__(self, module: Module, overrides: dict[str, int], source: str):
         self.module = module
         self.file = module.file
@@ -250,21 +369,6 @@ class _Checker(DeclarationChecking, ExpressionTyping):
         self.inputs.append(self._stacked_view(per_trip, deeper))
         self.declared_inputs[spec.name.text] = per_trip
 
-    def _stacked_view(self, value: Value, stack: list[tuple[str, str | None]]) -> Value:
-        if not stack:
-            return value
-        vtype = value.type
-        dims = tuple(d for d, _ in stack)
-        stacked_type = TensorType(vtype.dtype, dims + vtype.indices,
-                                  tuple(self.dims[d] for d in dims) + vtype.shape)
-        splits = tuple((axis,) if axis is not None and self.mesh.size(axis) > 1 else ()
-                       for _, axis in stack)
-        layout = None
-        if value.layout is not None or any(splits):
-            inner = value.layout.dims if value.layout is not None else ((),) * len(vtype.indices)
-            layout = Layout(splits + inner)
-        return replace(value, type=stacked_type, layout=layout, stacked_by=dims)
-
     def lookup_tensor(self, name, scope: _Scope) -> Value:
         binding = scope.lookup(name.text)
         if binding is None:
@@ -290,20 +394,6 @@ class _Checker(DeclarationChecking, ExpressionTyping):
         if binding.value.kind == "param":
             self.check_staged_param(name, scope, binding)
         return binding.value
-
-    def check_staged_param(self, name, scope: _Scope, binding: _Binding) -> None:
-        """E256 for a param declared outside a pipelined block and read inside it: no stage
-        holds it (each holds its own trips' params)."""
-        enclosing: _Scope | None = scope
-        while enclosing is not None and name.text not in enclosing.names:
-            if enclosing.stage_axis is not None:
-                self.fail("E256", f"'{name}' is a param declared outside the pipelined block and "
-                                  f"read inside it", name.span,
-                          hint=f"declare it inside the block (each stage then holds its own "
-                               f"trips' copies, stacked [{enclosing.repeat_dim}@"
-                               f"{enclosing.stage_axis}, ...]), or compute with it outside",
-                          labels=(Label(binding.span, "declared here"),) if binding.span else ())
-            enclosing = enclosing.parent
 
     # ---- statements
 
@@ -347,91 +437,6 @@ class _Checker(DeclarationChecking, ExpressionTyping):
             scope.carried.setdefault(self._outer_value(scope, lhs.name.text), lhs.name.text)
         scope.names[lhs.name.text] = _Binding(result, lhs.name.span)
         return ops
-
-    def _outer_value(self, scope: _Scope, name: str) -> str:
-        outer = scope.parent.lookup(name).value
-        if outer is None:
-            raise Abort()  # the outer definition failed and was reported
-        return outer.name
-
-    def repeat(self, item: RepeatItem, scope: _Scope) -> list:
-        dim = item.dim
-        if dim.text not in self.dims:
-            if dim.text in self.dim_spans:
-                raise Abort()
-            self.fail("E203", f"unknown dimension '{dim}'", dim.span,
-                      hint=did_you_mean(dim.text, self.dims) or "declare the trip count with `dim`")
-        if item.modifier is not None:
-            if item.modifier.text != "remat":
-                self.error("E250", f"unknown repeat modifier '{item.modifier}'", item.modifier.span,
-                           hint="`repeat L remat { ... }` recomputes each trip in the backward pass")
-            else:
-                self.remat_repeats.append(item.modifier.span)
-        axis = self.stage_axis(item, scope)
-        inner = _Scope(parent=scope, repeat_dim=dim.text, stage_axis=axis)
-        body = self.body(item.body, inner)
-        carried = []
-        for outer_value, program_name in inner.carried.items():
-            final = inner.names[program_name].value
-            if final is None:
-                continue
-            result = replace(final, name=self.new_value_name(program_name), layout=None)
-            carried.append(Carried(outer_value, final.name, result))
-            owner = scope.owner_of(program_name)
-            owner_binding = owner.names[program_name]
-            scope.names[program_name] = _Binding(result, owner_binding.span)
-            if owner is not scope:
-                scope.carried.setdefault(self._outer_value(scope, program_name), program_name)
-        for name, binding in inner.names.items():
-            if name not in inner.carried.values():
-                self.repeat_locals.setdefault(name, binding.span)
-        stacked = tuple(inner.stacked)
-        return [Repeat(dim.text, self.dims[dim.text], tuple(carried), stacked, tuple(body), item.span,
-                       remat=item.modifier is not None and item.modifier.text == "remat",
-                       stage_axis=axis)]
-
-    def stage_axis_kept(self, program: Program) -> None:
-        """E256 where a layout other than a pipelined block's param stacks names its stage
-        axis: that axis's coordinates are stages, each holding its own layers."""
-        axis, _, span = self.pipeline
-        pinned = [(value, value.layout.dims[len(value.stacked_by):]) for value in program.inputs
-                  if value.layout is not None]
-        pinned += [(op.result, op.result.layout.dims) for op in walk_ops(program.ops)
-                   if not isinstance(op, Repeat) and op.result.layout is not None]
-        pinned += [(output, output.layout.dims) for output in program.outputs
-                   if output.layout is not None]
-        for value, dims in pinned:
-            if any(axis in axes for axes in dims):
-                self.error("E256", f"'{value.name.split('#')[0]}' is split over '{axis}', the "
-                                   f"axis of the pipeline's stages", value.span or span,
-                           hint=f"each '{axis}' coordinate is a stage holding its own layers: "
-                                f"split the value over another axis",
-                           labels=(Label(span, "the stages"),))
-
-    def stage_axis(self, item: RepeatItem, scope: _Scope) -> str | None:
-        """The mesh axis of `repeat L@pp`, checked (E256): one pipelined block, at the top
-        level, whose trips the axis divides. The body is checked either way."""
-        axis = item.axis
-        if axis is None:
-            return None
-        self.check_axis(axis)
-        if scope.repeat_dim is not None:
-            self.error("E256", "a pipelined repeat must be at the top level", axis.span,
-                       hint=f"split the outer loop's trips over '{axis}' instead, or drop the "
-                            f"'@{axis}'")
-            return None
-        if self.pipeline is not None:
-            self.error("E256", "a program has one pipelined repeat", axis.span,
-                       hint="put the stages' layers in one `repeat L@pp` block",
-                       labels=(Label(self.pipeline[2], "the first one"),))
-            return None
-        trips, stages = self.dims[item.dim.text], self.mesh.size(axis.text)
-        if trips % stages:
-            self.error("E256", f"the {trips} trips of '{item.dim}' do not split evenly over "
-                               f"{axis}={stages} stages", item.dim.span,
-                       hint="pick a trip count the stages divide (use --set to change it)")
-        self.pipeline = (axis.text, trips, item.span)
-        return axis.text
 
     def run(self) -> Program:
         self.declarations()
