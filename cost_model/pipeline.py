@@ -99,7 +99,8 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
     body = Body(body_steps, pipeline.dim)
     stages = []
     for stage in range(p):
-        priced = _Stage(_Pricer(whole, cluster, overlap, precision, collective_matmul), pipeline.placement, stage)
+        priced = _Stage(_Pricer(whole, cluster, overlap, precision, collective_matmul),
+                        pipeline.placement, stage)
         priced.parts = {
             "prologue": priced.time(before_loop, 1),
             "before": priced.time(body.before, m),
@@ -128,14 +129,17 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
     transfer = collective_time("permute", (pipeline.axis,), max(forward_bytes, backward_bytes),
                                pipeline.mesh, cluster).time_s
     laid = timeline(schedule, 0.0, 0.0, transfer, slot_times)
+    hidden = [0.0] * p  # per stage, the seconds of its epilogue's collectives hidden
     if overlap and overlap_grad_reduce:  # each stage's reductions beside its last backward slot
         for k, stage in enumerate(stages):
             backward = [placed for placed in laid.stages[k] if placed.slot.kind != FORWARD]
             forward = [placed for placed in laid.stages[k] if placed.slot.kind == FORWARD]
             if backward:
-                stage.parts["epilogue"] = overlapped_epilogue(
+                overlapped = overlapped_epilogue(
                     stage.epilogue, stage.parts["epilogue"], backward[-1].end - backward[-1].start,
                     forward[0].end - forward[0].start, per_chunk)
+                hidden[k] = stage.parts["epilogue"] - overlapped
+                stage.parts["epilogue"] = overlapped
     start = max(stage.parts["prologue"] for stage in stages)
     ends = [start + (placed[-1].end if placed else 0.0) + stages[k].parts["epilogue"]
             for k, placed in enumerate(laid.stages)]
@@ -175,6 +179,9 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
              f"{laid.in_flight()[fullest]} chunks' activations in flight",
              f"between stages: {max(forward_bytes, backward_bytes):,} bytes per micro-batch and "
              f"boundary, {transfer * 1e6:,.1f} µs each"]
+    if hidden[critical]:
+        notes.append(f"stage {critical}'s gradient reductions run beside its last backward slot, "
+                     f"layer by layer: {hidden[critical] * 1e3:,.3g} ms of them hidden")
     if peak > cluster.chip.hbm_capacity.value:
         notes.append(f"does not fit: {peak:,} bytes per device against "
                      f"{int(cluster.chip.hbm_capacity.value):,} of HBM")

@@ -132,6 +132,8 @@ def test_overlapped_grad_reduce_on_a_pipeline():
     overlapped = priced(text, "h100x8:4", overlap=True, overlap_grad_reduce=True)
     assert overlapped.pipeline is not None and overlapped.overlap_grad_reduce
     assert overlapped.step_time_s < plain.step_time_s
+    (note,) = [n for n in overlapped.notes if "hidden" in n]
+    assert "gradient reductions run beside its last backward slot" in note
 
 
 def test_cli_flags_imply_overlap_and_show_in_json(tmp_path, capsys):
