@@ -297,8 +297,10 @@ def price(row: dict, shrink: dict | None = None, cluster=None) -> dict:
 def replica_shrink(row: dict) -> dict | None:
     """For a row with dp > 1: one data-parallel replica of it (dp=1, global_batch/dp, the same
     micro-batches and pipeline), whose step time is the run's less the gradient reduction
-    across replicas. A diagnostic, not a prediction: it shows how much of a row's error comes
-    from how the data-parallel step is planned (see the report of bench/fidelity_published.py)."""
+    across replicas. With the distributed optimizer the replica also updates every param
+    itself (its state is not split over dp = 1), so such a run may be faster than its replica.
+    A diagnostic, not a prediction: it shows how much of a row's error comes from how the
+    data-parallel step is planned (see the report of bench/fidelity_published.py)."""
     c = config(row)
     if c["dp"] == 1:
         return None
