@@ -45,6 +45,7 @@ from einpar.optimizer import updated_name
 from einpar.layout import local_bytes
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, SpmdProgram, bytes_per_device
 from einpar.spmd import format_collective
+from einpar.units import format_seconds
 
 from .cluster import Cluster, check_fits
 from .collectives import CollectiveTime, collective_time
@@ -602,7 +603,7 @@ def estimate(program: Program, spmd: SpmdProgram, cluster: Cluster, overlap: boo
         end -= hidden
         if hidden:
             trip_notes.append(f"the gradient reductions run beside the last backward pass, "
-                              f"layer by layer: {hidden * 1e3:,.3g} ms of them hidden")
+                              f"layer by layer: {format_seconds(hidden)} of them hidden")
     step_time = end + cluster.step_overhead_s
     compute_s = sum(op.compute_s * op.trips for op in pricer.ops)
     comm_s = sum(op.comm_s * op.trips for op in pricer.ops)

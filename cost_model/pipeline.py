@@ -33,6 +33,7 @@ from einpar.layout import local_bytes
 from einpar.pipeline import Body, split_step
 from einpar.schedule import FORWARD, timeline
 from einpar.spmd import CollectiveStep, LocalStep, RepeatStep, walk_steps
+from einpar.units import format_seconds
 
 from .collectives import collective_time
 from .fusion import FusedStep, fuse
@@ -181,7 +182,7 @@ def estimate_pipeline(program, spmd, cluster, overlap: bool, precision: str, fus
              f"boundary, {transfer * 1e6:,.1f} µs each"]
     if hidden[critical]:
         notes.append(f"stage {critical}'s gradient reductions run beside its last backward slot, "
-                     f"layer by layer: {hidden[critical] * 1e3:,.3g} ms of them hidden")
+                     f"layer by layer: {format_seconds(hidden[critical])} of them hidden")
     if peak > cluster.chip.hbm_capacity.value:
         notes.append(f"does not fit: {peak:,} bytes per device against "
                      f"{int(cluster.chip.hbm_capacity.value):,} of HBM")

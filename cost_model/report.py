@@ -36,9 +36,9 @@ def print_estimate(estimate: Estimate, out: Console) -> None:
     out.print(Text(f"{estimate.file} on {cluster.describe()}", style="bold"))
     mode = "communication overlaps independent compute" if estimate.overlap else "no overlap"
     if estimate.collective_matmul:
-        mode += ", and the matmuls beside its gathers and reduce-scatters (collective matmul)"
+        mode += "; gathers and reduce-scatters overlap their matmuls (collective matmul)"
     if estimate.overlap_grad_reduce:
-        mode += ", and the gradient reductions beside the last backward pass"
+        mode += "; gradient reductions overlap the last backward pass"
     who = "one device" if estimate.devices == 1 else \
         f"{estimate.devices} devices; every device runs the same program"
     fused = "; no fusion" if estimate.fusion == "none" else ""
