@@ -16,6 +16,8 @@ from einpar.cli import main
 from einpar.cost_model.cluster import preset
 from einpar.cost_model.estimate import estimate
 from einpar.cost_model.grad_reduce import exposed_reduction, overlapped_tail
+from einpar.layout import Layout
+from einpar.optimizer import state_layout
 from einpar.testing import assert_equivalent
 from einpar.units import format_seconds
 
@@ -176,3 +178,36 @@ def test_zero_splits_unevenly_where_no_dimension_divides():
     assert priced_.memory.by_kind["optimizer_state"] + priced_.memory.by_kind["master"] == \
         3 * 4 * (6 * 3 + 3 * 6)
     assert np.isfinite(priced_.step_time_s)
+
+
+def test_zero_state_layout_falls_back_to_padding_outside_pipelines():
+    program = ein.compile_source("mesh dp=4\ndim D=6 F=10\nparam c[D,F]\ny[D,F] = c[D,F]\n"
+                                 "output y", "t.ein")
+    (param,) = program.inputs
+    assert state_layout(param, program.mesh, ("dp",)) == Layout(((), ("dp",)))  # 10 > 6
+    assert state_layout(param, program.mesh, ("dp",), uneven=False) == Layout(((), ()))
+
+
+PIPELINED_ZERO = """mesh dp=2 pp=2
+dim  B=8 D=5 F=9 L=4
+input x0[B@dp, D]
+repeat L@pp {
+  param w1[D, F]
+  param w2[F, D]
+  h[B@dp,F] = gelu(x0[B,D] * w1[D,F])
+  x0[B@dp,D] = x0[B,D] + h[B,F] * w2[F,D]
+}
+l[] : f32 = mean[B,D](x0[B,D] * x0[B,D])
+loss l
+optimizer adamw lr=1e-3 shard=dp
+microbatches B=2
+"""
+
+
+def test_a_pipelined_step_keeps_its_state_in_even_blocks():
+    """dp=2 divides neither 5 nor 9: a pipelined step keeps the state whole over dp (the JAX
+    backend runs a pipeline's stages on even blocks only) rather than padding it."""
+    program = ein.compile_source(PIPELINED_ZERO, "pipelined_zero.ein")
+    spmd = ein.compile_spmd(program)
+    assert spmd.values["w1.m"].local_shape(spmd.mesh) == (2, 5, 9)
+    assert_equivalent(program, backends=("numpy",), seed=0)
