@@ -271,12 +271,6 @@ def compile_program(program: Program, spmd: SpmdProgram, inputs: dict[str, np.nd
     and place `inputs` (whole arrays; each process places only its devices' blocks).
     Float32 contractions run at `precision` (einpar.precision)."""
     check_ids(program, inputs)  # on the host: a device's lookup fills instead of failing
-    if spmd.pipeline is not None and any(v.layout.is_padded(v.type.shape, spmd.mesh)
-                                         for v in spmd.values.values()):
-        raise EinparError(Diagnostic(
-            "E400", f"{program.file} is pipelined and its axes do not divide a dimension: the JAX "
-                    "backend runs uneven dimensions outside pipelines only",
-            hint="run it with --backend numpy, or pick sizes the axes divide (use --set to change them)"))
     jax = _jax()
     module = load_module(program, spmd, precision=precision)
     cut = getattr(module, "CUT", {})

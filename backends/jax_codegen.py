@@ -850,12 +850,9 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     for output in spmd.outputs:
         add(f"    {output.name!r}: {partition_spec(output.layout)},")
     add("}")
-    padded = {name: tuple(n * spmd.values[name].layout.split_factor(d, mesh) for d, n in
-                          enumerate(spmd.values[name].local_shape(mesh)))
-              for name in spmd.inputs if _is_padded(spmd, name)}
-    cut = {o.name: tuple(spmd.values[o.value].type.shape) for o in spmd.outputs
-           if _is_padded(spmd, o.value)}
-    if pipeline is None and (padded or cut):
+    padded = {name: _padded_shape(spmd, name) for name in spmd.inputs if _is_padded(spmd, name)}
+    cut = {o.name: _global_shape(spmd, o.value) for o in spmd.outputs if _is_padded(spmd, o.value)}
+    if padded or cut:
         add(f"PADDED = {padded!r}  # inputs placed with zeros past their real shape: their axes "
             "do not divide a dimension")
         add(f"CUT = {cut!r}  # outputs cut to their real shape: shard_map returns them padded")
@@ -891,12 +888,14 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
     add("")
     add("")
     driver = _DRIVER
-    if pipeline is None and (padded or cut):
+    if padded or cut:
         for plain, uneven in _PADDED_DRIVER + (_NO_TWIN if padded else ()):
             assert driver.count(plain) == 1, plain
             driver = driver.replace(plain, uneven)
     if pipeline is not None:  # the stacks split over the stages in stage order (not for the twin)
         for plain, staged in _STAGED_DRIVER:
+            if padded and "twin_mesh" in plain:
+                continue  # no twin to place for (_NO_TWIN)
             assert driver.count(plain) == 1, plain
             driver = driver.replace(plain, staged)
     out.extend(driver.strip("\n").splitlines())
@@ -907,6 +906,25 @@ def write_module(program: Program, spmd: SpmdProgram, command: str = "",
 def _is_padded(spmd: SpmdProgram, name: str) -> bool:
     value = spmd.values[name]
     return value.layout.is_padded(value.type.shape, spmd.mesh)
+
+
+def _global_shape(spmd: SpmdProgram, name: str) -> tuple[int, ...]:
+    """A value's real shape on the whole mesh (a pipeline's stacks hold all trips)."""
+    if spmd.pipeline is not None:
+        from . import jax_pipeline  # a pipeline's module only (it imports this one)
+
+        return jax_pipeline.global_shape(spmd, name)
+    return tuple(spmd.values[name].type.shape)
+
+
+def _padded_shape(spmd: SpmdProgram, name: str) -> tuple[int, ...]:
+    """An input's shape on the whole mesh with each dimension its axes do not divide padded
+    to whole blocks (the pipelined index, which the stages divide, as it is)."""
+    value, mesh = spmd.values[name], spmd.mesh
+    real = _global_shape(spmd, name)
+    return tuple(whole if whole != size else n * value.layout.split_factor(d, mesh)
+                 for d, (whole, size, n) in enumerate(zip(real, value.type.shape,
+                                                          value.local_shape(mesh))))
 
 
 # A program whose axes do not divide a dimension: JAX places only arrays its shardings divide,

@@ -380,6 +380,11 @@ class PipelineWriter:
         pipeline, spmd = self.pipeline, self.spmd
         order = [trip for trips in pipeline.stage_trips for trip in trips]
         inverse = sorted(range(len(order)), key=order.__getitem__)
+        # A pipelined loop's carried result is made on its end stage (the last for the
+        # forward, the first for the backward); every other stage holds a stand-in.
+        ends = {after: {pipeline.stages - 1} for _, _, _, after in self.body.forward.carried}
+        if self.body.backward is not None:
+            ends.update({after: {0} for _, _, _, after in self.body.backward.carried})
         done = set()
         for output in spmd.outputs:
             if output.value in done:
@@ -394,7 +399,7 @@ class PipelineWriter:
                     text = f"jnp.take({text}, jnp.asarray({inverse!r}), axis={dim})"
                 self.add(f"    {name} = {text}  # every stage's trips, in order")
                 continue
-            stages = pipeline.placement.get(output.value)
+            stages = pipeline.placement.get(output.value, ends.get(output.value))
             if stages is None or len(stages) == pipeline.stages:
                 continue
             owner = min(stages)

@@ -33,8 +33,8 @@ the first dimension, in the param's order and past the repeat dims it is
 stacked by, whose block is divisible by the axis's size (after the axes placed
 before it), as that dimension's minor-most axis. Where the axis divides no
 dimension, it splits the largest block at least its size unevenly (the last
-blocks padded, as ZeRO pads a flat buffer), except in a pipelined step, whose
-stages run on even blocks; where no block fits, the state stays whole over it. The update then runs on each
+blocks padded, as ZeRO pads a flat buffer); where no block is that long, the
+state stays whole over it. The update then runs on each
 device's block of the state: the partitioner reduce-scatters the gradient
 into it (instead of all-reducing it) and all-gathers the updated param back
 to its own layout (ZeRO-1; Rajbhandari et al., "ZeRO", 2020).
@@ -45,7 +45,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .ir import (HALF_DTYPES, Apply, Arg, Const, Map, Op, Operand, Optimizer, Output, Program,
-                 Repeat, Scalar, TensorType, Value, walk_ops)
+                 Repeat, Scalar, TensorType, Value)
 from .layout import Layout, Mesh
 
 # The state an optimizer keeps per param, besides a master copy.
@@ -85,10 +85,10 @@ def state_dtype(param: Value) -> str:
     return "f64" if param.type.dtype == "f64" else "f32"
 
 
-def state_layout(param: Value, mesh: Mesh, shard: tuple[str, ...], uneven: bool = True) -> Layout:
+def state_layout(param: Value, mesh: Mesh, shard: tuple[str, ...]) -> Layout:
     """The layout of a param's state and master copy: the param's, each axis of `shard` it
     does not use splitting the first dimension (past the stacked repeat dims) whose block it
-    divides, else (`uneven`) the largest block at least its size (the rule in the module
+    divides, else the largest block at least its size, unevenly (the rule in the module
     docstring)."""
     rank = param.type.rank
     layout = param.layout or Layout.replicated(rank)
@@ -102,16 +102,16 @@ def state_layout(param: Value, mesh: Mesh, shard: tuple[str, ...], uneven: bool 
         even = [dim for dim in dims if blocks[dim] % size == 0]
         # No block divides: the largest at least `size` long is split unevenly (padded), as
         # ZeRO splits a flat buffer of any length.
-        padded = [dim for dim in dims if blocks[dim] >= size] if uneven else []
+        padded = [dim for dim in dims if blocks[dim] >= size]
         if even or padded:
             layout = layout.split(even[0] if even else max(padded, key=lambda d: blocks[d]), axis)
     return layout
 
 
-def state_inputs(param: Value, optimizer: Optimizer, mesh: Mesh, uneven: bool = True) -> list[Value]:
+def state_inputs(param: Value, optimizer: Optimizer, mesh: Mesh) -> list[Value]:
     """The state inputs the update of `param` reads, in the order they are declared."""
     kinds = OPTIMIZER_STATE[optimizer.kind] + ((MASTER,) if needs_master(param) else ())
-    layout = state_layout(param, mesh, optimizer.shard, uneven)
+    layout = state_layout(param, mesh, optimizer.shard)
     vtype = TensorType(state_dtype(param), param.type.indices, param.type.shape)
     return [Value(state_name(param.name, kind), vtype, "state", layout, param.span,
                   param.stacked_by) for kind in kinds]
@@ -175,10 +175,6 @@ def adamw_expr(optimizer: Optimizer) -> Scalar:
 class _Update:
     def __init__(self, program: Program, optimizer: Optimizer):
         self.program, self.optimizer = program, optimizer
-        # A pipelined step keeps its state in even blocks: the JAX backend runs a pipeline's
-        # stages on even blocks only (uneven dimensions are refused there, E400).
-        self.uneven = not any(isinstance(op, Repeat) and op.stage_axis
-                              for op in walk_ops(program.ops))
         self.ops: list[Op] = []
         self.inputs: list[Value] = []
         self.outputs: list[Output] = []
@@ -202,9 +198,9 @@ class _Update:
                              f"'{param.name}' to update it with")
         grad = values[name]
         state = {value.name.rpartition(".")[2]: value
-                 for value in state_inputs(param, self.optimizer, self.program.mesh, self.uneven)}
+                 for value in state_inputs(param, self.optimizer, self.program.mesh)}
         self.inputs.extend(state.values())
-        layout = state_layout(param, self.program.mesh, self.optimizer.shard, self.uneven)
+        layout = state_layout(param, self.program.mesh, self.optimizer.shard)
         dtype = state_dtype(param)
         weight = state.get(MASTER, param)
         weight_name = updated_name(weight.name)
