@@ -131,7 +131,154 @@ class _Level:
                                     op.result.name in self.required)
 
 
-class Search(RepeatSearch):
+class _AxisByAxis:
+    """The search of a level with too many strategies over all axes at once: one mesh axis
+    at a time (the one the program's layouts name most first), the others' roles held, until
+    no axis can lower the price (SearchLimit tells the user)."""
+
+    def axis_by_axis(self, level: _Level) -> _Plan:
+        """Choose one axis's roles at a time for the whole level, the others held; an axis is
+        solved again only after another axis changed the plan, until none can lower its price
+        (at most MAX_SWEEPS solves per axis). An axis solved again may change only the ops
+        near those whose roles on other axes changed since its last solve (within
+        RESOLVE_RADIUS values): elsewhere its last choice still stands against the same
+        prices, and a re-solve of a few ops is a small integer program."""
+        base = {id(op): self.start_roles(op, level) for op in level.ops
+                if not isinstance(op, Repeat)}
+        repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
+        axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
+        axes = self.axis_order(level, axes)
+        near = _Neighbourhoods(level.ops)
+        changed: dict[int, set[int] | None] = {position: None for position in axes}  # None: all
+        dirty = set(axes)
+        deferred: set[int] = set()  # axes with no plan against the start (see below)
+        plan, solves = None, 0
+        while dirty and solves < MAX_SWEEPS * len(axes):
+            # In axis_order, deterministic.
+            position = next(p for p in axes if p in dirty and p not in deferred)
+            axis = self.mesh.names[position]
+            free = None if changed[position] is None else near.within(changed[position], RESOLVE_RADIUS)
+            nodes = []
+            for i, op in enumerate(level.ops):
+                if isinstance(op, Repeat):
+                    nodes.append(repeats[id(op)])
+                    continue
+                current = base[id(op)]
+                options = [current]
+                if free is None or i in free:
+                    options += [current[:position] + (role,) + current[position + 1:]
+                                for role in self.roles(op, axis, level) if role != current[position]]
+                nodes.append(level.node_choices(op, options))
+            try:
+                found = self.solve_nodes(level, nodes, level.ops)
+            except EinparError:
+                # Before any plan, an axis may have none against the others' start (a value
+                # pinned partial over another axis, read while its maker still holds copies
+                # there): another axis is solved first, this one after it.
+                if plan is None and any(p in dirty and p not in deferred | {position} for p in axes):
+                    deferred.add(position)
+                    continue
+                raise
+            deferred.clear()
+            solves += 1
+            dirty.discard(position)
+            changed[position] = set()
+            # A plan no cheaper than the one held is not taken (no change, no cycling on ties).
+            if plan is None or found.price < plan.price * (1 - 1e-9):
+                moved = set()
+                for i, (op, node, pick) in enumerate(zip(level.ops, nodes, found.picks)):
+                    if isinstance(op, Repeat):
+                        if plan is None or pick != plan.picks[i]:
+                            moved.add(i)
+                    elif node[pick][0] != base[id(op)]:
+                        moved.add(i)
+                        base[id(op)] = node[pick][0]
+                if plan is not None:
+                    for other in axes:
+                        if other != position and moved and changed[other] is not None:
+                            changed[other] |= moved
+                    dirty |= {other for other in axes if other != position and
+                              (changed[other] is None or changed[other])}
+                plan = found
+            elif plan is not None and not dirty:
+                break
+        for op in level.ops:
+            if not isinstance(op, Repeat):
+                self._warm[id(op)] = base[id(op)]
+        # The plan over every strategy one axis away from each op's (the best rejected
+        # alternative of an op is among them, whichever axis was solved last).
+        nodes, picks = [], []
+        for op, pick in zip(level.ops, plan.picks if plan else [0] * len(level.ops)):
+            if isinstance(op, Repeat):
+                nodes.append(repeats[id(op)])
+                picks.append(pick)
+                continue
+            current = base[id(op)]
+            options = [current] + [current[:position] + (role,) + current[position + 1:]
+                                   for position in axes
+                                   for role in self.roles(op, self.mesh.names[position], level)
+                                   if role != current[position]]
+            nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
+            picks.append(0)
+        return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
+
+    def axis_order(self, level: _Level, axes: list[int]) -> list[int]:
+        """`axes` (mesh positions), those that more of the layouts asked for (inputs, params,
+        pins, outputs) name first; mesh order among equals. Every op starts with copies on
+        every axis: an axis few layouts name (data parallelism's, on the batch alone) solved
+        first, against copies on the others, barely moves and is solved again once they
+        have; the axis most layouts name moves most, and the others are then solved once
+        against it."""
+        layouts = list(level.fixed.values()) + \
+            [layout for layout in level.required.values() if layout] + \
+            [self.pin(op) for op in level.ops if not isinstance(op, Repeat) and op.result.layout]
+        names = self.mesh.names
+
+        def named(position: int) -> int:
+            axis = names[position]
+            return sum(1 for layout in layouts
+                       if layout.dim_of(axis) is not None or layout.partial_kind(axis) is not None)
+        return sorted(axes, key=lambda position: -named(position))
+
+    def start_roles(self, op: Op, level: _Level) -> tuple:
+        """Where the axis-by-axis search starts an op: its roles in the last plan found for
+        it (a loop body solved again for other carried layouts usually lands close by, so
+        each axis is solved once or twice rather than three or four times), each role
+        still open to it at this level; else `initial_roles`."""
+        initial = self.initial_roles(op, level)
+        warm = self._warm.get(id(op))
+        if warm is None:
+            return initial
+        return tuple(role if role == start or role in self.roles(op, axis, level) else start
+                     for role, start, axis in zip(warm, initial, self.mesh.names))
+
+    def initial_roles(self, op: Op, level: _Level) -> tuple:
+        """Copies on every axis, except what the op's pinned layout implies (so each
+        axis's step starts from a plan that meets the pin)."""
+        constraint = self.pin(op)
+        roles: list = [None] * len(self.mesh.names)
+        if constraint is None:
+            return tuple(roles)
+        _, reduced, _ = op_indices(op)
+        for position, axis in enumerate(self.mesh.names):
+            if self.mesh.size(axis) == 1:
+                continue
+            dim = constraint.dim_of(axis)
+            kind = constraint.partial_kind(axis)
+            allowed = self.roles(op, axis, level)
+            if dim is not None:
+                index = op.result.type.indices[dim]
+                roles[position] = index if index in allowed else None
+            elif kind is not None:
+                options = [role for role in allowed
+                           if (role in reduced) or (isinstance(role, Partial) and role.kind == kind)]
+                roles[position] = options[0] if options else None
+        if self.strategy(op, tuple(roles)) is None:
+            return (None,) * len(self.mesh.names)
+        return tuple(roles)
+
+
+class Search(RepeatSearch, _AxisByAxis):
     """The search: a part of `partition._Partitioner` (it reads the partitioner's prices,
     choices and roles, and its materializer's `alternative`)."""
 
@@ -285,147 +432,6 @@ class Search(RepeatSearch):
         except Infeasible:
             self.infeasible(ops, nodes)
         return _Plan(picks, evaluate(problem, picks), nodes, [None] * len(nodes))
-
-    def axis_by_axis(self, level: _Level) -> _Plan:
-        """Choose one axis's roles at a time for the whole level, the others held; an axis is
-        solved again only after another axis changed the plan, until none can lower its price
-        (at most MAX_SWEEPS solves per axis). An axis solved again may change only the ops
-        near those whose roles on other axes changed since its last solve (within
-        RESOLVE_RADIUS values): elsewhere its last choice still stands against the same
-        prices, and a re-solve of a few ops is a small integer program."""
-        base = {id(op): self.start_roles(op, level) for op in level.ops
-                if not isinstance(op, Repeat)}
-        repeats = {id(op): self.repeat_choices(op, level) for op in level.ops if isinstance(op, Repeat)}
-        axes = [position for position, (_, size) in enumerate(self.mesh.axes) if size > 1]
-        axes = self.axis_order(level, axes)
-        near = _Neighbourhoods(level.ops)
-        changed: dict[int, set[int] | None] = {position: None for position in axes}  # None: all
-        dirty = set(axes)
-        deferred: set[int] = set()  # axes with no plan against the start (see below)
-        plan, solves = None, 0
-        while dirty and solves < MAX_SWEEPS * len(axes):
-            # In axis_order, deterministic.
-            position = next(p for p in axes if p in dirty and p not in deferred)
-            axis = self.mesh.names[position]
-            free = None if changed[position] is None else near.within(changed[position], RESOLVE_RADIUS)
-            nodes = []
-            for i, op in enumerate(level.ops):
-                if isinstance(op, Repeat):
-                    nodes.append(repeats[id(op)])
-                    continue
-                current = base[id(op)]
-                options = [current]
-                if free is None or i in free:
-                    options += [current[:position] + (role,) + current[position + 1:]
-                                for role in self.roles(op, axis, level) if role != current[position]]
-                nodes.append(level.node_choices(op, options))
-            try:
-                found = self.solve_nodes(level, nodes, level.ops)
-            except EinparError:
-                # Before any plan, an axis may have none against the others' start (a value
-                # pinned partial over another axis, read while its maker still holds copies
-                # there): another axis is solved first, this one after it.
-                if plan is None and any(p in dirty and p not in deferred | {position} for p in axes):
-                    deferred.add(position)
-                    continue
-                raise
-            deferred.clear()
-            solves += 1
-            dirty.discard(position)
-            changed[position] = set()
-            # A plan no cheaper than the one held is not taken (no change, no cycling on ties).
-            if plan is None or found.price < plan.price * (1 - 1e-9):
-                moved = set()
-                for i, (op, node, pick) in enumerate(zip(level.ops, nodes, found.picks)):
-                    if isinstance(op, Repeat):
-                        if plan is None or pick != plan.picks[i]:
-                            moved.add(i)
-                    elif node[pick][0] != base[id(op)]:
-                        moved.add(i)
-                        base[id(op)] = node[pick][0]
-                if plan is not None:
-                    for other in axes:
-                        if other != position and moved and changed[other] is not None:
-                            changed[other] |= moved
-                    dirty |= {other for other in axes if other != position and
-                              (changed[other] is None or changed[other])}
-                plan = found
-            elif plan is not None and not dirty:
-                break
-        for op in level.ops:
-            if not isinstance(op, Repeat):
-                self._warm[id(op)] = base[id(op)]
-        # The plan over every strategy one axis away from each op's (the best rejected
-        # alternative of an op is among them, whichever axis was solved last).
-        nodes, picks = [], []
-        for op, pick in zip(level.ops, plan.picks if plan else [0] * len(level.ops)):
-            if isinstance(op, Repeat):
-                nodes.append(repeats[id(op)])
-                picks.append(pick)
-                continue
-            current = base[id(op)]
-            options = [current] + [current[:position] + (role,) + current[position + 1:]
-                                   for position in axes
-                                   for role in self.roles(op, self.mesh.names[position], level)
-                                   if role != current[position]]
-            nodes.append(level.node_choices(op, list(dict.fromkeys(options))))
-            picks.append(0)
-        return _Plan(picks, evaluate(level.problem(nodes), picks), nodes, [None] * len(nodes))
-
-    def axis_order(self, level: _Level, axes: list[int]) -> list[int]:
-        """`axes` (mesh positions), those that more of the layouts asked for (inputs, params,
-        pins, outputs) name first; mesh order among equals. Every op starts with copies on
-        every axis: an axis few layouts name (data parallelism's, on the batch alone) solved
-        first, against copies on the others, barely moves and is solved again once they
-        have; the axis most layouts name moves most, and the others are then solved once
-        against it."""
-        layouts = list(level.fixed.values()) + \
-            [layout for layout in level.required.values() if layout] + \
-            [self.pin(op) for op in level.ops if not isinstance(op, Repeat) and op.result.layout]
-        names = self.mesh.names
-
-        def named(position: int) -> int:
-            axis = names[position]
-            return sum(1 for layout in layouts
-                       if layout.dim_of(axis) is not None or layout.partial_kind(axis) is not None)
-        return sorted(axes, key=lambda position: -named(position))
-
-    def start_roles(self, op: Op, level: _Level) -> tuple:
-        """Where the axis-by-axis search starts an op: its roles in the last plan found for
-        it (a loop body solved again for other carried layouts usually lands close by, so
-        each axis is solved once or twice rather than three or four times), each role
-        still open to it at this level; else `initial_roles`."""
-        initial = self.initial_roles(op, level)
-        warm = self._warm.get(id(op))
-        if warm is None:
-            return initial
-        return tuple(role if role == start or role in self.roles(op, axis, level) else start
-                     for role, start, axis in zip(warm, initial, self.mesh.names))
-
-    def initial_roles(self, op: Op, level: _Level) -> tuple:
-        """Copies on every axis, except what the op's pinned layout implies (so each
-        axis's step starts from a plan that meets the pin)."""
-        constraint = self.pin(op)
-        roles: list = [None] * len(self.mesh.names)
-        if constraint is None:
-            return tuple(roles)
-        _, reduced, _ = op_indices(op)
-        for position, axis in enumerate(self.mesh.names):
-            if self.mesh.size(axis) == 1:
-                continue
-            dim = constraint.dim_of(axis)
-            kind = constraint.partial_kind(axis)
-            allowed = self.roles(op, axis, level)
-            if dim is not None:
-                index = op.result.type.indices[dim]
-                roles[position] = index if index in allowed else None
-            elif kind is not None:
-                options = [role for role in allowed
-                           if (role in reduced) or (isinstance(role, Partial) and role.kind == kind)]
-                roles[position] = options[0] if options else None
-        if self.strategy(op, tuple(roles)) is None:
-            return (None,) * len(self.mesh.names)
-        return tuple(roles)
 
 
     # ---- diagnostics
