@@ -88,22 +88,17 @@ def _draw_split(draw, mesh: Mesh, target, batch: str | None, batch_axes: set[str
 
 
 def relayouts(program: ProgramLike, *, names: Iterable[str] | None = None,
-              uneven: bool | None = None) -> SearchStrategy[dict[str, str | None]]:
+              uneven: bool = True) -> SearchStrategy[dict[str, str | None]]:
     """Re-annotations of `program` (a Program, path or text) that einpar accepts, as
     {tensor name: layout text or None}, for `assert_equivalent(layouts=...)`.
 
     Every tensor of `names` (default: all the program's inputs, params, statements' results
     and outputs of rank 1 or more, except statements pinned with braces) gets a layout
     drawn over the mesh's axes, or None: no annotation, the partitioner chooses (what
-    hypothesis shrinks towards). With `uneven` (the default, except for a pipelined or
-    micro-batched program, which pads on the simulator alone) a dimension may be split by
+    hypothesis shrinks towards). With `uneven` (the default) a dimension may be split by
     axes that do not divide it (padded); the micro-batched index is never padded.
     """
     program = as_program(program)
-    if uneven is None:
-        written = program.forward or program
-        uneven = not _stage_axes(program) and (written.training is None
-                                               or written.training.microbatches is None)
     known = targets(program)
     chosen = list(known) if names is None else list(names)
     unknown = [name for name in chosen if name not in known]
