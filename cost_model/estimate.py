@@ -370,6 +370,11 @@ class _Pricer:
         def chunks(name: str, reader) -> int:
             return read_chunks(made_by.get(name), arrives.get(name, 1), reader) if roles else 1
 
+        def first_ready(name: str, reader) -> float:
+            """When `reader` may start on `name`: its first chunk, or all of it."""
+            k = chunks(name, reader)
+            return ready.get(name, 0.0) - (took.get(name, 0.0) * (k - 1) / k if k > 1 else 0.0)
+
         while heap:
             at, index = heapq.heappop(heap)
             cost, reads, made, shift = nodes[index]
@@ -394,9 +399,7 @@ class _Pricer:
                 waiting[reader] -= 1
                 if not waiting[reader]:
                     theirs = roles.get(id(nodes[reader][0]))
-                    when = max(ready.get(name, 0.0) - (
-                        took.get(name, 0.0) * (k - 1) / k if (k := chunks(name, theirs)) > 1 else 0.0)
-                        for name in nodes[reader][1])
+                    when = max(first_ready(name, theirs) for name in nodes[reader][1])
                     heapq.heappush(heap, (when, reader))
         if record:
             for cost in self.ops:  # trips were laid out in readiness order

@@ -5,6 +5,7 @@ gathers beside its passes (cost_model/grad_reduce.py); and ZeRO's uneven state s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_a_collective_and_its_matmul_take_the_pipelined_time(text, kinds):
 
 
 def test_collective_matmul_never_slows_a_step_and_needs_overlap():
-    text = (open("examples/training/megatron_selective.ein").read())
+    text = (Path(__file__).parent.parent / "examples/training/megatron_selective.ein").read_text()
     plain = priced(text, "h100x8", overlap=True)
     chunked = priced(text, "h100x8", overlap=True, collective_matmul=True)
     assert chunked.step_time_s <= plain.step_time_s
